@@ -1,0 +1,159 @@
+"""
+Data
+====
+
+Byte-level token streams with a held-out validation split, and batches that are a pure function of
+(seed, step, microbatch): the first stage can read a microbatch's inputs and the last stage its targets
+independently, in different processes, and a redone step sees exactly the same data.
+
+Sources:
+- ``stdlib``: the Python standard library's own ``.py`` files, present on every machine with Python
+  (real, varied text; no download). Split by file, so no document is in both splits.
+- ``text``: a plain text file or a glob of files; split by file when there are several, else the last
+  ``val_fraction`` of the bytes.
+- ``tokens``: nanoGPT-style ``train.bin`` / ``val.bin`` of ``uint16`` token ids in ``path``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from checkfree.model import hash_seed
+
+SOURCES = ("stdlib", "text", "tokens")
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # one of: stdlib, text, tokens
+    path: str | None = None  # text: a file or glob; tokens: a folder with train.bin and val.bin
+    val_fraction: float = 0.05  # share of files (or of bytes, for one text file) held out for validation
+    max_bytes: int = 8_000_000  # read at most this many bytes of text (stdlib/text sources)
+    microbatch_size: int = 8  # sequences per microbatch
+    num_val_batches: int = 8  # fixed validation batches scored at each evaluation
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r} is not one of {', '.join(SOURCES)}")
+        if self.source in ("text", "tokens") and not self.path:
+            raise ValueError(f"data.path is required when data.source={self.source!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        for name in ("max_bytes", "microbatch_size", "num_val_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+
+
+class DataError(ValueError):
+    """Missing, unreadable or too-small data."""
+
+
+def _is_val(name: str, val_fraction: float) -> bool:
+    digest = hashlib.sha1(name.encode()).digest()
+    return int.from_bytes(digest[:4], "little") / 2**32 < val_fraction
+
+
+def _split_files(files: list[tuple[str, bytes]], val_fraction: float) -> tuple[bytes, bytes]:
+    train, val = [], []
+    for name, content in files:
+        (val if _is_val(name, val_fraction) else train).append(content)
+    if not val:  # tiny file sets: hold out the last file rather than nothing
+        val.append(train.pop())
+    return b"\n".join(train), b"\n".join(val)
+
+
+def _read_files(paths: list[Path], root: Path | None, max_bytes: int) -> list[tuple[str, bytes]]:
+    files, total = [], 0
+    for p in paths:
+        try:
+            content = p.read_bytes()
+        except OSError as e:
+            raise DataError(f"cannot read data file {p}: {e}") from e
+        files.append((str(p.relative_to(root)) if root else str(p), content))
+        total += len(content)
+        if total >= max_bytes:
+            break
+    return files
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    return root, paths
+
+
+def load_splits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """Train and validation token arrays and a short description of where they came from."""
+    if cfg.source == "tokens":
+        folder = Path(cfg.path)
+        arrays = []
+        for split in ("train", "val"):
+            f = folder / f"{split}.bin"
+            if not f.is_file():
+                raise DataError(f"data.path={cfg.path!r}: expected a token file {f} (uint16), not found")
+            arrays.append(np.memmap(f, dtype=np.uint16, mode="r"))
+        return arrays[0], arrays[1], f"tokens:{folder}"
+    if cfg.source == "stdlib":
+        root, paths = stdlib_files()
+        if not paths:
+            raise DataError(f"no .py files found in the standard library folder {root}")
+        train, val = _split_files(_read_files(paths, root, cfg.max_bytes), cfg.val_fraction)
+        desc = f"stdlib:{root}"
+    else:
+        paths = [Path(p) for p in sorted(glob.glob(os.path.expanduser(cfg.path), recursive=True))]
+        paths = [p for p in paths if p.is_file()]
+        if not paths:
+            raise DataError(f"data.path={cfg.path!r} matches no readable file")
+        files = _read_files(paths, None, cfg.max_bytes)
+        if len(files) > 1:
+            train, val = _split_files(files, cfg.val_fraction)
+        else:
+            content = files[0][1][: cfg.max_bytes]
+            cut = int(len(content) * (1 - cfg.val_fraction))
+            train, val = content[:cut], content[cut:]
+        desc = f"text:{cfg.path}"
+    return np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8), desc
+
+
+class Batches:
+    """Deterministic microbatches: ``inputs(step, mb)`` and ``targets(step, mb)`` agree by construction."""
+
+    def __init__(self, cfg: DataConfig, seq_len: int, vocab_size: int, seed: int):
+        self.cfg, self.seq_len, self.seed = cfg, seq_len, seed
+        self.train, self.val, self.description = load_splits(cfg)
+        for split, arr in (("train", self.train), ("val", self.val)):
+            if len(arr) < seq_len + 2:
+                raise DataError(
+                    f"{split} split of {self.description} has {len(arr)} tokens; "
+                    f"need at least model.seq_len + 2 = {seq_len + 2}"
+                )
+        top = max(int(self.train.max()), int(self.val.max()))
+        if top >= vocab_size:
+            raise DataError(f"data holds token id {top} but model.vocab_size={vocab_size}")
+
+    def _offsets(self, split: str, step: int, microbatch: int) -> np.ndarray:
+        arr = self.train if split == "train" else self.val
+        rng = np.random.default_rng(hash_seed(self.seed, 0 if split == "train" else 1, step, microbatch))
+        return rng.integers(0, len(arr) - self.seq_len - 1, size=self.cfg.microbatch_size)
+
+    def _window(self, split: str, step: int, microbatch: int, shift: int) -> torch.Tensor:
+        arr = self.train if split == "train" else self.val
+        rows = [arr[o + shift : o + shift + self.seq_len] for o in self._offsets(split, step, microbatch)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T)
+
+    def inputs(self, step: int, microbatch: int, split: str = "train") -> torch.Tensor:
+        return self._window(split, step, microbatch, 0)
+
+    def targets(self, step: int, microbatch: int, split: str = "train") -> torch.Tensor:
+        return self._window(split, step, microbatch, 1)
+
+    def tokens_per_microbatch(self) -> int:
+        return self.cfg.microbatch_size * self.seq_len

@@ -1,0 +1,228 @@
+"""
+Single-process engine
+=====================
+
+Runs a pipeline schedule with every stage in one process. Each stage has its own Adam optimizer, its
+own gradient clipping and its own tracked pre-clip gradient norm (raw and smoothed): exactly what a
+stage peer holds in the multi-process runtime. Activations and gradients cross hop boundaries as
+detached tensors, as they would over the wire, and ops run in the schedule's global timeline order.
+
+A step is all-or-nothing: ``run_step`` only accumulates gradients; ``commit`` clips and steps every
+optimizer; an interrupted step (``StepInterrupted``) is discarded with ``discard`` and redone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from checkfree.data import Batches
+from checkfree.failures import Failure
+from checkfree.model import Stage, edge_state
+from checkfree.recovery import replica_holder
+from checkfree.schedule import Op, Schedule
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # Adam learning rate, constant (paper: no decay)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # per-stage clip of the gradient's L2 norm; 0: no clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0")
+
+
+class StepInterrupted(Exception):
+    """A stage was lost while the step was running; its partial gradients must be discarded."""
+
+    def __init__(self, step: int, op_index: int, op: Op | None):
+        super().__init__(f"step {step} interrupted before op {op_index} ({op})")
+        self.step, self.op_index, self.op = step, op_index, op
+
+
+def make_optimizer(stage: Stage, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(
+        stage.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        weight_decay=cfg.weight_decay, foreach=True,
+    )
+
+
+def interrupt_index(schedule: Schedule, failure: Failure) -> int:
+    """Where in the timeline a failure lands: before op 0, before one of the failing stage's forward
+    ops after the first op, or before one of its backward ops; ``failure.at`` picks among them."""
+    if failure.phase == "before_forward":
+        return 0
+    kind = "F" if failure.phase == "mid_forward" else "B"
+    candidates = [i for i, op in enumerate(schedule.timeline) if op.kind == kind and op.stage == failure.stage and i > 0]
+    if not candidates:
+        return 0
+    return candidates[min(int(failure.at * len(candidates)), len(candidates) - 1)]
+
+
+class PipelineEngine:
+    def __init__(self, stages: list[Stage], schedule: Schedule, batches: Batches, optim: OptimConfig,
+                 norm_ema_beta: float = 0.9, device: str = "cpu"):
+        if len(stages) != schedule.num_stages:
+            raise ValueError(f"{len(stages)} stages but the schedule has {schedule.num_stages}")
+        self.device = torch.device(device)
+        self.stages = [s.to(self.device) for s in stages]
+        self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
+        self.norm_ema_beta = norm_ema_beta
+        self.lrs = [optim.lr] * len(stages)
+        self.optimizers = [make_optimizer(s, optim, optim.lr) for s in self.stages]
+        self.grad_norm_raw = [0.0] * len(stages)  # pre-clip L2 norm of the last committed step
+        self.grad_norm_smoothed: list[float | None] = [None] * len(stages)
+        self.replicas: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # kind -> (step, state)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def run_step(self, step: int, interrupt_at: int | None = None) -> float:
+        """Forward and backward of every microbatch of ``step``; returns the mean microbatch loss.
+
+        Raises:
+            StepInterrupted: when the timeline reaches ``interrupt_at`` (the caller discards the step).
+        """
+        inputs: dict[tuple[int, int], torch.Tensor] = {}  # (mb, hop) -> received activation
+        outputs: dict[tuple[int, int], torch.Tensor] = {}  # (mb, hop) -> sent activation, or loss
+        total = 0.0
+        for i, op in enumerate(self.schedule.timeline):
+            if i == interrupt_at:
+                raise StepInterrupted(step, i, op)
+            if op.kind == "F":
+                out = self._forward(op, step, inputs, outputs)
+                if op.dst is None:
+                    total += out.item()
+            else:
+                self._backward(op, inputs, outputs)
+        if interrupt_at is not None and interrupt_at >= len(self.schedule.timeline):
+            raise StepInterrupted(step, interrupt_at, None)
+        return total
+
+    def _forward(self, op: Op, step: int, inputs: dict, outputs: dict) -> torch.Tensor:
+        hop = self.schedule.routes[op.mb][op.hop]
+        stage = self.stages[op.stage]
+        if op.src is None:
+            h = self.batches.inputs(step, op.mb).to(self.device)  # (B, T) token ids
+        else:
+            h = outputs[(op.mb, op.hop - 1)].detach().requires_grad_()  # the activation "received"
+            inputs[(op.mb, op.hop)] = h
+        if hop.embed:
+            h = stage.run_embed(h)  # (B, T, C)
+        if hop.blocks:
+            h = stage.run_blocks(h)
+        if hop.head:
+            logits = stage.run_head(h)  # (B, T, V)
+            targets = self.batches.targets(step, op.mb).to(self.device)
+            h = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / self.schedule.num_microbatches
+        outputs[(op.mb, op.hop)] = h
+        return h
+
+    def _backward(self, op: Op, inputs: dict, outputs: dict) -> None:
+        out = outputs.pop((op.mb, op.hop))
+        if op.src is None:
+            out.backward()  # the loss
+        else:
+            out.backward(inputs.pop((op.mb, op.hop + 1)).grad)  # gradient "received" from the next hop
+
+    def discard(self) -> None:
+        for stage in self.stages:
+            stage.zero_grad(set_to_none=True)
+
+    def commit(self) -> bool:
+        """Clip each stage's gradient, record its pre-clip norm, step every optimizer.
+
+        Returns False (and applies nothing) when any stage's gradient is not finite.
+        """
+        clip = self.optim_cfg.grad_clip or math.inf
+        norms = [float(torch.nn.utils.clip_grad_norm_(s.parameters(), clip, foreach=True)) for s in self.stages]
+        if not all(math.isfinite(n) for n in norms):
+            self.discard()
+            return False
+        b = self.norm_ema_beta
+        for i, n in enumerate(norms):
+            self.grad_norm_raw[i] = n
+            prev = self.grad_norm_smoothed[i]
+            self.grad_norm_smoothed[i] = n if prev is None else b * prev + (1 - b) * n
+        for opt in self.optimizers:
+            opt.step()
+        self.discard()
+        return True
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int) -> float:
+        """Mean validation loss over the fixed validation batches, on the plain route."""
+        losses = []
+        for b in range(num_batches):
+            h = self.stages[0].run_embed(self.batches.inputs(b, 0, split="val").to(self.device))
+            for stage in self.stages:
+                h = stage.run_blocks(h)
+            logits = self.stages[-1].run_head(h)
+            targets = self.batches.targets(b, 0, split="val").to(self.device)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item())
+        return sum(losses) / len(losses)
+
+    # ---- losing and replacing stages -----------------------------------------------------------
+    def destroy(self, stage: int) -> None:
+        """Model the loss of a stage's machine: weights poisoned with NaN, optimizer and replicas gone.
+        Anything that reads them afterwards produces NaN, which the tests would catch."""
+        with torch.no_grad():
+            for p in self.stages[stage].parameters():
+                p.fill_(math.nan)
+                p.grad = None
+        self.optimizers[stage] = None
+        for kind in [k for k in self.replicas if replica_holder(k, self.num_stages) == stage]:
+            del self.replicas[kind]
+
+    def install(self, index: int, stage: Stage, lr: float, optim_state: dict | None = None) -> None:
+        """Put a rebuilt stage in place with a fresh optimizer at ``lr`` (or a restored optimizer state)."""
+        self.stages[index] = stage.to(self.device)
+        self.optimizers[index] = make_optimizer(self.stages[index], self.optim_cfg, lr)
+        if optim_state is not None:
+            self.optimizers[index].load_state_dict(optim_state)
+            for group in self.optimizers[index].param_groups:
+                group["lr"] = lr
+        self.lrs[index] = lr
+
+    def recovery_norm(self, stage: int, source: str) -> float:
+        if source == "smoothed" and self.grad_norm_smoothed[stage] is not None:
+            return self.grad_norm_smoothed[stage]
+        return self.grad_norm_raw[stage]
+
+    def refresh_replicas(self, step: int) -> None:
+        """Copy the embedding to stage 1 and the final norm + head to stage L-2 (CheckFree+)."""
+        for kind, owner in (("embed", 0), ("head", self.num_stages - 1)):
+            state = edge_state(self.stages[owner].state_dict(), kind)
+            self.replicas[kind] = (step, {k: v.detach().clone() for k, v in state.items()})
+
+    def stage_payload(self, index: int, step: int) -> dict:
+        """Everything needed to restore a stage exactly (checkpointing)."""
+        return {
+            "step": step,
+            "model": self.stages[index].state_dict(),
+            "optim": self.optimizers[index].state_dict(),
+            "lr": self.lrs[index],
+            "grad_norm_raw": self.grad_norm_raw[index],
+            "grad_norm_smoothed": self.grad_norm_smoothed[index],
+        }
+
+    def restore_payload(self, index: int, stage: Stage, payload: dict) -> None:
+        stage.load_state_dict(payload["model"])
+        self.install(index, stage, payload["lr"], payload["optim"])
+        self.grad_norm_raw[index] = payload["grad_norm_raw"]
+        self.grad_norm_smoothed[index] = payload["grad_norm_smoothed"]

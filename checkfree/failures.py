@@ -1,0 +1,165 @@
+"""
+Failure injection
+=================
+
+Seeded stage failures, from one of three sources, turned into a *trace*: the list of failures that
+actually fired, written for every run and replayable exactly.
+
+- ``hourly``: the paper's failure rate, the probability that a given stage fails within an hour. One
+  iteration stands for ``iteration_time_s * time_acceleration`` seconds of exposure, so the per-iteration,
+  per-stage probability is ``1 - (1 - rate) ** (exposure_s / 3600)``. With ``iteration_time_s`` unset
+  the run's measured mean iteration time is used (draws stay seeded; only the threshold moves).
+- ``per_step``: a fixed per-iteration, per-stage probability.
+- ``trace``: replay a trace file.
+
+Failures are keyed by *iteration*, the count of step attempts executed (an interrupted step and its
+redo are two iterations), not by optimizer step: a strategy that rolls back and redoes work stays
+exposed to failures while it does, as on a real cluster.
+
+Each failure lands in a phase: before the forward pass, in the middle of the forward pass or in the
+middle of the backward pass; ``at`` in [0, 1) picks the point among the failing stage's ops of that phase.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from checkfree.model import hash_seed
+
+MODES = ("none", "hourly", "per_step", "trace")
+PHASES = ("before_forward", "mid_forward", "mid_backward")
+
+
+@dataclass
+class FailureConfig:
+    mode: str = "none"  # none, hourly, per_step or trace
+    hourly_rate: float = 0.16  # hourly mode: probability that a given stage fails within an hour
+    iteration_time_s: float | None = None  # hourly mode: seconds one iteration stands for; None: measured
+    time_acceleration: float = 1.0  # hourly mode: multiplies the exposure of each iteration
+    per_step_prob: float = 0.0  # per_step mode: probability that a given stage fails in one iteration
+    trace_path: str | None = None  # trace mode: a trace.jsonl written by an earlier run
+    phases: list[str] = field(default_factory=lambda: list(PHASES))  # phases a failure may land in
+    stages: list[int] | None = None  # stages that may fail; None: all
+    seed: int = 0  # seeds the failure draws, separately from the training seed
+    max_failures: int | None = None  # stop injecting after this many failures; None: no limit
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"failures.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode == "hourly" and not 0.0 < self.hourly_rate <= 1.0:
+            raise ValueError(f"failures.hourly_rate={self.hourly_rate} must be in (0, 1] in hourly mode")
+        if self.iteration_time_s is not None and self.iteration_time_s <= 0:
+            raise ValueError(f"failures.iteration_time_s={self.iteration_time_s} must be > 0 (or null: measured)")
+        if self.time_acceleration <= 0:
+            raise ValueError(f"failures.time_acceleration={self.time_acceleration} must be > 0")
+        if self.mode == "per_step" and not 0.0 < self.per_step_prob <= 1.0:
+            raise ValueError(f"failures.per_step_prob={self.per_step_prob} must be in (0, 1] in per_step mode")
+        if self.mode == "trace":
+            if not self.trace_path:
+                raise ValueError("failures.trace_path is required when failures.mode='trace'")
+            if not Path(self.trace_path).is_file():
+                raise ValueError(f"failures.trace_path={self.trace_path!r}: no such file")
+        bad = [p for p in self.phases if p not in PHASES]
+        if bad or not self.phases:
+            raise ValueError(f"failures.phases={self.phases} must be a non-empty subset of {list(PHASES)}")
+        if self.max_failures is not None and self.max_failures < 0:
+            raise ValueError(f"failures.max_failures={self.max_failures} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Failure:
+    iteration: int  # step attempt at which the stage is lost
+    stage: int
+    phase: str  # one of PHASES
+    at: float  # position within the phase, in [0, 1)
+
+
+def hourly_to_per_iteration(rate: float, exposure_s: float) -> float:
+    """Per-iteration failure probability of one stage for an hourly failure probability ``rate``."""
+    if rate >= 1.0:
+        return 1.0
+    return 1.0 - math.exp(math.log1p(-rate) * exposure_s / 3600.0)
+
+
+def write_trace(path: str | Path, failures: list[Failure], num_stages: int) -> None:
+    with open(path, "w") as f:
+        f.write(json.dumps({"trace_version": 1, "num_stages": num_stages}) + "\n")
+        for fl in failures:
+            f.write(json.dumps(asdict(fl)) + "\n")
+
+
+def read_trace(path: str | Path, num_stages: int) -> list[Failure]:
+    """Failures from a trace file, checked against ``num_stages``.
+
+    Raises:
+        ValueError: a malformed line, an unknown phase, or a stage outside 0..num_stages-1.
+    """
+    failures = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON: {e}") from e
+            if "trace_version" in rec:
+                continue
+            try:
+                fl = Failure(int(rec["iteration"]), int(rec["stage"]), str(rec["phase"]), float(rec["at"]))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: expected iteration, stage, phase, at; got {rec}") from e
+            if not 0 <= fl.stage < num_stages:
+                raise ValueError(f"{path}:{n}: stage {fl.stage} out of range 0..{num_stages - 1}")
+            if fl.phase not in PHASES or not 0.0 <= fl.at < 1.0 or fl.iteration < 0:
+                raise ValueError(f"{path}:{n}: bad phase/at/iteration in {rec}")
+            failures.append(fl)
+    return failures
+
+
+class FailureInjector:
+    """Decides which stages fail at each iteration and records every failure that fires."""
+
+    def __init__(self, cfg: FailureConfig, num_stages: int):
+        self.cfg, self.num_stages = cfg, num_stages
+        self.stages = list(range(num_stages)) if cfg.stages is None else list(cfg.stages)
+        bad = [s for s in self.stages if not 0 <= s < num_stages]
+        if bad:
+            raise ValueError(f"failures.stages={cfg.stages}: stages {bad} out of range 0..{num_stages - 1}")
+        self.replay = read_trace(cfg.trace_path, num_stages) if cfg.mode == "trace" else []
+        self.fired: list[Failure] = []
+
+    def probability(self, measured_iteration_s: float | None) -> float:
+        if self.cfg.mode == "per_step":
+            return self.cfg.per_step_prob
+        if self.cfg.mode != "hourly":
+            return 0.0
+        iteration_s = self.cfg.iteration_time_s or measured_iteration_s
+        if not iteration_s:
+            return 0.0  # no measurement yet: the first iteration is never failed
+        return hourly_to_per_iteration(self.cfg.hourly_rate, iteration_s * self.cfg.time_acceleration)
+
+    def failures_at(self, iteration: int, measured_iteration_s: float | None = None) -> list[Failure]:
+        """The failures that fire at ``iteration`` (each recorded in ``fired``)."""
+        if self.cfg.max_failures is not None and len(self.fired) >= self.cfg.max_failures:
+            return []
+        if self.cfg.mode == "trace":
+            out = [f for f in self.replay if f.iteration == iteration]
+        else:
+            p = self.probability(measured_iteration_s)
+            out = []
+            for stage in self.stages:
+                rng = np.random.default_rng(hash_seed(self.cfg.seed, iteration, stage))
+                draw, phase_draw, at = rng.random(3)
+                if draw < p:
+                    phase = self.cfg.phases[int(phase_draw * len(self.cfg.phases))]
+                    out.append(Failure(iteration, stage, phase, float(at)))
+        if self.cfg.max_failures is not None:
+            out = out[: self.cfg.max_failures - len(self.fired)]
+        self.fired += out
+        return out

@@ -1,0 +1,50 @@
+"""
+Metrics
+=======
+
+Two JSON-lines streams in the run directory: ``metrics.jsonl`` (one record per committed step, keys
+namespaced like ``loss/train``, ``throughput/tokens_per_s``, ``stage/2/grad_norm_raw``) and
+``events.jsonl`` (``failure``, ``step_discarded``, ``recovery``, ``rollback``, ``checkpoint_save``, ...).
+Every line is flushed as it is written, so a crashed run keeps everything up to its last step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class JsonLines:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f = open(self.path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(_clean(record)) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class EventLog(JsonLines):
+    def emit(self, event: str, **fields) -> dict:
+        record = {"event": event, "time": time.time(), **fields}
+        self.write(record)
+        return record
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,252 @@
+"""
+Trainer
+=======
+
+The training loop of the single-process engine: draw failures, run the step, and either commit it or,
+when a stage was lost, discard the step, rebuild the lost stages with the configured strategy (or roll
+everything back to a checkpoint) and redo it. Writes the run directory: ``config.yaml``,
+``metrics.jsonl``, ``events.jsonl``, ``trace.jsonl``, ``summary.json`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from checkfree.checkpoint import CheckpointStore
+from checkfree.config import TrainConfig, to_yaml
+from checkfree.data import Batches
+from checkfree.engine import PipelineEngine, StepInterrupted, interrupt_index
+from checkfree.failures import Failure, FailureInjector, write_trace
+from checkfree.metrics import EventLog, JsonLines
+from checkfree.model import Stage, block_state, build_stages, init_stage_
+from checkfree.recovery import RecoveryPlan, edge_kind, plan_recovery, rebuild_blocks, replica_holder
+from checkfree.schedule import schedule_for
+
+logger = logging.getLogger(__name__)
+
+PER_STAGE_STRATEGIES = ("checkfree", "checkfree_plus", "copy", "uniform", "random")
+
+
+@dataclass
+class RunState:
+    step: int = 0  # next step to run; also the number of committed steps
+    iteration: int = 0  # step attempts executed, including interrupted ones
+    failures: int = 0
+    recoveries: int = 0
+    train_s: float = 0.0  # wall-clock spent training, recovering and checkpointing (evaluation excluded)
+    last_loss: float = math.nan
+    last_val_loss: float | None = None
+    first_loss: float | None = None
+    tokens_per_s: float = 0.0
+    measured_iteration_s: float | None = None
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
+        self._prepare_run_dir()
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        L = cfg.model.num_stages
+        self.batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
+        self.schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
+        self.engine = PipelineEngine(build_stages(cfg.model, cfg.seed), self.schedule, self.batches, cfg.optim,
+                                     cfg.recovery.norm_ema_beta, cfg.device)
+        self.injector = FailureInjector(cfg.failures, L)
+        self.ckpt = None
+        if cfg.checkpoint.every_steps:
+            self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep)
+        self.replicas_on = cfg.recovery.strategy in PER_STAGE_STRATEGIES and cfg.recovery.edge_replica_every_steps > 0
+        self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
+        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.state = RunState()
+        self.tokens_per_step = self.batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
+
+    def _prepare_run_dir(self) -> None:
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            if not self.cfg.overwrite:
+                raise FileExistsError(
+                    f"run directory {self.run_dir} already holds a run; pass overwrite=true or another run_name"
+                )
+            shutil.rmtree(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self, on_step=None) -> dict:
+        """Train to ``num_steps`` committed steps; ``on_step(state)`` is called after each commit."""
+        cfg, st = self.cfg, self.state
+        self.events.emit("run_started", data=self.batches.description, num_stages=cfg.model.num_stages,
+                         strategy=cfg.recovery.strategy, schedule=cfg.pipeline.schedule, swap=cfg.swap_enabled)
+        if self.replicas_on:
+            self.engine.refresh_replicas(0)
+        if self.ckpt:
+            self._save_checkpoint()
+        try:
+            while st.step < cfg.num_steps:
+                self._one_iteration(on_step)
+        finally:
+            write_trace(self.run_dir / "trace.jsonl", self.injector.fired, cfg.model.num_stages)
+            self.metrics.close()
+        if st.last_val_loss is None or st.val_history[-1][0] != st.step:
+            self._evaluate()
+        summary = self._summary()
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self.events.emit("run_finished", **summary)
+        self.events.close()
+        return summary
+
+    def _one_iteration(self, on_step) -> None:
+        st = self.state
+        failures = self.injector.failures_at(st.iteration, st.measured_iteration_s)
+        interrupt = min((interrupt_index(self.schedule, f) for f in failures), default=None)
+        t0 = time.perf_counter()
+        try:
+            loss = self.engine.run_step(st.step, interrupt)
+        except StepInterrupted as e:
+            st.iteration += 1
+            self._handle_failures(failures, e)
+            st.train_s += time.perf_counter() - t0
+            return
+        st.iteration += 1
+        if not self.engine.commit():
+            self.events.emit("step_discarded", step=st.step, iteration=st.iteration - 1, reason="non-finite gradient")
+            st.train_s += time.perf_counter() - t0
+            return
+        step_s = time.perf_counter() - t0
+        mean = st.measured_iteration_s  # running mean over committed steps
+        st.measured_iteration_s = step_s if mean is None else mean + (step_s - mean) / (st.step + 1)
+        st.step += 1
+        st.last_loss = loss
+        st.first_loss = loss if st.first_loss is None else st.first_loss
+        extra_t0 = time.perf_counter()
+        if self.replicas_on and st.step % self.cfg.recovery.edge_replica_every_steps == 0:
+            self.engine.refresh_replicas(st.step)
+        if self.ckpt and st.step % self.cfg.checkpoint.every_steps == 0:
+            self._save_checkpoint()
+        elapsed = step_s + time.perf_counter() - extra_t0
+        st.train_s += elapsed
+        st.tokens_per_s = self.tokens_per_step / elapsed
+        record = {"step": st.step - 1, "loss/train": loss, "throughput/tokens_per_s": st.tokens_per_s,
+                  "time/train_s": st.train_s, "time/step_s": step_s, "iteration": st.iteration - 1}
+        every = self.cfg.eval_every_steps
+        if (every and st.step % every == 0) or st.step == self.cfg.num_steps:
+            record["loss/val"] = self._evaluate()
+        for i in range(self.engine.num_stages):
+            record[f"stage/{i}/lr"] = self.engine.lrs[i]
+            record[f"stage/{i}/grad_norm_raw"] = self.engine.grad_norm_raw[i]
+            record[f"stage/{i}/grad_norm_smoothed"] = self.engine.grad_norm_smoothed[i]
+        self.metrics.write(record)
+        if on_step:
+            on_step(st)
+
+    def _evaluate(self) -> float:
+        val = self.engine.evaluate(self.cfg.data.num_val_batches)
+        self.state.last_val_loss = val
+        self.state.val_history.append((self.state.step, val))
+        return val
+
+    # ---- failures and recovery -----------------------------------------------------------------
+    def _handle_failures(self, failures: list[Failure], interrupted: StepInterrupted) -> None:
+        st = self.state
+        lost = sorted({f.stage for f in failures})
+        for f in failures:
+            st.failures += 1
+            self.events.emit("failure", stage=f.stage, step=st.step, iteration=f.iteration, phase=f.phase,
+                             at=f.at, op_index=interrupted.op_index)
+            logger.info("stage %d lost at step %d (%s)", f.stage, st.step, f.phase)
+        self.engine.discard()
+        self.events.emit("step_discarded", step=st.step, iteration=st.iteration - 1, reason="stage lost", stages=lost)
+        for s in lost:
+            self.engine.destroy(s)
+        if self.cfg.recovery.strategy == "checkpoint":
+            self._rollback(lost)
+        else:
+            self._rebuild(lost)
+        st.recoveries += len(lost)
+
+    def _rebuild(self, lost: list[int]) -> None:
+        cfg, eng, st = self.cfg.recovery, self.engine, self.state
+        L = eng.num_stages
+        live_kinds = {k for k in eng.replicas if replica_holder(k, L) not in lost}
+        ckpt = self.ckpt
+        plans = plan_recovery(lost, L, cfg.strategy, cfg.adjacent_fallback,
+                              has_checkpoint=lambda s: ckpt is not None and ckpt.latest_for_stage(s) is not None,
+                              edge_replicas=live_kinds)
+        sources = {s for p in plans for s in p.sources}
+        blocks = {s: block_state(eng.stages[s].state_dict()) for s in sources}  # live stages only
+        norms = {s: eng.recovery_norm(s, cfg.norm_source) for s in sources}
+        for plan in plans:
+            t0 = time.perf_counter()
+            new_blocks, weights = rebuild_blocks(plan, blocks, norms, cfg.eps)
+            staleness = self._install(plan, new_blocks)
+            self.events.emit(
+                "recovery", stage=plan.stage, step=st.step, strategy=cfg.strategy, method=plan.method,
+                path=plan.path, sources=list(plan.sources), weights=list(weights),
+                source_norms=[norms[s] for s in plan.sources], edge=plan.edge, edge_staleness_steps=staleness,
+                lr=eng.lrs[plan.stage], duration_s=time.perf_counter() - t0,
+            )
+            logger.info("stage %d rebuilt: %s from %s (%s)", plan.stage, plan.method, list(plan.sources), plan.path)
+        if self.replicas_on and any(replica_holder(k, L) in lost for k in ("embed", "head")):
+            eng.refresh_replicas(st.step)  # a rebuilt holder fetches fresh copies from the live owners
+
+    def _install(self, plan: RecoveryPlan, new_blocks) -> int | None:
+        """Build the replacement stage for ``plan`` and put it in place; returns the edge replica's age."""
+        mcfg, eng, st = self.cfg.model, self.engine, self.state
+        stage = Stage(mcfg, plan.stage)
+        init_stage_(stage, mcfg, self.cfg.seed, salt=st.iteration)  # a fresh draw, never the original init
+        lr = self.cfg.optim.lr * self.cfg.recovery.lr_factor
+        if plan.method == "checkpoint":
+            step = self.ckpt.latest_for_stage(plan.stage)
+            eng.restore_payload(plan.stage, stage, self.ckpt.load_stage(step, plan.stage))
+            return st.step - step
+        staleness = None
+        if new_blocks is not None:
+            stage.load_state_dict(new_blocks, strict=False)
+        kind = edge_kind(plan.stage, eng.num_stages)
+        if kind and plan.edge == "replica":
+            replica_step, replica = eng.replicas[kind]
+            stage.load_state_dict(replica, strict=False)
+            staleness = st.step - replica_step
+        eng.install(plan.stage, stage, lr)
+        return staleness
+
+    def _save_checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        for i in range(self.engine.num_stages):
+            self.ckpt.save_stage(self.state.step, i, self.engine.stage_payload(i, self.state.step))
+        self.ckpt.prune()
+        self.events.emit("checkpoint_save", step=self.state.step, save_s=time.perf_counter() - t0)
+
+    def _rollback(self, lost: list[int]) -> None:
+        st = self.state
+        t0 = time.perf_counter()
+        target = self.ckpt.latest_complete()
+        if target is None:
+            raise RuntimeError(f"no complete checkpoint in {self.ckpt.root} to roll back to")
+        for i in range(self.engine.num_stages):
+            stage = Stage(self.cfg.model, i)
+            self.engine.restore_payload(i, stage, self.ckpt.load_stage(target, i))
+        self.events.emit("rollback", step=st.step, to_step=target, lost_steps=st.step - target, stages=lost,
+                         strategy="checkpoint", restore_s=time.perf_counter() - t0)
+        st.step = target
+
+    def _summary(self) -> dict:
+        st = self.state
+        return {
+            "steps": st.step, "iterations": st.iteration, "failures": st.failures, "recoveries": st.recoveries,
+            "first_train_loss": st.first_loss, "final_train_loss": st.last_loss, "final_val_loss": st.last_val_loss,
+            "train_s": st.train_s, "tokens_per_step": self.tokens_per_step,
+            "mean_tokens_per_s": self.tokens_per_step * st.step / st.train_s if st.train_s else None,
+            "strategy": self.cfg.recovery.strategy, "run_dir": str(self.run_dir),
+        }
