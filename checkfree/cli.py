@@ -60,7 +60,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     try:
         cfg = load_config(files, overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, DataError, FileExistsError) as e:
+    except (ConfigError, DataError, FileExistsError, ValueError) as e:
         print(f"checkfree train: {e}", file=sys.stderr)
         return 2
     with Progress(cfg.num_steps, enabled=cfg.progress) as progress:

@@ -16,6 +16,7 @@ Sources:
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -84,9 +85,10 @@ def _read_files(paths: list[Path], root: Path | None, max_bytes: int) -> list[tu
     return files
 
 
-def stdlib_files() -> tuple[Path, list[Path]]:
+@functools.lru_cache(maxsize=1)
+def stdlib_files() -> tuple[Path, tuple[Path, ...]]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    paths = tuple(sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts))
     return root, paths
 
 
@@ -105,7 +107,7 @@ def load_splits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, str]:
         root, paths = stdlib_files()
         if not paths:
             raise DataError(f"no .py files found in the standard library folder {root}")
-        train, val = _split_files(_read_files(paths, root, cfg.max_bytes), cfg.val_fraction)
+        train, val = _split_files(_read_files(list(paths), root, cfg.max_bytes), cfg.val_fraction)
         desc = f"stdlib:{root}"
     else:
         paths = [Path(p) for p in sorted(glob.glob(os.path.expanduser(cfg.path), recursive=True))]

@@ -53,6 +53,8 @@ class RunState:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None):
         self.cfg = cfg
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device; use device=cpu")
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self._prepare_run_dir()
         if cfg.num_threads:
