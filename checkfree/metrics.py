@@ -32,6 +32,8 @@ class JsonLines:
         self._f = open(self.path, "a", buffering=1)
 
     def write(self, record: dict) -> None:
+        if self._f.closed:  # e.g. a recovery run by a script after the training loop ended
+            self._f = open(self.path, "a", buffering=1)
         self._f.write(json.dumps(_clean(record)) + "\n")
 
     def close(self) -> None:

@@ -56,15 +56,15 @@ class Trainer:
         if cfg.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device; use device=cpu")
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
-        self._prepare_run_dir()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         L = cfg.model.num_stages
+        self.injector = FailureInjector(cfg.failures, L)
         self.batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
+        self._prepare_run_dir()  # only once the inputs are known to be good
         self.schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
         self.engine = PipelineEngine(build_stages(cfg.model, cfg.seed), self.schedule, self.batches, cfg.optim,
                                      cfg.recovery.norm_ema_beta, cfg.device)
-        self.injector = FailureInjector(cfg.failures, L)
         self.ckpt = None
         if cfg.checkpoint.every_steps:
             self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep)
@@ -169,13 +169,17 @@ class Trainer:
             logger.info("stage %d lost at step %d (%s)", f.stage, st.step, f.phase)
         self.engine.discard()
         self.events.emit("step_discarded", step=st.step, iteration=st.iteration - 1, reason="stage lost", stages=lost)
+        self.recover(lost)
+
+    def recover(self, lost: list[int]) -> None:
+        """Lose ``lost`` stages (weights poisoned, optimizers gone) and recover with the configured strategy."""
         for s in lost:
             self.engine.destroy(s)
         if self.cfg.recovery.strategy == "checkpoint":
             self._rollback(lost)
         else:
             self._rebuild(lost)
-        st.recoveries += len(lost)
+        self.state.recoveries += len(lost)
 
     def _rebuild(self, lost: list[int]) -> None:
         cfg, eng, st = self.cfg.recovery, self.engine, self.state

@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+from tests.conftest import TINY
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "checkfree", *args], cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+def test_help_of_each_command(tmp_path):
+    for args in ([], ["train"], ["plot"]):
+        out = _cli(*args, "--help", cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+    assert "key=value" in _cli("train", "--help", cwd=tmp_path).stdout
+    assert "RUN_DIR" in _cli("plot", "--help", cwd=tmp_path).stdout
+
+
+def test_train_then_plot(tmp_path):
+    common = [*TINY, "num_steps=6", "num_threads=1", "failures.mode=per_step", "failures.per_step_prob=0.2", "plot=true"]
+    out = _cli("train", *common, "run_name=a", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "6 steps" in out.stdout and "recoveries" in out.stdout
+    run = tmp_path / "runs" / "a"
+    assert (run / "loss.png").stat().st_size > 10_000
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["failures"] == summary["recoveries"] >= 1
+    out = _cli("train", *common, "run_name=b", "recovery.strategy=checkfree", "progress=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    out = _cli("plot", str(run), str(tmp_path / "runs" / "b"), "--out", str(tmp_path / "both.png"), cwd=tmp_path)
+    assert out.returncode == 0 and (tmp_path / "both.png").stat().st_size > 10_000
+
+
+def test_bad_input_exits_2_with_a_message_and_no_run_dir(tmp_path):
+    out = _cli("train", "model.num_layer=3", cwd=tmp_path)
+    assert out.returncode == 2 and "Did you mean 'model.num_layers'" in out.stderr
+    out = _cli("train", "data.source=text", "data.path=/nonexistent/*.txt", cwd=tmp_path)
+    assert out.returncode == 2 and "matches no readable file" in out.stderr
+    assert not (tmp_path / "runs").exists()
+    out = _cli("plot", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert out.returncode == 2 and "not a run directory" in out.stderr
