@@ -60,6 +60,16 @@ def make_optimizer(stage: Stage, cfg: OptimConfig, lr: float) -> torch.optim.Opt
     )
 
 
+def clip_stage_(stage: Stage, max_norm: float) -> float:
+    """Clip the stage's gradient in place (0: no clipping); returns its *pre-clip* L2 norm."""
+    return float(torch.nn.utils.clip_grad_norm_(stage.parameters(), max_norm or math.inf, foreach=True))
+
+
+def smooth(prev: float | None, value: float, beta: float) -> float:
+    """Exponential moving average, seeded by the first value."""
+    return value if prev is None else beta * prev + (1 - beta) * value
+
+
 def interrupt_index(schedule: Schedule, failure: Failure) -> int:
     """Where in the timeline a failure lands: before op 0, before one of the failing stage's forward
     ops after the first op, or before one of its backward ops; ``failure.at`` picks among them."""
@@ -70,6 +80,23 @@ def interrupt_index(schedule: Schedule, failure: Failure) -> int:
     if not candidates:
         return 0
     return candidates[min(int(failure.at * len(candidates)), len(candidates) - 1)]
+
+
+def forward_hop(stage: Stage, schedule: Schedule, op: Op, x: torch.Tensor, step: int, batches: Batches,
+                device: torch.device) -> torch.Tensor:
+    """Run the parts of ``stage`` that hop ``op.hop`` of microbatch ``op.mb`` uses; at the last hop,
+    return the microbatch's loss divided by the number of microbatches (gradient accumulation)."""
+    hop = schedule.routes[op.mb][op.hop]
+    h = x
+    if hop.embed:
+        h = stage.run_embed(h)  # (B, T) -> (B, T, C)
+    if hop.blocks:
+        h = stage.run_blocks(h)
+    if hop.head:
+        logits = stage.run_head(h)  # (B, T, V)
+        targets = batches.targets(step, op.mb).to(device)
+        h = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / schedule.num_microbatches
+    return h
 
 
 class PipelineEngine:
@@ -115,23 +142,14 @@ class PipelineEngine:
         return total
 
     def _forward(self, op: Op, step: int, inputs: dict, outputs: dict) -> torch.Tensor:
-        hop = self.schedule.routes[op.mb][op.hop]
-        stage = self.stages[op.stage]
         if op.src is None:
-            h = self.batches.inputs(step, op.mb).to(self.device)  # (B, T) token ids
+            x = self.batches.inputs(step, op.mb).to(self.device)  # (B, T) token ids
         else:
-            h = outputs[(op.mb, op.hop - 1)].detach().requires_grad_()  # the activation "received"
-            inputs[(op.mb, op.hop)] = h
-        if hop.embed:
-            h = stage.run_embed(h)  # (B, T, C)
-        if hop.blocks:
-            h = stage.run_blocks(h)
-        if hop.head:
-            logits = stage.run_head(h)  # (B, T, V)
-            targets = self.batches.targets(step, op.mb).to(self.device)
-            h = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / self.schedule.num_microbatches
-        outputs[(op.mb, op.hop)] = h
-        return h
+            x = outputs[(op.mb, op.hop - 1)].detach().requires_grad_()  # the activation "received"
+            inputs[(op.mb, op.hop)] = x
+        out = forward_hop(self.stages[op.stage], self.schedule, op, x, step, self.batches, self.device)
+        outputs[(op.mb, op.hop)] = out
+        return out
 
     def _backward(self, op: Op, inputs: dict, outputs: dict) -> None:
         out = outputs.pop((op.mb, op.hop))
@@ -149,16 +167,13 @@ class PipelineEngine:
 
         Returns False (and applies nothing) when any stage's gradient is not finite.
         """
-        clip = self.optim_cfg.grad_clip or math.inf
-        norms = [float(torch.nn.utils.clip_grad_norm_(s.parameters(), clip, foreach=True)) for s in self.stages]
+        norms = [clip_stage_(s, self.optim_cfg.grad_clip) for s in self.stages]
         if not all(math.isfinite(n) for n in norms):
             self.discard()
             return False
-        b = self.norm_ema_beta
         for i, n in enumerate(norms):
             self.grad_norm_raw[i] = n
-            prev = self.grad_norm_smoothed[i]
-            self.grad_norm_smoothed[i] = n if prev is None else b * prev + (1 - b) * n
+            self.grad_norm_smoothed[i] = smooth(self.grad_norm_smoothed[i], n, self.norm_ema_beta)
         for opt in self.optimizers:
             opt.step()
         self.discard()

@@ -1,0 +1,170 @@
+"""
+Transport
+=========
+
+Activations and gradients between stage peers over torch.distributed, one process group per
+membership epoch (gloo on CPU, NCCL on CUDA), built directly from a store and called as an object
+(``pg.send([t], dst, tag)``) so that a dead peer breaks only this epoch's group, never a global one.
+
+Every message is a fixed-size int64 header (run tag, step, microbatch, hop, kind, dtype, rank, shape)
+followed by the payload. The receiver checks the header against what its schedule expects (same step,
+microbatch, hop and kind, the expected shape and dtype) and the payload for NaN/inf, so a confused or
+faulty peer is refused with an error that names what it sent. Every wait has a timeout; transport
+failures and timeouts become ``StageLostError`` here, at the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64)
+MAX_DIMS = 4
+HEADER_LEN = 8 + MAX_DIMS
+KIND_CODES = {"act": 1, "grad": 2}
+
+
+@dataclass
+class TransportConfig:
+    timeout_s: float = 10.0  # limit of every send, receive and collective wait
+    rendezvous_timeout_s: float = 30.0  # limit for all peers of an epoch to join its store
+    backend: str = "auto"  # auto (gloo on cpu, nccl on cuda), gloo or nccl
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.rendezvous_timeout_s <= 0:
+            raise ValueError(
+                f"transport timeouts must be > 0, got timeout_s={self.timeout_s}, "
+                f"rendezvous_timeout_s={self.rendezvous_timeout_s}"
+            )
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"transport.backend={self.backend!r} is not one of auto, gloo, nccl")
+
+
+class StageLostError(RuntimeError):
+    """A peer stopped answering (crash, hang, network) while this stage was talking to it."""
+
+    def __init__(self, stage: int | None, step: int, cause: str):
+        who = f"stage {stage}" if stage is not None else "a stage"
+        super().__init__(f"{who} lost at step {step}: {cause}")
+        self.stage, self.step, self.cause = stage, step, cause
+
+
+class PeerProtocolError(ValueError):
+    """A peer sent a tensor that does not match the schedule (wrong step, shape, dtype, or not finite)."""
+
+
+def resolve_backend(cfg: TransportConfig, device: torch.device) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class EpochGroup:
+    """The process group of one membership epoch; rank ``r`` runs stage ``stage_of_rank[r]``."""
+
+    def __init__(self, store: dist.Store, epoch: int, rank: int, stage_of_rank: list[int], cfg: TransportConfig,
+                 run_tag: int = 0, device: torch.device | str = "cpu"):
+        self.epoch, self.rank, self.cfg, self.run_tag = epoch, rank, cfg, run_tag
+        self.device = torch.device(device)
+        self.stage_of_rank = list(stage_of_rank)
+        self.rank_of_stage = {s: r for r, s in enumerate(stage_of_rank)}
+        self.timeout = timedelta(seconds=cfg.timeout_s)
+        prefix = dist.PrefixStore(f"checkfree/epoch{epoch}", store)
+        world = len(stage_of_rank)
+        if resolve_backend(cfg, self.device) == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = self.timeout
+            self.pg = dist.ProcessGroupNCCL(prefix, rank, world, opts)
+        else:
+            self.pg = dist.ProcessGroupGloo(prefix, rank, world, self.timeout)
+        self._pending: list[tuple[object, int, int, list[torch.Tensor]]] = []  # (work, stage, step, keep-alive)
+
+    @property
+    def stage(self) -> int:
+        return self.stage_of_rank[self.rank]
+
+    def _tag(self, mb: int, hop: int, kind: str) -> int:
+        return (KIND_CODES[kind] << 24) | (mb << 8) | hop
+
+    def _header(self, t: torch.Tensor, step: int, mb: int, hop: int, kind: str) -> torch.Tensor:
+        if t.dim() > MAX_DIMS or t.dtype not in DTYPES:
+            raise ValueError(f"cannot send a tensor of {t.dim()} dims and dtype {t.dtype}")
+        shape = list(t.shape) + [0] * (MAX_DIMS - t.dim())
+        fields = [self.run_tag, step, mb, hop, KIND_CODES[kind], DTYPES.index(t.dtype), self.rank, t.dim(), *shape]
+        return torch.tensor(fields, dtype=torch.int64, device=self.device)
+
+    def send(self, t: torch.Tensor, dst_stage: int, step: int, mb: int, hop: int, kind: str) -> None:
+        """Start sending ``t`` to ``dst_stage``; completion is awaited by ``wait_sends``."""
+        dst = self.rank_of_stage[dst_stage]
+        payload = t.detach().contiguous()
+        header = self._header(payload, step, mb, hop, kind)
+        tag = self._tag(mb, hop, kind)
+        try:
+            works = [self.pg.send([header], dst, tag), self.pg.send([payload], dst, tag)]
+        except RuntimeError as e:
+            raise StageLostError(dst_stage, step, f"send failed: {e}") from e
+        for w in works:
+            self._pending.append((w, dst_stage, step, [header, payload]))
+
+    def wait_sends(self) -> None:
+        pending, self._pending = self._pending, []
+        for work, stage, step, _ in pending:
+            self._wait(work, stage, step, "send")
+
+    def _wait(self, work, stage: int | None, step: int, what: str) -> None:
+        try:
+            ok = work.wait(self.timeout)
+        except RuntimeError as e:
+            raise StageLostError(stage, step, f"{what}: {e}") from e
+        if ok is False:
+            raise StageLostError(stage, step, f"{what} timed out after {self.cfg.timeout_s} s")
+
+    def recv(self, src_stage: int, step: int, mb: int, hop: int, kind: str, shape: tuple[int, ...],
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Receive the tensor the schedule expects from ``src_stage``, checked before use.
+
+        Raises:
+            StageLostError: the peer is gone or silent past the timeout.
+            PeerProtocolError: the peer sent something else than expected.
+        """
+        src = self.rank_of_stage[src_stage]
+        tag = self._tag(mb, hop, kind)
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._wait(self._recv_work(header, src, tag, src_stage, step), src_stage, step, "receive header")
+        h = header.tolist()
+        got_shape = tuple(h[8 : 8 + h[7]]) if 0 <= h[7] <= MAX_DIMS else None
+        got_dtype = DTYPES[h[5]] if 0 <= h[5] < len(DTYPES) else None
+        expected = (self.run_tag, step, mb, hop, KIND_CODES[kind])
+        if tuple(h[:5]) != expected or got_shape != tuple(shape) or got_dtype != dtype:
+            raise PeerProtocolError(
+                f"stage {src_stage} sent run {h[0]} step {h[1]} mb {h[2]} hop {h[3]} kind {h[4]} shape {got_shape} "
+                f"dtype {got_dtype}; expected run {self.run_tag} step {step} mb {mb} hop {hop} {kind} "
+                f"shape {tuple(shape)} dtype {dtype}"
+            )
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        self._wait(self._recv_work(buf, src, tag, src_stage, step), src_stage, step, "receive payload")
+        if buf.is_floating_point() and not torch.isfinite(buf).all():
+            raise PeerProtocolError(f"stage {src_stage} sent a non-finite {kind} for step {step} mb {mb} hop {hop}")
+        return buf
+
+    def _recv_work(self, buf: torch.Tensor, src: int, tag: int, src_stage: int, step: int):
+        try:
+            return self.pg.recv([buf], src, tag)
+        except RuntimeError as e:
+            raise StageLostError(src_stage, step, f"receive failed: {e}") from e
+
+    def all_reduce(self, t: torch.Tensor, step: int) -> torch.Tensor:
+        """Sum ``t`` over every stage of the epoch (the step's commit point)."""
+        try:
+            work = self.pg.allreduce([t])
+        except RuntimeError as e:
+            raise StageLostError(None, step, f"all-reduce failed: {e}") from e
+        self._wait(work, None, step, "all-reduce")
+        return t
+
+    def close(self) -> None:
+        self._pending.clear()
+        self.pg = None

@@ -1,0 +1,108 @@
+"""
+Stage worker
+============
+
+One stage of the pipeline in its own process (or thread): runs its share of the schedule's ops for a
+step, exchanging activations and gradients with other stages over an ``EpochGroup``, then commits the
+step with every other stage or not at all.
+
+Commit point: after its ops and sends complete, each stage clips its gradient and joins an all-reduce
+of ``[done, loss, norm_0 .. norm_{L-1}]`` (each stage fills its own slots). Only when the sum shows
+every stage done does any stage step its optimizer, so a step is applied by all stages or by none; as a
+side effect every stage learns all stages' pre-clip gradient norms, which recovery weights need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from checkfree.data import Batches
+from checkfree.engine import OptimConfig, clip_stage_, forward_hop, make_optimizer, smooth
+from checkfree.model import Stage
+from checkfree.schedule import Op, Schedule
+from checkfree.transport import EpochGroup
+
+
+class StageWorker:
+    def __init__(self, stage: Stage, schedule: Schedule, batches: Batches, optim: OptimConfig, lr: float,
+                 d_model: int, norm_ema_beta: float = 0.9, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.stage = stage.to(self.device)
+        self.index = stage.index
+        self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
+        self.lr, self.norm_ema_beta = lr, norm_ema_beta
+        self.optimizer = make_optimizer(self.stage, optim, lr)
+        self.act_shape = (batches.cfg.microbatch_size, batches.seq_len, d_model)  # (B, T, C)
+        self.grad_norm_raw = 0.0
+        self.grad_norm_smoothed: float | None = None
+        self.all_norms: list[float] = [0.0] * schedule.num_stages  # every stage's, from the last commit
+        self.pending_step: int | None = None  # a step whose ops completed but whose commit is undecided
+
+    def run_step(self, group: EpochGroup, step: int) -> None:
+        """This stage's ops of ``step``; gradients accumulate in the stage's parameters.
+
+        Raises:
+            StageLostError, PeerProtocolError: from the transport; the caller discards the step.
+        """
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.loss = 0.0
+        for op in self.schedule.ops[self.index]:
+            if op.kind == "F":
+                self._forward(group, op, step, inputs, outputs)
+            else:
+                self._backward(group, op, step, inputs, outputs)
+        group.wait_sends()
+        self.pending_step = step
+
+    def _forward(self, group: EpochGroup, op: Op, step: int, inputs: dict, outputs: dict) -> None:
+        if op.src is None:
+            x = self.batches.inputs(step, op.mb).to(self.device)  # (B, T) token ids
+        else:
+            x = group.recv(op.src, step, op.mb, op.hop, "act", self.act_shape).requires_grad_()
+            inputs[(op.mb, op.hop)] = x
+        out = forward_hop(self.stage, self.schedule, op, x, step, self.batches, self.device)
+        if op.dst is None:
+            self.loss += out.item()
+        else:
+            group.send(out, op.dst, step, op.mb, op.hop + 1, "act")
+        outputs[(op.mb, op.hop)] = out
+
+    def _backward(self, group: EpochGroup, op: Op, step: int, inputs: dict, outputs: dict) -> None:
+        out = outputs.pop((op.mb, op.hop))
+        if op.src is None:
+            out.backward()  # the loss
+        else:
+            out.backward(group.recv(op.src, step, op.mb, op.hop, "grad", self.act_shape))
+        if op.dst is not None:
+            group.send(inputs.pop((op.mb, op.hop)).grad, op.dst, step, op.mb, op.hop - 1, "grad")
+
+    def commit(self, group: EpochGroup, step: int) -> float | None:
+        """Agree with every stage on ``step`` and apply it; returns the step's loss, or None when some
+        stage could not finish (nothing applied).
+
+        Raises:
+            StageLostError: the commit all-reduce failed; the step stays pending (``pending_step``).
+        """
+        L = self.schedule.num_stages
+        norm = clip_stage_(self.stage, self.optim_cfg.grad_clip)
+        vec = torch.zeros(2 + L, dtype=torch.float64, device=self.device)
+        vec[0] = 1.0 if math.isfinite(norm) else 0.0
+        vec[1] = self.loss
+        vec[2 + self.index] = norm if math.isfinite(norm) else 0.0
+        vec = group.all_reduce(vec, step).tolist()
+        self.pending_step = None
+        if round(vec[0]) != L:
+            self.discard()
+            return None
+        self.all_norms = vec[2:]
+        self.grad_norm_raw = norm
+        self.grad_norm_smoothed = smooth(self.grad_norm_smoothed, norm, self.norm_ema_beta)
+        self.optimizer.step()
+        self.discard()
+        return vec[1]
+
+    def discard(self) -> None:
+        self.stage.zero_grad(set_to_none=True)
