@@ -3,7 +3,9 @@ Command line
 ============
 
 ``checkfree train [CONFIG.yaml ...] [key=value ...]`` trains with the single-process engine;
-``checkfree plot RUN_DIR [RUN_DIR ...]`` draws their losses. ``--help`` on each explains it.
+``checkfree plot RUN_DIR [RUN_DIR ...]`` draws their losses; ``checkfree swarm`` runs a multi-process
+swarm here, ``checkfree peer`` starts one peer anywhere, ``checkfree status`` prints a live swarm.
+``--help`` on each explains it.
 """
 
 from __future__ import annotations
@@ -90,6 +92,114 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+SWARM_HELP = """\
+Start a whole swarm on this machine: one OS process per stage peer, swarm.num_spares spare peers and
+a failure injector (SIGKILL, or SIGSTOP for swarm.hang_fraction of failures) driven by the failures
+section, which starts a fresh spare swarm.spare_delay_s after each kill. Shows a live status line and
+leaves the run directory with merged metrics.jsonl and events.jsonl, recoveries.jsonl (detect /
+rebuild / resume seconds per failure), summary.json and every peer's log under peers/.
+
+  checkfree swarm                                       # the tiny default, failures as configured
+  checkfree swarm failures.mode=per_step failures.per_step_prob=0.02 swarm.num_spares=2
+"""
+
+PEER_HELP = """\
+Start one peer of a swarm, on this host or any other: it joins the DHT through any live peer's
+address (--initial-peers takes several; pass all you know) and either asks for a stage (--stage K)
+or waits as a spare (--spare) until the swarm gives it a lost stage.
+
+Addresses: membership.host is the interface to listen on (default 127.0.0.1; use 0.0.0.0 or the
+host's LAN address for a multi-host swarm) and membership.announce_host the address others should
+dial when it differs (public IP of a spot instance behind NAT). Every peer must use the same config
+(model, data, schedule, optimizer, recovery, seed): a peer with another fingerprint is refused.
+"""
+
+STATUS_HELP = """\
+Join the DHT read-only and print the live swarm: the current epoch, which peer holds which stage,
+each peer's step, state and heartbeat age, and the spares.
+"""
+
+
+def cmd_swarm(ns: argparse.Namespace) -> int:
+    from checkfree.config import ConfigError, load_config
+
+    files, overrides = _split_args(ns.args)
+    try:
+        cfg = load_config(files, overrides)
+    except ConfigError as e:
+        print(f"checkfree swarm: {e}", file=sys.stderr)
+        return 2
+    run_dir = cfg.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.overwrite:
+            print(f"checkfree swarm: run directory {run_dir} already holds a run; pass overwrite=true or another "
+                  "run_name", file=sys.stderr)
+            return 2
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from launcher.local import run_local_swarm
+    from launcher.report import recovery_table
+
+    code, summary = run_local_swarm(cfg, run_dir, status=cfg.progress)
+    print(recovery_table(summary["recovery_rows"]))
+    print(f"swarm exit {code}: {summary['steps']} steps, loss {summary['first_train_loss']} -> "
+          f"{summary['final_train_loss']}, {summary['failures']} failures, {summary['recoveries']} recoveries, "
+          f"repeated steps {summary['repeated_steps']}, skipped steps {summary['skipped_steps']}; run directory {run_dir}")
+    return code
+
+
+def cmd_peer(ns: argparse.Namespace) -> int:
+    import signal
+
+    from checkfree.config import ConfigError, load_config
+    from checkfree.data import DataError
+
+    files, overrides = _split_args(ns.args)
+    try:
+        cfg = load_config(files, overrides)
+        from checkfree.peer import Peer
+
+        peer = Peer(cfg, ns.run_dir or cfg.run_dir, None if ns.spare else ns.stage, ns.initial_peers, ns.peer_id)
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"checkfree peer: {e}", file=sys.stderr)
+        return 2
+
+    def on_term(signum, frame):  # a clean exit: the peer tombstones its record
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    return peer.run()
+
+
+def cmd_status(ns: argparse.Namespace) -> int:
+    from checkfree.membership import Membership, MembershipConfig
+
+    m = Membership(MembershipConfig(), ns.run_id, None, ns.initial_peers, client_mode=True)
+    try:
+        members, current = m.members(), m.current_epoch()
+        now = m.now
+    finally:
+        m.shutdown()
+    print(f"run {ns.run_id}: " + (f"epoch {current.epoch}, leader {current.leader}, resumed at step {current.step}"
+                                   if current else "no epoch yet") + (f", STOPPED: {current.stop}" if current and current.stop else ""))
+    roster = current.roster if current else []
+    print("stage  peer          state       step  epoch  heartbeat_age_s  loss")
+    for s, pid in enumerate(roster):
+        r = members.get(pid)
+        if r is None:
+            print(f"{s:5d}  {pid:12s}  LOST")
+            continue
+        print(f"{s:5d}  {pid:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  {now - r.time:15.1f}  "
+              f"{r.loss if r.loss is not None else '-'}")
+    others = [r for pid, r in sorted(members.items()) if pid not in roster]
+    for r in others:
+        print(f"{'spare' if r.state == 'spare' else '  -  '}  {r.peer_id:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  "
+              f"{now - r.time:15.1f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="checkfree", description="Pipeline-parallel training that survives "
                                      "lost stages without checkpoints (CheckFree / CheckFree+).")
@@ -104,6 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="PNG to write (default: RUN_DIR/loss.png of the first run)")
     plot.add_argument("--labels", nargs="+", help="one legend label per run directory")
     plot.set_defaults(func=cmd_plot)
+    swarm = sub.add_parser("swarm", help="run a whole swarm of peer processes on this machine",
+                           description=SWARM_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    swarm.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+    swarm.set_defaults(func=cmd_swarm)
+    peer = sub.add_parser("peer", help="start one peer (anywhere) that joins a swarm", description=PEER_HELP,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    peer.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
+    peer.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
+                      help="multiaddresses of live peers, e.g. /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW...")
+    role = peer.add_mutually_exclusive_group(required=True)
+    role.add_argument("--stage", type=int, help="ask for this stage (0-based)")
+    role.add_argument("--spare", action="store_true", help="wait to replace a lost stage")
+    peer.add_argument("--run-dir", help="where this peer writes its events, metrics and checkpoints "
+                      "(default OUT_DIR/RUN_NAME)")
+    peer.add_argument("--peer-id", help="a name for this peer (default: random)")
+    peer.set_defaults(func=cmd_peer)
+    status = sub.add_parser("status", help="print the live swarm", description=STATUS_HELP)
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    status.add_argument("--run-id", default="tiny", help="the swarm's run id (swarm.run_id, default its run_name)")
+    status.set_defaults(func=cmd_status)
     return parser
 
 

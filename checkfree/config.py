@@ -25,9 +25,12 @@ from checkfree.checkpoint import CheckpointConfig
 from checkfree.data import DataConfig
 from checkfree.engine import OptimConfig
 from checkfree.failures import FailureConfig
+from checkfree.membership import MembershipConfig
 from checkfree.model import ModelConfig
 from checkfree.recovery import RecoveryConfig
 from checkfree.schedule import PipelineConfig
+from checkfree.swarm_config import SwarmConfig
+from checkfree.transport import TransportConfig
 
 
 class ConfigError(ValueError):
@@ -59,6 +62,9 @@ class TrainConfig:
     failures: FailureConfig = field(default_factory=_default_failures)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    membership: MembershipConfig = field(default_factory=MembershipConfig)  # swarm only
+    transport: TransportConfig = field(default_factory=TransportConfig)  # swarm only
+    swarm: SwarmConfig = field(default_factory=SwarmConfig)  # swarm only
 
     def __post_init__(self) -> None:
         L, strategy = self.model.num_stages, self.recovery.strategy

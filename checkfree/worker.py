@@ -39,6 +39,9 @@ class StageWorker:
         self.grad_norm_smoothed: float | None = None
         self.all_norms: list[float] = [0.0] * schedule.num_stages  # every stage's, from the last commit
         self.pending_step: int | None = None  # a step whose ops completed but whose commit is undecided
+        self.pending_norm = 0.0
+        self.loss = 0.0
+        self.replica: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, copy of a neighbour's edge)
 
     def run_step(self, group: EpochGroup, step: int) -> None:
         """This stage's ops of ``step``; gradients accumulate in the stage's parameters.
@@ -92,17 +95,50 @@ class StageWorker:
         vec[0] = 1.0 if math.isfinite(norm) else 0.0
         vec[1] = self.loss
         vec[2 + self.index] = norm if math.isfinite(norm) else 0.0
+        self.pending_norm = norm
         vec = group.all_reduce(vec, step).tolist()
-        self.pending_step = None
         if round(vec[0]) != L:
+            self.pending_step = None
             self.discard()
             return None
         self.all_norms = vec[2:]
-        self.grad_norm_raw = norm
-        self.grad_norm_smoothed = smooth(self.grad_norm_smoothed, norm, self.norm_ema_beta)
-        self.optimizer.step()
-        self.discard()
+        self.apply_pending()
         return vec[1]
+
+    def apply_pending(self) -> None:
+        """Step the optimizer with the gradients of ``pending_step`` (clipped already): at the commit
+        point, or in the next epoch when the commit all-reduce broke after another stage completed it."""
+        assert self.pending_step is not None, "no pending step to apply"
+        self.grad_norm_raw = self.pending_norm
+        self.grad_norm_smoothed = smooth(self.grad_norm_smoothed, self.pending_norm, self.norm_ema_beta)
+        self.optimizer.step()
+        self.pending_step = None
+        self.discard()
+
+    def recovery_norm(self, source: str) -> float:
+        if source == "smoothed" and self.grad_norm_smoothed is not None:
+            return self.grad_norm_smoothed
+        return self.grad_norm_raw
+
+    @torch.no_grad()
+    def evaluate(self, group: EpochGroup, num_batches: int, step: int) -> float:
+        """Validation loss of the whole pipeline on the plain route; every stage returns it."""
+        L, total = self.schedule.num_stages, 0.0
+        for b in range(num_batches):
+            if self.index == 0:
+                h = self.stage.run_embed(self.batches.inputs(b, 0, split="val").to(self.device))
+            else:
+                h = group.recv(self.index - 1, step, b, self.index, "act", self.act_shape)
+            h = self.stage.run_blocks(h)
+            if self.index < L - 1:
+                group.send(h, self.index + 1, step, b, self.index + 1, "act")
+            else:
+                logits = self.stage.run_head(h)
+                targets = self.batches.targets(b, 0, split="val").to(self.device)
+                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+        group.wait_sends()
+        vec = torch.tensor([total / num_batches], dtype=torch.float64, device=self.device)
+        return group.all_reduce(vec, step).item()
 
     def discard(self) -> None:
         self.stage.zero_grad(set_to_none=True)

@@ -1,0 +1,123 @@
+"""
+Coordinator
+===========
+
+The leader's decisions, as pure functions over member and epoch records, so that every rule can be
+tested in milliseconds and every peer that evaluates them on the same records reaches the same answer.
+
+- ``leader_of``: the live stage-holding peer with the lowest stage (then lowest peer id). There is no
+  fixed coordinator: when the leader is lost, the next one takes over once its record expires.
+- ``decide_epoch``: whether a new epoch is due and, if so, its roster, the step to run, the lost stages
+  and how each is rebuilt. A spare is assigned only here, by the leader, in peer-id order, so two
+  spares can never both win a stage: the one the roster names joins, the other stays a spare (and a
+  process group only forms when every roster member joins the same epoch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from checkfree.membership import EpochRecord, MemberRecord, PlanRecord
+from checkfree.recovery import plan_recovery, replica_holder
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A new epoch to publish, or why none is published yet (``roster`` None)."""
+
+    roster: list[str] | None
+    step: int = 0
+    lost: tuple[int, ...] = ()
+    plans: tuple[PlanRecord, ...] = ()
+    rollback_to: int | None = None
+    reason: str = ""
+
+
+def stage_holders(members: dict[str, MemberRecord], current: EpochRecord | None) -> dict[int, str]:
+    """stage -> peer id: the live roster members, or (before the first epoch) the peers asking for a stage."""
+    if current is not None:
+        return {s: pid for s, pid in enumerate(current.roster) if pid in members}
+    holders: dict[int, str] = {}
+    for pid in sorted(members):
+        rec = members[pid]
+        if rec.stage >= 0 and rec.stage not in holders and rec.state != "done":
+            holders[rec.stage] = pid
+    return holders
+
+
+def leader_of(members: dict[str, MemberRecord], current: EpochRecord | None) -> str | None:
+    holders = stage_holders(members, current)
+    return holders[min(holders)] if holders else None
+
+
+def spares(members: dict[str, MemberRecord], taken: set[str]) -> list[str]:
+    return sorted(pid for pid, r in members.items() if r.state == "spare" and pid not in taken)
+
+
+def decide_epoch(
+    members: dict[str, MemberRecord],
+    current: EpochRecord | None,
+    num_stages: int,
+    strategy: str,
+    fallback: str,
+    checkpoint_step: int | None = None,
+    has_checkpoint=lambda stage: False,
+    replicas_on: bool = True,
+    spares_for_first_epoch: bool = False,
+) -> Decision:
+    """The next epoch, from the leader's view of the live members.
+
+    Args:
+        members: live member records (expired and tombstoned ones already removed).
+        current: the newest epoch record, or None before the first epoch.
+        num_stages: stages in the pipeline.
+        strategy, fallback: the recovery strategy and adjacent-failure fallback.
+        checkpoint_step: the newest step every stage has a checkpoint of (checkpoint strategy).
+        has_checkpoint: whether one stage has a saved copy (adjacent fallback).
+        replicas_on: whether neighbours hold copies of the embedding and head.
+        spares_for_first_epoch: let spares fill stages that no stage peer asked for (after a grace time,
+            so that stage peers that are still starting are not pre-empted).
+    """
+    holders = stage_holders(members, current)
+    if current is None:
+        roster = dict(holders)
+        free = spares(members, set(roster.values())) if spares_for_first_epoch else []
+        for s in range(num_stages):
+            if s not in roster and free:
+                roster[s] = free.pop(0)
+        missing = [s for s in range(num_stages) if s not in roster]
+        if missing:
+            return Decision(None, reason=f"waiting for peers for stages {missing}")
+        return Decision([roster[s] for s in range(num_stages)], step=0)
+
+    alive = {s: members[pid] for s, pid in holders.items()}
+    lost = tuple(s for s in range(num_stages) if s not in alive)
+    aborted = [s for s, r in alive.items() if r.epoch == current.epoch and r.state == "recovering"]
+    if not lost and not aborted:
+        return Decision(None, reason="epoch healthy")
+    running = [s for s, r in alive.items() if r.epoch == current.epoch and r.state == "running"]
+    if running:
+        # survivors still inside the step will hit a transport error or timeout and report; wait for them
+        return Decision(None, reason=f"waiting for stages {running} to abort step")
+    if strategy == "none" and lost:
+        return Decision(None, reason=f"stages {list(lost)} lost and recovery.strategy=none")
+    roster = list(current.roster)
+    free = spares(members, set(roster))
+    if len(free) < len(lost):
+        return Decision(None, reason=f"waiting for a spare for stages {list(lost)} ({len(free)} available)")
+    for s in lost:
+        roster[s] = free.pop(0)
+    step = max((r.step for r in alive.values()), default=current.step)
+    if strategy == "checkpoint":
+        if lost or any(r.step != step for r in alive.values()):
+            return Decision(roster, step=checkpoint_step or 0, lost=lost, rollback_to=checkpoint_step or 0,
+                            reason="rollback")
+        return Decision(roster, step=step, reason="re-form")
+    plans: tuple[PlanRecord, ...] = ()
+    if lost:
+        kinds = {k for k in ("embed", "head") if replicas_on and replica_holder(k, num_stages) not in lost}
+        plans = tuple(
+            PlanRecord(stage=p.stage, method=p.method, sources=list(p.sources), path=p.path, edge=p.edge)
+            for p in plan_recovery(set(lost), num_stages, strategy, fallback, has_checkpoint, kinds)
+        )
+    return Decision(roster, step=step, lost=lost, plans=plans, reason="recover" if lost else "re-form")

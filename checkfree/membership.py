@@ -1,0 +1,221 @@
+"""
+Membership
+==========
+
+Who holds which stage, on a hivemind DHT. Every peer heartbeats a ``MemberRecord`` under
+``{run_id}/members`` (subkey: its peer id) every ``period_s`` with an expiration ``ttl_s`` ahead; a peer
+whose record expired is gone. The leader publishes ``EpochRecord``s under ``{run_id}/epoch`` (subkey:
+the zero-padded epoch number): the roster of an epoch, its rendezvous address, the step to run and the
+recovery plan. Records are schema-checked; a record of another run or another model/config fingerprint
+is ignored and logged. A clean exit stores a tombstone (value None) so peers see the departure at once.
+
+Pitfalls handled (see HIVEMIND-NOTES): every DHT call goes through ``return_future=True`` and
+``.result(timeout)``; a watchdog coroutine inside the forked DHT process shuts it (and its p2pd) down
+when the peer process that owns it dies, so a SIGKILL leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ValidationError
+
+logger = logging.getLogger(__name__)
+
+STATES = ("waiting", "joining", "running", "recovering", "spare", "done")
+
+
+@dataclass
+class MembershipConfig:
+    period_s: float = 0.5  # heartbeat period
+    ttl_s: float = 2.0  # a record expires this long after it was stored; keep >= ~4x period_s
+    dht_timeout_s: float = 5.0  # limit of every DHT store/get
+    startup_timeout_s: float = 60.0  # limit for the DHT and its p2p daemon to start
+    host: str = "127.0.0.1"  # address this peer listens on and advertises (data plane and DHT)
+    announce_host: str | None = None  # address others should dial, if different (NAT, public IP)
+    poll_s: float = 0.1  # how often a waiting peer polls the DHT
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0 or self.ttl_s <= self.period_s:
+            raise ValueError(
+                f"membership.ttl_s={self.ttl_s} must exceed membership.period_s={self.period_s} > 0 "
+                "(keep ttl_s >= ~4x period_s)"
+            )
+        for name in ("dht_timeout_s", "startup_timeout_s", "poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"membership.{name}={getattr(self, name)} must be > 0")
+
+
+class MemberRecord(BaseModel):
+    run_id: str
+    fingerprint: str
+    peer_id: str
+    stage: int  # stage held (or asked for, before the first epoch); -1: spare
+    epoch: int  # latest epoch this peer joined; -1: none yet
+    state: Literal["waiting", "joining", "running", "recovering", "spare", "done"]
+    step: int  # committed steps
+    pending: bool = False  # holds finished, uncommitted gradients of step ``step``
+    grad_norm: float = 0.0  # pre-clip gradient norm of the last committed step
+    host: str = "127.0.0.1"
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    pid: int = 0
+    time: float = 0.0
+
+
+class PlanRecord(BaseModel):
+    stage: int
+    method: str
+    sources: list[int]
+    path: str
+    edge: str | None
+
+
+class EpochRecord(BaseModel):
+    run_id: str
+    fingerprint: str
+    epoch: int
+    roster: list[str]  # peer id per stage
+    store_host: str
+    store_port: int
+    step: int  # the step every stage runs next
+    leader: str
+    lost: list[int] = []  # stages whose peer was replaced in this epoch
+    plans: list[PlanRecord] = []  # how each lost stage is rebuilt
+    rollback_to: int | None = None  # checkpoint strategy: every stage restores this step
+    stop: str | None = None  # set when the swarm gives up: every peer exits with this reason
+    time: float = 0.0
+
+
+async def _watchdog(parent_pid: int, poll_s: float, dht, node) -> None:
+    """Runs inside the DHT process: shut down when the peer process that forked it is gone."""
+    while True:
+        await asyncio.sleep(poll_s)
+        if os.getppid() != parent_pid:
+            try:
+                await asyncio.wait_for(node.shutdown(), 5)
+            finally:
+                os._exit(0)
+
+
+class DHTUnavailable(RuntimeError):
+    """The DHT did not answer within its timeout or its process is gone."""
+
+
+@dataclass
+class Membership:
+    cfg: MembershipConfig
+    run_id: str
+    fingerprint: str | None  # None: accept every fingerprint (read-only observers)
+    initial_peers: list[str] = field(default_factory=list)
+    client_mode: bool = False  # observe without serving DHT requests
+    ignored: set[str] = field(default_factory=set)  # peer ids already logged as foreign
+
+    def __post_init__(self) -> None:
+        import hivemind  # late: importing hivemind imports torch (~2 s)
+
+        from hivemind.utils import get_dht_time
+
+        self._now = get_dht_time
+        self._lock = threading.Lock()
+        self.dht = hivemind.DHT(
+            initial_peers=self.initial_peers or None,
+            host_maddrs=[f"/ip4/{self.cfg.host}/tcp/0"],
+            announce_maddrs=[f"/ip4/{self.cfg.announce_host}/tcp/0"] if self.cfg.announce_host else None,
+            startup_timeout=self.cfg.startup_timeout_s,
+            ensure_bootstrap_success=bool(self.initial_peers),
+            client_mode=self.client_mode,
+            start=True,
+        )
+        self.dht.run_coroutine(functools.partial(_watchdog, os.getpid(), 0.25), return_future=True)
+
+    @property
+    def now(self) -> float:
+        return self._now()
+
+    def visible_maddrs(self) -> list[str]:
+        return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def _call(self, fn, *args, **kwargs):
+        if not self.dht.is_alive():
+            raise DHTUnavailable("the DHT process is gone")
+        with self._lock:
+            future = fn(*args, return_future=True, **kwargs)
+        try:
+            return future.result(timeout=self.cfg.dht_timeout_s)
+        except TimeoutError as e:
+            raise DHTUnavailable(f"DHT call timed out after {self.cfg.dht_timeout_s} s") from e
+
+    def _store(self, key: str, subkey: str, value, ttl_s: float) -> bool:
+        return bool(self._call(self.dht.store, key, value, self.now + ttl_s, subkey=subkey))
+
+    def _get(self, key: str) -> dict:
+        entry = self._call(self.dht.get, key, latest=True)
+        if entry is None or not isinstance(entry.value, dict):
+            return {}
+        return {k: v.value for k, v in entry.value.items()}
+
+    # ---- members -------------------------------------------------------------------------------
+    def heartbeat(self, record: MemberRecord) -> bool:
+        record.time = self.now
+        return self._store(f"{self.run_id}/members", record.peer_id, record.model_dump(), self.cfg.ttl_s)
+
+    def tombstone(self, peer_id: str) -> None:
+        """Announce a clean departure (peers see it at once instead of after the TTL)."""
+        try:
+            self._store(f"{self.run_id}/members", peer_id, None, self.cfg.ttl_s)
+        except DHTUnavailable:
+            logger.warning("could not store the tombstone of %s", peer_id)
+
+    def members(self) -> dict[str, MemberRecord]:
+        """Live, valid member records of this run (expired ones are already dropped by the DHT)."""
+        out = {}
+        for peer_id, value in self._get(f"{self.run_id}/members").items():
+            if value is None:
+                continue  # tombstone
+            rec = self._validate(MemberRecord, value, peer_id)
+            if rec is not None:
+                out[peer_id] = rec
+        return out
+
+    def _validate(self, model, value, name: str):
+        try:
+            rec = model.model_validate(value)
+        except ValidationError as e:
+            if name not in self.ignored:
+                self.ignored.add(name)
+                logger.warning("ignoring malformed record %s: %s", name, str(e).splitlines()[0])
+            return None
+        if rec.run_id != self.run_id or (self.fingerprint is not None and rec.fingerprint != self.fingerprint):
+            if name not in self.ignored:
+                self.ignored.add(name)
+                logger.warning(
+                    "ignoring record %s of run %r fingerprint %s (this swarm: run %r fingerprint %s)",
+                    name, rec.run_id, rec.fingerprint, self.run_id, self.fingerprint,
+                )
+            return None
+        return rec
+
+    # ---- epochs --------------------------------------------------------------------------------
+    def publish_epoch(self, record: EpochRecord, ttl_s: float = 3600.0) -> bool:
+        return self._store(f"{self.run_id}/epoch", f"{record.epoch:08d}", record.model_dump(), ttl_s)
+
+    def current_epoch(self) -> EpochRecord | None:
+        best = None
+        for name, value in self._get(f"{self.run_id}/epoch").items():
+            rec = self._validate(EpochRecord, value, f"epoch {name}") if value is not None else None
+            if rec is not None and (best is None or rec.epoch > best.epoch):
+                best = rec
+        return best
+
+    def shutdown(self) -> None:
+        try:
+            self.dht.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            logger.debug("DHT shutdown failed", exc_info=True)

@@ -1,0 +1,47 @@
+"""
+Swarm configuration
+===================
+
+The ``swarm`` section: how the multi-process runtime waits, gives up and is attacked. Membership
+(heartbeats) and transport (timeouts) have their own sections in ``membership.py`` and ``transport.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+SIGNALS = ("SIGKILL", "SIGSTOP")
+
+
+@dataclass
+class SwarmConfig:
+    run_id: str | None = None  # swarm identity on the DHT; None: the run_name
+    num_spares: int = 1  # spare peers the local launcher starts with
+    spare_delay_s: float = 3.0  # launcher: a fresh spare arrives this long after each kill (a new spot instance)
+    spare_wait_s: float = 60.0  # how long a swarm missing a stage waits for a spare before it gives up
+    first_epoch_grace_s: float = 20.0  # before the first epoch, spares fill stages no stage peer took after this
+    hang_fraction: float = 0.0  # share of injected failures that freeze a peer (SIGSTOP) instead of killing it
+    min_gap_s: float = 4.0  # launcher: no new failure sooner than this after the swarm last resumed
+    run_timeout_s: float = 1800.0  # launcher: stop the swarm (and say so) after this long
+    status_interval_s: float = 1.0  # launcher: refresh of the status line
+
+    def __post_init__(self) -> None:
+        for name in ("spare_delay_s", "spare_wait_s", "first_epoch_grace_s", "min_gap_s", "run_timeout_s", "status_interval_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"swarm.{name}={getattr(self, name)} must be >= 0")
+        if self.num_spares < 0:
+            raise ValueError(f"swarm.num_spares={self.num_spares} must be >= 0")
+        if not 0.0 <= self.hang_fraction <= 1.0:
+            raise ValueError(f"swarm.hang_fraction={self.hang_fraction} must be in [0, 1]")
+
+
+def config_fingerprint(cfg) -> str:
+    """A short hash of everything peers of one swarm must agree on (model, data, schedule, optimizer,
+    recovery, seed and length); a peer with another fingerprint is refused."""
+    from omegaconf import OmegaConf
+
+    parts = {k: OmegaConf.to_container(OmegaConf.structured(getattr(cfg, k)))
+             for k in ("model", "data", "pipeline", "optim", "recovery")}
+    parts.update(seed=cfg.seed, num_steps=cfg.num_steps, swap=cfg.swap_enabled)
+    return hashlib.sha1(repr(sorted(parts.items())).encode()).hexdigest()[:12]

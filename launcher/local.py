@@ -1,0 +1,230 @@
+"""
+Local swarm
+===========
+
+``checkfree swarm``: every stage peer and spare as a separate OS process on this machine, plus this
+launcher, which bootstraps the DHT, shows a live status line, injects failures (SIGKILL, or SIGSTOP for a
+hang) into the peer that holds a stage, starts a fresh spare a while after each kill (a new spot instance
+arriving), and at the end merges every peer's events and metrics into the run directory and computes
+each recovery's detect / rebuild / resume seconds.
+
+The launcher is not a coordinator: the peers elect their leader and recover among themselves; the
+launcher's DHT node is only a bootstrap address and an observer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from checkfree.config import TrainConfig, to_yaml
+from checkfree.failures import FailureInjector, write_trace
+from checkfree.membership import Membership
+from checkfree.metrics import EventLog, read_jsonl
+from checkfree.swarm_config import config_fingerprint
+from launcher.report import merge_run
+
+logger = logging.getLogger(__name__)
+
+
+class LocalSwarm:
+    def __init__(self, cfg: TrainConfig, run_dir: Path, status: bool = True):
+        self.cfg, self.run_dir, self.show_status = cfg, Path(run_dir), status
+        self.run_id = cfg.swarm.run_id or cfg.run_name
+        self.config_path = self.run_dir / "config.yaml"
+        self.config_path.write_text(to_yaml(cfg))
+        self.events = EventLog(self.run_dir / "launcher-events.jsonl")
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopped: set[str] = set()  # peers frozen with SIGSTOP, killed once replaced
+        self.killed: set[str] = set()  # peers the injector failed
+        self.crashed: set[str] = set()  # peers that exited with an error on their own
+        self.injector = FailureInjector(cfg.failures, cfg.model.num_stages)
+        self.rng = random.Random(cfg.failures.seed)
+        self.pending_spares: list[float] = []  # times at which to start a spare
+        self.last_drawn_step = -1
+        self.kill_epoch = -1
+        self.counter = 0
+        self.membership = Membership(cfg.membership, self.run_id, config_fingerprint(cfg))
+        self.maddrs = self.membership.visible_maddrs()
+
+    def _start(self, stage: int | None) -> str:
+        self.counter += 1
+        peer_id = f"{'s' + str(stage) if stage is not None else 'spare'}-{self.counter:02d}"
+        args = [sys.executable, "-m", "checkfree", "peer", str(self.config_path), "--run-dir", str(self.run_dir),
+                "--peer-id", peer_id, "--initial-peers", *self.maddrs]
+        args += ["--stage", str(stage)] if stage is not None else ["--spare"]
+        (self.run_dir / "peers").mkdir(parents=True, exist_ok=True)
+        log = open(self.run_dir / "peers" / f"{peer_id}.log", "w")
+        # its own session: the launcher can end the peer's whole process group (DHT, p2pd) by PID
+        self.procs[peer_id] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.events.emit("peer_spawned", peer=peer_id, stage=stage, pid=self.procs[peer_id].pid)
+        return peer_id
+
+    def run(self) -> int:
+        cfg = self.cfg
+        t0 = time.time()
+        for s in range(cfg.model.num_stages):
+            self._start(s)
+        for _ in range(cfg.swarm.num_spares):
+            self._start(None)
+        code, last_status = 1, 0.0
+        try:
+            while True:
+                time.sleep(0.2)
+                members = self.membership.members()
+                current = self.membership.current_epoch()
+                now = time.time()
+                if current is not None and current.stop:
+                    print(f"\nswarm stopped: {current.stop}", file=sys.stderr)
+                    code = 3
+                    break
+                if self._finished(members, current):
+                    code = 0
+                    break
+                if now - t0 > cfg.swarm.run_timeout_s:
+                    print(f"\nswarm.run_timeout_s={cfg.swarm.run_timeout_s} s reached; stopping", file=sys.stderr)
+                    code = 4
+                    break
+                self._reap_replaced(current)
+                self._replace_crashed(now)
+                self._inject(members, current, now)
+                while self.pending_spares and self.pending_spares[0] <= now:
+                    self.pending_spares.pop(0)
+                    self._start(None)
+                if self.show_status and now - last_status >= cfg.swarm.status_interval_s:
+                    last_status = now
+                    self._status(members, current, now - t0)
+        finally:
+            self._shutdown()
+        summary = self._report(code, time.time() - t0)
+        return code if code else (0 if summary["steps"] >= cfg.num_steps else 5)
+
+    def _finished(self, members, current) -> bool:
+        """Done once a stage reported the last step and every peer of the final roster has exited."""
+        if current is None:
+            return False
+        done = any(r.state == "done" for r in members.values()) or any(
+            (self.run_dir / "peers" / pid / "done").exists() for pid in current.roster)
+        return done and all(self.procs[pid].poll() is not None for pid in current.roster if pid in self.procs)
+
+    def _inject(self, members, current, now: float) -> None:
+        cfg = self.cfg
+        if cfg.failures.mode == "none" or current is None or current.epoch <= self.kill_epoch:
+            return
+        roster = current.roster
+        healthy = all(pid in members and members[pid].state == "running" and members[pid].epoch == current.epoch
+                      for pid in roster)
+        if not healthy or now - current.time < cfg.swarm.min_gap_s:
+            return
+        step = max(members[pid].step for pid in roster)
+        if step <= self.last_drawn_step or step >= cfg.num_steps - 1:
+            return
+        self.last_drawn_step = step
+        mean_step_s = None
+        rates = [members[pid].tokens_per_s for pid in roster if members[pid].tokens_per_s]
+        if rates:
+            mean_step_s = self.cfg.data.microbatch_size * self.cfg.model.seq_len * self.cfg.pipeline.num_microbatches / min(rates)
+        for f in self.injector.failures_at(step, mean_step_s):
+            pid = roster[f.stage]
+            proc = self.procs.get(pid)
+            if proc is None or proc.poll() is not None:
+                continue  # not ours to kill, or already gone
+            sig = signal.SIGSTOP if self.rng.random() < cfg.swarm.hang_fraction else signal.SIGKILL
+            os.kill(proc.pid, sig)
+            self.killed.add(pid)
+            if sig == signal.SIGSTOP:
+                self.stopped.add(pid)
+            self.kill_epoch = current.epoch
+            self.events.emit("kill", stage=f.stage, peer=pid, pid=proc.pid, signal=sig.name, step=step,
+                             epoch=current.epoch)
+            self.pending_spares.append(now + cfg.swarm.spare_delay_s)
+
+    def _replace_crashed(self, now: float) -> None:
+        """A peer that died on its own (not by the injector) is a lost machine too: a new one arrives."""
+        for pid, p in self.procs.items():
+            if p.poll() not in (None, 0) and pid not in self.crashed and pid not in self.killed:
+                self.crashed.add(pid)
+                self.events.emit("peer_exited", peer=pid, returncode=p.returncode)
+                self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)
+
+    def _reap_replaced(self, current) -> None:
+        """A frozen peer stays frozen; once the swarm has replaced it, end it as its provider would."""
+        if current is None:
+            return
+        for pid in list(self.stopped):
+            if pid not in current.roster:
+                self._kill_group(self.procs[pid])
+                self.stopped.discard(pid)
+                self.events.emit("reaped", peer=pid)
+
+    def _status(self, members, current, elapsed: float) -> None:
+        roster = current.roster if current else []
+        holders = " ".join(f"{s}:{pid}" for s, pid in enumerate(roster))
+        steps = [members[p].step for p in roster if p in members]
+        losses = [members[p].loss for p in roster if p in members and members[p].loss is not None]
+        rates = [members[p].tokens_per_s for p in roster if p in members and members[p].tokens_per_s]
+        states = {members[p].state for p in roster if p in members}
+        spares = sum(1 for r in members.values() if r.state == "spare")
+        kills = sum(1 for e in read_jsonl(self.events.path) if e["event"] == "kill")
+        line = (f"[{elapsed:6.1f}s] epoch {current.epoch if current else '-'} step {max(steps, default=0)}/"
+                f"{self.cfg.num_steps} loss {losses[-1] if losses else float('nan'):.3f} "
+                f"tok/s {min(rates) if rates else 0:,.0f} state {','.join(sorted(states)) or '-'} | {holders} | "
+                f"spares {spares} | failures {kills}")
+        print("\r" + line[:200].ljust(120), end="", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+    def _shutdown(self) -> None:
+        for pid, p in self.procs.items():
+            if p.poll() is None:
+                if pid in self.stopped:
+                    self._kill_group(p)
+                else:
+                    p.terminate()  # peers tombstone and exit on SIGTERM
+        deadline = time.time() + 15
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():  # whatever is left of each peer's group (DHT process, p2pd)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if p.poll() is None:
+                p.wait(timeout=10)
+        self.membership.shutdown()
+        if self.show_status:
+            print(file=sys.stderr)
+
+    def _report(self, code: int, wall_s: float) -> dict:
+        write_trace(self.run_dir / "trace.jsonl", self.injector.fired, self.cfg.model.num_stages)
+        self.events.close()
+        summary = merge_run(self.run_dir, self.cfg)
+        summary.update(exit_code=code, wall_s=wall_s, exit_codes={p: pr.returncode for p, pr in self.procs.items()})
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def run_local_swarm(cfg: TrainConfig, run_dir: Path, status: bool = True) -> tuple[int, dict]:
+    swarm = LocalSwarm(cfg, run_dir, status)
+    code = swarm.run()
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    return code, summary
+
+
