@@ -178,7 +178,13 @@ def cmd_status(ns: argparse.Namespace) -> int:
 
     m = Membership(MembershipConfig(), ns.run_id, None, ns.initial_peers, client_mode=True)
     try:
-        members, current = m.members(), m.current_epoch()
+        members = m.members()
+        fingerprints = sorted({r.fingerprint for r in members.values()})
+        if len(fingerprints) > 1:
+            print(f"warning: peers with {len(fingerprints)} different config fingerprints share run {ns.run_id}: "
+                  f"{fingerprints}; showing the epoch of the most common one")
+        common = max(fingerprints, key=lambda f: sum(r.fingerprint == f for r in members.values()), default=None)
+        current = m.current_epoch(common) if common else None
         now = m.now
     finally:
         m.shutdown()

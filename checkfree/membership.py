@@ -4,10 +4,11 @@ Membership
 
 Who holds which stage, on a hivemind DHT. Every peer heartbeats a ``MemberRecord`` under
 ``{run_id}/members`` (subkey: its peer id) every ``period_s`` with an expiration ``ttl_s`` ahead; a peer
-whose record expired is gone. The leader publishes ``EpochRecord``s under ``{run_id}/epoch`` (subkey:
+whose record expired is gone. The leader publishes ``EpochRecord``s under ``{run_id}/{fingerprint}/epoch`` (subkey:
 the zero-padded epoch number): the roster of an epoch, its rendezvous address, the step to run and the
 recovery plan. Records are schema-checked; a record of another run or another model/config fingerprint
-is ignored and logged. A clean exit stores a tombstone (value None) so peers see the departure at once.
+is ignored and logged, and epochs are keyed by fingerprint so that such a peer can never overwrite
+them. A clean exit stores a tombstone (value None) so peers see the departure at once.
 
 Pitfalls handled (see HIVEMIND-NOTES): every DHT call goes through ``return_future=True`` and
 ``.result(timeout)``; a watchdog coroutine inside the forked DHT process shuts it (and its p2pd) down
@@ -203,12 +204,18 @@ class Membership:
         return rec
 
     # ---- epochs --------------------------------------------------------------------------------
-    def publish_epoch(self, record: EpochRecord, ttl_s: float = 3600.0) -> bool:
-        return self._store(f"{self.run_id}/epoch", f"{record.epoch:08d}", record.model_dump(), ttl_s)
+    def _epoch_key(self) -> str:
+        # per fingerprint: a peer of another model can never overwrite this swarm's epochs
+        return f"{self.run_id}/{self.fingerprint}/epoch"
 
-    def current_epoch(self) -> EpochRecord | None:
+    def publish_epoch(self, record: EpochRecord, ttl_s: float = 3600.0) -> bool:
+        return self._store(self._epoch_key(), f"{record.epoch:08d}", record.model_dump(), ttl_s)
+
+    def current_epoch(self, fingerprint: str | None = None) -> EpochRecord | None:
+        """The newest epoch record of this swarm (of ``fingerprint``, for observers that have none)."""
+        key = f"{self.run_id}/{fingerprint}/epoch" if fingerprint else self._epoch_key()
         best = None
-        for name, value in self._get(f"{self.run_id}/epoch").items():
+        for name, value in self._get(key).items():
             rec = self._validate(EpochRecord, value, f"epoch {name}") if value is not None else None
             if rec is not None and (best is None or rec.epoch > best.epoch):
                 best = rec

@@ -53,6 +53,8 @@ class LocalSwarm:
         self.counter = 0
         self.membership = Membership(cfg.membership, self.run_id, config_fingerprint(cfg))
         self.maddrs = self.membership.visible_maddrs()
+        # how to reach this swarm from elsewhere: checkfree peer ... --initial-peers $(cat RUN_DIR/maddrs.txt)
+        (self.run_dir / "maddrs.txt").write_text(" ".join(self.maddrs) + "\n")
 
     def _start(self, stage: int | None) -> str:
         self.counter += 1
@@ -127,12 +129,14 @@ class LocalSwarm:
         step = max(members[pid].step for pid in roster)
         if step <= self.last_drawn_step or step >= cfg.num_steps - 1:
             return
-        self.last_drawn_step = step
+        first, self.last_drawn_step = self.last_drawn_step + 1, step
         mean_step_s = None
         rates = [members[pid].tokens_per_s for pid in roster if members[pid].tokens_per_s]
         if rates:
             mean_step_s = self.cfg.data.microbatch_size * self.cfg.model.seq_len * self.cfg.pipeline.num_microbatches / min(rates)
-        for f in self.injector.failures_at(step, mean_step_s):
+        # iterations are committed steps as the launcher observes them; steps it polled past are drawn too
+        drawn = [f for it in range(first, step + 1) for f in self.injector.failures_at(it, mean_step_s)]
+        for f in drawn:
             pid = roster[f.stage]
             proc = self.procs.get(pid)
             if proc is None or proc.poll() is not None:

@@ -1,0 +1,84 @@
+from checkfree.coordinator import decide_epoch, leader_of
+from checkfree.membership import EpochRecord, MemberRecord
+
+
+def rec(pid, stage, state="running", epoch=0, step=5, pending=False):
+    return MemberRecord(run_id="r", fingerprint="f", peer_id=pid, stage=stage, epoch=epoch, state=state, step=step,
+                        pending=pending)
+
+
+def epoch(n=0, roster=("a", "b", "c", "d"), step=5):
+    return EpochRecord(run_id="r", fingerprint="f", epoch=n, roster=list(roster), store_host="h", store_port=1,
+                       step=step, leader=roster[0])
+
+
+def test_first_epoch_waits_for_every_stage_then_forms():
+    members = {p: rec(p, s, "waiting", -1, 0) for p, s in (("a", 0), ("b", 1), ("d", 3))}
+    d = decide_epoch(members, None, 4, "checkfree_plus", "nearest")
+    assert d.roster is None and "stages [2]" in d.reason
+    members["x"] = rec("x", -1, "spare", -1, 0)
+    assert decide_epoch(members, None, 4, "checkfree_plus", "nearest").roster is None  # stage peers get a grace time
+    d = decide_epoch(members, None, 4, "checkfree_plus", "nearest", spares_for_first_epoch=True)
+    assert d.roster == ["a", "b", "x", "d"] and d.step == 0
+    assert leader_of(members, None) == "a"
+
+
+def test_healthy_epoch_needs_no_decision():
+    members = {p: rec(p, s) for s, p in enumerate("abcd")}
+    assert decide_epoch(members, epoch(), 4, "checkfree", "nearest").reason == "epoch healthy"
+
+
+def test_leader_waits_for_survivors_still_inside_the_step():
+    members = {p: rec(p, s, "recovering") for s, p in enumerate("abd")}
+    members["b"] = rec("b", 1, "running")
+    members["s1"] = rec("s1", -1, "spare", -1, 0)
+    d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
+    assert d.roster is None and "waiting for stages [1]" in d.reason
+
+
+def test_two_spares_racing_only_the_first_by_id_wins():
+    members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}
+    members["zz"] = rec("zz", -1, "spare", -1, 0)
+    members["mm"] = rec("mm", -1, "spare", -1, 0)
+    d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
+    assert d.roster == ["a", "b", "mm", "d"] and d.lost == (2,)
+    assert [(p.stage, p.method, tuple(p.sources)) for p in d.plans] == [(2, "weighted_average", (1, 3))]
+    # evaluated again by another peer on the same records: the same single winner
+    assert decide_epoch(dict(reversed(list(members.items()))), epoch(), 4, "checkfree", "nearest").roster == d.roster
+
+
+def test_no_spare_means_waiting():
+    members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}
+    d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
+    assert d.roster is None and "waiting for a spare for stages [2]" in d.reason
+
+
+def test_resume_step_is_the_furthest_commit_and_the_leader_moves_on():
+    members = {"b": rec("b", 1, "recovering", step=6), "c": rec("c", 2, "recovering", step=5, pending=True),
+               "d": rec("d", 3, "recovering", step=6), "s": rec("s", -1, "spare", -1, 0)}
+    assert leader_of(members, epoch()) == "b"  # stage 0's peer is gone: stage 1 leads
+    d = decide_epoch(members, epoch(), 4, "checkfree_plus", "nearest")
+    assert d.step == 6 and d.roster == ["s", "b", "c", "d"]
+    (plan,) = d.plans
+    assert (plan.stage, plan.method, plan.sources, plan.edge) == (0, "copy", [1], "replica")
+
+
+def test_adjacent_loss_in_the_swarm_never_reads_a_lost_stage():
+    members = {"a": rec("a", 0, "recovering"), "d": rec("d", 3, "recovering"),
+               "s": rec("s", -1, "spare", -1, 0), "t": rec("t", -1, "spare", -1, 0)}
+    d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
+    assert d.roster == ["a", "s", "t", "d"]
+    assert [(p.stage, p.sources, p.path) for p in d.plans] == [(1, [0, 3], "fallback:nearest"), (2, [0, 3], "fallback:nearest")]
+
+
+def test_transient_abort_without_loss_re_forms_the_same_roster():
+    members = {p: rec(p, s, "recovering") for s, p in enumerate("abcd")}
+    d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
+    assert d.roster == list("abcd") and d.lost == () and d.reason == "re-form"
+
+
+def test_checkpoint_strategy_rolls_everyone_back():
+    members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}
+    members["s"] = rec("s", -1, "spare", -1, 0)
+    d = decide_epoch(members, epoch(), 4, "checkpoint", "nearest", checkpoint_step=4)
+    assert d.rollback_to == 4 and d.step == 4 and d.roster == ["a", "b", "s", "d"]

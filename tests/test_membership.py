@@ -1,0 +1,139 @@
+"""Membership on a real hivemind DHT (two nodes on localhost, unique run ids per test)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from checkfree.membership import DHTUnavailable, EpochRecord, Membership, MembershipConfig, MemberRecord
+
+CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)
+
+
+def poll(fn, timeout_s=5.0, every_s=0.05):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every_s)
+    return fn()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    run = "t-" + uuid.uuid4().hex[:6]
+    a = Membership(CFG, run, "fp1")
+    b = Membership(CFG, run, "fp1", a.visible_maddrs())
+    yield a, b
+    a.shutdown()
+    b.shutdown()
+
+
+def record(m: Membership, peer_id: str, fingerprint: str = "fp1", run_id: str | None = None) -> MemberRecord:
+    return MemberRecord(run_id=run_id or m.run_id, fingerprint=fingerprint, peer_id=peer_id, stage=1, epoch=0,
+                        state="running", step=3)
+
+
+def test_heartbeat_is_seen_by_another_peer_and_expires(pair):
+    a, b = pair
+    assert a.heartbeat(record(a, "p-expire"))
+    seen = poll(lambda: b.members().get("p-expire"))
+    assert seen is not None and seen.step == 3 and seen.stage == 1
+    t0 = time.time()
+    assert poll(lambda: "p-expire" not in b.members(), timeout_s=4.0)  # no more heartbeats: gone after the TTL
+    assert time.time() - t0 < CFG.ttl_s + 1.5
+
+
+def test_tombstone_removes_a_peer_at_once(pair):
+    a, b = pair
+    a.heartbeat(record(a, "p-leave"))
+    assert poll(lambda: "p-leave" in b.members())
+    a.tombstone("p-leave")
+    assert poll(lambda: "p-leave" not in b.members(), timeout_s=0.5)
+
+
+def test_records_of_another_run_or_model_and_malformed_ones_are_ignored(pair, caplog):
+    a, b = pair
+    a.heartbeat(record(a, "p-foreign", fingerprint="other-model"))
+    a.heartbeat(record(a, "p-otherrun", run_id="someone-else"))
+    a._store(f"{a.run_id}/members", "p-garbage", {"peer_id": "p-garbage", "stage": "two"}, 5)
+    a.heartbeat(record(a, "p-good"))
+    members = poll(lambda: (m := b.members()) and "p-good" in m and m)
+    assert "p-good" in members and not {"p-foreign", "p-otherrun", "p-garbage"} & set(members)
+    assert "ignoring record p-foreign" in caplog.text and "other-model" in caplog.text
+    assert "ignoring malformed record p-garbage" in caplog.text
+
+
+def test_epoch_records_are_per_fingerprint(pair):
+    a, b = pair
+    rec = EpochRecord(run_id=a.run_id, fingerprint="fp1", epoch=2, roster=["x", "y"], store_host="h", store_port=1,
+                      step=7, leader="x")
+    a.publish_epoch(rec)
+    assert poll(lambda: b.current_epoch()) == rec
+    intruder = Membership(CFG, a.run_id, "fp2", a.visible_maddrs())
+    try:
+        intruder.publish_epoch(rec.model_copy(update={"fingerprint": "fp2", "epoch": 2, "stop": "hijack"}))
+        time.sleep(0.3)
+        assert b.current_epoch() == rec  # this swarm's epoch 2 is untouched
+    finally:
+        intruder.shutdown()
+
+
+def test_calls_fail_fast_when_the_dht_process_is_gone():
+    m = Membership(CFG, "t-dead", "fp")
+    os.kill(m.dht.pid, signal.SIGKILL)
+    assert poll(lambda: not m.dht.is_alive(), timeout_s=5)
+    t0 = time.time()
+    with pytest.raises(DHTUnavailable):
+        m.members()
+    assert time.time() - t0 < 1.0
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+from checkfree.membership import Membership, MembershipConfig
+m = Membership(MembershipConfig(), "t-orphan", "fp")
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def _descendants(pid: int) -> set[int]:
+    out, frontier = set(), [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p)], capture_output=True, text=True).stdout.split()
+        for k in map(int, kids):
+            out.add(k)
+            frontier.append(k)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_no_orphans_after_sigkill():
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        children = _descendants(proc.pid)
+        assert len(children) >= 2  # the DHT process and its p2p daemon (and torch's shm manager)
+        proc.kill()
+        proc.wait(timeout=5)
+        assert poll(lambda: not any(_alive(c) for c in children), timeout_s=10), \
+            f"left behind: {[c for c in children if _alive(c)]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for c in _descendants(proc.pid):
+            os.kill(c, signal.SIGKILL)

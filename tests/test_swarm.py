@@ -1,0 +1,143 @@
+"""Real multi-process swarms on the tiny config: peers are OS processes talking gloo over TCP and
+heartbeating on a hivemind DHT; the launcher kills them with SIGKILL or freezes them with SIGSTOP."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from checkfree.failures import Failure, write_trace
+from checkfree.metrics import read_jsonl
+from tests.conftest import TINY, tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+SWARM = [*TINY, "num_threads=1", "eval_every_steps=0", "swarm.spare_delay_s=1", "swarm.min_gap_s=1",
+         "membership.period_s=0.25", "membership.ttl_s=1.5", "transport.timeout_s=5"]
+
+
+def _pgids(run_dir):
+    return [e["pid"] for e in read_jsonl(run_dir / "launcher-events.jsonl") if e["event"] == "peer_spawned"]
+
+
+def _left_behind(pgids):
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True).stdout.split("\n")
+    rows = [line.split() for line in out if line.strip()]
+    return [r for r in rows if int(r[1]) in pgids and not r[2].startswith("Z")]
+
+
+def _kill_groups(pgids):
+    for g in pgids:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_swarm(tmp_path, name, *overrides, failures=(), background=False):
+    args = [*SWARM, f"run_name={name}", f"out_dir={tmp_path}", "progress=false", *overrides]
+    if failures:
+        trace = tmp_path / f"{name}-trace.jsonl"
+        write_trace(trace, list(failures), 4)
+        args += ["failures.mode=trace", f"failures.trace_path={trace}"]
+    else:
+        args += ["failures.mode=none"]
+    cmd = [sys.executable, "-m", "checkfree", "swarm", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if background:
+        return proc
+    try:
+        out, _ = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        run_dir = tmp_path / name
+        if (run_dir / "launcher-events.jsonl").exists():
+            pgids = _pgids(run_dir)
+            left = _left_behind(pgids)
+            _kill_groups(pgids)
+            assert not left, f"processes left behind: {left}"
+    return proc.returncode, out, tmp_path / name
+
+
+def _check_every_step_once(run_dir, num_steps):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(num_steps))
+    assert all(math.isfinite(m["loss/train"]) for m in metrics)
+    assert summary["repeated_steps"] == [] and summary["skipped_steps"] == []
+    return summary, metrics
+
+
+def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
+    fails = [Failure(3, 1, "mid_forward", 0.5), Failure(8, 0, "mid_forward", 0.5), Failure(13, 3, "mid_forward", 0.5)]
+    code, out, run_dir = run_swarm(tmp_path, "crash", "num_steps=20", "swarm.num_spares=2", failures=fails)
+    assert code == 0, out
+    summary, _ = _check_every_step_once(run_dir, 20)
+    rows = summary["recovery_rows"]
+    assert [(r["stage"], r["signal"], r["method"]) for r in rows] == [
+        (1, "SIGKILL", "weighted_average"), (0, "SIGKILL", "copy"), (3, "SIGKILL", "copy")]
+    assert all(r["detect_s"] is not None and r["rebuild_s"] is not None and r["resume_s"] is not None for r in rows)
+    events = read_jsonl(run_dir / "events.jsonl")
+    rebuilt = [e for e in events if e["event"] == "rebuilt"]
+    assert len(rebuilt) == 3  # exactly one recovery per failure
+    assert rebuilt[1]["edge"] == rebuilt[2]["edge"] == "replica"
+    # two spares were idle at the first failure: the first by id won, the other stayed a spare
+    assert rebuilt[0]["peer"] == "spare-05"
+    first_epoch = [e for e in events if e["event"] == "epoch_published" and e["lost"] == [1]][0]
+    joined = {e["peer"] for e in events if e["event"] == "epoch_joined" and e["joined_epoch"] == first_epoch["new_epoch"]}
+    assert "spare-05" in joined and "spare-06" not in joined
+
+
+def test_a_frozen_peer_is_detected_and_replaced(tmp_path):
+    code, out, run_dir = run_swarm(tmp_path, "hang", "num_steps=12", "swarm.hang_fraction=1.0", "transport.timeout_s=3",
+                                   failures=[Failure(3, 2, "mid_forward", 0.5)])
+    assert code == 0, out
+    summary, _ = _check_every_step_once(run_dir, 12)
+    (row,) = summary["recovery_rows"]
+    assert row["signal"] == "SIGSTOP" and row["method"] == "weighted_average"
+    assert 1.0 < row["detect_s"] < 10.0  # a silent peer is only seen through timeouts / heartbeat expiry
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert any(e["event"] == "reaped" and e["peer"] == row["killed_peer"] for e in events)
+
+
+def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
+    from checkfree.trainer import Trainer
+
+    proc = run_swarm(tmp_path, "equiv", "num_steps=6", "swarm.num_spares=0", background=True)
+    run_dir = tmp_path / "equiv"
+    foreign = None
+    try:
+        deadline = time.time() + 60
+        while not (run_dir / "maddrs.txt").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        maddrs = (run_dir / "maddrs.txt").read_text().split()
+        foreign = subprocess.Popen(
+            [sys.executable, "-m", "checkfree", "peer", str(run_dir / "config.yaml"), "seed=99", "--stage", "1",
+             "--run-dir", str(tmp_path / "foreign"), "--peer-id", "intruder", "--initial-peers", *maddrs],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        out, _ = proc.communicate(timeout=200)
+        assert proc.returncode == 0, out
+    finally:
+        for p in (proc, foreign):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+        _kill_groups(_pgids(run_dir))
+    _, metrics = _check_every_step_once(run_dir, 6)
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert all("intruder" not in e.get("roster", []) for e in events if e["event"] == "epoch_published")
+    logs = "".join(p.read_text() for p in (run_dir / "peers").glob("*.log"))
+    assert "ignoring record intruder" in logs
+    reference = Trainer(tiny_config(tmp_path, "num_steps=6", "run_name=reference"))
+    reference.run()
+    expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
+    assert [m["loss/train"] for m in metrics] == pytest.approx(expected, abs=1e-5)
