@@ -139,8 +139,15 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    import signal
+
     from launcher.local import run_local_swarm
     from launcher.report import recovery_table
+
+    def on_term(signum, frame):  # stop like Ctrl-C: every peer is ended and the report still written
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
 
     code, summary = run_local_swarm(cfg, run_dir, status=cfg.progress)
     print(recovery_table(summary["recovery_rows"]))

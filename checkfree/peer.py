@@ -54,6 +54,8 @@ class Peer:
         if stage is not None and not 0 <= stage < L:
             raise ValueError(f"--stage {stage} out of range: expected 0..{L - 1} (model.num_stages={L})")
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
         self.peer_id = peer_id or secrets.token_hex(4)
         self.run_id = cfg.swarm.run_id or cfg.run_name
         self.fingerprint = config_fingerprint(cfg)
