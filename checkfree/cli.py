@@ -150,6 +150,10 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_term)
 
     code, summary = run_local_swarm(cfg, run_dir, status=cfg.progress)
+    if cfg.plot and summary["steps"]:
+        from checkfree.plot import plot_runs
+
+        plot_runs([run_dir], run_dir / "loss.png")
     print(recovery_table(summary["recovery_rows"]))
     print(f"swarm exit {code}: {summary['steps']} steps, loss {summary['first_train_loss']} -> "
           f"{summary['final_train_loss']}, {summary['failures']} failures, {summary['recoveries']} recoveries, "

@@ -67,6 +67,7 @@ class MemberRecord(BaseModel):
     loss: float | None = None
     tokens_per_s: float | None = None
     pid: int = 0
+    note: str = ""  # what the peer is waiting for, when it is (shown by status)
     time: float = 0.0
 
 

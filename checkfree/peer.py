@@ -94,7 +94,7 @@ class Peer:
             step=self.step, pending=bool(w is not None and w.pending_step is not None),
             grad_norm=w.recovery_norm(self.cfg.recovery.norm_source) if w is not None else 0.0,
             host=self.cfg.membership.announce_host or self.cfg.membership.host, loss=self.loss,
-            tokens_per_s=self.tokens_per_s, pid=os.getpid(),
+            tokens_per_s=self.tokens_per_s, pid=os.getpid(), note=self._last_reason,
         )
 
     def _heartbeat_loop(self) -> None:
@@ -218,7 +218,7 @@ class Peer:
         cfg, L = self.cfg, self.cfg.model.num_stages
         t0 = time.time()
         stage = rec.roster.index(self.peer_id)
-        self.epoch, self.state = rec.epoch, "joining"
+        self.epoch, self.state, self._last_reason = rec.epoch, "joining", ""
         fresh = self.worker is None or self.worker.index != stage
         if fresh and rec.epoch > 0 and stage not in rec.lost:
             raise SwarmStopped(f"epoch {rec.epoch} gives this new peer stage {stage}, which is not being rebuilt")
@@ -357,8 +357,11 @@ class Peer:
             if self._resume_pending:
                 self._resume_pending = False
                 self.emit("resumed", step=done)
+            # every stage logs the committed step (a stage lost right after the commit must not leave a gap)
             record = {"step": done, "loss/train": loss, "throughput/tokens_per_s": self.tokens_per_s,
-                      "time/wall": time.time(), "time/step_s": step_s, "epoch": self.epoch}
+                      "time/wall": time.time(), "time/step_s": step_s, "epoch": self.epoch, "stage": w.index,
+                      **{f"stage/{i}/grad_norm_raw": n for i, n in enumerate(w.all_norms)}}
+            self.metrics.write(record)
             if self.replicas_on and self.step % cfg.recovery.edge_replica_every_steps == 0:
                 self._exchange_replicas(self.step)
             if self.ckpt and self.step % cfg.checkpoint.every_steps == 0:
@@ -368,10 +371,8 @@ class Peer:
                 self.emit("checkpoint_save", step=self.step, save_s=time.time() - ts)
             every = cfg.eval_every_steps
             if (every and self.step % every == 0) or self.step == cfg.num_steps:
-                record["loss/val"] = w.evaluate(self.group, cfg.data.num_val_batches, self.step)
-            if w.index == cfg.model.num_stages - 1:
-                record.update({f"stage/{i}/grad_norm_raw": n for i, n in enumerate(w.all_norms)})
-                self.metrics.write(record)
+                val = w.evaluate(self.group, cfg.data.num_val_batches, self.step)
+                self.metrics.write({"step": done, "epoch": self.epoch, "stage": w.index, "loss/val": val})
 
     def _abort(self, e: Exception) -> None:
         w = self.worker

@@ -39,6 +39,7 @@ class LocalSwarm:
     def __init__(self, cfg: TrainConfig, run_dir: Path, status: bool = True):
         self.cfg, self.run_dir, self.show_status = cfg, Path(run_dir), status
         self.run_id = cfg.swarm.run_id or cfg.run_name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.run_dir / "config.yaml"
         peer_cfg = cfg
         if not cfg.num_threads:
@@ -56,6 +57,8 @@ class LocalSwarm:
         self.last_drawn_step = -1
         self.kill_epoch = -1
         self.counter = 0
+        self.seen_epochs: set[int] = set()
+        self.recoveries = 0
         self.membership = Membership(cfg.membership, self.run_id, config_fingerprint(cfg))
         self.maddrs = self.membership.visible_maddrs()
         # how to reach this swarm from elsewhere: checkfree peer ... --initial-peers $(cat RUN_DIR/maddrs.txt)
@@ -186,11 +189,16 @@ class LocalSwarm:
         states = {members[p].state for p in roster if p in members}
         spares = sum(1 for r in members.values() if r.state == "spare")
         kills = sum(1 for e in read_jsonl(self.events.path) if e["event"] == "kill")
+        if current is not None and current.epoch not in self.seen_epochs:
+            self.seen_epochs.add(current.epoch)
+            self.recoveries += len(current.lost)
+        notes = sorted({r.note for r in members.values() if r.note and r.note != "epoch healthy"})
         line = (f"[{elapsed:6.1f}s] epoch {current.epoch if current else '-'} step {max(steps, default=0)}/"
                 f"{self.cfg.num_steps} loss {losses[-1] if losses else float('nan'):.3f} "
                 f"tok/s {min(rates) if rates else 0:,.0f} state {','.join(sorted(states)) or '-'} | {holders} | "
-                f"spares {spares} | failures {kills}")
-        print("\r" + line[:200].ljust(120), end="", file=sys.stderr, flush=True)
+                f"spares {spares} | failures {kills} recoveries {self.recoveries}"
+                + (f" | {'; '.join(notes)}" if notes else ""))
+        print("\r" + line[:240].ljust(120), end="", file=sys.stderr, flush=True)
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen) -> None:

@@ -30,10 +30,21 @@ def _events(run_dir: Path) -> list[dict]:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    rows = []
+    """One row per (epoch, step) committed: every stage logs each commit; validation rows are merged in.
+    A step in two epochs was applied twice (or redone after a rollback)."""
+    by_commit: dict[tuple[int, int], dict] = {}
+    vals: dict[tuple[int, int], float] = {}
     for f in sorted((run_dir / "peers").glob("*/metrics.jsonl")):
-        rows += read_jsonl(f)
-    return sorted(rows, key=lambda r: (r["time/wall"], r["step"]))
+        for r in read_jsonl(f):
+            key = (r["epoch"], r["step"])
+            if "loss/val" in r:
+                vals[key] = r["loss/val"]
+            else:
+                by_commit.setdefault(key, r)  # every stage's record of one commit has the same loss
+    for key, v in vals.items():
+        if key in by_commit:
+            by_commit[key]["loss/val"] = v
+    return sorted(by_commit.values(), key=lambda r: (r["time/wall"], r["step"]))
 
 
 def recoveries(events: list[dict]) -> list[dict]:

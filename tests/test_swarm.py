@@ -106,10 +106,40 @@ def test_a_frozen_peer_is_detected_and_replaced(tmp_path):
     assert any(e["event"] == "reaped" and e["peer"] == row["killed_peer"] for e in events)
 
 
+def test_without_a_spare_the_swarm_waits_then_stops_with_its_run_directory_intact(tmp_path):
+    code, out, run_dir = run_swarm(tmp_path, "nospare", "num_steps=12", "swarm.num_spares=0",
+                                   "swarm.spare_delay_s=600", "swarm.spare_wait_s=3",
+                                   failures=[Failure(3, 1, "mid_forward", 0.5)])
+    assert code == 3, out
+    assert "swarm stopped: waiting for a spare for stages [1]" in out and "swarm.spare_wait_s=3" in out
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(len(metrics))) and len(metrics) >= 3
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert any(e["event"] == "leader_waiting" and "waiting for a spare" in e["reason"] for e in events)
+    assert sum(e["event"] == "swarm_stopped" for e in events) == 3  # every survivor says why it stopped
+
+
+def test_checkpoint_strategy_rolls_the_swarm_back(tmp_path):
+    code, out, run_dir = run_swarm(tmp_path, "ckpt", "num_steps=10", "recovery.strategy=checkpoint",
+                                   "checkpoint.every_steps=2", failures=[Failure(5, 2, "mid_forward", 0.5)])
+    assert code == 0, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [m["step"] for m in metrics]
+    assert sorted(set(steps)) == list(range(10)) and summary["skipped_steps"] == []
+    (row,) = summary["recovery_rows"]
+    events = read_jsonl(run_dir / "events.jsonl")
+    (published,) = [e for e in events if e["event"] == "epoch_published" and e["lost"] == [2]]
+    target = published["rollback_to"]
+    assert target is not None and target % 2 == 0 and target <= row["kill_step"] + 1
+    assert sum(e["event"] == "rolled_back" and e["to_step"] == target for e in events) == 4
+    assert set(summary["repeated_steps"]) <= set(range(target, row["kill_step"] + 2))  # redone, by design
+
+
 def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
     from checkfree.trainer import Trainer
 
-    proc = run_swarm(tmp_path, "equiv", "num_steps=6", "swarm.num_spares=0", background=True)
+    proc = run_swarm(tmp_path, "equiv", "num_steps=40", "swarm.num_spares=0", background=True)
     run_dir = tmp_path / "equiv"
     foreign = None
     try:
@@ -121,6 +151,10 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
             [sys.executable, "-m", "checkfree", "peer", str(run_dir / "config.yaml"), "seed=99", "--stage", "1",
              "--run-dir", str(tmp_path / "foreign"), "--peer-id", "intruder", "--initial-peers", *maddrs],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        while not list((run_dir / "peers").glob("*/metrics.jsonl")) and time.time() < deadline:
+            time.sleep(0.2)
+        status = subprocess.run([sys.executable, "-m", "checkfree", "status", "--run-id", "equiv",
+                                 "--initial-peers", *maddrs], capture_output=True, text=True, timeout=60)
         out, _ = proc.communicate(timeout=200)
         assert proc.returncode == 0, out
     finally:
@@ -132,12 +166,14 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
         _kill_groups(_pgids(run_dir))
-    _, metrics = _check_every_step_once(run_dir, 6)
+    _, metrics = _check_every_step_once(run_dir, 40)
+    assert status.returncode == 0, status.stderr
+    assert "run equiv: epoch 0" in status.stdout and all(f"s{k}-0{k + 1}" in status.stdout for k in range(4))
     events = read_jsonl(run_dir / "events.jsonl")
     assert all("intruder" not in e.get("roster", []) for e in events if e["event"] == "epoch_published")
     logs = "".join(p.read_text() for p in (run_dir / "peers").glob("*.log"))
     assert "ignoring record intruder" in logs
-    reference = Trainer(tiny_config(tmp_path, "num_steps=6", "run_name=reference"))
+    reference = Trainer(tiny_config(tmp_path, "num_steps=40", "run_name=reference"))
     reference.run()
     expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
     assert [m["loss/train"] for m in metrics] == pytest.approx(expected, abs=1e-5)
