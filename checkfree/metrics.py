@@ -47,6 +47,15 @@ class EventLog(JsonLines):
         return record
 
 
+def report(result: dict, out: str | Path) -> None:
+    """Print a benchmark's result and save it as JSON (for scripts/)."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -10,15 +10,14 @@ both alike. Prints and saves the median step times and their ratio (engine / uns
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from checkfree.config import load_config
+from checkfree.metrics import report
 from checkfree.data import Batches
 from checkfree.engine import PipelineEngine
 from checkfree.model import build_stages
@@ -75,10 +74,7 @@ def main() -> None:
         "median_step_s": med, "ratio_engine_over_unsplit": med["engine"] / med["unsplit"],
         "steps_per_side": len(times["engine"]),
     }
-    print(json.dumps(result, indent=2))
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, ns.out)
 
 
 if __name__ == "__main__":

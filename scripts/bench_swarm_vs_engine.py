@@ -10,13 +10,12 @@ reports the median tokens/s of each (first ``--skip`` steps excluded) and their 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 from checkfree.config import load_config
-from checkfree.metrics import read_jsonl
+from checkfree.metrics import read_jsonl, report
 from checkfree.trainer import Trainer
 from launcher.local import run_local_swarm
 
@@ -47,10 +46,7 @@ def main() -> None:
               "ratio_swarm_over_engine": rates["swarm"] / rates["engine"], "run_dirs": str(tmp),
               "config": {"d_model": engine_cfg.model.d_model, "num_stages": engine_cfg.model.num_stages,
                          "schedule": engine_cfg.pipeline.schedule, "swap": engine_cfg.swap_enabled}}
-    print(json.dumps(result, indent=2))
-    out = Path(ns.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, ns.out)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
     rebuilt = [e for e in events if e["event"] == "rebuilt"]
     assert len(rebuilt) == 3  # exactly one recovery per failure
     assert rebuilt[1]["edge"] == rebuilt[2]["edge"] == "replica"
+    # stage 0's peer led and hosted the rendezvous: after its loss the next epoch formed elsewhere
+    after_leader_loss = [e for e in events if e["event"] == "epoch_published" and e["lost"] == [0]][0]
+    assert after_leader_loss["peer"] != rows[1]["killed_peer"]
     # two spares were idle at the first failure: the first by id won, the other stayed a spare
     assert rebuilt[0]["peer"] == "spare-05"
     first_epoch = [e for e in events if e["event"] == "epoch_published" and e["lost"] == [1]][0]
@@ -134,6 +137,20 @@ def test_checkpoint_strategy_rolls_the_swarm_back(tmp_path):
     assert target is not None and target % 2 == 0 and target <= row["kill_step"] + 1
     assert sum(e["event"] == "rolled_back" and e["to_step"] == target for e in events) == 4
     assert set(summary["repeated_steps"]) <= set(range(target, row["kill_step"] + 2))  # redone, by design
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_swarm_reproduces_the_engine_on_plain_schedules(tmp_path, schedule):
+    from checkfree.trainer import Trainer
+
+    overrides = [f"pipeline.schedule={schedule}", "recovery.strategy=checkfree", "num_steps=6"]
+    code, out, run_dir = run_swarm(tmp_path, f"eq-{schedule}", *overrides, "swarm.num_spares=0")
+    assert code == 0, out
+    _, metrics = _check_every_step_once(run_dir, 6)
+    reference = Trainer(tiny_config(tmp_path, *overrides, "run_name=reference"))
+    reference.run()
+    expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
+    assert [m["loss/train"] for m in metrics] == pytest.approx(expected, abs=1e-5)
 
 
 def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):

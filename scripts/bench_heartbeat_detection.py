@@ -1,0 +1,73 @@
+"""Heartbeat-expiry detection latency on the hivemind DHT with the configured period and TTL.
+
+A child process heartbeats a member record; this process (another DHT node) polls the members every
+``--poll-s``; the child is SIGKILLed (or SIGSTOPped with --hang) and the time until its record is gone
+is measured, ``--repeats`` times. Prints and saves the latencies.
+
+    python scripts/bench_heartbeat_detection.py [membership.period_s=0.5 membership.ttl_s=2] [--hang]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import time
+
+from checkfree.config import load_config
+from checkfree.metrics import report
+from checkfree.membership import Membership, MemberRecord
+
+
+def _beat(cfg, maddrs, peer_id, ready):
+    m = Membership(cfg, "bench-detect", "fp", maddrs)
+    ready.set()
+    while True:
+        m.heartbeat(MemberRecord(run_id="bench-detect", fingerprint="fp", peer_id=peer_id, stage=0, epoch=0,
+                                 state="running", step=0))
+        time.sleep(cfg.period_s)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--poll-s", type=float, default=0.1)
+    ap.add_argument("--hang", action="store_true", help="SIGSTOP instead of SIGKILL")
+    ap.add_argument("--out", default="runs/bench/heartbeat_detection.json")
+    ns = ap.parse_args()
+    cfg = load_config([], ns.overrides).membership
+    observer = Membership(cfg, "bench-detect", "fp")
+    ctx = mp.get_context("spawn")
+    latencies = []
+    for n in range(ns.repeats):
+        ready = ctx.Event()
+        child = ctx.Process(target=_beat, args=(cfg, observer.visible_maddrs(), f"p{n}", ready))  # not daemonic: it forks the DHT
+        child.start()
+        if not ready.wait(120):
+            raise SystemExit("the heartbeating child did not start its DHT within 120 s")
+        deadline = time.time() + 30
+        while f"p{n}" not in observer.members():
+            if time.time() > deadline:
+                raise SystemExit("the child's record never became visible")
+            time.sleep(ns.poll_s)
+        time.sleep(cfg.period_s * 1.5)  # let it run a few periods
+        os.kill(child.pid, signal.SIGSTOP if ns.hang else signal.SIGKILL)
+        t0 = time.time()
+        while f"p{n}" in observer.members():
+            if time.time() - t0 > 10 * cfg.ttl_s + 30:
+                raise SystemExit(f"the record of a stopped peer never expired (ttl_s={cfg.ttl_s})")
+            time.sleep(ns.poll_s)
+        latencies.append(time.time() - t0)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+    observer.shutdown()
+    result = {"period_s": cfg.period_s, "ttl_s": cfg.ttl_s, "poll_s": ns.poll_s, "signal": "SIGSTOP" if ns.hang else "SIGKILL",
+              "latencies_s": latencies, "median_s": statistics.median(latencies), "max_s": max(latencies)}
+    report(result, ns.out)
+
+
+if __name__ == "__main__":
+    main()

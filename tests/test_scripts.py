@@ -1,0 +1,38 @@
+"""Smoke runs of the benchmark scripts at toy sizes, so that they cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name, *args, tmp_path, timeout=240):
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_engine_overhead_script(tmp_path):
+    result = _script("bench_engine_overhead", *TINY, "num_threads=1", "--steps", "2", "--rounds", "1", tmp_path=tmp_path)
+    assert result["ratio_engine_over_unsplit"] > 0 and result["steps_per_side"] == 2
+
+
+@pytest.mark.slow
+def test_heartbeat_detection_script(tmp_path):
+    result = _script("bench_heartbeat_detection", "membership.period_s=0.2", "membership.ttl_s=0.8", "--repeats", "1",
+                     tmp_path=tmp_path)
+    assert len(result["latencies_s"]) == 1 and 0 < result["median_s"] < 5
+
+
+@pytest.mark.slow
+def test_swarm_vs_engine_script(tmp_path):
+    result = _script("bench_swarm_vs_engine", *TINY, "num_threads=1", "--steps", "6", "--skip", "1", tmp_path=tmp_path)
+    assert result["median_tokens_per_s"]["engine"] > 0 and result["median_tokens_per_s"]["swarm"] > 0
