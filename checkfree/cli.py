@@ -27,7 +27,7 @@ Arguments are YAML config files (merged in order over the built-in defaults) and
   checkfree train recovery.strategy=checkfree failures.per_step_prob=0.01 failures.mode=per_step
   checkfree train recovery.strategy=none failures.mode=none run_name=reference
 
-Strategies: none, checkfree, checkfree_plus, copy, uniform, random, checkpoint.
+Strategies: none, checkfree, checkfree_plus, copy, uniform, random, checkpoint, redundant.
 The run directory (OUT_DIR/RUN_NAME, default runs/tiny) receives config.yaml, metrics.jsonl,
 events.jsonl, trace.jsonl (replay with failures.mode=trace failures.trace_path=...), summary.json and
 loss.png.
@@ -128,6 +128,10 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
         cfg = load_config(files, overrides)
     except ConfigError as e:
         print(f"checkfree swarm: {e}", file=sys.stderr)
+        return 2
+    if cfg.recovery.strategy == "redundant":
+        print("checkfree swarm: recovery.strategy=redundant runs in the single-process engine only (checkfree train); "
+              "the swarm does not implement shadow stages yet", file=sys.stderr)
         return 2
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):

@@ -113,6 +113,7 @@ class PipelineEngine:
         self.grad_norm_raw = [0.0] * len(stages)  # pre-clip L2 norm of the last committed step
         self.grad_norm_smoothed: list[float | None] = [None] * len(stages)
         self.replicas: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # kind -> (step, state)
+        self.shadows = None  # redundant strategy: checkfree.redundancy.Shadows
 
     @property
     def num_stages(self) -> int:
@@ -149,18 +150,22 @@ class PipelineEngine:
             inputs[(op.mb, op.hop)] = x
         out = forward_hop(self.stages[op.stage], self.schedule, op, x, step, self.batches, self.device)
         outputs[(op.mb, op.hop)] = out
+        if self.shadows is not None:
+            self.shadows.forward(op, x, step)
         return out
 
     def _backward(self, op: Op, inputs: dict, outputs: dict) -> None:
         out = outputs.pop((op.mb, op.hop))
-        if op.src is None:
-            out.backward()  # the loss
-        else:
-            out.backward(inputs.pop((op.mb, op.hop + 1)).grad)  # gradient "received" from the next hop
+        grad = None if op.src is None else inputs.pop((op.mb, op.hop + 1)).grad  # "received" from the next hop
+        out.backward(grad)  # None: ``out`` is the loss
+        if self.shadows is not None:
+            self.shadows.backward(op, grad)
 
     def discard(self) -> None:
         for stage in self.stages:
             stage.zero_grad(set_to_none=True)
+        if self.shadows is not None:
+            self.shadows.discard()
 
     def commit(self) -> bool:
         """Clip each stage's gradient, record its pre-clip norm, step every optimizer.
@@ -176,6 +181,8 @@ class PipelineEngine:
             self.grad_norm_smoothed[i] = smooth(self.grad_norm_smoothed[i], n, self.norm_ema_beta)
         for opt in self.optimizers:
             opt.step()
+        if self.shadows is not None:
+            self.shadows.commit()
         self.discard()
         return True
 
@@ -203,6 +210,8 @@ class PipelineEngine:
         self.optimizers[stage] = None
         for kind in [k for k in self.replicas if replica_holder(k, self.num_stages) == stage]:
             del self.replicas[kind]
+        if self.shadows is not None:
+            self.shadows.lose_holder(stage)
 
     def install(self, index: int, stage: Stage, lr: float, optim_state: dict | None = None) -> None:
         """Put a rebuilt stage in place with a fresh optimizer at ``lr`` (or a restored optimizer state)."""

@@ -51,6 +51,9 @@ class Peer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, stage: int | None, initial_peers: list[str],
                  peer_id: str | None = None):
         L = cfg.model.num_stages
+        if cfg.recovery.strategy == "redundant":
+            raise ValueError("recovery.strategy=redundant runs in the single-process engine only (checkfree train); "
+                             "the swarm does not implement shadow stages yet")
         if stage is not None and not 0 <= stage < L:
             raise ValueError(f"--stage {stage} out of range: expected 0..{L - 1} (model.num_stages={L})")
         self.cfg, self.run_dir = cfg, Path(run_dir)

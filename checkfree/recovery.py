@@ -16,6 +16,7 @@ Strategies:
 - ``uniform``: plain average of the two neighbours.
 - ``random``: re-initialise.
 - ``checkpoint``: roll the whole pipeline back to the last complete checkpoint (done by the trainer).
+- ``redundant``: fail over to the shadow copy its predecessor trained alongside it (``redundancy.py``).
 - ``none``: the failure-free reference; failures are refused.
 
 A rebuilt stage gets a fresh optimizer at ``lr * lr_factor``. Embedding and head of a rebuilt first/last
@@ -32,7 +33,7 @@ from typing import Callable
 
 import torch
 
-STRATEGIES = ("none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint")
+STRATEGIES = ("none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint", "redundant")
 FALLBACKS = ("checkpoint", "nearest", "random")
 NORM_SOURCES = ("raw", "smoothed")
 
@@ -69,7 +70,7 @@ class RecoveryConfig:
 @dataclass(frozen=True)
 class RecoveryPlan:
     stage: int
-    method: str  # weighted_average, uniform_average, copy, random or checkpoint
+    method: str  # weighted_average, uniform_average, copy, random, checkpoint or shadow
     sources: tuple[int, ...]  # live stages whose blocks are read
     path: str  # primary, fallback:checkpoint, fallback:nearest or fallback:random
     edge: str | None  # first/last stage only: where embedding/head come from (replica, reinit, checkpoint)
@@ -87,6 +88,8 @@ def replica_holder(kind: str, num_stages: int) -> int:
 
 def _primary_sources(strategy: str, stage: int, num_stages: int) -> tuple[int, ...]:
     last = num_stages - 1
+    if strategy == "redundant":
+        return ((stage - 1) % num_stages,)  # the shadow's holder
     if strategy == "copy":
         return (stage - 1,) if stage > 0 else (1,)
     if stage == 0:
@@ -150,9 +153,11 @@ def plan_recovery(
                 right = [s for s in live if s > stage][:1]
                 sources = tuple(left + right)
             path = "fallback:nearest" if sources else "fallback:random"
-        method = _method(strategy, sources)
+        method = "shadow" if strategy == "redundant" and path == "primary" else _method(strategy, sources)
         edge = None
-        if kind:
+        if kind and method == "shadow":
+            edge = "shadow"  # the shadow is a whole copy of the stage, embedding or head included
+        elif kind:
             edge = "replica" if kind in edge_replicas and method != "random" else "reinit"
         plans.append(RecoveryPlan(stage, method, sources, path, edge))
     return plans
@@ -213,7 +218,7 @@ def rebuild_blocks(
 ) -> tuple[dict[str, torch.Tensor] | None, tuple[float, ...]]:
     """New block weights for ``plan`` from its sources' block state dicts (None: caller re-initialises
     or restores from a checkpoint). Returns the weights used, in source order."""
-    if plan.method in ("random", "checkpoint"):
+    if plan.method in ("random", "checkpoint", "shadow"):
         return None, ()
     missing = [s for s in plan.sources if s not in blocks]
     if missing:

@@ -28,6 +28,7 @@ from checkfree.failures import Failure, FailureInjector, write_trace
 from checkfree.metrics import EventLog, JsonLines
 from checkfree.model import Stage, block_state, build_stages, init_stage_
 from checkfree.recovery import RecoveryPlan, edge_kind, plan_recovery, rebuild_blocks, replica_holder
+from checkfree.redundancy import Shadows, param_bytes
 from checkfree.schedule import schedule_for
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ class Trainer:
         self.schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
         self.engine = PipelineEngine(build_stages(cfg.model, cfg.seed), self.schedule, self.batches, cfg.optim,
                                      cfg.recovery.norm_ema_beta, cfg.device)
+        if cfg.recovery.strategy == "redundant":
+            eng = self.engine
+            eng.shadows = Shadows(eng.stages, eng.optimizers, eng.lrs, self.schedule, self.batches, cfg.optim, eng.device)
         self.ckpt = None
         if cfg.checkpoint.every_steps:
             self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep)
@@ -205,6 +209,10 @@ class Trainer:
             logger.info("stage %d rebuilt: %s from %s (%s)", plan.stage, plan.method, list(plan.sources), plan.path)
         if self.replicas_on and any(replica_holder(k, L) in lost for k in ("embed", "head")):
             eng.refresh_replicas(st.step)  # a rebuilt holder fetches fresh copies from the live owners
+        if eng.shadows is not None:  # shadows taken over or lost with their holder are made anew
+            for t, shadow in enumerate(eng.shadows.stages):
+                if shadow is None:
+                    eng.shadows.copy_from(t, eng.stages[t], eng.optimizers[t], eng.lrs[t])
 
     def _install(self, plan: RecoveryPlan, new_blocks) -> int | None:
         """Build the replacement stage for ``plan`` and put it in place; returns the edge replica's age."""
@@ -212,6 +220,10 @@ class Trainer:
         stage = Stage(mcfg, plan.stage)
         init_stage_(stage, mcfg, self.cfg.seed, salt=st.iteration)  # a fresh draw, never the original init
         lr = self.cfg.optim.lr * self.cfg.recovery.lr_factor
+        if plan.method == "shadow":  # no rebuild: the shadow is the stage, optimizer and learning rate included
+            shadow, optim_state, shadow_lr = eng.shadows.take_over(plan.stage)
+            eng.install(plan.stage, shadow, shadow_lr, optim_state)
+            return 0
         if plan.method == "checkpoint":
             step = self.ckpt.latest_for_stage(plan.stage)
             eng.restore_payload(plan.stage, stage, self.ckpt.load_stage(step, plan.stage))
@@ -255,4 +267,6 @@ class Trainer:
             "train_s": st.train_s, "tokens_per_step": self.tokens_per_step,
             "mean_tokens_per_s": self.tokens_per_step * st.step / st.train_s if st.train_s else None,
             "strategy": self.cfg.recovery.strategy, "run_dir": str(self.run_dir),
+            "memory/param_bytes": sum(param_bytes(s) for s in self.engine.stages),
+            "memory/shadow_param_bytes": self.engine.shadows.shadow_bytes() if self.engine.shadows else 0,
         }

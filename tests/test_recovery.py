@@ -96,3 +96,14 @@ def test_rebuild_blocks_requires_every_source():
     plan = RecoveryPlan(2, "weighted_average", (1, 3), "primary", None)
     with pytest.raises(ValueError, match=r"\[3\]"):
         rebuild_blocks(plan, {1: {"a": torch.zeros(1)}}, {1: 1.0}, 1e-4)
+
+
+def test_redundant_plans_fail_over_to_the_shadow_holder():
+    plans = plan_recovery({0, 3}, 4, "redundant", "nearest")
+    # stage 0's shadow lived on stage 3, lost too: fallback; stage 3's lives on stage 2: failover
+    assert [(p.stage, p.method, p.sources, p.path, p.edge) for p in plans] == [
+        (0, "copy", (1,), "fallback:nearest", "reinit"), (3, "shadow", (2,), "primary", "shadow")]
+    (p,) = plan_recovery({2}, 4, "redundant", "nearest")
+    assert (p.method, p.sources, p.path) == ("shadow", (1,), "primary")
+    (p,) = plan_recovery({0}, 4, "redundant", "nearest")
+    assert (p.method, p.sources, p.edge) == ("shadow", (3,), "shadow")  # the first stage's shadow lives on the last

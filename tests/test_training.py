@@ -186,3 +186,31 @@ def test_run_directory_contents(tmp_path):
         assert key in rec
     with pytest.raises(FileExistsError, match="already holds a run"):
         Trainer(tiny_config(tmp_path, "run_name=run"))
+
+
+def test_redundant_strategy_fails_over_with_no_loss_of_quality(tmp_path):
+    """Shadows trained alongside their stages are exact copies: a run with failures (any stage, any
+    phase) reproduces the failure-free run's losses, and the shadow costs a second copy of every stage."""
+    common = ["num_steps=8", "recovery.strategy=redundant", "recovery.lr_factor=1.5"]
+    _, ref, m_ref, _ = _run(tmp_path, *common, name="ref")
+    fails = [Failure(2, 0, "mid_backward", 0.5), Failure(5, 2, "mid_forward", 0.5), Failure(7, 3, "before_forward", 0.0)]
+    trainer, summary, m_fail, events = _run(tmp_path, *common, failures=fails, name="fail")
+    assert [m["loss/train"] for m in m_fail] == pytest.approx([m["loss/train"] for m in m_ref], abs=1e-6)
+    recs = _of(events, "recovery")
+    assert [(r["stage"], r["method"], r["sources"]) for r in recs] == [(0, "shadow", [3]), (2, "shadow", [1]), (3, "shadow", [2])]
+    assert trainer.engine.lrs == [trainer.cfg.optim.lr] * 4  # no raised learning rate: nothing was lost
+    assert summary["memory/shadow_param_bytes"] == summary["memory/param_bytes"]
+    for t, shadow in enumerate(trainer.engine.shadows.stages):  # shadows re-made and in step with their stages
+        for a, b in zip(shadow.parameters(), trainer.engine.stages[t].parameters()):
+            assert torch.equal(a, b)
+
+
+def test_redundant_with_a_lost_shadow_holder_falls_back(tmp_path):
+    _, _, metrics, events = _run(tmp_path, "num_steps=4", "recovery.strategy=redundant",
+                                 "recovery.adjacent_fallback=nearest",
+                                 failures=[Failure(1, 1, "mid_forward", 0.5), Failure(1, 2, "mid_forward", 0.5)])
+    _assert_every_step_once(metrics, 4)
+    recs = _of(events, "recovery")
+    # stage 1's shadow lived on stage 0: failover; stage 2's shadow lived on stage 1, lost too: fallback
+    assert [(r["stage"], r["method"], r["path"]) for r in recs] == [
+        (1, "shadow", "primary"), (2, "weighted_average", "fallback:nearest")]
