@@ -112,6 +112,13 @@ class Trainer:
         self.events.close()
         return summary
 
+    def continue_for(self, num_steps: int, on_step=None) -> None:
+        """Train ``num_steps`` more committed steps after ``run`` (scripts: recovery experiments)."""
+        target = self.state.step + num_steps
+        self.cfg.num_steps = max(self.cfg.num_steps, target)
+        while self.state.step < target:
+            self._one_iteration(on_step)
+
     def _one_iteration(self, on_step) -> None:
         st = self.state
         failures = self.injector.failures_at(st.iteration, st.measured_iteration_s)

@@ -36,3 +36,23 @@ def test_heartbeat_detection_script(tmp_path):
 def test_swarm_vs_engine_script(tmp_path):
     result = _script("bench_swarm_vs_engine", *TINY, "num_threads=1", "--steps", "6", "--skip", "1", tmp_path=tmp_path)
     assert result["median_tokens_per_s"]["engine"] > 0 and result["median_tokens_per_s"]["swarm"] > 0
+
+
+def test_recovery_ablation_script(tmp_path):
+    result = _script("bench_recovery_ablation", *TINY, "num_threads=1", "num_steps=6", "--seeds", "0", "--stages", "1",
+                     "--after-steps", "2", "--every", "1", tmp_path=tmp_path)
+    assert set(result["table"]) == {"weighted", "uniform", "copy", "random"}
+    assert all(v["cases"] == 1 for v in result["table"].values())
+    assert (tmp_path / "bench_recovery_ablation.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_convergence_script(tmp_path):
+    result = _script("bench_convergence", *TINY, "num_threads=1", "num_steps=8", "eval_every_steps=2", "--rates", "0.33",
+                     "--seeds", "0", "--strategies", "none", "checkfree", "checkpoint:2", "redundant",
+                     "--acceleration", "300", tmp_path=tmp_path)
+    table = result["table"]
+    assert set(table) == {"0.33/none", "0.33/checkfree", "0.33/checkpoint:2", "0.33/redundant"}
+    assert table["0.33/checkfree"]["failures"]["mean"] >= 1 and table["0.33/none"]["failures"]["mean"] == 0
+    assert (tmp_path / "bench_convergence.md").read_text().count("| 33% |") == 4
+    assert (tmp_path / "convergence_rate0.33.png").stat().st_size > 5000

@@ -1,0 +1,151 @@
+"""Convergence under failures (the paper's Table 2), every strategy really run on the same failures.
+
+For each hourly stage-failure rate and seed, one failure trace is drawn (the paper's medium-model
+iteration of ``--iteration-s`` seconds, accelerated ``--acceleration`` times, keyed by iteration) and
+replayed for every strategy; ``none`` is the failure-free reference. Reports per rate and strategy,
+mean and spread over seeds: steps and training wall-clock seconds to reach the target validation loss,
+final validation loss and perplexity, failures and recoveries. Saves JSON, a markdown table and one
+loss-vs-time plot per rate (seed 0, failures marked).
+
+    python scripts/bench_convergence.py [configs/bench.yaml] [key=value ...] --rates 0.05 0.10 0.16 0.33 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+from pathlib import Path
+
+from checkfree.config import load_config
+from checkfree.failures import FailureConfig, FailureInjector, write_trace
+from checkfree.metrics import read_jsonl, report
+from checkfree.plot import plot_runs
+from checkfree.trainer import Trainer
+
+STRATEGIES = ["none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint:10", "checkpoint:50",
+              "redundant"]
+
+
+def _trace(path: Path, rate: float, seed: int, num_stages: int, iterations: int, iteration_s: float, accel: float):
+    inj = FailureInjector(FailureConfig(mode="hourly", hourly_rate=rate, iteration_time_s=iteration_s,
+                                        time_acceleration=accel, seed=seed), num_stages)
+    for it in range(iterations):
+        inj.failures_at(it)
+    write_trace(path, inj.fired, num_stages)
+    return len(inj.fired)
+
+
+def _run(files, overrides, tmp: Path, name: str, strategy: str, seed: int, trace: Path | None) -> Path:
+    args = [*overrides, f"seed={seed}", f"out_dir={tmp}", f"run_name={name}", "progress=false", "plot=false"]
+    kind, _, k = strategy.partition(":")
+    args.append(f"recovery.strategy={kind}")
+    if kind == "checkpoint":
+        args.append(f"checkpoint.every_steps={k}")
+    args += [f"failures.mode=trace", f"failures.trace_path={trace}"] if trace else ["failures.mode=none"]
+    Trainer(load_config(files, args)).run()
+    return tmp / name
+
+
+def _to_target(run_dir: Path, target: float) -> tuple[int | None, float | None]:
+    for m in read_jsonl(run_dir / "metrics.jsonl"):
+        if "loss/val" in m and m["loss/val"] <= target:
+            return m["step"] + 1, m["time/train_s"]
+    return None, None
+
+
+def _agg(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.mean(values), "std": statistics.pstdev(values), "n": len(values)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="*", help="config files and key=value overrides")
+    ap.add_argument("--rates", type=float, nargs="+", default=[0.05, 0.10, 0.16, 0.33])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    ap.add_argument("--iteration-s", type=float, default=91.3, help="seconds one iteration stands for (paper: 91.3)")
+    ap.add_argument("--acceleration", type=float, default=2.5)
+    ap.add_argument("--target-loss", type=float, default=None,
+                    help="default: the failure-free run's validation loss at 75%% of its steps (mean over seeds)")
+    ap.add_argument("--out", default="runs/bench/convergence.json")
+    ns = ap.parse_args()
+    files = [a for a in ns.args if "=" not in a]
+    overrides = [a for a in ns.args if "=" in a]
+    tmp = Path(tempfile.mkdtemp(prefix="cf-convergence-"))
+    base = load_config(files, overrides)
+    L, steps = base.model.num_stages, base.num_steps
+    runs: dict[tuple[str, float, int], Path] = {}
+    for seed in ns.seeds:
+        runs["none", 0.0, seed] = _run(files, overrides, tmp, f"none-s{seed}", "none", seed, None)
+    target = ns.target_loss
+    if target is None:
+        cut = int(0.75 * steps)
+        target = statistics.mean(
+            next(m["loss/val"] for m in read_jsonl(runs["none", 0.0, s] / "metrics.jsonl")
+                 if "loss/val" in m and m["step"] + 1 >= cut) for s in ns.seeds)
+    rows = []
+    for rate in ns.rates:
+        for seed in ns.seeds:
+            trace = tmp / f"trace-r{rate}-s{seed}.jsonl"
+            _trace(trace, rate, 1000 + seed, L, 4 * steps, ns.iteration_s, ns.acceleration)
+            for strategy in ns.strategies:
+                if strategy == "none":
+                    run_dir = runs["none", 0.0, seed]
+                else:
+                    run_dir = _run(files, overrides, tmp, f"{strategy.replace(':', 'K')}-r{rate}-s{seed}", strategy, seed, trace)
+                    runs[strategy, rate, seed] = run_dir
+                summary = json.loads((run_dir / "summary.json").read_text())
+                to_step, to_s = _to_target(run_dir, target)
+                rows.append({"rate": rate, "seed": seed, "strategy": strategy, "steps_to_target": to_step,
+                             "seconds_to_target": to_s, "final_val": summary["final_val_loss"],
+                             "train_s": summary["train_s"], "failures": summary["failures"],
+                             "recoveries": summary["recoveries"], "iterations": summary["iterations"]})
+                print(f"rate {rate:.2f} seed {seed} {strategy:14s} to-target {to_step} steps / "
+                      f"{to_s if to_s is None else round(to_s, 1)} s, final val {summary['final_val_loss']:.3f}, "
+                      f"failures {summary['failures']}", flush=True)
+        if ns.seeds:
+            seed0 = [runs[(s, rate if s != 'none' else 0.0, ns.seeds[0])] for s in ns.strategies]
+            plot_runs(seed0, Path(ns.out).with_name(f"convergence_rate{rate}.png"), labels=ns.strategies)
+    table = {}
+    for rate in ns.rates:
+        for strategy in ns.strategies:
+            r = [x for x in rows if x["rate"] == rate and x["strategy"] == strategy]
+            table[f"{rate}/{strategy}"] = {
+                "seconds_to_target": _agg([x["seconds_to_target"] for x in r]),
+                "steps_to_target": _agg([x["steps_to_target"] for x in r]),
+                "reached": sum(x["steps_to_target"] is not None for x in r), "seeds": len(r),
+                "final_val": _agg([x["final_val"] for x in r]),
+                "final_ppl": _agg([math.exp(x["final_val"]) for x in r]),
+                "failures": _agg([x["failures"] for x in r]), "recoveries": _agg([x["recoveries"] for x in r]),
+            }
+    report({"target_val_loss": target, "num_steps": steps, "rates": ns.rates, "seeds": ns.seeds,
+            "iteration_s": ns.iteration_s, "acceleration": ns.acceleration, "table": table, "run_dirs": str(tmp)},
+           ns.out)
+    Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
+    Path(ns.out).with_suffix(".md").write_text(markdown(table, ns.rates, ns.strategies, target))
+
+
+def markdown(table: dict, rates, strategies, target: float) -> str:
+    def fmt(a, digits=1):
+        return "-" if a is None else f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
+
+    lines = [f"Target validation loss: {target:.3f}\n",
+             "| rate | strategy | reached | seconds to target | steps to target | final val loss | final ppl | failures |",
+             "|---|---|---|---|---|---|---|---|"]
+    for rate in rates:
+        for s in strategies:
+            t = table[f"{rate}/{s}"]
+            lines.append(f"| {rate:.0%} | {s} | {t['reached']}/{t['seeds']} | {fmt(t['seconds_to_target'])} | "
+                         f"{fmt(t['steps_to_target'], 0)} | {fmt(t['final_val'], 3)} | {fmt(t['final_ppl'], 2)} | "
+                         f"{fmt(t['failures'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
