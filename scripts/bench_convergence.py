@@ -44,7 +44,7 @@ def _run(files, overrides, tmp: Path, name: str, strategy: str, seed: int, trace
     args.append(f"recovery.strategy={kind}")
     if kind == "checkpoint":
         args.append(f"checkpoint.every_steps={k}")
-    args += [f"failures.mode=trace", f"failures.trace_path={trace}"] if trace else ["failures.mode=none"]
+    args += ["failures.mode=trace", f"failures.trace_path={trace}"] if trace else ["failures.mode=none"]
     Trainer(load_config(files, args)).run()
     return tmp / name
 

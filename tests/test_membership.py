@@ -46,7 +46,7 @@ def test_heartbeat_is_seen_by_another_peer_and_expires(pair):
     assert seen is not None and seen.step == 3 and seen.stage == 1
     t0 = time.time()
     assert poll(lambda: "p-expire" not in b.members(), timeout_s=4.0)  # no more heartbeats: gone after the TTL
-    assert time.time() - t0 < CFG.ttl_s + 1.5
+    assert time.time() - t0 < CFG.ttl_s + 3.0  # loose: a loaded 2-core machine delays the poll
 
 
 def test_tombstone_removes_a_peer_at_once(pair):
