@@ -85,18 +85,19 @@ def build() -> str:
                         f"\n\nOrder by final loss: {' < '.join(r['order_by_final_val'])}. The paper's order weighted < copy < "
                         f"random holds here: **{r['paper_order_weighted_lt_copy_lt_random']}**.\n\n"
                         "![ablation](bench_recovery_ablation.png)")
-    md = BENCH / "convergence.md"
-    if md.is_file():
-        r = _load("convergence")
-        pngs = sorted(BENCH.glob("convergence_rate*.png"))
+    for res in sorted(p for p in BENCH.glob("convergence*.json") if not p.name.endswith(".rows.json")):
+        r, md = json.loads(res.read_text()), res.with_suffix(".md")
+        pngs = [BENCH / f"convergence_rate{rate}.png" for rate in r["rates"]]
         for p in pngs:
             shutil.copy(p, DOCS / f"bench_{p.name}")
-        out += _section("Convergence under failures, every strategy on the same traces", "convergence",
+        out += _section(f"Convergence under failures at {', '.join(f'{x:.0%}' for x in r['rates'])} per hour, every "
+                        "strategy on the same traces", "convergence",
                         f"Rates {r['rates']}, seeds {r['seeds']}, {r['num_steps']} steps; one iteration stands for "
                         f"{r['iteration_s']} s accelerated {r['acceleration']}x.\n\n" + md.read_text() + "\n" +
                         "\n".join(f"![{p.stem}](bench_{p.name})" for p in pngs),
                         command=f"python scripts/bench_convergence.py configs/bench.yaml num_steps={r['num_steps']} "
-                                f"--rates {' '.join(map(str, r['rates']))} --seeds {' '.join(map(str, r['seeds']))}")
+                                f"--rates {' '.join(map(str, r['rates']))} --seeds {' '.join(map(str, r['seeds']))}"
+                                + (f" --out runs/bench/{res.name}" if res.name != "convergence.json" else ""))
     reading = DOCS / "BENCHMARKS-reading.md"  # hand-written: what the figures mean, revised with them
     if reading.is_file():
         out += [reading.read_text()]
