@@ -2,9 +2,8 @@
 Launcher
 ========
 
-Starting swarms: local multi-process swarms, peers on remote hosts and spot instances, and the failure
-injector that kills peers. Environment variables are read here and nowhere else.
-
-Not built yet: the multi-process runtime (``checkfree swarm`` / ``peer`` / ``status``) is the next
-piece of work; today every run goes through the single-process engine (``checkfree train``).
+Starting swarms. ``launcher.local`` runs a whole swarm on one machine (``checkfree swarm``): every stage
+peer and spare as its own process, a failure injector (SIGKILL / SIGSTOP) and spare arrivals, a live
+status line, and the merged report (``launcher.report``). Peers on other hosts are started by hand with
+``checkfree peer``; launching on cloud or spot instances is not built yet.
 """
