@@ -46,19 +46,13 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
-    files = [a for a in args if "=" not in a]
-    overrides = [a for a in args if "=" in a]
-    return files, overrides
-
-
 def cmd_train(ns: argparse.Namespace) -> int:
-    from checkfree.config import ConfigError, load_config
+    from checkfree.config import ConfigError, load_config, split_args
     from checkfree.data import DataError
     from checkfree.progress import Progress
     from checkfree.trainer import Trainer
 
-    files, overrides = _split_args(ns.args)
+    files, overrides = split_args(ns.args)
     try:
         cfg = load_config(files, overrides)
         trainer = Trainer(cfg)
@@ -121,9 +115,9 @@ each peer's step, state and heartbeat age, and the spares.
 
 
 def cmd_swarm(ns: argparse.Namespace) -> int:
-    from checkfree.config import ConfigError, load_config
+    from checkfree.config import ConfigError, load_config, split_args
 
-    files, overrides = _split_args(ns.args)
+    files, overrides = split_args(ns.args)
     try:
         cfg = load_config(files, overrides)
     except ConfigError as e:
@@ -168,10 +162,10 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
 def cmd_peer(ns: argparse.Namespace) -> int:
     import signal
 
-    from checkfree.config import ConfigError, load_config
+    from checkfree.config import ConfigError, load_config, split_args
     from checkfree.data import DataError
 
-    files, overrides = _split_args(ns.args)
+    files, overrides = split_args(ns.args)
     try:
         cfg = load_config(files, overrides)
         from checkfree.peer import Peer

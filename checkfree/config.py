@@ -133,6 +133,11 @@ def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {str(e).splitlines()[0]} (key {key!r})")
 
 
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line arguments as (YAML files, ``key=value`` overrides)."""
+    return [a for a in args if "=" not in a], [a for a in args if "=" in a]
+
+
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> TrainConfig:
     """Merge defaults < YAML ``files`` < ``overrides`` (``key=value``) into a checked ``TrainConfig``.
 

@@ -19,7 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from checkfree.config import load_config
+from checkfree.config import load_config, split_args
 from checkfree.failures import FailureConfig, FailureInjector, write_trace
 from checkfree.metrics import read_jsonl, report
 from checkfree.plot import plot_runs
@@ -75,8 +75,7 @@ def main() -> None:
                     help="default: the failure-free run's validation loss at 75%% of its steps (mean over seeds)")
     ap.add_argument("--out", default="runs/bench/convergence.json")
     ns = ap.parse_args()
-    files = [a for a in ns.args if "=" not in a]
-    overrides = [a for a in ns.args if "=" in a]
+    files, overrides = split_args(ns.args)
     tmp = Path(tempfile.mkdtemp(prefix="cf-convergence-"))
     base = load_config(files, overrides)
     L, steps = base.model.num_stages, base.num_steps

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from checkfree.config import load_config
+from checkfree.config import load_config, split_args
 from checkfree.metrics import report
 from checkfree.data import Batches
 from checkfree.engine import PipelineEngine
@@ -31,8 +31,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="runs/bench/engine_overhead.json")
     ns = ap.parse_args()
-    cfg = load_config([a for a in ns.args if "=" not in a],
-                      ["failures.mode=none", "recovery.strategy=none", *[a for a in ns.args if "=" in a]])
+    files, overrides = split_args(ns.args)
+    cfg = load_config(files, ["failures.mode=none", "recovery.strategy=none", *overrides])
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)

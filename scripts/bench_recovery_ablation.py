@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from checkfree.config import load_config  # noqa: E402
+from checkfree.config import load_config, split_args  # noqa: E402
 from checkfree.metrics import report  # noqa: E402
 from checkfree.trainer import Trainer  # noqa: E402
 
@@ -49,8 +49,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10, help="validation interval after the rebuild")
     ap.add_argument("--out", default="runs/bench/recovery_ablation.json")
     ns = ap.parse_args()
-    files = [a for a in ns.args if "=" not in a]
-    overrides = [a for a in ns.args if "=" in a]
+    files, overrides = split_args(ns.args)
     tmp = Path(tempfile.mkdtemp(prefix="cf-ablation-"))
     rows = []
     for seed in ns.seeds:

@@ -14,7 +14,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from checkfree.config import load_config
+from checkfree.config import load_config, split_args
 from checkfree.metrics import read_jsonl, report
 from checkfree.trainer import Trainer
 from launcher.local import run_local_swarm
@@ -27,8 +27,7 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the medians")
     ap.add_argument("--out", default="runs/bench/swarm_vs_engine.json")
     ns = ap.parse_args()
-    files = [a for a in ns.args if "=" not in a]
-    overrides = [a for a in ns.args if "=" in a]
+    files, overrides = split_args(ns.args)
     tmp = Path(tempfile.mkdtemp(prefix="cf-bench-"))
     common = [*overrides, f"num_steps={ns.steps}", "failures.mode=none", "eval_every_steps=0", "progress=false",
               "plot=false", f"out_dir={tmp}", "swarm.num_spares=0"]
