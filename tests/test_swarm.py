@@ -134,9 +134,13 @@ def test_checkpoint_strategy_rolls_the_swarm_back(tmp_path):
     events = read_jsonl(run_dir / "events.jsonl")
     (published,) = [e for e in events if e["event"] == "epoch_published" and e["lost"] == [2]]
     target = published["rollback_to"]
-    assert target is not None and target % 2 == 0 and target <= row["kill_step"] + 1
+    # the launcher's kill step is what it last polled from heartbeats and may lag the swarm by a step or two:
+    # the bound is the last step the old epoch really committed
+    last = max(m["step"] for m in metrics if m["epoch"] == published["epoch"])
+    assert row["kill_step"] <= last
+    assert target is not None and target % 2 == 0 and target <= last + 1
     assert sum(e["event"] == "rolled_back" and e["to_step"] == target for e in events) == 4
-    assert set(summary["repeated_steps"]) <= set(range(target, row["kill_step"] + 2))  # redone, by design
+    assert set(summary["repeated_steps"]) <= set(range(target, last + 1))  # redone, by design
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
