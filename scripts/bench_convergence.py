@@ -7,6 +7,12 @@ mean and spread over seeds: steps and training wall-clock seconds to reach the t
 final validation loss and perplexity, failures and recoveries. Saves JSON, a markdown table and one
 loss-vs-time plot per rate (seed 0, failures marked).
 
+Every run keeps its directory under ``--runs-dir`` (one per rate, seed and strategy, named after them):
+a run whose ``summary.json`` exists and whose resolved config matches is reused, so an interrupted sweep
+resumes where it stopped and a sweep can be widened (another seed, another rate) without redoing the rest.
+``--jobs N`` runs N trainings side by side, one torch thread each (wall-clock seconds are then measured
+under that shared load, equally for every strategy).
+
     python scripts/bench_convergence.py [configs/bench.yaml] [key=value ...] --rates 0.05 0.10 0.16 0.33 --seeds 0 1 2
 """
 
@@ -15,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import statistics
-import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from checkfree.config import load_config, split_args
+from checkfree.config import load_config, split_args, to_yaml
 from checkfree.failures import FailureConfig, FailureInjector, write_trace
 from checkfree.metrics import read_jsonl, report
 from checkfree.plot import plot_runs
@@ -38,15 +45,44 @@ def _trace(path: Path, rate: float, seed: int, num_stages: int, iterations: int,
     return len(inj.fired)
 
 
-def _run(files, overrides, tmp: Path, name: str, strategy: str, seed: int, trace: Path | None) -> Path:
-    args = [*overrides, f"seed={seed}", f"out_dir={tmp}", f"run_name={name}", "progress=false", "plot=false"]
+def _args(overrides, runs_dir: Path, name: str, strategy: str, seed: int, trace: Path | None, threads: int):
+    args = [*overrides, f"seed={seed}", f"out_dir={runs_dir}", f"run_name={name}", "progress=false", "plot=false",
+            "overwrite=true"]
+    if threads:
+        args.append(f"num_threads={threads}")
     kind, _, k = strategy.partition(":")
     args.append(f"recovery.strategy={kind}")
     if kind == "checkpoint":
         args.append(f"checkpoint.every_steps={k}")
     args += ["failures.mode=trace", f"failures.trace_path={trace}"] if trace else ["failures.mode=none"]
+    return args
+
+
+def _done(files, args, run_dir: Path) -> bool:
+    """A finished run of exactly this config (its resolved config.yaml matches what it would be now)."""
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    return (run_dir / "config.yaml").read_text() == to_yaml(load_config(files, args))
+
+
+def _train(files, args) -> None:
     Trainer(load_config(files, args)).run()
-    return tmp / name
+
+
+def _run_all(files, tasks: list[tuple[list[str], Path]], jobs: int) -> None:
+    """Train every (args, run_dir) not already done, ``jobs`` at a time, each in its own process."""
+    todo = [(args, d) for args, d in tasks if not _done(files, args, d)]
+    print(f"{len(tasks) - len(todo)} of {len(tasks)} runs already done; {len(todo)} to run with {jobs} job(s)",
+          flush=True)
+    if jobs <= 1:
+        for args, _ in todo:
+            _train(files, args)
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_train, files, args): d for args, d in todo}
+        for f in as_completed(futures):
+            f.result()  # a failed run stops the sweep with its error
+            print(f"finished {futures[f].name}", flush=True)
 
 
 def _to_target(run_dir: Path, target: float) -> tuple[int | None, float | None]:
@@ -72,33 +108,50 @@ def main() -> None:
     ap.add_argument("--iteration-s", type=float, default=91.3, help="seconds one iteration stands for (paper: 91.3)")
     ap.add_argument("--acceleration", type=float, default=2.5)
     ap.add_argument("--target-loss", type=float, default=None,
-                    help="default: the failure-free run's validation loss at 75%% of its steps (mean over seeds)")
+                    help="default: the failure-free run's validation loss at --target-frac of its steps (mean over seeds)")
+    ap.add_argument("--target-frac", type=float, default=0.5)
+    ap.add_argument("--runs-dir", default="runs/bench/convergence-runs",
+                    help="where every run keeps its directory; finished runs found there are reused")
+    ap.add_argument("--jobs", type=int, default=1, help="trainings side by side (one torch thread each when > 1)")
     ap.add_argument("--out", default="runs/bench/convergence.json")
     ns = ap.parse_args()
     files, overrides = split_args(ns.args)
-    tmp = Path(tempfile.mkdtemp(prefix="cf-convergence-"))
+    runs_dir = Path(ns.runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
     base = load_config(files, overrides)
     L, steps = base.model.num_stages, base.num_steps
-    runs: dict[tuple[str, float, int], Path] = {}
+    threads = 1 if ns.jobs > 1 else 0
+
+    def name(strategy: str, rate: float, seed: int) -> str:
+        return f"none-s{seed}" if strategy == "none" else f"{strategy.replace(':', 'K')}-r{rate}-s{seed}"
+
+    tasks, runs = [], {}
     for seed in ns.seeds:
-        runs["none", 0.0, seed] = _run(files, overrides, tmp, f"none-s{seed}", "none", seed, None)
+        runs["none", 0.0, seed] = runs_dir / name("none", 0.0, seed)
+        tasks.append((_args(overrides, runs_dir, name("none", 0.0, seed), "none", seed, None, threads),
+                      runs["none", 0.0, seed]))
+    for rate in ns.rates:
+        for seed in ns.seeds:
+            trace = runs_dir / f"trace-r{rate}-s{seed}.jsonl"
+            _trace(trace, rate, 1000 + seed, L, 4 * steps, ns.iteration_s, ns.acceleration)
+            for strategy in ns.strategies:
+                if strategy != "none":
+                    runs[strategy, rate, seed] = runs_dir / name(strategy, rate, seed)
+                    tasks.append((_args(overrides, runs_dir, name(strategy, rate, seed), strategy, seed, trace, threads),
+                                  runs[strategy, rate, seed]))
+    _run_all(files, tasks, ns.jobs)
+
     target = ns.target_loss
     if target is None:
-        cut = int(0.75 * steps)
+        cut = int(ns.target_frac * steps)
         target = statistics.mean(
             next(m["loss/val"] for m in read_jsonl(runs["none", 0.0, s] / "metrics.jsonl")
                  if "loss/val" in m and m["step"] + 1 >= cut) for s in ns.seeds)
     rows = []
     for rate in ns.rates:
         for seed in ns.seeds:
-            trace = tmp / f"trace-r{rate}-s{seed}.jsonl"
-            _trace(trace, rate, 1000 + seed, L, 4 * steps, ns.iteration_s, ns.acceleration)
             for strategy in ns.strategies:
-                if strategy == "none":
-                    run_dir = runs["none", 0.0, seed]
-                else:
-                    run_dir = _run(files, overrides, tmp, f"{strategy.replace(':', 'K')}-r{rate}-s{seed}", strategy, seed, trace)
-                    runs[strategy, rate, seed] = run_dir
+                run_dir = runs[strategy, 0.0 if strategy == "none" else rate, seed]
                 summary = json.loads((run_dir / "summary.json").read_text())
                 to_step, to_s = _to_target(run_dir, target)
                 rows.append({"rate": rate, "seed": seed, "strategy": strategy, "steps_to_target": to_step,
@@ -124,7 +177,8 @@ def main() -> None:
                 "failures": _agg([x["failures"] for x in r]), "recoveries": _agg([x["recoveries"] for x in r]),
             }
     report({"target_val_loss": target, "num_steps": steps, "rates": ns.rates, "seeds": ns.seeds,
-            "iteration_s": ns.iteration_s, "acceleration": ns.acceleration, "table": table, "run_dirs": str(tmp)},
+            "iteration_s": ns.iteration_s, "acceleration": ns.acceleration, "target_frac": ns.target_frac, "jobs": ns.jobs, "table": table,
+            "run_dirs": str(runs_dir)},
            ns.out)
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     Path(ns.out).with_suffix(".md").write_text(markdown(table, ns.rates, ns.strategies, target))

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from checkfree.config import load_config, split_args
-from checkfree.metrics import report
 from checkfree.data import Batches
 from checkfree.engine import PipelineEngine
+from checkfree.metrics import report
 from checkfree.model import build_stages
 from checkfree.schedule import schedule_for
 

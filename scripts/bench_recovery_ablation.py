@@ -13,8 +13,8 @@ and a plot.
 from __future__ import annotations
 
 import argparse
-import json
 import copy
+import json
 import math
 import statistics
 import tempfile
@@ -23,11 +23,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from checkfree.config import load_config, split_args  # noqa: E402
-from checkfree.metrics import report  # noqa: E402
-from checkfree.trainer import Trainer  # noqa: E402
+from checkfree.config import load_config, split_args
+from checkfree.metrics import report
+from checkfree.trainer import Trainer
 
 METHODS = {"weighted": "checkfree", "uniform": "uniform", "copy": "copy", "random": "random"}
 
