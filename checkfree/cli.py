@@ -123,9 +123,9 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"checkfree swarm: {e}", file=sys.stderr)
         return 2
-    if cfg.recovery.strategy == "redundant":
-        print("checkfree swarm: recovery.strategy=redundant runs in the single-process engine only (checkfree train); "
-              "the swarm does not implement shadow stages yet", file=sys.stderr)
+    if cfg.recovery.strategy == "redundant" and cfg.swap_enabled:
+        print("checkfree swarm: recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
+              "its holder's own output, which needs the plain route; set pipeline.swap=false", file=sys.stderr)
         return 2
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):

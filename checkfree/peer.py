@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import secrets
 import threading
 import time
@@ -34,6 +35,8 @@ from checkfree.membership import DHTUnavailable, EpochRecord, Membership, Member
 from checkfree.metrics import EventLog, JsonLines
 from checkfree.model import Stage, block_state, edge_state, init_stage_
 from checkfree.recovery import RecoveryPlan, edge_kind, rebuild_blocks, replica_holder
+from checkfree.redundancy import (HeldShadow, full_state_like, full_state_tensors, load_full_state, shadow_holder,
+                                  shadow_of)
 from checkfree.schedule import schedule_for
 from checkfree.swarm_config import config_fingerprint
 from checkfree.trainer import PER_STAGE_STRATEGIES
@@ -51,9 +54,9 @@ class Peer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, stage: int | None, initial_peers: list[str],
                  peer_id: str | None = None):
         L = cfg.model.num_stages
-        if cfg.recovery.strategy == "redundant":
-            raise ValueError("recovery.strategy=redundant runs in the single-process engine only (checkfree train); "
-                             "the swarm does not implement shadow stages yet")
+        if cfg.recovery.strategy == "redundant" and cfg.swap_enabled:
+            raise ValueError("recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
+                             "its holder's own output, which needs the plain route; set pipeline.swap=false")
         if stage is not None and not 0 <= stage < L:
             raise ValueError(f"--stage {stage} out of range: expected 0..{L - 1} (model.num_stages={L})")
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -239,6 +242,8 @@ class Peer:
         self._settle_step(rec, fresh)
         if rec.plans:
             self._transfer(rec, fresh)
+        if self.worker.redundant and rec.epoch > 0:
+            self._refresh_shadows(rec)
         if self.replicas_on:
             self._exchange_replicas(rec.step)
         self.group.all_reduce(torch.zeros(1, dtype=torch.float64), rec.step)  # everyone is ready
@@ -252,8 +257,16 @@ class Peer:
         module = Stage(cfg.model, stage)
         init_stage_(module, cfg.model, cfg.seed, salt=0 if not rebuilt else 1 + secrets.randbelow(1 << 30))
         lr = cfg.optim.lr * (cfg.recovery.lr_factor if rebuilt else 1.0)
-        return StageWorker(module, self.schedule, self.batches, cfg.optim, lr, cfg.model.d_model,
-                           cfg.recovery.norm_ema_beta, cfg.device)
+        redundant = cfg.recovery.strategy == "redundant"
+        worker = StageWorker(module, self.schedule, self.batches, cfg.optim, lr, cfg.model.d_model,
+                             cfg.recovery.norm_ema_beta, cfg.device, redundant=redundant)
+        if redundant:
+            # the next stage's initial state is a pure function of the seed, so the first shadow needs no
+            # transfer; a replacement peer's shadow is sent to it when it joins (_refresh_shadows)
+            shadow = Stage(cfg.model, shadow_of(stage, cfg.model.num_stages))
+            init_stage_(shadow, cfg.model, cfg.seed, salt=0)
+            worker.shadow = HeldShadow(shadow.to(self.device), cfg.optim, cfg.optim.lr)
+        return worker
 
     def _settle_step(self, rec: EpochRecord, fresh: bool) -> None:
         w = self.worker
@@ -286,6 +299,9 @@ class Peer:
         me = w.index
         for p in rec.plans:
             plan = RecoveryPlan(p.stage, p.method, tuple(p.sources), p.path, p.edge)
+            if plan.method == "shadow":
+                self._fail_over(rec, plan, fresh)
+                continue
             kind = edge_kind(plan.stage, L)
             holder = replica_holder(kind, L) if kind and plan.edge == "replica" else None
             if me in plan.sources:
@@ -328,6 +344,39 @@ class Peer:
                   source_norms=[norms[s] for s in plan.sources], edge=plan.edge, edge_staleness_steps=staleness,
                   lr=w.lr, transfer_and_rebuild_s=time.time() - t0, lost_epoch_time=rec.time)
 
+    def _fail_over(self, rec: EpochRecord, plan: RecoveryPlan, fresh: bool) -> None:
+        """Redundant computation: the holder sends its shadow of the lost stage (weights, Adam state,
+        learning rate) and the replacement peer continues from it; the holder keeps its shadow, which is
+        now again an exact copy of the stage."""
+        w = self.worker
+        (holder,) = plan.sources
+        if w.index == holder:
+            self.group.send_state(w.shadow.state_tensors(), plan.stage, rec.step, kind="shadow")
+        if w.index == plan.stage and fresh:
+            t0 = time.time()
+            got = self.group.recv_state(full_state_like(w.stage), holder, rec.step, kind="shadow")
+            w.lr = load_full_state(w.stage, w.optimizer, got)
+            self.emit("rebuilt", stage=plan.stage, step=rec.step, strategy="redundant", method="shadow",
+                      path=plan.path, sources=[holder], weights=[1.0], source_norms=[], edge=plan.edge,
+                      edge_staleness_steps=0, lr=w.lr, transfer_and_rebuild_s=time.time() - t0,
+                      lost_epoch_time=rec.time)
+
+    def _refresh_shadows(self, rec: EpochRecord) -> None:
+        """After a recovery, a stage sends its whole state to its shadow's holder where that shadow was lost
+        (the holder is a replacement peer) or is stale (the stage was rebuilt some other way than from its
+        shadow, e.g. the adjacent-failure fallback). Every peer walks the stages in the same order."""
+        w, L = self.worker, self.cfg.model.num_stages
+        methods = {p.stage: p.method for p in rec.plans}
+        for s in range(L):
+            h = shadow_holder(s, L)
+            if not (h in rec.lost or (s in rec.lost and methods.get(s) != "shadow")):
+                continue
+            if w.index == s:
+                self.group.send_state(full_state_tensors(w.stage, w.optimizer, w.lr), h, rec.step, kind="shadow")
+            elif w.index == h:
+                w.shadow.load(self.group.recv_state(full_state_like(w.shadow.stage), s, rec.step, kind="shadow"))
+                self.emit("shadow_refreshed", shadow_of=s, step=rec.step)
+
     def _exchange_replicas(self, step: int) -> None:
         """Owners of the embedding / head send copies to their holders (stage 1 / stage L-2)."""
         w, L = self.worker, self.cfg.model.num_stages
@@ -363,6 +412,8 @@ class Peer:
             # every stage logs the committed step (a stage lost right after the commit must not leave a gap)
             record = {"step": done, "loss/train": loss, "throughput/tokens_per_s": self.tokens_per_s,
                       "time/wall": time.time(), "time/step_s": step_s, "epoch": self.epoch, "stage": w.index,
+                      "memory/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "memory/shadow_bytes": w.shadow.bytes() if w.shadow is not None else 0,
                       **{f"stage/{i}/grad_norm_raw": n for i, n in enumerate(w.all_norms)}}
             self.metrics.write(record)
             if self.replicas_on and self.step % cfg.recovery.edge_replica_every_steps == 0:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64)
 MAX_DIMS = 4
 HEADER_LEN = 8 + MAX_DIMS
-KIND_CODES = {"act": 1, "grad": 2, "state": 3}
+KIND_CODES = {"act": 1, "grad": 2, "state": 3, "sgrad": 4, "shadow": 5}  # sgrad, shadow: redundant computation
 
 
 @dataclass
@@ -165,15 +165,15 @@ class EpochGroup:
         self._wait(work, None, step, "all-reduce")
         return t
 
-    def send_state(self, tensors: list[torch.Tensor], dst_stage: int, step: int) -> None:
+    def send_state(self, tensors: list[torch.Tensor], dst_stage: int, step: int, kind: str = "state") -> None:
         """Send a list of tensors (a state dict's values in key order) and wait for delivery."""
         for i, t in enumerate(tensors):
-            self.send(t, dst_stage, step, mb=i, hop=self.stage, kind="state")
+            self.send(t, dst_stage, step, mb=i, hop=self.stage, kind=kind)
         self.wait_sends()
 
-    def recv_state(self, like: list[torch.Tensor], src_stage: int, step: int) -> list[torch.Tensor]:
+    def recv_state(self, like: list[torch.Tensor], src_stage: int, step: int, kind: str = "state") -> list[torch.Tensor]:
         """Receive tensors shaped like ``like`` from ``src_stage`` (each checked like any message)."""
-        return [self.recv(src_stage, step, i, src_stage, "state", tuple(t.shape), t.dtype) for i, t in enumerate(like)]
+        return [self.recv(src_stage, step, i, src_stage, kind, tuple(t.shape), t.dtype) for i, t in enumerate(like)]
 
     def close(self) -> None:
         """Drop this epoch's group; its connections close, so peers still waiting on us fail fast."""

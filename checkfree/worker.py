@@ -10,6 +10,10 @@ Commit point: after its ops and sends complete, each stage clips its gradient an
 of ``[done, loss, norm_0 .. norm_{L-1}]`` (each stage fills its own slots). Only when the sum shows
 every stage done does any stage step its optimizer, so a step is applied by all stages or by none; as a
 side effect every stage learns all stages' pre-clip gradient norms, which recovery weights need.
+
+Redundant computation (``redundant=True``): the worker also forwards each output gradient it receives
+to the holder of its shadow, and runs the shadow it holds (``HeldShadow``, see ``redundancy.py``)
+after its own ops; the shadow steps exactly when the stage does.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import torch
 from checkfree.data import Batches
 from checkfree.engine import OptimConfig, clip_stage_, forward_hop, make_optimizer, smooth
 from checkfree.model import Stage
+from checkfree.redundancy import HeldShadow, shadow_holder
 from checkfree.schedule import Op, Schedule
 from checkfree.transport import EpochGroup
 
 
 class StageWorker:
     def __init__(self, stage: Stage, schedule: Schedule, batches: Batches, optim: OptimConfig, lr: float,
-                 d_model: int, norm_ema_beta: float = 0.9, device: str = "cpu"):
+                 d_model: int, norm_ema_beta: float = 0.9, device: str = "cpu", redundant: bool = False):
         self.device = torch.device(device)
         self.stage = stage.to(self.device)
         self.index = stage.index
@@ -42,6 +47,11 @@ class StageWorker:
         self.pending_norm = 0.0
         self.loss = 0.0
         self.replica: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, copy of a neighbour's edge)
+        self.redundant = redundant
+        self.shadow: HeldShadow | None = None  # redundant: the copy of the next stage this worker trains
+        if redundant and any(op.dst not in (None, op.stage + 1) for ops in schedule.ops for op in ops if op.kind == "F"):
+            raise ValueError("redundant computation in the swarm needs the plain route (pipeline.swap=false): a "
+                             "shadow's input is its holder's own output")
 
     def run_step(self, group: EpochGroup, step: int) -> None:
         """This stage's ops of ``step``; gradients accumulate in the stage's parameters.
@@ -57,6 +67,8 @@ class StageWorker:
                 self._forward(group, op, step, inputs, outputs)
             else:
                 self._backward(group, op, step, inputs, outputs)
+        if self.shadow is not None:
+            self._run_shadow(group, step)
         group.wait_sends()
         self.pending_step = step
 
@@ -71,6 +83,8 @@ class StageWorker:
             self.loss += out.item()
         else:
             group.send(out, op.dst, step, op.mb, op.hop + 1, "act")
+            if self.shadow is not None:
+                self.shadow.inputs[op.mb] = out.detach()
         outputs[(op.mb, op.hop)] = out
 
     def _backward(self, group: EpochGroup, op: Op, step: int, inputs: dict, outputs: dict) -> None:
@@ -78,9 +92,27 @@ class StageWorker:
         if op.src is None:
             out.backward()  # the loss
         else:
-            out.backward(group.recv(op.src, step, op.mb, op.hop, "grad", self.act_shape))
+            grad = group.recv(op.src, step, op.mb, op.hop, "grad", self.act_shape)
+            out.backward(grad)
+            if self.redundant:  # the shadow of this stage trains on the very same gradient
+                group.send(grad, shadow_holder(self.index, self.schedule.num_stages), step, op.mb, op.hop, "sgrad")
         if op.dst is not None:
             group.send(inputs.pop((op.mb, op.hop)).grad, op.dst, step, op.mb, op.hop - 1, "grad")
+
+    def _run_shadow(self, group: EpochGroup, step: int) -> None:
+        """Forward and backward of the held shadow on every microbatch of ``step``, in the shadowed stage's
+        order: inputs are this stage's outputs (token ids for the first stage's shadow), output gradients
+        are the ones the shadowed stage received (its loss for the last stage's shadow)."""
+        sh = self.shadow
+        for op in self.schedule.ops[sh.index]:
+            if op.kind != "F":
+                continue
+            x = self.batches.inputs(step, op.mb).to(self.device) if op.src is None else sh.inputs.pop(op.mb)
+            out = forward_hop(sh.stage, self.schedule, op, x, step, self.batches, self.device)
+            if op.dst is None:
+                out.backward()
+            else:
+                out.backward(group.recv(sh.index, step, op.mb, op.hop, "sgrad", self.act_shape))
 
     def commit(self, group: EpochGroup, step: int) -> float | None:
         """Agree with every stage on ``step`` and apply it; returns the step's loss, or None when some
@@ -112,6 +144,8 @@ class StageWorker:
         self.grad_norm_raw = self.pending_norm
         self.grad_norm_smoothed = smooth(self.grad_norm_smoothed, self.pending_norm, self.norm_ema_beta)
         self.optimizer.step()
+        if self.shadow is not None:
+            self.shadow.step()
         self.pending_step = None
         self.discard()
 
@@ -142,3 +176,5 @@ class StageWorker:
 
     def discard(self) -> None:
         self.stage.zero_grad(set_to_none=True)
+        if self.shadow is not None:
+            self.shadow.clear()

@@ -40,3 +40,6 @@ def test_bad_input_exits_2_with_a_message_and_no_run_dir(tmp_path):
     assert not (tmp_path / "runs").exists()
     out = _cli("plot", str(tmp_path / "nothing"), cwd=tmp_path)
     assert out.returncode == 2 and "not a run directory" in out.stderr
+    out = _cli("swarm", "recovery.strategy=redundant", "pipeline.swap=true", cwd=tmp_path)
+    assert out.returncode == 2 and "needs the plain route; set pipeline.swap=false" in out.stderr
+    assert not (tmp_path / "runs").exists()

@@ -198,3 +198,28 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
     reference.run()
     expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
     assert [m["loss/train"] for m in metrics] == pytest.approx(expected, abs=1e-5)
+
+
+def test_redundant_swarm_fails_over_to_shadows_without_losing_anything(tmp_path):
+    """Bamboo-style redundancy across real processes: middle, first and last stage killed; each fails over
+    to the shadow its predecessor trained (the last stage holds the first's), the replacement's own
+    shadow is sent to it, and every committed loss is the failure-free engine's."""
+    from checkfree.trainer import Trainer
+
+    overrides = ["recovery.strategy=redundant", "recovery.lr_factor=1.5", "num_steps=16"]
+    fails = [Failure(3, 1, "mid_forward", 0.5), Failure(7, 0, "mid_forward", 0.5), Failure(11, 3, "mid_forward", 0.5)]
+    code, out, run_dir = run_swarm(tmp_path, "redundant", *overrides, "swarm.num_spares=2", failures=fails)
+    assert code == 0, out
+    summary, metrics = _check_every_step_once(run_dir, 16)
+    rows = summary["recovery_rows"]
+    assert [(r["stage"], r["method"], r["sources"]) for r in rows] == [(1, "shadow", [0]), (0, "shadow", [3]),
+                                                                       (3, "shadow", [2])]
+    events = read_jsonl(run_dir / "events.jsonl")
+    refreshed = [(e["shadow_of"], e["stage_held"]) for e in events if e["event"] == "shadow_refreshed"]
+    assert refreshed == [(2, 1), (1, 0), (0, 3)]  # each replacement got the shadow its predecessor had held
+    reference = Trainer(tiny_config(tmp_path, *overrides, "failures.mode=none", "run_name=reference"))
+    reference.run()
+    expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
+    assert [m["loss/train"] for m in metrics] == pytest.approx(expected, abs=1e-5)
+    rebuilt_lrs = {e["lr"] for e in events if e["event"] == "rebuilt"}
+    assert rebuilt_lrs == {reference.cfg.optim.lr}  # the shadow's learning rate, not a raised one

@@ -4,6 +4,7 @@ the single-process engine step for step: the proof that the distributed executio
 import math
 
 import pytest
+import torch
 
 from checkfree.model import build_stages
 from checkfree.trainer import Trainer
@@ -71,3 +72,77 @@ def test_a_stage_that_stops_mid_step_is_lost_for_its_neighbours_and_nothing_comm
     for w, b in zip(workers, before):  # no optimizer step anywhere
         assert all((v == b[k]).all() for k, v in w.stage.state_dict().items())
     assert all(math.isfinite(w.grad_norm_raw) for w in workers)
+
+
+def test_redundant_workers_keep_shadows_identical_to_the_stages_they_copy(tmp_path):
+    """Every worker also trains a shadow of the next stage on its own outputs and the gradients that stage
+    forwards (``sgrad``): after several steps each shadow equals its stage exactly, optimizer included,
+    and the losses are the engine's."""
+    from checkfree.metrics import read_jsonl
+    from checkfree.redundancy import HeldShadow, full_state_tensors, shadow_of
+
+    cfg = tiny_config(tmp_path, "num_steps=3", "recovery.strategy=redundant")
+    reference = Trainer(cfg)
+    reference.run()
+    stages, copies = build_stages(cfg.model, cfg.seed), build_stages(cfg.model, cfg.seed)
+    L = cfg.model.num_stages
+    workers = [StageWorker(stages[i], reference.schedule, reference.batches, cfg.optim, cfg.optim.lr, cfg.model.d_model,
+                           redundant=True) for i in range(L)]
+    for i, w in enumerate(workers):
+        w.shadow = HeldShadow(copies[shadow_of(i, L)], cfg.optim, cfg.optim.lr)
+
+    def fn(group):
+        w = workers[group.rank]
+        return [(w.run_step(group, step), w.commit(group, step))[1] for step in range(3)]
+
+    results = run_ranks(L, fn, timeout_s=10)
+    expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
+    for r in results:
+        assert not isinstance(r, Exception), r
+        assert r == pytest.approx(expected, abs=1e-6)
+    for i, w in enumerate(workers):
+        holder = workers[(i - 1) % L]
+        assert holder.shadow.index == i
+        mine = full_state_tensors(w.stage, w.optimizer, w.lr)
+        shadow = holder.shadow.state_tensors()
+        assert len(mine) == len(shadow) and all(torch.equal(a, b) for a, b in zip(mine, shadow)), f"stage {i}"
+
+
+def test_full_stage_state_round_trip_continues_bit_for_bit(tmp_path):
+    """What a holder sends on fail-over (weights, Adam moments and step, learning rate) rebuilds a stage
+    whose next optimizer step is identical to the original's."""
+    import copy
+
+    from checkfree.engine import make_optimizer
+    from checkfree.model import Stage
+    from checkfree.redundancy import full_state_like, full_state_tensors, load_full_state
+
+    cfg = tiny_config(tmp_path)
+    stage = build_stages(cfg.model, cfg.seed)[1]
+    opt = make_optimizer(stage, cfg.optim, 1e-3)
+    x = torch.randn(2, cfg.model.seq_len, cfg.model.d_model)
+    for _ in range(2):
+        stage.run_blocks(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    fresh = Stage(cfg.model, 1)
+    fresh_opt = make_optimizer(fresh, cfg.optim, 5e-3)
+    sent = full_state_tensors(stage, opt, 1e-3)
+    assert [t.shape for t in sent] == [t.shape for t in full_state_like(fresh)]
+    assert load_full_state(fresh, fresh_opt, [t.clone() for t in sent]) == 1e-3
+    twin = copy.deepcopy(stage)
+    for s, o in ((stage, opt), (fresh, fresh_opt)):
+        s.run_blocks(x).square().mean().backward()
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(stage.state_dict().values(), fresh.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(stage.state_dict().values(), twin.state_dict().values()))
+    with pytest.raises(ValueError, match="expected"):
+        load_full_state(fresh, fresh_opt, sent[:-2])
+
+
+def test_redundant_worker_refuses_a_swapped_route(tmp_path):
+    cfg = tiny_config(tmp_path, "recovery.strategy=redundant", "pipeline.swap=true")
+    trainer = Trainer(cfg)
+    with pytest.raises(ValueError, match="plain route"):
+        StageWorker(build_stages(cfg.model, cfg.seed)[0], trainer.schedule, trainer.batches, cfg.optim, 1e-3,
+                    cfg.model.d_model, redundant=True)
