@@ -33,9 +33,15 @@ def test_heartbeat_detection_script(tmp_path):
 
 
 @pytest.mark.slow
-def test_swarm_vs_engine_script(tmp_path):
-    result = _script("bench_swarm_vs_engine", *TINY, "num_threads=1", "--steps", "6", "--skip", "1", tmp_path=tmp_path)
-    assert result["median_tokens_per_s"]["engine"] > 0 and result["median_tokens_per_s"]["swarm"] > 0
+def test_overhead_script(tmp_path):
+    result = _script("bench_overhead", *TINY, "num_threads=1", "--steps", "4", "--skip", "1", "--tail", "2",
+                     "--rounds", "1", tmp_path=tmp_path)
+    assert set(result["median_tokens_per_s"]) == {"swarm", "static", "swarm_swap", "engine", "engine_swap"}
+    assert all(v > 0 for v in result["ratios"].values())
+    plain, swapped = result["losses"]["engine"][0], result["losses"]["engine_swap"][0]
+    assert plain["val_final"] is not None and plain["train_tail"] != swapped["train_tail"]  # a different schedule
+    # the static pipeline and the engine train the same plain model
+    assert result["losses"]["static"][0]["train_tail"] == pytest.approx(plain["train_tail"], abs=1e-5)
 
 
 def test_recovery_ablation_script(tmp_path):

@@ -1,0 +1,97 @@
+"""
+Static pipeline
+===============
+
+The swarm's stage workers and schedules, one OS process per stage, with the fault-tolerance machinery
+off: one gloo group formed once through a TCP store this launcher hosts, no DHT, no heartbeats, no
+epochs, no spares, no recovery (a lost stage ends the run with an error). Each stage process runs the
+same ``StageWorker.run_step`` / ``commit`` as a swarm peer and logs the same per-step record, so the
+two can be compared step for step: this is the "machinery off" side of ``scripts/bench_overhead.py``
+and the baseline of ``scripts/bench_scaling.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import resource
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from checkfree.config import TrainConfig
+from checkfree.data import Batches
+from checkfree.model import Stage, init_stage_
+from checkfree.schedule import schedule_for
+from checkfree.swarm_config import config_fingerprint
+from checkfree.transport import EpochGroup
+from checkfree.worker import StageWorker
+
+
+def _stage_main(cfg: TrainConfig, stage: int, port: int, out_dir: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    L = cfg.model.num_stages
+    module = Stage(cfg.model, stage)
+    init_stage_(module, cfg.model, cfg.seed)
+    batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
+    worker = StageWorker(module, schedule_for(cfg.pipeline, L, cfg.swap_enabled), batches, cfg.optim, cfg.optim.lr,
+                         cfg.model.d_model, cfg.recovery.norm_ema_beta, cfg.device)
+    store = dist.TCPStore("127.0.0.1", port, L + 1, is_master=False,
+                          timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s))
+    group = EpochGroup(store, 0, stage, list(range(L)), cfg.transport, run_tag=int(config_fingerprint(cfg)[:6], 16),
+                       device=cfg.device)
+    tokens = batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
+    with open(Path(out_dir) / f"stage-{stage}.jsonl", "w") as f:
+        for step in range(cfg.num_steps):
+            t0 = time.time()
+            worker.run_step(group, step)
+            loss = worker.commit(group, step)
+            step_s = time.time() - t0
+            f.write(json.dumps({"step": step, "loss/train": loss, "time/step_s": step_s,
+                                "throughput/tokens_per_s": tokens / step_s, "stage": stage,
+                                "memory/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                    + "\n")
+        group.all_reduce(torch.zeros(1, dtype=torch.float64), cfg.num_steps)  # nobody leaves before the last read
+
+
+def run_static_pipeline(cfg: TrainConfig, out_dir: str | Path, timeout_s: float = 600.0) -> list[list[dict]]:
+    """Train ``cfg.num_steps`` steps on a fixed pipeline of ``cfg.model.num_stages`` processes; returns
+    each stage's per-step records (also written to ``out_dir/stage-K.jsonl``).
+
+    Raises:
+        RuntimeError: a stage process failed or the run exceeded ``timeout_s`` (every process is ended).
+    """
+    L = cfg.model.num_stages
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // L)  # the local swarm's share, for a fair match
+    store = dist.TCPStore("127.0.0.1", 0, L + 1, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s))
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_stage_main, args=(cfg, s, store.port, str(out_dir), threads), daemon=True)
+             for s in range(L)]
+    for p in procs:
+        p.start()
+    deadline = time.time() + timeout_s
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.time()))
+        bad = [(s, p.exitcode) for s, p in enumerate(procs) if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"static pipeline: stages (stage, exit code) {bad} failed or ran past {timeout_s} s; "
+                               f"see {out_dir}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    del store
+    out = []
+    for s in range(L):
+        with open(out_dir / f"stage-{s}.jsonl") as f:
+            out.append([json.loads(line) for line in f if line.strip()])
+    return out
