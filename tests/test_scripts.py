@@ -62,3 +62,14 @@ def test_convergence_script(tmp_path):
     assert table["0.33/checkfree"]["failures"]["mean"] >= 1 and table["0.33/none"]["failures"]["mean"] == 0
     assert (tmp_path / "bench_convergence.md").read_text().count("| 33% |") == 4
     assert (tmp_path / "convergence_rate0.33.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_recovery_latency_script(tmp_path):
+    result = _script("bench_recovery_latency", *TINY, "num_threads=1", "membership.period_s=0.25",
+                     "membership.ttl_s=1.0", "--only", "stages2", "--every", "60", tmp_path=tmp_path)
+    exp = result["experiments"]["stages2"]
+    # toy steps take milliseconds: the launcher may see the swarm only after it passed a scheduled kill
+    assert exp["exit_code"] == 0 and exp["num_stages"] == 2 and exp["kills"] == exp["recovered"] >= 1
+    assert exp["rows"][0]["stage"] == 0 and exp["detect_s"]["n"] == exp["kills"]
+    assert (tmp_path / "bench_recovery_latency.png").stat().st_size > 5000

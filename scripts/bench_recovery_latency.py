@@ -1,0 +1,123 @@
+"""Recovery latency in the real swarm: detect, rebuild and resume seconds over many kills.
+
+Each experiment is one local swarm run (``checkfree swarm``) with a fixed failure trace that kills the
+first, a middle and the last stage in turn (SIGKILL: a crash; or SIGSTOP: a hang), two spares standing
+by. The launcher pairs every kill with its recovery (``launcher/report.py``):
+
+- detect_s: kill -> first peer noticing (a transport error, or a timeout for a hang);
+- rebuild_s: detection -> the replacement has rebuilt the stage (waiting out the lost peer's heartbeat
+  TTL, the leader's decision, the rendezvous of the new epoch and the weight transfer included);
+- resume_s: rebuild -> first step committed in the new epoch.
+
+Experiments vary one thing at a time from the base (the tiny default: 4 stages, d_model 128, heartbeat
+period 0.5 s / TTL 2 s): crash vs hang, model width (stage bytes), number of stages (2, 4, 8) and the
+heartbeat period / TTL. Prints and saves the distribution per experiment and a box plot.
+
+    python scripts/bench_recovery_latency.py [CONFIG.yaml ...] [key=value ...] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from checkfree.config import load_config, split_args
+from checkfree.failures import Failure, write_trace
+from checkfree.metrics import report
+from checkfree.model import Stage
+from checkfree.redundancy import param_bytes
+from launcher.local import run_local_swarm
+
+FIRST_MIDDLE_LAST = "first-middle-last"
+# name -> (overrides, which stages to kill); every experiment changes one thing from "crash"
+EXPERIMENTS = {
+    "crash": ([], "all"),
+    "hang": (["swarm.hang_fraction=1.0"], FIRST_MIDDLE_LAST),
+    "d64": (["model.d_model=64"], FIRST_MIDDLE_LAST),
+    "d256": (["model.d_model=256"], FIRST_MIDDLE_LAST),
+    "stages2": (["model.num_stages=2", "recovery.strategy=checkfree"], FIRST_MIDDLE_LAST),
+    "stages8": (["model.num_stages=8"], FIRST_MIDDLE_LAST),
+    "hb0.25-ttl1": (["membership.period_s=0.25", "membership.ttl_s=1.0"], FIRST_MIDDLE_LAST),
+    "hb1-ttl4": (["membership.period_s=1.0", "membership.ttl_s=4.0"], FIRST_MIDDLE_LAST),
+}
+
+
+def _kills(which: str, num_stages: int, every: int) -> list[Failure]:
+    stages = list(range(num_stages)) if which == "all" else sorted({0, num_stages // 2, num_stages - 1})
+    return [Failure(every * (n + 1), s, "mid_forward", 0.5) for n, s in enumerate(stages)]
+
+
+def _dist(values: list[float | None]) -> dict | None:
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return None
+    return {"median": statistics.median(v), "min": v[0], "max": v[-1], "n": len(v)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="*", help="config files and key=value overrides (applied to every experiment)")
+    ap.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="run these experiments only")
+    ap.add_argument("--every", type=int, default=6,
+                    help="steps between kills (the launcher also waits swarm.min_gap_s=1 s after each resume)")
+    ap.add_argument("--out", default="runs/bench/recovery_latency.json")
+    ns = ap.parse_args()
+    files, overrides = split_args(ns.args)
+    tmp = Path(tempfile.mkdtemp(prefix="cf-latency-"))
+    results = {}
+    for name in ns.only or list(EXPERIMENTS):
+        extra, which = EXPERIMENTS[name]
+        base = load_config(files, [*overrides, *extra])
+        kills = _kills(which, base.model.num_stages, ns.every)
+        trace = tmp / f"{name}-trace.jsonl"
+        write_trace(trace, kills, base.model.num_stages)
+        args = [*overrides, *extra, f"run_name={name}", f"out_dir={tmp}", "progress=false", "plot=false",
+                "eval_every_steps=0", "swarm.num_spares=2", "swarm.spare_delay_s=1", "swarm.min_gap_s=1",
+                f"num_steps={ns.every * (len(kills) + 1)}", "failures.mode=trace", f"failures.trace_path={trace}"]
+        cfg = load_config(files, args)
+        code, summary = run_local_swarm(cfg, tmp / name, status=False)
+        rows = summary["recovery_rows"]
+        stage = Stage(cfg.model, min(1, cfg.model.num_stages - 1))
+        results[name] = {
+            "exit_code": code, "scheduled_kills": len(kills), "kills": len(rows),
+            "recovered": sum(r["resume_s"] is not None for r in rows),
+            "overrides": extra, "num_stages": cfg.model.num_stages, "d_model": cfg.model.d_model,
+            "stage_param_bytes": param_bytes(stage), "period_s": cfg.membership.period_s, "ttl_s": cfg.membership.ttl_s,
+            "transport_timeout_s": cfg.transport.timeout_s,
+            "detect_s": _dist([r["detect_s"] for r in rows]), "rebuild_s": _dist([r["rebuild_s"] for r in rows]),
+            "resume_s": _dist([r["resume_s"] for r in rows]),
+            "transfer_and_rebuild_s": _dist([r["transfer_and_rebuild_s"] for r in rows]),
+            "rows": [{k: r[k] for k in ("stage", "signal", "method", "detect_s", "rebuild_s", "resume_s",
+                                        "transfer_and_rebuild_s", "detected_by")} for r in rows],
+        }
+        fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"  # noqa: E731
+        print(f"{name:12s} exit {code} recovered {results[name]['recovered']}/{len(rows)} kills ({len(kills)} scheduled)  detect {fmt(results[name]['detect_s'])}"
+              f"  rebuild {fmt(results[name]['rebuild_s'])}  resume {fmt(results[name]['resume_s'])}", flush=True)
+    _plot(results, Path(ns.out).with_suffix(".png"))
+    report({"experiments": results, "every": ns.every, "run_dirs": str(tmp)}, ns.out)
+
+
+def _plot(results: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
+    names = list(results)
+    for ax, key in zip(axes, ("detect_s", "rebuild_s", "resume_s")):
+        data = [[r[key] for r in results[n]["rows"] if r[key] is not None] or [float("nan")] for n in names]
+        ax.boxplot(data, showfliers=True)
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right")
+        ax.set_title(key.replace("_s", " (s)"))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
