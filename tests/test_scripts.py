@@ -73,3 +73,14 @@ def test_recovery_latency_script(tmp_path):
     assert exp["exit_code"] == 0 and exp["num_stages"] == 2 and exp["kills"] == exp["recovered"] >= 1
     assert exp["rows"][0]["stage"] == 0 and exp["detect_s"]["n"] == exp["kills"]
     assert (tmp_path / "bench_recovery_latency.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_scaling_script(tmp_path):
+    result = _script("bench_scaling", *TINY, "num_threads=1", "--stages", "2", "--microbatches", "1", "2",
+                     "--steps", "3", "--skip", "1", tmp_path=tmp_path)
+    assert [(r["stages"], r["microbatches"]) for r in result["rows"]] == [(2, 1), (2, 2)]
+    for r in result["rows"]:
+        assert r["swarm_step_s"] > 0 and r["machine_bound_s"] >= r["pipeline_bound_s"] > 0
+        assert r["bubble_fraction"] == pytest.approx(1 / (r["microbatches"] + 1)) and r["max_peer_rss_mb"] > 50
+    assert (tmp_path / "bench_scaling.png").stat().st_size > 5000
