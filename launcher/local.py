@@ -35,6 +35,16 @@ from launcher.report import merge_run
 logger = logging.getLogger(__name__)
 
 
+def advance_iterations(last_seen_step: int, iteration: int, step: int) -> tuple[int, int, int]:
+    """Iterations are committed steps as the launcher observes them, redone steps included (as in the
+    engine, work redone after a checkpoint rollback is exposed to failures again); steps it polled past
+    are drawn too. Returns (new last seen step, first new iteration, last new iteration): no new
+    iteration when first > last."""
+    if step < last_seen_step:  # rolled back: the steps up to the old one will be run, and exposed, again
+        return step, iteration + 1, iteration
+    return step, iteration + 1, iteration + (step - last_seen_step)
+
+
 class LocalSwarm:
     def __init__(self, cfg: TrainConfig, run_dir: Path, status: bool = True):
         self.cfg, self.run_dir, self.show_status = cfg, Path(run_dir), status
@@ -54,7 +64,8 @@ class LocalSwarm:
         self.injector = FailureInjector(cfg.failures, cfg.model.num_stages)
         self.rng = random.Random(cfg.failures.seed)
         self.pending_spares: list[float] = []  # times at which to start a spare
-        self.last_drawn_step = -1
+        self.last_seen_step = -1  # the swarm's step when failures were last drawn
+        self.iteration = -1  # the last iteration failures were drawn for
         self.kill_epoch = -1
         self.counter = 0
         self.seen_epochs: set[int] = set()
@@ -138,15 +149,16 @@ class LocalSwarm:
         if not healthy or now - current.time < cfg.swarm.min_gap_s:
             return
         step = max(members[pid].step for pid in roster)
-        if step <= self.last_drawn_step or step >= cfg.num_steps - 1:
+        if step >= cfg.num_steps - 1:
             return
-        first, self.last_drawn_step = self.last_drawn_step + 1, step
+        self.last_seen_step, first, self.iteration = advance_iterations(self.last_seen_step, self.iteration, step)
+        if first > self.iteration:
+            return
         mean_step_s = None
         rates = [members[pid].tokens_per_s for pid in roster if members[pid].tokens_per_s]
         if rates:
             mean_step_s = self.cfg.data.microbatch_size * self.cfg.model.seq_len * self.cfg.pipeline.num_microbatches / min(rates)
-        # iterations are committed steps as the launcher observes them; steps it polled past are drawn too
-        drawn = [f for it in range(first, step + 1) for f in self.injector.failures_at(it, mean_step_s)]
+        drawn = [f for it in range(first, self.iteration + 1) for f in self.injector.failures_at(it, mean_step_s)]
         for f in drawn:
             pid = roster[f.stage]
             proc = self.procs.get(pid)

@@ -197,6 +197,37 @@ def markdown(table: dict, rates, strategies, target: float) -> str:
             lines.append(f"| {rate:.0%} | {s} | {t['reached']}/{t['seeds']} | {fmt(t['seconds_to_target'])} | "
                          f"{fmt(t['steps_to_target'], 0)} | {fmt(t['final_val'], 3)} | {fmt(t['final_ppl'], 2)} | "
                          f"{fmt(t['failures'])} |")
+    lines += ["", relative(table, rates, strategies)]
+    return "\n".join(lines) + "\n"
+
+
+def relative(table: dict, rates, strategies) -> str:
+    """Time to target of checkfree and checkfree+ over each baseline's (mean seconds over the seeds that
+    reached it; 'not reached' where no seed did), and whether final losses order weighted < copy < random."""
+    baselines = [s for s in strategies if s.startswith("checkpoint") or s == "redundant"]
+    ours = [s for s in ("checkfree", "checkfree_plus") if s in strategies]
+    if not baselines or not ours:
+        return ""
+    lines = ["| rate | strategy | " + " | ".join(f"time to target / {b}" for b in baselines) +
+             " | final val: checkfree < copy < random |", "|---|---|" + "---|" * (len(baselines) + 1)]
+    for rate in rates:
+        order = ""
+        if all(f"{rate}/{s}" in table for s in ("checkfree", "copy", "random")):
+            v = [table[f"{rate}/{s}"]["final_val"]["mean"] for s in ("checkfree", "copy", "random")]
+            order = f"{v[0] < v[1] < v[2]} ({v[0]:.3f} / {v[1]:.3f} / {v[2]:.3f})"
+        for s in ours:
+            mine = table[f"{rate}/{s}"]
+            cells = []
+            for b in baselines:
+                other = table[f"{rate}/{b}"]
+                if mine["seconds_to_target"] is None:
+                    cells.append(f"not reached ({mine['reached']}/{mine['seeds']})")
+                elif other["seconds_to_target"] is None:
+                    cells.append(f"{b} never reached it")
+                else:
+                    cells.append(f"{mine['seconds_to_target']['mean'] / other['seconds_to_target']['mean']:.2f} "
+                                 f"({mine['reached']}/{mine['seeds']} vs {other['reached']}/{other['seeds']} seeds)")
+            lines.append(f"| {rate:.0%} | {s} | " + " | ".join(cells) + f" | {order if s == 'checkfree' else ''} |")
     return "\n".join(lines) + "\n"
 
 

@@ -23,13 +23,16 @@ DOCS = ROOT / "docs"
 
 COMMANDS = {
     "engine_overhead": "python scripts/bench_engine_overhead.py --steps 10 --rounds 3",
-    "swarm_vs_engine": "python scripts/bench_swarm_vs_engine.py --steps 40",
+    "overhead": "python scripts/bench_overhead.py --steps 40 --rounds 3",
     "heartbeat_detection": "python scripts/bench_heartbeat_detection.py",
     "heartbeat_detection_hang": "python scripts/bench_heartbeat_detection.py --hang --out runs/bench/heartbeat_detection_hang.json",
     "recovery_ablation": "python scripts/bench_recovery_ablation.py configs/bench.yaml",
-    "convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200",
+    "recovery_latency": "python scripts/bench_recovery_latency.py",
+    "scaling": "python scripts/bench_scaling.py",
+    "convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --jobs 2",
 }
-QUICK = {"convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --rates 0.16 0.33 --seeds 0 1"}
+QUICK = {"convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --rates 0.16 0.33 --seeds 0 1 "
+                        "--jobs 2"}
 
 
 def _load(name: str) -> dict | None:
@@ -59,17 +62,58 @@ def build() -> str:
         out += _section("Pipeline engine against the unsplit model", "engine_overhead",
                         f"Median step {r['median_step_s']['engine']:.3f} s (engine, {r['config']['num_stages']} stages) vs "
                         f"{r['median_step_s']['unsplit']:.3f} s (unsplit): ratio **{r['ratio_engine_over_unsplit']:.3f}**.")
-    r = _load("swarm_vs_engine")
+    r = _load("overhead")
     if r:
-        out += _section("Failure-free throughput: swarm against engine", "swarm_vs_engine",
-                        f"Median tokens/s {r['median_tokens_per_s']['swarm']:.0f} (swarm: 4 processes, DHT heartbeats, gloo) vs "
-                        f"{r['median_tokens_per_s']['engine']:.0f} (single-process engine): ratio **{r['ratio_swarm_over_engine']:.2f}**.")
+        med, ratios = r["median_tokens_per_s"], r["ratios"]
+        rows = ["| side | median tokens/s | per-round medians |", "|---|---|---|"]
+        for side, v in med.items():
+            rows.append(f"| {side} | {v:.0f} | {', '.join(f'{x:.0f}' for x in r['per_round_median_tokens_per_s'][side])} |")
+        loss = ["| side | train loss, mean of last steps (per round) | final val loss (per round) |", "|---|---|---|"]
+        for side in ("engine", "engine_swap", "swarm", "swarm_swap", "static"):
+            if side in r["losses"]:
+                ls = r["losses"][side]
+                tails = ", ".join(f"{x['train_tail']:.4f}" for x in ls)
+                vals = ", ".join("-" if x["val_final"] is None else f"{x['val_final']:.4f}" for x in ls)
+                loss.append(f"| {side} | {tails} | {vals} |")
+        fmt = lambda v: "-" if v is None else f"**{v:.3f}**"  # noqa: E731
+        out += _section("Overhead without failures (side by side, rounds interleaved)", "overhead",
+                        f"{r['rounds']} rounds of {r['steps']} steps per side, config {r['config']}.\n\n" + "\n".join(rows) +
+                        f"\n\nMachinery on / off (swarm / static pipeline): {fmt(ratios['machinery_on_over_off'])}; "
+                        f"CheckFree+ swapped / plain schedule: {fmt(ratios['swap_over_plain_swarm'])} in the swarm, "
+                        f"{fmt(ratios['swap_over_plain_engine'])} in the engine; swarm / engine: "
+                        f"{fmt(ratios['swarm_over_engine'])}.\n\nLoss at equal steps:\n\n" + "\n".join(loss))
     for name, what in (("heartbeat_detection", "crash (SIGKILL)"), ("heartbeat_detection_hang", "hang (SIGSTOP)")):
         r = _load(name)
         if r:
             out += _section(f"Heartbeat expiry after a {what}", name,
                             f"period {r['period_s']} s, TTL {r['ttl_s']} s, observer polling every {r['poll_s']} s: "
                             f"median **{r['median_s']:.2f} s**, worst {r['max_s']:.2f} s over {len(r['latencies_s'])} trials.")
+    r = _load("recovery_latency")
+    if r:
+        rows = ["| experiment | stages | d_model | stage params (MB) | heartbeat period / TTL (s) | kills recovered | "
+                "detect s, median [min, max] | rebuild s | resume s |", "|---|---|---|---|---|---|---|---|---|"]
+        fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"  # noqa: E731
+        for name, e in r["experiments"].items():
+            rows.append(f"| {name} | {e['num_stages']} | {e['d_model']} | {e['stage_param_bytes'] / 2**20:.2f} | "
+                        f"{e['period_s']} / {e['ttl_s']} | {e['recovered']}/{e['kills']} | {fmt(e['detect_s'])} | "
+                        f"{fmt(e['rebuild_s'])} | {fmt(e['resume_s'])} |")
+        shutil.copy(BENCH / "recovery_latency.png", DOCS / "bench_recovery_latency.png")
+        out += _section("Recovery latency in the swarm", "recovery_latency",
+                        "Kills of the first, a middle and the last stage per experiment (the base `crash` kills every "
+                        "stage once); each experiment changes one thing from it.\n\n" + "\n".join(rows) +
+                        "\n\n![latency](bench_recovery_latency.png)")
+    r = _load("scaling")
+    if r:
+        rows = ["| stages | microbatches | swarm step s | pipeline bound s | machine bound s | swarm / machine bound | "
+                "bubble fraction | swarm tokens/s | largest peer RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+        for x in r["rows"]:
+            rows.append(f"| {x['stages']} | {x['microbatches']} | {x['swarm_step_s']:.3f} | {x['pipeline_bound_s']:.3f} | "
+                        f"{x['machine_bound_s']:.3f} | {x['over_machine_bound']:.2f} | {x['bubble_fraction']:.2f} | "
+                        f"{x['swarm_tokens_per_s']:.0f} | {x['max_peer_rss_mb']:.0f} |")
+        shutil.copy(BENCH / "scaling.png", DOCS / "bench_scaling.png")
+        out += _section("Scaling: step time against stages and microbatches", "scaling",
+                        f"{r['cores']} cores, config {r['config']}; bounds from the engine's per-slot compute time "
+                        "(see the script's docstring).\n\n" + "\n".join(rows) + "\n\n![scaling](bench_scaling.png)")
     r = _load("recovery_ablation")
     if r:
         rows = ["| method | spike right after | final val loss | final ppl | regained within budget | median steps to regain |",
