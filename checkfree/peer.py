@@ -77,7 +77,8 @@ class Peer:
         self.replicas_on = cfg.recovery.strategy in PER_STAGE_STRATEGIES and cfg.recovery.edge_replica_every_steps > 0
         self.ckpt = None
         if cfg.checkpoint.every_steps:
-            self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, keep=1 << 30)
+            self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, keep=1 << 30,
+                                        storage_mb_s=cfg.checkpoint.storage_mb_s)
         self.asked_stage = -1 if stage is None else stage
         self.worker: StageWorker | None = None
         self.group: EpochGroup | None = None

@@ -71,7 +71,8 @@ class Trainer:
             eng.shadows = Shadows(eng.stages, eng.optimizers, eng.lrs, self.schedule, self.batches, cfg.optim, eng.device)
         self.ckpt = None
         if cfg.checkpoint.every_steps:
-            self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep)
+            self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep,
+                                        cfg.checkpoint.storage_mb_s)
         self.replicas_on = cfg.recovery.strategy in PER_STAGE_STRATEGIES and cfg.recovery.edge_replica_every_steps > 0
         self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
         self.events = EventLog(self.run_dir / "events.jsonl")

@@ -13,6 +13,14 @@ resumes where it stopped and a sweep can be widened (another seed, another rate)
 ``--jobs N`` runs N trainings side by side, one torch thread each (wall-clock seconds are then measured
 under that shared load, equally for every strategy).
 
+``--swarm`` runs every strategy in the real multi-process swarm instead (``checkfree swarm``: one process
+per stage, two spares, the launcher replaying the same traces by SIGKILL), one run at a time, for
+wall-clock truth: detection, rendezvous and weight transfer are then part of the time to target. Seconds
+count from the start of the first step (the DHT start-up before it is left out).
+
+    python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm --rates 0.10 0.33 --seeds 0 \
+        --out runs/bench/convergence_swarm.json --runs-dir runs/bench/convergence-swarm-runs
+
     python scripts/bench_convergence.py [configs/bench.yaml] [key=value ...] --rates 0.05 0.10 0.16 0.33 --seeds 0 1 2
 """
 
@@ -22,6 +30,8 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
+import shutil
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -31,6 +41,7 @@ from checkfree.failures import FailureConfig, FailureInjector, write_trace
 from checkfree.metrics import read_jsonl, report
 from checkfree.plot import plot_runs
 from checkfree.trainer import Trainer
+from launcher.local import run_local_swarm
 
 STRATEGIES = ["none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint:10", "checkpoint:50",
               "redundant"]
@@ -65,18 +76,27 @@ def _done(files, args, run_dir: Path) -> bool:
     return (run_dir / "config.yaml").read_text() == to_yaml(load_config(files, args))
 
 
-def _train(files, args) -> None:
-    Trainer(load_config(files, args)).run()
+def _train(files, args, swarm: bool = False) -> None:
+    cfg = load_config(files, args)
+    if not swarm:
+        Trainer(cfg).run()
+        return
+    if cfg.run_dir.exists():
+        shutil.rmtree(cfg.run_dir)  # an interrupted run's peers must not mix into this one's report
+    code, _ = run_local_swarm(cfg, cfg.run_dir, status=False)
+    if code != 0:
+        raise RuntimeError(f"swarm run {cfg.run_dir} exited with {code}")
 
 
-def _run_all(files, tasks: list[tuple[list[str], Path]], jobs: int) -> None:
+def _run_all(files, tasks: list[tuple[list[str], Path]], jobs: int, swarm: bool = False) -> None:
     """Train every (args, run_dir) not already done, ``jobs`` at a time, each in its own process."""
     todo = [(args, d) for args, d in tasks if not _done(files, args, d)]
     print(f"{len(tasks) - len(todo)} of {len(tasks)} runs already done; {len(todo)} to run with {jobs} job(s)",
           flush=True)
-    if jobs <= 1:
-        for args, _ in todo:
-            _train(files, args)
+    if jobs <= 1 or swarm:
+        for args, d in todo:
+            _train(files, args, swarm)
+            print(f"finished {d.name}", flush=True)
         return
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_train, files, args): d for args, d in todo}
@@ -86,9 +106,13 @@ def _run_all(files, tasks: list[tuple[list[str], Path]], jobs: int) -> None:
 
 
 def _to_target(run_dir: Path, target: float) -> tuple[int | None, float | None]:
-    for m in read_jsonl(run_dir / "metrics.jsonl"):
+    """Steps and seconds until the validation loss first reaches ``target``. Swarm runs (their rows carry
+    an epoch) count seconds from the start of their first step."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    t0 = rows[0]["time/wall"] - rows[0]["time/step_s"] if rows and "epoch" in rows[0] else None
+    for m in rows:
         if "loss/val" in m and m["loss/val"] <= target:
-            return m["step"] + 1, m["time/train_s"]
+            return m["step"] + 1, (m["time/wall"] - t0) if t0 is not None else m["time/train_s"]
     return None, None
 
 
@@ -113,6 +137,7 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="runs/bench/convergence-runs",
                     help="where every run keeps its directory; finished runs found there are reused")
     ap.add_argument("--jobs", type=int, default=1, help="trainings side by side (one torch thread each when > 1)")
+    ap.add_argument("--swarm", action="store_true", help="run every strategy in the multi-process swarm")
     ap.add_argument("--out", default="runs/bench/convergence.json")
     ns = ap.parse_args()
     files, overrides = split_args(ns.args)
@@ -121,6 +146,9 @@ def main() -> None:
     base = load_config(files, overrides)
     L, steps = base.model.num_stages, base.num_steps
     threads = 1 if ns.jobs > 1 else 0
+    if ns.swarm:  # the peers' share of the cores, set explicitly so that a finished run's config matches
+        threads = max(1, (os.cpu_count() or 1) // L)
+        overrides = [*overrides, "swarm.num_spares=2"]
 
     def name(strategy: str, rate: float, seed: int) -> str:
         return f"none-s{seed}" if strategy == "none" else f"{strategy.replace(':', 'K')}-r{rate}-s{seed}"
@@ -139,7 +167,7 @@ def main() -> None:
                     runs[strategy, rate, seed] = runs_dir / name(strategy, rate, seed)
                     tasks.append((_args(overrides, runs_dir, name(strategy, rate, seed), strategy, seed, trace, threads),
                                   runs[strategy, rate, seed]))
-    _run_all(files, tasks, ns.jobs)
+    _run_all(files, tasks, ns.jobs, ns.swarm)
 
     target = ns.target_loss
     if target is None:
@@ -156,14 +184,14 @@ def main() -> None:
                 to_step, to_s = _to_target(run_dir, target)
                 rows.append({"rate": rate, "seed": seed, "strategy": strategy, "steps_to_target": to_step,
                              "seconds_to_target": to_s, "final_val": summary["final_val_loss"],
-                             "train_s": summary["train_s"], "failures": summary["failures"],
-                             "recoveries": summary["recoveries"], "iterations": summary["iterations"]})
+                             "train_s": summary.get("train_s"), "failures": summary["failures"],
+                             "recoveries": summary["recoveries"], "iterations": summary.get("iterations")})
                 print(f"rate {rate:.2f} seed {seed} {strategy:14s} to-target {to_step} steps / "
                       f"{to_s if to_s is None else round(to_s, 1)} s, final val {summary['final_val_loss']:.3f}, "
                       f"failures {summary['failures']}", flush=True)
         if ns.seeds:
             seed0 = [runs[(s, rate if s != 'none' else 0.0, ns.seeds[0])] for s in ns.strategies]
-            plot_runs(seed0, Path(ns.out).with_name(f"convergence_rate{rate}.png"), labels=ns.strategies)
+            plot_runs(seed0, Path(ns.out).with_name(f"{Path(ns.out).stem}_rate{rate}.png"), labels=ns.strategies)
     table = {}
     for rate in ns.rates:
         for strategy in ns.strategies:
@@ -177,7 +205,8 @@ def main() -> None:
                 "failures": _agg([x["failures"] for x in r]), "recoveries": _agg([x["recoveries"] for x in r]),
             }
     report({"target_val_loss": target, "num_steps": steps, "rates": ns.rates, "seeds": ns.seeds,
-            "iteration_s": ns.iteration_s, "acceleration": ns.acceleration, "target_frac": ns.target_frac, "jobs": ns.jobs, "table": table,
+            "iteration_s": ns.iteration_s, "acceleration": ns.acceleration, "target_frac": ns.target_frac, "jobs": ns.jobs, "swarm": ns.swarm,
+            "table": table,
             "run_dirs": str(runs_dir)},
            ns.out)
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")

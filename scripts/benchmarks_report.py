@@ -131,17 +131,21 @@ def build() -> str:
                         "![ablation](bench_recovery_ablation.png)")
     for res in sorted(p for p in BENCH.glob("convergence*.json") if not p.name.endswith(".rows.json")):
         r, md = json.loads(res.read_text()), res.with_suffix(".md")
-        pngs = [BENCH / f"convergence_rate{rate}.png" for rate in r["rates"]]
+        pngs = [BENCH / f"{res.stem}_rate{rate}.png" for rate in r["rates"]]
         for p in pngs:
             shutil.copy(p, DOCS / f"bench_{p.name}")
-        out += _section(f"Convergence under failures at {', '.join(f'{x:.0%}' for x in r['rates'])} per hour, every "
-                        "strategy on the same traces", "convergence",
+        where = "in the multi-process swarm" if r.get("swarm") else "in the single-process engine"
+        flags = (" --swarm" if r.get("swarm") else "") + (f" --jobs {r['jobs']}" if r.get("jobs", 1) > 1 else "")
+        out += _section(f"Convergence under failures {where} at {', '.join(f'{x:.0%}' for x in r['rates'])} per hour, "
+                        "every strategy on the same traces", "convergence",
                         f"Rates {r['rates']}, seeds {r['seeds']}, {r['num_steps']} steps; one iteration stands for "
-                        f"{r['iteration_s']} s accelerated {r['acceleration']}x.\n\n" + md.read_text() + "\n" +
+                        f"{r['iteration_s']} s accelerated {r['acceleration']}x; target: the failure-free run's validation "
+                        f"loss at {r.get('target_frac', 0.75):.0%} of its steps.\n\n" + md.read_text() + "\n" +
                         "\n".join(f"![{p.stem}](bench_{p.name})" for p in pngs),
-                        command=f"python scripts/bench_convergence.py configs/bench.yaml num_steps={r['num_steps']} "
+                        command=f"python scripts/bench_convergence.py configs/bench.yaml num_steps={r['num_steps']}{flags} "
                                 f"--rates {' '.join(map(str, r['rates']))} --seeds {' '.join(map(str, r['seeds']))}"
-                                + (f" --out runs/bench/{res.name}" if res.name != "convergence.json" else ""))
+                                + (f" --out runs/bench/{res.name} --runs-dir {r['run_dirs']}"
+                                   if res.name != "convergence.json" else ""))
     reading = DOCS / "BENCHMARKS-reading.md"  # hand-written: what the figures mean, revised with them
     if reading.is_file():
         out += [reading.read_text()]

@@ -61,7 +61,24 @@ def test_convergence_script(tmp_path):
     assert set(table) == {"0.33/none", "0.33/checkfree", "0.33/checkpoint:2", "0.33/redundant"}
     assert table["0.33/checkfree"]["failures"]["mean"] >= 1 and table["0.33/none"]["failures"]["mean"] == 0
     assert (tmp_path / "bench_convergence.md").read_text().count("| 33% |") == 4
-    assert (tmp_path / "convergence_rate0.33.png").stat().st_size > 5000
+    assert (tmp_path / "bench_convergence_rate0.33.png").stat().st_size > 5000
+    again = _script("bench_convergence", *TINY, "num_threads=1", "num_steps=8", "eval_every_steps=2", "--rates", "0.33",
+                    "--seeds", "0", "--strategies", "none", "checkfree", "checkpoint:2", "redundant",
+                    "--acceleration", "300", tmp_path=tmp_path)
+    assert again["table"] == table  # every finished run was found and reused
+
+
+@pytest.mark.slow
+def test_convergence_script_in_the_swarm(tmp_path):
+    result = _script("bench_convergence", *TINY, "num_steps=30", "eval_every_steps=5", "--swarm", "--rates", "0.33",
+                     "--seeds", "0", "--strategies", "none", "checkfree", "--acceleration", "3000",
+                     "--runs-dir", "swarm-runs", tmp_path=tmp_path)
+    assert result["swarm"] is True
+    table = result["table"]
+    assert table["0.33/checkfree"]["failures"]["mean"] >= 1 and table["0.33/none"]["failures"]["mean"] == 0
+    assert table["0.33/none"]["reached"] == 1 and table["0.33/none"]["seconds_to_target"]["mean"] > 0
+    summary = json.loads((tmp_path / "swarm-runs" / "checkfree-r0.33-s0" / "summary.json").read_text())
+    assert summary["recoveries"] == summary["failures"] >= 1 and summary["skipped_steps"] == []
 
 
 @pytest.mark.slow
