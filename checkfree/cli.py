@@ -165,6 +165,12 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     from checkfree.config import ConfigError, load_config, split_args
     from checkfree.data import DataError
 
+    def on_term(signum, frame):  # a clean exit: the peer tombstones its record
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if ns.exit_with_parent:
+        _exit_with_parent()
     files, overrides = split_args(ns.args)
     try:
         cfg = load_config(files, overrides)
@@ -174,12 +180,29 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     except (ConfigError, DataError, ValueError) as e:
         print(f"checkfree peer: {e}", file=sys.stderr)
         return 2
-
-    def on_term(signum, frame):  # a clean exit: the peer tombstones its record
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, on_term)
     return peer.run()
+
+
+def _exit_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (a local launcher) dies, even by SIGKILL, so
+    that a killed ``checkfree swarm`` never leaves its peers running (Linux prctl PR_SET_PDEATHSIG). SIGKILL
+    because a peer the injector froze (SIGSTOP) would never act on a catchable signal; the peer's DHT
+    process notices its parent is gone and exits on its own."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ok = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        print("checkfree peer: --exit-with-parent is not supported on this system; continuing without it",
+              file=sys.stderr)
+    elif os.getppid() != parent:  # the parent died before the request took effect
+        raise SystemExit(0)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
@@ -244,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--run-dir", help="where this peer writes its events, metrics and checkpoints "
                       "(default OUT_DIR/RUN_NAME)")
     peer.add_argument("--peer-id", help="a name for this peer (default: random)")
+    peer.add_argument("--exit-with-parent", action="store_true",
+                      help="exit when the process that started this peer dies (set by checkfree swarm)")
     peer.set_defaults(func=cmd_peer)
     status = sub.add_parser("status", help="print the live swarm", description=STATUS_HELP)
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")

@@ -8,11 +8,13 @@ Five sides train the same config for ``--steps`` steps, failure-free, in each of
 - ``static``: the same stage workers in one process per stage on one fixed gloo group, machinery off
   (``launcher/static.py``);
 - ``swarm_swap``: the swarm with the CheckFree+ swapped schedule;
+- ``swarm_redundant``: the swarm with redundant computation (every peer also trains a shadow of the
+  next stage): what Bamboo-style redundancy costs in time and memory, measured;
 - ``engine`` and ``engine_swap``: the single-process engine, plain and swapped.
 
 Reports the median tokens/s of each side (first ``--skip`` steps of each run left out, pooled over
-rounds) and the ratios: machinery on/off (swarm/static), swapped/plain (swarm and engine), swarm/engine;
-and, at equal steps, the training loss (mean of the last ``--tail`` steps) and the final validation loss
+rounds) and the ratios: machinery on/off (swarm/static), swapped/plain (swarm and engine), redundant/plain
+(swarm), swarm/engine; the largest resident memory of a stage process per side; and, at equal steps, the training loss (mean of the last ``--tail`` steps) and the final validation loss
 of the engine's plain and swapped runs.
 
     python scripts/bench_overhead.py [CONFIG.yaml ...] [key=value ...] [--steps 40] [--rounds 3]
@@ -31,23 +33,29 @@ from checkfree.trainer import Trainer
 from launcher.local import run_local_swarm
 from launcher.static import run_static_pipeline
 
-SIDES = ("swarm", "static", "swarm_swap", "engine", "engine_swap")
+SIDES = ("swarm", "static", "swarm_swap", "swarm_redundant", "engine", "engine_swap")
 
 
-def _run_side(side: str, files, common: list[str], tmp: Path, rnd: int) -> list[dict]:
-    """One run of one side; returns its per-step records (tokens/s, loss) in step order."""
+def _run_side(side: str, files, common: list[str], tmp: Path, rnd: int) -> tuple[list[dict], float | None]:
+    """One run of one side; returns its per-step records (tokens/s, loss) in step order and the largest
+    resident memory (MB) of any of its stage processes (None for the engine: it runs in this process)."""
     name = f"{side}-r{rnd}"
-    swap = "pipeline.swap=true" if side.endswith("_swap") else "pipeline.swap=false"
-    cfg = load_config(files, [*common, swap, f"run_name={name}"])
+    extra = ["pipeline.swap=true" if side.endswith("_swap") else "pipeline.swap=false"]
+    if side == "swarm_redundant":
+        extra.append("recovery.strategy=redundant")
+    cfg = load_config(files, [*common, *extra, f"run_name={name}"])
     if side == "static":
-        return run_static_pipeline(cfg, tmp / name)[0]
+        records = run_static_pipeline(cfg, tmp / name)
+        return records[0], max(r["memory/max_rss_mb"] for stage in records for r in stage)
     if side.startswith("swarm"):
         code, _ = run_local_swarm(cfg, tmp / name, status=False)
         if code != 0:
             raise SystemExit(f"the swarm of side {side} exited with {code}; see {tmp / name}")
-        return [m for m in read_jsonl(tmp / name / "metrics.jsonl") if "loss/train" in m]
+        rss = [m["memory/max_rss_mb"] for f in (tmp / name / "peers").glob("*/metrics.jsonl") for m in read_jsonl(f)
+               if "memory/max_rss_mb" in m]
+        return [m for m in read_jsonl(tmp / name / "metrics.jsonl") if "loss/train" in m], max(rss)
     Trainer(cfg).run()
-    return read_jsonl(tmp / name / "metrics.jsonl")
+    return read_jsonl(tmp / name / "metrics.jsonl"), None
 
 
 def main() -> None:
@@ -67,10 +75,12 @@ def main() -> None:
     tokens: dict[str, list[float]] = {s: [] for s in ns.sides}
     per_round: dict[str, list[float]] = {s: [] for s in ns.sides}
     losses: dict[str, list[dict]] = {s: [] for s in ns.sides}
+    rss: dict[str, list[float | None]] = {s: [] for s in ns.sides}
     for rnd in range(ns.rounds):
         order = ns.sides[rnd % len(ns.sides):] + ns.sides[: rnd % len(ns.sides)]
         for side in order:
-            rows = _run_side(side, files, common, tmp, rnd)
+            rows, peak = _run_side(side, files, common, tmp, rnd)
+            rss[side].append(peak)
             train = [r for r in rows if "loss/train" in r]
             rates = [r["throughput/tokens_per_s"] for r in train[ns.skip:]]
             tokens[side] += rates
@@ -88,9 +98,11 @@ def main() -> None:
     result = {
         "steps": ns.steps, "rounds": ns.rounds, "skipped": ns.skip, "median_tokens_per_s": med,
         "per_round_median_tokens_per_s": per_round, "losses": losses,
+        "max_stage_process_rss_mb": {s: max((x for x in v if x is not None), default=None) for s, v in rss.items()},
         "ratios": {"machinery_on_over_off": ratio("swarm", "static"),
                    "swap_over_plain_swarm": ratio("swarm_swap", "swarm"),
                    "swap_over_plain_engine": ratio("engine_swap", "engine"),
+                   "redundant_over_plain_swarm": ratio("swarm_redundant", "swarm"),
                    "swarm_over_engine": ratio("swarm", "engine")},
         "run_dirs": str(tmp),
     }

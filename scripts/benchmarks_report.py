@@ -65,11 +65,13 @@ def build() -> str:
     r = _load("overhead")
     if r:
         med, ratios = r["median_tokens_per_s"], r["ratios"]
-        rows = ["| side | median tokens/s | per-round medians |", "|---|---|---|"]
+        rows = ["| side | median tokens/s | per-round medians | largest stage-process RSS (MB) |", "|---|---|---|---|"]
         for side, v in med.items():
-            rows.append(f"| {side} | {v:.0f} | {', '.join(f'{x:.0f}' for x in r['per_round_median_tokens_per_s'][side])} |")
+            peak = r.get("max_stage_process_rss_mb", {}).get(side)
+            rows.append(f"| {side} | {v:.0f} | {', '.join(f'{x:.0f}' for x in r['per_round_median_tokens_per_s'][side])} | "
+                        f"{'-' if peak is None else f'{peak:.0f}'} |")
         loss = ["| side | train loss, mean of last steps (per round) | final val loss (per round) |", "|---|---|---|"]
-        for side in ("engine", "engine_swap", "swarm", "swarm_swap", "static"):
+        for side in ("engine", "engine_swap", "swarm", "swarm_swap", "swarm_redundant", "static"):
             if side in r["losses"]:
                 ls = r["losses"][side]
                 tails = ", ".join(f"{x['train_tail']:.4f}" for x in ls)
@@ -80,7 +82,8 @@ def build() -> str:
                         f"{r['rounds']} rounds of {r['steps']} steps per side, config {r['config']}.\n\n" + "\n".join(rows) +
                         f"\n\nMachinery on / off (swarm / static pipeline): {fmt(ratios['machinery_on_over_off'])}; "
                         f"CheckFree+ swapped / plain schedule: {fmt(ratios['swap_over_plain_swarm'])} in the swarm, "
-                        f"{fmt(ratios['swap_over_plain_engine'])} in the engine; swarm / engine: "
+                        f"{fmt(ratios['swap_over_plain_engine'])} in the engine; redundant computation / plain (swarm): "
+                        f"{fmt(ratios.get('redundant_over_plain_swarm'))}; swarm / engine: "
                         f"{fmt(ratios['swarm_over_engine'])}.\n\nLoss at equal steps:\n\n" + "\n".join(loss))
     for name, what in (("heartbeat_detection", "crash (SIGKILL)"), ("heartbeat_detection_hang", "hang (SIGSTOP)")):
         r = _load(name)

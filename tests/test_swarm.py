@@ -223,3 +223,28 @@ def test_redundant_swarm_fails_over_to_shadows_without_losing_anything(tmp_path)
     assert [m["loss/train"] for m in metrics] == pytest.approx(expected, abs=1e-5)
     rebuilt_lrs = {e["lr"] for e in events if e["event"] == "rebuilt"}
     assert rebuilt_lrs == {reference.cfg.optim.lr}  # the shadow's learning rate, not a raised one
+
+
+def test_a_killed_launcher_leaves_no_peer_running(tmp_path):
+    """SIGKILL of `checkfree swarm` itself (no chance to clean up): every peer, running or frozen, and its
+    DHT process exit on their own."""
+    proc = run_swarm(tmp_path, "orphans", "num_steps=100000", "swarm.num_spares=1", "swarm.hang_fraction=1.0",
+                     failures=[Failure(3, 2, "mid_forward", 0.5)], background=True)
+    run_dir = tmp_path / "orphans"
+    try:
+        log = run_dir / "launcher-events.jsonl"
+        deadline = time.time() + 90
+        while time.time() < deadline and not (log.exists() and any(e["event"] == "kill" for e in read_jsonl(log))):
+            time.sleep(0.5)
+        assert time.time() < deadline, "the injector never froze a peer"
+        pgids = _pgids(run_dir)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.time() + 20
+        while _left_behind(pgids) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _left_behind(pgids), _left_behind(pgids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_groups(_pgids(run_dir))
