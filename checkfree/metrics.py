@@ -16,6 +16,22 @@ import time
 from pathlib import Path
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB. On Linux from ``VmHWM`` in /proc/self/status: unlike
+    ``getrusage``'s ``ru_maxrss``, which a process started by fork + exec inherits from its parent (a
+    launcher's 700 MB would show as every peer's peak), it covers this program's own memory only."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf; keep them visible as strings

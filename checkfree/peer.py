@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import secrets
 import threading
 import time
@@ -32,7 +31,7 @@ from checkfree.config import TrainConfig
 from checkfree.coordinator import decide_epoch, leader_of
 from checkfree.data import Batches
 from checkfree.membership import DHTUnavailable, EpochRecord, Membership, MemberRecord
-from checkfree.metrics import EventLog, JsonLines
+from checkfree.metrics import EventLog, JsonLines, peak_rss_mb
 from checkfree.model import Stage, block_state, edge_state, init_stage_
 from checkfree.recovery import RecoveryPlan, edge_kind, rebuild_blocks, replica_holder
 from checkfree.redundancy import (HeldShadow, full_state_like, full_state_tensors, load_full_state, shadow_holder,
@@ -413,7 +412,7 @@ class Peer:
             # every stage logs the committed step (a stage lost right after the commit must not leave a gap)
             record = {"step": done, "loss/train": loss, "throughput/tokens_per_s": self.tokens_per_s,
                       "time/wall": time.time(), "time/step_s": step_s, "epoch": self.epoch, "stage": w.index,
-                      "memory/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "memory/max_rss_mb": peak_rss_mb(),
                       "memory/shadow_bytes": w.shadow.bytes() if w.shadow is not None else 0,
                       **{f"stage/{i}/grad_norm_raw": n for i, n in enumerate(w.all_norms)}}
             self.metrics.write(record)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import resource
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.distributed as dist
 
 from checkfree.config import TrainConfig
 from checkfree.data import Batches
+from checkfree.metrics import peak_rss_mb
 from checkfree.model import Stage, init_stage_
 from checkfree.schedule import schedule_for
 from checkfree.swarm_config import config_fingerprint
@@ -53,7 +53,7 @@ def _stage_main(cfg: TrainConfig, stage: int, port: int, out_dir: str, threads: 
             step_s = time.time() - t0
             f.write(json.dumps({"step": step, "loss/train": loss, "time/step_s": step_s,
                                 "throughput/tokens_per_s": tokens / step_s, "stage": stage,
-                                "memory/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                                "memory/max_rss_mb": peak_rss_mb()})
                     + "\n")
         group.all_reduce(torch.zeros(1, dtype=torch.float64), cfg.num_steps)  # nobody leaves before the last read
 
