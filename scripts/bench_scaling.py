@@ -1,9 +1,10 @@
 """Scaling of the swarm: step time against the number of stages and of microbatches, beside the
 pipeline's theoretical bounds, and the memory of each peer.
 
-For every (stages, microbatches) pair: the single-process engine runs the config first and gives the
-compute time of one microbatch on one stage, forward and backward (``t_slot`` = engine step time /
-(M * L): the engine runs the M * L slots one after another); then a failure-free local swarm runs it.
+For every (stages, microbatches) pair: the single-process engine runs the config first, on one torch
+thread like each peer here, and gives the compute time of one microbatch on one stage, forward and
+backward (``t_slot`` = engine step time / (M * L): the engine runs the M * L slots one after another);
+then a failure-free local swarm runs it (each peer on max(1, cores // L) threads).
 The bounds for a step:
 
 - ``pipeline_bound_s`` = (M + L - 1) * t_slot: a perfect GPipe/1F1B pipeline on L machines (its bubble
@@ -57,7 +58,7 @@ def main() -> None:
                       "swarm.num_spares=0"]
             if L < 4:
                 common.append("recovery.strategy=checkfree")  # CheckFree+ needs 4 stages
-            engine_cfg = load_config(files, [*common, f"run_name={name}-engine"])
+            engine_cfg = load_config(files, [*common, f"run_name={name}-engine", "num_threads=1"])
             Trainer(engine_cfg).run()
             engine_step = statistics.median(m["time/step_s"] for m in read_jsonl(tmp / f"{name}-engine" / "metrics.jsonl")[ns.skip:])
             cfg = load_config(files, [*common, f"run_name={name}-swarm"])
@@ -77,6 +78,7 @@ def main() -> None:
                    "over_machine_bound": step / machine_bound,
                    "swarm_tokens_per_s": statistics.median(m["throughput/tokens_per_s"] for m in metrics[ns.skip:]),
                    "max_peer_rss_mb": max(rss) if rss else None}
+            row["peer_threads"] = max(1, cores // L)
             rows.append(row)
             print(f"L={L} M={M}: swarm step {step:.3f} s, engine {engine_step:.3f} s, bounds pipeline "
                   f"{pipeline_bound:.3f} / machine {machine_bound:.3f} s -> x{row['over_machine_bound']:.2f}; "
