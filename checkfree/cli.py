@@ -169,8 +169,8 @@ def cmd_peer(ns: argparse.Namespace) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_term)
-    if ns.exit_with_parent:
-        _exit_with_parent()
+    if ns.parent_pid is not None:
+        _exit_with_parent(ns.parent_pid)
     files, overrides = split_args(ns.args)
     try:
         cfg = load_config(files, overrides)
@@ -183,7 +183,7 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     return peer.run()
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(parent: int) -> None:
     """Have the kernel SIGKILL this process when its parent (a local launcher) dies, even by SIGKILL, so
     that a killed ``checkfree swarm`` never leaves its peers running (Linux prctl PR_SET_PDEATHSIG). SIGKILL
     because a peer the injector froze (SIGSTOP) would never act on a catchable signal; the peer's DHT
@@ -192,16 +192,15 @@ def _exit_with_parent() -> None:
     import os
     import signal
 
-    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         ok = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         ok = False
     if not ok:
-        print("checkfree peer: --exit-with-parent is not supported on this system; continuing without it",
+        print("checkfree peer: --parent-pid is not supported on this system (no prctl); continuing without it",
               file=sys.stderr)
-    elif os.getppid() != parent:  # the parent died before the request took effect
+    if os.getppid() != parent:  # the launcher died before (or while) this process asked to follow it
         raise SystemExit(0)
 
 
@@ -267,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument("--run-dir", help="where this peer writes its events, metrics and checkpoints "
                       "(default OUT_DIR/RUN_NAME)")
     peer.add_argument("--peer-id", help="a name for this peer (default: random)")
-    peer.add_argument("--exit-with-parent", action="store_true",
-                      help="exit when the process that started this peer dies (set by checkfree swarm)")
+    peer.add_argument("--parent-pid", type=int, metavar="PID",
+                      help="the process that started this peer (set by checkfree swarm): exit when it dies")
     peer.set_defaults(func=cmd_peer)
     status = sub.add_parser("status", help="print the live swarm", description=STATUS_HELP)
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")

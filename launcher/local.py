@@ -79,7 +79,7 @@ class LocalSwarm:
         self.counter += 1
         peer_id = f"{'s' + str(stage) if stage is not None else 'spare'}-{self.counter:02d}"
         args = [sys.executable, "-m", "checkfree", "peer", str(self.config_path), "--run-dir", str(self.run_dir),
-                "--peer-id", peer_id, "--exit-with-parent", "--initial-peers", *self.maddrs]
+                "--peer-id", peer_id, "--parent-pid", str(os.getpid()), "--initial-peers", *self.maddrs]
         args += ["--stage", str(stage)] if stage is not None else ["--spare"]
         (self.run_dir / "peers").mkdir(parents=True, exist_ok=True)
         log = open(self.run_dir / "peers" / f"{peer_id}.log", "w")

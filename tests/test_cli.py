@@ -43,3 +43,12 @@ def test_bad_input_exits_2_with_a_message_and_no_run_dir(tmp_path):
     out = _cli("swarm", "recovery.strategy=redundant", "pipeline.swap=true", cwd=tmp_path)
     assert out.returncode == 2 and "needs the plain route; set pipeline.swap=false" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_peer_whose_launcher_is_already_gone_exits_at_once(tmp_path):
+    """The launcher can die between starting a peer and the peer asking to follow it: the peer sees that its
+    parent is not the launcher it was told about and leaves before joining anything."""
+    out = _cli("peer", "--stage", "0", "--parent-pid", "999999999", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/x",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "runs").exists()
