@@ -1,5 +1,5 @@
 """Regenerate docs/BENCHMARKS.md from the benchmark results in runs/bench/ (``--run`` first reruns every
-benchmark at the documented scale, ~1.5 h on 2 cores).
+benchmark at the documented scale, about 2 hours on 2 cores).
 
     python scripts/benchmarks_report.py [--run] [--quick]
 """
@@ -23,13 +23,16 @@ DOCS = ROOT / "docs"
 
 COMMANDS = {
     "engine_overhead": "python scripts/bench_engine_overhead.py --steps 10 --rounds 3",
-    "overhead": "python scripts/bench_overhead.py --steps 40 --rounds 3",
+    "overhead": "python scripts/bench_overhead.py --steps 30 --rounds 2",
     "heartbeat_detection": "python scripts/bench_heartbeat_detection.py",
     "heartbeat_detection_hang": "python scripts/bench_heartbeat_detection.py --hang --out runs/bench/heartbeat_detection_hang.json",
     "recovery_ablation": "python scripts/bench_recovery_ablation.py configs/bench.yaml",
     "recovery_latency": "python scripts/bench_recovery_latency.py",
     "scaling": "python scripts/bench_scaling.py",
     "convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --jobs 2",
+    "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm --rates 0.33 "
+                         "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant "
+                         "--out runs/bench/convergence_swarm.json --runs-dir runs/bench/convergence-swarm-runs",
 }
 QUICK = {"convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --rates 0.16 0.33 --seeds 0 1 "
                         "--jobs 2"}
@@ -53,7 +56,8 @@ def _section(title: str, name: str, body: str, command: str | None = None) -> li
 
 
 def build() -> str:
-    out = ["# Benchmarks", "", f"Machine: {_machine()}. Every figure below is read from `runs/bench/*.json`, written by",
+    out = ["# Benchmarks", "", f"Machine: {_machine()}. Every figure below is read from `runs/bench/*.json` (copied to",
+           "`docs/results/`), written by",
            "the command shown; regenerate this page with `python scripts/benchmarks_report.py` (add `--run` to rerun",
            "everything). These are 2-core CPU figures on small models: they say how the system behaves, not what a",
            "GPU cluster would measure.", ""]
@@ -145,7 +149,8 @@ def build() -> str:
                         f"{r['iteration_s']} s accelerated {r['acceleration']}x; target: the failure-free run's validation "
                         f"loss at {r.get('target_frac', 0.75):.0%} of its steps.\n\n" + md.read_text() + "\n" +
                         "\n".join(f"![{p.stem}](bench_{p.name})" for p in pngs),
-                        command=f"python scripts/bench_convergence.py configs/bench.yaml num_steps={r['num_steps']}{flags} "
+                        command=COMMANDS.get(res.stem) if res.stem != "convergence" else
+                                f"python scripts/bench_convergence.py configs/bench.yaml num_steps={r['num_steps']}{flags} "
                                 f"--rates {' '.join(map(str, r['rates']))} --seeds {' '.join(map(str, r['seeds']))}"
                                 + (f" --out runs/bench/{res.name} --runs-dir {r['run_dirs']}"
                                    if res.name != "convergence.json" else ""))
@@ -167,6 +172,10 @@ def main() -> None:
             subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, check=True, cwd=ROOT)
     DOCS.mkdir(exist_ok=True)
     (DOCS / "BENCHMARKS.md").write_text(build())
+    results = DOCS / "results"  # the raw figures behind every table, versioned with the page
+    results.mkdir(exist_ok=True)
+    for f in sorted(BENCH.glob("*.json")) + sorted(BENCH.glob("*.md")):
+        shutil.copy(f, results / f.name)
     print(f"wrote {DOCS / 'BENCHMARKS.md'}")
 
 
