@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from checkfree import __version__
 from checkfree.checkpoint import CheckpointStore
 from checkfree.config import TrainConfig, to_yaml
 from checkfree.data import Batches
@@ -274,7 +275,7 @@ class Trainer:
             "first_train_loss": st.first_loss, "final_train_loss": st.last_loss, "final_val_loss": st.last_val_loss,
             "train_s": st.train_s, "tokens_per_step": self.tokens_per_step,
             "mean_tokens_per_s": self.tokens_per_step * st.step / st.train_s if st.train_s else None,
-            "strategy": self.cfg.recovery.strategy, "run_dir": str(self.run_dir),
+            "strategy": self.cfg.recovery.strategy, "run_dir": str(self.run_dir), "checkfree_version": __version__,
             "memory/param_bytes": sum(param_bytes(s) for s in self.engine.stages),
             "memory/shadow_param_bytes": self.engine.shadows.shadow_bytes() if self.engine.shadows else 0,
         }

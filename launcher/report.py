@@ -18,6 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
+from checkfree import __version__
 from checkfree.metrics import read_jsonl
 
 
@@ -111,6 +112,7 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
             f.write(json.dumps(r) + "\n")
     rollback = cfg.recovery.strategy == "checkpoint"
     return {
+        "checkfree_version": __version__,
         "steps": len(set(steps)), "repeated_steps": sorted({s for s in steps if steps.count(s) > 1}),
         "skipped_steps": sorted(set(range(max(steps, default=-1) + 1)) - set(steps)),
         "rollback_strategy": rollback,

@@ -36,6 +36,7 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from checkfree import __version__
 from checkfree.config import load_config, split_args, to_yaml
 from checkfree.failures import FailureConfig, FailureInjector, write_trace
 from checkfree.metrics import read_jsonl, report
@@ -70,8 +71,11 @@ def _args(overrides, runs_dir: Path, name: str, strategy: str, seed: int, trace:
 
 
 def _done(files, args, run_dir: Path) -> bool:
-    """A finished run of exactly this config (its resolved config.yaml matches what it would be now)."""
+    """A finished run of exactly this config (its resolved config.yaml matches what it would be now) by
+    this version of checkfree (another version may draw other data, weights or failures)."""
     if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    if json.loads((run_dir / "summary.json").read_text()).get("checkfree_version") != __version__:
         return False
     return (run_dir / "config.yaml").read_text() == to_yaml(load_config(files, args))
 

@@ -56,3 +56,14 @@ def test_config_errors_name_the_values():
         ModelConfig(num_layers=7, num_stages=4)
     with pytest.raises(ValueError, match="d_model=30 must be divisible by model.num_heads=4"):
         ModelConfig(d_model=30, num_heads=4)
+
+
+def test_seeds_are_mixed_without_structure():
+    """Every (seed, iteration, stage) draws its own stream: nearby seeds are not shifted copies of each other
+    (the old linear mix gave seed 1001 at iteration i+65 the stream of seed 1000 at iteration i)."""
+    from checkfree.model import hash_seed
+
+    keys = [(s, i, st) for s in (0, 1, 2, 1000, 1001, 1002) for i in range(1000) for st in range(8)]
+    assert len({hash_seed(*k) for k in keys}) == len(keys)
+    assert hash_seed(1000, 310, 0) != hash_seed(1001, 375, 0)
+    assert hash_seed(7, 3) == hash_seed(7, 3) and 0 <= hash_seed(-1, 2**40) < 2**63
