@@ -28,7 +28,7 @@ COMMANDS = {
     "heartbeat_detection_hang": "python scripts/bench_heartbeat_detection.py --hang --out runs/bench/heartbeat_detection_hang.json",
     "recovery_ablation": "python scripts/bench_recovery_ablation.py configs/bench.yaml",
     "recovery_latency": "python scripts/bench_recovery_latency.py",
-    "scaling": "python scripts/bench_scaling.py",
+    "scaling": "python scripts/bench_scaling.py --microbatches 1 4",
     "convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --jobs 2",
     "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm --rates 0.33 "
                          "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant "
