@@ -106,6 +106,11 @@ class LocalSwarm:
                 if current is not None and current.stop:
                     print(f"\nswarm stopped: {current.stop}", file=sys.stderr)
                     code = 3
+                    # every live peer reads the stop record and exits saying why; end them only after that
+                    grace = time.time() + 10
+                    while time.time() < grace and any(p.poll() is None for pid, p in self.procs.items()
+                                                      if pid not in self.stopped):
+                        time.sleep(0.2)
                     break
                 if self._finished(members, current):
                     code = 0
