@@ -76,9 +76,11 @@ def _check_every_step_once(run_dir, num_steps):
 
 def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
     fails = [Failure(3, 1, "mid_forward", 0.5), Failure(8, 0, "mid_forward", 0.5), Failure(13, 3, "mid_forward", 0.5)]
-    code, out, run_dir = run_swarm(tmp_path, "crash", "num_steps=20", "swarm.num_spares=2", failures=fails)
+    # enough steps after the last kill: the launcher waits swarm.min_gap_s after each resume, and toy steps
+    # take milliseconds (with 20 steps the run could end before the third kill landed)
+    code, out, run_dir = run_swarm(tmp_path, "crash", "num_steps=80", "swarm.num_spares=2", failures=fails)
     assert code == 0, out
-    summary, _ = _check_every_step_once(run_dir, 20)
+    summary, _ = _check_every_step_once(run_dir, 80)
     rows = summary["recovery_rows"]
     assert [(r["stage"], r["signal"], r["method"]) for r in rows] == [
         (1, "SIGKILL", "weighted_average"), (0, "SIGKILL", "copy"), (3, "SIGKILL", "copy")]
