@@ -6,7 +6,9 @@ The leader's decisions, as pure functions over member and epoch records, so that
 tested in milliseconds and every peer that evaluates them on the same records reaches the same answer.
 
 - ``leader_of``: the live stage-holding peer with the lowest stage (then lowest peer id). There is no
-  fixed coordinator: when the leader is lost, the next one takes over once its record expires.
+  fixed coordinator: when the leader is lost, the next one takes over once its record expires. When
+  every stage is lost at once, the spare with the lowest id leads (to roll back from checkpoints, or to
+  stop the swarm saying that nothing survives).
 - ``decide_epoch``: whether a new epoch is due and, if so, its roster, the step to run, the lost stages
   and how each is rebuilt. A spare is assigned only here, by the leader, in peer-id order, so two
   spares can never both win a stage: the one the roster names joins, the other stays a spare (and a
@@ -31,6 +33,7 @@ class Decision:
     plans: tuple[PlanRecord, ...] = ()
     rollback_to: int | None = None
     reason: str = ""
+    fatal: bool = False  # no epoch can ever be formed: the leader stops the swarm with ``reason``
 
 
 def stage_holders(members: dict[str, MemberRecord], current: EpochRecord | None) -> dict[int, str]:
@@ -47,7 +50,12 @@ def stage_holders(members: dict[str, MemberRecord], current: EpochRecord | None)
 
 def leader_of(members: dict[str, MemberRecord], current: EpochRecord | None) -> str | None:
     holders = stage_holders(members, current)
-    return holders[min(holders)] if holders else None
+    if holders:
+        return holders[min(holders)]
+    if current is not None and not current.finished:  # every stage lost at once: a spare decides what happens
+        free = spares(members, set())
+        return free[0] if free else None
+    return None
 
 
 def spares(members: dict[str, MemberRecord], taken: set[str]) -> list[str]:
@@ -100,7 +108,11 @@ def decide_epoch(
         # survivors still inside the step will hit a transport error or timeout and report; wait for them
         return Decision(None, reason=f"waiting for stages {running} to abort step")
     if strategy == "none" and lost:
-        return Decision(None, reason=f"stages {list(lost)} lost and recovery.strategy=none")
+        return Decision(None, reason=f"stages {list(lost)} lost and recovery.strategy=none", fatal=True)
+    if not alive and strategy != "checkpoint":
+        return Decision(None, fatal=True, reason=(
+            f"every stage of epoch {current.epoch} is lost at once: recovery.strategy={strategy} rebuilds a stage "
+            "from live peers and none survives (only recovery.strategy=checkpoint can restart from here)"))
     roster = list(current.roster)
     free = spares(members, set(roster))
     if len(free) < len(lost):

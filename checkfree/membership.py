@@ -92,6 +92,7 @@ class EpochRecord(BaseModel):
     plans: list[PlanRecord] = []  # how each lost stage is rebuilt
     rollback_to: int | None = None  # checkpoint strategy: every stage restores this step
     stop: str | None = None  # set when the swarm gives up: every peer exits with this reason
+    finished: bool = False  # set by the stages that ran the last step: the run is done, spares may leave
     time: float = 0.0
 
 

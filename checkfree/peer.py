@@ -154,7 +154,7 @@ class Peer:
             current = self.membership.current_epoch()
             if current is not None and current.stop:
                 raise SwarmStopped(current.stop)
-            if any(r.state == "done" for r in members.values()):
+            if (current is not None and current.finished) or any(r.state == "done" for r in members.values()):
                 if self.worker is None:
                     return None  # the run finished while this peer was a spare
             if current is not None and current.epoch > self.epoch:
@@ -186,19 +186,13 @@ class Peer:
             if decision.reason != self._last_reason:
                 self._last_reason = decision.reason
                 self.emit("leader_waiting", reason=decision.reason)
-            stop = None
+            if decision.fatal:
+                self._stop_swarm(current, decision.reason)
             if "waiting for a spare" in decision.reason or "waiting for peers" in decision.reason:
                 waiting_since = waiting_since or time.time()
                 if time.time() - waiting_since > cfg.swarm.spare_wait_s:
-                    stop = f"{decision.reason} for more than swarm.spare_wait_s={cfg.swarm.spare_wait_s} s"
-            if "recovery.strategy=none" in decision.reason:
-                stop = decision.reason
-            if stop:
-                self.membership.publish_epoch(EpochRecord(
-                    run_id=self.run_id, fingerprint=self.fingerprint, epoch=(current.epoch + 1) if current else 0,
-                    roster=[], store_host="", store_port=0, step=self.step, leader=self.peer_id, stop=stop,
-                    time=time.time()))
-                raise SwarmStopped(stop)
+                    self._stop_swarm(current, f"{decision.reason} for more than swarm.spare_wait_s="
+                                              f"{cfg.swarm.spare_wait_s} s")
             return waiting_since
         epoch = 0 if current is None else current.epoch + 1
         host = cfg.membership.host
@@ -218,6 +212,14 @@ class Peer:
         self.emit("epoch_published", new_epoch=epoch, roster=rec.roster, step=rec.step, lost=rec.lost,
                   plans=[p.model_dump() for p in rec.plans], rollback_to=rec.rollback_to, reason=decision.reason)
         return None
+
+    def _stop_swarm(self, current: EpochRecord | None, reason: str) -> None:
+        """Publish a stop record, so that every peer exits saying why, and stop this one."""
+        self.membership.publish_epoch(EpochRecord(
+            run_id=self.run_id, fingerprint=self.fingerprint, epoch=(current.epoch + 1) if current else 0,
+            roster=[], store_host="", store_port=0, step=self.step, leader=self.peer_id, stop=reason,
+            time=time.time()))
+        raise SwarmStopped(reason)
 
     # ---- joining an epoch ----------------------------------------------------------------------
     def _join(self, rec: EpochRecord) -> None:
@@ -271,9 +273,17 @@ class Peer:
     def _settle_step(self, rec: EpochRecord, fresh: bool) -> None:
         w = self.worker
         if rec.rollback_to is not None:
-            payload = self.ckpt.load_stage(rec.rollback_to, w.index)
-            w.stage.load_state_dict(payload["model"])
-            w.optimizer.load_state_dict(payload["optim"])
+            if rec.rollback_to == 0:
+                # step 0 is the seed's initial state, a pure function of the config: nothing to load (a loss
+                # before the first checkpoint, or before any stage saved one, restarts from it)
+                self.worker = w = self._new_worker(w.index, rebuilt=False)
+            else:
+                try:
+                    payload = self.ckpt.load_stage(rec.rollback_to, w.index)
+                except RuntimeError as e:
+                    self._stop_swarm(rec, f"stage {w.index} cannot roll back to step {rec.rollback_to}: {e}")
+                w.stage.load_state_dict(payload["model"])
+                w.optimizer.load_state_dict(payload["optim"])
             w.pending_step, self.step = None, rec.rollback_to
             w.discard()
             self.emit("rolled_back", to_step=rec.rollback_to)
@@ -446,6 +456,11 @@ class Peer:
         (self.dir / "done").write_text(f"{self.step}\n")  # for a launcher that polls the disk
         try:
             self.membership.heartbeat(self.record())
+            # member records expire, the epoch record stays: it tells late spares the run is over (and keeps
+            # them from reading the finished stages' departure as every stage being lost)
+            current = self.membership.current_epoch()
+            if current is not None and current.epoch == self.epoch and not current.finished:
+                self.membership.publish_epoch(current.model_copy(update={"finished": True}))
         except DHTUnavailable:
             pass
         # stay reachable briefly so that the other stages' last all-reduce and their reads complete

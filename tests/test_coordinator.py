@@ -82,3 +82,23 @@ def test_checkpoint_strategy_rolls_everyone_back():
     members["s"] = rec("s", -1, "spare", -1, 0)
     d = decide_epoch(members, epoch(), 4, "checkpoint", "nearest", checkpoint_step=4)
     assert d.rollback_to == 4 and d.step == 4 and d.roster == ["a", "b", "s", "d"]
+
+
+def test_when_every_stage_is_lost_a_spare_leads_and_only_checkpointing_can_go_on():
+    members = {p: rec(p, -1, "spare", -1, 0) for p in ("w", "x", "y", "z", "v")}
+    assert leader_of(members, epoch()) == "v"  # no stage survives: the lowest spare decides
+    assert leader_of(members, None) is None  # before the first epoch, stage peers lead
+    d = decide_epoch(members, epoch(2), 4, "checkfree_plus", "nearest")
+    assert d.roster is None and d.fatal
+    assert "every stage of epoch 2 is lost" in d.reason and "recovery.strategy=checkfree_plus" in d.reason
+    d = decide_epoch(members, epoch(2), 4, "checkpoint", "nearest", checkpoint_step=None)
+    assert d.roster == ["v", "w", "x", "y"] and d.rollback_to == 0 and d.step == 0 and d.lost == (0, 1, 2, 3)
+    assert not decide_epoch({}, epoch(2), 4, "checkpoint", "nearest").fatal  # no spare yet: wait for one
+    # the stages that ran the last step have left: the run is over, not lost
+    assert leader_of(members, epoch(2).model_copy(update={"finished": True})) is None
+
+
+def test_a_lost_stage_under_strategy_none_stops_the_swarm():
+    members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}
+    d = decide_epoch(members, epoch(), 4, "none", "nearest")
+    assert d.roster is None and d.fatal and "recovery.strategy=none" in d.reason
