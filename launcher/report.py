@@ -53,7 +53,9 @@ def recoveries(events: list[dict]) -> list[dict]:
     rows = []
     kills = [e for e in events if e["event"] == "kill"]
     for n, k in enumerate(kills):
-        until = kills[n + 1]["time"] if n + 1 < len(kills) else float("inf")
+        # kills of one launcher poll (several stages lost in the same step) share one recovery window
+        until = next((later["time"] for later in kills[n + 1:]
+                      if (later.get("epoch"), later.get("step")) != (k.get("epoch"), k.get("step"))), float("inf"))
         after = [e for e in events if k["time"] < e["time"] < until]
         aborted = next((e for e in after if e["event"] == "step_aborted"), None)
         published = next((e for e in after if e["event"] == "epoch_published" and k["stage"] in e.get("lost", [])), None)

@@ -1,6 +1,7 @@
 """The local launcher's failure clock: iterations are observed committed steps, redone steps included."""
 
 from launcher.local import advance_iterations
+from launcher.report import recoveries
 
 
 def test_iterations_follow_the_observed_steps_and_count_redone_steps_again():
@@ -36,3 +37,32 @@ def test_a_started_process_reports_its_own_peak_memory_not_its_parents():
     assert peak_rss_mb() > 400
     assert float(out.stdout) < 200, out.stdout
     del ballast
+
+
+def _ev(t, event, **kw):
+    return {"time": t, "event": event, **kw}
+
+
+def test_stages_killed_in_one_poll_share_the_recovery_that_followed():
+    events = [
+        _ev(10.0, "kill", stage=1, peer="p1", signal="SIGKILL", step=3, epoch=0),
+        _ev(10.01, "kill", stage=2, peer="p2", signal="SIGKILL", step=3, epoch=0),
+        _ev(10.1, "step_aborted", error="StageLostError"),
+        _ev(12.0, "epoch_published", lost=[1, 2], new_epoch=1),
+        _ev(13.0, "rebuilt", stage=1, epoch=1, peer="n1", method="weighted_average", path="fallback:nearest",
+            sources=[0, 3], weights=[0.5, 0.5], transfer_and_rebuild_s=0.1),
+        _ev(13.1, "rebuilt", stage=2, epoch=1, peer="n2", method="weighted_average", path="fallback:nearest",
+            sources=[0, 3], weights=[0.5, 0.5], transfer_and_rebuild_s=0.1),
+        _ev(14.0, "resumed", epoch=1),
+        _ev(20.0, "kill", stage=0, peer="p0", signal="SIGKILL", step=9, epoch=1),
+        _ev(20.1, "step_aborted", error="StageLostError"),
+        _ev(22.0, "epoch_published", lost=[0], new_epoch=2),
+        _ev(23.0, "rebuilt", stage=0, epoch=2, peer="n0", method="copy", path="primary", sources=[1], weights=[1.0],
+            transfer_and_rebuild_s=0.1),
+        _ev(24.0, "resumed", epoch=2),
+    ]
+    rows = recoveries(events)
+    assert [(r["stage"], r["new_peer"], r["path"]) for r in rows] == [
+        (1, "n1", "fallback:nearest"), (2, "n2", "fallback:nearest"), (0, "n0", "primary")]
+    assert [round(r["detect_s"], 2) for r in rows] == [0.1, 0.09, 0.1]
+    assert all(r["resume_s"] is not None for r in rows)

@@ -99,6 +99,46 @@ def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
     assert "spare-05" in joined and "spare-06" not in joined
 
 
+def test_adjacent_stages_lost_at_once_are_rebuilt_from_the_nearest_live_stages(tmp_path):
+    """Stages 1 and 2 killed in the same step: neither may read the other's (lost) weights, so both take the
+    adjacent fallback (no checkpoint: the nearest live stage on each side, stages 0 and 3) in one epoch."""
+    fails = [Failure(3, 1, "mid_forward", 0.5), Failure(3, 2, "mid_forward", 0.5)]
+    code, out, run_dir = run_swarm(tmp_path, "adjacent", "num_steps=30", "swarm.num_spares=2",
+                                   "recovery.strategy=checkfree", failures=fails)
+    assert code == 0, out
+    summary, metrics = _check_every_step_once(run_dir, 30)
+    rows = summary["recovery_rows"]
+    assert sorted((r["stage"], r["method"], r["path"], tuple(r["sources"])) for r in rows) == [
+        (1, "weighted_average", "fallback:nearest", (0, 3)), (2, "weighted_average", "fallback:nearest", (0, 3))]
+    events = read_jsonl(run_dir / "events.jsonl")
+    recoveries = [e for e in events if e["event"] == "epoch_published" and e["lost"]]
+    assert [sorted(e["lost"]) for e in recoveries] == [[1, 2]]  # both seen in one epoch, one rendezvous
+    kill_step = min(r["kill_step"] for r in rows)
+    assert metrics[-1]["loss/train"] < metrics[kill_step]["loss/train"]  # training went on from the rebuilt stages
+
+
+def test_redundant_swarm_with_adjacent_losses_falls_back_and_refreshes_the_stale_shadows(tmp_path):
+    """Stages 1 and 2 killed at once under redundant computation: stage 1 fails over to the shadow stage 0
+    holds, but stage 2's shadow died with stage 1, so stage 2 is rebuilt by the fallback; the shadows of
+    stages 2 and 3 (held by the two replacements) are then sent anew, and a later loss of stage 2 fails
+    over to the shadow of the *rebuilt* stage 2."""
+    fails = [Failure(3, 1, "mid_forward", 0.5), Failure(3, 2, "mid_forward", 0.5), Failure(12, 2, "mid_forward", 0.5)]
+    code, out, run_dir = run_swarm(tmp_path, "adj-redundant", "num_steps=30", "swarm.num_spares=3",
+                                   "recovery.strategy=redundant", failures=fails)
+    assert code == 0, out
+    summary, _ = _check_every_step_once(run_dir, 30)
+    rows = summary["recovery_rows"]
+    assert sorted((r["stage"], r["method"], r["path"], tuple(r["sources"])) for r in rows[:2]) == [
+        (1, "shadow", "primary", (0,)), (2, "weighted_average", "fallback:nearest", (0, 3))]
+    assert (rows[2]["stage"], rows[2]["method"], rows[2]["sources"]) == (2, "shadow", [1])
+    events = read_jsonl(run_dir / "events.jsonl")
+    epochs = [e["new_epoch"] for e in events if e["event"] == "epoch_published" and e["lost"]]
+    refreshed = [(e["shadow_of"], e["stage_held"], e["epoch"]) for e in events if e["event"] == "shadow_refreshed"]
+    # first recovery: stage 2 (rebuilt another way, its holder new) and stage 3 (its holder new); second:
+    # stage 3 again (its holder, stage 2, replaced)
+    assert sorted(refreshed) == sorted([(2, 1, epochs[0]), (3, 2, epochs[0]), (3, 2, epochs[1])])
+
+
 def test_a_frozen_peer_is_detected_and_replaced(tmp_path):
     code, out, run_dir = run_swarm(tmp_path, "hang", "num_steps=12", "swarm.hang_fraction=1.0", "transport.timeout_s=3",
                                    failures=[Failure(3, 2, "mid_forward", 0.5)])
@@ -143,6 +183,34 @@ def test_checkpoint_strategy_rolls_the_swarm_back(tmp_path):
     assert target is not None and target % 2 == 0 and target <= last + 1
     assert sum(e["event"] == "rolled_back" and e["to_step"] == target for e in events) == 4
     assert set(summary["repeated_steps"]) <= set(range(target, last + 1))  # redone, by design
+
+
+@pytest.mark.parametrize("strategy", ["checkfree_plus", "checkpoint"])
+def test_losing_every_stage_at_once(tmp_path, strategy):
+    """All four peers killed in one step. Nothing survives to rebuild a stage from, so a per-stage strategy
+    stops the swarm saying so (a spare leads, as no stage peer is left). Checkpointing restarts every stage
+    on the spares; here before the first checkpoint (every 100 steps), so from step 0, the seed's initial
+    state, which needs no file: the restarted run repeats the first steps bit for bit."""
+    fails = [Failure(3, s, "mid_forward", 0.5) for s in range(4)]
+    code, out, run_dir = run_swarm(tmp_path, f"all-{strategy}", "num_steps=30", f"recovery.strategy={strategy}",
+                                   "checkpoint.every_steps=100", "swarm.num_spares=0", failures=fails)
+    events = read_jsonl(run_dir / "events.jsonl")
+    if strategy == "checkpoint":
+        assert code == 0, out
+        metrics = read_jsonl(run_dir / "metrics.jsonl")
+        assert sorted({m["step"] for m in metrics}) == list(range(30))
+        (published,) = [e for e in events if e["event"] == "epoch_published" and e["lost"]]
+        assert published["lost"] == [0, 1, 2, 3] and published["peer"].startswith("spare-")
+        assert published["rollback_to"] == 0
+        assert sum(e["event"] == "rolled_back" and e["to_step"] == 0 for e in events) == 4
+        for step in (0, 1):
+            losses = [m["loss/train"] for m in metrics if m["step"] == step]
+            assert len(losses) == 2 and losses[0] == losses[1], losses
+    else:
+        assert code == 3, out
+        assert "every stage of epoch 0 is lost at once" in out and f"recovery.strategy={strategy}" in out
+        assert (run_dir / "metrics.jsonl").exists() and read_jsonl(run_dir / "metrics.jsonl")  # the record stays
+        assert any(e["event"] == "swarm_stopped" and e["peer"].startswith("spare-") for e in events)
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
