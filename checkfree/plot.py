@@ -3,7 +3,8 @@ Plots
 =====
 
 ``plot_runs`` draws validation and training loss against step and against training wall-clock for one
-or more run directories, overlaid, with each failure marked, into a PNG.
+or more run directories, overlaid, with each failure marked, into a PNG; ``save_figure`` writes any
+figure the way every plot of the project is written (the benchmark scripts use it too).
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
         ax.set_ylabel("loss (faint: train, markers: validation)")
         ax.grid(alpha=0.3)
     ax_step.legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as a PNG (making its folder) and free it."""
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return out
+    return path

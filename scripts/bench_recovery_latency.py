@@ -32,6 +32,7 @@ from checkfree.config import load_config, split_args
 from checkfree.failures import Failure, write_trace
 from checkfree.metrics import report
 from checkfree.model import Stage
+from checkfree.plot import save_figure
 from checkfree.redundancy import param_bytes
 from launcher.local import run_local_swarm
 
@@ -113,10 +114,7 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right")
         ax.set_title(key.replace("_s", " (s)"))
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

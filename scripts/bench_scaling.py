@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt
 
 from checkfree.config import load_config, split_args
 from checkfree.metrics import read_jsonl, report
+from checkfree.plot import save_figure
 from checkfree.trainer import Trainer
 from launcher.local import run_local_swarm
 
@@ -104,10 +105,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

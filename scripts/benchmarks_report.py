@@ -55,6 +55,12 @@ def _section(title: str, name: str, body: str, command: str | None = None) -> li
     return [f"## {title}", "", f"Command: `{command or COMMANDS.get(name, '?')}`", "", body, ""]
 
 
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
+
+
 def build() -> str:
     out = ["# Benchmarks", "", f"Machine: {_machine()}. Every figure below is read from `runs/bench/*.json` (copied to",
            "`docs/results/`), written by",
@@ -69,26 +75,23 @@ def build() -> str:
     r = _load("overhead")
     if r:
         med, ratios = r["median_tokens_per_s"], r["ratios"]
-        rows = ["| side | median tokens/s | per-round medians | largest stage-process RSS (MB) |", "|---|---|---|---|"]
-        for side, v in med.items():
-            peak = r.get("max_stage_process_rss_mb", {}).get(side)
-            rows.append(f"| {side} | {v:.0f} | {', '.join(f'{x:.0f}' for x in r['per_round_median_tokens_per_s'][side])} | "
-                        f"{'-' if peak is None else f'{peak:.0f}'} |")
-        loss = ["| side | train loss, mean of last steps (per round) | final val loss (per round) |", "|---|---|---|"]
-        for side in ("engine", "engine_swap", "swarm", "swarm_swap", "swarm_redundant", "static"):
-            if side in r["losses"]:
-                ls = r["losses"][side]
-                tails = ", ".join(f"{x['train_tail']:.4f}" for x in ls)
-                vals = ", ".join("-" if x["val_final"] is None else f"{x['val_final']:.4f}" for x in ls)
-                loss.append(f"| {side} | {tails} | {vals} |")
+        peaks = r.get("max_stage_process_rss_mb", {})
+        rows = _table(["side", "median tokens/s", "per-round medians", "largest stage-process RSS (MB)"],
+                      [[side, f"{v:.0f}", ", ".join(f"{x:.0f}" for x in r["per_round_median_tokens_per_s"][side]),
+                        "-" if peaks.get(side) is None else f"{peaks[side]:.0f}"] for side, v in med.items()])
+        sides = [s for s in ("engine", "engine_swap", "swarm", "swarm_swap", "swarm_redundant", "static") if s in r["losses"]]
+        loss = _table(["side", "train loss, mean of last steps (per round)", "final val loss (per round)"],
+                      [[side, ", ".join(f"{x['train_tail']:.4f}" for x in r["losses"][side]),
+                        ", ".join("-" if x["val_final"] is None else f"{x['val_final']:.4f}" for x in r["losses"][side])]
+                       for side in sides])
         fmt = lambda v: "-" if v is None else f"**{v:.3f}**"  # noqa: E731
         out += _section("Overhead without failures (side by side, rounds interleaved)", "overhead",
-                        f"{r['rounds']} rounds of {r['steps']} steps per side, config {r['config']}.\n\n" + "\n".join(rows) +
+                        f"{r['rounds']} rounds of {r['steps']} steps per side, config {r['config']}.\n\n" + rows +
                         f"\n\nMachinery on / off (swarm / static pipeline): {fmt(ratios['machinery_on_over_off'])}; "
                         f"CheckFree+ swapped / plain schedule: {fmt(ratios['swap_over_plain_swarm'])} in the swarm, "
                         f"{fmt(ratios['swap_over_plain_engine'])} in the engine; redundant computation / plain (swarm): "
                         f"{fmt(ratios.get('redundant_over_plain_swarm'))}; swarm / engine: "
-                        f"{fmt(ratios['swarm_over_engine'])}.\n\nLoss at equal steps:\n\n" + "\n".join(loss))
+                        f"{fmt(ratios['swarm_over_engine'])}.\n\nLoss at equal steps:\n\n" + loss)
     for name, what in (("heartbeat_detection", "crash (SIGKILL)"), ("heartbeat_detection_hang", "hang (SIGSTOP)")):
         r = _load(name)
         if r:
@@ -97,45 +100,46 @@ def build() -> str:
                             f"median **{r['median_s']:.2f} s**, worst {r['max_s']:.2f} s over {len(r['latencies_s'])} trials.")
     r = _load("recovery_latency")
     if r:
-        rows = ["| experiment | stages | d_model | stage params (MB) | heartbeat period / TTL (s) | kills recovered | "
-                "detect s, median [min, max] | rebuild s | resume s |", "|---|---|---|---|---|---|---|---|---|"]
         fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"  # noqa: E731
-        for name, e in r["experiments"].items():
-            rows.append(f"| {name} | {e['num_stages']} | {e['d_model']} | {e['stage_param_bytes'] / 2**20:.2f} | "
-                        f"{e['period_s']} / {e['ttl_s']} | {e['recovered']}/{e['kills']} | {fmt(e['detect_s'])} | "
-                        f"{fmt(e['rebuild_s'])} | {fmt(e['resume_s'])} |")
+        rows = _table(["experiment", "stages", "d_model", "stage params (MB)", "heartbeat period / TTL (s)",
+                       "kills recovered", "detect s, median [min, max]", "rebuild s", "resume s"],
+                      [[name, e["num_stages"], e["d_model"], f"{e['stage_param_bytes'] / 2**20:.2f}",
+                        f"{e['period_s']} / {e['ttl_s']}", f"{e['recovered']}/{e['kills']}", fmt(e["detect_s"]),
+                        fmt(e["rebuild_s"]), fmt(e["resume_s"])] for name, e in r["experiments"].items()])
         shutil.copy(BENCH / "recovery_latency.png", DOCS / "bench_recovery_latency.png")
         out += _section("Recovery latency in the swarm", "recovery_latency",
                         "Kills of the first, a middle and the last stage per experiment (the base `crash` kills every "
-                        "stage once); each experiment changes one thing from it.\n\n" + "\n".join(rows) +
+                        "stage once); each experiment changes one thing from it.\n\n" + rows +
                         "\n\n![latency](bench_recovery_latency.png)")
     r = _load("scaling")
     if r:
-        rows = ["| stages | microbatches | swarm step s | pipeline bound s | machine bound s | swarm / machine bound | "
-                "bubble fraction | swarm tokens/s | largest peer RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
-        for x in r["rows"]:
-            rows.append(f"| {x['stages']} | {x['microbatches']} | {x['swarm_step_s']:.3f} | {x['pipeline_bound_s']:.3f} | "
-                        f"{x['machine_bound_s']:.3f} | {x['over_machine_bound']:.2f} | {x['bubble_fraction']:.2f} | "
-                        f"{x['swarm_tokens_per_s']:.0f} | {x['max_peer_rss_mb']:.0f} |")
+        rows = _table(["stages", "microbatches", "swarm step s", "pipeline bound s", "machine bound s",
+                       "swarm / machine bound", "bubble fraction", "swarm tokens/s", "largest peer RSS MB"],
+                      [[x["stages"], x["microbatches"], f"{x['swarm_step_s']:.3f}", f"{x['pipeline_bound_s']:.3f}",
+                        f"{x['machine_bound_s']:.3f}", f"{x['over_machine_bound']:.2f}", f"{x['bubble_fraction']:.2f}",
+                        f"{x['swarm_tokens_per_s']:.0f}", f"{x['max_peer_rss_mb']:.0f}"] for x in r["rows"]])
         shutil.copy(BENCH / "scaling.png", DOCS / "bench_scaling.png")
         out += _section("Scaling: step time against stages and microbatches", "scaling",
                         f"{r['cores']} cores, config {r['config']}; bounds from the engine's per-slot compute time "
-                        "(see the script's docstring).\n\n" + "\n".join(rows) + "\n\n![scaling](bench_scaling.png)")
+                        "(see the script's docstring).\n\n" + rows + "\n\n![scaling](bench_scaling.png)")
     r = _load("recovery_ablation")
     if r:
-        rows = ["| method | spike right after | final val loss | final ppl | regained within budget | median steps to regain |",
-                "|---|---|---|---|---|---|"]
-        for m, t in r["table"].items():
-            rows.append(f"| {m} | {t['spike_mean']:+.3f} ± {t['spike_std']:.3f} | {t['final_val_mean']:.3f} ± "
-                        f"{t['final_val_std']:.3f} | {t['final_ppl_mean']:.2f} | {t['regained_within_budget']}/{t['cases']} | "
-                        f"{t['steps_to_regain_median']} |")
+        tables = r.get("tables") or {"single": r["table"]}  # results before the adjacent cases had one table
+        rows = _table(["lost", "method", "spike right after", "final val loss", "final ppl", "regained within budget",
+                       "median steps to regain"],
+                      [[kind, m, f"{t['spike_mean']:+.3f} ± {t['spike_std']:.3f}",
+                        f"{t['final_val_mean']:.3f} ± {t['final_val_std']:.3f}", f"{t['final_ppl_mean']:.2f}",
+                        f"{t['regained_within_budget']}/{t['cases']}", t["steps_to_regain_median"]]
+                       for kind, table in tables.items() for m, t in table.items()])
+        cases = ", ".join("{" + ",".join(map(str, c)) + "}" for c in r["cases"]) if "cases" in r else "each middle stage"
         shutil.copy(BENCH / "recovery_ablation.png", DOCS / "bench_recovery_ablation.png")
         out += _section("Recovery quality: weighted average, uniform, copy, random", "recovery_ablation",
-                        f"Seeds {r['seeds']}, {r['train_steps']} training steps, then each middle stage lost in turn and "
-                        f"{r['after_steps']} more steps.\n\n" + "\n".join(rows) +
-                        f"\n\nOrder by final loss: {' < '.join(r['order_by_final_val'])}. The paper's order weighted < copy < "
-                        f"random holds here: **{r['paper_order_weighted_lt_copy_lt_random']}**.\n\n"
-                        "![ablation](bench_recovery_ablation.png)")
+                        f"Seeds {r['seeds']}, {r['train_steps']} training steps, then each case of stages lost in turn "
+                        f"({cases}) and {r['after_steps']} more steps. Where a method's source is lost too, its "
+                        "fallback takes the nearest live stage on each side.\n\n" + rows +
+                        f"\n\nSingle-stage losses, order by final loss: {' < '.join(r['order_by_final_val'])}. The "
+                        f"paper's order weighted < copy < random holds here: "
+                        f"**{r['paper_order_weighted_lt_copy_lt_random']}**.\n\n![ablation](bench_recovery_ablation.png)")
     for res in sorted(p for p in BENCH.glob("convergence*.json") if not p.name.endswith(".rows.json")):
         r, md = json.loads(res.read_text()), res.with_suffix(".md")
         pngs = [BENCH / f"{res.stem}_rate{rate}.png" for rate in r["rates"]]

@@ -1,6 +1,7 @@
 """Smoke runs of the benchmark scripts at toy sizes, so that they cannot rot."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +50,15 @@ def test_overhead_script(tmp_path):
 
 
 def test_recovery_ablation_script(tmp_path):
-    result = _script("bench_recovery_ablation", *TINY, "num_threads=1", "num_steps=6", "--seeds", "0", "--stages", "1",
-                     "--after-steps", "2", "--every", "1", tmp_path=tmp_path)
-    assert set(result["table"]) == {"weighted", "uniform", "copy", "random"}
-    assert all(v["cases"] == 1 for v in result["table"].values())
+    result = _script("bench_recovery_ablation", *TINY, "num_threads=1", "num_steps=6", "--seeds", "0", "--cases", "1",
+                     "1,2", "0,1", "--after-steps", "2", "--every", "1", tmp_path=tmp_path)
+    assert result["cases"] == [[1], [1, 2], [0, 1]]
+    assert set(result["tables"]) == {"single", "adjacent", "first two"}
+    assert result["table"] == result["tables"]["single"]
+    for table in result["tables"].values():
+        assert set(table) == {"weighted", "uniform", "copy", "random"}
+        assert all(v["cases"] == 1 and math.isfinite(v["final_val_mean"]) for v in table.values())
+    assert isinstance(result["paper_order_weighted_lt_copy_lt_random"], bool)
     assert (tmp_path / "bench_recovery_ablation.png").stat().st_size > 5000
 
 
