@@ -273,6 +273,7 @@ class Peer:
     def _settle_step(self, rec: EpochRecord, fresh: bool) -> None:
         w = self.worker
         if rec.rollback_to is not None:
+            t0 = time.time()
             if rec.rollback_to == 0:
                 # step 0 is the seed's initial state, a pure function of the config: nothing to load (a loss
                 # before the first checkpoint, or before any stage saved one, restarts from it)
@@ -286,7 +287,7 @@ class Peer:
                 w.optimizer.load_state_dict(payload["optim"])
             w.pending_step, self.step = None, rec.rollback_to
             w.discard()
-            self.emit("rolled_back", to_step=rec.rollback_to)
+            self.emit("rolled_back", to_step=rec.rollback_to, restore_s=time.time() - t0)
             return
         if fresh:
             self.step = rec.step

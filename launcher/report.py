@@ -64,6 +64,12 @@ def recoveries(events: list[dict]) -> list[dict]:
             epoch = published["new_epoch"]
             rebuilt = next((e for e in after if e["event"] == "rebuilt" and e["stage"] == k["stage"]
                             and e["epoch"] == epoch), None)
+            if rebuilt is None and published.get("rollback_to") is not None:  # checkpoint: the whole swarm rolls back
+                new_peer = published["roster"][k["stage"]]
+                rebuilt = next(({**e, "method": "checkpoint", "path": f"rollback to step {e['to_step']}",
+                                 "sources": [], "weights": [], "transfer_and_rebuild_s": e.get("restore_s")}
+                                for e in after if e["event"] == "rolled_back" and e["peer"] == new_peer
+                                and e["epoch"] == epoch), None)
             resumed = next((e for e in after if e["event"] == "resumed" and e["epoch"] == epoch), None)
         detect_t = min((e["time"] for e in (aborted, published) if e), default=None)
         rows.append({

@@ -66,3 +66,17 @@ def test_stages_killed_in_one_poll_share_the_recovery_that_followed():
         (1, "n1", "fallback:nearest"), (2, "n2", "fallback:nearest"), (0, "n0", "primary")]
     assert [round(r["detect_s"], 2) for r in rows] == [0.1, 0.09, 0.1]
     assert all(r["resume_s"] is not None for r in rows)
+
+
+def test_a_checkpoint_rollback_counts_as_the_recovery_of_the_lost_stage():
+    events = [
+        _ev(10.0, "kill", stage=2, peer="p2", signal="SIGKILL", step=5, epoch=0),
+        _ev(10.1, "step_aborted", error="StageLostError"),
+        _ev(12.0, "epoch_published", lost=[2], new_epoch=1, roster=["p0", "p1", "n2", "p3"], rollback_to=4),
+        *[_ev(12.5 + k / 10, "rolled_back", peer=p, epoch=1, to_step=4, restore_s=0.02) for k, p in
+          enumerate(["p0", "p1", "n2", "p3"])],
+        _ev(13.0, "resumed", epoch=1),
+    ]
+    (row,) = recoveries(events)
+    assert (row["new_peer"], row["method"], row["path"]) == ("n2", "checkpoint", "rollback to step 4")
+    assert row["transfer_and_rebuild_s"] == 0.02 and round(row["rebuild_s"], 2) == 2.6 and round(row["resume_s"], 2) == 0.3

@@ -173,6 +173,7 @@ def test_checkpoint_strategy_rolls_the_swarm_back(tmp_path):
     steps = [m["step"] for m in metrics]
     assert sorted(set(steps)) == list(range(10)) and summary["skipped_steps"] == []
     (row,) = summary["recovery_rows"]
+    assert row["method"] == "checkpoint" and summary["recoveries"] == 1  # the rollback recovered the loss
     events = read_jsonl(run_dir / "events.jsonl")
     (published,) = [e for e in events if e["event"] == "epoch_published" and e["lost"] == [2]]
     target = published["rollback_to"]
