@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from checkfree.config import TrainConfig, to_yaml
-from checkfree.failures import FailureInjector, write_trace
+from checkfree.failures import Failure, FailureInjector, write_trace
 from checkfree.membership import Membership
 from checkfree.metrics import EventLog, read_jsonl
 from checkfree.swarm_config import config_fingerprint
@@ -43,6 +43,17 @@ def advance_iterations(last_seen_step: int, iteration: int, step: int) -> tuple[
     if step < last_seen_step:  # rolled back: the steps up to the old one will be run, and exposed, again
         return step, iteration + 1, iteration
     return step, iteration + 1, iteration + (step - last_seen_step)
+
+
+def next_batch(queued: list[Failure]) -> tuple[list[Failure], list[Failure]]:
+    """(the queued failures of the earliest drawn iteration, the rest). Failures of one iteration land
+    together, as in the engine; a later iteration's wait until the swarm has recovered and
+    ``swarm.min_gap_s`` has passed, so that failures drawn while the swarm recovered (or between two polls)
+    are not turned into simultaneous ones."""
+    if not queued:
+        return [], []
+    first = min(f.iteration for f in queued)
+    return [f for f in queued if f.iteration == first], [f for f in queued if f.iteration != first]
 
 
 class LocalSwarm:
@@ -64,6 +75,7 @@ class LocalSwarm:
         self.injector = FailureInjector(cfg.failures, cfg.model.num_stages)
         self.rng = random.Random(cfg.failures.seed)
         self.pending_spares: list[float] = []  # times at which to start a spare
+        self.queued: list[Failure] = []  # failures drawn, not injected yet (see next_batch)
         self.last_seen_step = -1  # the swarm's step when failures were last drawn
         self.iteration = -1  # the last iteration failures were drawn for
         self.kill_epoch = -1
@@ -157,14 +169,14 @@ class LocalSwarm:
         if step >= cfg.num_steps - 1:
             return
         self.last_seen_step, first, self.iteration = advance_iterations(self.last_seen_step, self.iteration, step)
-        if first > self.iteration:
-            return
-        mean_step_s = None
-        rates = [members[pid].tokens_per_s for pid in roster if members[pid].tokens_per_s]
-        if rates:
-            mean_step_s = self.cfg.data.microbatch_size * self.cfg.model.seq_len * self.cfg.pipeline.num_microbatches / min(rates)
-        drawn = [f for it in range(first, self.iteration + 1) for f in self.injector.failures_at(it, mean_step_s)]
-        for f in drawn:
+        if first <= self.iteration:
+            mean_step_s = None
+            rates = [members[pid].tokens_per_s for pid in roster if members[pid].tokens_per_s]
+            if rates:
+                mean_step_s = cfg.data.microbatch_size * cfg.model.seq_len * cfg.pipeline.num_microbatches / min(rates)
+            self.queued += [f for it in range(first, self.iteration + 1) for f in self.injector.failures_at(it, mean_step_s)]
+        batch, self.queued = next_batch(self.queued)
+        for f in batch:
             pid = roster[f.stage]
             proc = self.procs.get(pid)
             if proc is None or proc.poll() is not None:
@@ -176,7 +188,7 @@ class LocalSwarm:
                 self.stopped.add(pid)
             self.kill_epoch = current.epoch
             self.events.emit("kill", stage=f.stage, peer=pid, pid=proc.pid, signal=sig.name, step=step,
-                             epoch=current.epoch)
+                             epoch=current.epoch, iteration=f.iteration)
             self.pending_spares.append(now + cfg.swarm.spare_delay_s)
 
     def _replace_crashed(self, now: float) -> None:

@@ -1,6 +1,7 @@
 """The local launcher's failure clock: iterations are observed committed steps, redone steps included."""
 
-from launcher.local import advance_iterations
+from checkfree.failures import Failure
+from launcher.local import advance_iterations, next_batch
 from launcher.report import recoveries
 
 
@@ -80,3 +81,12 @@ def test_a_checkpoint_rollback_counts_as_the_recovery_of_the_lost_stage():
     (row,) = recoveries(events)
     assert (row["new_peer"], row["method"], row["path"]) == ("n2", "checkpoint", "rollback to step 4")
     assert row["transfer_and_rebuild_s"] == 0.02 and round(row["rebuild_s"], 2) == 2.6 and round(row["resume_s"], 2) == 0.3
+
+
+def test_failures_of_one_iteration_land_together_later_ones_wait_their_turn():
+    queued = [Failure(64, 1, "mid_forward", 0.5), Failure(62, 2, "mid_forward", 0.5), Failure(62, 0, "backward", 0.1)]
+    batch, rest = next_batch(queued)
+    assert sorted(f.stage for f in batch) == [0, 2] and {f.iteration for f in batch} == {62}
+    batch, rest = next_batch(rest)
+    assert [(f.iteration, f.stage) for f in batch] == [(64, 1)] and rest == []
+    assert next_batch([]) == ([], [])
