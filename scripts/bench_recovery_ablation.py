@@ -103,7 +103,7 @@ def main() -> None:
     for seed in ns.seeds:
         cfg = load_config(files, [*overrides, f"seed={seed}", "failures.mode=none", f"out_dir={tmp}",
                                   f"run_name=seed{seed}", "progress=false", "plot=false", "eval_every_steps=0"])
-        L = cfg.model.num_stages
+        L, train_steps = cfg.model.num_stages, cfg.num_steps  # continue_for raises cfg.num_steps as it goes
         cases = _parse_cases(ns.cases, L)
         trainer = Trainer(cfg)
         trainer.run()
@@ -128,7 +128,7 @@ def main() -> None:
     tables = {k: {m: _summary([x for x in rows if x["kind"] == k and x["method"] == m]) for m in METHODS}
               for k in kinds}
     single = tables.get("single")
-    result = {"seeds": ns.seeds, "after_steps": ns.after_steps, "train_steps": cfg.num_steps,
+    result = {"seeds": ns.seeds, "after_steps": ns.after_steps, "train_steps": train_steps,
               "cases": [x["lost"] for x in rows if x["seed"] == ns.seeds[0] and x["method"] == "weighted"],
               "tables": tables, "table": single,
               "order_by_final_val": sorted(METHODS, key=lambda n: single[n]["final_val_mean"]) if single else None,
@@ -138,19 +138,26 @@ def main() -> None:
         print(f"{k}: " + ", ".join(f"{m} spike {v['spike_mean']:+.3f} final {v['final_val_mean']:.3f}" for m, v in t.items()))
     report(result, ns.out)
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows) + "\n")
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.2), sharey=True, squeeze=False)
+    plot(rows, ns.every, Path(ns.out).with_suffix(".png"))
+
+
+def plot(rows: list[dict], every: int, path: Path) -> None:
+    """Mean validation loss after the rebuild, per method, one panel per case kind (own y scale: a
+    first-two loss spikes an order of magnitude above the others)."""
+    kinds = list(dict.fromkeys(x["kind"] for x in rows))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for n, name in enumerate(METHODS):
             curves = [x["curve"] for x in rows if x["method"] == name and x["kind"] == kind]
             mean = [statistics.mean(c[k] for c in curves) for k in range(len(curves[0]))]
-            ax.plot([k * ns.every for k in range(len(mean))], mean, marker="o", ms=3, color=f"C{n}", label=name)
+            ax.plot([k * every for k in range(len(mean))], mean, marker="o", ms=3, color=f"C{n}", label=name)
         ax.axhline(statistics.mean(x["pre_val"] for x in rows), color="k", ls=":", label="before the failure")
         ax.set_title(f"{kind} ({', '.join(sorted({','.join(map(str, x['lost'])) for x in rows if x['kind'] == kind}))})")
         ax.set_xlabel("steps after the rebuild")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation loss (mean over seeds and cases)")
     axes[0][0].legend()
-    save_figure(fig, Path(ns.out).with_suffix(".png"))
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

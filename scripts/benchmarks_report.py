@@ -30,8 +30,8 @@ COMMANDS = {
     "recovery_latency": "python scripts/bench_recovery_latency.py",
     "scaling": "python scripts/bench_scaling.py --microbatches 1 4",
     "convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --jobs 2",
-    "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm --rates 0.33 "
-                         "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant "
+    "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm --rates 0.10 0.33 "
+                         "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant checkpoint:50 "
                          "--out runs/bench/convergence_swarm.json --runs-dir runs/bench/convergence-swarm-runs",
 }
 QUICK = {"convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --rates 0.16 0.33 --seeds 0 1 "

@@ -52,7 +52,7 @@ def test_overhead_script(tmp_path):
 def test_recovery_ablation_script(tmp_path):
     result = _script("bench_recovery_ablation", *TINY, "num_threads=1", "num_steps=6", "--seeds", "0", "--cases", "1",
                      "1,2", "0,1", "--after-steps", "2", "--every", "1", tmp_path=tmp_path)
-    assert result["cases"] == [[1], [1, 2], [0, 1]]
+    assert result["cases"] == [[1], [1, 2], [0, 1]] and result["train_steps"] == 6
     assert set(result["tables"]) == {"single", "adjacent", "first two"}
     assert result["table"] == result["tables"]["single"]
     for table in result["tables"].values():
