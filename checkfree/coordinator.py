@@ -34,6 +34,7 @@ class Decision:
     rollback_to: int | None = None
     reason: str = ""
     fatal: bool = False  # no epoch can ever be formed: the leader stops the swarm with ``reason``
+    needs_peers: bool = False  # waiting for peers to arrive: the leader gives up after swarm.spare_wait_s
 
 
 def stage_holders(members: dict[str, MemberRecord], current: EpochRecord | None) -> dict[int, str]:
@@ -95,7 +96,7 @@ def decide_epoch(
                 roster[s] = free.pop(0)
         missing = [s for s in range(num_stages) if s not in roster]
         if missing:
-            return Decision(None, reason=f"waiting for peers for stages {missing}")
+            return Decision(None, reason=f"waiting for peers for stages {missing}", needs_peers=True)
         return Decision([roster[s] for s in range(num_stages)], step=0)
 
     alive = {s: members[pid] for s, pid in holders.items()}
@@ -116,7 +117,8 @@ def decide_epoch(
     roster = list(current.roster)
     free = spares(members, set(roster))
     if len(free) < len(lost):
-        return Decision(None, reason=f"waiting for a spare for stages {list(lost)} ({len(free)} available)")
+        return Decision(None, reason=f"waiting for a spare for stages {list(lost)} ({len(free)} available)",
+                        needs_peers=True)
     for s in lost:
         roster[s] = free.pop(0)
     step = max((r.step for r in alive.values()), default=current.step)

@@ -188,7 +188,7 @@ class Peer:
                 self.emit("leader_waiting", reason=decision.reason)
             if decision.fatal:
                 self._stop_swarm(current, decision.reason)
-            if "waiting for a spare" in decision.reason or "waiting for peers" in decision.reason:
+            if decision.needs_peers:
                 waiting_since = waiting_since or time.time()
                 if time.time() - waiting_since > cfg.swarm.spare_wait_s:
                     self._stop_swarm(current, f"{decision.reason} for more than swarm.spare_wait_s="
@@ -231,7 +231,8 @@ class Peer:
         if fresh and rec.epoch > 0 and stage not in rec.lost:
             raise SwarmStopped(f"epoch {rec.epoch} gives this new peer stage {stage}, which is not being rebuilt")
         if self.worker is None or self.worker.index != stage:
-            self.worker = self._new_worker(stage, rebuilt=rec.epoch > 0)
+            # a rollback restores a saved (or the initial) state: only a per-stage rebuild starts anew
+            self.worker = self._new_worker(stage, rebuilt=rec.epoch > 0 and rec.rollback_to is None)
         store = self.hosted.get(rec.epoch)
         try:
             if store is None:
@@ -276,8 +277,10 @@ class Peer:
             t0 = time.time()
             if rec.rollback_to == 0:
                 # step 0 is the seed's initial state, a pure function of the config: nothing to load (a loss
-                # before the first checkpoint, or before any stage saved one, restarts from it)
-                self.worker = w = self._new_worker(w.index, rebuilt=False)
+                # before the first checkpoint, or before any stage saved one, restarts from it); a fresh
+                # peer's worker already is that state
+                if not fresh:
+                    self.worker = w = self._new_worker(w.index, rebuilt=False)
             else:
                 try:
                     payload = self.ckpt.load_stage(rec.rollback_to, w.index)

@@ -50,7 +50,7 @@ def test_two_spares_racing_only_the_first_by_id_wins():
 def test_no_spare_means_waiting():
     members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}
     d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
-    assert d.roster is None and "waiting for a spare for stages [2]" in d.reason
+    assert d.roster is None and "waiting for a spare for stages [2]" in d.reason and d.needs_peers and not d.fatal
 
 
 def test_resume_step_is_the_furthest_commit_and_the_leader_moves_on():
