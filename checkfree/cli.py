@@ -48,9 +48,9 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from checkfree.config import ConfigError, load_config, split_args
-    from checkfree.data import DataError
-    from checkfree.progress import Progress
-    from checkfree.trainer import Trainer
+    from checkfree.core.data import DataError
+    from checkfree.engine.progress import Progress
+    from checkfree.engine.trainer import Trainer
 
     files, overrides = split_args(ns.args)
     try:
@@ -163,7 +163,7 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     import signal
 
     from checkfree.config import ConfigError, load_config, split_args
-    from checkfree.data import DataError
+    from checkfree.core.data import DataError
 
     def on_term(signum, frame):  # a clean exit: the peer tombstones its record
         raise SystemExit(0)
@@ -174,7 +174,7 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     files, overrides = split_args(ns.args)
     try:
         cfg = load_config(files, overrides)
-        from checkfree.peer import Peer
+        from checkfree.swarm.peer import Peer
 
         peer = Peer(cfg, ns.run_dir or cfg.run_dir, None if ns.spare else ns.stage, ns.initial_peers, ns.peer_id)
     except (ConfigError, DataError, ValueError) as e:
@@ -205,7 +205,8 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    from checkfree.membership import Membership, MembershipConfig
+    from checkfree.swarm.config import MembershipConfig
+    from checkfree.swarm.membership import Membership
 
     m = Membership(MembershipConfig(), ns.run_id, None, ns.initial_peers, client_mode=True)
     try:

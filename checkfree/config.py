@@ -21,16 +21,14 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from checkfree.checkpoint import CheckpointConfig
-from checkfree.data import DataConfig
-from checkfree.engine import OptimConfig
-from checkfree.failures import FailureConfig
-from checkfree.membership import MembershipConfig
-from checkfree.model import ModelConfig
-from checkfree.recovery import RecoveryConfig
-from checkfree.schedule import PipelineConfig
-from checkfree.swarm_config import SwarmConfig
-from checkfree.transport import TransportConfig
+from checkfree.core.checkpoint import CheckpointConfig
+from checkfree.core.data import DataConfig
+from checkfree.core.failures import FailureConfig
+from checkfree.core.model import ModelConfig
+from checkfree.core.recovery import RecoveryConfig
+from checkfree.core.schedule import PipelineConfig
+from checkfree.core.stage_step import OptimConfig
+from checkfree.swarm.config import MembershipConfig, SwarmConfig, TransportConfig
 
 
 class ConfigError(ValueError):

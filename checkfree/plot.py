@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from checkfree.metrics import read_jsonl  # noqa: E402
+from checkfree.core.metrics import read_jsonl  # noqa: E402
 
 
 def _load(run_dir: Path) -> tuple[list[dict], list[dict]]:

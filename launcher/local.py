@@ -26,10 +26,10 @@ import time
 from pathlib import Path
 
 from checkfree.config import TrainConfig, to_yaml
-from checkfree.failures import Failure, FailureInjector, write_trace
-from checkfree.membership import Membership
-from checkfree.metrics import EventLog, read_jsonl
-from checkfree.swarm_config import config_fingerprint
+from checkfree.core.failures import Failure, FailureInjector, write_trace
+from checkfree.core.metrics import EventLog, read_jsonl
+from checkfree.swarm.config import config_fingerprint
+from checkfree.swarm.membership import Membership
 from launcher.report import merge_run
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 
 from checkfree import __version__
-from checkfree.metrics import read_jsonl
+from checkfree.core.metrics import read_jsonl
 
 
 def _events(run_dir: Path) -> list[dict]:

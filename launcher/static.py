@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 
 from checkfree.config import TrainConfig
-from checkfree.data import Batches
-from checkfree.metrics import peak_rss_mb
-from checkfree.model import Stage, init_stage_
-from checkfree.schedule import schedule_for
-from checkfree.swarm_config import config_fingerprint
-from checkfree.transport import EpochGroup
-from checkfree.worker import StageWorker
+from checkfree.core.data import Batches
+from checkfree.core.metrics import peak_rss_mb
+from checkfree.core.model import Stage, init_stage_
+from checkfree.core.schedule import schedule_for
+from checkfree.swarm.config import config_fingerprint
+from checkfree.swarm.transport import EpochGroup
+from checkfree.swarm.worker import StageWorker
 
 
 def _stage_main(cfg: TrainConfig, stage: int, port: int, out_dir: str, threads: int) -> None:

@@ -38,10 +38,10 @@ from pathlib import Path
 
 from checkfree import __version__
 from checkfree.config import load_config, split_args, to_yaml
-from checkfree.failures import FailureConfig, FailureInjector, write_trace
-from checkfree.metrics import read_jsonl, report
+from checkfree.core.failures import FailureConfig, FailureInjector, write_trace
+from checkfree.core.metrics import read_jsonl, report
+from checkfree.engine.trainer import Trainer
 from checkfree.plot import plot_runs
-from checkfree.trainer import Trainer
 from launcher.local import run_local_swarm
 
 STRATEGIES = ["none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint:10", "checkpoint:50",

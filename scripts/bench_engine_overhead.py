@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from checkfree.config import load_config, split_args
-from checkfree.data import Batches
-from checkfree.engine import PipelineEngine
-from checkfree.metrics import report
-from checkfree.model import build_stages
-from checkfree.schedule import schedule_for
+from checkfree.core.data import Batches
+from checkfree.core.metrics import report
+from checkfree.core.model import build_stages
+from checkfree.core.schedule import schedule_for
+from checkfree.engine.pipeline import PipelineEngine
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import statistics
 import time
 
 from checkfree.config import load_config
-from checkfree.membership import MemberRecord, Membership
-from checkfree.metrics import report
+from checkfree.core.metrics import report
+from checkfree.swarm.membership import MemberRecord, Membership
 
 
 def _beat(cfg, maddrs, peer_id, ready):

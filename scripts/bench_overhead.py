@@ -28,8 +28,8 @@ import tempfile
 from pathlib import Path
 
 from checkfree.config import load_config, split_args
-from checkfree.metrics import read_jsonl, report
-from checkfree.trainer import Trainer
+from checkfree.core.metrics import read_jsonl, report
+from checkfree.engine.trainer import Trainer
 from launcher.local import run_local_swarm
 from launcher.static import run_static_pipeline
 

@@ -30,9 +30,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from checkfree.config import load_config, split_args
-from checkfree.metrics import report
+from checkfree.core.metrics import report
+from checkfree.engine.trainer import Trainer
 from checkfree.plot import save_figure
-from checkfree.trainer import Trainer
 
 METHODS = {"weighted": "checkfree", "uniform": "uniform", "copy": "copy", "random": "random"}
 

@@ -29,11 +29,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from checkfree.config import load_config, split_args
-from checkfree.failures import Failure, write_trace
-from checkfree.metrics import report
-from checkfree.model import Stage
+from checkfree.core.failures import Failure, write_trace
+from checkfree.core.metrics import report
+from checkfree.core.model import Stage
+from checkfree.core.redundancy import param_bytes
 from checkfree.plot import save_figure
-from checkfree.redundancy import param_bytes
 from launcher.local import run_local_swarm
 
 FIRST_MIDDLE_LAST = "first-middle-last"

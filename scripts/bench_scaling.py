@@ -32,9 +32,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from checkfree.config import load_config, split_args
-from checkfree.metrics import read_jsonl, report
+from checkfree.core.metrics import read_jsonl, report
+from checkfree.engine.trainer import Trainer
 from checkfree.plot import save_figure
-from checkfree.trainer import Trainer
 from launcher.local import run_local_swarm
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import checkfree.checkpoint as ckpt_mod
-from checkfree.checkpoint import CheckpointConfig, CheckpointStore
+import checkfree.core.checkpoint as ckpt_mod
+from checkfree.core.checkpoint import CheckpointConfig, CheckpointStore
 
 
 def test_emulated_storage_makes_saves_and_loads_wait_for_their_size(tmp_path, monkeypatch):

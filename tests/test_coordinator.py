@@ -1,5 +1,5 @@
-from checkfree.coordinator import decide_epoch, leader_of
-from checkfree.membership import EpochRecord, MemberRecord
+from checkfree.swarm.coordinator import decide_epoch, leader_of
+from checkfree.swarm.membership import EpochRecord, MemberRecord
 
 
 def rec(pid, stage, state="running", epoch=0, step=5, pending=False):

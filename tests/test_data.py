@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkfree.data import Batches, DataConfig, DataError, load_splits
+from checkfree.core.data import Batches, DataConfig, DataError, load_splits
 
 
 def test_batches_are_a_pure_function_of_seed_step_microbatch():

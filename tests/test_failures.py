@@ -2,7 +2,14 @@ import math
 
 import pytest
 
-from checkfree.failures import Failure, FailureConfig, FailureInjector, hourly_to_per_iteration, read_trace, write_trace
+from checkfree.core.failures import (
+    Failure,
+    FailureConfig,
+    FailureInjector,
+    hourly_to_per_iteration,
+    read_trace,
+    write_trace,
+)
 
 
 def test_hourly_rate_conversion():

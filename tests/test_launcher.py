@@ -1,6 +1,6 @@
 """The local launcher's failure clock: iterations are observed committed steps, redone steps included."""
 
-from checkfree.failures import Failure
+from checkfree.core.failures import Failure
 from launcher.local import advance_iterations, next_batch
 from launcher.report import recoveries
 
@@ -29,11 +29,11 @@ def test_a_started_process_reports_its_own_peak_memory_not_its_parents():
     import subprocess
     import sys
 
-    from checkfree.metrics import peak_rss_mb
+    from checkfree.core.metrics import peak_rss_mb
 
     ballast = bytearray(400 * 2**20)  # this process now holds 400 MB more than its child will
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touch every page
-    out = subprocess.run([sys.executable, "-c", "from checkfree.metrics import peak_rss_mb; print(peak_rss_mb())"],
+    out = subprocess.run([sys.executable, "-c", "from checkfree.core.metrics import peak_rss_mb; print(peak_rss_mb())"],
                          capture_output=True, text=True, timeout=60, check=True)
     assert peak_rss_mb() > 400
     assert float(out.stdout) < 200, out.stdout

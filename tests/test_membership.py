@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 
-from checkfree.membership import DHTUnavailable, EpochRecord, Membership, MembershipConfig, MemberRecord
+from checkfree.swarm.config import MembershipConfig
+from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
 
 CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)
 
@@ -96,7 +97,8 @@ def test_calls_fail_fast_when_the_dht_process_is_gone():
 
 ORPHAN_SCRIPT = """
 import sys, time
-from checkfree.membership import Membership, MembershipConfig
+from checkfree.swarm.config import MembershipConfig
+from checkfree.swarm.membership import Membership
 m = Membership(MembershipConfig(), "t-orphan", "fp")
 print("ready", flush=True)
 time.sleep(120)

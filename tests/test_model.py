@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from checkfree.model import ModelConfig, Stage, block_state, build_stages, edge_state
+from checkfree.core.model import ModelConfig, Stage, block_state, build_stages, edge_state
 
 
 def _cfg(**kw):
@@ -61,7 +61,7 @@ def test_config_errors_name_the_values():
 def test_seeds_are_mixed_without_structure():
     """Every (seed, iteration, stage) draws its own stream: nearby seeds are not shifted copies of each other
     (the old linear mix gave seed 1001 at iteration i+65 the stream of seed 1000 at iteration i)."""
-    from checkfree.model import hash_seed
+    from checkfree.core.seeding import hash_seed
 
     keys = [(s, i, st) for s in (0, 1, 2, 1000, 1001, 1002) for i in range(1000) for st in range(8)]
     assert len({hash_seed(*k) for k in keys}) == len(keys)

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from checkfree.recovery import (RecoveryPlan, plan_recovery, rebuild_blocks, uniform_average,
-                                weighted_average)
+from checkfree.core.recovery import RecoveryPlan, plan_recovery, rebuild_blocks, uniform_average, weighted_average
 
 
 def test_weighted_average_by_hand():

@@ -2,7 +2,16 @@ import dataclasses
 
 import pytest
 
-from checkfree.schedule import KINDS, Hop, ScheduleError, build_schedule, is_swapped, plain_route, swapped_route, validate
+from checkfree.core.schedule import (
+    KINDS,
+    Hop,
+    ScheduleError,
+    build_schedule,
+    is_swapped,
+    plain_route,
+    swapped_route,
+    validate,
+)
 
 
 @pytest.mark.parametrize("kind", KINDS)

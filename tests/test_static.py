@@ -5,8 +5,8 @@ import multiprocessing
 
 import pytest
 
-from checkfree.metrics import read_jsonl
-from checkfree.trainer import Trainer
+from checkfree.core.metrics import read_jsonl
+from checkfree.engine.trainer import Trainer
 from launcher.static import run_static_pipeline
 from tests.conftest import tiny_config
 

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from checkfree.failures import Failure, write_trace
-from checkfree.metrics import read_jsonl
+from checkfree.core.failures import Failure, write_trace
+from checkfree.core.metrics import read_jsonl
 from tests.conftest import TINY, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -216,7 +216,7 @@ def test_losing_every_stage_at_once(tmp_path, strategy):
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_swarm_reproduces_the_engine_on_plain_schedules(tmp_path, schedule):
-    from checkfree.trainer import Trainer
+    from checkfree.engine.trainer import Trainer
 
     overrides = [f"pipeline.schedule={schedule}", "recovery.strategy=checkfree", "num_steps=6"]
     code, out, run_dir = run_swarm(tmp_path, f"eq-{schedule}", *overrides, "swarm.num_spares=0")
@@ -229,7 +229,7 @@ def test_swarm_reproduces_the_engine_on_plain_schedules(tmp_path, schedule):
 
 
 def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
-    from checkfree.trainer import Trainer
+    from checkfree.engine.trainer import Trainer
 
     proc = run_swarm(tmp_path, "equiv", "num_steps=40", "swarm.num_spares=0", background=True)
     run_dir = tmp_path / "equiv"
@@ -277,7 +277,7 @@ def test_redundant_swarm_fails_over_to_shadows_without_losing_anything(tmp_path)
     """Bamboo-style redundancy across real processes: middle, first and last stage killed; each fails over
     to the shadow its predecessor trained (the last stage holds the first's), the replacement's own
     shadow is sent to it, and every committed loss is the failure-free engine's."""
-    from checkfree.trainer import Trainer
+    from checkfree.engine.trainer import Trainer
 
     overrides = ["recovery.strategy=redundant", "recovery.lr_factor=1.5", "num_steps=16"]
     fails = [Failure(3, 1, "mid_forward", 0.5), Failure(7, 0, "mid_forward", 0.5), Failure(11, 3, "mid_forward", 0.5)]

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from checkfree.failures import Failure, write_trace
-from checkfree.metrics import read_jsonl
-from checkfree.trainer import Trainer
+from checkfree.core.failures import Failure, write_trace
+from checkfree.core.metrics import read_jsonl
+from checkfree.engine.trainer import Trainer
 from tests.conftest import tiny_config
 
 
@@ -154,8 +154,9 @@ def test_engine_matches_the_unsplit_model(tmp_path, schedule):
     """Same init, data and optimizer maths: the pipeline is an exact re-arrangement of one model."""
     trainer, _, metrics, _ = _run(tmp_path, "num_steps=4", "optim.grad_clip=0", "recovery.strategy=none",
                                   f"pipeline.schedule={schedule}")
-    from checkfree.model import build_stages
     import torch.nn.functional as F
+
+    from checkfree.core.model import build_stages
 
     cfg = trainer.cfg
     (whole,) = build_stages(cfg.model, cfg.seed, num_stages=1)

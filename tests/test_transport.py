@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from checkfree.transport import EpochGroup, PeerProtocolError, StageLostError, TransportConfig
+from checkfree.swarm.config import TransportConfig
+from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 
 
 def run_ranks(world: int, fn, timeout_s: float = 2.0, epoch: int = 0):

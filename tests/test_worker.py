@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from checkfree.model import build_stages
-from checkfree.trainer import Trainer
-from checkfree.transport import StageLostError
-from checkfree.worker import StageWorker
+from checkfree.core.model import build_stages
+from checkfree.engine.trainer import Trainer
+from checkfree.swarm.transport import StageLostError
+from checkfree.swarm.worker import StageWorker
 from tests.conftest import tiny_config
 from tests.test_transport import run_ranks
 
@@ -38,7 +38,7 @@ def test_workers_reproduce_the_engine(tmp_path, schedule, strategy):
         return losses
 
     results = run_ranks(4, fn, timeout_s=10)
-    from checkfree.metrics import read_jsonl
+    from checkfree.core.metrics import read_jsonl
 
     expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
     for r in results:
@@ -78,8 +78,9 @@ def test_redundant_workers_keep_shadows_identical_to_the_stages_they_copy(tmp_pa
     """Every worker also trains a shadow of the next stage on its own outputs and the gradients that stage
     forwards (``sgrad``): after several steps each shadow equals its stage exactly, optimizer included,
     and the losses are the engine's."""
-    from checkfree.metrics import read_jsonl
-    from checkfree.redundancy import HeldShadow, full_state_tensors, shadow_of
+    from checkfree.core.metrics import read_jsonl
+    from checkfree.core.redundancy import full_state_tensors, shadow_of
+    from checkfree.swarm.shadow import HeldShadow
 
     cfg = tiny_config(tmp_path, "num_steps=3", "recovery.strategy=redundant")
     reference = Trainer(cfg)
@@ -113,9 +114,9 @@ def test_full_stage_state_round_trip_continues_bit_for_bit(tmp_path):
     whose next optimizer step is identical to the original's."""
     import copy
 
-    from checkfree.engine import make_optimizer
-    from checkfree.model import Stage
-    from checkfree.redundancy import full_state_like, full_state_tensors, load_full_state
+    from checkfree.core.model import Stage
+    from checkfree.core.redundancy import full_state_like, full_state_tensors, load_full_state
+    from checkfree.core.stage_step import make_optimizer
 
     cfg = tiny_config(tmp_path)
     stage = build_stages(cfg.model, cfg.seed)[1]

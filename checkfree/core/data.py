@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkfree.model import hash_seed
+from checkfree.core.seeding import hash_seed
 
 SOURCES = ("stdlib", "text", "tokens")
 

@@ -15,32 +15,17 @@ failures and timeouts become ``StageLostError`` here, at the boundary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from checkfree.swarm.config import TransportConfig
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64)
 MAX_DIMS = 4
 HEADER_LEN = 8 + MAX_DIMS
 KIND_CODES = {"act": 1, "grad": 2, "state": 3, "sgrad": 4, "shadow": 5}  # sgrad, shadow: redundant computation
-
-
-@dataclass
-class TransportConfig:
-    timeout_s: float = 10.0  # limit of every send, receive and collective wait
-    rendezvous_timeout_s: float = 30.0  # limit for all peers of an epoch to join its store
-    backend: str = "auto"  # auto (gloo on cpu, nccl on cuda), gloo or nccl
-
-    def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.rendezvous_timeout_s <= 0:
-            raise ValueError(
-                f"transport timeouts must be > 0, got timeout_s={self.timeout_s}, "
-                f"rendezvous_timeout_s={self.rendezvous_timeout_s}"
-            )
-        if self.backend not in ("auto", "gloo", "nccl"):
-            raise ValueError(f"transport.backend={self.backend!r} is not one of auto, gloo, nccl")
 
 
 class StageLostError(RuntimeError):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkfree.model import hash_seed
+from checkfree.core.seeding import hash_seed
 
 MODES = ("none", "hourly", "per_step", "trace")
 PHASES = ("before_forward", "mid_forward", "mid_backward")

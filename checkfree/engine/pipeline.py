@@ -14,35 +14,16 @@ optimizer; an interrupted step (``StepInterrupted``) is discarded with ``discard
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from checkfree.data import Batches
-from checkfree.failures import Failure
-from checkfree.model import Stage, edge_state
-from checkfree.recovery import replica_holder
-from checkfree.schedule import Op, Schedule
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 6e-4  # Adam learning rate, constant (paper: no decay)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # per-stage clip of the gradient's L2 norm; 0: no clipping
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be > 0")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
-        if self.grad_clip < 0:
-            raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0")
+from checkfree.core.data import Batches
+from checkfree.core.failures import Failure
+from checkfree.core.model import Stage, edge_state
+from checkfree.core.recovery import replica_holder
+from checkfree.core.schedule import Op, Schedule
+from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, smooth
 
 
 class StepInterrupted(Exception):
@@ -51,23 +32,6 @@ class StepInterrupted(Exception):
     def __init__(self, step: int, op_index: int, op: Op | None):
         super().__init__(f"step {step} interrupted before op {op_index} ({op})")
         self.step, self.op_index, self.op = step, op_index, op
-
-
-def make_optimizer(stage: Stage, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(
-        stage.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        weight_decay=cfg.weight_decay, foreach=True,
-    )
-
-
-def clip_stage_(stage: Stage, max_norm: float) -> float:
-    """Clip the stage's gradient in place (0: no clipping); returns its *pre-clip* L2 norm."""
-    return float(torch.nn.utils.clip_grad_norm_(stage.parameters(), max_norm or math.inf, foreach=True))
-
-
-def smooth(prev: float | None, value: float, beta: float) -> float:
-    """Exponential moving average, seeded by the first value."""
-    return value if prev is None else beta * prev + (1 - beta) * value
 
 
 def interrupt_index(schedule: Schedule, failure: Failure) -> int:
@@ -80,23 +44,6 @@ def interrupt_index(schedule: Schedule, failure: Failure) -> int:
     if not candidates:
         return 0
     return candidates[min(int(failure.at * len(candidates)), len(candidates) - 1)]
-
-
-def forward_hop(stage: Stage, schedule: Schedule, op: Op, x: torch.Tensor, step: int, batches: Batches,
-                device: torch.device) -> torch.Tensor:
-    """Run the parts of ``stage`` that hop ``op.hop`` of microbatch ``op.mb`` uses; at the last hop,
-    return the microbatch's loss divided by the number of microbatches (gradient accumulation)."""
-    hop = schedule.routes[op.mb][op.hop]
-    h = x
-    if hop.embed:
-        h = stage.run_embed(h)  # (B, T) -> (B, T, C)
-    if hop.blocks:
-        h = stage.run_blocks(h)
-    if hop.head:
-        logits = stage.run_head(h)  # (B, T, V)
-        targets = batches.targets(step, op.mb).to(device)
-        h = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / schedule.num_microbatches
-    return h
 
 
 class PipelineEngine:

@@ -22,12 +22,13 @@ import math
 
 import torch
 
-from checkfree.data import Batches
-from checkfree.engine import OptimConfig, clip_stage_, forward_hop, make_optimizer, smooth
-from checkfree.model import Stage
-from checkfree.redundancy import HeldShadow, shadow_holder
-from checkfree.schedule import Op, Schedule
-from checkfree.transport import EpochGroup
+from checkfree.core.data import Batches
+from checkfree.core.model import Stage
+from checkfree.core.redundancy import shadow_holder
+from checkfree.core.schedule import Op, Schedule
+from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, smooth
+from checkfree.swarm.shadow import HeldShadow
+from checkfree.swarm.transport import EpochGroup
 
 
 class StageWorker:

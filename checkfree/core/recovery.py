@@ -36,6 +36,7 @@ import torch
 STRATEGIES = ("none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint", "redundant")
 FALLBACKS = ("checkpoint", "nearest", "random")
 NORM_SOURCES = ("raw", "smoothed")
+PER_STAGE_STRATEGIES = ("checkfree", "checkfree_plus", "copy", "uniform", "random")  # rebuild a stage from others
 
 
 @dataclass
@@ -65,6 +66,11 @@ class RecoveryConfig:
             raise ValueError(f"recovery.norm_ema_beta={self.norm_ema_beta} must be in [0, 1)")
         if self.edge_replica_every_steps < 0:
             raise ValueError(f"recovery.edge_replica_every_steps={self.edge_replica_every_steps} must be >= 0")
+
+
+def edge_replicas_on(cfg: RecoveryConfig) -> bool:
+    """Whether neighbours keep copies of the embedding and head (per-stage rebuild strategies only)."""
+    return cfg.strategy in PER_STAGE_STRATEGIES and cfg.edge_replica_every_steps > 0
 
 
 @dataclass(frozen=True)

@@ -26,21 +26,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkfree.checkpoint import CheckpointStore
 from checkfree.config import TrainConfig
-from checkfree.coordinator import decide_epoch, leader_of
-from checkfree.data import Batches
-from checkfree.membership import DHTUnavailable, EpochRecord, Membership, MemberRecord
-from checkfree.metrics import EventLog, JsonLines, peak_rss_mb
-from checkfree.model import Stage, block_state, edge_state, init_stage_
-from checkfree.recovery import RecoveryPlan, edge_kind, rebuild_blocks, replica_holder
-from checkfree.redundancy import (HeldShadow, full_state_like, full_state_tensors, load_full_state, shadow_holder,
-                                  shadow_of)
-from checkfree.schedule import schedule_for
-from checkfree.swarm_config import config_fingerprint
-from checkfree.trainer import PER_STAGE_STRATEGIES
-from checkfree.transport import EpochGroup, PeerProtocolError, StageLostError
-from checkfree.worker import StageWorker
+from checkfree.core.checkpoint import CheckpointStore
+from checkfree.core.data import Batches
+from checkfree.core.metrics import EventLog, JsonLines, peak_rss_mb
+from checkfree.core.model import Stage, block_state, edge_state, init_stage_
+from checkfree.core.recovery import RecoveryPlan, edge_kind, edge_replicas_on, rebuild_blocks, replica_holder
+from checkfree.core.redundancy import full_state_like, full_state_tensors, load_full_state, shadow_holder, shadow_of
+from checkfree.core.schedule import schedule_for
+from checkfree.swarm.config import config_fingerprint
+from checkfree.swarm.coordinator import decide_epoch, leader_of
+from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
+from checkfree.swarm.shadow import HeldShadow
+from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
+from checkfree.swarm.worker import StageWorker
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ class Peer:
         self.batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
         self.schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
         self.device = torch.device(cfg.device)
-        self.replicas_on = cfg.recovery.strategy in PER_STAGE_STRATEGIES and cfg.recovery.edge_replica_every_steps > 0
+        self.replicas_on = edge_replicas_on(cfg.recovery)
         self.ckpt = None
         if cfg.checkpoint.every_steps:
             self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, keep=1 << 30,

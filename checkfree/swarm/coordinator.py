@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from checkfree.membership import EpochRecord, MemberRecord, PlanRecord
-from checkfree.recovery import plan_recovery, replica_holder
+from checkfree.core.recovery import plan_recovery, replica_holder
+from checkfree.swarm.membership import EpochRecord, MemberRecord, PlanRecord
 
 
 @dataclass(frozen=True)

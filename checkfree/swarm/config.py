@@ -15,6 +15,43 @@ SIGNALS = ("SIGKILL", "SIGSTOP")
 
 
 @dataclass
+class MembershipConfig:
+    period_s: float = 0.5  # heartbeat period
+    ttl_s: float = 2.0  # a record expires this long after it was stored; keep >= ~4x period_s
+    dht_timeout_s: float = 5.0  # limit of every DHT store/get
+    startup_timeout_s: float = 60.0  # limit for the DHT and its p2p daemon to start
+    host: str = "127.0.0.1"  # address this peer listens on and advertises (data plane and DHT)
+    announce_host: str | None = None  # address others should dial, if different (NAT, public IP)
+    poll_s: float = 0.1  # how often a waiting peer polls the DHT
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0 or self.ttl_s <= self.period_s:
+            raise ValueError(
+                f"membership.ttl_s={self.ttl_s} must exceed membership.period_s={self.period_s} > 0 "
+                "(keep ttl_s >= ~4x period_s)"
+            )
+        for name in ("dht_timeout_s", "startup_timeout_s", "poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"membership.{name}={getattr(self, name)} must be > 0")
+
+
+@dataclass
+class TransportConfig:
+    timeout_s: float = 10.0  # limit of every send, receive and collective wait
+    rendezvous_timeout_s: float = 30.0  # limit for all peers of an epoch to join its store
+    backend: str = "auto"  # auto (gloo on cpu, nccl on cuda), gloo or nccl
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.rendezvous_timeout_s <= 0:
+            raise ValueError(
+                f"transport timeouts must be > 0, got timeout_s={self.timeout_s}, "
+                f"rendezvous_timeout_s={self.rendezvous_timeout_s}"
+            )
+        if self.backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"transport.backend={self.backend!r} is not one of auto, gloo, nccl")
+
+
+@dataclass
 class SwarmConfig:
     run_id: str | None = None  # swarm identity on the DHT; None: the run_name
     num_spares: int = 1  # spare peers the local launcher starts with

@@ -13,12 +13,13 @@ model all start from identical weights.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from checkfree.core.seeding import hash_seed
 
 
 @dataclass
@@ -173,14 +174,6 @@ def init_stage_(stage: Stage, cfg: ModelConfig, seed: int, salt: int = 0) -> Non
         normal_([stage.head.weight], stream=-2)
         with torch.no_grad():
             stage.norm.weight.fill_(1.0)
-
-
-def hash_seed(*parts: int) -> int:
-    """A 63-bit seed from integers: stable across processes and platforms (unlike ``hash``), and with no
-    structure between nearby inputs. (A boost-style linear mix used before made seed s+1 at iteration i
-    collide with seed s at iteration i+65: "different" seeds replayed shifted copies of one failure trace.)"""
-    data = b"".join(int(p).to_bytes(8, "little", signed=True) for p in parts)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & 0x7FFFFFFFFFFFFFFF
 
 
 def build_stages(cfg: ModelConfig, seed: int, num_stages: int | None = None) -> list[Stage]:

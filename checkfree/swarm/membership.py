@@ -27,30 +27,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
+from checkfree.swarm.config import MembershipConfig
+
 logger = logging.getLogger(__name__)
 
 STATES = ("waiting", "joining", "running", "recovering", "spare", "done")
-
-
-@dataclass
-class MembershipConfig:
-    period_s: float = 0.5  # heartbeat period
-    ttl_s: float = 2.0  # a record expires this long after it was stored; keep >= ~4x period_s
-    dht_timeout_s: float = 5.0  # limit of every DHT store/get
-    startup_timeout_s: float = 60.0  # limit for the DHT and its p2p daemon to start
-    host: str = "127.0.0.1"  # address this peer listens on and advertises (data plane and DHT)
-    announce_host: str | None = None  # address others should dial, if different (NAT, public IP)
-    poll_s: float = 0.1  # how often a waiting peer polls the DHT
-
-    def __post_init__(self) -> None:
-        if self.period_s <= 0 or self.ttl_s <= self.period_s:
-            raise ValueError(
-                f"membership.ttl_s={self.ttl_s} must exceed membership.period_s={self.period_s} > 0 "
-                "(keep ttl_s >= ~4x period_s)"
-            )
-        for name in ("dht_timeout_s", "startup_timeout_s", "poll_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"membership.{name}={getattr(self, name)} must be > 0")
 
 
 class MemberRecord(BaseModel):
@@ -122,7 +103,6 @@ class Membership:
 
     def __post_init__(self) -> None:
         import hivemind  # late: importing hivemind imports torch (~2 s)
-
         from hivemind.utils import get_dht_time
 
         self._now = get_dht_time

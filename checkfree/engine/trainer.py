@@ -21,20 +21,27 @@ from pathlib import Path
 import torch
 
 from checkfree import __version__
-from checkfree.checkpoint import CheckpointStore
 from checkfree.config import TrainConfig, to_yaml
-from checkfree.data import Batches
-from checkfree.engine import PipelineEngine, StepInterrupted, interrupt_index
-from checkfree.failures import Failure, FailureInjector, write_trace
-from checkfree.metrics import EventLog, JsonLines
-from checkfree.model import Stage, block_state, build_stages, init_stage_
-from checkfree.recovery import RecoveryPlan, edge_kind, plan_recovery, rebuild_blocks, replica_holder
-from checkfree.redundancy import Shadows, param_bytes
-from checkfree.schedule import schedule_for
+from checkfree.core.checkpoint import CheckpointStore
+from checkfree.core.data import Batches
+from checkfree.core.failures import Failure, FailureInjector, write_trace
+from checkfree.core.metrics import EventLog, JsonLines
+from checkfree.core.model import Stage, block_state, build_stages, init_stage_
+from checkfree.core.recovery import (
+    RecoveryPlan,
+    edge_kind,
+    edge_replicas_on,
+    plan_recovery,
+    rebuild_blocks,
+    replica_holder,
+)
+from checkfree.core.redundancy import param_bytes
+from checkfree.core.schedule import schedule_for
+from checkfree.engine.pipeline import PipelineEngine, StepInterrupted, interrupt_index
+from checkfree.engine.shadows import Shadows
 
 logger = logging.getLogger(__name__)
 
-PER_STAGE_STRATEGIES = ("checkfree", "checkfree_plus", "copy", "uniform", "random")
 
 
 @dataclass
@@ -74,7 +81,7 @@ class Trainer:
         if cfg.checkpoint.every_steps:
             self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep,
                                         cfg.checkpoint.storage_mb_s)
-        self.replicas_on = cfg.recovery.strategy in PER_STAGE_STRATEGIES and cfg.recovery.edge_replica_every_steps > 0
+        self.replicas_on = edge_replicas_on(cfg.recovery)
         self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.state = RunState()

@@ -1,0 +1,83 @@
+"""
+Stage step helpers
+==================
+
+What one stage does around a step, written once for both executors: its Adam optimizer
+(``make_optimizer``, which can also restore a saved state and learning rate), per-stage clipping that
+returns the *pre-clip* norm (``clip_stage_``), the smoothing of that norm (``smooth``) and the forward of
+one schedule hop (``forward_hop``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from checkfree.core.data import Batches
+from checkfree.core.model import Stage
+from checkfree.core.schedule import Op, Schedule
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4  # Adam learning rate, constant (paper: no decay)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # per-stage clip of the gradient's L2 norm; 0: no clipping
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name}={getattr(self, name)} must be in [0, 1)")
+        if self.grad_clip < 0:
+            raise ValueError(f"optim.grad_clip={self.grad_clip} must be >= 0")
+
+
+def make_optimizer(stage: Stage, cfg: OptimConfig, lr: float, state: dict | None = None) -> torch.optim.Optimizer:
+    """The stage's Adam at ``lr``; with ``state`` (an optimizer ``state_dict``), its moments and step
+    counts are restored and the learning rate is still ``lr``."""
+    optimizer = torch.optim.Adam(
+        stage.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        weight_decay=cfg.weight_decay, foreach=True,
+    )
+    if state is not None:
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    return optimizer
+
+
+def clip_stage_(stage: Stage, max_norm: float) -> float:
+    """Clip the stage's gradient in place (0: no clipping); returns its *pre-clip* L2 norm."""
+    return float(torch.nn.utils.clip_grad_norm_(stage.parameters(), max_norm or math.inf, foreach=True))
+
+
+def smooth(prev: float | None, value: float, beta: float) -> float:
+    """Exponential moving average, seeded by the first value."""
+    return value if prev is None else beta * prev + (1 - beta) * value
+
+
+def forward_hop(stage: Stage, schedule: Schedule, op: Op, x: torch.Tensor, step: int, batches: Batches,
+                device: torch.device) -> torch.Tensor:
+    """Run the parts of ``stage`` that hop ``op.hop`` of microbatch ``op.mb`` uses; at the last hop,
+    return the microbatch's loss divided by the number of microbatches (gradient accumulation)."""
+    hop = schedule.routes[op.mb][op.hop]
+    h = x
+    if hop.embed:
+        h = stage.run_embed(h)  # (B, T) -> (B, T, C)
+    if hop.blocks:
+        h = stage.run_blocks(h)
+    if hop.head:
+        logits = stage.run_head(h)  # (B, T, V)
+        targets = batches.targets(step, op.mb).to(device)
+        h = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / schedule.num_microbatches
+    return h
+
+
