@@ -24,6 +24,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from checkfree.core.checkpoint import CheckpointConfig
 from checkfree.core.data import DataConfig
 from checkfree.core.failures import FailureConfig
+from checkfree.core.metrics import MetricsConfig
 from checkfree.core.model import ModelConfig
 from checkfree.core.recovery import RecoveryConfig
 from checkfree.core.schedule import PipelineConfig
@@ -60,6 +61,7 @@ class TrainConfig:
     failures: FailureConfig = field(default_factory=_default_failures)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     membership: MembershipConfig = field(default_factory=MembershipConfig)  # swarm only
     transport: TransportConfig = field(default_factory=TransportConfig)  # swarm only
     swarm: SwarmConfig = field(default_factory=SwarmConfig)  # swarm only

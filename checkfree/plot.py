@@ -14,9 +14,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from checkfree.core.metrics import read_jsonl  # noqa: E402
+from checkfree.core.metrics import read_jsonl
 
 
 def _load(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -45,7 +45,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
             ax_step.plot([v[0] for v in val], [v[2] for v in val], color=color, marker="o", ms=3, label=f"{label} (val)")
             ax_time.plot([v[1] for v in val], [v[2] for v in val], color=color, marker="o", ms=3)
         time_at = {m["step"]: m["time/train_s"] for m in metrics}
-        fail_steps = [e["step"] for e in events if e["event"] in ("failure", "kill")]  # engine, swarm
+        fail_steps = [e["step"] for e in events if e["event"] == "failure"]
         for k, s in enumerate(fail_steps):
             ax_step.axvline(s, color=color, ls=":", lw=0.9, label=f"{label} failures" if k == 0 else None)
             if s in time_at:

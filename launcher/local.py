@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from checkfree.config import TrainConfig, to_yaml
+from checkfree.core.events import EventLog
 from checkfree.core.failures import Failure, FailureInjector, write_trace
-from checkfree.core.metrics import EventLog, read_jsonl
+from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.membership import Membership
 from launcher.report import merge_run
@@ -187,7 +188,7 @@ class LocalSwarm:
             if sig == signal.SIGSTOP:
                 self.stopped.add(pid)
             self.kill_epoch = current.epoch
-            self.events.emit("kill", stage=f.stage, peer=pid, pid=proc.pid, signal=sig.name, step=step,
+            self.events.emit("failure", stage=f.stage, peer=pid, pid=proc.pid, signal=sig.name, step=step,
                              epoch=current.epoch, iteration=f.iteration)
             self.pending_spares.append(now + cfg.swarm.spare_delay_s)
 
@@ -217,7 +218,7 @@ class LocalSwarm:
         rates = [members[p].tokens_per_s for p in roster if p in members and members[p].tokens_per_s]
         states = {members[p].state for p in roster if p in members}
         spares = sum(1 for r in members.values() if r.state == "spare")
-        kills = sum(1 for e in read_jsonl(self.events.path) if e["event"] == "kill")
+        kills = sum(1 for e in read_jsonl(self.events.path) if e["event"] == "failure")
         if current is not None and current.epoch not in self.seen_epochs:
             self.seen_epochs.add(current.epoch)
             self.recoveries += len(current.lost)

@@ -51,7 +51,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def recoveries(events: list[dict]) -> list[dict]:
     """One row per kill: the recovery that followed it, with its timings (None where it never came)."""
     rows = []
-    kills = [e for e in events if e["event"] == "kill"]
+    kills = [e for e in events if e["event"] == "failure"]
     for n, k in enumerate(kills):
         # kills of one launcher poll (several stages lost in the same step) share one recovery window
         until = next((later["time"] for later in kills[n + 1:]
@@ -67,7 +67,7 @@ def recoveries(events: list[dict]) -> list[dict]:
             if rebuilt is None and published.get("rollback_to") is not None:  # checkpoint: the whole swarm rolls back
                 new_peer = published["roster"][k["stage"]]
                 rebuilt = next(({**e, "method": "checkpoint", "path": f"rollback to step {e['to_step']}",
-                                 "sources": [], "weights": [], "transfer_and_rebuild_s": e.get("restore_s")}
+                                 "sources": [], "weights": [], "duration_s": e.get("restore_s")}
                                 for e in after if e["event"] == "rolled_back" and e["peer"] == new_peer
                                 and e["epoch"] == epoch), None)
             resumed = next((e for e in after if e["event"] == "resumed" and e["epoch"] == epoch), None)
@@ -79,7 +79,7 @@ def recoveries(events: list[dict]) -> list[dict]:
             "sources": rebuilt["sources"] if rebuilt else None, "weights": rebuilt["weights"] if rebuilt else None,
             "detect_s": detect_t - k["time"] if detect_t else None,
             "rebuild_s": rebuilt["time"] - detect_t if rebuilt and detect_t else None,
-            "transfer_and_rebuild_s": rebuilt["transfer_and_rebuild_s"] if rebuilt else None,
+            "transfer_and_rebuild_s": rebuilt["duration_s"] if rebuilt else None,
             "resume_s": resumed["time"] - rebuilt["time"] if resumed and rebuilt else None,
             "detected_by": (aborted or {}).get("error") or ("heartbeat" if published else None),
         })
@@ -96,7 +96,7 @@ def _stats(values: list[float]) -> dict | None:
 def recovery_table(rows: list[dict]) -> str:
     lines = ["stage  signal   method            detect_s  rebuild_s  resume_s  new_peer"]
     for r in rows:
-        fmt = lambda v: f"{v:8.2f}" if v is not None else "       -"  # noqa: E731
+        fmt = lambda v: f"{v:8.2f}" if v is not None else "       -"
         lines.append(f"{r['stage']:5d}  {r['signal']:7s}  {str(r['method']):16s} {fmt(r['detect_s'])}  "
                      f"{fmt(r['rebuild_s'])}  {fmt(r['resume_s'])}  {r['new_peer']}")
     return "\n".join(lines)

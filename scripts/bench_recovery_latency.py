@@ -98,7 +98,7 @@ def main() -> None:
             "rows": [{k: r[k] for k in ("stage", "signal", "method", "detect_s", "rebuild_s", "resume_s",
                                         "transfer_and_rebuild_s", "detected_by")} for r in rows],
         }
-        fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"  # noqa: E731
+        fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
         print(f"{name:12s} exit {code} recovered {results[name]['recovered']}/{len(rows)} kills ({len(kills)} scheduled)  detect {fmt(results[name]['detect_s'])}"
               f"  rebuild {fmt(results[name]['rebuild_s'])}  resume {fmt(results[name]['resume_s'])}", flush=True)
     _plot(results, Path(ns.out).with_suffix(".png"))

@@ -84,7 +84,7 @@ def build() -> str:
                       [[side, ", ".join(f"{x['train_tail']:.4f}" for x in r["losses"][side]),
                         ", ".join("-" if x["val_final"] is None else f"{x['val_final']:.4f}" for x in r["losses"][side])]
                        for side in sides])
-        fmt = lambda v: "-" if v is None else f"**{v:.3f}**"  # noqa: E731
+        fmt = lambda v: "-" if v is None else f"**{v:.3f}**"
         out += _section("Overhead without failures (side by side, rounds interleaved)", "overhead",
                         f"{r['rounds']} rounds of {r['steps']} steps per side, config {r['config']}.\n\n" + rows +
                         f"\n\nMachinery on / off (swarm / static pipeline): {fmt(ratios['machinery_on_over_off'])}; "
@@ -100,7 +100,7 @@ def build() -> str:
                             f"median **{r['median_s']:.2f} s**, worst {r['max_s']:.2f} s over {len(r['latencies_s'])} trials.")
     r = _load("recovery_latency")
     if r:
-        fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"  # noqa: E731
+        fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
         rows = _table(["experiment", "stages", "d_model", "stage params (MB)", "heartbeat period / TTL (s)",
                        "kills recovered", "detect s, median [min, max]", "rebuild s", "resume s"],
                       [[name, e["num_stages"], e["d_model"], f"{e['stage_param_bytes'] / 2**20:.2f}",

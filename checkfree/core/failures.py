@@ -78,6 +78,13 @@ class Failure:
     phase: str  # one of PHASES
     at: float  # position within the phase, in [0, 1)
 
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"failure phase {self.phase!r} is not one of {', '.join(PHASES)}")
+        if not 0.0 <= self.at < 1.0 or self.iteration < 0 or self.stage < 0:
+            raise ValueError(f"failure at iteration {self.iteration}, stage {self.stage}, position {self.at}: "
+                             "expected iteration >= 0, stage >= 0 and position in [0, 1)")
+
 
 def hourly_to_per_iteration(rate: float, exposure_s: float) -> float:
     """Per-iteration failure probability of one stage for an hourly failure probability ``rate``."""
@@ -113,11 +120,9 @@ def read_trace(path: str | Path, num_stages: int) -> list[Failure]:
             try:
                 fl = Failure(int(rec["iteration"]), int(rec["stage"]), str(rec["phase"]), float(rec["at"]))
             except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{n}: expected iteration, stage, phase, at; got {rec}") from e
+                raise ValueError(f"{path}:{n}: expected iteration, stage, phase, at; got {rec} ({e})") from e
             if not 0 <= fl.stage < num_stages:
                 raise ValueError(f"{path}:{n}: stage {fl.stage} out of range 0..{num_stages - 1}")
-            if fl.phase not in PHASES or not 0.0 <= fl.at < 1.0 or fl.iteration < 0:
-                raise ValueError(f"{path}:{n}: bad phase/at/iteration in {rec}")
             failures.append(fl)
     return failures
 

@@ -2,18 +2,25 @@
 Metrics
 =======
 
-Two JSON-lines streams in the run directory: ``metrics.jsonl`` (one record per committed step, keys
-namespaced like ``loss/train``, ``throughput/tokens_per_s``, ``stage/2/grad_norm_raw``) and
-``events.jsonl`` (``failure``, ``step_discarded``, ``recovery``, ``rollback``, ``checkpoint_save``, ...).
-Every line is flushed as it is written, so a crashed run keeps everything up to its last step.
+``metrics.jsonl`` in the run directory: one record per committed step, keys namespaced like
+``loss/train``, ``throughput/tokens_per_s``, ``stage/2/grad_norm_raw`` (the event stream is
+``checkfree.core.events``). Every line is flushed as it is written, so a crashed run keeps everything up
+to its last step. With ``metrics.tensorboard=true`` every numeric field also goes to TensorBoard, written
+with torch's standard ``SummaryWriter`` (the optional ``tensorboard`` extra), at the record's step.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass
+class MetricsConfig:
+    tensorboard: bool = False  # also write every numeric metric as a TensorBoard scalar (needs the tensorboard extra)
+    tensorboard_dir: str | None = None  # where; None: RUN_DIR/tensorboard (a swarm peer: RUN_DIR/tensorboard/PEER)
 
 
 def peak_rss_mb() -> float:
@@ -56,11 +63,31 @@ class JsonLines:
         self._f.close()
 
 
-class EventLog(JsonLines):
-    def emit(self, event: str, **fields) -> dict:
-        record = {"event": event, "time": time.time(), **fields}
-        self.write(record)
-        return record
+class MetricLogger(JsonLines):
+    """``metrics.jsonl``, and TensorBoard scalars when ``tensorboard_dir`` is given."""
+
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
+        super().__init__(path)
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError("metrics.tensorboard=true needs the tensorboard package: "
+                                 "pip install 'checkfree[tensorboard]'") from e
+            self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def write(self, record: dict) -> None:
+        super().write(record)
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, global_step=record["step"])
+
+    def close(self) -> None:
+        super().close()
+        if self.tb is not None:
+            self.tb.flush()
 
 
 def report(result: dict, out: str | Path) -> None:

@@ -28,8 +28,8 @@ stages on each side, else random re-initialisation; the plan records the path ta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

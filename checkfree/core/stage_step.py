@@ -64,6 +64,14 @@ def smooth(prev: float | None, value: float, beta: float) -> float:
     return value if prev is None else beta * prev + (1 - beta) * value
 
 
+def recovery_norm(raw: float, smoothed: float | None, source: str) -> float:
+    """The norm a stage contributes as a recovery source: its last pre-clip norm (``raw``) or its
+    smoothed one (``smoothed``, falling back to raw before the first smoothed value exists)."""
+    if source == "smoothed" and smoothed is not None:
+        return smoothed
+    return raw
+
+
 def forward_hop(stage: Stage, schedule: Schedule, op: Op, x: torch.Tensor, step: int, batches: Batches,
                 device: torch.device) -> torch.Tensor:
     """Run the parts of ``stage`` that hop ``op.hop`` of microbatch ``op.mb`` uses; at the last hop,

@@ -18,12 +18,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from checkfree.core.checkpoint import StagePayload
 from checkfree.core.data import Batches
 from checkfree.core.failures import Failure
 from checkfree.core.model import Stage, edge_state
+from checkfree.core.rebuild import RebuiltStage
 from checkfree.core.recovery import replica_holder
 from checkfree.core.schedule import Op, Schedule
-from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, smooth
+from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, recovery_norm, smooth
 
 
 class StepInterrupted(Exception):
@@ -160,20 +162,16 @@ class PipelineEngine:
         if self.shadows is not None:
             self.shadows.lose_holder(stage)
 
-    def install(self, index: int, stage: Stage, lr: float, optim_state: dict | None = None) -> None:
-        """Put a rebuilt stage in place with a fresh optimizer at ``lr`` (or a restored optimizer state)."""
-        self.stages[index] = stage.to(self.device)
-        self.optimizers[index] = make_optimizer(self.stages[index], self.optim_cfg, lr)
-        if optim_state is not None:
-            self.optimizers[index].load_state_dict(optim_state)
-            for group in self.optimizers[index].param_groups:
-                group["lr"] = lr
-        self.lrs[index] = lr
+    def install(self, index: int, rebuilt: RebuiltStage) -> None:
+        """Put a rebuilt (or restored) stage in place: weights, optimizer, lr and the norm it starts with."""
+        self.stages[index] = rebuilt.stage.to(self.device)
+        self.optimizers[index] = rebuilt.optimizer
+        self.lrs[index] = rebuilt.lr
+        self.grad_norm_raw[index] = rebuilt.grad_norm_raw
+        self.grad_norm_smoothed[index] = rebuilt.grad_norm_smoothed
 
     def recovery_norm(self, stage: int, source: str) -> float:
-        if source == "smoothed" and self.grad_norm_smoothed[stage] is not None:
-            return self.grad_norm_smoothed[stage]
-        return self.grad_norm_raw[stage]
+        return recovery_norm(self.grad_norm_raw[stage], self.grad_norm_smoothed[stage], source)
 
     def refresh_replicas(self, step: int) -> None:
         """Copy the embedding to stage 1 and the final norm + head to stage L-2 (CheckFree+)."""
@@ -181,19 +179,8 @@ class PipelineEngine:
             state = edge_state(self.stages[owner].state_dict(), kind)
             self.replicas[kind] = (step, {k: v.detach().clone() for k, v in state.items()})
 
-    def stage_payload(self, index: int, step: int) -> dict:
+    def payload(self, index: int, step: int) -> StagePayload:
         """Everything needed to restore a stage exactly (checkpointing)."""
-        return {
-            "step": step,
-            "model": self.stages[index].state_dict(),
-            "optim": self.optimizers[index].state_dict(),
-            "lr": self.lrs[index],
-            "grad_norm_raw": self.grad_norm_raw[index],
-            "grad_norm_smoothed": self.grad_norm_smoothed[index],
-        }
-
-    def restore_payload(self, index: int, stage: Stage, payload: dict) -> None:
-        stage.load_state_dict(payload["model"])
-        self.install(index, stage, payload["lr"], payload["optim"])
-        self.grad_norm_raw[index] = payload["grad_norm_raw"]
-        self.grad_norm_smoothed[index] = payload["grad_norm_smoothed"]
+        return StagePayload(stage=index, step=step, model=self.stages[index].state_dict(),
+                            optim=self.optimizers[index].state_dict(), lr=self.lrs[index],
+                            grad_norm_raw=self.grad_norm_raw[index], grad_norm_smoothed=self.grad_norm_smoothed[index])

@@ -27,7 +27,7 @@ class Progress:
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from checkfree.core.data import Batches
 from checkfree.core.model import Stage
-from checkfree.core.redundancy import param_bytes
+from checkfree.core.redundancy import full_state_tensors, param_bytes
 from checkfree.core.schedule import Op, Schedule
 from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer
 
@@ -72,12 +72,13 @@ class Shadows:
         t = (holder + 1) % len(self.stages)
         self.stages[t] = self.optimizers[t] = None
 
-    def take_over(self, t: int) -> tuple[Stage, dict, float]:
-        """The shadow of lost stage ``t`` becomes the real stage: weights, optimizer state, learning rate."""
+    def hand_over(self, t: int) -> list[torch.Tensor]:
+        """The shadow of lost stage ``t`` leaves as its whole training state (``full_state_tensors``:
+        weights, Adam state, learning rate), to become the real stage; the engine recreates the shadow."""
         assert self.stages[t] is not None, f"no live shadow of stage {t}"
-        stage, opt = self.stages[t], self.optimizers[t]
+        state = full_state_tensors(self.stages[t], self.optimizers[t], self.lrs[t])
         self.stages[t] = self.optimizers[t] = None
-        return stage, copy.deepcopy(opt.state_dict()), self.lrs[t]
+        return state
 
     def shadow_bytes(self) -> int:
         return sum(param_bytes(s) for s in self.stages if s is not None)

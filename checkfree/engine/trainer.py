@@ -24,15 +24,15 @@ from checkfree import __version__
 from checkfree.config import TrainConfig, to_yaml
 from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.data import Batches
+from checkfree.core.events import EventLog
 from checkfree.core.failures import Failure, FailureInjector, write_trace
-from checkfree.core.metrics import EventLog, JsonLines
-from checkfree.core.model import Stage, block_state, build_stages, init_stage_
+from checkfree.core.metrics import MetricLogger
+from checkfree.core.model import block_state, build_stages
+from checkfree.core.rebuild import RebuildInputs, RebuildSpec, rebuild_stage, restore_stage
 from checkfree.core.recovery import (
-    RecoveryPlan,
     edge_kind,
     edge_replicas_on,
     plan_recovery,
-    rebuild_blocks,
     replica_holder,
 )
 from checkfree.core.redundancy import param_bytes
@@ -82,9 +82,11 @@ class Trainer:
             self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep,
                                         cfg.checkpoint.storage_mb_s)
         self.replicas_on = edge_replicas_on(cfg.recovery)
-        self.metrics = JsonLines(self.run_dir / "metrics.jsonl")
+        tb_dir = (cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None
+        self.metrics = MetricLogger(self.run_dir / "metrics.jsonl", tb_dir)
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.state = RunState()
+        self.spec = RebuildSpec.of(cfg)
         self.tokens_per_step = self.batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
 
     def _prepare_run_dir(self) -> None:
@@ -214,13 +216,21 @@ class Trainer:
         norms = {s: eng.recovery_norm(s, cfg.norm_source) for s in sources}
         for plan in plans:
             t0 = time.perf_counter()
-            new_blocks, weights = rebuild_blocks(plan, blocks, norms, cfg.eps)
-            staleness = self._install(plan, new_blocks)
+            inputs = RebuildInputs(blocks=blocks, norms=norms)
+            kind = edge_kind(plan.stage, L)
+            if kind and plan.edge == "replica":
+                inputs.edge = eng.replicas[kind]
+            if plan.method == "checkpoint":
+                inputs.checkpoint = ckpt.load_stage(ckpt.latest_for_stage(plan.stage), plan.stage)
+            if plan.method == "shadow":
+                inputs.full_state = eng.shadows.hand_over(plan.stage)
+            rebuilt = rebuild_stage(self.spec, plan, st.step, inputs)
+            eng.install(plan.stage, rebuilt)
             self.events.emit(
-                "recovery", stage=plan.stage, step=st.step, strategy=cfg.strategy, method=plan.method,
-                path=plan.path, sources=list(plan.sources), weights=list(weights),
-                source_norms=[norms[s] for s in plan.sources], edge=plan.edge, edge_staleness_steps=staleness,
-                lr=eng.lrs[plan.stage], duration_s=time.perf_counter() - t0,
+                "rebuilt", stage=plan.stage, step=st.step, strategy=cfg.strategy, method=plan.method,
+                path=plan.path, sources=list(plan.sources), weights=list(rebuilt.weights),
+                source_norms=list(rebuilt.source_norms), edge=plan.edge,
+                edge_staleness_steps=rebuilt.edge_staleness_steps, lr=rebuilt.lr, duration_s=time.perf_counter() - t0,
             )
             logger.info("stage %d rebuilt: %s from %s (%s)", plan.stage, plan.method, list(plan.sources), plan.path)
         if self.replicas_on and any(replica_holder(k, L) in lost for k in ("embed", "head")):
@@ -230,35 +240,10 @@ class Trainer:
                 if shadow is None:
                     eng.shadows.copy_from(t, eng.stages[t], eng.optimizers[t], eng.lrs[t])
 
-    def _install(self, plan: RecoveryPlan, new_blocks) -> int | None:
-        """Build the replacement stage for ``plan`` and put it in place; returns the edge replica's age."""
-        mcfg, eng, st = self.cfg.model, self.engine, self.state
-        stage = Stage(mcfg, plan.stage)
-        init_stage_(stage, mcfg, self.cfg.seed, salt=st.iteration)  # a fresh draw, never the original init
-        lr = self.cfg.optim.lr * self.cfg.recovery.lr_factor
-        if plan.method == "shadow":  # no rebuild: the shadow is the stage, optimizer and learning rate included
-            shadow, optim_state, shadow_lr = eng.shadows.take_over(plan.stage)
-            eng.install(plan.stage, shadow, shadow_lr, optim_state)
-            return 0
-        if plan.method == "checkpoint":
-            step = self.ckpt.latest_for_stage(plan.stage)
-            eng.restore_payload(plan.stage, stage, self.ckpt.load_stage(step, plan.stage))
-            return st.step - step
-        staleness = None
-        if new_blocks is not None:
-            stage.load_state_dict(new_blocks, strict=False)
-        kind = edge_kind(plan.stage, eng.num_stages)
-        if kind and plan.edge == "replica":
-            replica_step, replica = eng.replicas[kind]
-            stage.load_state_dict(replica, strict=False)
-            staleness = st.step - replica_step
-        eng.install(plan.stage, stage, lr)
-        return staleness
-
     def _save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         for i in range(self.engine.num_stages):
-            self.ckpt.save_stage(self.state.step, i, self.engine.stage_payload(i, self.state.step))
+            self.ckpt.save_stage(self.engine.payload(i, self.state.step))
         self.ckpt.prune()
         self.events.emit("checkpoint_save", step=self.state.step, save_s=time.perf_counter() - t0)
 
@@ -269,9 +254,8 @@ class Trainer:
         if target is None:
             raise RuntimeError(f"no complete checkpoint in {self.ckpt.root} to roll back to")
         for i in range(self.engine.num_stages):
-            stage = Stage(self.cfg.model, i)
-            self.engine.restore_payload(i, stage, self.ckpt.load_stage(target, i))
-        self.events.emit("rollback", step=st.step, to_step=target, lost_steps=st.step - target, stages=lost,
+            self.engine.install(i, restore_stage(self.spec, i, self.ckpt.load_stage(target, i)))
+        self.events.emit("rolled_back", step=st.step, to_step=target, lost_steps=st.step - target, stages=lost,
                          strategy="checkpoint", restore_s=time.perf_counter() - t0)
         st.step = target
 

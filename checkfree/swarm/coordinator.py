@@ -23,6 +23,10 @@ from checkfree.core.recovery import plan_recovery, replica_holder
 from checkfree.swarm.membership import EpochRecord, MemberRecord, PlanRecord
 
 
+class SwarmStopped(RuntimeError):
+    """The swarm cannot go on (no spare in time, recovery impossible); the run directory stays intact."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """A new epoch to publish, or why none is published yet (``roster`` None)."""

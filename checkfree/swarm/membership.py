@@ -206,5 +206,5 @@ class Membership:
     def shutdown(self) -> None:
         try:
             self.dht.shutdown()
-        except Exception:  # noqa: BLE001 - best effort at exit
+        except Exception:
             logger.debug("DHT shutdown failed", exc_info=True)

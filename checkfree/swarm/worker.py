@@ -24,9 +24,10 @@ import torch
 
 from checkfree.core.data import Batches
 from checkfree.core.model import Stage
+from checkfree.core.rebuild import RebuiltStage
 from checkfree.core.redundancy import shadow_holder
 from checkfree.core.schedule import Op, Schedule
-from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, smooth
+from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, recovery_norm, smooth
 from checkfree.swarm.shadow import HeldShadow
 from checkfree.swarm.transport import EpochGroup
 
@@ -151,9 +152,15 @@ class StageWorker:
         self.discard()
 
     def recovery_norm(self, source: str) -> float:
-        if source == "smoothed" and self.grad_norm_smoothed is not None:
-            return self.grad_norm_smoothed
-        return self.grad_norm_raw
+        return recovery_norm(self.grad_norm_raw, self.grad_norm_smoothed, source)
+
+    def install(self, rebuilt: RebuiltStage) -> None:
+        """Take a rebuilt or restored stage (``checkfree.core.rebuild``): weights, optimizer, lr, norms."""
+        assert rebuilt.stage.index == self.index, f"stage {rebuilt.stage.index} installed on worker {self.index}"
+        self.stage = rebuilt.stage.to(self.device)
+        self.optimizer, self.lr = rebuilt.optimizer, rebuilt.lr
+        self.grad_norm_raw, self.grad_norm_smoothed = rebuilt.grad_norm_raw, rebuilt.grad_norm_smoothed
+        self.pending_step = None
 
     @torch.no_grad()
     def evaluate(self, group: EpochGroup, num_batches: int, step: int) -> float:

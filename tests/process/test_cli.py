@@ -2,7 +2,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import TINY
+from tests.helpers import TINY
 
 
 def _cli(*args, cwd):

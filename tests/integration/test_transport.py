@@ -1,38 +1,11 @@
 """Ranks as threads in one process, each with its own gloo group over a shared TCPStore: the real
 transport code path at ~0.1 s a test."""
 
-import threading
-from datetime import timedelta
-
 import pytest
 import torch
-import torch.distributed as dist
 
-from checkfree.swarm.config import TransportConfig
-from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
-
-
-def run_ranks(world: int, fn, timeout_s: float = 2.0, epoch: int = 0):
-    """Run ``fn(group)`` on ``world`` thread ranks (rank r = stage r); returns results or exceptions."""
-    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
-    results: list = [None] * world
-    cfg = TransportConfig(timeout_s=timeout_s)
-
-    def target(rank):
-        try:  # each rank its own store client, as separate processes would have
-            client = dist.TCPStore("127.0.0.1", store.port, world, is_master=False, timeout=timedelta(seconds=10))
-            group = EpochGroup(client, epoch, rank, list(range(world)), cfg, run_tag=7)
-            results[rank] = fn(group)
-        except Exception as e:  # noqa: BLE001 - handed back to the test
-            results[rank] = e
-
-    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-        assert not t.is_alive(), "a rank hung past every timeout"
-    return results
+from checkfree.swarm.transport import PeerProtocolError, StageLostError
+from tests.helpers import run_ranks
 
 
 def test_send_recv_and_all_reduce():

@@ -8,7 +8,7 @@ import pytest
 from checkfree.core.metrics import read_jsonl
 from checkfree.engine.trainer import Trainer
 from launcher.static import run_static_pipeline
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_static_pipeline_reproduces_the_engine(tmp_path):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from tests.helpers import TINY
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name, *args, tmp_path, timeout=240):
@@ -58,7 +58,10 @@ def test_recovery_ablation_script(tmp_path):
     for table in result["tables"].values():
         assert set(table) == {"weighted", "uniform", "copy", "random"}
         assert all(v["cases"] == 1 and math.isfinite(v["final_val_mean"]) for v in table.values())
-    assert isinstance(result["paper_order_weighted_lt_copy_lt_random"], bool)
+    single = result["table"]
+    finals = [single[m]["final_val_mean"] for m in ("weighted", "copy", "random")]
+    assert result["paper_order_weighted_lt_copy_lt_random"] is (finals[0] < finals[1] < finals[2])
+    assert result["order_by_final_val"] == sorted(single, key=lambda m: single[m]["final_val_mean"])
     assert (tmp_path / "bench_recovery_ablation.png").stat().st_size > 5000
 
 

@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
@@ -11,18 +9,9 @@ import pytest
 
 from checkfree.swarm.config import MembershipConfig
 from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
+from tests.helpers import poll
 
 CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)
-
-
-def poll(fn, timeout_s=5.0, every_s=0.05):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every_s)
-    return fn()
 
 
 @pytest.fixture(scope="module")
@@ -93,49 +82,3 @@ def test_calls_fail_fast_when_the_dht_process_is_gone():
     with pytest.raises(DHTUnavailable):
         m.members()
     assert time.time() - t0 < 1.0
-
-
-ORPHAN_SCRIPT = """
-import sys, time
-from checkfree.swarm.config import MembershipConfig
-from checkfree.swarm.membership import Membership
-m = Membership(MembershipConfig(), "t-orphan", "fp")
-print("ready", flush=True)
-time.sleep(120)
-"""
-
-
-def _descendants(pid: int) -> set[int]:
-    out, frontier = set(), [pid]
-    while frontier:
-        p = frontier.pop()
-        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p)], capture_output=True, text=True).stdout.split()
-        for k in map(int, kids):
-            out.add(k)
-            frontier.append(k)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def test_no_orphans_after_sigkill():
-    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        children = _descendants(proc.pid)
-        assert len(children) >= 2  # the DHT process and its p2p daemon (and torch's shm manager)
-        proc.kill()
-        proc.wait(timeout=5)
-        assert poll(lambda: not any(_alive(c) for c in children), timeout_s=10), \
-            f"left behind: {[c for c in children if _alive(c)]}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for c in _descendants(proc.pid):
-            os.kill(c, signal.SIGKILL)

@@ -3,7 +3,7 @@ from omegaconf import OmegaConf
 
 from checkfree.config import ConfigError, TrainConfig, load_config, to_yaml
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -11,7 +11,7 @@ import torch
 from checkfree.core.failures import Failure, write_trace
 from checkfree.core.metrics import read_jsonl
 from checkfree.engine.trainer import Trainer
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def _run(tmp_path, *overrides, failures=(), name="run"):
@@ -46,7 +46,7 @@ def test_failure_in_each_phase_and_stage_is_recovered(tmp_path, phase, stage):
     assert (fail["stage"], fail["phase"], fail["step"]) == (stage, phase, 3)
     (discarded,) = [e for e in _of(events, "step_discarded") if e["reason"] == "stage lost"]
     assert discarded["step"] == 3
-    (rec,) = _of(events, "recovery")
+    (rec,) = _of(events, "rebuilt")
     expected = {0: ("copy", [1], "replica"), 1: ("weighted_average", [0, 2], None), 3: ("copy", [2], "replica")}[stage]
     assert (rec["method"], rec["sources"], rec["edge"], rec["path"]) == (*expected, "primary")
     assert rec["strategy"] == "checkfree_plus"
@@ -62,7 +62,7 @@ def test_adjacent_failures_take_the_nearest_live_fallback(tmp_path):
         tmp_path, "num_steps=5", "recovery.strategy=checkfree", "recovery.adjacent_fallback=nearest",
         failures=[Failure(2, 1, "mid_forward", 0.3), Failure(2, 2, "mid_backward", 0.6)])
     _assert_every_step_once(metrics, 5)
-    recs = _of(events, "recovery")
+    recs = _of(events, "rebuilt")
     assert [(r["stage"], r["sources"], r["path"]) for r in recs] == [
         (1, [0, 3], "fallback:nearest"), (2, [0, 3], "fallback:nearest")]
     assert summary["recoveries"] == 2
@@ -73,7 +73,7 @@ def test_adjacent_failures_prefer_a_checkpoint(tmp_path):
         tmp_path, "num_steps=6", "checkpoint.every_steps=2",
         failures=[Failure(3, 0, "before_forward", 0.0), Failure(3, 1, "before_forward", 0.0)])
     _assert_every_step_once(metrics, 6)
-    recs = _of(events, "recovery")
+    recs = _of(events, "rebuilt")
     assert [(r["stage"], r["method"], r["path"], r["edge"]) for r in recs] == [
         (0, "checkpoint", "fallback:checkpoint", "checkpoint"), (1, "checkpoint", "fallback:checkpoint", None)]
     assert recs[0]["edge_staleness_steps"] == 1  # saved after step 2, lost while running step 3
@@ -83,7 +83,7 @@ def test_first_stage_and_its_partner_lost_without_checkpoint(tmp_path):
     _, _, metrics, events = _run(
         tmp_path, "num_steps=4", failures=[Failure(1, 0, "mid_forward", 0.5), Failure(1, 1, "mid_forward", 0.5)])
     _assert_every_step_once(metrics, 4)
-    rec0 = _of(events, "recovery")[0]
+    rec0 = _of(events, "rebuilt")[0]
     # stage 1 (swap partner and embedding-replica holder) is gone too: nearest live is stage 2, embedding re-initialised
     assert (rec0["path"], rec0["sources"], rec0["edge"]) == ("fallback:nearest", [2], "reinit")
 
@@ -92,7 +92,7 @@ def test_weights_come_from_pre_clip_norms(tmp_path):
     trainer, _, metrics, events = _run(
         tmp_path, "num_steps=4", "optim.grad_clip=0.01", "recovery.strategy=checkfree",
         failures=[Failure(2, 2, "before_forward", 0.0)])
-    (rec,) = _of(events, "recovery")
+    (rec,) = _of(events, "rebuilt")
     before = metrics[1]  # the last committed step before the failure
     n1, n3 = before["stage/1/grad_norm_raw"], before["stage/3/grad_norm_raw"]
     assert n1 > 0.05 and n3 > 0.05  # far above the clip: post-clip norms would all be 0.01
@@ -130,7 +130,7 @@ def test_checkpoint_strategy_rolls_back_and_redoes_exactly(tmp_path):
     _, summary, metrics, events = _run(
         tmp_path, "num_steps=8", "recovery.strategy=checkpoint", "checkpoint.every_steps=3",
         failures=[Failure(7, 2, "mid_backward", 0.5)])
-    (rb,) = _of(events, "rollback")
+    (rb,) = _of(events, "rolled_back")
     assert (rb["step"], rb["to_step"], rb["lost_steps"]) == (7, 6, 1)
     assert rb["restore_s"] > 0 and all(e["save_s"] > 0 for e in _of(events, "checkpoint_save"))
     steps = [m["step"] for m in metrics]
@@ -197,7 +197,7 @@ def test_redundant_strategy_fails_over_with_no_loss_of_quality(tmp_path):
     fails = [Failure(2, 0, "mid_backward", 0.5), Failure(5, 2, "mid_forward", 0.5), Failure(7, 3, "before_forward", 0.0)]
     trainer, summary, m_fail, events = _run(tmp_path, *common, failures=fails, name="fail")
     assert [m["loss/train"] for m in m_fail] == pytest.approx([m["loss/train"] for m in m_ref], abs=1e-6)
-    recs = _of(events, "recovery")
+    recs = _of(events, "rebuilt")
     assert [(r["stage"], r["method"], r["sources"]) for r in recs] == [(0, "shadow", [3]), (2, "shadow", [1]), (3, "shadow", [2])]
     assert trainer.engine.lrs == [trainer.cfg.optim.lr] * 4  # no raised learning rate: nothing was lost
     assert summary["memory/shadow_param_bytes"] == summary["memory/param_bytes"]
@@ -211,7 +211,7 @@ def test_redundant_with_a_lost_shadow_holder_falls_back(tmp_path):
                                  "recovery.adjacent_fallback=nearest",
                                  failures=[Failure(1, 1, "mid_forward", 0.5), Failure(1, 2, "mid_forward", 0.5)])
     _assert_every_step_once(metrics, 4)
-    recs = _of(events, "recovery")
+    recs = _of(events, "rebuilt")
     # stage 1's shadow lived on stage 0: failover; stage 2's shadow lived on stage 1, lost too: fallback
     assert [(r["stage"], r["method"], r["path"]) for r in recs] == [
         (1, "shadow", "primary"), (2, "weighted_average", "fallback:nearest")]

@@ -1,0 +1,100 @@
+"""
+Events
+======
+
+The one event schema of both executors and the launcher: every line of an ``events.jsonl`` is
+``{"event": NAME, "time": UNIX_SECONDS, ...fields}`` where NAME is one of ``EVENTS`` and the fields
+include at least that event's required ones. The same name means the same thing wherever it is written,
+so plots and reports read engine and swarm runs alike. ``EventLog.emit`` refuses an unknown name or a
+missing field, so the schema cannot drift silently. Swarm peers add ``peer``, ``stage_held`` and
+``epoch`` to every event they write.
+
+The table of events and fields is in docs/ARCHITECTURE.md (generated from ``EVENTS`` by
+``schema_table``; a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from checkfree.core.metrics import JsonLines
+
+
+@dataclass(frozen=True)
+class EventType:
+    name: str
+    required: tuple[str, ...]
+    written_by: str  # engine, swarm, launcher, or a combination
+    meaning: str
+
+
+_REBUILT_FIELDS = ("stage", "step", "strategy", "method", "path", "sources", "weights", "source_norms", "edge",
+                   "edge_staleness_steps", "lr", "duration_s")
+
+EVENTS: dict[str, EventType] = {e.name: e for e in (
+    # the life of a stage: both executors
+    EventType("failure", ("stage", "step", "iteration"), "engine, launcher",
+              "a stage was lost at a step (engine: injected, with phase; launcher: a peer killed or frozen, with "
+              "peer, pid, signal, epoch)"),
+    EventType("step_discarded", ("step", "reason"), "engine, swarm",
+              "a step was run but not applied by any stage (a stage lost, or a non-finite gradient)"),
+    EventType("rebuilt", _REBUILT_FIELDS, "engine, swarm",
+              "a lost stage was rebuilt (checkfree.core.rebuild): method, sources, weights, where its "
+              "embedding/head came from and how old, its learning rate, how long it took"),
+    EventType("rolled_back", ("to_step", "restore_s"), "engine, swarm",
+              "every stage went back to the checkpoint of to_step (strategy checkpoint)"),
+    EventType("checkpoint_save", ("step", "save_s"), "engine, swarm", "checkpoints of step written"),
+    # the engine's run
+    EventType("run_started", ("num_stages", "strategy"), "engine", "training starts"),
+    EventType("run_finished", ("steps", "failures", "recoveries"), "engine", "training ended; the summary"),
+    # a swarm peer
+    EventType("peer_started", ("role", "pid"), "swarm", "a peer process is up and heartbeating"),
+    EventType("became_spare", ("reason",), "swarm", "a peer that asked for a stage waits as a spare"),
+    EventType("replaced", ("by_epoch",), "swarm", "this peer's stage was given to another peer; it leaves"),
+    EventType("leader_waiting", ("reason",), "swarm", "the leader cannot publish the next epoch yet"),
+    EventType("epoch_published", ("new_epoch", "roster", "step", "lost", "plans", "rollback_to", "reason"), "swarm",
+              "the leader published a new epoch: roster, resume step, lost stages and their plans"),
+    EventType("epoch_joined", ("joined_epoch", "stage", "step", "join_s", "rebuilt"), "swarm",
+              "a peer joined an epoch's process group and is ready to train"),
+    EventType("step_aborted", ("step", "cause", "error"), "swarm", "a transport error or timeout broke the step"),
+    EventType("pending_applied", ("applied_step",), "swarm",
+              "a step whose commit broke after another stage applied it was applied here too"),
+    EventType("shadow_refreshed", ("shadow_of", "step"), "swarm", "redundant: a shadow was sent anew"),
+    EventType("resumed", ("step",), "swarm", "the first step committed after a new epoch formed"),
+    EventType("swarm_stopped", ("reason",), "swarm", "the swarm cannot go on; every peer exits saying why"),
+    EventType("done", ("step",), "swarm", "the run reached num_steps"),
+    # the local launcher
+    EventType("peer_spawned", ("peer", "pid"), "launcher", "the launcher started a peer process"),
+    EventType("peer_exited", ("peer", "returncode"), "launcher", "a peer process ended on its own with an error"),
+    EventType("reaped", ("peer",), "launcher", "a frozen peer that was replaced was ended"),
+)}
+
+
+class EventLog(JsonLines):
+    """``events.jsonl``: one schema-checked event per line, flushed as written."""
+
+    def emit(self, event: str, **fields) -> dict:
+        """Write one event.
+
+        Raises:
+            ValueError: ``event`` is not in ``EVENTS`` or a required field is missing (a programming error
+                that must not produce a log the plots and reports misread).
+        """
+        kind = EVENTS.get(event)
+        if kind is None:
+            raise ValueError(f"unknown event {event!r}; known events: {', '.join(EVENTS)}")
+        missing = [f for f in kind.required if f not in fields]
+        if missing:
+            raise ValueError(f"event {event!r} is missing required fields {missing}")
+        record = {"event": event, "time": time.time(), **fields}
+        self.write(record)
+        return record
+
+
+def schema_table() -> str:
+    """The schema as a markdown table (for docs/ARCHITECTURE.md)."""
+    lines = ["| event | written by | required fields | meaning |", "|---|---|---|---|"]
+    for e in EVENTS.values():
+        lines.append(f"| `{e.name}` | {e.written_by} | {', '.join(e.required)} | {e.meaning} |")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""
+Hand-over
+=========
+
+What every member of a new epoch does between forming the epoch's process group and training in it:
+
+1. settle the step: a checkpoint rollback restores every stage (``rolled_back``); otherwise a survivor
+   applies a step whose commit broke after another stage applied it, and checks it is at the resume step;
+2. transfer: for each lost stage's plan, its sources send their blocks and gradient norms, the holder of
+   its embedding / head replica sends that, a redundant shadow's holder sends the shadow's whole state,
+   and the new peer assembles its stage with ``checkfree.core.rebuild.rebuild_stage``, the function the
+   single-process engine calls too (``rebuilt``);
+3. redundant computation: stale or lost shadows are sent anew;
+4. edge replicas: the embedding and head are copied to their holders.
+
+Every member walks the plans in the same order, so each send meets its receive. ``Handover`` needs only an
+``EpochGroup`` and the epoch record, no DHT: tests run it on thread ranks against the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from checkfree.core.checkpoint import CheckpointStore
+from checkfree.core.data import Batches
+from checkfree.core.model import Stage, block_state, edge_state
+from checkfree.core.rebuild import RebuildInputs, RebuildSpec, RebuiltStage, initial_stage, rebuild_stage, restore_stage
+from checkfree.core.recovery import RecoveryPlan, edge_kind, edge_replicas_on, replica_holder
+from checkfree.core.redundancy import full_state_like, full_state_tensors, shadow_holder, shadow_of
+from checkfree.core.schedule import Schedule
+from checkfree.swarm.coordinator import SwarmStopped
+from checkfree.swarm.membership import EpochRecord
+from checkfree.swarm.shadow import HeldShadow
+from checkfree.swarm.transport import EpochGroup
+from checkfree.swarm.worker import StageWorker
+
+_NORM = torch.zeros(1, dtype=torch.float64)  # shape of a gradient norm or a step number on the wire
+
+
+def _skeleton(spec: RebuildSpec, index: int) -> dict[str, torch.Tensor]:
+    """Stage ``index``'s state dict shapes and dtypes, without allocating or initialising its weights."""
+    with torch.device("meta"):
+        sd = Stage(spec.model, index).state_dict()
+    return {k: torch.empty(v.shape, dtype=v.dtype) for k, v in sd.items()}
+
+
+class Handover:
+    def __init__(self, cfg, schedule: Schedule, batches: Batches, device: torch.device,
+                 ckpt: CheckpointStore | None, emit: Callable[..., object]):
+        self.cfg, self.spec = cfg, RebuildSpec.of(cfg)
+        self.schedule, self.batches, self.device, self.ckpt, self.emit = schedule, batches, device, ckpt, emit
+        self.num_stages = cfg.model.num_stages
+        self.replicas_on = edge_replicas_on(cfg.recovery)
+        self.redundant = cfg.recovery.strategy == "redundant"
+
+    # ---- workers ---------------------------------------------------------------------------------
+    def new_worker(self, index: int, rebuilt: RebuiltStage | None = None) -> StageWorker:
+        """A worker for stage ``index``: its initial state, or ``rebuilt`` installed."""
+        cfg = self.cfg
+        stage, _ = initial_stage(self.spec, index) if rebuilt is None else (rebuilt.stage, None)
+        worker = StageWorker(stage, self.schedule, self.batches, cfg.optim, cfg.optim.lr, cfg.model.d_model,
+                             cfg.recovery.norm_ema_beta, cfg.device, redundant=self.redundant)
+        if rebuilt is not None:
+            worker.install(rebuilt)
+        if self.redundant:
+            # the next stage's initial state is a pure function of the seed, so the first shadow needs no
+            # transfer; a replacement peer's shadow is sent to it when it joins (refresh_shadows)
+            shadow, _ = initial_stage(self.spec, shadow_of(index, self.num_stages))
+            worker.shadow = HeldShadow(shadow.to(self.device), cfg.optim, cfg.optim.lr)
+        return worker
+
+    # ---- the whole hand-over -----------------------------------------------------------------------
+    def run(self, group: EpochGroup, worker: StageWorker | None, rec: EpochRecord,
+            step: int) -> tuple[StageWorker, int]:
+        """Bring this member to ``rec.step`` with the stage the roster gives it.
+
+        Args:
+            group: the epoch's process group (rank = stage).
+            worker: the stage this peer trained so far, or None for a peer new to the stage.
+            rec: the epoch record.
+            step: the next step this peer would run (committed steps).
+
+        Returns:
+            The worker to train with and the step to resume at.
+
+        Raises:
+            SwarmStopped: the epoch cannot be joined consistently (its message says why).
+            StageLostError, PeerProtocolError: from the transport; the caller aborts the epoch.
+        """
+        stage = group.stage
+        fresh = worker is None or worker.index != stage
+        if fresh and rec.epoch > 0 and stage not in rec.lost:
+            raise SwarmStopped(f"epoch {rec.epoch} gives this new peer stage {stage}, which is not being rebuilt")
+        if rec.rollback_to is not None:
+            worker, step = self._roll_back(worker, stage, rec), rec.rollback_to
+        elif fresh:
+            worker, step = None, rec.step
+        else:
+            step = self._settle(worker, rec, step)
+        if rec.plans:
+            rebuilt = self._transfer(group, worker, stage, rec, fresh)
+            if rebuilt is not None:
+                worker = self.new_worker(stage, rebuilt)
+        if worker is None:  # a stage peer of the first epoch
+            worker = self.new_worker(stage)
+        if self.redundant and rec.epoch > 0:
+            self._refresh_shadows(group, worker, rec)
+        if self.replicas_on:
+            self.exchange_replicas(group, worker, rec.step)
+        return worker, step
+
+    def _roll_back(self, worker: StageWorker | None, stage: int, rec: EpochRecord) -> StageWorker:
+        """Every stage goes back to the checkpoint of ``rec.rollback_to`` (step 0: the seed's initial state,
+        a pure function of the config, which needs no file: a loss before the first checkpoint)."""
+        t0 = time.time()
+        if rec.rollback_to == 0:
+            restored = None
+        else:
+            try:
+                restored = restore_stage(self.spec, stage, self.ckpt.load_stage(rec.rollback_to, stage))
+            except RuntimeError as e:
+                raise SwarmStopped(f"stage {stage} cannot roll back to step {rec.rollback_to}: {e}") from e
+        if worker is None or worker.index != stage or restored is None:
+            worker = self.new_worker(stage, restored)
+        else:
+            worker.install(restored)
+        worker.discard()
+        self.emit("rolled_back", to_step=rec.rollback_to, restore_s=time.time() - t0)
+        return worker
+
+    def _settle(self, worker: StageWorker, rec: EpochRecord, step: int) -> int:
+        if worker.pending_step is not None and worker.pending_step == rec.step - 1:
+            worker.apply_pending()  # another stage committed this step before the all-reduce broke
+            step = rec.step
+            self.emit("pending_applied", applied_step=rec.step - 1)
+        elif worker.pending_step is not None:
+            worker.pending_step = None
+            worker.discard()
+        if step != rec.step:
+            raise SwarmStopped(f"stage {worker.index} has committed {step} steps but epoch {rec.epoch} resumes at "
+                               f"step {rec.step}; the swarm's state is inconsistent")
+        return step
+
+    # ---- transfer of weights -------------------------------------------------------------------------
+    def _transfer(self, group: EpochGroup, worker: StageWorker | None, me: int, rec: EpochRecord,
+                  fresh: bool) -> RebuiltStage | None:
+        """Sources and holders send; the new peer of a lost stage receives and rebuilds (returned)."""
+        rebuilt = None
+        for p in rec.plans:
+            plan = RecoveryPlan(p.stage, p.method, tuple(p.sources), p.path, p.edge)
+            kind = edge_kind(plan.stage, self.num_stages)
+            holder = replica_holder(kind, self.num_stages) if kind and plan.edge == "replica" else None
+            if plan.method == "shadow":
+                if me in plan.sources:
+                    group.send_state(worker.shadow.state_tensors(), plan.stage, rec.step, kind="shadow")
+            else:
+                if me in plan.sources:
+                    norm = torch.tensor([worker.recovery_norm(self.cfg.recovery.norm_source)], dtype=torch.float64)
+                    group.send_state([*block_state(worker.stage.state_dict()).values(), norm], plan.stage, rec.step)
+                if me == holder:
+                    taken_at, replica = worker.replica
+                    group.send_state([*replica.values(), torch.tensor([float(taken_at)], dtype=torch.float64)],
+                                     plan.stage, rec.step)
+            if me == plan.stage and fresh:
+                rebuilt = self._receive_and_rebuild(group, rec, plan, holder)
+        return rebuilt
+
+    def _receive_and_rebuild(self, group: EpochGroup, rec: EpochRecord, plan: RecoveryPlan,
+                             holder: int | None) -> RebuiltStage:
+        t0 = time.time()
+        skeleton = _skeleton(self.spec, plan.stage)
+        inputs = RebuildInputs()
+        if plan.method == "shadow":
+            (source,) = plan.sources
+            with torch.device("meta"):
+                like = full_state_like(Stage(self.spec.model, plan.stage))
+            inputs.full_state = group.recv_state(like, source, rec.step, kind="shadow")
+        blocks = block_state(skeleton)
+        for src in plan.sources if plan.method != "shadow" else ():
+            *tensors, norm = group.recv_state([*blocks.values(), _NORM], src, rec.step)
+            inputs.blocks[src], inputs.norms[src] = dict(zip(blocks, tensors)), norm.item()
+        if holder is not None:
+            edge = edge_state(skeleton, edge_kind(plan.stage, self.num_stages))
+            *tensors, taken_at = group.recv_state([*edge.values(), _NORM], holder, rec.step)
+            inputs.edge = (int(taken_at.item()), dict(zip(edge, tensors)))
+        if plan.method == "checkpoint":
+            inputs.checkpoint = self.ckpt.load_stage(self.ckpt.latest_for_stage(plan.stage), plan.stage)
+        rebuilt = rebuild_stage(self.spec, plan, rec.step, inputs)
+        self.emit("rebuilt", stage=plan.stage, step=rec.step, strategy=self.cfg.recovery.strategy,
+                  method=plan.method, path=plan.path, sources=list(plan.sources), weights=list(rebuilt.weights),
+                  source_norms=list(rebuilt.source_norms), edge=plan.edge,
+                  edge_staleness_steps=rebuilt.edge_staleness_steps, lr=rebuilt.lr, duration_s=time.time() - t0,
+                  lost_epoch_time=rec.time)
+        return rebuilt
+
+    # ---- shadows and replicas ------------------------------------------------------------------------
+    def _refresh_shadows(self, group: EpochGroup, worker: StageWorker, rec: EpochRecord) -> None:
+        """After a recovery, a stage sends its whole state to its shadow's holder where that shadow was lost
+        (the holder is a replacement peer) or is stale (the stage was rebuilt some other way than from its
+        shadow, e.g. the adjacent-failure fallback). Every peer walks the stages in the same order."""
+        methods = {p.stage: p.method for p in rec.plans}
+        for s in range(self.num_stages):
+            h = shadow_holder(s, self.num_stages)
+            if not (h in rec.lost or (s in rec.lost and methods.get(s) != "shadow")):
+                continue
+            if worker.index == s:
+                group.send_state(full_state_tensors(worker.stage, worker.optimizer, worker.lr), h, rec.step,
+                                 kind="shadow")
+            elif worker.index == h:
+                worker.shadow.load(group.recv_state(full_state_like(worker.shadow.stage), s, rec.step, kind="shadow"))
+                self.emit("shadow_refreshed", shadow_of=s, step=rec.step)
+
+    def exchange_replicas(self, group: EpochGroup, worker: StageWorker, step: int) -> None:
+        """Owners of the embedding / head send copies to their holders (stage 1 / stage L-2)."""
+        L = self.num_stages
+        for kind, owner in (("embed", 0), ("head", L - 1)):
+            holder = replica_holder(kind, L)
+            if owner == holder:
+                continue
+            if worker.index == owner:
+                group.send_state(list(edge_state(worker.stage.state_dict(), kind).values()), holder, step)
+            elif worker.index == holder:
+                skeleton = edge_state(_skeleton(self.spec, owner), kind)
+                got = group.recv_state(list(skeleton.values()), owner, step)
+                worker.replica = (step, dict(zip(skeleton, got)))

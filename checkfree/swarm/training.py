@@ -1,0 +1,84 @@
+"""
+Training loop (swarm)
+=====================
+
+A stage peer's loop inside one epoch: run this stage's ops of the step, commit it with every other stage
+(or not at all), log the committed step, refresh the edge replicas, save this stage's checkpoint and
+evaluate at the configured cadences. The loop keeps ``PeerStatus`` current, which the peer heartbeats.
+It needs only an ``EpochGroup`` and a worker, no DHT, so tests run it on thread ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from checkfree.core.checkpoint import CheckpointStore, StagePayload
+from checkfree.core.metrics import JsonLines, peak_rss_mb
+from checkfree.swarm.transport import EpochGroup
+from checkfree.swarm.worker import StageWorker
+
+
+@dataclass
+class PeerStatus:
+    """What a peer reports in its heartbeat about its progress."""
+
+    epoch: int = -1
+    step: int = 0  # next step to run (= committed steps)
+    state: str = "waiting"  # one of membership.STATES
+    loss: float | None = None
+    tokens_per_s: float | None = None
+
+
+class TrainingLoop:
+    def __init__(self, cfg, tokens_per_step: int, metrics: JsonLines, ckpt: CheckpointStore | None,
+                 emit: Callable[..., object], exchange_replicas: Callable[[EpochGroup, StageWorker, int], None] | None):
+        self.cfg, self.tokens_per_step, self.metrics, self.ckpt = cfg, tokens_per_step, metrics, ckpt
+        self.emit, self.exchange_replicas = emit, exchange_replicas
+
+    def run(self, group: EpochGroup, worker: StageWorker, status: PeerStatus, resumed: bool) -> None:
+        """Train from ``status.step`` to ``num_steps``; ``resumed``: the epoch follows a recovery, so the first
+        commit is logged as ``resumed``.
+
+        Raises:
+            StageLostError, PeerProtocolError: from the transport; the step is discarded or stays pending.
+        """
+        cfg = self.cfg
+        while status.step < cfg.num_steps:
+            t0 = time.time()
+            worker.run_step(group, status.step)
+            loss = worker.commit(group, status.step)
+            if loss is None:
+                self.emit("step_discarded", step=status.step, reason="non-finite gradient on some stage")
+                continue
+            step_s = time.time() - t0
+            status.loss, status.tokens_per_s = loss, self.tokens_per_step / step_s
+            done = status.step
+            status.step += 1
+            if resumed:
+                resumed = False
+                self.emit("resumed", step=done)
+            # every stage logs the committed step (a stage lost right after the commit must not leave a gap)
+            self.metrics.write({
+                "step": done, "loss/train": loss, "throughput/tokens_per_s": status.tokens_per_s,
+                "time/wall": time.time(), "time/step_s": step_s, "epoch": status.epoch, "stage": worker.index,
+                "memory/max_rss_mb": peak_rss_mb(),
+                "memory/shadow_bytes": worker.shadow.bytes() if worker.shadow is not None else 0,
+                **{f"stage/{i}/grad_norm_raw": n for i, n in enumerate(worker.all_norms)}})
+            self._after_commit(group, worker, status)
+
+    def _after_commit(self, group: EpochGroup, worker: StageWorker, status: PeerStatus) -> None:
+        cfg, step = self.cfg, status.step
+        if self.exchange_replicas is not None and step % cfg.recovery.edge_replica_every_steps == 0:
+            self.exchange_replicas(group, worker, step)
+        if self.ckpt and step % cfg.checkpoint.every_steps == 0:
+            ts = time.time()
+            self.ckpt.save_stage(StagePayload(
+                stage=worker.index, step=step, model=worker.stage.state_dict(), optim=worker.optimizer.state_dict(),
+                lr=worker.lr, grad_norm_raw=worker.grad_norm_raw, grad_norm_smoothed=worker.grad_norm_smoothed))
+            self.emit("checkpoint_save", step=step, save_s=time.time() - ts)
+        every = cfg.eval_every_steps
+        if (every and step % every == 0) or step == cfg.num_steps:
+            val = worker.evaluate(group, cfg.data.num_val_batches, step)
+            self.metrics.write({"step": step - 1, "epoch": status.epoch, "stage": worker.index, "loss/val": val})

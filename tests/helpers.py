@@ -1,0 +1,134 @@
+"""
+Test helpers
+============
+
+Shared by every test folder (import as ``from tests.helpers import ...``; ``pyproject.toml`` puts the
+repository root on the path, so this works from any directory): the tiny config, thread ranks over real
+gloo groups, polling with a deadline, and process-tree inspection.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch.distributed as dist
+
+from checkfree.config import TrainConfig, load_config
+from checkfree.swarm.config import TransportConfig
+from checkfree.swarm.transport import EpochGroup
+
+TINY = [
+    "model.d_model=32", "model.num_heads=2", "model.num_layers=4", "model.num_stages=4", "model.seq_len=32",
+    "data.max_bytes=400000", "data.microbatch_size=4", "data.num_val_batches=2", "pipeline.num_microbatches=4",
+    "optim.lr=3e-3", "progress=false", "plot=false", "eval_every_steps=0",
+]
+
+
+def tiny_config(tmp_path, *overrides: str) -> TrainConfig:
+    """A model small enough that a step takes milliseconds on one core, failures off by default."""
+    return load_config([], [*TINY, "failures.mode=none", f"out_dir={tmp_path}", *overrides])
+
+
+def run_ranks(world: int, fn, timeout_s: float = 2.0, epoch: int = 0):
+    """Run ``fn(group)`` on ``world`` thread ranks (rank r = stage r); returns results or exceptions."""
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    results: list = [None] * world
+    cfg = TransportConfig(timeout_s=timeout_s)
+
+    def target(rank):
+        try:  # each rank its own store client, as separate processes would have
+            client = dist.TCPStore("127.0.0.1", store.port, world, is_master=False, timeout=timedelta(seconds=10))
+            group = EpochGroup(client, epoch, rank, list(range(world)), cfg, run_tag=7)
+            results[rank] = fn(group)
+        except Exception as e:
+            results[rank] = e
+
+    threads = [threading.Thread(target=target, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a rank hung past every timeout"
+    return results
+
+
+def poll(fn, timeout_s=5.0, every_s=0.05):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(every_s)
+    return fn()
+
+
+def _stat(pid: int | str) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process from /proc, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` in the process tree, from one scan of /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(entry.name)) is not None:
+            children.setdefault(st[1], []).append(int(entry.name))
+    out, frontier = set(), [pid]
+    while frontier:
+        for kid in children.get(frontier.pop(), []):
+            out.add(kid)
+            frontier.append(kid)
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running or stopped, not gone and not a zombie."""
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+def _interpreter_helper(pid: int) -> bool:
+    """Python's multiprocessing resource tracker: started once by the first spawned process and kept for the
+    life of the interpreter by design (not something a test left behind)."""
+    try:
+        return b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def processes_left(before: set[int], grace_s: float) -> set[int]:
+    """Descendants of this process that are alive and were not there ``before``, after waiting up to
+    ``grace_s`` for them to end."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = {p for p in descendants(os.getpid()) - before if alive(p) and not _interpreter_helper(p)}
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def kill_and_reap(pids: set[int], keep: set[int]) -> None:
+    """SIGKILL ``pids``, then collect the exit status of every ended descendant not in ``keep`` (orphans
+    re-parented to this process are ours to wait for)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.05 if pids else 0)
+    for pid in descendants(os.getpid()) - keep:
+        if not alive(pid):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
