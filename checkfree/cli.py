@@ -15,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from checkfree.core.exit_codes import ExitCode, describe
+
 TRAIN_HELP = """\
 Train a pipeline-parallel LLaMa with every stage in this process, injecting stage failures and
 recovering from them with the configured strategy.
@@ -58,7 +60,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         trainer = Trainer(cfg)
     except (ConfigError, DataError, FileExistsError, ValueError) as e:
         print(f"checkfree train: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     with Progress(cfg.num_steps, enabled=cfg.progress) as progress:
         summary = trainer.run(on_step=progress.update)
     if cfg.plot:
@@ -70,7 +72,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         f"{summary['final_train_loss']:.3f} (val {summary['final_val_loss']:.3f}), "
         f"{summary['failures']} failures, {summary['recoveries']} recoveries; run directory {trainer.run_dir}"
     )
-    return 0
+    return ExitCode.OK
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
@@ -81,9 +83,9 @@ def cmd_plot(ns: argparse.Namespace) -> int:
         path = plot_runs(ns.run_dirs, out, ns.labels)
     except FileNotFoundError as e:
         print(f"checkfree plot: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     print(f"wrote {path}")
-    return 0
+    return ExitCode.OK
 
 
 SWARM_HELP = """\
@@ -108,6 +110,8 @@ dial when it differs (public IP of a spot instance behind NAT). Every peer must 
 (model, data, schedule, optimizer, recovery, seed): a peer with another fingerprint is refused.
 """
 
+EXIT_HELP = "exit codes (checkfree train, swarm and peer):\n" + describe()
+
 STATUS_HELP = """\
 Join the DHT read-only and print the live swarm: the current epoch, which peer holds which stage,
 each peer's step, state and heartbeat age, and the spares.
@@ -122,17 +126,23 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
         cfg = load_config(files, overrides)
     except ConfigError as e:
         print(f"checkfree swarm: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     if cfg.recovery.strategy == "redundant" and cfg.swap_enabled:
-        print("checkfree swarm: recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
-              "its holder's own output, which needs the plain route; set pipeline.swap=false", file=sys.stderr)
-        return 2
+        print(
+            "checkfree swarm: recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
+            "its holder's own output, which needs the plain route; set pipeline.swap=false",
+            file=sys.stderr,
+        )
+        return ExitCode.BAD_INPUT
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:
-            print(f"checkfree swarm: run directory {run_dir} already holds a run; pass overwrite=true or another "
-                  "run_name", file=sys.stderr)
-            return 2
+            print(
+                f"checkfree swarm: run directory {run_dir} already holds a run; pass overwrite=true or another "
+                "run_name",
+                file=sys.stderr,
+            )
+            return ExitCode.BAD_INPUT
         import shutil
 
         shutil.rmtree(run_dir)
@@ -153,9 +163,12 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
 
         plot_runs([run_dir], run_dir / "loss.png")
     print(recovery_table(summary["recovery_rows"]))
-    print(f"swarm exit {code}: {summary['steps']} steps, loss {summary['first_train_loss']} -> "
-          f"{summary['final_train_loss']}, {summary['failures']} failures, {summary['recoveries']} recoveries, "
-          f"repeated steps {summary['repeated_steps']}, skipped steps {summary['skipped_steps']}; run directory {run_dir}")
+    print(
+        f"swarm exit {int(code)} ({ExitCode(code).name.lower()}): {summary['steps']} steps, "
+        f"loss {summary['first_train_loss']} -> "
+        f"{summary['final_train_loss']}, {summary['failures']} failures, {summary['recoveries']} recoveries, "
+        f"repeated steps {summary['repeated_steps']}, skipped steps {summary['skipped_steps']}; run directory {run_dir}"
+    )
     return code
 
 
@@ -179,7 +192,7 @@ def cmd_peer(ns: argparse.Namespace) -> int:
         peer = Peer(cfg, ns.run_dir or cfg.run_dir, None if ns.spare else ns.stage, ns.initial_peers, ns.peer_id)
     except (ConfigError, DataError, ValueError) as e:
         print(f"checkfree peer: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     return peer.run()
 
 
@@ -198,8 +211,10 @@ def _exit_with_parent(parent: int) -> None:
     except (OSError, AttributeError):
         ok = False
     if not ok:
-        print("checkfree peer: --parent-pid is not supported on this system (no prctl); continuing without it",
-              file=sys.stderr)
+        print(
+            "checkfree peer: --parent-pid is not supported on this system (no prctl); continuing without it",
+            file=sys.stderr,
+        )
     if os.getppid() != parent:  # the launcher died before (or while) this process asked to follow it
         raise SystemExit(0)
 
@@ -213,15 +228,24 @@ def cmd_status(ns: argparse.Namespace) -> int:
         members = m.members()
         fingerprints = sorted({r.fingerprint for r in members.values()})
         if len(fingerprints) > 1:
-            print(f"warning: peers with {len(fingerprints)} different config fingerprints share run {ns.run_id}: "
-                  f"{fingerprints}; showing the epoch of the most common one")
+            print(
+                f"warning: peers with {len(fingerprints)} different config fingerprints share run {ns.run_id}: "
+                f"{fingerprints}; showing the epoch of the most common one"
+            )
         common = max(fingerprints, key=lambda f: sum(r.fingerprint == f for r in members.values()), default=None)
         current = m.current_epoch(common) if common else None
         now = m.now
     finally:
         m.shutdown()
-    print(f"run {ns.run_id}: " + (f"epoch {current.epoch}, leader {current.leader}, resumed at step {current.step}"
-                                   if current else "no epoch yet") + (f", STOPPED: {current.stop}" if current and current.stop else ""))
+    print(
+        f"run {ns.run_id}: "
+        + (
+            f"epoch {current.epoch}, leader {current.leader}, resumed at step {current.step}"
+            if current
+            else "no epoch yet"
+        )
+        + (f", STOPPED: {current.stop}" if current and current.stop else "")
+    )
     roster = current.roster if current else []
     print("stage  peer          state       step  epoch  heartbeat_age_s  loss")
     for s, pid in enumerate(roster):
@@ -229,22 +253,35 @@ def cmd_status(ns: argparse.Namespace) -> int:
         if r is None:
             print(f"{s:5d}  {pid:12s}  LOST")
             continue
-        print(f"{s:5d}  {pid:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  {now - r.time:15.1f}  "
-              f"{r.loss if r.loss is not None else '-'}")
+        print(
+            f"{s:5d}  {pid:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  {now - r.time:15.1f}  "
+            f"{r.loss if r.loss is not None else '-'}"
+        )
     others = [r for pid, r in sorted(members.items()) if pid not in roster]
     for r in others:
-        print(f"{'spare' if r.state == 'spare' else '  -  '}  {r.peer_id:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  "
-              f"{now - r.time:15.1f}")
-    return 0
+        print(
+            f"{'spare' if r.state == 'spare' else '  -  '}  {r.peer_id:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  "
+            f"{now - r.time:15.1f}"
+        )
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="checkfree", description="Pipeline-parallel training that survives "
-                                     "lost stages without checkpoints (CheckFree / CheckFree+).")
+    parser = argparse.ArgumentParser(
+        prog="checkfree",
+        description="Pipeline-parallel training that survives "
+        "lost stages without checkpoints (CheckFree / CheckFree+).",
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train with the single-process engine", description=TRAIN_HELP,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = sub.add_parser(
+        "train",
+        help="train with the single-process engine",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
     train.set_defaults(func=cmd_train)
     plot = sub.add_parser("plot", help="plot one or more runs", description=PLOT_HELP)
@@ -252,23 +289,43 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", help="PNG to write (default: RUN_DIR/loss.png of the first run)")
     plot.add_argument("--labels", nargs="+", help="one legend label per run directory")
     plot.set_defaults(func=cmd_plot)
-    swarm = sub.add_parser("swarm", help="run a whole swarm of peer processes on this machine",
-                           description=SWARM_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    swarm = sub.add_parser(
+        "swarm",
+        help="run a whole swarm of peer processes on this machine",
+        description=SWARM_HELP,
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     swarm.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
     swarm.set_defaults(func=cmd_swarm)
-    peer = sub.add_parser("peer", help="start one peer (anywhere) that joins a swarm", description=PEER_HELP,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    peer = sub.add_parser(
+        "peer",
+        help="start one peer (anywhere) that joins a swarm",
+        description=PEER_HELP,
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     peer.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
-    peer.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR",
-                      help="multiaddresses of live peers, e.g. /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW...")
+    peer.add_argument(
+        "--initial-peers",
+        nargs="+",
+        required=True,
+        metavar="MULTIADDR",
+        help="multiaddresses of live peers, e.g. /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW...",
+    )
     role = peer.add_mutually_exclusive_group(required=True)
     role.add_argument("--stage", type=int, help="ask for this stage (0-based)")
     role.add_argument("--spare", action="store_true", help="wait to replace a lost stage")
-    peer.add_argument("--run-dir", help="where this peer writes its events, metrics and checkpoints "
-                      "(default OUT_DIR/RUN_NAME)")
+    peer.add_argument(
+        "--run-dir", help="where this peer writes its events, metrics and checkpoints (default OUT_DIR/RUN_NAME)"
+    )
     peer.add_argument("--peer-id", help="a name for this peer (default: random)")
-    peer.add_argument("--parent-pid", type=int, metavar="PID",
-                      help="the process that started this peer (set by checkfree swarm): exit when it dies")
+    peer.add_argument(
+        "--parent-pid",
+        type=int,
+        metavar="PID",
+        help="the process that started this peer (set by checkfree swarm): exit when it dies",
+    )
     peer.set_defaults(func=cmd_peer)
     status = sub.add_parser("status", help="print the live swarm", description=STATUS_HELP)
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")

@@ -42,7 +42,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
         for ax, xs in ((ax_step, steps), (ax_time, times)):
             ax.plot(xs, train, color=color, alpha=0.35, lw=0.8)
         if val:
-            ax_step.plot([v[0] for v in val], [v[2] for v in val], color=color, marker="o", ms=3, label=f"{label} (val)")
+            ax_step.plot(
+                [v[0] for v in val], [v[2] for v in val], color=color, marker="o", ms=3, label=f"{label} (val)"
+            )
             ax_time.plot([v[1] for v in val], [v[2] for v in val], color=color, marker="o", ms=3)
         time_at = {m["step"]: m["time/train_s"] for m in metrics}
         fail_steps = [e["step"] for e in events if e["event"] == "failure"]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from checkfree.config import TrainConfig, to_yaml
 from checkfree.core.events import EventLog
+from checkfree.core.exit_codes import ExitCode
 from checkfree.core.failures import Failure, FailureInjector, write_trace
 from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.config import config_fingerprint
@@ -91,8 +92,21 @@ class LocalSwarm:
     def _start(self, stage: int | None) -> str:
         self.counter += 1
         peer_id = f"{'s' + str(stage) if stage is not None else 'spare'}-{self.counter:02d}"
-        args = [sys.executable, "-m", "checkfree", "peer", str(self.config_path), "--run-dir", str(self.run_dir),
-                "--peer-id", peer_id, "--parent-pid", str(os.getpid()), "--initial-peers", *self.maddrs]
+        args = [
+            sys.executable,
+            "-m",
+            "checkfree",
+            "peer",
+            str(self.config_path),
+            "--run-dir",
+            str(self.run_dir),
+            "--peer-id",
+            peer_id,
+            "--parent-pid",
+            str(os.getpid()),
+            "--initial-peers",
+            *self.maddrs,
+        ]
         args += ["--stage", str(stage)] if stage is not None else ["--spare"]
         (self.run_dir / "peers").mkdir(parents=True, exist_ok=True)
         log = open(self.run_dir / "peers" / f"{peer_id}.log", "w")
@@ -102,14 +116,14 @@ class LocalSwarm:
         self.events.emit("peer_spawned", peer=peer_id, stage=stage, pid=self.procs[peer_id].pid)
         return peer_id
 
-    def run(self) -> int:
+    def run(self) -> ExitCode:
         cfg = self.cfg
         t0 = time.time()
         for s in range(cfg.model.num_stages):
             self._start(s)
         for _ in range(cfg.swarm.num_spares):
             self._start(None)
-        code, last_status = 1, 0.0
+        code, last_status = ExitCode.CRASHED, 0.0
         try:
             while True:
                 time.sleep(0.2)
@@ -118,19 +132,20 @@ class LocalSwarm:
                 now = time.time()
                 if current is not None and current.stop:
                     print(f"\nswarm stopped: {current.stop}", file=sys.stderr)
-                    code = 3
+                    code = ExitCode.SWARM_STOPPED
                     # every live peer reads the stop record and exits saying why; end them only after that
                     grace = time.time() + 10
-                    while time.time() < grace and any(p.poll() is None for pid, p in self.procs.items()
-                                                      if pid not in self.stopped):
+                    while time.time() < grace and any(
+                        p.poll() is None for pid, p in self.procs.items() if pid not in self.stopped
+                    ):
                         time.sleep(0.2)
                     break
                 if self._finished(members, current):
-                    code = 0
+                    code = ExitCode.OK
                     break
                 if now - t0 > cfg.swarm.run_timeout_s:
                     print(f"\nswarm.run_timeout_s={cfg.swarm.run_timeout_s} s reached; stopping", file=sys.stderr)
-                    code = 4
+                    code = ExitCode.TIMED_OUT
                     break
                 self._reap_replaced(current)
                 self._replace_crashed(now)
@@ -143,18 +158,21 @@ class LocalSwarm:
                     self._status(members, current, now - t0)
         except KeyboardInterrupt:
             print("\ninterrupted: stopping every peer", file=sys.stderr)
-            code = 130
+            code = ExitCode.INTERRUPTED
         finally:
             self._shutdown()
         summary = self._report(code, time.time() - t0)
-        return code if code else (0 if summary["steps"] >= cfg.num_steps else 5)
+        if code == ExitCode.OK and summary["steps"] < cfg.num_steps:
+            return ExitCode.INCOMPLETE
+        return code
 
     def _finished(self, members, current) -> bool:
         """Done once a stage reported the last step and every peer of the final roster has exited."""
         if current is None:
             return False
         done = any(r.state == "done" for r in members.values()) or any(
-            (self.run_dir / "peers" / pid / "done").exists() for pid in current.roster)
+            (self.run_dir / "peers" / pid / "done").exists() for pid in current.roster
+        )
         return done and all(self.procs[pid].poll() is not None for pid in current.roster if pid in self.procs)
 
     def _inject(self, members, current, now: float) -> None:
@@ -162,8 +180,9 @@ class LocalSwarm:
         if cfg.failures.mode == "none" or current is None or current.epoch <= self.kill_epoch:
             return
         roster = current.roster
-        healthy = all(pid in members and members[pid].state == "running" and members[pid].epoch == current.epoch
-                      for pid in roster)
+        healthy = all(
+            pid in members and members[pid].state == "running" and members[pid].epoch == current.epoch for pid in roster
+        )
         if not healthy or now - current.time < cfg.swarm.min_gap_s:
             return
         step = max(members[pid].step for pid in roster)
@@ -175,7 +194,9 @@ class LocalSwarm:
             rates = [members[pid].tokens_per_s for pid in roster if members[pid].tokens_per_s]
             if rates:
                 mean_step_s = cfg.data.microbatch_size * cfg.model.seq_len * cfg.pipeline.num_microbatches / min(rates)
-            self.queued += [f for it in range(first, self.iteration + 1) for f in self.injector.failures_at(it, mean_step_s)]
+            self.queued += [
+                f for it in range(first, self.iteration + 1) for f in self.injector.failures_at(it, mean_step_s)
+            ]
         batch, self.queued = next_batch(self.queued)
         for f in batch:
             pid = roster[f.stage]
@@ -188,8 +209,16 @@ class LocalSwarm:
             if sig == signal.SIGSTOP:
                 self.stopped.add(pid)
             self.kill_epoch = current.epoch
-            self.events.emit("failure", stage=f.stage, peer=pid, pid=proc.pid, signal=sig.name, step=step,
-                             epoch=current.epoch, iteration=f.iteration)
+            self.events.emit(
+                "failure",
+                stage=f.stage,
+                peer=pid,
+                pid=proc.pid,
+                signal=sig.name,
+                step=step,
+                epoch=current.epoch,
+                iteration=f.iteration,
+            )
             self.pending_spares.append(now + cfg.swarm.spare_delay_s)
 
     def _replace_crashed(self, now: float) -> None:
@@ -223,11 +252,13 @@ class LocalSwarm:
             self.seen_epochs.add(current.epoch)
             self.recoveries += len(current.lost)
         notes = sorted({r.note for r in members.values() if r.note and r.note != "epoch healthy"})
-        line = (f"[{elapsed:6.1f}s] epoch {current.epoch if current else '-'} step {max(steps, default=0)}/"
-                f"{self.cfg.num_steps} loss {losses[-1] if losses else float('nan'):.3f} "
-                f"tok/s {min(rates) if rates else 0:,.0f} state {','.join(sorted(states)) or '-'} | {holders} | "
-                f"spares {spares} | failures {kills} recoveries {self.recoveries}"
-                + (f" | {'; '.join(notes)}" if notes else ""))
+        line = (
+            f"[{elapsed:6.1f}s] epoch {current.epoch if current else '-'} step {max(steps, default=0)}/"
+            f"{self.cfg.num_steps} loss {losses[-1] if losses else float('nan'):.3f} "
+            f"tok/s {min(rates) if rates else 0:,.0f} state {','.join(sorted(states)) or '-'} | {holders} | "
+            f"spares {spares} | failures {kills} recoveries {self.recoveries}"
+            + (f" | {'; '.join(notes)}" if notes else "")
+        )
         print("\r" + line[:240].ljust(120), end="", file=sys.stderr, flush=True)
 
     @staticmethod
@@ -266,7 +297,9 @@ class LocalSwarm:
         write_trace(self.run_dir / "trace.jsonl", self.injector.fired, self.cfg.model.num_stages)
         self.events.close()
         summary = merge_run(self.run_dir, self.cfg)
-        summary.update(exit_code=code, wall_s=wall_s, exit_codes={p: pr.returncode for p, pr in self.procs.items()})
+        summary.update(
+            exit_code=int(code), wall_s=wall_s, exit_codes={p: pr.returncode for p, pr in self.procs.items()}
+        )
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -276,5 +309,3 @@ def run_local_swarm(cfg: TrainConfig, run_dir: Path, status: bool = True) -> tup
     code = swarm.run()
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     return code, summary
-
-

@@ -54,35 +54,62 @@ def recoveries(events: list[dict]) -> list[dict]:
     kills = [e for e in events if e["event"] == "failure"]
     for n, k in enumerate(kills):
         # kills of one launcher poll (several stages lost in the same step) share one recovery window
-        until = next((later["time"] for later in kills[n + 1:]
-                      if (later.get("epoch"), later.get("step")) != (k.get("epoch"), k.get("step"))), float("inf"))
+        until = next(
+            (
+                later["time"]
+                for later in kills[n + 1 :]
+                if (later.get("epoch"), later.get("step")) != (k.get("epoch"), k.get("step"))
+            ),
+            float("inf"),
+        )
         after = [e for e in events if k["time"] < e["time"] < until]
         aborted = next((e for e in after if e["event"] == "step_aborted"), None)
-        published = next((e for e in after if e["event"] == "epoch_published" and k["stage"] in e.get("lost", [])), None)
+        published = next(
+            (e for e in after if e["event"] == "epoch_published" and k["stage"] in e.get("lost", [])), None
+        )
         rebuilt = resumed = None
         if published:
             epoch = published["new_epoch"]
-            rebuilt = next((e for e in after if e["event"] == "rebuilt" and e["stage"] == k["stage"]
-                            and e["epoch"] == epoch), None)
+            rebuilt = next(
+                (e for e in after if e["event"] == "rebuilt" and e["stage"] == k["stage"] and e["epoch"] == epoch), None
+            )
             if rebuilt is None and published.get("rollback_to") is not None:  # checkpoint: the whole swarm rolls back
                 new_peer = published["roster"][k["stage"]]
-                rebuilt = next(({**e, "method": "checkpoint", "path": f"rollback to step {e['to_step']}",
-                                 "sources": [], "weights": [], "duration_s": e.get("restore_s")}
-                                for e in after if e["event"] == "rolled_back" and e["peer"] == new_peer
-                                and e["epoch"] == epoch), None)
+                rebuilt = next(
+                    (
+                        {
+                            **e,
+                            "method": "checkpoint",
+                            "path": f"rollback to step {e['to_step']}",
+                            "sources": [],
+                            "weights": [],
+                            "duration_s": e.get("restore_s"),
+                        }
+                        for e in after
+                        if e["event"] == "rolled_back" and e["peer"] == new_peer and e["epoch"] == epoch
+                    ),
+                    None,
+                )
             resumed = next((e for e in after if e["event"] == "resumed" and e["epoch"] == epoch), None)
         detect_t = min((e["time"] for e in (aborted, published) if e), default=None)
-        rows.append({
-            "stage": k["stage"], "signal": k["signal"], "killed_peer": k["peer"], "kill_step": k["step"],
-            "new_peer": rebuilt["peer"] if rebuilt else None,
-            "method": rebuilt["method"] if rebuilt else None, "path": rebuilt["path"] if rebuilt else None,
-            "sources": rebuilt["sources"] if rebuilt else None, "weights": rebuilt["weights"] if rebuilt else None,
-            "detect_s": detect_t - k["time"] if detect_t else None,
-            "rebuild_s": rebuilt["time"] - detect_t if rebuilt and detect_t else None,
-            "transfer_and_rebuild_s": rebuilt["duration_s"] if rebuilt else None,
-            "resume_s": resumed["time"] - rebuilt["time"] if resumed and rebuilt else None,
-            "detected_by": (aborted or {}).get("error") or ("heartbeat" if published else None),
-        })
+        rows.append(
+            {
+                "stage": k["stage"],
+                "signal": k["signal"],
+                "killed_peer": k["peer"],
+                "kill_step": k["step"],
+                "new_peer": rebuilt["peer"] if rebuilt else None,
+                "method": rebuilt["method"] if rebuilt else None,
+                "path": rebuilt["path"] if rebuilt else None,
+                "sources": rebuilt["sources"] if rebuilt else None,
+                "weights": rebuilt["weights"] if rebuilt else None,
+                "detect_s": detect_t - k["time"] if detect_t else None,
+                "rebuild_s": rebuilt["time"] - detect_t if rebuilt and detect_t else None,
+                "transfer_and_rebuild_s": rebuilt["duration_s"] if rebuilt else None,
+                "resume_s": resumed["time"] - rebuilt["time"] if resumed and rebuilt else None,
+                "detected_by": (aborted or {}).get("error") or ("heartbeat" if published else None),
+            }
+        )
     return rows
 
 
@@ -97,8 +124,10 @@ def recovery_table(rows: list[dict]) -> str:
     lines = ["stage  signal   method            detect_s  rebuild_s  resume_s  new_peer"]
     for r in rows:
         fmt = lambda v: f"{v:8.2f}" if v is not None else "       -"
-        lines.append(f"{r['stage']:5d}  {r['signal']:7s}  {str(r['method']):16s} {fmt(r['detect_s'])}  "
-                     f"{fmt(r['rebuild_s'])}  {fmt(r['resume_s'])}  {r['new_peer']}")
+        lines.append(
+            f"{r['stage']:5d}  {r['signal']:7s}  {str(r['method']):16s} {fmt(r['detect_s'])}  "
+            f"{fmt(r['rebuild_s'])}  {fmt(r['resume_s'])}  {r['new_peer']}"
+        )
     return "\n".join(lines)
 
 
@@ -121,14 +150,17 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
     rollback = cfg.recovery.strategy == "checkpoint"
     return {
         "checkfree_version": __version__,
-        "steps": len(set(steps)), "repeated_steps": sorted({s for s in steps if steps.count(s) > 1}),
+        "steps": len(set(steps)),
+        "repeated_steps": sorted({s for s in steps if steps.count(s) > 1}),
         "skipped_steps": sorted(set(range(max(steps, default=-1) + 1)) - set(steps)),
         "rollback_strategy": rollback,
         "first_train_loss": metrics[0]["loss/train"] if metrics else None,
         "final_train_loss": metrics[-1]["loss/train"] if metrics else None,
         "final_val_loss": next((m["loss/val"] for m in reversed(metrics) if "loss/val" in m), None),
-        "failures": len(rows), "recoveries": sum(1 for r in rows if r["new_peer"]),
-        "detect_s": _stats([r["detect_s"] for r in rows]), "rebuild_s": _stats([r["rebuild_s"] for r in rows]),
+        "failures": len(rows),
+        "recoveries": sum(1 for r in rows if r["new_peer"]),
+        "detect_s": _stats([r["detect_s"] for r in rows]),
+        "rebuild_s": _stats([r["rebuild_s"] for r in rows]),
         "resume_s": _stats([r["resume_s"] for r in rows]),
         "mean_tokens_per_s": statistics.mean(m["throughput/tokens_per_s"] for m in metrics) if metrics else None,
         "recovery_rows": rows,

@@ -38,12 +38,22 @@ def _stage_main(cfg: TrainConfig, stage: int, port: int, out_dir: str, threads: 
     module = Stage(cfg.model, stage)
     init_stage_(module, cfg.model, cfg.seed)
     batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
-    worker = StageWorker(module, schedule_for(cfg.pipeline, L, cfg.swap_enabled), batches, cfg.optim, cfg.optim.lr,
-                         cfg.model.d_model, cfg.recovery.norm_ema_beta, cfg.device)
-    store = dist.TCPStore("127.0.0.1", port, L + 1, is_master=False,
-                          timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s))
-    group = EpochGroup(store, 0, stage, list(range(L)), cfg.transport, run_tag=int(config_fingerprint(cfg)[:6], 16),
-                       device=cfg.device)
+    worker = StageWorker(
+        module,
+        schedule_for(cfg.pipeline, L, cfg.swap_enabled),
+        batches,
+        cfg.optim,
+        cfg.optim.lr,
+        cfg.model.d_model,
+        cfg.recovery.norm_ema_beta,
+        cfg.device,
+    )
+    store = dist.TCPStore(
+        "127.0.0.1", port, L + 1, is_master=False, timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s)
+    )
+    group = EpochGroup(
+        store, 0, stage, list(range(L)), cfg.transport, run_tag=int(config_fingerprint(cfg)[:6], 16), device=cfg.device
+    )
     tokens = batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
     with open(Path(out_dir) / f"stage-{stage}.jsonl", "w") as f:
         for step in range(cfg.num_steps):
@@ -51,10 +61,19 @@ def _stage_main(cfg: TrainConfig, stage: int, port: int, out_dir: str, threads: 
             worker.run_step(group, step)
             loss = worker.commit(group, step)
             step_s = time.time() - t0
-            f.write(json.dumps({"step": step, "loss/train": loss, "time/step_s": step_s,
-                                "throughput/tokens_per_s": tokens / step_s, "stage": stage,
-                                "memory/max_rss_mb": peak_rss_mb()})
-                    + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss/train": loss,
+                        "time/step_s": step_s,
+                        "throughput/tokens_per_s": tokens / step_s,
+                        "stage": stage,
+                        "memory/max_rss_mb": peak_rss_mb(),
+                    }
+                )
+                + "\n"
+            )
         group.all_reduce(torch.zeros(1, dtype=torch.float64), cfg.num_steps)  # nobody leaves before the last read
 
 
@@ -69,11 +88,18 @@ def run_static_pipeline(cfg: TrainConfig, out_dir: str | Path, timeout_s: float 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // L)  # the local swarm's share, for a fair match
-    store = dist.TCPStore("127.0.0.1", 0, L + 1, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s))
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        L + 1,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
+    )
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_stage_main, args=(cfg, s, store.port, str(out_dir), threads), daemon=True)
-             for s in range(L)]
+    procs = [
+        ctx.Process(target=_stage_main, args=(cfg, s, store.port, str(out_dir), threads), daemon=True) for s in range(L)
+    ]
     for p in procs:
         p.start()
     deadline = time.time() + timeout_s
@@ -82,8 +108,9 @@ def run_static_pipeline(cfg: TrainConfig, out_dir: str | Path, timeout_s: float 
             p.join(max(0.0, deadline - time.time()))
         bad = [(s, p.exitcode) for s, p in enumerate(procs) if p.exitcode != 0]
         if bad:
-            raise RuntimeError(f"static pipeline: stages (stage, exit code) {bad} failed or ran past {timeout_s} s; "
-                               f"see {out_dir}")
+            raise RuntimeError(
+                f"static pipeline: stages (stage, exit code) {bad} failed or ran past {timeout_s} s; see {out_dir}"
+            )
     finally:
         for p in procs:
             if p.is_alive():

@@ -44,13 +44,26 @@ from checkfree.engine.trainer import Trainer
 from checkfree.plot import plot_runs
 from launcher.local import run_local_swarm
 
-STRATEGIES = ["none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint:10", "checkpoint:50",
-              "redundant"]
+STRATEGIES = [
+    "none",
+    "checkfree",
+    "checkfree_plus",
+    "copy",
+    "uniform",
+    "random",
+    "checkpoint:10",
+    "checkpoint:50",
+    "redundant",
+]
 
 
 def _trace(path: Path, rate: float, seed: int, num_stages: int, iterations: int, iteration_s: float, accel: float):
-    inj = FailureInjector(FailureConfig(mode="hourly", hourly_rate=rate, iteration_time_s=iteration_s,
-                                        time_acceleration=accel, seed=seed), num_stages)
+    inj = FailureInjector(
+        FailureConfig(
+            mode="hourly", hourly_rate=rate, iteration_time_s=iteration_s, time_acceleration=accel, seed=seed
+        ),
+        num_stages,
+    )
     for it in range(iterations):
         inj.failures_at(it)
     write_trace(path, inj.fired, num_stages)
@@ -58,8 +71,15 @@ def _trace(path: Path, rate: float, seed: int, num_stages: int, iterations: int,
 
 
 def _args(overrides, runs_dir: Path, name: str, strategy: str, seed: int, trace: Path | None, threads: int):
-    args = [*overrides, f"seed={seed}", f"out_dir={runs_dir}", f"run_name={name}", "progress=false", "plot=false",
-            "overwrite=true"]
+    args = [
+        *overrides,
+        f"seed={seed}",
+        f"out_dir={runs_dir}",
+        f"run_name={name}",
+        "progress=false",
+        "plot=false",
+        "overwrite=true",
+    ]
     if threads:
         args.append(f"num_threads={threads}")
     kind, _, k = strategy.partition(":")
@@ -95,8 +115,9 @@ def _train(files, args, swarm: bool = False) -> None:
 def _run_all(files, tasks: list[tuple[list[str], Path]], jobs: int, swarm: bool = False) -> None:
     """Train every (args, run_dir) not already done, ``jobs`` at a time, each in its own process."""
     todo = [(args, d) for args, d in tasks if not _done(files, args, d)]
-    print(f"{len(tasks) - len(todo)} of {len(tasks)} runs already done; {len(todo)} to run with {jobs} job(s)",
-          flush=True)
+    print(
+        f"{len(tasks) - len(todo)} of {len(tasks)} runs already done; {len(todo)} to run with {jobs} job(s)", flush=True
+    )
     if jobs <= 1 or swarm:
         for args, d in todo:
             _train(files, args, swarm)
@@ -135,11 +156,18 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES)
     ap.add_argument("--iteration-s", type=float, default=91.3, help="seconds one iteration stands for (paper: 91.3)")
     ap.add_argument("--acceleration", type=float, default=2.5)
-    ap.add_argument("--target-loss", type=float, default=None,
-                    help="default: the failure-free run's validation loss at --target-frac of its steps (mean over seeds)")
+    ap.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="default: the failure-free run's validation loss at --target-frac of its steps (mean over seeds)",
+    )
     ap.add_argument("--target-frac", type=float, default=0.5)
-    ap.add_argument("--runs-dir", default="runs/bench/convergence-runs",
-                    help="where every run keeps its directory; finished runs found there are reused")
+    ap.add_argument(
+        "--runs-dir",
+        default="runs/bench/convergence-runs",
+        help="where every run keeps its directory; finished runs found there are reused",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="trainings side by side (one torch thread each when > 1)")
     ap.add_argument("--swarm", action="store_true", help="run every strategy in the multi-process swarm")
     ap.add_argument("--out", default="runs/bench/convergence.json")
@@ -160,8 +188,9 @@ def main() -> None:
     tasks, runs = [], {}
     for seed in ns.seeds:
         runs["none", 0.0, seed] = runs_dir / name("none", 0.0, seed)
-        tasks.append((_args(overrides, runs_dir, name("none", 0.0, seed), "none", seed, None, threads),
-                      runs["none", 0.0, seed]))
+        tasks.append(
+            (_args(overrides, runs_dir, name("none", 0.0, seed), "none", seed, None, threads), runs["none", 0.0, seed])
+        )
     for rate in ns.rates:
         for seed in ns.seeds:
             trace = runs_dir / f"trace-r{rate}-s{seed}.jsonl"
@@ -169,16 +198,25 @@ def main() -> None:
             for strategy in ns.strategies:
                 if strategy != "none":
                     runs[strategy, rate, seed] = runs_dir / name(strategy, rate, seed)
-                    tasks.append((_args(overrides, runs_dir, name(strategy, rate, seed), strategy, seed, trace, threads),
-                                  runs[strategy, rate, seed]))
+                    tasks.append(
+                        (
+                            _args(overrides, runs_dir, name(strategy, rate, seed), strategy, seed, trace, threads),
+                            runs[strategy, rate, seed],
+                        )
+                    )
     _run_all(files, tasks, ns.jobs, ns.swarm)
 
     target = ns.target_loss
     if target is None:
         cut = int(ns.target_frac * steps)
         target = statistics.mean(
-            next(m["loss/val"] for m in read_jsonl(runs["none", 0.0, s] / "metrics.jsonl")
-                 if "loss/val" in m and m["step"] + 1 >= cut) for s in ns.seeds)
+            next(
+                m["loss/val"]
+                for m in read_jsonl(runs["none", 0.0, s] / "metrics.jsonl")
+                if "loss/val" in m and m["step"] + 1 >= cut
+            )
+            for s in ns.seeds
+        )
     rows = []
     for rate in ns.rates:
         for seed in ns.seeds:
@@ -186,15 +224,28 @@ def main() -> None:
                 run_dir = runs[strategy, 0.0 if strategy == "none" else rate, seed]
                 summary = json.loads((run_dir / "summary.json").read_text())
                 to_step, to_s = _to_target(run_dir, target)
-                rows.append({"rate": rate, "seed": seed, "strategy": strategy, "steps_to_target": to_step,
-                             "seconds_to_target": to_s, "final_val": summary["final_val_loss"],
-                             "train_s": summary.get("train_s"), "failures": summary["failures"],
-                             "recoveries": summary["recoveries"], "iterations": summary.get("iterations")})
-                print(f"rate {rate:.2f} seed {seed} {strategy:14s} to-target {to_step} steps / "
-                      f"{to_s if to_s is None else round(to_s, 1)} s, final val {summary['final_val_loss']:.3f}, "
-                      f"failures {summary['failures']}", flush=True)
+                rows.append(
+                    {
+                        "rate": rate,
+                        "seed": seed,
+                        "strategy": strategy,
+                        "steps_to_target": to_step,
+                        "seconds_to_target": to_s,
+                        "final_val": summary["final_val_loss"],
+                        "train_s": summary.get("train_s"),
+                        "failures": summary["failures"],
+                        "recoveries": summary["recoveries"],
+                        "iterations": summary.get("iterations"),
+                    }
+                )
+                print(
+                    f"rate {rate:.2f} seed {seed} {strategy:14s} to-target {to_step} steps / "
+                    f"{to_s if to_s is None else round(to_s, 1)} s, final val {summary['final_val_loss']:.3f}, "
+                    f"failures {summary['failures']}",
+                    flush=True,
+                )
         if ns.seeds:
-            seed0 = [runs[(s, rate if s != 'none' else 0.0, ns.seeds[0])] for s in ns.strategies]
+            seed0 = [runs[(s, rate if s != "none" else 0.0, ns.seeds[0])] for s in ns.strategies]
             plot_runs(seed0, Path(ns.out).with_name(f"{Path(ns.out).stem}_rate{rate}.png"), labels=ns.strategies)
     table = {}
     for rate in ns.rates:
@@ -203,16 +254,29 @@ def main() -> None:
             table[f"{rate}/{strategy}"] = {
                 "seconds_to_target": _agg([x["seconds_to_target"] for x in r]),
                 "steps_to_target": _agg([x["steps_to_target"] for x in r]),
-                "reached": sum(x["steps_to_target"] is not None for x in r), "seeds": len(r),
+                "reached": sum(x["steps_to_target"] is not None for x in r),
+                "seeds": len(r),
                 "final_val": _agg([x["final_val"] for x in r]),
                 "final_ppl": _agg([math.exp(x["final_val"]) for x in r]),
-                "failures": _agg([x["failures"] for x in r]), "recoveries": _agg([x["recoveries"] for x in r]),
+                "failures": _agg([x["failures"] for x in r]),
+                "recoveries": _agg([x["recoveries"] for x in r]),
             }
-    report({"target_val_loss": target, "num_steps": steps, "rates": ns.rates, "seeds": ns.seeds,
-            "iteration_s": ns.iteration_s, "acceleration": ns.acceleration, "target_frac": ns.target_frac, "jobs": ns.jobs, "swarm": ns.swarm,
+    report(
+        {
+            "target_val_loss": target,
+            "num_steps": steps,
+            "rates": ns.rates,
+            "seeds": ns.seeds,
+            "iteration_s": ns.iteration_s,
+            "acceleration": ns.acceleration,
+            "target_frac": ns.target_frac,
+            "jobs": ns.jobs,
+            "swarm": ns.swarm,
             "table": table,
-            "run_dirs": str(runs_dir)},
-           ns.out)
+            "run_dirs": str(runs_dir),
+        },
+        ns.out,
+    )
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     Path(ns.out).with_suffix(".md").write_text(markdown(table, ns.rates, ns.strategies, target))
 
@@ -221,15 +285,19 @@ def markdown(table: dict, rates, strategies, target: float) -> str:
     def fmt(a, digits=1):
         return "-" if a is None else f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
 
-    lines = [f"Target validation loss: {target:.3f}\n",
-             "| rate | strategy | reached | seconds to target | steps to target | final val loss | final ppl | failures |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Target validation loss: {target:.3f}\n",
+        "| rate | strategy | reached | seconds to target | steps to target | final val loss | final ppl | failures |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for rate in rates:
         for s in strategies:
             t = table[f"{rate}/{s}"]
-            lines.append(f"| {rate:.0%} | {s} | {t['reached']}/{t['seeds']} | {fmt(t['seconds_to_target'])} | "
-                         f"{fmt(t['steps_to_target'], 0)} | {fmt(t['final_val'], 3)} | {fmt(t['final_ppl'], 2)} | "
-                         f"{fmt(t['failures'])} |")
+            lines.append(
+                f"| {rate:.0%} | {s} | {t['reached']}/{t['seeds']} | {fmt(t['seconds_to_target'])} | "
+                f"{fmt(t['steps_to_target'], 0)} | {fmt(t['final_val'], 3)} | {fmt(t['final_ppl'], 2)} | "
+                f"{fmt(t['failures'])} |"
+            )
     lines += ["", relative(table, rates, strategies)]
     return "\n".join(lines) + "\n"
 
@@ -241,8 +309,12 @@ def relative(table: dict, rates, strategies) -> str:
     ours = [s for s in ("checkfree", "checkfree_plus") if s in strategies]
     if not baselines or not ours:
         return ""
-    lines = ["| rate | strategy | " + " | ".join(f"time to target / {b}" for b in baselines) +
-             " | final val: checkfree < copy < random |", "|---|---|" + "---|" * (len(baselines) + 1)]
+    lines = [
+        "| rate | strategy | "
+        + " | ".join(f"time to target / {b}" for b in baselines)
+        + " | final val: checkfree < copy < random |",
+        "|---|---|" + "---|" * (len(baselines) + 1),
+    ]
     for rate in rates:
         order = ""
         if all(f"{rate}/{s}" in table for s in ("checkfree", "copy", "random")):
@@ -258,8 +330,10 @@ def relative(table: dict, rates, strategies) -> str:
                 elif other["seconds_to_target"] is None:
                     cells.append(f"{b} never reached it")
                 else:
-                    cells.append(f"{mine['seconds_to_target']['mean'] / other['seconds_to_target']['mean']:.2f} "
-                                 f"({mine['reached']}/{mine['seeds']} vs {other['reached']}/{other['seeds']} seeds)")
+                    cells.append(
+                        f"{mine['seconds_to_target']['mean'] / other['seconds_to_target']['mean']:.2f} "
+                        f"({mine['reached']}/{mine['seeds']} vs {other['reached']}/{other['seeds']} seeds)"
+                    )
             lines.append(f"| {rate:.0%} | {s} | " + " | ".join(cells) + f" | {order if s == 'checkfree' else ''} |")
     return "\n".join(lines) + "\n"
 

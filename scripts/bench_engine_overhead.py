@@ -36,11 +36,16 @@ def main() -> None:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
-    engine = PipelineEngine(build_stages(cfg.model, cfg.seed), schedule_for(cfg.pipeline, cfg.model.num_stages, cfg.swap_enabled),
-                            batches, cfg.optim)
+    engine = PipelineEngine(
+        build_stages(cfg.model, cfg.seed),
+        schedule_for(cfg.pipeline, cfg.model.num_stages, cfg.swap_enabled),
+        batches,
+        cfg.optim,
+    )
     (whole,) = build_stages(cfg.model, cfg.seed, num_stages=1)
-    opt = torch.optim.Adam(whole.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                           eps=cfg.optim.eps, foreach=True)
+    opt = torch.optim.Adam(
+        whole.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, foreach=True
+    )
     M = cfg.pipeline.num_microbatches
 
     def unsplit_step(step: int) -> None:
@@ -68,10 +73,17 @@ def main() -> None:
                 step += 1
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "config": {"d_model": cfg.model.d_model, "num_layers": cfg.model.num_layers, "num_stages": cfg.model.num_stages,
-                   "schedule": cfg.pipeline.schedule, "num_microbatches": M, "swap": cfg.swap_enabled,
-                   "threads": torch.get_num_threads()},
-        "median_step_s": med, "ratio_engine_over_unsplit": med["engine"] / med["unsplit"],
+        "config": {
+            "d_model": cfg.model.d_model,
+            "num_layers": cfg.model.num_layers,
+            "num_stages": cfg.model.num_stages,
+            "schedule": cfg.pipeline.schedule,
+            "num_microbatches": M,
+            "swap": cfg.swap_enabled,
+            "threads": torch.get_num_threads(),
+        },
+        "median_step_s": med,
+        "ratio_engine_over_unsplit": med["engine"] / med["unsplit"],
         "steps_per_side": len(times["engine"]),
     }
     report(result, ns.out)

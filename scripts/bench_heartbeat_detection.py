@@ -25,8 +25,11 @@ def _beat(cfg, maddrs, peer_id, ready):
     m = Membership(cfg, "bench-detect", "fp", maddrs)
     ready.set()
     while True:
-        m.heartbeat(MemberRecord(run_id="bench-detect", fingerprint="fp", peer_id=peer_id, stage=0, epoch=0,
-                                 state="running", step=0))
+        m.heartbeat(
+            MemberRecord(
+                run_id="bench-detect", fingerprint="fp", peer_id=peer_id, stage=0, epoch=0, state="running", step=0
+            )
+        )
         time.sleep(cfg.period_s)
 
 
@@ -44,7 +47,9 @@ def main() -> None:
     latencies = []
     for n in range(ns.repeats):
         ready = ctx.Event()
-        child = ctx.Process(target=_beat, args=(cfg, observer.visible_maddrs(), f"p{n}", ready))  # not daemonic: it forks the DHT
+        child = ctx.Process(
+            target=_beat, args=(cfg, observer.visible_maddrs(), f"p{n}", ready)
+        )  # not daemonic: it forks the DHT
         child.start()
         if not ready.wait(120):
             raise SystemExit("the heartbeating child did not start its DHT within 120 s")
@@ -64,8 +69,15 @@ def main() -> None:
         os.kill(child.pid, signal.SIGKILL)
         child.join(10)
     observer.shutdown()
-    result = {"period_s": cfg.period_s, "ttl_s": cfg.ttl_s, "poll_s": ns.poll_s, "signal": "SIGSTOP" if ns.hang else "SIGKILL",
-              "latencies_s": latencies, "median_s": statistics.median(latencies), "max_s": max(latencies)}
+    result = {
+        "period_s": cfg.period_s,
+        "ttl_s": cfg.ttl_s,
+        "poll_s": ns.poll_s,
+        "signal": "SIGSTOP" if ns.hang else "SIGKILL",
+        "latencies_s": latencies,
+        "median_s": statistics.median(latencies),
+        "max_s": max(latencies),
+    }
     report(result, ns.out)
 
 

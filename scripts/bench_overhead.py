@@ -14,8 +14,9 @@ Five sides train the same config for ``--steps`` steps, failure-free, in each of
 
 Reports the median tokens/s of each side (first ``--skip`` steps of each run left out, pooled over
 rounds) and the ratios: machinery on/off (swarm/static), swapped/plain (swarm and engine), redundant/plain
-(swarm), swarm/engine; the largest resident memory of a stage process per side; and, at equal steps, the training loss (mean of the last ``--tail`` steps) and the final validation loss
-of the engine's plain and swapped runs.
+(swarm), swarm/engine; the largest resident memory of a stage process per side; and, at equal steps, the
+training loss (mean of the last ``--tail`` steps) and the final validation loss of the engine's plain and
+swapped runs.
 
     python scripts/bench_overhead.py [CONFIG.yaml ...] [key=value ...] [--steps 40] [--rounds 3]
 """
@@ -51,8 +52,12 @@ def _run_side(side: str, files, common: list[str], tmp: Path, rnd: int) -> tuple
         code, _ = run_local_swarm(cfg, tmp / name, status=False)
         if code != 0:
             raise SystemExit(f"the swarm of side {side} exited with {code}; see {tmp / name}")
-        rss = [m["memory/max_rss_mb"] for f in (tmp / name / "peers").glob("*/metrics.jsonl") for m in read_jsonl(f)
-               if "memory/max_rss_mb" in m]
+        rss = [
+            m["memory/max_rss_mb"]
+            for f in (tmp / name / "peers").glob("*/metrics.jsonl")
+            for m in read_jsonl(f)
+            if "memory/max_rss_mb" in m
+        ]
         return [m for m in read_jsonl(tmp / name / "metrics.jsonl") if "loss/train" in m], max(rss)
     Trainer(cfg).run()
     return read_jsonl(tmp / name / "metrics.jsonl"), None
@@ -70,47 +75,73 @@ def main() -> None:
     ns = ap.parse_args()
     files, overrides = split_args(ns.args)
     tmp = Path(tempfile.mkdtemp(prefix="cf-overhead-"))
-    common = [*overrides, f"num_steps={ns.steps}", "failures.mode=none", "eval_every_steps=0", "progress=false",
-              "plot=false", f"out_dir={tmp}", "swarm.num_spares=0"]
+    common = [
+        *overrides,
+        f"num_steps={ns.steps}",
+        "failures.mode=none",
+        "eval_every_steps=0",
+        "progress=false",
+        "plot=false",
+        f"out_dir={tmp}",
+        "swarm.num_spares=0",
+    ]
     tokens: dict[str, list[float]] = {s: [] for s in ns.sides}
     per_round: dict[str, list[float]] = {s: [] for s in ns.sides}
     losses: dict[str, list[dict]] = {s: [] for s in ns.sides}
     rss: dict[str, list[float | None]] = {s: [] for s in ns.sides}
     for rnd in range(ns.rounds):
-        order = ns.sides[rnd % len(ns.sides):] + ns.sides[: rnd % len(ns.sides)]
+        order = ns.sides[rnd % len(ns.sides) :] + ns.sides[: rnd % len(ns.sides)]
         for side in order:
             rows, peak = _run_side(side, files, common, tmp, rnd)
             rss[side].append(peak)
             train = [r for r in rows if "loss/train" in r]
-            rates = [r["throughput/tokens_per_s"] for r in train[ns.skip:]]
+            rates = [r["throughput/tokens_per_s"] for r in train[ns.skip :]]
             tokens[side] += rates
             per_round[side].append(statistics.median(rates))
             vals = [r["loss/val"] for r in rows if "loss/val" in r]
-            losses[side].append({"train_tail": statistics.mean(r["loss/train"] for r in train[-ns.tail:]),
-                                 "val_final": vals[-1] if vals else None})
-            print(f"round {rnd} {side:11s} median tokens/s {per_round[side][-1]:9.0f}  train loss (last {ns.tail}) "
-                  f"{losses[side][-1]['train_tail']:.4f}", flush=True)
+            losses[side].append(
+                {
+                    "train_tail": statistics.mean(r["loss/train"] for r in train[-ns.tail :]),
+                    "val_final": vals[-1] if vals else None,
+                }
+            )
+            print(
+                f"round {rnd} {side:11s} median tokens/s {per_round[side][-1]:9.0f}  train loss (last {ns.tail}) "
+                f"{losses[side][-1]['train_tail']:.4f}",
+                flush=True,
+            )
     med = {s: statistics.median(v) for s, v in tokens.items()}
 
     def ratio(a: str, b: str) -> float | None:
         return med[a] / med[b] if a in med and b in med else None
 
     result = {
-        "steps": ns.steps, "rounds": ns.rounds, "skipped": ns.skip, "median_tokens_per_s": med,
-        "per_round_median_tokens_per_s": per_round, "losses": losses,
+        "steps": ns.steps,
+        "rounds": ns.rounds,
+        "skipped": ns.skip,
+        "median_tokens_per_s": med,
+        "per_round_median_tokens_per_s": per_round,
+        "losses": losses,
         "max_stage_process_rss_mb": {s: max((x for x in v if x is not None), default=None) for s, v in rss.items()},
-        "ratios": {"machinery_on_over_off": ratio("swarm", "static"),
-                   "swap_over_plain_swarm": ratio("swarm_swap", "swarm"),
-                   "swap_over_plain_engine": ratio("engine_swap", "engine"),
-                   "redundant_over_plain_swarm": ratio("swarm_redundant", "swarm"),
-                   "swarm_over_engine": ratio("swarm", "engine")},
+        "ratios": {
+            "machinery_on_over_off": ratio("swarm", "static"),
+            "swap_over_plain_swarm": ratio("swarm_swap", "swarm"),
+            "swap_over_plain_engine": ratio("engine_swap", "engine"),
+            "redundant_over_plain_swarm": ratio("swarm_redundant", "swarm"),
+            "swarm_over_engine": ratio("swarm", "engine"),
+        },
         "run_dirs": str(tmp),
     }
     cfg = load_config(files, common)
-    result["config"] = {"d_model": cfg.model.d_model, "num_layers": cfg.model.num_layers,
-                        "num_stages": cfg.model.num_stages, "schedule": cfg.pipeline.schedule,
-                        "num_microbatches": cfg.pipeline.num_microbatches, "swap_fraction": cfg.pipeline.swap_fraction,
-                        "strategy": cfg.recovery.strategy}
+    result["config"] = {
+        "d_model": cfg.model.d_model,
+        "num_layers": cfg.model.num_layers,
+        "num_stages": cfg.model.num_stages,
+        "schedule": cfg.pipeline.schedule,
+        "num_microbatches": cfg.pipeline.num_microbatches,
+        "swap_fraction": cfg.pipeline.swap_fraction,
+        "strategy": cfg.recovery.strategy,
+    }
     report(result, ns.out)
 
 

@@ -79,10 +79,13 @@ def _summary(rows: list[dict]) -> dict:
     finals = [x["final_val"] for x in rows]
     regain = [x["steps_to_regain"] for x in rows if x["steps_to_regain"] is not None]
     return {
-        "spike_mean": statistics.mean(x["spike"] for x in rows), "spike_std": statistics.pstdev(x["spike"] for x in rows),
-        "final_val_mean": statistics.mean(finals), "final_val_std": statistics.pstdev(finals),
+        "spike_mean": statistics.mean(x["spike"] for x in rows),
+        "spike_std": statistics.pstdev(x["spike"] for x in rows),
+        "final_val_mean": statistics.mean(finals),
+        "final_val_std": statistics.pstdev(finals),
         "final_ppl_mean": statistics.mean(math.exp(v) for v in finals),
-        "regained_within_budget": len(regain), "cases": len(rows),
+        "regained_within_budget": len(regain),
+        "cases": len(rows),
         "steps_to_regain_median": statistics.median(regain) if regain else None,
     }
 
@@ -91,8 +94,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="config files and key=value overrides")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--cases", nargs="+", default=None,
-                    help="stage sets to lose together, e.g. 1 2 1,2 0,1 (default: each middle stage, 1,2 and 0,1)")
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help="stage sets to lose together, e.g. 1 2 1,2 0,1 (default: each middle stage, 1,2 and 0,1)",
+    )
     ap.add_argument("--after-steps", type=int, default=60)
     ap.add_argument("--every", type=int, default=10, help="validation interval after the rebuild")
     ap.add_argument("--out", default="runs/bench/recovery_ablation.json")
@@ -101,8 +108,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cf-ablation-"))
     rows = []
     for seed in ns.seeds:
-        cfg = load_config(files, [*overrides, f"seed={seed}", "failures.mode=none", f"out_dir={tmp}",
-                                  f"run_name=seed{seed}", "progress=false", "plot=false", "eval_every_steps=0"])
+        cfg = load_config(
+            files,
+            [
+                *overrides,
+                f"seed={seed}",
+                "failures.mode=none",
+                f"out_dir={tmp}",
+                f"run_name=seed{seed}",
+                "progress=false",
+                "plot=false",
+                "eval_every_steps=0",
+            ],
+        )
         L, train_steps = cfg.model.num_stages, cfg.num_steps  # continue_for raises cfg.num_steps as it goes
         cases = _parse_cases(ns.cases, L)
         trainer = Trainer(cfg)
@@ -118,24 +136,49 @@ def main() -> None:
                 trainer.recover(lost)
                 curve = _curve(trainer, ns.after_steps, ns.every)
                 regained = next((k * ns.every for k, v in enumerate(curve) if v <= pre), None)
-                rows.append({"seed": seed, "lost": lost, "kind": kind, "method": name, "pre_val": pre,
-                             "spike": curve[0] - pre, "steps_to_regain": regained, "final_val": curve[-1],
-                             "curve": curve})
-                print(f"seed {seed} lost {','.join(map(str, lost)):5s} ({kind:9s}) {name:8s} spike "
-                      f"{curve[0] - pre:+.3f} regained {regained if regained is not None else f'>{ns.after_steps}'} "
-                      f"final {curve[-1]:.3f}", flush=True)
+                rows.append(
+                    {
+                        "seed": seed,
+                        "lost": lost,
+                        "kind": kind,
+                        "method": name,
+                        "pre_val": pre,
+                        "spike": curve[0] - pre,
+                        "steps_to_regain": regained,
+                        "final_val": curve[-1],
+                        "curve": curve,
+                    }
+                )
+                print(
+                    f"seed {seed} lost {','.join(map(str, lost)):5s} ({kind:9s}) {name:8s} spike "
+                    f"{curve[0] - pre:+.3f} regained {regained if regained is not None else f'>{ns.after_steps}'} "
+                    f"final {curve[-1]:.3f}",
+                    flush=True,
+                )
     kinds = list(dict.fromkeys(x["kind"] for x in rows))
-    tables = {k: {m: _summary([x for x in rows if x["kind"] == k and x["method"] == m]) for m in METHODS}
-              for k in kinds}
+    tables = {
+        k: {m: _summary([x for x in rows if x["kind"] == k and x["method"] == m]) for m in METHODS} for k in kinds
+    }
     single = tables.get("single")
-    result = {"seeds": ns.seeds, "after_steps": ns.after_steps, "train_steps": train_steps,
-              "cases": [x["lost"] for x in rows if x["seed"] == ns.seeds[0] and x["method"] == "weighted"],
-              "tables": tables, "table": single,
-              "order_by_final_val": sorted(METHODS, key=lambda n: single[n]["final_val_mean"]) if single else None,
-              "paper_order_weighted_lt_copy_lt_random": single["weighted"]["final_val_mean"]
-              < single["copy"]["final_val_mean"] < single["random"]["final_val_mean"] if single else None}
+    result = {
+        "seeds": ns.seeds,
+        "after_steps": ns.after_steps,
+        "train_steps": train_steps,
+        "cases": [x["lost"] for x in rows if x["seed"] == ns.seeds[0] and x["method"] == "weighted"],
+        "tables": tables,
+        "table": single,
+        "order_by_final_val": sorted(METHODS, key=lambda n: single[n]["final_val_mean"]) if single else None,
+        "paper_order_weighted_lt_copy_lt_random": single["weighted"]["final_val_mean"]
+        < single["copy"]["final_val_mean"]
+        < single["random"]["final_val_mean"]
+        if single
+        else None,
+    }
     for k, t in tables.items():
-        print(f"{k}: " + ", ".join(f"{m} spike {v['spike_mean']:+.3f} final {v['final_val_mean']:.3f}" for m, v in t.items()))
+        print(
+            f"{k}: "
+            + ", ".join(f"{m} spike {v['spike_mean']:+.3f} final {v['final_val_mean']:.3f}" for m, v in t.items())
+        )
     report(result, ns.out)
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows) + "\n")
     plot(rows, ns.every, Path(ns.out).with_suffix(".png"))
@@ -152,7 +195,9 @@ def plot(rows: list[dict], every: int, path: Path) -> None:
             mean = [statistics.mean(c[k] for c in curves) for k in range(len(curves[0]))]
             ax.plot([k * every for k in range(len(mean))], mean, marker="o", ms=3, color=f"C{n}", label=name)
         ax.axhline(statistics.mean(x["pre_val"] for x in rows), color="k", ls=":", label="before the failure")
-        ax.set_title(f"{kind} ({', '.join(sorted({','.join(map(str, x['lost'])) for x in rows if x['kind'] == kind}))})")
+        ax.set_title(
+            f"{kind} ({', '.join(sorted({','.join(map(str, x['lost'])) for x in rows if x['kind'] == kind}))})"
+        )
         ax.set_xlabel("steps after the rebuild")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation loss (mean over seeds and cases)")

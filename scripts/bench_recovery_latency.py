@@ -66,8 +66,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="config files and key=value overrides (applied to every experiment)")
     ap.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="run these experiments only")
-    ap.add_argument("--every", type=int, default=6,
-                    help="steps between kills (the launcher also waits swarm.min_gap_s=1 s after each resume)")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=6,
+        help="steps between kills (the launcher also waits swarm.min_gap_s=1 s after each resume)",
+    )
     ap.add_argument("--out", default="runs/bench/recovery_latency.json")
     ns = ap.parse_args()
     files, overrides = split_args(ns.args)
@@ -79,28 +83,65 @@ def main() -> None:
         kills = _kills(which, base.model.num_stages, ns.every)
         trace = tmp / f"{name}-trace.jsonl"
         write_trace(trace, kills, base.model.num_stages)
-        args = [*overrides, *extra, f"run_name={name}", f"out_dir={tmp}", "progress=false", "plot=false",
-                "eval_every_steps=0", "swarm.num_spares=2", "swarm.spare_delay_s=1", "swarm.min_gap_s=1",
-                f"num_steps={ns.every * (len(kills) + 1)}", "failures.mode=trace", f"failures.trace_path={trace}"]
+        args = [
+            *overrides,
+            *extra,
+            f"run_name={name}",
+            f"out_dir={tmp}",
+            "progress=false",
+            "plot=false",
+            "eval_every_steps=0",
+            "swarm.num_spares=2",
+            "swarm.spare_delay_s=1",
+            "swarm.min_gap_s=1",
+            f"num_steps={ns.every * (len(kills) + 1)}",
+            "failures.mode=trace",
+            f"failures.trace_path={trace}",
+        ]
         cfg = load_config(files, args)
         code, summary = run_local_swarm(cfg, tmp / name, status=False)
         rows = summary["recovery_rows"]
         stage = Stage(cfg.model, min(1, cfg.model.num_stages - 1))
         results[name] = {
-            "exit_code": code, "scheduled_kills": len(kills), "kills": len(rows),
+            "exit_code": code,
+            "scheduled_kills": len(kills),
+            "kills": len(rows),
             "recovered": sum(r["resume_s"] is not None for r in rows),
-            "overrides": extra, "num_stages": cfg.model.num_stages, "d_model": cfg.model.d_model,
-            "stage_param_bytes": param_bytes(stage), "period_s": cfg.membership.period_s, "ttl_s": cfg.membership.ttl_s,
+            "overrides": extra,
+            "num_stages": cfg.model.num_stages,
+            "d_model": cfg.model.d_model,
+            "stage_param_bytes": param_bytes(stage),
+            "period_s": cfg.membership.period_s,
+            "ttl_s": cfg.membership.ttl_s,
             "transport_timeout_s": cfg.transport.timeout_s,
-            "detect_s": _dist([r["detect_s"] for r in rows]), "rebuild_s": _dist([r["rebuild_s"] for r in rows]),
+            "detect_s": _dist([r["detect_s"] for r in rows]),
+            "rebuild_s": _dist([r["rebuild_s"] for r in rows]),
             "resume_s": _dist([r["resume_s"] for r in rows]),
             "transfer_and_rebuild_s": _dist([r["transfer_and_rebuild_s"] for r in rows]),
-            "rows": [{k: r[k] for k in ("stage", "signal", "method", "detect_s", "rebuild_s", "resume_s",
-                                        "transfer_and_rebuild_s", "detected_by")} for r in rows],
+            "rows": [
+                {
+                    k: r[k]
+                    for k in (
+                        "stage",
+                        "signal",
+                        "method",
+                        "detect_s",
+                        "rebuild_s",
+                        "resume_s",
+                        "transfer_and_rebuild_s",
+                        "detected_by",
+                    )
+                }
+                for r in rows
+            ],
         }
         fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
-        print(f"{name:12s} exit {code} recovered {results[name]['recovered']}/{len(rows)} kills ({len(kills)} scheduled)  detect {fmt(results[name]['detect_s'])}"
-              f"  rebuild {fmt(results[name]['rebuild_s'])}  resume {fmt(results[name]['resume_s'])}", flush=True)
+        print(
+            f"{name:12s} exit {code} recovered {results[name]['recovered']}/{len(rows)} kills "
+            f"({len(kills)} scheduled)  detect {fmt(results[name]['detect_s'])}"
+            f"  rebuild {fmt(results[name]['rebuild_s'])}  resume {fmt(results[name]['resume_s'])}",
+            flush=True,
+        )
     _plot(results, Path(ns.out).with_suffix(".png"))
     report({"experiments": results, "every": ns.every, "run_dirs": str(tmp)}, ns.out)
 

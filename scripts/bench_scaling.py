@@ -54,41 +54,81 @@ def main() -> None:
     for L in ns.stages:
         for M in ns.microbatches:
             name = f"L{L}-M{M}"
-            common = [*overrides, f"model.num_stages={L}", f"pipeline.num_microbatches={M}", f"num_steps={ns.steps}",
-                      "failures.mode=none", "eval_every_steps=0", "progress=false", "plot=false", f"out_dir={tmp}",
-                      "swarm.num_spares=0"]
+            common = [
+                *overrides,
+                f"model.num_stages={L}",
+                f"pipeline.num_microbatches={M}",
+                f"num_steps={ns.steps}",
+                "failures.mode=none",
+                "eval_every_steps=0",
+                "progress=false",
+                "plot=false",
+                f"out_dir={tmp}",
+                "swarm.num_spares=0",
+            ]
             if L < 4:
                 common.append("recovery.strategy=checkfree")  # CheckFree+ needs 4 stages
             engine_cfg = load_config(files, [*common, f"run_name={name}-engine", "num_threads=1"])
             Trainer(engine_cfg).run()
-            engine_step = statistics.median(m["time/step_s"] for m in read_jsonl(tmp / f"{name}-engine" / "metrics.jsonl")[ns.skip:])
+            engine_step = statistics.median(
+                m["time/step_s"] for m in read_jsonl(tmp / f"{name}-engine" / "metrics.jsonl")[ns.skip :]
+            )
             cfg = load_config(files, [*common, f"run_name={name}-swarm"])
             code, _ = run_local_swarm(cfg, tmp / f"{name}-swarm", status=False)
             if code != 0:
                 raise SystemExit(f"swarm {name} exited with {code}; see {tmp / (name + '-swarm')}")
             metrics = [m for m in read_jsonl(tmp / f"{name}-swarm" / "metrics.jsonl") if "loss/train" in m]
-            step = statistics.median(m["time/step_s"] for m in metrics[ns.skip:])
-            rss = [m["memory/max_rss_mb"] for f in (tmp / f"{name}-swarm" / "peers").glob("*/metrics.jsonl")
-                   for m in read_jsonl(f) if "memory/max_rss_mb" in m]
+            step = statistics.median(m["time/step_s"] for m in metrics[ns.skip :])
+            rss = [
+                m["memory/max_rss_mb"]
+                for f in (tmp / f"{name}-swarm" / "peers").glob("*/metrics.jsonl")
+                for m in read_jsonl(f)
+                if "memory/max_rss_mb" in m
+            ]
             t_slot = engine_step / (M * L)
             pipeline_bound = (M + L - 1) * t_slot
             machine_bound = max(pipeline_bound, M * L * t_slot / cores)
-            row = {"stages": L, "microbatches": M, "swarm_step_s": step, "engine_step_s": engine_step, "t_slot_s": t_slot,
-                   "bubble_fraction": (L - 1) / (M + L - 1), "pipeline_bound_s": pipeline_bound,
-                   "machine_bound_s": machine_bound, "over_pipeline_bound": step / pipeline_bound,
-                   "over_machine_bound": step / machine_bound,
-                   "swarm_tokens_per_s": statistics.median(m["throughput/tokens_per_s"] for m in metrics[ns.skip:]),
-                   "max_peer_rss_mb": max(rss) if rss else None}
+            row = {
+                "stages": L,
+                "microbatches": M,
+                "swarm_step_s": step,
+                "engine_step_s": engine_step,
+                "t_slot_s": t_slot,
+                "bubble_fraction": (L - 1) / (M + L - 1),
+                "pipeline_bound_s": pipeline_bound,
+                "machine_bound_s": machine_bound,
+                "over_pipeline_bound": step / pipeline_bound,
+                "over_machine_bound": step / machine_bound,
+                "swarm_tokens_per_s": statistics.median(m["throughput/tokens_per_s"] for m in metrics[ns.skip :]),
+                "max_peer_rss_mb": max(rss) if rss else None,
+            }
             row["peer_threads"] = max(1, cores // L)
             rows.append(row)
-            print(f"L={L} M={M}: swarm step {step:.3f} s, engine {engine_step:.3f} s, bounds pipeline "
-                  f"{pipeline_bound:.3f} / machine {machine_bound:.3f} s -> x{row['over_machine_bound']:.2f}; "
-                  f"peer RSS {row['max_peer_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"L={L} M={M}: swarm step {step:.3f} s, engine {engine_step:.3f} s, bounds pipeline "
+                f"{pipeline_bound:.3f} / machine {machine_bound:.3f} s -> x{row['over_machine_bound']:.2f}; "
+                f"peer RSS {row['max_peer_rss_mb']:.0f} MB",
+                flush=True,
+            )
     _plot(rows, Path(ns.out).with_suffix(".png"))
     cfg = load_config(files, overrides)
-    report({"rows": rows, "cores": cores, "steps": ns.steps, "skipped": ns.skip, "run_dirs": str(tmp),
-            "config": {"d_model": cfg.model.d_model, "num_layers": cfg.model.num_layers, "seq_len": cfg.model.seq_len,
-                       "microbatch_size": cfg.data.microbatch_size, "schedule": cfg.pipeline.schedule}}, ns.out)
+    report(
+        {
+            "rows": rows,
+            "cores": cores,
+            "steps": ns.steps,
+            "skipped": ns.skip,
+            "run_dirs": str(tmp),
+            "config": {
+                "d_model": cfg.model.d_model,
+                "num_layers": cfg.model.num_layers,
+                "seq_len": cfg.model.seq_len,
+                "microbatch_size": cfg.data.microbatch_size,
+                "schedule": cfg.pipeline.schedule,
+            },
+        },
+        ns.out,
+    )
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -96,7 +136,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     for L in sorted({r["stages"] for r in rows}):
         rs = [r for r in rows if r["stages"] == L]
         ms = [r["microbatches"] for r in rs]
-        line, = axes[0].plot(ms, [r["swarm_step_s"] for r in rs], "o-", label=f"swarm, {L} stages")
+        (line,) = axes[0].plot(ms, [r["swarm_step_s"] for r in rs], "o-", label=f"swarm, {L} stages")
         axes[0].plot(ms, [r["machine_bound_s"] for r in rs], "--", color=line.get_color(), label=f"machine bound, {L}")
         axes[0].plot(ms, [r["pipeline_bound_s"] for r in rs], ":", color=line.get_color(), label=f"pipeline bound, {L}")
         axes[1].plot(ms, [r["max_peer_rss_mb"] for r in rs], "o-", label=f"{L} stages")

@@ -25,17 +25,21 @@ COMMANDS = {
     "engine_overhead": "python scripts/bench_engine_overhead.py --steps 10 --rounds 3",
     "overhead": "python scripts/bench_overhead.py --steps 30 --rounds 2",
     "heartbeat_detection": "python scripts/bench_heartbeat_detection.py",
-    "heartbeat_detection_hang": "python scripts/bench_heartbeat_detection.py --hang --out runs/bench/heartbeat_detection_hang.json",
+    "heartbeat_detection_hang": "python scripts/bench_heartbeat_detection.py --hang "
+    "--out runs/bench/heartbeat_detection_hang.json",
     "recovery_ablation": "python scripts/bench_recovery_ablation.py configs/bench.yaml",
     "recovery_latency": "python scripts/bench_recovery_latency.py",
     "scaling": "python scripts/bench_scaling.py --microbatches 1 4",
     "convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --jobs 2",
-    "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm --rates 0.10 0.33 "
-                         "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant checkpoint:50 "
-                         "--out runs/bench/convergence_swarm.json --runs-dir runs/bench/convergence-swarm-runs",
+    "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm "
+    "--rates 0.10 0.33 "
+    "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant checkpoint:50 "
+    "--out runs/bench/convergence_swarm.json --runs-dir runs/bench/convergence-swarm-runs",
 }
-QUICK = {"convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --rates 0.16 0.33 --seeds 0 1 "
-                        "--jobs 2"}
+QUICK = {
+    "convergence": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --rates 0.16 0.33 --seeds 0 1 "
+    "--jobs 2"
+}
 
 
 def _load(name: str) -> dict | None:
@@ -44,11 +48,23 @@ def _load(name: str) -> dict | None:
 
 
 def _machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else "?"
+    )
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB memory, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, no GPU")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB memory, Python {platform.python_version()}, "
+        f"torch {torch.__version__}, no GPU"
+    )
 
 
 def _section(title: str, name: str, body: str, command: str | None = None) -> list[str]:
@@ -62,84 +78,192 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def build() -> str:
-    out = ["# Benchmarks", "", f"Machine: {_machine()}. Every figure below is read from `runs/bench/*.json` (copied to",
-           "`docs/results/`), written by",
-           "the command shown; regenerate this page with `python scripts/benchmarks_report.py` (add `--run` to rerun",
-           "everything). These are 2-core CPU figures on small models: they say how the system behaves, not what a",
-           "GPU cluster would measure.", ""]
+    out = [
+        "# Benchmarks",
+        "",
+        f"Machine: {_machine()}. Every figure below is read from `runs/bench/*.json` (copied to",
+        "`docs/results/`), written by",
+        "the command shown; regenerate this page with `python scripts/benchmarks_report.py` (add `--run` to rerun",
+        "everything). These are 2-core CPU figures on small models: they say how the system behaves, not what a",
+        "GPU cluster would measure.",
+        "",
+    ]
     r = _load("engine_overhead")
     if r:
-        out += _section("Pipeline engine against the unsplit model", "engine_overhead",
-                        f"Median step {r['median_step_s']['engine']:.3f} s (engine, {r['config']['num_stages']} stages) vs "
-                        f"{r['median_step_s']['unsplit']:.3f} s (unsplit): ratio **{r['ratio_engine_over_unsplit']:.3f}**.")
+        out += _section(
+            "Pipeline engine against the unsplit model",
+            "engine_overhead",
+            f"Median step {r['median_step_s']['engine']:.3f} s (engine, {r['config']['num_stages']} stages) vs "
+            f"{r['median_step_s']['unsplit']:.3f} s (unsplit): ratio **{r['ratio_engine_over_unsplit']:.3f}**.",
+        )
     r = _load("overhead")
     if r:
         med, ratios = r["median_tokens_per_s"], r["ratios"]
         peaks = r.get("max_stage_process_rss_mb", {})
-        rows = _table(["side", "median tokens/s", "per-round medians", "largest stage-process RSS (MB)"],
-                      [[side, f"{v:.0f}", ", ".join(f"{x:.0f}" for x in r["per_round_median_tokens_per_s"][side]),
-                        "-" if peaks.get(side) is None else f"{peaks[side]:.0f}"] for side, v in med.items()])
-        sides = [s for s in ("engine", "engine_swap", "swarm", "swarm_swap", "swarm_redundant", "static") if s in r["losses"]]
-        loss = _table(["side", "train loss, mean of last steps (per round)", "final val loss (per round)"],
-                      [[side, ", ".join(f"{x['train_tail']:.4f}" for x in r["losses"][side]),
-                        ", ".join("-" if x["val_final"] is None else f"{x['val_final']:.4f}" for x in r["losses"][side])]
-                       for side in sides])
+        rows = _table(
+            ["side", "median tokens/s", "per-round medians", "largest stage-process RSS (MB)"],
+            [
+                [
+                    side,
+                    f"{v:.0f}",
+                    ", ".join(f"{x:.0f}" for x in r["per_round_median_tokens_per_s"][side]),
+                    "-" if peaks.get(side) is None else f"{peaks[side]:.0f}",
+                ]
+                for side, v in med.items()
+            ],
+        )
+        sides = [
+            s for s in ("engine", "engine_swap", "swarm", "swarm_swap", "swarm_redundant", "static") if s in r["losses"]
+        ]
+        loss = _table(
+            ["side", "train loss, mean of last steps (per round)", "final val loss (per round)"],
+            [
+                [
+                    side,
+                    ", ".join(f"{x['train_tail']:.4f}" for x in r["losses"][side]),
+                    ", ".join("-" if x["val_final"] is None else f"{x['val_final']:.4f}" for x in r["losses"][side]),
+                ]
+                for side in sides
+            ],
+        )
         fmt = lambda v: "-" if v is None else f"**{v:.3f}**"
-        out += _section("Overhead without failures (side by side, rounds interleaved)", "overhead",
-                        f"{r['rounds']} rounds of {r['steps']} steps per side, config {r['config']}.\n\n" + rows +
-                        f"\n\nMachinery on / off (swarm / static pipeline): {fmt(ratios['machinery_on_over_off'])}; "
-                        f"CheckFree+ swapped / plain schedule: {fmt(ratios['swap_over_plain_swarm'])} in the swarm, "
-                        f"{fmt(ratios['swap_over_plain_engine'])} in the engine; redundant computation / plain (swarm): "
-                        f"{fmt(ratios.get('redundant_over_plain_swarm'))}; swarm / engine: "
-                        f"{fmt(ratios['swarm_over_engine'])}.\n\nLoss at equal steps:\n\n" + loss)
+        out += _section(
+            "Overhead without failures (side by side, rounds interleaved)",
+            "overhead",
+            f"{r['rounds']} rounds of {r['steps']} steps per side, config {r['config']}.\n\n"
+            + rows
+            + f"\n\nMachinery on / off (swarm / static pipeline): {fmt(ratios['machinery_on_over_off'])}; "
+            f"CheckFree+ swapped / plain schedule: {fmt(ratios['swap_over_plain_swarm'])} in the swarm, "
+            f"{fmt(ratios['swap_over_plain_engine'])} in the engine; redundant computation / plain (swarm): "
+            f"{fmt(ratios.get('redundant_over_plain_swarm'))}; swarm / engine: "
+            f"{fmt(ratios['swarm_over_engine'])}.\n\nLoss at equal steps:\n\n" + loss,
+        )
     for name, what in (("heartbeat_detection", "crash (SIGKILL)"), ("heartbeat_detection_hang", "hang (SIGSTOP)")):
         r = _load(name)
         if r:
-            out += _section(f"Heartbeat expiry after a {what}", name,
-                            f"period {r['period_s']} s, TTL {r['ttl_s']} s, observer polling every {r['poll_s']} s: "
-                            f"median **{r['median_s']:.2f} s**, worst {r['max_s']:.2f} s over {len(r['latencies_s'])} trials.")
+            out += _section(
+                f"Heartbeat expiry after a {what}",
+                name,
+                f"period {r['period_s']} s, TTL {r['ttl_s']} s, observer polling every {r['poll_s']} s: "
+                f"median **{r['median_s']:.2f} s**, worst {r['max_s']:.2f} s over {len(r['latencies_s'])} trials.",
+            )
     r = _load("recovery_latency")
     if r:
         fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
-        rows = _table(["experiment", "stages", "d_model", "stage params (MB)", "heartbeat period / TTL (s)",
-                       "kills recovered", "detect s, median [min, max]", "rebuild s", "resume s"],
-                      [[name, e["num_stages"], e["d_model"], f"{e['stage_param_bytes'] / 2**20:.2f}",
-                        f"{e['period_s']} / {e['ttl_s']}", f"{e['recovered']}/{e['kills']}", fmt(e["detect_s"]),
-                        fmt(e["rebuild_s"]), fmt(e["resume_s"])] for name, e in r["experiments"].items()])
+        rows = _table(
+            [
+                "experiment",
+                "stages",
+                "d_model",
+                "stage params (MB)",
+                "heartbeat period / TTL (s)",
+                "kills recovered",
+                "detect s, median [min, max]",
+                "rebuild s",
+                "resume s",
+            ],
+            [
+                [
+                    name,
+                    e["num_stages"],
+                    e["d_model"],
+                    f"{e['stage_param_bytes'] / 2**20:.2f}",
+                    f"{e['period_s']} / {e['ttl_s']}",
+                    f"{e['recovered']}/{e['kills']}",
+                    fmt(e["detect_s"]),
+                    fmt(e["rebuild_s"]),
+                    fmt(e["resume_s"]),
+                ]
+                for name, e in r["experiments"].items()
+            ],
+        )
         shutil.copy(BENCH / "recovery_latency.png", DOCS / "bench_recovery_latency.png")
-        out += _section("Recovery latency in the swarm", "recovery_latency",
-                        "Kills of the first, a middle and the last stage per experiment (the base `crash` kills every "
-                        "stage once); each experiment changes one thing from it.\n\n" + rows +
-                        "\n\n![latency](bench_recovery_latency.png)")
+        out += _section(
+            "Recovery latency in the swarm",
+            "recovery_latency",
+            "Kills of the first, a middle and the last stage per experiment (the base `crash` kills every "
+            "stage once); each experiment changes one thing from it.\n\n"
+            + rows
+            + "\n\n![latency](bench_recovery_latency.png)",
+        )
     r = _load("scaling")
     if r:
-        rows = _table(["stages", "microbatches", "swarm step s", "pipeline bound s", "machine bound s",
-                       "swarm / machine bound", "bubble fraction", "swarm tokens/s", "largest peer RSS MB"],
-                      [[x["stages"], x["microbatches"], f"{x['swarm_step_s']:.3f}", f"{x['pipeline_bound_s']:.3f}",
-                        f"{x['machine_bound_s']:.3f}", f"{x['over_machine_bound']:.2f}", f"{x['bubble_fraction']:.2f}",
-                        f"{x['swarm_tokens_per_s']:.0f}", f"{x['max_peer_rss_mb']:.0f}"] for x in r["rows"]])
+        rows = _table(
+            [
+                "stages",
+                "microbatches",
+                "swarm step s",
+                "pipeline bound s",
+                "machine bound s",
+                "swarm / machine bound",
+                "bubble fraction",
+                "swarm tokens/s",
+                "largest peer RSS MB",
+            ],
+            [
+                [
+                    x["stages"],
+                    x["microbatches"],
+                    f"{x['swarm_step_s']:.3f}",
+                    f"{x['pipeline_bound_s']:.3f}",
+                    f"{x['machine_bound_s']:.3f}",
+                    f"{x['over_machine_bound']:.2f}",
+                    f"{x['bubble_fraction']:.2f}",
+                    f"{x['swarm_tokens_per_s']:.0f}",
+                    f"{x['max_peer_rss_mb']:.0f}",
+                ]
+                for x in r["rows"]
+            ],
+        )
         shutil.copy(BENCH / "scaling.png", DOCS / "bench_scaling.png")
-        out += _section("Scaling: step time against stages and microbatches", "scaling",
-                        f"{r['cores']} cores, config {r['config']}; bounds from the engine's per-slot compute time "
-                        "(see the script's docstring).\n\n" + rows + "\n\n![scaling](bench_scaling.png)")
+        out += _section(
+            "Scaling: step time against stages and microbatches",
+            "scaling",
+            f"{r['cores']} cores, config {r['config']}; bounds from the engine's per-slot compute time "
+            "(see the script's docstring).\n\n" + rows + "\n\n![scaling](bench_scaling.png)",
+        )
     r = _load("recovery_ablation")
     if r:
         tables = r.get("tables") or {"single": r["table"]}  # results before the adjacent cases had one table
-        rows = _table(["lost", "method", "spike right after", "final val loss", "final ppl", "regained within budget",
-                       "median steps to regain"],
-                      [[kind, m, f"{t['spike_mean']:+.3f} ± {t['spike_std']:.3f}",
-                        f"{t['final_val_mean']:.3f} ± {t['final_val_std']:.3f}", f"{t['final_ppl_mean']:.2f}",
-                        f"{t['regained_within_budget']}/{t['cases']}", t["steps_to_regain_median"]]
-                       for kind, table in tables.items() for m, t in table.items()])
-        cases = ", ".join("{" + ",".join(map(str, c)) + "}" for c in r["cases"]) if "cases" in r else "each middle stage"
+        rows = _table(
+            [
+                "lost",
+                "method",
+                "spike right after",
+                "final val loss",
+                "final ppl",
+                "regained within budget",
+                "median steps to regain",
+            ],
+            [
+                [
+                    kind,
+                    m,
+                    f"{t['spike_mean']:+.3f} ± {t['spike_std']:.3f}",
+                    f"{t['final_val_mean']:.3f} ± {t['final_val_std']:.3f}",
+                    f"{t['final_ppl_mean']:.2f}",
+                    f"{t['regained_within_budget']}/{t['cases']}",
+                    t["steps_to_regain_median"],
+                ]
+                for kind, table in tables.items()
+                for m, t in table.items()
+            ],
+        )
+        cases = (
+            ", ".join("{" + ",".join(map(str, c)) + "}" for c in r["cases"]) if "cases" in r else "each middle stage"
+        )
         shutil.copy(BENCH / "recovery_ablation.png", DOCS / "bench_recovery_ablation.png")
-        out += _section("Recovery quality: weighted average, uniform, copy, random", "recovery_ablation",
-                        f"Seeds {r['seeds']}, {r['train_steps']} training steps, then each case of stages lost in turn "
-                        f"({cases}) and {r['after_steps']} more steps. Where a method's source is lost too, its "
-                        "fallback takes the nearest live stage on each side.\n\n" + rows +
-                        f"\n\nSingle-stage losses, order by final loss: {' < '.join(r['order_by_final_val'])}. The "
-                        f"paper's order weighted < copy < random holds here: "
-                        f"**{r['paper_order_weighted_lt_copy_lt_random']}**.\n\n![ablation](bench_recovery_ablation.png)")
+        out += _section(
+            "Recovery quality: weighted average, uniform, copy, random",
+            "recovery_ablation",
+            f"Seeds {r['seeds']}, {r['train_steps']} training steps, then each case of stages lost in turn "
+            f"({cases}) and {r['after_steps']} more steps. Where a method's source is lost too, its "
+            "fallback takes the nearest live stage on each side.\n\n"
+            + rows
+            + f"\n\nSingle-stage losses, order by final loss: {' < '.join(r['order_by_final_val'])}. The "
+            f"paper's order weighted < copy < random holds here: "
+            f"**{r['paper_order_weighted_lt_copy_lt_random']}**.\n\n![ablation](bench_recovery_ablation.png)",
+        )
     for res in sorted(p for p in BENCH.glob("convergence*.json") if not p.name.endswith(".rows.json")):
         r, md = json.loads(res.read_text()), res.with_suffix(".md")
         pngs = [BENCH / f"{res.stem}_rate{rate}.png" for rate in r["rates"]]
@@ -147,17 +271,22 @@ def build() -> str:
             shutil.copy(p, DOCS / f"bench_{p.name}")
         where = "in the multi-process swarm" if r.get("swarm") else "in the single-process engine"
         flags = (" --swarm" if r.get("swarm") else "") + (f" --jobs {r['jobs']}" if r.get("jobs", 1) > 1 else "")
-        out += _section(f"Convergence under failures {where} at {', '.join(f'{x:.0%}' for x in r['rates'])} per hour, "
-                        "every strategy on the same traces", "convergence",
-                        f"Rates {r['rates']}, seeds {r['seeds']}, {r['num_steps']} steps; one iteration stands for "
-                        f"{r['iteration_s']} s accelerated {r['acceleration']}x; target: the failure-free run's validation "
-                        f"loss at {r.get('target_frac', 0.75):.0%} of its steps.\n\n" + md.read_text() + "\n" +
-                        "\n".join(f"![{p.stem}](bench_{p.name})" for p in pngs),
-                        command=COMMANDS.get(res.stem) if res.stem != "convergence" else
-                                f"python scripts/bench_convergence.py configs/bench.yaml num_steps={r['num_steps']}{flags} "
-                                f"--rates {' '.join(map(str, r['rates']))} --seeds {' '.join(map(str, r['seeds']))}"
-                                + (f" --out runs/bench/{res.name} --runs-dir {r['run_dirs']}"
-                                   if res.name != "convergence.json" else ""))
+        out += _section(
+            f"Convergence under failures {where} at {', '.join(f'{x:.0%}' for x in r['rates'])} per hour, "
+            "every strategy on the same traces",
+            "convergence",
+            f"Rates {r['rates']}, seeds {r['seeds']}, {r['num_steps']} steps; one iteration stands for "
+            f"{r['iteration_s']} s accelerated {r['acceleration']}x; target: the failure-free run's validation "
+            f"loss at {r.get('target_frac', 0.75):.0%} of its steps.\n\n"
+            + md.read_text()
+            + "\n"
+            + "\n".join(f"![{p.stem}](bench_{p.name})" for p in pngs),
+            command=COMMANDS.get(res.stem)
+            if res.stem != "convergence"
+            else f"python scripts/bench_convergence.py configs/bench.yaml num_steps={r['num_steps']}{flags} "
+            f"--rates {' '.join(map(str, r['rates']))} --seeds {' '.join(map(str, r['seeds']))}"
+            + (f" --out runs/bench/{res.name} --runs-dir {r['run_dirs']}" if res.name != "convergence.json" else ""),
+        )
     reading = DOCS / "BENCHMARKS-reading.md"  # hand-written: what the figures mean, revised with them
     if reading.is_file():
         out += [reading.read_text()]

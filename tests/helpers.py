@@ -23,9 +23,19 @@ from checkfree.swarm.config import TransportConfig
 from checkfree.swarm.transport import EpochGroup
 
 TINY = [
-    "model.d_model=32", "model.num_heads=2", "model.num_layers=4", "model.num_stages=4", "model.seq_len=32",
-    "data.max_bytes=400000", "data.microbatch_size=4", "data.num_val_batches=2", "pipeline.num_microbatches=4",
-    "optim.lr=3e-3", "progress=false", "plot=false", "eval_every_steps=0",
+    "model.d_model=32",
+    "model.num_heads=2",
+    "model.num_layers=4",
+    "model.num_stages=4",
+    "model.seq_len=32",
+    "data.max_bytes=400000",
+    "data.microbatch_size=4",
+    "data.num_val_batches=2",
+    "pipeline.num_microbatches=4",
+    "optim.lr=3e-3",
+    "progress=false",
+    "plot=false",
+    "eval_every_steps=0",
 ]
 
 

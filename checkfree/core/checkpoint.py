@@ -124,8 +124,9 @@ class CheckpointStore:
             raise RuntimeError(f"cannot load checkpoint {path}: {detail}") from e
         payload = StagePayload.from_dict(raw, str(path))
         if (payload.stage, payload.step) != (stage, step):
-            raise RuntimeError(f"{path} holds stage {payload.stage} at step {payload.step}, expected stage {stage} "
-                               f"at step {step}")
+            raise RuntimeError(
+                f"{path} holds stage {payload.stage} at step {payload.step}, expected stage {stage} at step {step}"
+            )
         self._throttle(path, t0)
         return payload
 

@@ -29,46 +29,89 @@ class EventType:
     meaning: str
 
 
-_REBUILT_FIELDS = ("stage", "step", "strategy", "method", "path", "sources", "weights", "source_norms", "edge",
-                   "edge_staleness_steps", "lr", "duration_s")
+_REBUILT_FIELDS = (
+    "stage",
+    "step",
+    "strategy",
+    "method",
+    "path",
+    "sources",
+    "weights",
+    "source_norms",
+    "edge",
+    "edge_staleness_steps",
+    "lr",
+    "duration_s",
+)
 
-EVENTS: dict[str, EventType] = {e.name: e for e in (
-    # the life of a stage: both executors
-    EventType("failure", ("stage", "step", "iteration"), "engine, launcher",
-              "a stage was lost at a step (engine: injected, with phase; launcher: a peer killed or frozen, with "
-              "peer, pid, signal, epoch)"),
-    EventType("step_discarded", ("step", "reason"), "engine, swarm",
-              "a step was run but not applied by any stage (a stage lost, or a non-finite gradient)"),
-    EventType("rebuilt", _REBUILT_FIELDS, "engine, swarm",
-              "a lost stage was rebuilt (checkfree.core.rebuild): method, sources, weights, where its "
-              "embedding/head came from and how old, its learning rate, how long it took"),
-    EventType("rolled_back", ("to_step", "restore_s"), "engine, swarm",
-              "every stage went back to the checkpoint of to_step (strategy checkpoint)"),
-    EventType("checkpoint_save", ("step", "save_s"), "engine, swarm", "checkpoints of step written"),
-    # the engine's run
-    EventType("run_started", ("num_stages", "strategy"), "engine", "training starts"),
-    EventType("run_finished", ("steps", "failures", "recoveries"), "engine", "training ended; the summary"),
-    # a swarm peer
-    EventType("peer_started", ("role", "pid"), "swarm", "a peer process is up and heartbeating"),
-    EventType("became_spare", ("reason",), "swarm", "a peer that asked for a stage waits as a spare"),
-    EventType("replaced", ("by_epoch",), "swarm", "this peer's stage was given to another peer; it leaves"),
-    EventType("leader_waiting", ("reason",), "swarm", "the leader cannot publish the next epoch yet"),
-    EventType("epoch_published", ("new_epoch", "roster", "step", "lost", "plans", "rollback_to", "reason"), "swarm",
-              "the leader published a new epoch: roster, resume step, lost stages and their plans"),
-    EventType("epoch_joined", ("joined_epoch", "stage", "step", "join_s", "rebuilt"), "swarm",
-              "a peer joined an epoch's process group and is ready to train"),
-    EventType("step_aborted", ("step", "cause", "error"), "swarm", "a transport error or timeout broke the step"),
-    EventType("pending_applied", ("applied_step",), "swarm",
-              "a step whose commit broke after another stage applied it was applied here too"),
-    EventType("shadow_refreshed", ("shadow_of", "step"), "swarm", "redundant: a shadow was sent anew"),
-    EventType("resumed", ("step",), "swarm", "the first step committed after a new epoch formed"),
-    EventType("swarm_stopped", ("reason",), "swarm", "the swarm cannot go on; every peer exits saying why"),
-    EventType("done", ("step",), "swarm", "the run reached num_steps"),
-    # the local launcher
-    EventType("peer_spawned", ("peer", "pid"), "launcher", "the launcher started a peer process"),
-    EventType("peer_exited", ("peer", "returncode"), "launcher", "a peer process ended on its own with an error"),
-    EventType("reaped", ("peer",), "launcher", "a frozen peer that was replaced was ended"),
-)}
+EVENTS: dict[str, EventType] = {
+    e.name: e
+    for e in (
+        # the life of a stage: both executors
+        EventType(
+            "failure",
+            ("stage", "step", "iteration"),
+            "engine, launcher",
+            "a stage was lost at a step (engine: injected, with phase; launcher: a peer killed or frozen, with "
+            "peer, pid, signal, epoch)",
+        ),
+        EventType(
+            "step_discarded",
+            ("step", "reason"),
+            "engine, swarm",
+            "a step was run but not applied by any stage (a stage lost, or a non-finite gradient)",
+        ),
+        EventType(
+            "rebuilt",
+            _REBUILT_FIELDS,
+            "engine, swarm",
+            "a lost stage was rebuilt (checkfree.core.rebuild): method, sources, weights, where its "
+            "embedding/head came from and how old, its learning rate, how long it took",
+        ),
+        EventType(
+            "rolled_back",
+            ("to_step", "restore_s"),
+            "engine, swarm",
+            "every stage went back to the checkpoint of to_step (strategy checkpoint)",
+        ),
+        EventType("checkpoint_save", ("step", "save_s"), "engine, swarm", "checkpoints of step written"),
+        # the engine's run
+        EventType("run_started", ("num_stages", "strategy"), "engine", "training starts"),
+        EventType("run_finished", ("steps", "failures", "recoveries"), "engine", "training ended; the summary"),
+        # a swarm peer
+        EventType("peer_started", ("role", "pid"), "swarm", "a peer process is up and heartbeating"),
+        EventType("became_spare", ("reason",), "swarm", "a peer that asked for a stage waits as a spare"),
+        EventType("replaced", ("by_epoch",), "swarm", "this peer's stage was given to another peer; it leaves"),
+        EventType("leader_waiting", ("reason",), "swarm", "the leader cannot publish the next epoch yet"),
+        EventType(
+            "epoch_published",
+            ("new_epoch", "roster", "step", "lost", "plans", "rollback_to", "reason"),
+            "swarm",
+            "the leader published a new epoch: roster, resume step, lost stages and their plans",
+        ),
+        EventType(
+            "epoch_joined",
+            ("joined_epoch", "stage", "step", "join_s", "rebuilt"),
+            "swarm",
+            "a peer joined an epoch's process group and is ready to train",
+        ),
+        EventType("step_aborted", ("step", "cause", "error"), "swarm", "a transport error or timeout broke the step"),
+        EventType(
+            "pending_applied",
+            ("applied_step",),
+            "swarm",
+            "a step whose commit broke after another stage applied it was applied here too",
+        ),
+        EventType("shadow_refreshed", ("shadow_of", "step"), "swarm", "redundant: a shadow was sent anew"),
+        EventType("resumed", ("step",), "swarm", "the first step committed after a new epoch formed"),
+        EventType("swarm_stopped", ("reason",), "swarm", "the swarm cannot go on; every peer exits saying why"),
+        EventType("done", ("step",), "swarm", "the run reached num_steps"),
+        # the local launcher
+        EventType("peer_spawned", ("peer", "pid"), "launcher", "the launcher started a peer process"),
+        EventType("peer_exited", ("peer", "returncode"), "launcher", "a peer process ended on its own with an error"),
+        EventType("reaped", ("peer",), "launcher", "a frozen peer that was replaced was ended"),
+    )
+}
 
 
 class EventLog(JsonLines):

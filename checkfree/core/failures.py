@@ -82,8 +82,10 @@ class Failure:
         if self.phase not in PHASES:
             raise ValueError(f"failure phase {self.phase!r} is not one of {', '.join(PHASES)}")
         if not 0.0 <= self.at < 1.0 or self.iteration < 0 or self.stage < 0:
-            raise ValueError(f"failure at iteration {self.iteration}, stage {self.stage}, position {self.at}: "
-                             "expected iteration >= 0, stage >= 0 and position in [0, 1)")
+            raise ValueError(
+                f"failure at iteration {self.iteration}, stage {self.stage}, position {self.at}: "
+                "expected iteration >= 0, stage >= 0 and position in [0, 1)"
+            )
 
 
 def hourly_to_per_iteration(rate: float, exposure_s: float) -> float:

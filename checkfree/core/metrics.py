@@ -73,8 +73,9 @@ class MetricLogger(JsonLines):
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise ValueError("metrics.tensorboard=true needs the tensorboard package: "
-                                 "pip install 'checkfree[tensorboard]'") from e
+                raise ValueError(
+                    "metrics.tensorboard=true needs the tensorboard package: pip install 'checkfree[tensorboard]'"
+                ) from e
             self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
 
     def write(self, record: dict) -> None:

@@ -40,13 +40,9 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
         if self.d_model % self.num_heads:
-            raise ValueError(
-                f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads}"
-            )
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.num_heads={self.num_heads}")
         if (self.d_model // self.num_heads) % 2:
-            raise ValueError(
-                f"model.d_model/num_heads={self.d_model // self.num_heads} must be even for RoPE"
-            )
+            raise ValueError(f"model.d_model/num_heads={self.d_model // self.num_heads} must be even for RoPE")
         if self.num_layers % self.num_stages:
             raise ValueError(
                 f"model.num_layers={self.num_layers} must be divisible by model.num_stages="
@@ -163,8 +159,10 @@ def init_stage_(stage: Stage, cfg: ModelConfig, seed: int, salt: int = 0) -> Non
                 p.copy_(torch.randn(p.shape, generator=gen) * cfg.init_std)
 
     for k, block in enumerate(stage.blocks):
-        normal_([block.qkv.weight, block.proj.weight, block.gate_up.weight, block.down.weight],
-                stream=1 + stage.first_layer + k)
+        normal_(
+            [block.qkv.weight, block.proj.weight, block.gate_up.weight, block.down.weight],
+            stream=1 + stage.first_layer + k,
+        )
         with torch.no_grad():
             block.attn_norm.weight.fill_(1.0)
             block.ffn_norm.weight.fill_(1.0)
@@ -202,4 +200,3 @@ def edge_state(sd: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor
     """The embedding (``kind='embed'``) or final norm + head (``kind='head'``) entries of a state dict."""
     prefixes = (EMBED_PREFIX,) if kind == "embed" else HEAD_PREFIXES
     return {k: v for k, v in sd.items() if k.startswith(prefixes)}
-

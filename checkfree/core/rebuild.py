@@ -129,8 +129,10 @@ def rebuild_stage(spec: RebuildSpec, plan: RecoveryPlan, step: int, inputs: Rebu
         taken_at, replica = inputs.edge
         expected = edge_state(stage.state_dict(), kind)
         if replica.keys() != expected.keys() or any(replica[k].shape != v.shape for k, v in expected.items()):
-            raise ValueError(f"stage {plan.stage}: the {kind} replica does not fit the stage "
-                             f"(keys {sorted(replica)}; expected {sorted(expected)})")
+            raise ValueError(
+                f"stage {plan.stage}: the {kind} replica does not fit the stage "
+                f"(keys {sorted(replica)}; expected {sorted(expected)})"
+            )
         stage.load_state_dict(replica, strict=False)
         staleness = step - taken_at
     lr = spec.optim.lr * spec.recovery.lr_factor

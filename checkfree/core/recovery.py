@@ -150,7 +150,9 @@ def plan_recovery(
         sources, path = _primary_sources(strategy, stage, num_stages), "primary"
         if any(s in lost for s in sources):
             if fallback == "checkpoint" and has_checkpoint(stage):
-                plans.append(RecoveryPlan(stage, "checkpoint", (), "fallback:checkpoint", "checkpoint" if kind else None))
+                plans.append(
+                    RecoveryPlan(stage, "checkpoint", (), "fallback:checkpoint", "checkpoint" if kind else None)
+                )
                 continue
             if fallback == "random":
                 sources = ()

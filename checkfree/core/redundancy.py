@@ -10,15 +10,15 @@ price of doing every stage's work twice and holding twice the weights and optimi
 
 The holder of stage ``t``'s shadow is stage ``(t - 1) % L`` (the last stage shadows the first).
 
-This module holds what both executors share: who holds whose shadow, and the flat list of tensors that
-carries a stage's whole training state (``full_state_tensors`` / ``load_full_state``), which is what a
-fail-over installs in either executor. In the single-process engine ``engine.shadows.Shadows`` holds every
-shadow. In the swarm each stage peer holds one (``swarm.shadow.HeldShadow``): the input of its shadow is its own output (the first stage's shadow, on the last
-stage, reads the token ids), and stage ``t`` forwards the output gradient it receives to its holder
-(transport kind ``sgrad``), so the shadow's backward uses exactly the gradient stage ``t`` uses; the
-holder runs the shadow's forward and backward after its own ops and steps it only when the step
-commits. On a loss the holder sends the shadow's weights, Adam moments, step count and learning rate
-(``full_state_tensors``) to the replacement peer, which continues from them bit for bit.
+This module holds what both executors share: who holds whose shadow, and the flat list of tensors that carries
+a stage's whole training state (``full_state_tensors`` / ``load_full_state``), which is what a fail-over
+installs in either executor. In the single-process engine ``engine.shadows.Shadows`` holds every shadow. In
+the swarm each stage peer holds one (``swarm.shadow.HeldShadow``): the input of its shadow is its own output
+(the first stage's shadow, on the last stage, reads the token ids), and stage ``t`` forwards the output
+gradient it receives to its holder (transport kind ``sgrad``), so the shadow's backward uses exactly the
+gradient stage ``t`` uses; the holder runs the shadow's forward and backward after its own ops and steps it
+only when the step commits. On a loss the holder sends the shadow's weights, Adam moments, step count and
+learning rate (``full_state_tensors``) to the replacement peer, which continues from them bit for bit.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ def shadow_of(holder: int, num_stages: int) -> int:
 def full_state_like(stage: Stage) -> list[torch.Tensor]:
     """Empty tensors shaped like what ``full_state_tensors`` sends for a stage of this structure."""
     params = list(stage.parameters())
-    return [*(torch.empty_like(v) for v in stage.state_dict().values()),
-            *(torch.empty_like(p) for p in params for _ in range(2)),
-            torch.empty(2 + len(params), dtype=torch.float64)]
+    return [
+        *(torch.empty_like(v) for v in stage.state_dict().values()),
+        *(torch.empty_like(p) for p in params for _ in range(2)),
+        torch.empty(2 + len(params), dtype=torch.float64),
+    ]
 
 
 def full_state_tensors(stage: Stage, optimizer: torch.optim.Optimizer, lr: float) -> list[torch.Tensor]:
@@ -77,8 +79,17 @@ def load_full_state(stage: Stage, optimizer: torch.optim.Optimizer, tensors: lis
     osd = optimizer.state_dict()
     for group in osd["param_groups"]:
         group["lr"] = lr
-    osd["state"] = {} if not has else {
-        i: {"step": torch.tensor(steps[i], dtype=torch.float32), "exp_avg": moments[2 * i].clone(),
-            "exp_avg_sq": moments[2 * i + 1].clone()} for i in range(len(params))}
+    osd["state"] = (
+        {}
+        if not has
+        else {
+            i: {
+                "step": torch.tensor(steps[i], dtype=torch.float32),
+                "exp_avg": moments[2 * i].clone(),
+                "exp_avg_sq": moments[2 * i + 1].clone(),
+            }
+            for i in range(len(params))
+        }
+    )
     optimizer.load_state_dict(osd)
     return lr

@@ -117,7 +117,11 @@ def build_schedule(kind: str, num_stages: int, num_microbatches: int, swap_fract
 def _make_op(kind: str, mb: int, hop: int, route: tuple[Hop, ...]) -> Op:
     prev = route[hop - 1].stage if hop > 0 else None
     nxt = route[hop + 1].stage if hop + 1 < len(route) else None
-    return Op(kind, mb, hop, route[hop].stage, prev, nxt) if kind == "F" else Op(kind, mb, hop, route[hop].stage, nxt, prev)
+    return (
+        Op(kind, mb, hop, route[hop].stage, prev, nxt)
+        if kind == "F"
+        else Op(kind, mb, hop, route[hop].stage, nxt, prev)
+    )
 
 
 def _ready(op: Op, done: set[tuple[str, int, int]], route_len: int) -> bool:
@@ -188,7 +192,9 @@ def validate(schedule: Schedule) -> None:
     for m, route in enumerate(schedule.routes):
         block_stages = sorted(h.stage for h in route if h.blocks)
         if block_stages != list(range(L)):
-            raise ScheduleError(f"microbatch {m} runs blocks on stages {block_stages}, expected each of 0..{L - 1} once")
+            raise ScheduleError(
+                f"microbatch {m} runs blocks on stages {block_stages}, expected each of 0..{L - 1} once"
+            )
         if not (route[0].embed and route[0].stage == 0) or sum(h.embed for h in route) != 1:
             raise ScheduleError(f"microbatch {m} must run the embedding exactly once, on stage 0, at its first hop")
         if not (route[-1].head and route[-1].stage == L - 1) or sum(h.head for h in route) != 1:

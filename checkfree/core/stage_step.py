@@ -44,8 +44,12 @@ def make_optimizer(stage: Stage, cfg: OptimConfig, lr: float, state: dict | None
     """The stage's Adam at ``lr``; with ``state`` (an optimizer ``state_dict``), its moments and step
     counts are restored and the learning rate is still ``lr``."""
     optimizer = torch.optim.Adam(
-        stage.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-        weight_decay=cfg.weight_decay, foreach=True,
+        stage.parameters(),
+        lr=lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        foreach=True,
     )
     if state is not None:
         optimizer.load_state_dict(state)
@@ -72,8 +76,9 @@ def recovery_norm(raw: float, smoothed: float | None, source: str) -> float:
     return raw
 
 
-def forward_hop(stage: Stage, schedule: Schedule, op: Op, x: torch.Tensor, step: int, batches: Batches,
-                device: torch.device) -> torch.Tensor:
+def forward_hop(
+    stage: Stage, schedule: Schedule, op: Op, x: torch.Tensor, step: int, batches: Batches, device: torch.device
+) -> torch.Tensor:
     """Run the parts of ``stage`` that hop ``op.hop`` of microbatch ``op.mb`` uses; at the last hop,
     return the microbatch's loss divided by the number of microbatches (gradient accumulation)."""
     hop = schedule.routes[op.mb][op.hop]
@@ -87,5 +92,3 @@ def forward_hop(stage: Stage, schedule: Schedule, op: Op, x: torch.Tensor, step:
         targets = batches.targets(step, op.mb).to(device)
         h = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / schedule.num_microbatches
     return h
-
-

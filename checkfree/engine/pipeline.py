@@ -42,15 +42,24 @@ def interrupt_index(schedule: Schedule, failure: Failure) -> int:
     if failure.phase == "before_forward":
         return 0
     kind = "F" if failure.phase == "mid_forward" else "B"
-    candidates = [i for i, op in enumerate(schedule.timeline) if op.kind == kind and op.stage == failure.stage and i > 0]
+    candidates = [
+        i for i, op in enumerate(schedule.timeline) if op.kind == kind and op.stage == failure.stage and i > 0
+    ]
     if not candidates:
         return 0
     return candidates[min(int(failure.at * len(candidates)), len(candidates) - 1)]
 
 
 class PipelineEngine:
-    def __init__(self, stages: list[Stage], schedule: Schedule, batches: Batches, optim: OptimConfig,
-                 norm_ema_beta: float = 0.9, device: str = "cpu"):
+    def __init__(
+        self,
+        stages: list[Stage],
+        schedule: Schedule,
+        batches: Batches,
+        optim: OptimConfig,
+        norm_ema_beta: float = 0.9,
+        device: str = "cpu",
+    ):
         if len(stages) != schedule.num_stages:
             raise ValueError(f"{len(stages)} stages but the schedule has {schedule.num_stages}")
         self.device = torch.device(device)
@@ -181,6 +190,12 @@ class PipelineEngine:
 
     def payload(self, index: int, step: int) -> StagePayload:
         """Everything needed to restore a stage exactly (checkpointing)."""
-        return StagePayload(stage=index, step=step, model=self.stages[index].state_dict(),
-                            optim=self.optimizers[index].state_dict(), lr=self.lrs[index],
-                            grad_norm_raw=self.grad_norm_raw[index], grad_norm_smoothed=self.grad_norm_smoothed[index])
+        return StagePayload(
+            stage=index,
+            step=step,
+            model=self.stages[index].state_dict(),
+            optim=self.optimizers[index].state_dict(),
+            lr=self.lrs[index],
+            grad_norm_raw=self.grad_norm_raw[index],
+            grad_norm_smoothed=self.grad_norm_smoothed[index],
+        )

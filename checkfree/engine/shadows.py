@@ -24,8 +24,16 @@ from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, mak
 class Shadows:
     """Shadow copies indexed by the stage they copy (``stages[t]`` is held by ``shadow_holder(t)``)."""
 
-    def __init__(self, stages: list[Stage], optimizers: list, lrs: list[float], schedule: Schedule,
-                 batches: Batches, optim: OptimConfig, device: torch.device):
+    def __init__(
+        self,
+        stages: list[Stage],
+        optimizers: list,
+        lrs: list[float],
+        schedule: Schedule,
+        batches: Batches,
+        optim: OptimConfig,
+        device: torch.device,
+    ):
         self.schedule, self.batches, self.optim_cfg, self.device = schedule, batches, optim, device
         self.stages: list[Stage | None] = [None] * len(stages)
         self.optimizers: list = [None] * len(stages)

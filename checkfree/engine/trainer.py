@@ -43,7 +43,6 @@ from checkfree.engine.shadows import Shadows
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class RunState:
     step: int = 0  # next step to run; also the number of committed steps
@@ -72,15 +71,24 @@ class Trainer:
         self.batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
         self._prepare_run_dir()  # only once the inputs are known to be good
         self.schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
-        self.engine = PipelineEngine(build_stages(cfg.model, cfg.seed), self.schedule, self.batches, cfg.optim,
-                                     cfg.recovery.norm_ema_beta, cfg.device)
+        self.engine = PipelineEngine(
+            build_stages(cfg.model, cfg.seed),
+            self.schedule,
+            self.batches,
+            cfg.optim,
+            cfg.recovery.norm_ema_beta,
+            cfg.device,
+        )
         if cfg.recovery.strategy == "redundant":
             eng = self.engine
-            eng.shadows = Shadows(eng.stages, eng.optimizers, eng.lrs, self.schedule, self.batches, cfg.optim, eng.device)
+            eng.shadows = Shadows(
+                eng.stages, eng.optimizers, eng.lrs, self.schedule, self.batches, cfg.optim, eng.device
+            )
         self.ckpt = None
         if cfg.checkpoint.every_steps:
-            self.ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep,
-                                        cfg.checkpoint.storage_mb_s)
+            self.ckpt = CheckpointStore(
+                cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep, cfg.checkpoint.storage_mb_s
+            )
         self.replicas_on = edge_replicas_on(cfg.recovery)
         tb_dir = (cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None
         self.metrics = MetricLogger(self.run_dir / "metrics.jsonl", tb_dir)
@@ -103,8 +111,14 @@ class Trainer:
     def run(self, on_step=None) -> dict:
         """Train to ``num_steps`` committed steps; ``on_step(state)`` is called after each commit."""
         cfg, st = self.cfg, self.state
-        self.events.emit("run_started", data=self.batches.description, num_stages=cfg.model.num_stages,
-                         strategy=cfg.recovery.strategy, schedule=cfg.pipeline.schedule, swap=cfg.swap_enabled)
+        self.events.emit(
+            "run_started",
+            data=self.batches.description,
+            num_stages=cfg.model.num_stages,
+            strategy=cfg.recovery.strategy,
+            schedule=cfg.pipeline.schedule,
+            swap=cfg.swap_enabled,
+        )
         if self.replicas_on:
             self.engine.refresh_replicas(0)
         if self.ckpt:
@@ -161,8 +175,14 @@ class Trainer:
         elapsed = step_s + time.perf_counter() - extra_t0
         st.train_s += elapsed
         st.tokens_per_s = self.tokens_per_step / elapsed
-        record = {"step": st.step - 1, "loss/train": loss, "throughput/tokens_per_s": st.tokens_per_s,
-                  "time/train_s": st.train_s, "time/step_s": step_s, "iteration": st.iteration - 1}
+        record = {
+            "step": st.step - 1,
+            "loss/train": loss,
+            "throughput/tokens_per_s": st.tokens_per_s,
+            "time/train_s": st.train_s,
+            "time/step_s": step_s,
+            "iteration": st.iteration - 1,
+        }
         every = self.cfg.eval_every_steps
         if (every and st.step % every == 0) or st.step == self.cfg.num_steps:
             record["loss/val"] = self._evaluate()
@@ -186,8 +206,15 @@ class Trainer:
         lost = sorted({f.stage for f in failures})
         for f in failures:
             st.failures += 1
-            self.events.emit("failure", stage=f.stage, step=st.step, iteration=f.iteration, phase=f.phase,
-                             at=f.at, op_index=interrupted.op_index)
+            self.events.emit(
+                "failure",
+                stage=f.stage,
+                step=st.step,
+                iteration=f.iteration,
+                phase=f.phase,
+                at=f.at,
+                op_index=interrupted.op_index,
+            )
             logger.info("stage %d lost at step %d (%s)", f.stage, st.step, f.phase)
         self.engine.discard()
         self.events.emit("step_discarded", step=st.step, iteration=st.iteration - 1, reason="stage lost", stages=lost)
@@ -208,9 +235,14 @@ class Trainer:
         L = eng.num_stages
         live_kinds = {k for k in eng.replicas if replica_holder(k, L) not in lost}
         ckpt = self.ckpt
-        plans = plan_recovery(lost, L, cfg.strategy, cfg.adjacent_fallback,
-                              has_checkpoint=lambda s: ckpt is not None and ckpt.latest_for_stage(s) is not None,
-                              edge_replicas=live_kinds)
+        plans = plan_recovery(
+            lost,
+            L,
+            cfg.strategy,
+            cfg.adjacent_fallback,
+            has_checkpoint=lambda s: ckpt is not None and ckpt.latest_for_stage(s) is not None,
+            edge_replicas=live_kinds,
+        )
         sources = {s for p in plans for s in p.sources}
         blocks = {s: block_state(eng.stages[s].state_dict()) for s in sources}  # live stages only
         norms = {s: eng.recovery_norm(s, cfg.norm_source) for s in sources}
@@ -227,10 +259,19 @@ class Trainer:
             rebuilt = rebuild_stage(self.spec, plan, st.step, inputs)
             eng.install(plan.stage, rebuilt)
             self.events.emit(
-                "rebuilt", stage=plan.stage, step=st.step, strategy=cfg.strategy, method=plan.method,
-                path=plan.path, sources=list(plan.sources), weights=list(rebuilt.weights),
-                source_norms=list(rebuilt.source_norms), edge=plan.edge,
-                edge_staleness_steps=rebuilt.edge_staleness_steps, lr=rebuilt.lr, duration_s=time.perf_counter() - t0,
+                "rebuilt",
+                stage=plan.stage,
+                step=st.step,
+                strategy=cfg.strategy,
+                method=plan.method,
+                path=plan.path,
+                sources=list(plan.sources),
+                weights=list(rebuilt.weights),
+                source_norms=list(rebuilt.source_norms),
+                edge=plan.edge,
+                edge_staleness_steps=rebuilt.edge_staleness_steps,
+                lr=rebuilt.lr,
+                duration_s=time.perf_counter() - t0,
             )
             logger.info("stage %d rebuilt: %s from %s (%s)", plan.stage, plan.method, list(plan.sources), plan.path)
         if self.replicas_on and any(replica_holder(k, L) in lost for k in ("embed", "head")):
@@ -255,18 +296,33 @@ class Trainer:
             raise RuntimeError(f"no complete checkpoint in {self.ckpt.root} to roll back to")
         for i in range(self.engine.num_stages):
             self.engine.install(i, restore_stage(self.spec, i, self.ckpt.load_stage(target, i)))
-        self.events.emit("rolled_back", step=st.step, to_step=target, lost_steps=st.step - target, stages=lost,
-                         strategy="checkpoint", restore_s=time.perf_counter() - t0)
+        self.events.emit(
+            "rolled_back",
+            step=st.step,
+            to_step=target,
+            lost_steps=st.step - target,
+            stages=lost,
+            strategy="checkpoint",
+            restore_s=time.perf_counter() - t0,
+        )
         st.step = target
 
     def _summary(self) -> dict:
         st = self.state
         return {
-            "steps": st.step, "iterations": st.iteration, "failures": st.failures, "recoveries": st.recoveries,
-            "first_train_loss": st.first_loss, "final_train_loss": st.last_loss, "final_val_loss": st.last_val_loss,
-            "train_s": st.train_s, "tokens_per_step": self.tokens_per_step,
+            "steps": st.step,
+            "iterations": st.iteration,
+            "failures": st.failures,
+            "recoveries": st.recoveries,
+            "first_train_loss": st.first_loss,
+            "final_train_loss": st.last_loss,
+            "final_val_loss": st.last_val_loss,
+            "train_s": st.train_s,
+            "tokens_per_step": self.tokens_per_step,
             "mean_tokens_per_s": self.tokens_per_step * st.step / st.train_s if st.train_s else None,
-            "strategy": self.cfg.recovery.strategy, "run_dir": str(self.run_dir), "checkfree_version": __version__,
+            "strategy": self.cfg.recovery.strategy,
+            "run_dir": str(self.run_dir),
+            "checkfree_version": __version__,
             "memory/param_bytes": sum(param_bytes(s) for s in self.engine.stages),
             "memory/shadow_param_bytes": self.engine.shadows.shadow_bytes() if self.engine.shadows else 0,
         }

@@ -64,7 +64,14 @@ class SwarmConfig:
     status_interval_s: float = 1.0  # launcher: refresh of the status line
 
     def __post_init__(self) -> None:
-        for name in ("spare_delay_s", "spare_wait_s", "first_epoch_grace_s", "min_gap_s", "run_timeout_s", "status_interval_s"):
+        for name in (
+            "spare_delay_s",
+            "spare_wait_s",
+            "first_epoch_grace_s",
+            "min_gap_s",
+            "run_timeout_s",
+            "status_interval_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"swarm.{name}={getattr(self, name)} must be >= 0")
         if self.num_spares < 0:
@@ -78,7 +85,9 @@ def config_fingerprint(cfg) -> str:
     recovery, seed and length); a peer with another fingerprint is refused."""
     from omegaconf import OmegaConf
 
-    parts = {k: OmegaConf.to_container(OmegaConf.structured(getattr(cfg, k)))
-             for k in ("model", "data", "pipeline", "optim", "recovery")}
+    parts = {
+        k: OmegaConf.to_container(OmegaConf.structured(getattr(cfg, k)))
+        for k in ("model", "data", "pipeline", "optim", "recovery")
+    }
     parts.update(seed=cfg.seed, num_steps=cfg.num_steps, swap=cfg.swap_enabled)
     return hashlib.sha1(repr(sorted(parts.items())).encode()).hexdigest()[:12]

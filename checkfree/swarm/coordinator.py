@@ -115,21 +115,28 @@ def decide_epoch(
     if strategy == "none" and lost:
         return Decision(None, reason=f"stages {list(lost)} lost and recovery.strategy=none", fatal=True)
     if not alive and strategy != "checkpoint":
-        return Decision(None, fatal=True, reason=(
-            f"every stage of epoch {current.epoch} is lost at once: recovery.strategy={strategy} rebuilds a stage "
-            "from live peers and none survives (only recovery.strategy=checkpoint can restart from here)"))
+        return Decision(
+            None,
+            fatal=True,
+            reason=(
+                f"every stage of epoch {current.epoch} is lost at once: recovery.strategy={strategy} rebuilds a stage "
+                "from live peers and none survives (only recovery.strategy=checkpoint can restart from here)"
+            ),
+        )
     roster = list(current.roster)
     free = spares(members, set(roster))
     if len(free) < len(lost):
-        return Decision(None, reason=f"waiting for a spare for stages {list(lost)} ({len(free)} available)",
-                        needs_peers=True)
+        return Decision(
+            None, reason=f"waiting for a spare for stages {list(lost)} ({len(free)} available)", needs_peers=True
+        )
     for s in lost:
         roster[s] = free.pop(0)
     step = max((r.step for r in alive.values()), default=current.step)
     if strategy == "checkpoint":
         if lost or any(r.step != step for r in alive.values()):
-            return Decision(roster, step=checkpoint_step or 0, lost=lost, rollback_to=checkpoint_step or 0,
-                            reason="rollback")
+            return Decision(
+                roster, step=checkpoint_step or 0, lost=lost, rollback_to=checkpoint_step or 0, reason="rollback"
+            )
         return Decision(roster, step=step, reason="re-form")
     plans: tuple[PlanRecord, ...] = ()
     if lost:

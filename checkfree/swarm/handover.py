@@ -48,8 +48,15 @@ def _skeleton(spec: RebuildSpec, index: int) -> dict[str, torch.Tensor]:
 
 
 class Handover:
-    def __init__(self, cfg, schedule: Schedule, batches: Batches, device: torch.device,
-                 ckpt: CheckpointStore | None, emit: Callable[..., object]):
+    def __init__(
+        self,
+        cfg,
+        schedule: Schedule,
+        batches: Batches,
+        device: torch.device,
+        ckpt: CheckpointStore | None,
+        emit: Callable[..., object],
+    ):
         self.cfg, self.spec = cfg, RebuildSpec.of(cfg)
         self.schedule, self.batches, self.device, self.ckpt, self.emit = schedule, batches, device, ckpt, emit
         self.num_stages = cfg.model.num_stages
@@ -61,8 +68,17 @@ class Handover:
         """A worker for stage ``index``: its initial state, or ``rebuilt`` installed."""
         cfg = self.cfg
         stage, _ = initial_stage(self.spec, index) if rebuilt is None else (rebuilt.stage, None)
-        worker = StageWorker(stage, self.schedule, self.batches, cfg.optim, cfg.optim.lr, cfg.model.d_model,
-                             cfg.recovery.norm_ema_beta, cfg.device, redundant=self.redundant)
+        worker = StageWorker(
+            stage,
+            self.schedule,
+            self.batches,
+            cfg.optim,
+            cfg.optim.lr,
+            cfg.model.d_model,
+            cfg.recovery.norm_ema_beta,
+            cfg.device,
+            redundant=self.redundant,
+        )
         if rebuilt is not None:
             worker.install(rebuilt)
         if self.redundant:
@@ -73,8 +89,9 @@ class Handover:
         return worker
 
     # ---- the whole hand-over -----------------------------------------------------------------------
-    def run(self, group: EpochGroup, worker: StageWorker | None, rec: EpochRecord,
-            step: int) -> tuple[StageWorker, int]:
+    def run(
+        self, group: EpochGroup, worker: StageWorker | None, rec: EpochRecord, step: int
+    ) -> tuple[StageWorker, int]:
         """Bring this member to ``rec.step`` with the stage the roster gives it.
 
         Args:
@@ -140,13 +157,16 @@ class Handover:
             worker.pending_step = None
             worker.discard()
         if step != rec.step:
-            raise SwarmStopped(f"stage {worker.index} has committed {step} steps but epoch {rec.epoch} resumes at "
-                               f"step {rec.step}; the swarm's state is inconsistent")
+            raise SwarmStopped(
+                f"stage {worker.index} has committed {step} steps but epoch {rec.epoch} resumes at "
+                f"step {rec.step}; the swarm's state is inconsistent"
+            )
         return step
 
     # ---- transfer of weights -------------------------------------------------------------------------
-    def _transfer(self, group: EpochGroup, worker: StageWorker | None, me: int, rec: EpochRecord,
-                  fresh: bool) -> RebuiltStage | None:
+    def _transfer(
+        self, group: EpochGroup, worker: StageWorker | None, me: int, rec: EpochRecord, fresh: bool
+    ) -> RebuiltStage | None:
         """Sources and holders send; the new peer of a lost stage receives and rebuilds (returned)."""
         rebuilt = None
         for p in rec.plans:
@@ -162,14 +182,16 @@ class Handover:
                     group.send_state([*block_state(worker.stage.state_dict()).values(), norm], plan.stage, rec.step)
                 if me == holder:
                     taken_at, replica = worker.replica
-                    group.send_state([*replica.values(), torch.tensor([float(taken_at)], dtype=torch.float64)],
-                                     plan.stage, rec.step)
+                    group.send_state(
+                        [*replica.values(), torch.tensor([float(taken_at)], dtype=torch.float64)], plan.stage, rec.step
+                    )
             if me == plan.stage and fresh:
                 rebuilt = self._receive_and_rebuild(group, rec, plan, holder)
         return rebuilt
 
-    def _receive_and_rebuild(self, group: EpochGroup, rec: EpochRecord, plan: RecoveryPlan,
-                             holder: int | None) -> RebuiltStage:
+    def _receive_and_rebuild(
+        self, group: EpochGroup, rec: EpochRecord, plan: RecoveryPlan, holder: int | None
+    ) -> RebuiltStage:
         t0 = time.time()
         skeleton = _skeleton(self.spec, plan.stage)
         inputs = RebuildInputs()
@@ -189,11 +211,22 @@ class Handover:
         if plan.method == "checkpoint":
             inputs.checkpoint = self.ckpt.load_stage(self.ckpt.latest_for_stage(plan.stage), plan.stage)
         rebuilt = rebuild_stage(self.spec, plan, rec.step, inputs)
-        self.emit("rebuilt", stage=plan.stage, step=rec.step, strategy=self.cfg.recovery.strategy,
-                  method=plan.method, path=plan.path, sources=list(plan.sources), weights=list(rebuilt.weights),
-                  source_norms=list(rebuilt.source_norms), edge=plan.edge,
-                  edge_staleness_steps=rebuilt.edge_staleness_steps, lr=rebuilt.lr, duration_s=time.time() - t0,
-                  lost_epoch_time=rec.time)
+        self.emit(
+            "rebuilt",
+            stage=plan.stage,
+            step=rec.step,
+            strategy=self.cfg.recovery.strategy,
+            method=plan.method,
+            path=plan.path,
+            sources=list(plan.sources),
+            weights=list(rebuilt.weights),
+            source_norms=list(rebuilt.source_norms),
+            edge=plan.edge,
+            edge_staleness_steps=rebuilt.edge_staleness_steps,
+            lr=rebuilt.lr,
+            duration_s=time.time() - t0,
+            lost_epoch_time=rec.time,
+        )
         return rebuilt
 
     # ---- shadows and replicas ------------------------------------------------------------------------
@@ -207,8 +240,9 @@ class Handover:
             if not (h in rec.lost or (s in rec.lost and methods.get(s) != "shadow")):
                 continue
             if worker.index == s:
-                group.send_state(full_state_tensors(worker.stage, worker.optimizer, worker.lr), h, rec.step,
-                                 kind="shadow")
+                group.send_state(
+                    full_state_tensors(worker.stage, worker.optimizer, worker.lr), h, rec.step, kind="shadow"
+                )
             elif worker.index == h:
                 worker.shadow.load(group.recv_state(full_state_like(worker.shadow.stage), s, rec.step, kind="shadow"))
                 self.emit("shadow_refreshed", shadow_of=s, step=rec.step)

@@ -180,7 +180,11 @@ class Membership:
                 self.ignored.add(name)
                 logger.warning(
                     "ignoring record %s of run %r fingerprint %s (this swarm: run %r fingerprint %s)",
-                    name, rec.run_id, rec.fingerprint, self.run_id, self.fingerprint,
+                    name,
+                    rec.run_id,
+                    rec.fingerprint,
+                    self.run_id,
+                    self.fingerprint,
                 )
             return None
         return rec

@@ -31,6 +31,7 @@ from checkfree.config import TrainConfig
 from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.data import Batches
 from checkfree.core.events import EventLog
+from checkfree.core.exit_codes import ExitCode
 from checkfree.core.metrics import MetricLogger
 from checkfree.core.recovery import edge_replicas_on
 from checkfree.core.schedule import schedule_for
@@ -49,12 +50,20 @@ __all__ = ["Peer", "SwarmStopped"]
 
 
 class Peer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, stage: int | None, initial_peers: list[str],
-                 peer_id: str | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        stage: int | None,
+        initial_peers: list[str],
+        peer_id: str | None = None,
+    ):
         L = cfg.model.num_stages
         if cfg.recovery.strategy == "redundant" and cfg.swap_enabled:
-            raise ValueError("recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
-                             "its holder's own output, which needs the plain route; set pipeline.swap=false")
+            raise ValueError(
+                "recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
+                "its holder's own output, which needs the plain route; set pipeline.swap=false"
+            )
         if stage is not None and not 0 <= stage < L:
             raise ValueError(f"--stage {stage} out of range: expected 0..{L - 1} (model.num_stages={L})")
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -78,14 +87,20 @@ class Peer:
         replicas_on = edge_replicas_on(cfg.recovery)
         ckpt = None
         if cfg.checkpoint.every_steps:
-            ckpt = CheckpointStore(cfg.checkpoint.dir or self.run_dir / "checkpoints", L, keep=1 << 30,
-                                   storage_mb_s=cfg.checkpoint.storage_mb_s)
+            ckpt = CheckpointStore(
+                cfg.checkpoint.dir or self.run_dir / "checkpoints",
+                L,
+                keep=1 << 30,
+                storage_mb_s=cfg.checkpoint.storage_mb_s,
+            )
         self.handover = Handover(cfg, schedule, batches, self.device, ckpt, self.emit)
-        self.leader = Leader(cfg, self.peer_id, self.run_id, self.fingerprint, self.membership, ckpt, replicas_on,
-                             self.emit)
+        self.leader = Leader(
+            cfg, self.peer_id, self.run_id, self.fingerprint, self.membership, ckpt, replicas_on, self.emit
+        )
         tokens = batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
-        self.training = TrainingLoop(cfg, tokens, self.metrics, ckpt, self.emit,
-                                     self.handover.exchange_replicas if replicas_on else None)
+        self.training = TrainingLoop(
+            cfg, tokens, self.metrics, ckpt, self.emit, self.handover.exchange_replicas if replicas_on else None
+        )
         self.asked_stage = -1 if stage is None else stage
         self.worker: StageWorker | None = None
         self.group: EpochGroup | None = None
@@ -97,12 +112,20 @@ class Peer:
     def record(self) -> MemberRecord:
         w, st = self.worker, self.status
         return MemberRecord(
-            run_id=self.run_id, fingerprint=self.fingerprint, peer_id=self.peer_id,
-            stage=w.index if w is not None else self.asked_stage, epoch=st.epoch, state=st.state,
-            step=st.step, pending=bool(w is not None and w.pending_step is not None),
+            run_id=self.run_id,
+            fingerprint=self.fingerprint,
+            peer_id=self.peer_id,
+            stage=w.index if w is not None else self.asked_stage,
+            epoch=st.epoch,
+            state=st.state,
+            step=st.step,
+            pending=bool(w is not None and w.pending_step is not None),
             grad_norm=w.recovery_norm(self.cfg.recovery.norm_source) if w is not None else 0.0,
-            host=self.cfg.membership.announce_host or self.cfg.membership.host, loss=st.loss,
-            tokens_per_s=st.tokens_per_s, pid=os.getpid(), note=self.leader.reason,
+            host=self.cfg.membership.announce_host or self.cfg.membership.host,
+            loss=st.loss,
+            tokens_per_s=st.tokens_per_s,
+            pid=os.getpid(),
+            note=self.leader.reason,
         )
 
     def _heartbeat_loop(self) -> None:
@@ -119,27 +142,32 @@ class Peer:
         self.events.emit(event, peer=self.peer_id, stage_held=stage, epoch=self.status.epoch, **fields)
 
     # ---- main loop -----------------------------------------------------------------------------
-    def run(self) -> int:
-        """Serve until the run is done (0), this peer was replaced (0) or the swarm stopped (3)."""
+    def run(self) -> ExitCode:
+        """Serve until the run is done or this peer was replaced (OK), or the swarm stopped (SWARM_STOPPED)."""
         self._beat.start()
-        self.emit("peer_started", role="stage" if self.asked_stage >= 0 else "spare", asked_stage=self.asked_stage,
-                  pid=os.getpid(), maddrs=self.membership.visible_maddrs())
+        self.emit(
+            "peer_started",
+            role="stage" if self.asked_stage >= 0 else "spare",
+            asked_stage=self.asked_stage,
+            pid=os.getpid(),
+            maddrs=self.membership.visible_maddrs(),
+        )
         try:
             while True:
                 rec = self._wait_for_epoch()
                 if rec is None:
-                    return 0
+                    return ExitCode.OK
                 try:
                     resumed = self._join(rec)
                     self.training.run(self.group, self.worker, self.status, resumed)
                     self._finish()
-                    return 0
+                    return ExitCode.OK
                 except (StageLostError, PeerProtocolError) as e:
                     self._abort(e)
         except SwarmStopped as e:
             self.emit("swarm_stopped", reason=str(e))
             logger.error("[peer %s] %s", self.peer_id, e)
-            return 3
+            return ExitCode.SWARM_STOPPED
         finally:
             self._stop.set()
             self._beat.join(timeout=5)
@@ -167,8 +195,12 @@ class Peer:
                     self.emit("became_spare", reason=f"stage taken in epoch {current.epoch}")
                 if self.worker is not None:
                     self.emit("replaced", by_epoch=current.epoch)
-                    logger.warning("[peer %s] stage %d was given to another peer in epoch %d; leaving",
-                                   self.peer_id, self.worker.index, current.epoch)
+                    logger.warning(
+                        "[peer %s] stage %d was given to another peer in epoch %d; leaving",
+                        self.peer_id,
+                        self.worker.index,
+                        current.epoch,
+                    )
                     return None
             if leader_of(members, current) == self.peer_id:
                 self.leader.step(members, current, self.status.step)
@@ -185,24 +217,48 @@ class Peer:
         store = self.leader.hosted.get(rec.epoch)
         try:
             if store is None:
-                store = dist.TCPStore(rec.store_host, rec.store_port, L, is_master=False,
-                                      timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s))
-            self.group = EpochGroup(store, rec.epoch, stage, list(range(L)), cfg.transport,
-                                    run_tag=int(self.fingerprint[:6], 16), device=self.device)
+                store = dist.TCPStore(
+                    rec.store_host,
+                    rec.store_port,
+                    L,
+                    is_master=False,
+                    timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
+                )
+            self.group = EpochGroup(
+                store,
+                rec.epoch,
+                stage,
+                list(range(L)),
+                cfg.transport,
+                run_tag=int(self.fingerprint[:6], 16),
+                device=self.device,
+            )
         except (RuntimeError, TimeoutError) as e:
             raise StageLostError(None, rec.step, f"rendezvous of epoch {rec.epoch} failed: {e}") from e
         worker = self.worker if not fresh else None
         self.worker, self.status.step = self.handover.run(self.group, worker, rec, self.status.step)
         self.group.all_reduce(torch.zeros(1, dtype=torch.float64), rec.step)  # everyone is ready
         self.status.step, self.status.state = rec.step, "running"
-        self.emit("epoch_joined", joined_epoch=rec.epoch, stage=stage, step=rec.step, join_s=time.time() - t0,
-                  rebuilt=fresh and rec.epoch > 0)
+        self.emit(
+            "epoch_joined",
+            joined_epoch=rec.epoch,
+            stage=stage,
+            step=rec.step,
+            join_s=time.time() - t0,
+            rebuilt=fresh and rec.epoch > 0,
+        )
         return rec.epoch > 0
 
     def _abort(self, e: Exception) -> None:
         w = self.worker
-        self.emit("step_aborted", step=self.status.step, cause=str(e)[:300], suspect=getattr(e, "stage", None),
-                  error=type(e).__name__, pending=w is not None and w.pending_step is not None)
+        self.emit(
+            "step_aborted",
+            step=self.status.step,
+            cause=str(e)[:300],
+            suspect=getattr(e, "stage", None),
+            error=type(e).__name__,
+            pending=w is not None and w.pending_step is not None,
+        )
         logger.warning("[peer %s stage %s step %d] %s", self.peer_id, w.index if w else None, self.status.step, e)
         if w is not None and w.pending_step is None:
             w.discard()

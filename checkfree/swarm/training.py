@@ -32,8 +32,15 @@ class PeerStatus:
 
 
 class TrainingLoop:
-    def __init__(self, cfg, tokens_per_step: int, metrics: JsonLines, ckpt: CheckpointStore | None,
-                 emit: Callable[..., object], exchange_replicas: Callable[[EpochGroup, StageWorker, int], None] | None):
+    def __init__(
+        self,
+        cfg,
+        tokens_per_step: int,
+        metrics: JsonLines,
+        ckpt: CheckpointStore | None,
+        emit: Callable[..., object],
+        exchange_replicas: Callable[[EpochGroup, StageWorker, int], None] | None,
+    ):
         self.cfg, self.tokens_per_step, self.metrics, self.ckpt = cfg, tokens_per_step, metrics, ckpt
         self.emit, self.exchange_replicas = emit, exchange_replicas
 
@@ -60,12 +67,20 @@ class TrainingLoop:
                 resumed = False
                 self.emit("resumed", step=done)
             # every stage logs the committed step (a stage lost right after the commit must not leave a gap)
-            self.metrics.write({
-                "step": done, "loss/train": loss, "throughput/tokens_per_s": status.tokens_per_s,
-                "time/wall": time.time(), "time/step_s": step_s, "epoch": status.epoch, "stage": worker.index,
-                "memory/max_rss_mb": peak_rss_mb(),
-                "memory/shadow_bytes": worker.shadow.bytes() if worker.shadow is not None else 0,
-                **{f"stage/{i}/grad_norm_raw": n for i, n in enumerate(worker.all_norms)}})
+            self.metrics.write(
+                {
+                    "step": done,
+                    "loss/train": loss,
+                    "throughput/tokens_per_s": status.tokens_per_s,
+                    "time/wall": time.time(),
+                    "time/step_s": step_s,
+                    "epoch": status.epoch,
+                    "stage": worker.index,
+                    "memory/max_rss_mb": peak_rss_mb(),
+                    "memory/shadow_bytes": worker.shadow.bytes() if worker.shadow is not None else 0,
+                    **{f"stage/{i}/grad_norm_raw": n for i, n in enumerate(worker.all_norms)},
+                }
+            )
             self._after_commit(group, worker, status)
 
     def _after_commit(self, group: EpochGroup, worker: StageWorker, status: PeerStatus) -> None:
@@ -74,9 +89,17 @@ class TrainingLoop:
             self.exchange_replicas(group, worker, step)
         if self.ckpt and step % cfg.checkpoint.every_steps == 0:
             ts = time.time()
-            self.ckpt.save_stage(StagePayload(
-                stage=worker.index, step=step, model=worker.stage.state_dict(), optim=worker.optimizer.state_dict(),
-                lr=worker.lr, grad_norm_raw=worker.grad_norm_raw, grad_norm_smoothed=worker.grad_norm_smoothed))
+            self.ckpt.save_stage(
+                StagePayload(
+                    stage=worker.index,
+                    step=step,
+                    model=worker.stage.state_dict(),
+                    optim=worker.optimizer.state_dict(),
+                    lr=worker.lr,
+                    grad_norm_raw=worker.grad_norm_raw,
+                    grad_norm_smoothed=worker.grad_norm_smoothed,
+                )
+            )
             self.emit("checkpoint_save", step=step, save_s=time.time() - ts)
         every = cfg.eval_every_steps
         if (every and step % every == 0) or step == cfg.num_steps:

@@ -50,8 +50,16 @@ def resolve_backend(cfg: TransportConfig, device: torch.device) -> str:
 class EpochGroup:
     """The process group of one membership epoch; rank ``r`` runs stage ``stage_of_rank[r]``."""
 
-    def __init__(self, store: dist.Store, epoch: int, rank: int, stage_of_rank: list[int], cfg: TransportConfig,
-                 run_tag: int = 0, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        store: dist.Store,
+        epoch: int,
+        rank: int,
+        stage_of_rank: list[int],
+        cfg: TransportConfig,
+        run_tag: int = 0,
+        device: torch.device | str = "cpu",
+    ):
         self.epoch, self.rank, self.cfg, self.run_tag = epoch, rank, cfg, run_tag
         self.device = torch.device(device)
         self.stage_of_rank = list(stage_of_rank)
@@ -107,8 +115,16 @@ class EpochGroup:
         if ok is False:
             raise StageLostError(stage, step, f"{what} timed out after {self.cfg.timeout_s} s")
 
-    def recv(self, src_stage: int, step: int, mb: int, hop: int, kind: str, shape: tuple[int, ...],
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def recv(
+        self,
+        src_stage: int,
+        step: int,
+        mb: int,
+        hop: int,
+        kind: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """Receive the tensor the schedule expects from ``src_stage``, checked before use.
 
         Raises:
@@ -156,7 +172,9 @@ class EpochGroup:
             self.send(t, dst_stage, step, mb=i, hop=self.stage, kind=kind)
         self.wait_sends()
 
-    def recv_state(self, like: list[torch.Tensor], src_stage: int, step: int, kind: str = "state") -> list[torch.Tensor]:
+    def recv_state(
+        self, like: list[torch.Tensor], src_stage: int, step: int, kind: str = "state"
+    ) -> list[torch.Tensor]:
         """Receive tensors shaped like ``like`` from ``src_stage`` (each checked like any message)."""
         return [self.recv(src_stage, step, i, src_stage, kind, tuple(t.shape), t.dtype) for i, t in enumerate(like)]
 

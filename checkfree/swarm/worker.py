@@ -33,8 +33,18 @@ from checkfree.swarm.transport import EpochGroup
 
 
 class StageWorker:
-    def __init__(self, stage: Stage, schedule: Schedule, batches: Batches, optim: OptimConfig, lr: float,
-                 d_model: int, norm_ema_beta: float = 0.9, device: str = "cpu", redundant: bool = False):
+    def __init__(
+        self,
+        stage: Stage,
+        schedule: Schedule,
+        batches: Batches,
+        optim: OptimConfig,
+        lr: float,
+        d_model: int,
+        norm_ema_beta: float = 0.9,
+        device: str = "cpu",
+        redundant: bool = False,
+    ):
         self.device = torch.device(device)
         self.stage = stage.to(self.device)
         self.index = stage.index
@@ -51,9 +61,13 @@ class StageWorker:
         self.replica: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, copy of a neighbour's edge)
         self.redundant = redundant
         self.shadow: HeldShadow | None = None  # redundant: the copy of the next stage this worker trains
-        if redundant and any(op.dst not in (None, op.stage + 1) for ops in schedule.ops for op in ops if op.kind == "F"):
-            raise ValueError("redundant computation in the swarm needs the plain route (pipeline.swap=false): a "
-                             "shadow's input is its holder's own output")
+        if redundant and any(
+            op.dst not in (None, op.stage + 1) for ops in schedule.ops for op in ops if op.kind == "F"
+        ):
+            raise ValueError(
+                "redundant computation in the swarm needs the plain route (pipeline.swap=false): a "
+                "shadow's input is its holder's own output"
+            )
 
     def run_step(self, group: EpochGroup, step: int) -> None:
         """This stage's ops of ``step``; gradients accumulate in the stage's parameters.

@@ -25,8 +25,9 @@ def pair():
 
 
 def record(m: Membership, peer_id: str, fingerprint: str = "fp1", run_id: str | None = None) -> MemberRecord:
-    return MemberRecord(run_id=run_id or m.run_id, fingerprint=fingerprint, peer_id=peer_id, stage=1, epoch=0,
-                        state="running", step=3)
+    return MemberRecord(
+        run_id=run_id or m.run_id, fingerprint=fingerprint, peer_id=peer_id, stage=1, epoch=0, state="running", step=3
+    )
 
 
 def test_heartbeat_is_seen_by_another_peer_and_expires(pair):
@@ -61,8 +62,9 @@ def test_records_of_another_run_or_model_and_malformed_ones_are_ignored(pair, ca
 
 def test_epoch_records_are_per_fingerprint(pair):
     a, b = pair
-    rec = EpochRecord(run_id=a.run_id, fingerprint="fp1", epoch=2, roster=["x", "y"], store_host="h", store_port=1,
-                      step=7, leader="x")
+    rec = EpochRecord(
+        run_id=a.run_id, fingerprint="fp1", epoch=2, roster=["x", "y"], store_host="h", store_port=1, step=7, leader="x"
+    )
     a.publish_epoch(rec)
     assert poll(lambda: b.current_epoch()) == rec
     intruder = Membership(CFG, a.run_id, "fp2", a.visible_maddrs())

@@ -24,10 +24,13 @@ def test_send_recv_and_all_reduce():
     assert r0[1] == r1[1] == 3.0
 
 
-@pytest.mark.parametrize("sent,expected,message", [
-    ((2, 4), (2, 3), "shape (2, 4)"),
-    ((2, 3), (2, 3), "step 5"),
-])
+@pytest.mark.parametrize(
+    "sent,expected,message",
+    [
+        ((2, 4), (2, 3), "shape (2, 4)"),
+        ((2, 3), (2, 3), "step 5"),
+    ],
+)
 def test_wrong_tensor_from_a_peer_is_refused(sent, expected, message):
     def fn(g):
         if g.rank == 0:

@@ -1,7 +1,6 @@
 """The schedule executed by one StageWorker per stage (thread ranks over real gloo groups) reproduces
 the single-process engine step for step: the proof that the distributed execution is right."""
 
-
 import pytest
 import torch
 
@@ -14,12 +13,24 @@ from tests.helpers import run_ranks, tiny_config
 
 def _workers(cfg, trainer):
     stages = build_stages(cfg.model, cfg.seed)
-    return [StageWorker(stages[i], trainer.schedule, trainer.batches, cfg.optim, cfg.optim.lr, cfg.model.d_model,
-                        cfg.recovery.norm_ema_beta) for i in range(cfg.model.num_stages)]
+    return [
+        StageWorker(
+            stages[i],
+            trainer.schedule,
+            trainer.batches,
+            cfg.optim,
+            cfg.optim.lr,
+            cfg.model.d_model,
+            cfg.recovery.norm_ema_beta,
+        )
+        for i in range(cfg.model.num_stages)
+    ]
 
 
-@pytest.mark.parametrize("schedule,strategy", [("gpipe", "checkfree"), ("1f1b", "checkfree"), ("1f1b", "checkfree_plus"),
-                                               ("gpipe", "checkfree_plus")])
+@pytest.mark.parametrize(
+    "schedule,strategy",
+    [("gpipe", "checkfree"), ("1f1b", "checkfree"), ("1f1b", "checkfree_plus"), ("gpipe", "checkfree_plus")],
+)
 def test_workers_reproduce_the_engine(tmp_path, schedule, strategy):
     cfg = tiny_config(tmp_path, "num_steps=4", f"pipeline.schedule={schedule}", f"recovery.strategy={strategy}")
     reference = Trainer(cfg)
@@ -87,8 +98,12 @@ def test_redundant_workers_keep_shadows_identical_to_the_stages_they_copy(tmp_pa
     reference.run()
     stages, copies = build_stages(cfg.model, cfg.seed), build_stages(cfg.model, cfg.seed)
     L = cfg.model.num_stages
-    workers = [StageWorker(stages[i], reference.schedule, reference.batches, cfg.optim, cfg.optim.lr, cfg.model.d_model,
-                           redundant=True) for i in range(L)]
+    workers = [
+        StageWorker(
+            stages[i], reference.schedule, reference.batches, cfg.optim, cfg.optim.lr, cfg.model.d_model, redundant=True
+        )
+        for i in range(L)
+    ]
     for i, w in enumerate(workers):
         w.shadow = HeldShadow(copies[shadow_of(i, L)], cfg.optim, cfg.optim.lr)
 
@@ -145,5 +160,12 @@ def test_redundant_worker_refuses_a_swapped_route(tmp_path):
     cfg = tiny_config(tmp_path, "recovery.strategy=redundant", "pipeline.swap=true")
     trainer = Trainer(cfg)
     with pytest.raises(ValueError, match="plain route"):
-        StageWorker(build_stages(cfg.model, cfg.seed)[0], trainer.schedule, trainer.batches, cfg.optim, 1e-3,
-                    cfg.model.d_model, redundant=True)
+        StageWorker(
+            build_stages(cfg.model, cfg.seed)[0],
+            trainer.schedule,
+            trainer.batches,
+            cfg.optim,
+            1e-3,
+            cfg.model.d_model,
+            redundant=True,
+        )

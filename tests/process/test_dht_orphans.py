@@ -25,8 +25,9 @@ def test_no_orphans_after_sigkill():
         assert len(children) >= 2  # the DHT process and its p2p daemon (and torch's shm manager)
         proc.kill()
         proc.wait(timeout=5)
-        assert poll(lambda: not any(alive(c) for c in children), timeout_s=10), \
+        assert poll(lambda: not any(alive(c) for c in children), timeout_s=10), (
             f"left behind: {[c for c in children if alive(c)]}"
+        )
     finally:
         if proc.poll() is None:
             proc.kill()

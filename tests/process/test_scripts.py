@@ -15,30 +15,61 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _script(name, *args, tmp_path, timeout=240):
     out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args, "--out", str(out)],
-                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 def test_engine_overhead_script(tmp_path):
-    result = _script("bench_engine_overhead", *TINY, "num_threads=1", "--steps", "2", "--rounds", "1", tmp_path=tmp_path)
+    result = _script(
+        "bench_engine_overhead", *TINY, "num_threads=1", "--steps", "2", "--rounds", "1", tmp_path=tmp_path
+    )
     assert result["ratio_engine_over_unsplit"] > 0 and result["steps_per_side"] == 2
 
 
 @pytest.mark.slow
 def test_heartbeat_detection_script(tmp_path):
-    result = _script("bench_heartbeat_detection", "membership.period_s=0.2", "membership.ttl_s=0.8", "--repeats", "1",
-                     tmp_path=tmp_path)
+    result = _script(
+        "bench_heartbeat_detection",
+        "membership.period_s=0.2",
+        "membership.ttl_s=0.8",
+        "--repeats",
+        "1",
+        tmp_path=tmp_path,
+    )
     assert len(result["latencies_s"]) == 1 and 0 < result["median_s"] < 5
 
 
 @pytest.mark.slow
 def test_overhead_script(tmp_path):
-    result = _script("bench_overhead", *TINY, "num_threads=1", "--steps", "4", "--skip", "1", "--tail", "2",
-                     "--rounds", "1", tmp_path=tmp_path)
-    assert set(result["median_tokens_per_s"]) == {"swarm", "static", "swarm_swap", "swarm_redundant", "engine",
-                                                  "engine_swap"}
+    result = _script(
+        "bench_overhead",
+        *TINY,
+        "num_threads=1",
+        "--steps",
+        "4",
+        "--skip",
+        "1",
+        "--tail",
+        "2",
+        "--rounds",
+        "1",
+        tmp_path=tmp_path,
+    )
+    assert set(result["median_tokens_per_s"]) == {
+        "swarm",
+        "static",
+        "swarm_swap",
+        "swarm_redundant",
+        "engine",
+        "engine_swap",
+    }
     rss = result["max_stage_process_rss_mb"]
     assert rss["engine"] is None and all(rss[s] > 50 for s in ("swarm", "static", "swarm_redundant"))
     assert all(v > 0 for v in result["ratios"].values())
@@ -50,8 +81,23 @@ def test_overhead_script(tmp_path):
 
 
 def test_recovery_ablation_script(tmp_path):
-    result = _script("bench_recovery_ablation", *TINY, "num_threads=1", "num_steps=6", "--seeds", "0", "--cases", "1",
-                     "1,2", "0,1", "--after-steps", "2", "--every", "1", tmp_path=tmp_path)
+    result = _script(
+        "bench_recovery_ablation",
+        *TINY,
+        "num_threads=1",
+        "num_steps=6",
+        "--seeds",
+        "0",
+        "--cases",
+        "1",
+        "1,2",
+        "0,1",
+        "--after-steps",
+        "2",
+        "--every",
+        "1",
+        tmp_path=tmp_path,
+    )
     assert result["cases"] == [[1], [1, 2], [0, 1]] and result["train_steps"] == 6
     assert set(result["tables"]) == {"single", "adjacent", "first two"}
     assert result["table"] == result["tables"]["single"]
@@ -67,9 +113,25 @@ def test_recovery_ablation_script(tmp_path):
 
 @pytest.mark.slow
 def test_convergence_script(tmp_path):
-    result = _script("bench_convergence", *TINY, "num_threads=1", "num_steps=8", "eval_every_steps=2", "--rates", "0.33",
-                     "--seeds", "0", "--strategies", "none", "checkfree", "checkpoint:2", "redundant",
-                     "--acceleration", "300", tmp_path=tmp_path)
+    result = _script(
+        "bench_convergence",
+        *TINY,
+        "num_threads=1",
+        "num_steps=8",
+        "eval_every_steps=2",
+        "--rates",
+        "0.33",
+        "--seeds",
+        "0",
+        "--strategies",
+        "none",
+        "checkfree",
+        "checkpoint:2",
+        "redundant",
+        "--acceleration",
+        "300",
+        tmp_path=tmp_path,
+    )
     table = result["table"]
     assert set(table) == {"0.33/none", "0.33/checkfree", "0.33/checkpoint:2", "0.33/redundant"}
     assert table["0.33/checkfree"]["failures"]["mean"] >= 1 and table["0.33/none"]["failures"]["mean"] == 0
@@ -77,18 +139,52 @@ def test_convergence_script(tmp_path):
     assert md.count("| 33% |") == 5  # four strategies, and checkfree's time to target against the two baselines
     assert "| 33% | checkfree | " in md.split("time to target / checkpoint:2")[1]
     assert (tmp_path / "bench_convergence_rate0.33.png").stat().st_size > 5000
-    again = _script("bench_convergence", *TINY, "num_threads=1", "num_steps=8", "eval_every_steps=2", "--rates", "0.33",
-                    "--seeds", "0", "--strategies", "none", "checkfree", "checkpoint:2", "redundant",
-                    "--acceleration", "300", tmp_path=tmp_path)
+    again = _script(
+        "bench_convergence",
+        *TINY,
+        "num_threads=1",
+        "num_steps=8",
+        "eval_every_steps=2",
+        "--rates",
+        "0.33",
+        "--seeds",
+        "0",
+        "--strategies",
+        "none",
+        "checkfree",
+        "checkpoint:2",
+        "redundant",
+        "--acceleration",
+        "300",
+        tmp_path=tmp_path,
+    )
     assert again["table"] == table  # every finished run was found and reused
 
 
 @pytest.mark.slow
 def test_convergence_script_in_the_swarm(tmp_path):
     # at this acceleration the trace of seed 0 has one failure in the first 30 iterations (at 9)
-    result = _script("bench_convergence", *TINY, "num_steps=60", "eval_every_steps=5", "swarm.min_gap_s=1",
-                     "swarm.spare_delay_s=1", "--swarm", "--rates", "0.33", "--seeds", "0", "--strategies", "none",
-                     "checkfree", "--acceleration", "2", "--runs-dir", "swarm-runs", tmp_path=tmp_path)
+    result = _script(
+        "bench_convergence",
+        *TINY,
+        "num_steps=60",
+        "eval_every_steps=5",
+        "swarm.min_gap_s=1",
+        "swarm.spare_delay_s=1",
+        "--swarm",
+        "--rates",
+        "0.33",
+        "--seeds",
+        "0",
+        "--strategies",
+        "none",
+        "checkfree",
+        "--acceleration",
+        "2",
+        "--runs-dir",
+        "swarm-runs",
+        tmp_path=tmp_path,
+    )
     assert result["swarm"] is True
     table = result["table"]
     assert table["0.33/checkfree"]["failures"]["mean"] >= 1 and table["0.33/none"]["failures"]["mean"] == 0
@@ -99,8 +195,18 @@ def test_convergence_script_in_the_swarm(tmp_path):
 
 @pytest.mark.slow
 def test_recovery_latency_script(tmp_path):
-    result = _script("bench_recovery_latency", *TINY, "num_threads=1", "membership.period_s=0.25",
-                     "membership.ttl_s=1.0", "--only", "stages2", "--every", "60", tmp_path=tmp_path)
+    result = _script(
+        "bench_recovery_latency",
+        *TINY,
+        "num_threads=1",
+        "membership.period_s=0.25",
+        "membership.ttl_s=1.0",
+        "--only",
+        "stages2",
+        "--every",
+        "60",
+        tmp_path=tmp_path,
+    )
     exp = result["experiments"]["stages2"]
     # toy steps take milliseconds: the launcher may see the swarm only after it passed a scheduled kill
     assert exp["exit_code"] == 0 and exp["num_stages"] == 2 and exp["kills"] == exp["recovered"] >= 1
@@ -110,8 +216,21 @@ def test_recovery_latency_script(tmp_path):
 
 @pytest.mark.slow
 def test_scaling_script(tmp_path):
-    result = _script("bench_scaling", *TINY, "num_threads=1", "--stages", "2", "--microbatches", "1", "2",
-                     "--steps", "3", "--skip", "1", tmp_path=tmp_path)
+    result = _script(
+        "bench_scaling",
+        *TINY,
+        "num_threads=1",
+        "--stages",
+        "2",
+        "--microbatches",
+        "1",
+        "2",
+        "--steps",
+        "3",
+        "--skip",
+        "1",
+        tmp_path=tmp_path,
+    )
     assert [(r["stages"], r["microbatches"]) for r in result["rows"]] == [(2, 1), (2, 2)]
     for r in result["rows"]:
         assert r["swarm_step_s"] > 0 and r["machine_bound_s"] >= r["pipeline_bound_s"] > 0

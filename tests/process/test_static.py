@@ -25,8 +25,15 @@ def test_static_pipeline_reproduces_the_engine(tmp_path):
 
 
 def test_a_failing_stage_process_is_reported_and_nothing_is_left_running(tmp_path):
-    cfg = tiny_config(tmp_path, "num_steps=2", "num_threads=1", "transport.rendezvous_timeout_s=3",
-                      "transport.timeout_s=3", "data.source=text", f"data.path={tmp_path}/corpus.txt")
+    cfg = tiny_config(
+        tmp_path,
+        "num_steps=2",
+        "num_threads=1",
+        "transport.rendezvous_timeout_s=3",
+        "transport.timeout_s=3",
+        "data.source=text",
+        f"data.path={tmp_path}/corpus.txt",
+    )
     (tmp_path / "corpus.txt").write_text("x" * 50000)  # the config checks the file exists ...
     (tmp_path / "corpus.txt").unlink()  # ... then it is gone: every stage process fails to read its data
     with pytest.raises(RuntimeError, match=r"stages \(stage, exit code\) \[\(0, 1\)"):

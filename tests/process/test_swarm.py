@@ -17,8 +17,16 @@ from tests.helpers import TINY, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-SWARM = [*TINY, "num_threads=1", "eval_every_steps=0", "swarm.spare_delay_s=1", "swarm.min_gap_s=1",
-         "membership.period_s=0.25", "membership.ttl_s=1.5", "transport.timeout_s=5"]
+SWARM = [
+    *TINY,
+    "num_threads=1",
+    "eval_every_steps=0",
+    "swarm.spare_delay_s=1",
+    "swarm.min_gap_s=1",
+    "membership.period_s=0.25",
+    "membership.ttl_s=1.5",
+    "transport.timeout_s=5",
+]
 
 
 def _pgids(run_dir):
@@ -83,7 +91,10 @@ def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
     summary, _ = _check_every_step_once(run_dir, 80)
     rows = summary["recovery_rows"]
     assert [(r["stage"], r["signal"], r["method"]) for r in rows] == [
-        (1, "SIGKILL", "weighted_average"), (0, "SIGKILL", "copy"), (3, "SIGKILL", "copy")]
+        (1, "SIGKILL", "weighted_average"),
+        (0, "SIGKILL", "copy"),
+        (3, "SIGKILL", "copy"),
+    ]
     assert all(r["detect_s"] is not None and r["rebuild_s"] is not None and r["resume_s"] is not None for r in rows)
     events = read_jsonl(run_dir / "events.jsonl")
     rebuilt = [e for e in events if e["event"] == "rebuilt"]
@@ -95,7 +106,9 @@ def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
     # two spares were idle at the first failure: the first by id won, the other stayed a spare
     assert rebuilt[0]["peer"] == "spare-05"
     first_epoch = [e for e in events if e["event"] == "epoch_published" and e["lost"] == [1]][0]
-    joined = {e["peer"] for e in events if e["event"] == "epoch_joined" and e["joined_epoch"] == first_epoch["new_epoch"]}
+    joined = {
+        e["peer"] for e in events if e["event"] == "epoch_joined" and e["joined_epoch"] == first_epoch["new_epoch"]
+    }
     assert "spare-05" in joined and "spare-06" not in joined
 
 
@@ -103,13 +116,16 @@ def test_adjacent_stages_lost_at_once_are_rebuilt_from_the_nearest_live_stages(t
     """Stages 1 and 2 killed in the same step: neither may read the other's (lost) weights, so both take the
     adjacent fallback (no checkpoint: the nearest live stage on each side, stages 0 and 3) in one epoch."""
     fails = [Failure(3, 1, "mid_forward", 0.5), Failure(3, 2, "mid_forward", 0.5)]
-    code, out, run_dir = run_swarm(tmp_path, "adjacent", "num_steps=30", "swarm.num_spares=2",
-                                   "recovery.strategy=checkfree", failures=fails)
+    code, out, run_dir = run_swarm(
+        tmp_path, "adjacent", "num_steps=30", "swarm.num_spares=2", "recovery.strategy=checkfree", failures=fails
+    )
     assert code == 0, out
     summary, metrics = _check_every_step_once(run_dir, 30)
     rows = summary["recovery_rows"]
     assert sorted((r["stage"], r["method"], r["path"], tuple(r["sources"])) for r in rows) == [
-        (1, "weighted_average", "fallback:nearest", (0, 3)), (2, "weighted_average", "fallback:nearest", (0, 3))]
+        (1, "weighted_average", "fallback:nearest", (0, 3)),
+        (2, "weighted_average", "fallback:nearest", (0, 3)),
+    ]
     events = read_jsonl(run_dir / "events.jsonl")
     recoveries = [e for e in events if e["event"] == "epoch_published" and e["lost"]]
     assert [sorted(e["lost"]) for e in recoveries] == [[1, 2]]  # both seen in one epoch, one rendezvous
@@ -123,13 +139,16 @@ def test_redundant_swarm_with_adjacent_losses_falls_back_and_refreshes_the_stale
     stages 2 and 3 (held by the two replacements) are then sent anew, and a later loss of stage 2 fails
     over to the shadow of the *rebuilt* stage 2."""
     fails = [Failure(3, 1, "mid_forward", 0.5), Failure(3, 2, "mid_forward", 0.5), Failure(12, 2, "mid_forward", 0.5)]
-    code, out, run_dir = run_swarm(tmp_path, "adj-redundant", "num_steps=30", "swarm.num_spares=3",
-                                   "recovery.strategy=redundant", failures=fails)
+    code, out, run_dir = run_swarm(
+        tmp_path, "adj-redundant", "num_steps=30", "swarm.num_spares=3", "recovery.strategy=redundant", failures=fails
+    )
     assert code == 0, out
     summary, _ = _check_every_step_once(run_dir, 30)
     rows = summary["recovery_rows"]
     assert sorted((r["stage"], r["method"], r["path"], tuple(r["sources"])) for r in rows[:2]) == [
-        (1, "shadow", "primary", (0,)), (2, "weighted_average", "fallback:nearest", (0, 3))]
+        (1, "shadow", "primary", (0,)),
+        (2, "weighted_average", "fallback:nearest", (0, 3)),
+    ]
     assert (rows[2]["stage"], rows[2]["method"], rows[2]["sources"]) == (2, "shadow", [1])
     events = read_jsonl(run_dir / "events.jsonl")
     epochs = [e["new_epoch"] for e in events if e["event"] == "epoch_published" and e["lost"]]
@@ -140,8 +159,14 @@ def test_redundant_swarm_with_adjacent_losses_falls_back_and_refreshes_the_stale
 
 
 def test_a_frozen_peer_is_detected_and_replaced(tmp_path):
-    code, out, run_dir = run_swarm(tmp_path, "hang", "num_steps=12", "swarm.hang_fraction=1.0", "transport.timeout_s=3",
-                                   failures=[Failure(3, 2, "mid_forward", 0.5)])
+    code, out, run_dir = run_swarm(
+        tmp_path,
+        "hang",
+        "num_steps=12",
+        "swarm.hang_fraction=1.0",
+        "transport.timeout_s=3",
+        failures=[Failure(3, 2, "mid_forward", 0.5)],
+    )
     assert code == 0, out
     summary, _ = _check_every_step_once(run_dir, 12)
     (row,) = summary["recovery_rows"]
@@ -152,9 +177,15 @@ def test_a_frozen_peer_is_detected_and_replaced(tmp_path):
 
 
 def test_without_a_spare_the_swarm_waits_then_stops_with_its_run_directory_intact(tmp_path):
-    code, out, run_dir = run_swarm(tmp_path, "nospare", "num_steps=12", "swarm.num_spares=0",
-                                   "swarm.spare_delay_s=600", "swarm.spare_wait_s=3",
-                                   failures=[Failure(3, 1, "mid_forward", 0.5)])
+    code, out, run_dir = run_swarm(
+        tmp_path,
+        "nospare",
+        "num_steps=12",
+        "swarm.num_spares=0",
+        "swarm.spare_delay_s=600",
+        "swarm.spare_wait_s=3",
+        failures=[Failure(3, 1, "mid_forward", 0.5)],
+    )
     assert code == 3, out
     assert "swarm stopped: waiting for a spare for stages [1]" in out and "swarm.spare_wait_s=3" in out
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -165,8 +196,14 @@ def test_without_a_spare_the_swarm_waits_then_stops_with_its_run_directory_intac
 
 
 def test_checkpoint_strategy_rolls_the_swarm_back(tmp_path):
-    code, out, run_dir = run_swarm(tmp_path, "ckpt", "num_steps=10", "recovery.strategy=checkpoint",
-                                   "checkpoint.every_steps=2", failures=[Failure(5, 2, "mid_forward", 0.5)])
+    code, out, run_dir = run_swarm(
+        tmp_path,
+        "ckpt",
+        "num_steps=10",
+        "recovery.strategy=checkpoint",
+        "checkpoint.every_steps=2",
+        failures=[Failure(5, 2, "mid_forward", 0.5)],
+    )
     assert code == 0, out
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = read_jsonl(run_dir / "metrics.jsonl")
@@ -193,8 +230,15 @@ def test_losing_every_stage_at_once(tmp_path, strategy):
     on the spares; here before the first checkpoint (every 100 steps), so from step 0, the seed's initial
     state, which needs no file: the restarted run repeats the first steps bit for bit."""
     fails = [Failure(3, s, "mid_forward", 0.5) for s in range(4)]
-    code, out, run_dir = run_swarm(tmp_path, f"all-{strategy}", "num_steps=30", f"recovery.strategy={strategy}",
-                                   "checkpoint.every_steps=100", "swarm.num_spares=0", failures=fails)
+    code, out, run_dir = run_swarm(
+        tmp_path,
+        f"all-{strategy}",
+        "num_steps=30",
+        f"recovery.strategy={strategy}",
+        "checkpoint.every_steps=100",
+        "swarm.num_spares=0",
+        failures=fails,
+    )
     events = read_jsonl(run_dir / "events.jsonl")
     if strategy == "checkpoint":
         assert code == 0, out
@@ -240,13 +284,35 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
             time.sleep(0.2)
         maddrs = (run_dir / "maddrs.txt").read_text().split()
         foreign = subprocess.Popen(
-            [sys.executable, "-m", "checkfree", "peer", str(run_dir / "config.yaml"), "seed=99", "--stage", "1",
-             "--run-dir", str(tmp_path / "foreign"), "--peer-id", "intruder", "--initial-peers", *maddrs],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "checkfree",
+                "peer",
+                str(run_dir / "config.yaml"),
+                "seed=99",
+                "--stage",
+                "1",
+                "--run-dir",
+                str(tmp_path / "foreign"),
+                "--peer-id",
+                "intruder",
+                "--initial-peers",
+                *maddrs,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         while not list((run_dir / "peers").glob("*/metrics.jsonl")) and time.time() < deadline:
             time.sleep(0.2)
-        status = subprocess.run([sys.executable, "-m", "checkfree", "status", "--run-id", "equiv",
-                                 "--initial-peers", *maddrs], capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [sys.executable, "-m", "checkfree", "status", "--run-id", "equiv", "--initial-peers", *maddrs],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         out, _ = proc.communicate(timeout=200)
         assert proc.returncode == 0, out
     finally:
@@ -285,8 +351,11 @@ def test_redundant_swarm_fails_over_to_shadows_without_losing_anything(tmp_path)
     assert code == 0, out
     summary, metrics = _check_every_step_once(run_dir, 16)
     rows = summary["recovery_rows"]
-    assert [(r["stage"], r["method"], r["sources"]) for r in rows] == [(1, "shadow", [0]), (0, "shadow", [3]),
-                                                                       (3, "shadow", [2])]
+    assert [(r["stage"], r["method"], r["sources"]) for r in rows] == [
+        (1, "shadow", [0]),
+        (0, "shadow", [3]),
+        (3, "shadow", [2]),
+    ]
     events = read_jsonl(run_dir / "events.jsonl")
     refreshed = [(e["shadow_of"], e["stage_held"]) for e in events if e["event"] == "shadow_refreshed"]
     assert refreshed == [(2, 1), (1, 0), (0, 3)]  # each replacement got the shadow its predecessor had held
@@ -301,8 +370,15 @@ def test_redundant_swarm_fails_over_to_shadows_without_losing_anything(tmp_path)
 def test_a_killed_launcher_leaves_no_peer_running(tmp_path):
     """SIGKILL of `checkfree swarm` itself (no chance to clean up): every peer, running or frozen, and its
     DHT process exit on their own."""
-    proc = run_swarm(tmp_path, "orphans", "num_steps=100000", "swarm.num_spares=1", "swarm.hang_fraction=1.0",
-                     failures=[Failure(3, 2, "mid_forward", 0.5)], background=True)
+    proc = run_swarm(
+        tmp_path,
+        "orphans",
+        "num_steps=100000",
+        "swarm.num_spares=1",
+        "swarm.hang_fraction=1.0",
+        failures=[Failure(3, 2, "mid_forward", 0.5)],
+        background=True,
+    )
     run_dir = tmp_path / "orphans"
     try:
         log = run_dir / "launcher-events.jsonl"

@@ -11,8 +11,15 @@ from checkfree.core.checkpoint import CheckpointConfig, CheckpointStore, StagePa
 def _payload(stage: int, step: int, numel: int = 10) -> StagePayload:
     w = torch.zeros(numel)
     opt = torch.optim.Adam([torch.nn.Parameter(w.clone())])
-    return StagePayload(stage=stage, step=step, model={"w": w}, optim=opt.state_dict(), lr=1e-3,
-                        grad_norm_raw=0.5, grad_norm_smoothed=None)
+    return StagePayload(
+        stage=stage,
+        step=step,
+        model={"w": w},
+        optim=opt.state_dict(),
+        lr=1e-3,
+        grad_norm_raw=0.5,
+        grad_norm_smoothed=None,
+    )
 
 
 def test_emulated_storage_makes_saves_and_loads_wait_for_their_size(tmp_path, monkeypatch):

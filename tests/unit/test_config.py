@@ -6,27 +6,32 @@ from checkfree.config import ConfigError, TrainConfig, load_config, to_yaml
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.d_modle=64"], "unknown config key 'model.d_modle'. Did you mean 'model.d_model'?"),
-    (["recovery.stratgy=copy"], "Did you mean 'recovery.strategy'?"),
-    (["num_step=3"], "unknown config key 'num_step'"),
-    (["optim.lr=fast"], "bad value for config key 'optim.lr': Value 'fast'"),
-    (["model.num_stages=many"], "bad value for config key 'model.num_stages'"),
-    (["model.num_layers=10"], "model.num_layers=10 must be divisible by model.num_stages=4"),
-    (["model.num_stages=3", "model.num_layers=6"], "checkfree_plus needs model.num_stages >= 4"),
-    (["recovery.strategy=checkfree", "pipeline.swap=true", "model.num_stages=2", "model.num_layers=4"],
-     "pipeline.swap=true needs model.num_stages >= 4"),
-    (["recovery.strategy=teleport"], "recovery.strategy='teleport' is not one of none, checkfree"),
-    (["recovery.strategy=none"], "recovery.strategy=none is the failure-free reference but failures.mode='hourly'"),
-    (["recovery.strategy=checkpoint"], "recovery.strategy=checkpoint needs checkpoint.every_steps >= 1"),
-    (["failures.mode=trace"], "failures.trace_path is required"),
-    (["failures.mode=sometimes"], "failures.mode='sometimes' is not one of"),
-    (["failures.stages=[0,9]"], "failures.stages=[0, 9]: [9] out of range 0..3"),
-    (["data.source=text"], "data.path is required when data.source='text'"),
-    (["pipeline.schedule=zigzag"], "pipeline.schedule='zigzag' is not one of gpipe, 1f1b"),
-    (["device=tpu"], "device='tpu' must be cpu, cuda or cuda:N"),
-    (["num_steps"], "overrides must be key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.d_modle=64"], "unknown config key 'model.d_modle'. Did you mean 'model.d_model'?"),
+        (["recovery.stratgy=copy"], "Did you mean 'recovery.strategy'?"),
+        (["num_step=3"], "unknown config key 'num_step'"),
+        (["optim.lr=fast"], "bad value for config key 'optim.lr': Value 'fast'"),
+        (["model.num_stages=many"], "bad value for config key 'model.num_stages'"),
+        (["model.num_layers=10"], "model.num_layers=10 must be divisible by model.num_stages=4"),
+        (["model.num_stages=3", "model.num_layers=6"], "checkfree_plus needs model.num_stages >= 4"),
+        (
+            ["recovery.strategy=checkfree", "pipeline.swap=true", "model.num_stages=2", "model.num_layers=4"],
+            "pipeline.swap=true needs model.num_stages >= 4",
+        ),
+        (["recovery.strategy=teleport"], "recovery.strategy='teleport' is not one of none, checkfree"),
+        (["recovery.strategy=none"], "recovery.strategy=none is the failure-free reference but failures.mode='hourly'"),
+        (["recovery.strategy=checkpoint"], "recovery.strategy=checkpoint needs checkpoint.every_steps >= 1"),
+        (["failures.mode=trace"], "failures.trace_path is required"),
+        (["failures.mode=sometimes"], "failures.mode='sometimes' is not one of"),
+        (["failures.stages=[0,9]"], "failures.stages=[0, 9]: [9] out of range 0..3"),
+        (["data.source=text"], "data.path is required when data.source='text'"),
+        (["pipeline.schedule=zigzag"], "pipeline.schedule='zigzag' is not one of gpipe, 1f1b"),
+        (["device=tpu"], "device='tpu' must be cpu, cuda or cuda:N"),
+        (["num_steps"], "overrides must be key=value"),
+    ],
+)
 def test_config_errors_name_key_value_and_allowed(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config([], overrides)
@@ -42,7 +47,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config([bad])
     typo = tmp_path / "typo.yaml"
     typo.write_text("model:\n  num_stage: 4\n")
-    with pytest.raises(ConfigError, match=r"typo.yaml: unknown config key 'model.num_stage'. Did you mean 'model.num_stages'"):
+    with pytest.raises(
+        ConfigError, match=r"typo.yaml: unknown config key 'model.num_stage'. Did you mean 'model.num_stages'"
+    ):
         load_config([typo])
 
 
@@ -56,12 +63,14 @@ def test_precedence_defaults_files_overrides(tmp_path):
 
 
 def test_tiny_yaml_spells_out_the_defaults():
-    assert OmegaConf.to_container(OmegaConf.structured(load_config([ROOT / "configs/tiny.yaml"]))) == \
-        OmegaConf.to_container(OmegaConf.structured(load_config()))
+    assert OmegaConf.to_container(
+        OmegaConf.structured(load_config([ROOT / "configs/tiny.yaml"]))
+    ) == OmegaConf.to_container(OmegaConf.structured(load_config()))
 
 
-@pytest.mark.parametrize("name,stages,layers,d_model", [
-    ("small", 4, 12, 512), ("medium", 6, 24, 1024), ("large", 6, 24, 2048)])
+@pytest.mark.parametrize(
+    "name,stages,layers,d_model", [("small", 4, 12, 512), ("medium", 6, 24, 1024), ("large", 6, 24, 2048)]
+)
 def test_paper_configs_load(name, stages, layers, d_model):
     cfg = load_config([ROOT / f"configs/{name}.yaml"])
     m = cfg.model

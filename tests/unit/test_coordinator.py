@@ -3,13 +3,22 @@ from checkfree.swarm.membership import EpochRecord, MemberRecord
 
 
 def rec(pid, stage, state="running", epoch=0, step=5, pending=False):
-    return MemberRecord(run_id="r", fingerprint="f", peer_id=pid, stage=stage, epoch=epoch, state=state, step=step,
-                        pending=pending)
+    return MemberRecord(
+        run_id="r", fingerprint="f", peer_id=pid, stage=stage, epoch=epoch, state=state, step=step, pending=pending
+    )
 
 
 def epoch(n=0, roster=("a", "b", "c", "d"), step=5):
-    return EpochRecord(run_id="r", fingerprint="f", epoch=n, roster=list(roster), store_host="h", store_port=1,
-                       step=step, leader=roster[0])
+    return EpochRecord(
+        run_id="r",
+        fingerprint="f",
+        epoch=n,
+        roster=list(roster),
+        store_host="h",
+        store_port=1,
+        step=step,
+        leader=roster[0],
+    )
 
 
 def test_first_epoch_waits_for_every_stage_then_forms():
@@ -54,8 +63,12 @@ def test_no_spare_means_waiting():
 
 
 def test_resume_step_is_the_furthest_commit_and_the_leader_moves_on():
-    members = {"b": rec("b", 1, "recovering", step=6), "c": rec("c", 2, "recovering", step=5, pending=True),
-               "d": rec("d", 3, "recovering", step=6), "s": rec("s", -1, "spare", -1, 0)}
+    members = {
+        "b": rec("b", 1, "recovering", step=6),
+        "c": rec("c", 2, "recovering", step=5, pending=True),
+        "d": rec("d", 3, "recovering", step=6),
+        "s": rec("s", -1, "spare", -1, 0),
+    }
     assert leader_of(members, epoch()) == "b"  # stage 0's peer is gone: stage 1 leads
     d = decide_epoch(members, epoch(), 4, "checkfree_plus", "nearest")
     assert d.step == 6 and d.roster == ["s", "b", "c", "d"]
@@ -64,11 +77,18 @@ def test_resume_step_is_the_furthest_commit_and_the_leader_moves_on():
 
 
 def test_adjacent_loss_in_the_swarm_never_reads_a_lost_stage():
-    members = {"a": rec("a", 0, "recovering"), "d": rec("d", 3, "recovering"),
-               "s": rec("s", -1, "spare", -1, 0), "t": rec("t", -1, "spare", -1, 0)}
+    members = {
+        "a": rec("a", 0, "recovering"),
+        "d": rec("d", 3, "recovering"),
+        "s": rec("s", -1, "spare", -1, 0),
+        "t": rec("t", -1, "spare", -1, 0),
+    }
     d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
     assert d.roster == ["a", "s", "t", "d"]
-    assert [(p.stage, p.sources, p.path) for p in d.plans] == [(1, [0, 3], "fallback:nearest"), (2, [0, 3], "fallback:nearest")]
+    assert [(p.stage, p.sources, p.path) for p in d.plans] == [
+        (1, [0, 3], "fallback:nearest"),
+        (2, [0, 3], "fallback:nearest"),
+    ]
 
 
 def test_transient_abort_without_loss_re_forms_the_same_roster():

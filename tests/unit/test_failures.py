@@ -37,8 +37,10 @@ def test_hourly_mode_uses_measured_time_when_unset():
     inj = FailureInjector(FailureConfig(mode="hourly", hourly_rate=0.5, iteration_time_s=None), 2)
     assert inj.probability(None) == 0.0
     assert inj.probability(36.0) == pytest.approx(1 - math.exp(math.log(0.5) * 0.01))
-    fast = FailureInjector(FailureConfig(mode="hourly", hourly_rate=0.5, iteration_time_s=36.0, time_acceleration=10), 2)
-    assert fast.probability(None) == pytest.approx(1 - 0.5 ** 0.1)
+    fast = FailureInjector(
+        FailureConfig(mode="hourly", hourly_rate=0.5, iteration_time_s=36.0, time_acceleration=10), 2
+    )
+    assert fast.probability(None) == pytest.approx(1 - 0.5**0.1)
 
 
 def test_trace_round_trip_and_exact_replay(tmp_path):

@@ -35,18 +35,21 @@ def test_uniform_average():
     assert out["a"].item() == 2.0 and w == (0.5, 0.5)
 
 
-@pytest.mark.parametrize("strategy,stage,method,sources", [
-    ("checkfree", 2, "weighted_average", (1, 3)),
-    ("checkfree", 0, "copy", (1,)),
-    ("checkfree", 5, "copy", (4,)),
-    ("checkfree_plus", 0, "copy", (1,)),
-    ("checkfree_plus", 5, "copy", (4,)),
-    ("checkfree_plus", 3, "weighted_average", (2, 4)),
-    ("uniform", 2, "uniform_average", (1, 3)),
-    ("copy", 2, "copy", (1,)),
-    ("copy", 0, "copy", (1,)),
-    ("random", 2, "random", ()),
-])
+@pytest.mark.parametrize(
+    "strategy,stage,method,sources",
+    [
+        ("checkfree", 2, "weighted_average", (1, 3)),
+        ("checkfree", 0, "copy", (1,)),
+        ("checkfree", 5, "copy", (4,)),
+        ("checkfree_plus", 0, "copy", (1,)),
+        ("checkfree_plus", 5, "copy", (4,)),
+        ("checkfree_plus", 3, "weighted_average", (2, 4)),
+        ("uniform", 2, "uniform_average", (1, 3)),
+        ("copy", 2, "copy", (1,)),
+        ("copy", 0, "copy", (1,)),
+        ("random", 2, "random", ()),
+    ],
+)
 def test_single_failure_plans(strategy, stage, method, sources):
     (plan,) = plan_recovery({stage}, 6, strategy, "checkpoint", edge_replicas={"embed", "head"})
     assert (plan.method, plan.sources, plan.path) == (method, sources, "primary")
@@ -57,7 +60,9 @@ def test_single_failure_plans(strategy, stage, method, sources):
 def test_adjacent_failures_never_read_a_lost_stage():
     plans = plan_recovery({2, 3}, 6, "checkfree", "nearest")
     assert [(p.stage, p.sources, p.path) for p in plans] == [
-        (2, (1, 4), "fallback:nearest"), (3, (1, 4), "fallback:nearest")]
+        (2, (1, 4), "fallback:nearest"),
+        (3, (1, 4), "fallback:nearest"),
+    ]
     for lost in ({0, 1}, {1, 2}, {3, 4, 5}, {0, 1, 2, 3, 4}):
         for strategy in ("checkfree", "checkfree_plus", "copy", "uniform"):
             for p in plan_recovery(lost, 6, strategy, "nearest"):
@@ -68,7 +73,9 @@ def test_adjacent_fallback_prefers_a_checkpoint_when_one_exists():
     plans = plan_recovery({1, 2}, 4, "checkfree_plus", "checkpoint", has_checkpoint=lambda s: s == 1)
     # stage 1 has a saved copy; stage 2 has none, so it averages the nearest live stages 0 and 3
     assert [(p.stage, p.method, p.sources, p.path) for p in plans] == [
-        (1, "checkpoint", (), "fallback:checkpoint"), (2, "weighted_average", (0, 3), "fallback:nearest")]
+        (1, "checkpoint", (), "fallback:checkpoint"),
+        (2, "weighted_average", (0, 3), "fallback:nearest"),
+    ]
 
 
 def test_first_stage_with_its_partner_lost_falls_back_and_reinits_the_edge():
@@ -101,7 +108,9 @@ def test_redundant_plans_fail_over_to_the_shadow_holder():
     plans = plan_recovery({0, 3}, 4, "redundant", "nearest")
     # stage 0's shadow lived on stage 3, lost too: fallback; stage 3's lives on stage 2: failover
     assert [(p.stage, p.method, p.sources, p.path, p.edge) for p in plans] == [
-        (0, "copy", (1,), "fallback:nearest", "reinit"), (3, "shadow", (2,), "primary", "shadow")]
+        (0, "copy", (1,), "fallback:nearest", "reinit"),
+        (3, "shadow", (2,), "primary", "shadow"),
+    ]
     (p,) = plan_recovery({2}, 4, "redundant", "nearest")
     assert (p.method, p.sources, p.path) == ("shadow", (1,), "primary")
     (p,) = plan_recovery({0}, 4, "redundant", "nearest")

@@ -23,15 +23,24 @@ def test_every_schedule_is_valid(kind, num_stages, num_microbatches):
         s = build_schedule(kind, num_stages, num_microbatches, fraction)
         validate(s)  # build_schedule validates too; be explicit
         assert sum(len(ops) for ops in s.ops) == len(s.timeline) == 2 * sum(len(r) for r in s.routes)
-        assert [s.swapped(m) for m in range(num_microbatches)] == [bool(fraction) and is_swapped(m, fraction) for m in range(num_microbatches)]
+        assert [s.swapped(m) for m in range(num_microbatches)] == [
+            bool(fraction) and is_swapped(m, fraction) for m in range(num_microbatches)
+        ]
 
 
 def test_swapped_route_order_for_six_stages():
     # E@0, S1, S0, S2, S3, S5, S4, head@5: first two and last two swapped, whatever the stage count
     r = swapped_route(6)
     assert [(h.stage, h.embed, h.blocks, h.head) for h in r] == [
-        (0, True, False, False), (1, False, True, False), (0, False, True, False), (2, False, True, False),
-        (3, False, True, False), (5, False, True, False), (4, False, True, False), (5, False, False, True)]
+        (0, True, False, False),
+        (1, False, True, False),
+        (0, False, True, False),
+        (2, False, True, False),
+        (3, False, True, False),
+        (5, False, True, False),
+        (4, False, True, False),
+        (5, False, False, True),
+    ]
     assert [h.stage for h in swapped_route(4) if h.blocks] == [1, 0, 3, 2]
     assert [h.stage for h in swapped_route(8) if h.blocks] == [1, 0, 2, 3, 4, 5, 7, 6]
 

@@ -38,8 +38,7 @@ def _assert_every_step_once(metrics, num_steps):
 @pytest.mark.parametrize("phase", ["before_forward", "mid_forward", "mid_backward"])
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_failure_in_each_phase_and_stage_is_recovered(tmp_path, phase, stage):
-    trainer, summary, metrics, events = _run(
-        tmp_path, "num_steps=6", failures=[Failure(3, stage, phase, 0.5)])
+    trainer, summary, metrics, events = _run(tmp_path, "num_steps=6", failures=[Failure(3, stage, phase, 0.5)])
     _assert_every_step_once(metrics, 6)
     assert summary["iterations"] == 7 and summary["failures"] == 1 and summary["recoveries"] == 1
     (fail,) = _of(events, "failure")
@@ -59,29 +58,41 @@ def test_failure_in_each_phase_and_stage_is_recovered(tmp_path, phase, stage):
 
 def test_adjacent_failures_take_the_nearest_live_fallback(tmp_path):
     _, summary, metrics, events = _run(
-        tmp_path, "num_steps=5", "recovery.strategy=checkfree", "recovery.adjacent_fallback=nearest",
-        failures=[Failure(2, 1, "mid_forward", 0.3), Failure(2, 2, "mid_backward", 0.6)])
+        tmp_path,
+        "num_steps=5",
+        "recovery.strategy=checkfree",
+        "recovery.adjacent_fallback=nearest",
+        failures=[Failure(2, 1, "mid_forward", 0.3), Failure(2, 2, "mid_backward", 0.6)],
+    )
     _assert_every_step_once(metrics, 5)
     recs = _of(events, "rebuilt")
     assert [(r["stage"], r["sources"], r["path"]) for r in recs] == [
-        (1, [0, 3], "fallback:nearest"), (2, [0, 3], "fallback:nearest")]
+        (1, [0, 3], "fallback:nearest"),
+        (2, [0, 3], "fallback:nearest"),
+    ]
     assert summary["recoveries"] == 2
 
 
 def test_adjacent_failures_prefer_a_checkpoint(tmp_path):
     trainer, _, metrics, events = _run(
-        tmp_path, "num_steps=6", "checkpoint.every_steps=2",
-        failures=[Failure(3, 0, "before_forward", 0.0), Failure(3, 1, "before_forward", 0.0)])
+        tmp_path,
+        "num_steps=6",
+        "checkpoint.every_steps=2",
+        failures=[Failure(3, 0, "before_forward", 0.0), Failure(3, 1, "before_forward", 0.0)],
+    )
     _assert_every_step_once(metrics, 6)
     recs = _of(events, "rebuilt")
     assert [(r["stage"], r["method"], r["path"], r["edge"]) for r in recs] == [
-        (0, "checkpoint", "fallback:checkpoint", "checkpoint"), (1, "checkpoint", "fallback:checkpoint", None)]
+        (0, "checkpoint", "fallback:checkpoint", "checkpoint"),
+        (1, "checkpoint", "fallback:checkpoint", None),
+    ]
     assert recs[0]["edge_staleness_steps"] == 1  # saved after step 2, lost while running step 3
 
 
 def test_first_stage_and_its_partner_lost_without_checkpoint(tmp_path):
     _, _, metrics, events = _run(
-        tmp_path, "num_steps=4", failures=[Failure(1, 0, "mid_forward", 0.5), Failure(1, 1, "mid_forward", 0.5)])
+        tmp_path, "num_steps=4", failures=[Failure(1, 0, "mid_forward", 0.5), Failure(1, 1, "mid_forward", 0.5)]
+    )
     _assert_every_step_once(metrics, 4)
     rec0 = _of(events, "rebuilt")[0]
     # stage 1 (swap partner and embedding-replica holder) is gone too: nearest live is stage 2, embedding re-initialised
@@ -90,8 +101,12 @@ def test_first_stage_and_its_partner_lost_without_checkpoint(tmp_path):
 
 def test_weights_come_from_pre_clip_norms(tmp_path):
     trainer, _, metrics, events = _run(
-        tmp_path, "num_steps=4", "optim.grad_clip=0.01", "recovery.strategy=checkfree",
-        failures=[Failure(2, 2, "before_forward", 0.0)])
+        tmp_path,
+        "num_steps=4",
+        "optim.grad_clip=0.01",
+        "recovery.strategy=checkfree",
+        failures=[Failure(2, 2, "before_forward", 0.0)],
+    )
     (rec,) = _of(events, "rebuilt")
     before = metrics[1]  # the last committed step before the failure
     n1, n3 = before["stage/1/grad_norm_raw"], before["stage/3/grad_norm_raw"]
@@ -128,8 +143,12 @@ def test_rebuild_quality_against_random_reinit(tmp_path):
 
 def test_checkpoint_strategy_rolls_back_and_redoes_exactly(tmp_path):
     _, summary, metrics, events = _run(
-        tmp_path, "num_steps=8", "recovery.strategy=checkpoint", "checkpoint.every_steps=3",
-        failures=[Failure(7, 2, "mid_backward", 0.5)])
+        tmp_path,
+        "num_steps=8",
+        "recovery.strategy=checkpoint",
+        "checkpoint.every_steps=3",
+        failures=[Failure(7, 2, "mid_backward", 0.5)],
+    )
     (rb,) = _of(events, "rolled_back")
     assert (rb["step"], rb["to_step"], rb["lost_steps"]) == (7, 6, 1)
     assert rb["restore_s"] > 0 and all(e["save_s"] > 0 for e in _of(events, "checkpoint_save"))
@@ -146,21 +165,26 @@ def test_trace_replay_reproduces_the_run(tmp_path):
     trace = tmp_path / "first" / "trace.jsonl"
     _, s2, m2, e2 = _run(tmp_path, "num_steps=12", "failures.mode=trace", f"failures.trace_path={trace}", name="replay")
     assert [m["loss/train"] for m in m1] == [m["loss/train"] for m in m2]
-    assert [(e["stage"], e["phase"]) for e in _of(e1, "failure")] == [(e["stage"], e["phase"]) for e in _of(e2, "failure")]
+    assert [(e["stage"], e["phase"]) for e in _of(e1, "failure")] == [
+        (e["stage"], e["phase"]) for e in _of(e2, "failure")
+    ]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_engine_matches_the_unsplit_model(tmp_path, schedule):
     """Same init, data and optimizer maths: the pipeline is an exact re-arrangement of one model."""
-    trainer, _, metrics, _ = _run(tmp_path, "num_steps=4", "optim.grad_clip=0", "recovery.strategy=none",
-                                  f"pipeline.schedule={schedule}")
+    trainer, _, metrics, _ = _run(
+        tmp_path, "num_steps=4", "optim.grad_clip=0", "recovery.strategy=none", f"pipeline.schedule={schedule}"
+    )
     import torch.nn.functional as F
 
     from checkfree.core.model import build_stages
 
     cfg = trainer.cfg
     (whole,) = build_stages(cfg.model, cfg.seed, num_stages=1)
-    opt = torch.optim.Adam(whole.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    opt = torch.optim.Adam(
+        whole.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps
+    )
     M = cfg.pipeline.num_microbatches
     for step in range(4):
         total = 0.0
@@ -175,15 +199,22 @@ def test_engine_matches_the_unsplit_model(tmp_path, schedule):
 
 
 def test_run_directory_contents(tmp_path):
-    trainer, summary, metrics, events = _run(tmp_path, "num_steps=3", "eval_every_steps=2",
-                                             failures=[Failure(1, 2, "mid_forward", 0.1)])
+    trainer, summary, metrics, events = _run(
+        tmp_path, "num_steps=3", "eval_every_steps=2", failures=[Failure(1, 2, "mid_forward", 0.1)]
+    )
     d = trainer.run_dir
     for f in ("config.yaml", "metrics.jsonl", "events.jsonl", "trace.jsonl", "summary.json"):
         assert (d / f).is_file(), f
     assert "loss/val" in metrics[1] and "loss/val" in metrics[2] and "loss/val" not in metrics[0]
     assert json.loads((d / "summary.json").read_text())["steps"] == 3
     rec = metrics[0]
-    for key in ("throughput/tokens_per_s", "time/train_s", "stage/3/grad_norm_raw", "stage/3/grad_norm_smoothed", "stage/0/lr"):
+    for key in (
+        "throughput/tokens_per_s",
+        "time/train_s",
+        "stage/3/grad_norm_raw",
+        "stage/3/grad_norm_smoothed",
+        "stage/0/lr",
+    ):
         assert key in rec
     with pytest.raises(FileExistsError, match="already holds a run"):
         Trainer(tiny_config(tmp_path, "run_name=run"))
@@ -194,11 +225,19 @@ def test_redundant_strategy_fails_over_with_no_loss_of_quality(tmp_path):
     phase) reproduces the failure-free run's losses, and the shadow costs a second copy of every stage."""
     common = ["num_steps=8", "recovery.strategy=redundant", "recovery.lr_factor=1.5"]
     _, ref, m_ref, _ = _run(tmp_path, *common, name="ref")
-    fails = [Failure(2, 0, "mid_backward", 0.5), Failure(5, 2, "mid_forward", 0.5), Failure(7, 3, "before_forward", 0.0)]
+    fails = [
+        Failure(2, 0, "mid_backward", 0.5),
+        Failure(5, 2, "mid_forward", 0.5),
+        Failure(7, 3, "before_forward", 0.0),
+    ]
     trainer, summary, m_fail, events = _run(tmp_path, *common, failures=fails, name="fail")
     assert [m["loss/train"] for m in m_fail] == pytest.approx([m["loss/train"] for m in m_ref], abs=1e-6)
     recs = _of(events, "rebuilt")
-    assert [(r["stage"], r["method"], r["sources"]) for r in recs] == [(0, "shadow", [3]), (2, "shadow", [1]), (3, "shadow", [2])]
+    assert [(r["stage"], r["method"], r["sources"]) for r in recs] == [
+        (0, "shadow", [3]),
+        (2, "shadow", [1]),
+        (3, "shadow", [2]),
+    ]
     assert trainer.engine.lrs == [trainer.cfg.optim.lr] * 4  # no raised learning rate: nothing was lost
     assert summary["memory/shadow_param_bytes"] == summary["memory/param_bytes"]
     for t, shadow in enumerate(trainer.engine.shadows.stages):  # shadows re-made and in step with their stages
@@ -207,11 +246,17 @@ def test_redundant_strategy_fails_over_with_no_loss_of_quality(tmp_path):
 
 
 def test_redundant_with_a_lost_shadow_holder_falls_back(tmp_path):
-    _, _, metrics, events = _run(tmp_path, "num_steps=4", "recovery.strategy=redundant",
-                                 "recovery.adjacent_fallback=nearest",
-                                 failures=[Failure(1, 1, "mid_forward", 0.5), Failure(1, 2, "mid_forward", 0.5)])
+    _, _, metrics, events = _run(
+        tmp_path,
+        "num_steps=4",
+        "recovery.strategy=redundant",
+        "recovery.adjacent_fallback=nearest",
+        failures=[Failure(1, 1, "mid_forward", 0.5), Failure(1, 2, "mid_forward", 0.5)],
+    )
     _assert_every_step_once(metrics, 4)
     recs = _of(events, "rebuilt")
     # stage 1's shadow lived on stage 0: failover; stage 2's shadow lived on stage 1, lost too: fallback
     assert [(r["stage"], r["method"], r["path"]) for r in recs] == [
-        (1, "shadow", "primary"), (2, "weighted_average", "fallback:nearest")]
+        (1, "shadow", "primary"),
+        (2, "weighted_average", "fallback:nearest"),
+    ]

@@ -1,0 +1,54 @@
+"""Behaviour is pinned: the tiny default's losses, recorded before the core/engine/swarm restructuring
+(tests/data/golden_tiny.json, from ``checkfree train`` and a failure-free ``checkfree swarm``), are
+reproduced by the current code within float tolerance, failures and rebuilds of the engine run included.
+
+The runs are cut short to keep the suite fast (no learning-rate schedule, failures keyed by iteration:
+the first N steps of a longer run are the same steps); the engine prefix covers four failures, two of them
+in the same step.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkfree.core.metrics import read_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "golden_tiny.json").read_text())
+ENGINE_STEPS, SWARM_STEPS = 110, 60
+
+
+def _run(tmp_path, *args):
+    out = subprocess.run(
+        [sys.executable, "-m", "checkfree", *args, f"out_dir={tmp_path}", "progress=false", "plot=false"],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return read_jsonl(tmp_path / args[1].split("=")[1] / "metrics.jsonl"), tmp_path / args[1].split("=")[1]
+
+
+def test_engine_losses_and_rebuilds_match_the_golden_run(tmp_path):
+    metrics, run_dir = _run(tmp_path, "train", "run_name=golden", f"num_steps={ENGINE_STEPS}")
+    golden = GOLDEN["train"]
+    assert [m["loss/train"] for m in metrics] == pytest.approx(golden["loss/train"][:ENGINE_STEPS], abs=2e-4)
+    vals = {str(m["step"]): m["loss/val"] for m in metrics if "loss/val" in m and m["step"] < ENGINE_STEPS - 1}
+    assert vals == pytest.approx({k: v for k, v in golden["loss/val"].items() if int(k) < ENGINE_STEPS - 1}, abs=2e-4)
+    rebuilt = [
+        [e["stage"], e["step"], e["method"], e["path"], e["edge"], e["sources"]]
+        for e in read_jsonl(run_dir / "events.jsonl")
+        if e["event"] == "rebuilt"
+    ]
+    assert rebuilt == [r for r in golden["recoveries"] if r[1] < ENGINE_STEPS] and len(rebuilt) >= 4
+
+
+def test_failure_free_swarm_losses_match_the_golden_run(tmp_path):
+    metrics, _ = _run(tmp_path, "swarm", "run_name=golden", f"num_steps={SWARM_STEPS}", "failures.mode=none")
+    assert [m["step"] for m in metrics] == list(range(SWARM_STEPS))
+    assert [m["loss/train"] for m in metrics] == pytest.approx(GOLDEN["swarm"]["loss/train"][:SWARM_STEPS], abs=2e-4)

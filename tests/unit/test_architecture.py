@@ -1,0 +1,71 @@
+"""The import directions of docs/ARCHITECTURE.md, read from the source: the core imports neither executor;
+the engine and the swarm import the core (and the config root), never each other; the library never
+imports the launcher (only the command line does, for ``checkfree swarm``)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "checkfree"
+
+# package -> the checkfree/launcher packages its modules may import
+ALLOWED = {
+    "checkfree.core": {"checkfree.core"},
+    "checkfree.engine": {"checkfree.core", "checkfree.engine", "checkfree.config", "checkfree"},
+    "checkfree.swarm": {"checkfree.core", "checkfree.swarm", "checkfree.config", "checkfree"},
+    "checkfree.config": {"checkfree.core", "checkfree.swarm.config"},
+    "checkfree.plot": {"checkfree.core"},
+    "checkfree.cli": {"*"},  # the entry point may use everything, the launcher included
+}  # "checkfree" alone: the package's own __init__ (its __version__), not everything under it
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return [n for n in names if n.split(".")[0] in ("checkfree", "launcher")]
+
+
+def _allowed(module: str) -> set[str]:
+    rule = max((k for k in ALLOWED if module == k or module.startswith(k + ".")), key=len, default=None)
+    assert rule is not None, f"{module} belongs to no layer of docs/ARCHITECTURE.md; add it to ALLOWED"
+    return ALLOWED[rule]
+
+
+def _permitted(imported: str, allowed: set[str]) -> bool:
+    if "*" in allowed:
+        return True
+    if imported == "checkfree":
+        return "checkfree" in allowed
+    return any(imported == a or imported.startswith(a + ".") for a in allowed - {"checkfree"})
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if p.name != "__main__.py")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_follow_the_layers(path):
+    module = _module_name(path)
+    if module == "checkfree":
+        return
+    allowed = _allowed(module)
+    bad = [i for i in _imports(path) if not _permitted(i, allowed)]
+    assert not bad, f"{module} imports {bad}; allowed: {sorted(allowed)} (docs/ARCHITECTURE.md)"
+
+
+def test_the_rule_catches_a_wrong_import(tmp_path):
+    """The check itself: an engine module importing the swarm is refused."""
+    allowed = _allowed("checkfree.engine.trainer")
+    assert not _permitted("checkfree.swarm.peer", allowed) and not _permitted("launcher.local", allowed)
+    assert _permitted("checkfree.core.model", allowed) and _permitted("checkfree.config", allowed)
+    assert not _permitted("checkfree.engine.pipeline", _allowed("checkfree.core.rebuild"))
+    assert not _permitted("checkfree.swarm.membership", _allowed("checkfree.config"))
