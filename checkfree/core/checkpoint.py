@@ -26,7 +26,7 @@ import os
 import pickle
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -90,7 +90,7 @@ class CheckpointStore:
         d.mkdir(exist_ok=True)
         tmp = d / f".stage_{stage}.pt.tmp"
         t0 = time.perf_counter()
-        torch.save(asdict(payload), tmp)
+        torch.save({f.name: getattr(payload, f.name) for f in fields(payload)}, tmp)  # asdict would copy
         self._throttle(tmp, t0)
         os.replace(tmp, d / f"stage_{stage}.pt")
 

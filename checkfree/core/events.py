@@ -104,7 +104,12 @@ EVENTS: dict[str, EventType] = {
         ),
         EventType("shadow_refreshed", ("shadow_of", "step"), "swarm", "redundant: a shadow was sent anew"),
         EventType("resumed", ("step",), "swarm", "the first step committed after a new epoch formed"),
-        EventType("swarm_stopped", ("reason",), "swarm", "the swarm cannot go on; every peer exits saying why"),
+        EventType(
+            "swarm_stopped",
+            ("reason",),
+            "swarm",
+            "this peer stops because the swarm cannot go on (a stop record, or a fatal hand-over error)",
+        ),
         EventType("done", ("step",), "swarm", "the run reached num_steps"),
         # the local launcher
         EventType("peer_spawned", ("peer", "pid"), "launcher", "the launcher started a peer process"),

@@ -50,11 +50,16 @@ class RebuildSpec:
     optim: OptimConfig
     recovery: RecoveryConfig
     seed: int
+    device: str = "cpu"  # where the rebuilt stage lives: its optimizer state is created there too
 
     @classmethod
     def of(cls, cfg) -> RebuildSpec:
         """From a ``TrainConfig`` (taken by attribute: the core does not import the config root)."""
-        return cls(cfg.model, cfg.optim, cfg.recovery, cfg.seed)
+        return cls(cfg.model, cfg.optim, cfg.recovery, cfg.seed, cfg.device)
+
+    def new_stage(self, index: int) -> Stage:
+        """An uninitialised stage on the device (Adam state loaded later must land beside its parameters)."""
+        return Stage(self.model, index).to(self.device)
 
 
 @dataclass
@@ -82,14 +87,14 @@ class RebuiltStage:
 
 def initial_stage(spec: RebuildSpec, index: int) -> tuple[Stage, torch.optim.Optimizer]:
     """Stage ``index`` as the run starts it (a pure function of the seed), with a fresh optimizer."""
-    stage = Stage(spec.model, index)
+    stage = spec.new_stage(index)
     init_stage_(stage, spec.model, spec.seed)
     return stage, make_optimizer(stage, spec.optim, spec.optim.lr)
 
 
 def restore_stage(spec: RebuildSpec, index: int, payload: StagePayload) -> RebuiltStage:
     """Stage ``index`` exactly as a checkpoint saved it: weights, Adam state, lr and tracked norms."""
-    stage = Stage(spec.model, index)
+    stage = spec.new_stage(index)
     stage.load_state_dict(payload.model)
     optimizer = make_optimizer(stage, spec.optim, payload.lr, payload.optim)
     return RebuiltStage(stage, optimizer, payload.lr, (), (), None, payload.grad_norm_raw, payload.grad_norm_smoothed)
@@ -110,7 +115,7 @@ def rebuild_stage(spec: RebuildSpec, plan: RecoveryPlan, step: int, inputs: Rebu
         rebuilt = restore_stage(spec, plan.stage, inputs.checkpoint)
         rebuilt.edge_staleness_steps = step - inputs.checkpoint.step  # the whole stage is that old
         return rebuilt
-    stage = Stage(spec.model, plan.stage)
+    stage = spec.new_stage(plan.stage)
     init_stage_(stage, spec.model, spec.seed, salt=reinit_salt(step))  # what no source overwrites is a fresh draw
     if plan.method == "shadow":
         if inputs.full_state is None:

@@ -2,8 +2,10 @@
 Swarm configuration
 ===================
 
-The ``swarm`` section: how the multi-process runtime waits, gives up and is attacked. Membership
-(heartbeats) and transport (timeouts) have their own sections in ``membership.py`` and ``transport.py``.
+The swarm's config sections, as plain dataclasses (``checkfree.config`` composes them into
+``TrainConfig`` without loading anything else of the swarm): ``swarm`` (how the multi-process runtime
+waits and gives up), ``membership`` (heartbeats and the DHT) and ``transport`` (timeouts, backend), plus
+``config_fingerprint``, what peers of one swarm must agree on.
 """
 
 from __future__ import annotations

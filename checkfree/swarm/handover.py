@@ -56,8 +56,12 @@ class Handover:
         device: torch.device,
         ckpt: CheckpointStore | None,
         emit: Callable[..., object],
+        stop_swarm: Callable[[EpochRecord, str], None] | None = None,
     ):
+        """``stop_swarm(rec, reason)`` publishes a stop record and raises ``SwarmStopped`` (the peer's leader
+        role does); without it, a fatal condition raises ``SwarmStopped`` in this peer only."""
         self.cfg, self.spec = cfg, RebuildSpec.of(cfg)
+        self.stop_swarm = stop_swarm
         self.schedule, self.batches, self.device, self.ckpt, self.emit = schedule, batches, device, ckpt, emit
         self.num_stages = cfg.model.num_stages
         self.replicas_on = edge_replicas_on(cfg.recovery)
@@ -109,8 +113,13 @@ class Handover:
         """
         stage = group.stage
         fresh = worker is None or worker.index != stage
-        if fresh and rec.epoch > 0 and stage not in rec.lost:
-            raise SwarmStopped(f"epoch {rec.epoch} gives this new peer stage {stage}, which is not being rebuilt")
+        if fresh and rec.step > 0 and stage not in rec.lost and rec.rollback_to is None:
+            # a peer with no trained weights for this stage (its own hand-over broke off) may start from the
+            # initial state only before any step was committed
+            raise SwarmStopped(
+                f"epoch {rec.epoch} resumes stage {stage} at step {rec.step} on this peer, which "
+                "holds no trained weights for it and is not planned to rebuild it"
+            )
         if rec.rollback_to is not None:
             worker, step = self._roll_back(worker, stage, rec), rec.rollback_to
         elif fresh:
@@ -139,7 +148,10 @@ class Handover:
             try:
                 restored = restore_stage(self.spec, stage, self.ckpt.load_stage(rec.rollback_to, stage))
             except RuntimeError as e:
-                raise SwarmStopped(f"stage {stage} cannot roll back to step {rec.rollback_to}: {e}") from e
+                reason = f"stage {stage} cannot roll back to step {rec.rollback_to}: {e}"
+                if self.stop_swarm is not None:
+                    self.stop_swarm(rec, reason)  # every peer learns it and exits saying why
+                raise SwarmStopped(reason) from e
         if worker is None or worker.index != stage or restored is None:
             worker = self.new_worker(stage, restored)
         else:

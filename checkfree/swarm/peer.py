@@ -93,9 +93,17 @@ class Peer:
                 keep=1 << 30,
                 storage_mb_s=cfg.checkpoint.storage_mb_s,
             )
-        self.handover = Handover(cfg, schedule, batches, self.device, ckpt, self.emit)
         self.leader = Leader(
             cfg, self.peer_id, self.run_id, self.fingerprint, self.membership, ckpt, replicas_on, self.emit
+        )
+        self.handover = Handover(
+            cfg,
+            schedule,
+            batches,
+            self.device,
+            ckpt,
+            self.emit,
+            stop_swarm=lambda rec, reason: self.leader.stop_swarm(rec, reason, self.status.step),
         )
         tokens = batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
         self.training = TrainingLoop(
@@ -178,6 +186,7 @@ class Peer:
 
     def _wait_for_epoch(self) -> EpochRecord | None:
         cfg = self.cfg
+        self.leader.waiting_since = None  # swarm.spare_wait_s counts from the start of this wait
         while True:
             members = self.membership.members()
             members[self.peer_id] = self.record()  # our own view is fresher than the DHT's
@@ -214,6 +223,8 @@ class Peer:
         stage = rec.roster.index(self.peer_id)
         fresh = self.worker is None or self.worker.index != stage
         self.status.epoch, self.status.state, self.leader.reason = rec.epoch, "joining", ""
+        if fresh:  # heartbeat the stage and step being joined, also if this join breaks off
+            self.asked_stage, self.status.step = stage, rec.step
         store = self.leader.hosted.get(rec.epoch)
         try:
             if store is None:

@@ -19,7 +19,7 @@ from checkfree.core.metrics import read_jsonl
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "golden_tiny.json").read_text())
-ENGINE_STEPS, SWARM_STEPS = 110, 60
+ENGINE_STEPS, SWARM_STEPS = 110, 40
 
 
 def _run(tmp_path, *args):

@@ -86,9 +86,21 @@ def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
     fails = [Failure(3, 1, "mid_forward", 0.5), Failure(8, 0, "mid_forward", 0.5), Failure(13, 3, "mid_forward", 0.5)]
     # enough steps after the last kill: the launcher waits swarm.min_gap_s after each resume, and toy steps
     # take milliseconds (with 20 steps the run could end before the third kill landed)
-    code, out, run_dir = run_swarm(tmp_path, "crash", "num_steps=80", "swarm.num_spares=2", failures=fails)
+    code, out, run_dir = run_swarm(
+        tmp_path, "crash", "num_steps=80", "swarm.num_spares=2", "metrics.tensorboard=true", failures=fails
+    )
     assert code == 0, out
     summary, _ = _check_every_step_once(run_dir, 80)
+    # every peer that trained wrote its own TensorBoard run, at the steps it committed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb_steps = set()
+    for tb in (run_dir / "tensorboard").iterdir():
+        acc = EventAccumulator(str(tb))
+        acc.Reload()
+        if "loss/train" in acc.Tags()["scalars"]:
+            tb_steps |= {e.step for e in acc.Scalars("loss/train")}
+    assert tb_steps == set(range(80))
     rows = summary["recovery_rows"]
     assert [(r["stage"], r["signal"], r["method"]) for r in rows] == [
         (1, "SIGKILL", "weighted_average"),

@@ -69,3 +69,11 @@ def test_the_rule_catches_a_wrong_import(tmp_path):
     assert _permitted("checkfree.core.model", allowed) and _permitted("checkfree.config", allowed)
     assert not _permitted("checkfree.engine.pipeline", _allowed("checkfree.core.rebuild"))
     assert not _permitted("checkfree.swarm.membership", _allowed("checkfree.config"))
+
+
+def test_the_documented_event_schema_is_the_one_in_the_code():
+    from checkfree.core.events import schema_table
+
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    documented = doc.split("<!-- schema:begin -->")[1].split("<!-- schema:end -->")[0].strip()
+    assert documented == schema_table()

@@ -1,0 +1,64 @@
+"""The leader's waiting: it stops the swarm (publishing why) only after waiting swarm.spare_wait_s for a
+spare in one wait, and a new wait starts the clock anew."""
+
+import time
+
+import pytest
+
+from checkfree.swarm.coordinator import SwarmStopped
+from checkfree.swarm.leader import Leader
+from checkfree.swarm.membership import EpochRecord, MemberRecord
+from tests.helpers import tiny_config
+
+
+class _Membership:
+    def __init__(self):
+        self.published: list[EpochRecord] = []
+
+    def publish_epoch(self, rec):
+        self.published.append(rec)
+
+
+def _view():
+    current = EpochRecord(
+        run_id="l",
+        fingerprint="fp",
+        epoch=0,
+        roster=["a", "b", "c", "d"],
+        store_host="",
+        store_port=0,
+        step=3,
+        leader="a",
+        time=time.time(),
+    )
+    members = {
+        p: MemberRecord(run_id="l", fingerprint="fp", peer_id=p, stage=s, epoch=0, state="recovering", step=3)
+        for s, p in enumerate("abc")
+    }  # stage 3's peer is gone, no spare
+    return members, current
+
+
+def test_no_spare_for_longer_than_spare_wait_s_stops_the_swarm_with_a_stop_record(tmp_path):
+    cfg = tiny_config(tmp_path, "swarm.spare_wait_s=0.3")
+    membership = _Membership()
+    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
+    members, current = _view()
+    leader.step(members, current, 3)
+    assert "waiting for a spare for stages [3]" in leader.reason and not membership.published
+    time.sleep(0.35)
+    with pytest.raises(SwarmStopped, match="for more than swarm.spare_wait_s=0.3 s"):
+        leader.step(members, current, 3)
+    (stop,) = membership.published
+    assert stop.stop and stop.epoch == 1 and "waiting for a spare" in stop.stop
+
+
+def test_a_new_wait_starts_the_clock_anew(tmp_path):
+    cfg = tiny_config(tmp_path, "swarm.spare_wait_s=0.3")
+    membership = _Membership()
+    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
+    members, current = _view()
+    leader.step(members, current, 3)
+    time.sleep(0.35)
+    leader.waiting_since = None  # what the peer does at the start of each wait for an epoch
+    leader.step(members, current, 3)
+    assert not membership.published
