@@ -84,6 +84,14 @@ class RebuiltStage:
     grad_norm_raw: float
     grad_norm_smoothed: float | None
 
+    def event_fields(self, plan: RecoveryPlan, step: int, strategy: str, duration_s: float) -> dict:
+        """The required fields of the ``rebuilt`` event (``checkfree.core.events``), as both executors log it."""
+        return dict(
+            stage=plan.stage, step=step, strategy=strategy, method=plan.method, path=plan.path,
+            sources=list(plan.sources), weights=list(self.weights), source_norms=list(self.source_norms),
+            edge=plan.edge, edge_staleness_steps=self.edge_staleness_steps, lr=self.lr, duration_s=duration_s,
+        )  # fmt: skip
+
 
 def initial_stage(spec: RebuildSpec, index: int) -> tuple[Stage, torch.optim.Optimizer]:
     """Stage ``index`` as the run starts it (a pure function of the seed), with a fresh optimizer."""

@@ -258,21 +258,8 @@ class Trainer:
                 inputs.full_state = eng.shadows.hand_over(plan.stage)
             rebuilt = rebuild_stage(self.spec, plan, st.step, inputs)
             eng.install(plan.stage, rebuilt)
-            self.events.emit(
-                "rebuilt",
-                stage=plan.stage,
-                step=st.step,
-                strategy=cfg.strategy,
-                method=plan.method,
-                path=plan.path,
-                sources=list(plan.sources),
-                weights=list(rebuilt.weights),
-                source_norms=list(rebuilt.source_norms),
-                edge=plan.edge,
-                edge_staleness_steps=rebuilt.edge_staleness_steps,
-                lr=rebuilt.lr,
-                duration_s=time.perf_counter() - t0,
-            )
+            duration_s = time.perf_counter() - t0
+            self.events.emit("rebuilt", **rebuilt.event_fields(plan, st.step, cfg.strategy, duration_s))
             logger.info("stage %d rebuilt: %s from %s (%s)", plan.stage, plan.method, list(plan.sources), plan.path)
         if self.replicas_on and any(replica_holder(k, L) in lost for k in ("embed", "head")):
             eng.refresh_replicas(st.step)  # a rebuilt holder fetches fresh copies from the live owners

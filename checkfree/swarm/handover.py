@@ -223,22 +223,8 @@ class Handover:
         if plan.method == "checkpoint":
             inputs.checkpoint = self.ckpt.load_stage(self.ckpt.latest_for_stage(plan.stage), plan.stage)
         rebuilt = rebuild_stage(self.spec, plan, rec.step, inputs)
-        self.emit(
-            "rebuilt",
-            stage=plan.stage,
-            step=rec.step,
-            strategy=self.cfg.recovery.strategy,
-            method=plan.method,
-            path=plan.path,
-            sources=list(plan.sources),
-            weights=list(rebuilt.weights),
-            source_norms=list(rebuilt.source_norms),
-            edge=plan.edge,
-            edge_staleness_steps=rebuilt.edge_staleness_steps,
-            lr=rebuilt.lr,
-            duration_s=time.time() - t0,
-            lost_epoch_time=rec.time,
-        )
+        fields = rebuilt.event_fields(plan, rec.step, self.cfg.recovery.strategy, duration_s=time.time() - t0)
+        self.emit("rebuilt", **fields, lost_epoch_time=rec.time)
         return rebuilt
 
     # ---- shadows and replicas ------------------------------------------------------------------------
