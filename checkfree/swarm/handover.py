@@ -123,15 +123,15 @@ class Handover:
         if rec.rollback_to is not None:
             worker, step = self._roll_back(worker, stage, rec), rec.rollback_to
         elif fresh:
-            worker, step = None, rec.step
+            # a lost stage is rebuilt by the transfer below; any other stage new to this peer is at step 0
+            # (checked above), where the initial state is the valid one, and may be a source of that transfer
+            worker, step = (None if stage in rec.lost else self.new_worker(stage)), rec.step
         else:
             step = self._settle(worker, rec, step)
         if rec.plans:
             rebuilt = self._transfer(group, worker, stage, rec, fresh)
             if rebuilt is not None:
                 worker = self.new_worker(stage, rebuilt)
-        if worker is None:  # a stage peer of the first epoch
-            worker = self.new_worker(stage)
         if self.redundant and rec.epoch > 0:
             self._refresh_shadows(group, worker, rec)
         if self.replicas_on:

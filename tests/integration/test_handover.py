@@ -75,3 +75,19 @@ def test_a_rollback_nobody_can_read_stops_the_whole_swarm(tmp_path):
     with pytest.raises(SwarmStopped, match="stage 1 cannot roll back to step 4"):
         _handover(cfg, ckpt, stop_swarm).run(_Group(1), None, _record(2, 4, rollback_to=4), 6)
     assert stopped and stopped[0][0] == 2 and "cannot load checkpoint" in stopped[0][1]
+
+
+def test_a_peer_whose_first_join_broke_off_serves_as_a_source_at_step_zero(tmp_path):
+    """Stage peers whose epoch-0 rendezvous failed hold no worker yet; when the next epoch (still at step 0)
+    rebuilds stage 2, stages 1 and 3 must send their initial weights (this crashed with AttributeError)."""
+    cfg = tiny_config(tmp_path, "recovery.strategy=uniform")
+    trainer = Trainer(cfg)
+    plan = {"stage": 2, "method": "uniform_average", "sources": [1, 3], "path": "primary", "edge": None}
+    rec = _record(1, 0, lost=[2], plans=[plan])
+    results = run_ranks(4, lambda g: _handover(cfg, trainer=trainer).run(g, None, rec, 0), timeout_s=10, epoch=1)
+    assert all(not isinstance(r, Exception) for r in results), results
+    initial = build_stages(cfg.model, cfg.seed)
+    rebuilt = results[2][0].stage.state_dict()
+    for key, value in rebuilt.items():
+        expected = (initial[1].state_dict()[key] + initial[3].state_dict()[key]) / 2
+        assert torch.allclose(value, expected, atol=1e-7), key
