@@ -166,12 +166,21 @@ def init_stage_(stage: Stage, cfg: ModelConfig, seed: int, salt: int = 0) -> Non
         with torch.no_grad():
             block.attn_norm.weight.fill_(1.0)
             block.ffn_norm.weight.fill_(1.0)
-    if stage.embed is not None:
-        normal_([stage.embed.weight], stream=-1)
-    if stage.head is not None:
-        normal_([stage.head.weight], stream=-2)
-        with torch.no_grad():
-            stage.norm.weight.fill_(1.0)
+    for kind in ("embed", "head"):
+        if (stage.embed if kind == "embed" else stage.head) is not None:
+            stage.load_state_dict(initial_edge_state(cfg, seed, kind, salt), strict=False)
+
+
+def initial_edge_state(cfg: ModelConfig, seed: int, kind: str, salt: int = 0) -> dict[str, torch.Tensor]:
+    """The embedding (``kind='embed'``) or final norm + head (``kind='head'``) exactly as ``init_stage_``
+    draws them, without building the stage that owns them (the initial copy a replica holder keeps)."""
+    gen = torch.Generator().manual_seed(hash_seed(seed, -1 if kind == "embed" else -2, salt))
+    if kind == "embed":
+        return {"embed.weight": torch.randn((cfg.vocab_size, cfg.d_model), generator=gen) * cfg.init_std}
+    return {
+        "norm.weight": torch.ones(cfg.d_model),
+        "head.weight": torch.randn((cfg.vocab_size, cfg.d_model), generator=gen) * cfg.init_std,
+    }
 
 
 def build_stages(cfg: ModelConfig, seed: int, num_stages: int | None = None) -> list[Stage]:

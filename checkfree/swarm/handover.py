@@ -26,7 +26,7 @@ import torch
 
 from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.data import Batches
-from checkfree.core.model import Stage, block_state, edge_state
+from checkfree.core.model import Stage, block_state, edge_state, initial_edge_state
 from checkfree.core.rebuild import RebuildInputs, RebuildSpec, RebuiltStage, initial_stage, rebuild_stage, restore_stage
 from checkfree.core.recovery import RecoveryPlan, edge_kind, edge_replicas_on, replica_holder
 from checkfree.core.redundancy import full_state_like, full_state_tensors, shadow_holder, shadow_of
@@ -85,6 +85,12 @@ class Handover:
         )
         if rebuilt is not None:
             worker.install(rebuilt)
+        if self.replicas_on:
+            # a holder starts with the owner's initial embedding / head, a pure function of the seed (what the
+            # engine copies at step 0); the exchange at the end of every join and each refresh replaces it
+            for kind, owner in (("embed", 0), ("head", self.num_stages - 1)):
+                if replica_holder(kind, self.num_stages) == index != owner:
+                    worker.replica = (0, initial_edge_state(self.spec.model, self.spec.seed, kind))
         if self.redundant:
             # the next stage's initial state is a pure function of the seed, so the first shadow needs no
             # transfer; a replacement peer's shadow is sent to it when it joins (refresh_shadows)

@@ -91,3 +91,18 @@ def test_a_peer_whose_first_join_broke_off_serves_as_a_source_at_step_zero(tmp_p
     for key, value in rebuilt.items():
         expected = (initial[1].state_dict()[key] + initial[3].state_dict()[key]) / 2
         assert torch.allclose(value, expected, atol=1e-7), key
+
+
+def test_a_replica_holder_whose_first_join_broke_off_still_sends_the_embedding(tmp_path):
+    """Stage 1 holds the embedding's replica; when its epoch-0 join broke off before the replicas were
+    exchanged and stage 0 is lost at step 0, it sends the initial embedding (this crashed: no replica)."""
+    cfg = tiny_config(tmp_path, "recovery.strategy=checkfree_plus")
+    trainer = Trainer(cfg)
+    plan = {"stage": 0, "method": "copy", "sources": [1], "path": "primary", "edge": "replica"}
+    rec = _record(1, 0, lost=[0], plans=[plan])
+    results = run_ranks(4, lambda g: _handover(cfg, trainer=trainer).run(g, None, rec, 0), timeout_s=10, epoch=1)
+    assert all(not isinstance(r, Exception) for r in results), results
+    initial = build_stages(cfg.model, cfg.seed)
+    assert torch.equal(results[0][0].stage.embed.weight, initial[0].embed.weight)
+    taken_at, replica = results[1][0].replica  # refreshed by the exchange at the end of the join
+    assert taken_at == 0 and torch.equal(replica["embed.weight"], initial[0].embed.weight)
