@@ -111,6 +111,12 @@ EVENTS: dict[str, EventType] = {
             "this peer stops because the swarm cannot go on (a stop record, or a fatal hand-over error)",
         ),
         EventType("done", ("step",), "swarm", "the run reached num_steps"),
+        EventType(
+            "left",
+            ("reason",),
+            "swarm",
+            "this peer left: it holds no valid weights for the stage it was given (its hand-over broke off)",
+        ),
         # the local launcher
         EventType("peer_spawned", ("peer", "pid"), "launcher", "the launcher started a peer process"),
         EventType("peer_exited", ("peer", "returncode"), "launcher", "a peer process ended on its own with an error"),

@@ -19,6 +19,7 @@ class ExitCode(enum.IntEnum):
     SWARM_STOPPED = 3
     TIMED_OUT = 4
     INCOMPLETE = 5
+    LEFT = 6
     INTERRUPTED = 130
 
 
@@ -34,5 +35,6 @@ _MEANING = {
     ExitCode.SWARM_STOPPED: "the swarm stopped itself and said why (no spare in time, nothing to rebuild from)",
     ExitCode.TIMED_OUT: "checkfree swarm: swarm.run_timeout_s passed first",
     ExitCode.INCOMPLETE: "checkfree swarm: the peers exited before num_steps steps were committed",
+    ExitCode.LEFT: "checkfree peer: it left because it holds no valid weights for the stage it was given",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); peers ended, report written",
 }

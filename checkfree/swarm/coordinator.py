@@ -27,6 +27,11 @@ class SwarmStopped(RuntimeError):
     """The swarm cannot go on (no spare in time, recovery impossible); the run directory stays intact."""
 
 
+class PeerCannotServe(RuntimeError):
+    """This peer was given a stage it holds no valid weights for (its own hand-over broke off): it leaves, so
+    that the stage counts as lost and is planned again, instead of training weights nobody rebuilt."""
+
+
 @dataclass(frozen=True)
 class Decision:
     """A new epoch to publish, or why none is published yet (``roster`` None)."""

@@ -31,7 +31,7 @@ from checkfree.core.rebuild import RebuildInputs, RebuildSpec, RebuiltStage, ini
 from checkfree.core.recovery import RecoveryPlan, edge_kind, edge_replicas_on, replica_holder
 from checkfree.core.redundancy import full_state_like, full_state_tensors, shadow_holder, shadow_of
 from checkfree.core.schedule import Schedule
-from checkfree.swarm.coordinator import SwarmStopped
+from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped
 from checkfree.swarm.membership import EpochRecord
 from checkfree.swarm.shadow import HeldShadow
 from checkfree.swarm.transport import EpochGroup
@@ -122,7 +122,7 @@ class Handover:
         if fresh and rec.step > 0 and stage not in rec.lost and rec.rollback_to is None:
             # a peer with no trained weights for this stage (its own hand-over broke off) may start from the
             # initial state only before any step was committed
-            raise SwarmStopped(
+            raise PeerCannotServe(
                 f"epoch {rec.epoch} resumes stage {stage} at step {rec.step} on this peer, which "
                 "holds no trained weights for it and is not planned to rebuild it"
             )

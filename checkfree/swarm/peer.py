@@ -36,7 +36,7 @@ from checkfree.core.metrics import MetricLogger
 from checkfree.core.recovery import edge_replicas_on
 from checkfree.core.schedule import schedule_for
 from checkfree.swarm.config import config_fingerprint
-from checkfree.swarm.coordinator import SwarmStopped, leader_of
+from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.handover import Handover
 from checkfree.swarm.leader import Leader
 from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
@@ -172,6 +172,10 @@ class Peer:
                     return ExitCode.OK
                 except (StageLostError, PeerProtocolError) as e:
                     self._abort(e)
+        except PeerCannotServe as e:
+            self.emit("left", reason=str(e))
+            logger.error("[peer %s] leaving: %s", self.peer_id, e)
+            return ExitCode.LEFT
         except SwarmStopped as e:
             self.emit("swarm_stopped", reason=str(e))
             logger.error("[peer %s] %s", self.peer_id, e)

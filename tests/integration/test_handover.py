@@ -9,7 +9,7 @@ import torch
 from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.model import build_stages
 from checkfree.engine.trainer import Trainer
-from checkfree.swarm.coordinator import SwarmStopped
+from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped
 from checkfree.swarm.handover import Handover
 from checkfree.swarm.membership import EpochRecord
 from tests.helpers import run_ranks, tiny_config
@@ -59,7 +59,7 @@ def test_peers_whose_first_join_broke_off_start_from_the_initial_state_in_the_ne
 
 def test_a_peer_without_trained_weights_is_never_resumed_past_step_zero(tmp_path):
     cfg = tiny_config(tmp_path)
-    with pytest.raises(SwarmStopped, match="resumes stage 2 at step 5 on this peer, which holds no trained weights"):
+    with pytest.raises(PeerCannotServe, match="resumes stage 2 at step 5 on this peer, which holds no trained"):
         _handover(cfg).run(_Group(2), None, _record(3, 5), 0)
 
 
