@@ -38,12 +38,18 @@ def _view():
     return members, current
 
 
-def test_no_spare_for_longer_than_spare_wait_s_stops_the_swarm_with_a_stop_record(tmp_path):
+def _waiting_leader(tmp_path):
+    """A leader that has just started waiting for a spare (swarm.spare_wait_s=0.3)."""
     cfg = tiny_config(tmp_path, "swarm.spare_wait_s=0.3")
     membership = _Membership()
     leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
     members, current = _view()
     leader.step(members, current, 3)
+    return leader, membership, members, current
+
+
+def test_no_spare_for_longer_than_spare_wait_s_stops_the_swarm_with_a_stop_record(tmp_path):
+    leader, membership, members, current = _waiting_leader(tmp_path)
     assert "waiting for a spare for stages [3]" in leader.reason and not membership.published
     time.sleep(0.35)
     with pytest.raises(SwarmStopped, match="for more than swarm.spare_wait_s=0.3 s"):
@@ -53,11 +59,7 @@ def test_no_spare_for_longer_than_spare_wait_s_stops_the_swarm_with_a_stop_recor
 
 
 def test_a_new_wait_starts_the_clock_anew(tmp_path):
-    cfg = tiny_config(tmp_path, "swarm.spare_wait_s=0.3")
-    membership = _Membership()
-    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
-    members, current = _view()
-    leader.step(members, current, 3)
+    leader, membership, members, current = _waiting_leader(tmp_path)
     time.sleep(0.35)
     leader.waiting_since = None  # what the peer does at the start of each wait for an epoch
     leader.step(members, current, 3)
