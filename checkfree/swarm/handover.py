@@ -114,6 +114,7 @@ class Handover:
             The worker to train with and the step to resume at.
 
         Raises:
+            PeerCannotServe: this peer holds no valid weights for the stage it is given past step 0.
             SwarmStopped: the epoch cannot be joined consistently (its message says why).
             StageLostError, PeerProtocolError: from the transport; the caller aborts the epoch.
         """
@@ -138,6 +139,7 @@ class Handover:
             rebuilt = self._transfer(group, worker, stage, rec, fresh)
             if rebuilt is not None:
                 worker = self.new_worker(stage, rebuilt)
+        assert worker is not None, f"stage {stage} is lost in epoch {rec.epoch} but no plan rebuilt it"
         if self.redundant and rec.epoch > 0:
             self._refresh_shadows(group, worker, rec)
         if self.replicas_on:
