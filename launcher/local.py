@@ -183,8 +183,8 @@ class LocalSwarm:
         healthy = all(
             pid in members and members[pid].state == "running" and members[pid].epoch == current.epoch for pid in roster
         )
-        if not healthy or now - current.time < cfg.swarm.min_gap_s:
-            return
+        if not healthy or (current.epoch > 0 and now - current.time < cfg.swarm.min_gap_s):
+            return  # min_gap_s counts from the last resume; the first epoch resumes nothing
         step = max(members[pid].step for pid in roster)
         if step >= cfg.num_steps - 1:
             return

@@ -77,15 +77,22 @@ class EpochRecord(BaseModel):
     time: float = 0.0
 
 
-async def _watchdog(parent_pid: int, poll_s: float, dht, node) -> None:
-    """Runs inside the DHT process: shut down when the peer process that forked it is gone."""
-    while True:
-        await asyncio.sleep(poll_s)
-        if os.getppid() != parent_pid:
-            try:
-                await asyncio.wait_for(node.shutdown(), 5)
-            finally:
-                os._exit(0)
+async def _watchdog(parent_pid: int, poll_s: float, dht, node) -> bool:
+    """Runs inside the DHT process: starts a task that shuts the process (and its p2pd) down when the peer
+    process that forked it is gone, and returns once that task runs, so that the caller can wait for it."""
+
+    async def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                try:
+                    await asyncio.wait_for(node.shutdown(), 5)
+                finally:
+                    os._exit(0)
+            await asyncio.sleep(poll_s)
+
+    dht.checkfree_watchdog = asyncio.create_task(watch())  # referenced, so it is not garbage-collected
+    await asyncio.sleep(0)
+    return True
 
 
 class DHTUnavailable(RuntimeError):
@@ -116,7 +123,14 @@ class Membership:
             client_mode=self.client_mode,
             start=True,
         )
-        self.dht.run_coroutine(functools.partial(_watchdog, os.getpid(), 0.25), return_future=True)
+        # wait until the watchdog runs: a peer killed right after this returns must not leave its DHT behind
+        watching = self.dht.run_coroutine(functools.partial(_watchdog, os.getpid(), 0.25), return_future=True)
+        try:
+            watching.result(timeout=self.cfg.startup_timeout_s)
+        except TimeoutError as e:
+            self.dht.shutdown()
+            limit = self.cfg.startup_timeout_s
+            raise DHTUnavailable(f"the DHT process did not start its watchdog within {limit} s") from e
 
     @property
     def now(self) -> float:
