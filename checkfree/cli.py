@@ -61,8 +61,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
     except (ConfigError, DataError, FileExistsError, ValueError) as e:
         print(f"checkfree train: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    with Progress(cfg.num_steps, enabled=cfg.progress) as progress:
-        summary = trainer.run(on_step=progress.update)
+    from checkfree.core.stage_step import NonFiniteSteps
+
+    try:
+        with Progress(cfg.num_steps, enabled=cfg.progress) as progress:
+            summary = trainer.run(on_step=progress.update)
+    except NonFiniteSteps as e:
+        print(f"checkfree train: stopped: {e} (run directory {trainer.run_dir})", file=sys.stderr)
+        return ExitCode.DIVERGED
     if cfg.plot:
         from checkfree.plot import plot_runs
 

@@ -62,6 +62,12 @@ EVENTS: dict[str, EventType] = {
             "a step was run but not applied by any stage (a stage lost, or a non-finite gradient)",
         ),
         EventType(
+            "step_skipped",
+            ("step", "stages", "attempts"),
+            "engine, swarm",
+            "a step kept producing non-finite gradients and optim.skip_nonfinite_steps let the run skip it",
+        ),
+        EventType(
             "rebuilt",
             _REBUILT_FIELDS,
             "engine, swarm",

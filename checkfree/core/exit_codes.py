@@ -20,6 +20,7 @@ class ExitCode(enum.IntEnum):
     TIMED_OUT = 4
     INCOMPLETE = 5
     LEFT = 6
+    DIVERGED = 7
     INTERRUPTED = 130
 
 
@@ -36,5 +37,6 @@ _MEANING = {
     ExitCode.TIMED_OUT: "checkfree swarm: swarm.run_timeout_s passed first",
     ExitCode.INCOMPLETE: "checkfree swarm: the peers exited before num_steps steps were committed",
     ExitCode.LEFT: "checkfree peer: it left because it holds no valid weights for the stage it was given",
+    ExitCode.DIVERGED: "checkfree train: a step gave non-finite gradients optim.nonfinite_attempts times in a row",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); peers ended, report written",
 }

@@ -29,8 +29,12 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # per-stage clip of the gradient's L2 norm; 0: no clipping
+    nonfinite_attempts: int = 3  # runs of one step that may all give non-finite gradients before the run stops
+    skip_nonfinite_steps: bool = False  # skip such a step (recorded: step_skipped) instead of stopping
 
     def __post_init__(self) -> None:
+        if self.nonfinite_attempts < 1:
+            raise ValueError(f"optim.nonfinite_attempts={self.nonfinite_attempts} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"optim.lr={self.lr} must be > 0")
         for name in ("beta1", "beta2"):
@@ -92,3 +96,33 @@ def forward_hop(
         targets = batches.targets(step, op.mb).to(device)
         h = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / schedule.num_microbatches
     return h
+
+
+class NonFiniteSteps(RuntimeError):
+    """A step gave non-finite gradients ``optim.nonfinite_attempts`` times in a row (the run stops)."""
+
+
+class NonFiniteGuard:
+    """Counts the runs of one step that were discarded for non-finite gradients. Every stage of the swarm
+    sees the same commit outcome, so every stage reaches the same verdict at the same step."""
+
+    def __init__(self, cfg: OptimConfig):
+        self.cfg, self.step, self.attempts = cfg, -1, 0
+
+    def discarded(self, step: int, stages: list[int]) -> bool:
+        """Record a discarded run of ``step``; True when the caller must skip it (``skip_nonfinite_steps``).
+
+        Raises:
+            NonFiniteSteps: the step failed ``nonfinite_attempts`` times and skipping is not allowed.
+        """
+        self.attempts = self.attempts + 1 if step == self.step else 1
+        self.step = step
+        if self.attempts < self.cfg.nonfinite_attempts:
+            return False
+        if self.cfg.skip_nonfinite_steps:
+            self.step, self.attempts = -1, 0
+            return True
+        raise NonFiniteSteps(
+            f"step {step} gave non-finite gradients on stages {stages} in {self.attempts} runs in a row; "
+            "lower optim.lr or set optim.skip_nonfinite_steps=true to skip such steps"
+        )

@@ -63,6 +63,7 @@ class PipelineEngine:
         if len(stages) != schedule.num_stages:
             raise ValueError(f"{len(stages)} stages but the schedule has {schedule.num_stages}")
         self.device = torch.device(device)
+        self.nonfinite_stages: list[int] = []  # stages whose gradient was not finite at the last commit
         self.stages = [s.to(self.device) for s in stages]
         self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
         self.norm_ema_beta = norm_ema_beta
@@ -131,7 +132,8 @@ class PipelineEngine:
         Returns False (and applies nothing) when any stage's gradient is not finite.
         """
         norms = [clip_stage_(s, self.optim_cfg.grad_clip) for s in self.stages]
-        if not all(math.isfinite(n) for n in norms):
+        self.nonfinite_stages = [i for i, n in enumerate(norms) if not math.isfinite(n)]
+        if self.nonfinite_stages:
             self.discard()
             return False
         for i, n in enumerate(norms):

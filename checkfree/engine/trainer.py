@@ -37,6 +37,7 @@ from checkfree.core.recovery import (
 )
 from checkfree.core.redundancy import param_bytes
 from checkfree.core.schedule import schedule_for
+from checkfree.core.stage_step import NonFiniteGuard
 from checkfree.engine.pipeline import PipelineEngine, StepInterrupted, interrupt_index
 from checkfree.engine.shadows import Shadows
 
@@ -68,6 +69,7 @@ class Trainer:
             torch.set_num_threads(cfg.num_threads)
         L = cfg.model.num_stages
         self.injector = FailureInjector(cfg.failures, L)
+        self.nonfinite = NonFiniteGuard(cfg.optim)
         self.batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
         self._prepare_run_dir()  # only once the inputs are known to be good
         self.schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
@@ -158,8 +160,14 @@ class Trainer:
             return
         st.iteration += 1
         if not self.engine.commit():
-            self.events.emit("step_discarded", step=st.step, iteration=st.iteration - 1, reason="non-finite gradient")
+            stages = self.engine.nonfinite_stages
+            reason = f"non-finite gradient on stages {stages}"
+            self.events.emit("step_discarded", step=st.step, iteration=st.iteration - 1, reason=reason)
             st.train_s += time.perf_counter() - t0
+            if self.nonfinite.discarded(st.step, stages):  # raises NonFiniteSteps unless skipping
+                attempts = self.cfg.optim.nonfinite_attempts
+                self.events.emit("step_skipped", step=st.step, stages=stages, attempts=attempts)
+                st.step += 1
             return
         step_s = time.perf_counter() - t0
         mean = st.measured_iteration_s  # running mean over committed steps

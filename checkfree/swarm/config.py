@@ -25,6 +25,11 @@ class MembershipConfig:
     host: str = "127.0.0.1"  # address this peer listens on and advertises (data plane and DHT)
     announce_host: str | None = None  # address others should dial, if different (NAT, public IP)
     poll_s: float = 0.1  # how often a waiting peer polls the DHT
+    dht_retries: int = 2  # a DHT call that times out is retried this often (backoff 0.1 s, 0.2 s, ...)
+    epoch_ttl_s: float = 3600.0  # an epoch record's expiry; members re-store it every epoch_ttl_s / 4
+    # fault injection, for tests and chaos runs only
+    fault_blind_s: float = 0.0  # this peer's DHT reads return nothing for this long after it starts
+    fault_timeout_rate: float = 0.0  # share of this peer's DHT calls that fail as if they timed out
 
     def __post_init__(self) -> None:
         if self.period_s <= 0 or self.ttl_s <= self.period_s:
@@ -32,9 +37,14 @@ class MembershipConfig:
                 f"membership.ttl_s={self.ttl_s} must exceed membership.period_s={self.period_s} > 0 "
                 "(keep ttl_s >= ~4x period_s)"
             )
-        for name in ("dht_timeout_s", "startup_timeout_s", "poll_s"):
+        for name in ("dht_timeout_s", "startup_timeout_s", "poll_s", "epoch_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"membership.{name}={getattr(self, name)} must be > 0")
+        if self.dht_retries < 0 or self.fault_blind_s < 0 or not 0.0 <= self.fault_timeout_rate < 1.0:
+            raise ValueError(
+                f"membership.dht_retries={self.dht_retries} and fault_blind_s={self.fault_blind_s} must be >= 0, "
+                f"fault_timeout_rate={self.fault_timeout_rate} in [0, 1)"
+            )
 
 
 @dataclass

@@ -109,36 +109,40 @@ def decide_epoch(
         return Decision([roster[s] for s in range(num_stages)], step=0)
 
     alive = {s: members[pid] for s, pid in holders.items()}
-    lost = tuple(s for s in range(num_stages) if s not in alive)
+    running = [s for s, r in alive.items() if r.epoch == current.epoch and r.state in ("running", "joining")]
     aborted = [s for s, r in alive.items() if r.epoch == current.epoch and r.state == "recovering"]
-    if not lost and not aborted:
+    if len(alive) == num_stages and not aborted:
         return Decision(None, reason="epoch healthy")
-    running = [s for s, r in alive.items() if r.epoch == current.epoch and r.state == "running"]
     if running:
-        # survivors still inside the step will hit a transport error or timeout and report; wait for them
+        # survivors still inside the step will hit a transport error, an abort or a timeout and report
         return Decision(None, reason=f"waiting for stages {running} to abort step")
+    # a holder counts only with weights valid for the step the swarm resumes at (its lineage says it holds
+    # the stage, at that step): a spare whose rebuild broke off, or one left behind, is lost like a dead one
+    step = max((r.step for r in alive.values() if r.lineage.kind != "none"), default=current.step)
+    valid = {s: r for s, r in alive.items() if r.valid_for(step)}
+    lost = tuple(s for s in range(num_stages) if s not in valid)
     if strategy == "none" and lost:
         return Decision(None, reason=f"stages {list(lost)} lost and recovery.strategy=none", fatal=True)
-    if not alive and strategy != "checkpoint":
+    if not valid and strategy != "checkpoint":
         return Decision(
             None,
             fatal=True,
             reason=(
-                f"every stage of epoch {current.epoch} is lost at once: recovery.strategy={strategy} rebuilds a stage "
-                "from live peers and none survives (only recovery.strategy=checkpoint can restart from here)"
+                f"every stage of epoch {current.epoch} is lost at once (no live holder has weights valid for "
+                f"step {step}): recovery.strategy={strategy} rebuilds a stage from live peers and none survives "
+                "(only recovery.strategy=checkpoint can restart from here)"
             ),
         )
     roster = list(current.roster)
+    # a live holder without valid weights rebuilds its own stage (it needs no spare); dead ones need spares
+    need = [s for s in lost if s not in alive]
     free = spares(members, set(roster))
-    if len(free) < len(lost):
-        return Decision(
-            None, reason=f"waiting for a spare for stages {list(lost)} ({len(free)} available)", needs_peers=True
-        )
-    for s in lost:
+    if len(free) < len(need):
+        return Decision(None, reason=f"waiting for a spare for stages {need} ({len(free)} available)", needs_peers=True)
+    for s in need:
         roster[s] = free.pop(0)
-    step = max((r.step for r in alive.values()), default=current.step)
     if strategy == "checkpoint":
-        if lost or any(r.step != step for r in alive.values()):
+        if lost or any(r.step != step for r in valid.values()):
             return Decision(
                 roster, step=checkpoint_step or 0, lost=lost, rollback_to=checkpoint_step or 0, reason="rollback"
             )

@@ -32,7 +32,7 @@ from checkfree.core.recovery import RecoveryPlan, edge_kind, edge_replicas_on, r
 from checkfree.core.redundancy import full_state_like, full_state_tensors, shadow_holder, shadow_of
 from checkfree.core.schedule import Schedule
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped
-from checkfree.swarm.membership import EpochRecord
+from checkfree.swarm.membership import EpochRecord, Lineage
 from checkfree.swarm.shadow import HeldShadow
 from checkfree.swarm.transport import EpochGroup
 from checkfree.swarm.worker import StageWorker
@@ -68,8 +68,11 @@ class Handover:
         self.redundant = cfg.recovery.strategy == "redundant"
 
     # ---- workers ---------------------------------------------------------------------------------
-    def new_worker(self, index: int, rebuilt: RebuiltStage | None = None) -> StageWorker:
-        """A worker for stage ``index``: its initial state, or ``rebuilt`` installed."""
+    def new_worker(
+        self, index: int, rebuilt: RebuiltStage | None = None, lineage: Lineage | None = None
+    ) -> StageWorker:
+        """A worker for stage ``index``: its initial state, or ``rebuilt`` installed (whose origin is
+        ``lineage``)."""
         cfg = self.cfg
         stage, _ = initial_stage(self.spec, index) if rebuilt is None else (rebuilt.stage, None)
         worker = StageWorker(
@@ -85,6 +88,7 @@ class Handover:
         )
         if rebuilt is not None:
             worker.install(rebuilt)
+        worker.lineage = lineage or Lineage(kind="initial")
         if self.replicas_on:
             # a holder starts with the owner's initial embedding / head, a pure function of the seed (what the
             # engine copies at step 0); the exchange at the end of every join and each refresh replaces it
@@ -100,7 +104,12 @@ class Handover:
 
     # ---- the whole hand-over -----------------------------------------------------------------------
     def run(
-        self, group: EpochGroup, worker: StageWorker | None, rec: EpochRecord, step: int
+        self,
+        group: EpochGroup,
+        worker: StageWorker | None,
+        rec: EpochRecord,
+        step: int,
+        adopt: Callable[[StageWorker, int], None] | None = None,
     ) -> tuple[StageWorker, int]:
         """Bring this member to ``rec.step`` with the stage the roster gives it.
 
@@ -109,6 +118,9 @@ class Handover:
             worker: the stage this peer trained so far, or None for a peer new to the stage.
             rec: the epoch record.
             step: the next step this peer would run (committed steps).
+            adopt: called with (worker, step) as soon as this peer's weights change (a pending step applied,
+                a rollback, a rebuild), so that its heartbeat and lineage are true even if the hand-over
+                breaks off afterwards.
 
         Returns:
             The worker to train with and the step to resume at.
@@ -127,18 +139,31 @@ class Handover:
                 f"epoch {rec.epoch} resumes stage {stage} at step {rec.step} on this peer, which "
                 "holds no trained weights for it and is not planned to rebuild it"
             )
+        adopt = adopt or (lambda worker, step: None)
         if rec.rollback_to is not None:
             worker, step = self._roll_back(worker, stage, rec), rec.rollback_to
+            adopt(worker, step)
+        elif stage in rec.lost:
+            # rebuilt by the transfer below, also on a peer that held the stage with weights not valid for
+            # rec.step (its own rebuild broke off, or it fell behind): those weights are dropped
+            worker, step = None, rec.step
         elif fresh:
-            # a lost stage is rebuilt by the transfer below; any other stage new to this peer is at step 0
-            # (checked above), where the initial state is the valid one, and may be a source of that transfer
-            worker, step = (None if stage in rec.lost else self.new_worker(stage)), rec.step
+            # any other stage new to this peer is at step 0 (checked above), where the initial state is the
+            # valid one, and may be a source of the transfer below
+            worker, step = self.new_worker(stage), rec.step
+            adopt(worker, step)
         else:
             step = self._settle(worker, rec, step)
+            adopt(worker, step)
         if rec.plans:
-            rebuilt = self._transfer(group, worker, stage, rec, fresh)
+            rebuilt = self._transfer(group, worker, stage, rec, stage in rec.lost)
             if rebuilt is not None:
-                worker = self.new_worker(stage, rebuilt)
+                plan = next(p for p in rec.plans if p.stage == stage)
+                origin = Lineage(
+                    kind="rebuilt", step=rec.step, epoch=rec.epoch, method=plan.method, sources=plan.sources
+                )
+                worker = self.new_worker(stage, rebuilt, origin)
+                adopt(worker, step)
         assert worker is not None, f"stage {stage} is lost in epoch {rec.epoch} but no plan rebuilt it"
         if self.redundant and rec.epoch > 0:
             self._refresh_shadows(group, worker, rec)
@@ -160,10 +185,12 @@ class Handover:
                 if self.stop_swarm is not None:
                     self.stop_swarm(rec, reason)  # every peer learns it and exits saying why
                 raise SwarmStopped(reason) from e
+        origin = Lineage(kind="restored" if restored is not None else "initial", step=rec.rollback_to, epoch=rec.epoch)
         if worker is None or worker.index != stage or restored is None:
-            worker = self.new_worker(stage, restored)
+            worker = self.new_worker(stage, restored, origin)
         else:
             worker.install(restored)
+            worker.lineage = origin
         worker.discard()
         self.emit("rolled_back", to_step=rec.rollback_to, restore_s=time.time() - t0)
         return worker

@@ -7,10 +7,17 @@ the peer that ``coordinator.leader_of`` names gathers the live members' records,
 ``coordinator.decide_epoch`` for the next epoch, hosts that epoch's rendezvous store and publishes the
 epoch record; when no epoch can ever form, it publishes a stop record so every peer exits saying why.
 The rules are pure functions in ``coordinator``; this module only gathers the view and acts.
+
+``View`` is what makes that view trustworthy: a peer decides nothing until it has watched the members for a
+heartbeat TTL (every live member has heartbeated into its view by then), a spare that never saw a member
+of the current epoch alive does not declare them all lost before ``swarm.spare_wait_s`` (its DHT may not
+have filled yet), and a member whose record still says "running" while the others report the step broken
+is probed: a refused connection to its probe port confirms at once that its process is gone.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -18,8 +25,56 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from checkfree.core.checkpoint import CheckpointStore
-from checkfree.swarm.coordinator import SwarmStopped, decide_epoch
+from checkfree.swarm.coordinator import SwarmStopped, decide_epoch, stage_holders
 from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
+
+
+def probe_refused(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    """True only when the host answers and refuses the connection: the process behind the port is gone.
+    A timeout (frozen host, lost route) proves nothing and returns False: the heartbeat's expiry decides."""
+    if not port:
+        return False
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+class View:
+    """How much of the swarm this peer has seen (see the module doc)."""
+
+    def __init__(self, ttl_s: float, spare_wait_s: float):
+        self.ttl_s, self.spare_wait_s = ttl_s, spare_wait_s
+        self.started = time.monotonic()
+        self.witnessed: set[int] = set()  # epochs in which this peer saw another roster member alive
+        self.dead: set[str] = set()  # peers whose probe was refused
+
+    @property
+    def settled(self) -> bool:
+        return time.monotonic() - self.started >= self.ttl_s
+
+    def observe(self, members: dict[str, MemberRecord], current: EpochRecord | None) -> None:
+        if current is not None and any(pid in members for pid in current.roster):
+            self.witnessed.add(current.epoch)
+
+    def confirmed(self, members: dict[str, MemberRecord], current: EpochRecord | None) -> dict[str, MemberRecord]:
+        """``members`` without the roster members whose process is confirmed gone."""
+        if current is None:
+            return members
+        broken = any(
+            members[pid].epoch == current.epoch and members[pid].state == "recovering"
+            for pid in current.roster
+            if pid in members
+        )
+        for pid in current.roster:
+            r = members.get(pid)
+            if broken and r is not None and pid not in self.dead and r.state in ("running", "joining"):
+                if probe_refused(r.host, r.probe_port):
+                    self.dead.add(pid)
+        return {pid: r for pid, r in members.items() if pid not in self.dead}
 
 
 class Leader:
@@ -41,14 +96,36 @@ class Leader:
         self.waiting_since: float | None = None  # monotonic time the leader started waiting for peers
         self.started = time.monotonic()
 
-    def step(self, members: dict[str, MemberRecord], current: EpochRecord | None, step: int) -> None:
+    def step(
+        self, members: dict[str, MemberRecord], current: EpochRecord | None, step: int, view: View | None = None
+    ) -> None:
         """One round of leadership: publish the next epoch if one is due and can form, else record why not.
+        ``view``: how much of the swarm this peer has seen; without it the records are taken as complete.
 
         Raises:
             SwarmStopped: no epoch can ever form (a stop record was published first).
         """
         cfg = self.cfg
         ckpt = self.ckpt
+        if view is not None:
+            why = None
+            if not view.settled:
+                why = f"watching the members for membership.ttl_s={view.ttl_s} s before deciding"
+            elif (
+                current is not None
+                and not stage_holders(members, current)
+                and current.epoch not in view.witnessed
+                and time.monotonic() - view.started < view.spare_wait_s
+            ):
+                why = (
+                    f"no member of epoch {current.epoch} seen alive yet: not declaring them lost before "
+                    f"swarm.spare_wait_s={view.spare_wait_s} s"
+                )
+            if why is not None:
+                if why != self.reason:
+                    self.reason = why
+                    self.emit("leader_waiting", reason=why)
+                return
         decision = decide_epoch(
             members,
             current,

@@ -21,7 +21,9 @@ import asyncio
 import functools
 import logging
 import os
+import random
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,6 +34,35 @@ from checkfree.swarm.config import MembershipConfig
 logger = logging.getLogger(__name__)
 
 STATES = ("waiting", "joining", "running", "recovering", "spare", "done")
+
+
+class Lineage(BaseModel):
+    """Where a holder's weights come from: what makes them valid (or not) for the step the swarm resumes at.
+
+    kind: ``none`` (no weights for the stage: a spare, or a rebuild that broke off), ``initial`` (the seed's
+    initial state, valid at step 0), ``rebuilt`` (assembled at ``step`` from ``sources`` by ``method``),
+    ``restored`` (a checkpoint of ``step``). Training since then is the record's ``step`` and ``epoch``.
+    """
+
+    kind: Literal["none", "initial", "rebuilt", "restored"] = "none"
+    step: int = 0  # the step the weights were made for
+    epoch: int = -1  # the epoch in which they were made
+    method: str | None = None
+    sources: list[int] = []
+
+    def describe(self, trained_to: int | None = None) -> str:
+        if self.kind == "none":
+            return "no weights"
+        what = {
+            "initial": "initial weights",
+            "rebuilt": f"rebuilt at step {self.step} by {self.method} from stages {self.sources}",
+            "restored": f"restored from the checkpoint of step {self.step}",
+        }[self.kind]
+        if self.epoch >= 0:
+            what += f" (epoch {self.epoch})"
+        if trained_to is not None and trained_to > self.step:
+            what += f", trained through step {trained_to - 1}"
+        return what
 
 
 class MemberRecord(BaseModel):
@@ -50,6 +81,15 @@ class MemberRecord(BaseModel):
     pid: int = 0
     note: str = ""  # what the peer is waiting for, when it is (shown by status)
     time: float = 0.0
+    lineage: Lineage = Lineage()  # where the weights of the stage held come from
+    probe_port: int = 0  # a TCP port that refuses connections once this peer's process is gone
+
+    def valid_for(self, step: int) -> bool:
+        """Whether this holder's weights are the stage's weights for ``step`` (a finished, uncommitted step
+        that another stage committed counts: the holder applies it when the next epoch names the step done)."""
+        if self.lineage.kind == "none":
+            return False
+        return self.step == step or (self.pending and self.step + 1 == step)
 
 
 class PlanRecord(BaseModel):
@@ -114,6 +154,8 @@ class Membership:
 
         self._now = get_dht_time
         self._lock = threading.Lock()
+        self._rng = random.Random()
+        self._blind_until = time.monotonic() + self.cfg.fault_blind_s
         self.dht = hivemind.DHT(
             initial_peers=self.initial_peers or None,
             host_maddrs=[f"/ip4/{self.cfg.host}/tcp/0"],
@@ -140,19 +182,30 @@ class Membership:
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
     def _call(self, fn, *args, **kwargs):
-        if not self.dht.is_alive():
-            raise DHTUnavailable("the DHT process is gone")
-        with self._lock:
-            future = fn(*args, return_future=True, **kwargs)
-        try:
-            return future.result(timeout=self.cfg.dht_timeout_s)
-        except TimeoutError as e:
-            raise DHTUnavailable(f"DHT call timed out after {self.cfg.dht_timeout_s} s") from e
+        """``fn`` on the DHT, limited by ``dht_timeout_s``; a timeout is retried ``dht_retries`` times with
+        backoff before ``DHTUnavailable`` is raised (callers that loop catch it and try again later)."""
+        for attempt in range(self.cfg.dht_retries + 1):
+            if not self.dht.is_alive():
+                raise DHTUnavailable("the DHT process is gone")
+            try:
+                if self._rng.random() < self.cfg.fault_timeout_rate:
+                    raise TimeoutError("injected by membership.fault_timeout_rate")
+                with self._lock:
+                    future = fn(*args, return_future=True, **kwargs)
+                return future.result(timeout=self.cfg.dht_timeout_s)
+            except TimeoutError as e:
+                if attempt == self.cfg.dht_retries:
+                    raise DHTUnavailable(
+                        f"DHT call failed {attempt + 1} times (limit {self.cfg.dht_timeout_s} s each): {e}"
+                    ) from e
+                time.sleep(0.1 * 2**attempt)
 
     def _store(self, key: str, subkey: str, value, ttl_s: float) -> bool:
         return bool(self._call(self.dht.store, key, value, self.now + ttl_s, subkey=subkey))
 
     def _get(self, key: str) -> dict:
+        if time.monotonic() < self._blind_until:
+            return {}  # membership.fault_blind_s: an empty view, as a freshly joined node may have
         entry = self._call(self.dht.get, key, latest=True)
         if entry is None or not isinstance(entry.value, dict):
             return {}
@@ -208,8 +261,9 @@ class Membership:
         # per fingerprint: a peer of another model can never overwrite this swarm's epochs
         return f"{self.run_id}/{self.fingerprint}/epoch"
 
-    def publish_epoch(self, record: EpochRecord, ttl_s: float = 3600.0) -> bool:
-        return self._store(self._epoch_key(), f"{record.epoch:08d}", record.model_dump(), ttl_s)
+    def publish_epoch(self, record: EpochRecord) -> bool:
+        """Store (or re-store, to extend its expiry) an epoch record for ``membership.epoch_ttl_s``."""
+        return self._store(self._epoch_key(), f"{record.epoch:08d}", record.model_dump(), self.cfg.epoch_ttl_s)
 
     def current_epoch(self, fingerprint: str | None = None) -> EpochRecord | None:
         """The newest epoch record of this swarm (of ``fingerprint``, for observers that have none)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -35,11 +36,12 @@ from checkfree.core.exit_codes import ExitCode
 from checkfree.core.metrics import MetricLogger
 from checkfree.core.recovery import edge_replicas_on
 from checkfree.core.schedule import schedule_for
+from checkfree.core.stage_step import NonFiniteSteps
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.handover import Handover
-from checkfree.swarm.leader import Leader
-from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
+from checkfree.swarm.leader import Leader, View
+from checkfree.swarm.membership import DHTUnavailable, EpochRecord, Lineage, MemberRecord, Membership
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 from checkfree.swarm.worker import StageWorker
@@ -115,6 +117,17 @@ class Peer:
         self.status = PeerStatus(state="waiting" if stage is not None else "spare")
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        # the probe: a port that accepts while this process lives and refuses once it is gone, so that the
+        # leader can confirm a crash at once instead of waiting for the heartbeat to expire
+        self._probe = socket.create_server((cfg.membership.host, 0))
+        threading.Thread(target=self._serve_probe, name="probe", daemon=True).start()
+        # the epoch this peer is joining or training in, and why it is over (set by the heartbeat thread when
+        # a member of it is lost, or a newer epoch exists); the main thread and the transport stop waiting
+        self.joined: EpochRecord | None = None
+        self.epoch_over: str | None = None
+        self._missing: set[str] = set()  # roster members missing from the last view (confirmed when seen twice)
+        self.view = View(cfg.membership.ttl_s, cfg.swarm.spare_wait_s)
+        self._refreshed = time.monotonic()
 
     # ---- records -------------------------------------------------------------------------------
     def record(self) -> MemberRecord:
@@ -134,15 +147,55 @@ class Peer:
             tokens_per_s=st.tokens_per_s,
             pid=os.getpid(),
             note=self.leader.reason,
+            lineage=w.lineage if w is not None else Lineage(),
+            probe_port=self._probe.getsockname()[1],
         )
+
+    def _serve_probe(self) -> None:
+        while True:
+            try:
+                conn, _ = self._probe.accept()
+            except OSError:
+                return  # closed at exit
+            conn.close()
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self.membership.heartbeat(self.record())
+                self._watch()
             except DHTUnavailable as e:
                 logger.warning("[peer %s] heartbeat failed: %s", self.peer_id, e)
             self._stop.wait(self.cfg.membership.period_s)
+
+    def _watch(self) -> None:
+        """While this peer joins or trains in an epoch: end that epoch for this peer when one of its members
+        is gone (its heartbeat expired or was tombstoned, seen in two views in a row: a hang, a vanished
+        host, a dead leader hosting the rendezvous) or a newer epoch was published. Every wait of the epoch
+        (rendezvous, hand-over, training) is released then, not after a socket timeout. Also re-stores the
+        epoch record every ``membership.epoch_ttl_s / 4`` so that it outlives any run."""
+        rec = self.joined
+        if rec is None or self.epoch_over is not None:
+            return
+        members = self.membership.members()
+        missing = {pid for pid in rec.roster if pid not in members and pid != self.peer_id}
+        gone, self._missing = missing & self._missing, missing
+        current = self.membership.current_epoch()
+        reason = None
+        if gone:
+            stages = sorted(rec.roster.index(pid) for pid in gone)
+            reason = f"stages {stages} of epoch {rec.epoch} lost: heartbeat expired"
+        elif current is not None and current.epoch > rec.epoch:
+            reason = f"epoch {current.epoch} was published"
+        if reason is not None:
+            self.epoch_over = reason
+            group = self.group
+            if group is not None and group.epoch == rec.epoch:
+                group.abort(reason)
+            return
+        if current is not None and time.monotonic() - self._refreshed > self.cfg.membership.epoch_ttl_s / 4:
+            self.membership.publish_epoch(current)
+            self._refreshed = time.monotonic()
 
     def emit(self, event: str, **fields) -> None:
         # while a new peer joins, the stage it is taking is the one its group serves
@@ -176,6 +229,14 @@ class Peer:
             self.emit("left", reason=str(e))
             logger.error("[peer %s] leaving: %s", self.peer_id, e)
             return ExitCode.LEFT
+        except NonFiniteSteps as e:  # every stage reaches this verdict at the same step
+            self.emit("swarm_stopped", reason=str(e))
+            logger.error("[peer %s] %s", self.peer_id, e)
+            try:
+                self.leader.stop_swarm(self.joined, str(e), self.status.step)
+            except (SwarmStopped, DHTUnavailable):
+                pass
+            return ExitCode.SWARM_STOPPED
         except SwarmStopped as e:
             self.emit("swarm_stopped", reason=str(e))
             logger.error("[peer %s] %s", self.peer_id, e)
@@ -183,6 +244,7 @@ class Peer:
         finally:
             self._stop.set()
             self._beat.join(timeout=5)
+            self._probe.close()
             self.membership.tombstone(self.peer_id)
             self.membership.shutdown()
             self.events.close()
@@ -191,10 +253,18 @@ class Peer:
     def _wait_for_epoch(self) -> EpochRecord | None:
         cfg = self.cfg
         self.leader.waiting_since = None  # swarm.spare_wait_s counts from the start of this wait
+        failures = 0
         while True:
-            members = self.membership.members()
+            try:
+                members = self.membership.members()
+                current = self.membership.current_epoch()
+            except DHTUnavailable as e:  # transient: back off and look again; never a reason to die
+                failures += 1
+                logger.warning("[peer %s] DHT read failed (%d in a row): %s", self.peer_id, failures, e)
+                time.sleep(min(cfg.membership.period_s * 2**failures, 5.0))
+                continue
+            failures = 0
             members[self.peer_id] = self.record()  # our own view is fresher than the DHT's
-            current = self.membership.current_epoch()
             if current is not None and current.stop:
                 raise SwarmStopped(current.stop)
             if (current is not None and current.finished) or any(r.state == "done" for r in members.values()):
@@ -203,9 +273,11 @@ class Peer:
             if current is not None and current.epoch > self.status.epoch:
                 if self.peer_id in current.roster:
                     return current
-                if self.worker is None and self.status.state == "waiting":
-                    self.asked_stage, self.status.state = -1, "spare"  # arrived after the roster was set: stand by
-                    self.emit("became_spare", reason=f"stage taken in epoch {current.epoch}")
+                if self.worker is None and self.status.state != "spare":
+                    # arrived after the roster was set, or its own rebuild broke off and the stage went to
+                    # another peer: it holds no weights, so it stands by as a spare
+                    self.asked_stage, self.status.state = -1, "spare"
+                    self.emit("became_spare", reason=f"no stage for this peer in epoch {current.epoch}")
                 if self.worker is not None:
                     self.emit("replaced", by_epoch=current.epoch)
                     logger.warning(
@@ -215,43 +287,27 @@ class Peer:
                         current.epoch,
                     )
                     return None
+            self.view.observe(members, current)
             if leader_of(members, current) == self.peer_id:
-                self.leader.step(members, current, self.status.step)
+                try:
+                    self.leader.step(self.view.confirmed(members, current), current, self.status.step, self.view)
+                except DHTUnavailable as e:
+                    logger.warning("[peer %s] could not publish: %s", self.peer_id, e)
             time.sleep(cfg.membership.poll_s)
 
     # ---- joining an epoch ----------------------------------------------------------------------
     def _join(self, rec: EpochRecord) -> bool:
         """Form the epoch's group and hand over weights; returns whether the epoch follows a recovery."""
-        cfg, L = self.cfg, self.cfg.model.num_stages
-        t0 = time.time()
+        t0 = time.monotonic()
         stage = rec.roster.index(self.peer_id)
         fresh = self.worker is None or self.worker.index != stage
         self.status.epoch, self.status.state, self.leader.reason = rec.epoch, "joining", ""
+        self.joined, self.epoch_over, self._missing = rec, None, set()
         if fresh:  # heartbeat the stage and step being joined, also if this join breaks off
             self.asked_stage, self.status.step = stage, rec.step
-        store = self.leader.hosted.get(rec.epoch)
-        try:
-            if store is None:
-                store = dist.TCPStore(
-                    rec.store_host,
-                    rec.store_port,
-                    L,
-                    is_master=False,
-                    timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
-                )
-            self.group = EpochGroup(
-                store,
-                rec.epoch,
-                stage,
-                list(range(L)),
-                cfg.transport,
-                run_tag=int(self.fingerprint[:6], 16),
-                device=self.device,
-            )
-        except (RuntimeError, TimeoutError) as e:
-            raise StageLostError(None, rec.step, f"rendezvous of epoch {rec.epoch} failed: {e}") from e
+        self.group = self._form_group(rec, stage)
         worker = self.worker if not fresh else None
-        self.worker, self.status.step = self.handover.run(self.group, worker, rec, self.status.step)
+        self.worker, self.status.step = self.handover.run(self.group, worker, rec, self.status.step, adopt=self._adopt)
         self.group.all_reduce(torch.zeros(1, dtype=torch.float64), rec.step)  # everyone is ready
         self.status.step, self.status.state = rec.step, "running"
         self.emit(
@@ -259,10 +315,57 @@ class Peer:
             joined_epoch=rec.epoch,
             stage=stage,
             step=rec.step,
-            join_s=time.time() - t0,
-            rebuilt=fresh and rec.epoch > 0,
+            join_s=time.monotonic() - t0,
+            rebuilt=stage in rec.lost,
         )
         return rec.epoch > 0
+
+    def _adopt(self, worker: StageWorker, step: int) -> None:
+        """The hand-over changed this peer's weights: heartbeat them (and their lineage) from now on."""
+        self.worker, self.status.step = worker, step
+
+    def _form_group(self, rec: EpochRecord, stage: int) -> EpochGroup:
+        """Join the epoch's rendezvous store and build its process group, in a helper thread that is abandoned
+        as soon as the epoch is known to be over (a member lost, the leader hosting the store included), so
+        that no peer waits out ``transport.rendezvous_timeout_s`` for a dead one. An abandoned attempt ends
+        by itself at that timeout."""
+        cfg, L = self.cfg, self.cfg.model.num_stages
+        hosted = self.leader.hosted.get(rec.epoch)
+        out: dict[str, object] = {}
+
+        def form() -> None:
+            try:
+                store = hosted
+                if store is None:
+                    store = dist.TCPStore(
+                        rec.store_host,
+                        rec.store_port,
+                        L,
+                        is_master=False,
+                        timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
+                    )
+                out["group"] = EpochGroup(
+                    store,
+                    rec.epoch,
+                    stage,
+                    list(range(L)),
+                    cfg.transport,
+                    run_tag=int(self.fingerprint[:6], 16),
+                    device=self.device,
+                )
+            except Exception as e:  # handed to the main thread
+                out["error"] = e
+
+        thread = threading.Thread(target=form, name=f"rendezvous-{rec.epoch}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.02)
+            if self.epoch_over is not None and thread.is_alive():
+                raise StageLostError(None, rec.step, f"rendezvous of epoch {rec.epoch} abandoned: {self.epoch_over}")
+        if "error" in out:
+            e = out["error"]
+            raise StageLostError(None, rec.step, f"rendezvous of epoch {rec.epoch} failed: {e}") from e
+        return out["group"]
 
     def _abort(self, e: Exception) -> None:
         w = self.worker
@@ -280,7 +383,12 @@ class Peer:
         if self.group is not None:
             self.group.close()
             self.group = None
+        self.joined = None
         self.status.state = "recovering"
+        try:
+            self.membership.heartbeat(self.record())  # report at once: the leader decides on these reports
+        except DHTUnavailable:
+            pass  # the heartbeat thread reports it next
 
     def _finish(self) -> None:
         self.status.state = "done"

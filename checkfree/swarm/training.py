@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from checkfree.core.checkpoint import CheckpointStore, StagePayload
 from checkfree.core.metrics import JsonLines, peak_rss_mb
+from checkfree.core.stage_step import NonFiniteGuard
 from checkfree.swarm.transport import EpochGroup
 from checkfree.swarm.worker import StageWorker
 
@@ -43,6 +44,7 @@ class TrainingLoop:
     ):
         self.cfg, self.tokens_per_step, self.metrics, self.ckpt = cfg, tokens_per_step, metrics, ckpt
         self.emit, self.exchange_replicas = emit, exchange_replicas
+        self.nonfinite = NonFiniteGuard(cfg.optim)
 
     def run(self, group: EpochGroup, worker: StageWorker, status: PeerStatus, resumed: bool) -> None:
         """Train from ``status.step`` to ``num_steps``; ``resumed``: the epoch follows a recovery, so the first
@@ -57,7 +59,11 @@ class TrainingLoop:
             worker.run_step(group, status.step)
             loss = worker.commit(group, status.step)
             if loss is None:
-                self.emit("step_discarded", step=status.step, reason="non-finite gradient on some stage")
+                stages = worker.nonfinite_stages
+                self.emit("step_discarded", step=status.step, reason=f"non-finite gradient on stages {stages}")
+                if self.nonfinite.discarded(status.step, stages):  # raises NonFiniteSteps unless skipping
+                    self.emit("step_skipped", step=status.step, stages=stages, attempts=cfg.optim.nonfinite_attempts)
+                    status.step += 1
                 continue
             step_s = time.time() - t0
             status.loss, status.tokens_per_s = loss, self.tokens_per_step / step_s

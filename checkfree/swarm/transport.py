@@ -8,13 +8,26 @@ membership epoch (gloo on CPU, NCCL on CUDA), built directly from a store and ca
 
 Every message is a fixed-size int64 header (run tag, step, microbatch, hop, kind, dtype, rank, shape)
 followed by the payload. The receiver checks the header against what its schedule expects (same step,
-microbatch, hop and kind, the expected shape and dtype) and the payload for NaN/inf, so a confused or
-faulty peer is refused with an error that names what it sent. Every wait has a timeout; transport
+microbatch, hop and kind, the expected shape and dtype), so a confused or faulty peer is refused with an
+error that names what it sent. Weights and states holding NaN/inf are refused too; activations and
+gradients holding them are delivered, because the commit discards such a step on every stage. Every wait has a timeout; transport
 failures and timeouts become ``StageLostError`` here, at the boundary.
+
+``abort`` releases every wait of the group at once, from another thread: the peer's heartbeat thread calls
+it when a member of the epoch is known lost (its heartbeat expired: a hang; or a newer epoch exists), so a
+survivor blocked on a frozen peer is released within the heartbeat TTL instead of ``transport.timeout_s``,
+which stays the backstop. gloo has no abort that wakes a waiting receive (``ProcessGroupGloo.abort`` and
+``shutdown`` do not, and a wait with a short timeout closes the pair), so the group remembers the TCP
+connections it opened and shuts them down: every pending operation then fails at once with "connection
+closed", in this process and in every peer connected to it. NCCL groups use ``ProcessGroupNCCL.abort``.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import stat
+import threading
 from datetime import timedelta
 
 import torch
@@ -26,6 +39,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float
 MAX_DIMS = 4
 HEADER_LEN = 8 + MAX_DIMS
 KIND_CODES = {"act": 1, "grad": 2, "state": 3, "sgrad": 4, "shadow": 5}  # sgrad, shadow: redundant computation
+STEP_KINDS = ("act", "grad", "sgrad")  # a training step's messages (weights and states are the other kinds)
 
 
 class StageLostError(RuntimeError):
@@ -35,6 +49,31 @@ class StageLostError(RuntimeError):
         who = f"stage {stage}" if stage is not None else "a stage"
         super().__init__(f"{who} lost at step {step}: {cause}")
         self.stage, self.step, self.cause = stage, step, cause
+
+
+def _tcp_connections() -> dict[int, tuple]:
+    """fd -> (local address, remote address) of this process's connected TCP sockets (Linux /proc)."""
+    out = {}
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return out
+    for name in fds:
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM:
+                out[fd] = (s.getsockname(), s.getpeername())  # raises on a listening socket
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return out
 
 
 class PeerProtocolError(ValueError):
@@ -67,13 +106,20 @@ class EpochGroup:
         self.timeout = timedelta(seconds=cfg.timeout_s)
         prefix = dist.PrefixStore(f"checkfree/epoch{epoch}", store)
         world = len(stage_of_rank)
-        if resolve_backend(cfg, self.device) == "nccl":
+        self._lock = threading.Lock()
+        self.aborted: str | None = None  # why the group was aborted
+        self.nccl = resolve_backend(cfg, self.device) == "nccl"
+        before = {} if self.nccl else _tcp_connections()
+        if self.nccl:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = self.timeout
             self.pg = dist.ProcessGroupNCCL(prefix, rank, world, opts)
         else:
             self.pg = dist.ProcessGroupGloo(prefix, rank, world, self.timeout)
+        # the group's own connections (gloo connects the full mesh while it is constructed)
+        self._conns = {fd: c for fd, c in _tcp_connections().items() if before.get(fd) != c}
         self._pending: list[tuple[object, int, int, list[torch.Tensor]]] = []  # (work, stage, step, keep-alive)
+        self.nonfinite_received = 0  # step messages that held NaN/inf (delivered; the commit discards the step)
 
     @property
     def stage(self) -> int:
@@ -111,6 +157,8 @@ class EpochGroup:
         try:
             ok = work.wait(self.timeout)
         except RuntimeError as e:
+            if self.aborted is not None:
+                raise StageLostError(None, step, f"{what}: epoch {self.epoch} aborted: {self.aborted}") from e
             raise StageLostError(stage, step, f"{what}: {e}") from e
         if ok is False:
             raise StageLostError(stage, step, f"{what} timed out after {self.cfg.timeout_s} s")
@@ -148,6 +196,12 @@ class EpochGroup:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
         self._wait(self._recv_work(buf, src, tag, src_stage, step), src_stage, step, "receive payload")
         if buf.is_floating_point() and not torch.isfinite(buf).all():
+            if kind in STEP_KINDS:
+                # numbers, not a protocol breach: the step's gradients turn non-finite and its commit discards
+                # it on every stage (optim.nonfinite_attempts bounds the retries); refusing it here would
+                # break the epoch and redo the same step in a new one, forever
+                self.nonfinite_received += 1
+                return buf
             raise PeerProtocolError(f"stage {src_stage} sent a non-finite {kind} for step {step} mb {mb} hop {hop}")
         return buf
 
@@ -178,7 +232,35 @@ class EpochGroup:
         """Receive tensors shaped like ``like`` from ``src_stage`` (each checked like any message)."""
         return [self.recv(src_stage, step, i, src_stage, kind, tuple(t.shape), t.dtype) for i, t in enumerate(like)]
 
+    def abort(self, reason: str) -> bool:
+        """Fail every pending and future operation of this group now (thread-safe; see the module doc).
+        Returns False when the group was already aborted or closed."""
+        with self._lock:
+            if self.pg is None or self.aborted is not None:
+                return False
+            self.aborted = reason
+            if self.nccl:
+                self.pg.abort()
+                return True
+            live = _tcp_connections()
+            for fd, conn in self._conns.items():
+                if live.get(fd) != conn:
+                    continue  # closed already, and the number may belong to another socket now
+                try:
+                    s = socket.socket(fileno=os.dup(fd))
+                except OSError:
+                    continue
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            return True
+
     def close(self) -> None:
         """Drop this epoch's group; its connections close, so peers still waiting on us fail fast."""
-        self._pending.clear()
-        self.pg = None
+        with self._lock:
+            self._pending.clear()
+            self._conns = {}
+            self.pg = None

@@ -28,6 +28,7 @@ from checkfree.core.rebuild import RebuiltStage
 from checkfree.core.redundancy import shadow_holder
 from checkfree.core.schedule import Op, Schedule
 from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, recovery_norm, smooth
+from checkfree.swarm.membership import Lineage
 from checkfree.swarm.shadow import HeldShadow
 from checkfree.swarm.transport import EpochGroup
 
@@ -57,8 +58,10 @@ class StageWorker:
         self.all_norms: list[float] = [0.0] * schedule.num_stages  # every stage's, from the last commit
         self.pending_step: int | None = None  # a step whose ops completed but whose commit is undecided
         self.pending_norm = 0.0
+        self.nonfinite_stages: list[int] = []  # stages whose gradient was not finite in the last discarded step
         self.loss = 0.0
         self.replica: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, copy of a neighbour's edge)
+        self.lineage = Lineage(kind="initial")  # where these weights come from (the hand-over sets it)
         self.redundant = redundant
         self.shadow: HeldShadow | None = None  # redundant: the copy of the next stage this worker trains
         if redundant and any(
@@ -139,17 +142,19 @@ class StageWorker:
         """
         L = self.schedule.num_stages
         norm = clip_stage_(self.stage, self.optim_cfg.grad_clip)
-        vec = torch.zeros(2 + L, dtype=torch.float64, device=self.device)
+        vec = torch.zeros(2 + 2 * L, dtype=torch.float64, device=self.device)  # done, loss, norms, non-finite
         vec[0] = 1.0 if math.isfinite(norm) else 0.0
         vec[1] = self.loss
         vec[2 + self.index] = norm if math.isfinite(norm) else 0.0
+        vec[2 + L + self.index] = 0.0 if math.isfinite(norm) else 1.0
         self.pending_norm = norm
         vec = group.all_reduce(vec, step).tolist()
         if round(vec[0]) != L:
+            self.nonfinite_stages = [s for s in range(L) if vec[2 + L + s] > 0.5]
             self.pending_step = None
             self.discard()
             return None
-        self.all_norms = vec[2:]
+        self.all_norms = vec[2 : 2 + L]
         self.apply_pending()
         return vec[1]
 

@@ -19,7 +19,7 @@ from checkfree.core.recovery import edge_replicas_on
 from checkfree.engine.trainer import Trainer
 from checkfree.swarm.coordinator import decide_epoch
 from checkfree.swarm.handover import Handover
-from checkfree.swarm.membership import EpochRecord, MemberRecord
+from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from tests.helpers import run_ranks, tiny_config
 
@@ -79,7 +79,10 @@ def _engine(tmp_path, strategy, lost, overrides):
 
 
 def _member(pid, stage, state, step, epoch):
-    return MemberRecord(run_id="eq", fingerprint="fp", peer_id=pid, stage=stage, epoch=epoch, state=state, step=step)
+    lineage = Lineage(kind="none" if state == "spare" else "initial")  # the survivors trained from the seed
+    return MemberRecord(
+        run_id="eq", fingerprint="fp", peer_id=pid, stage=stage, epoch=epoch, state=state, step=step, lineage=lineage
+    )
 
 
 def _swarm(tmp_path, strategy, lost, overrides):

@@ -44,16 +44,21 @@ def test_wrong_tensor_from_a_peer_is_refused(sent, expected, message):
     assert isinstance(err, PeerProtocolError) and message in str(err)
 
 
-def test_non_finite_tensor_is_refused():
+@pytest.mark.parametrize("kind", ["state", "grad"])
+def test_non_finite_weights_are_refused_and_non_finite_gradients_delivered(kind):
     def fn(g):
         if g.rank == 0:
-            g.send(torch.tensor([1.0, float("nan")]), 1, step=1, mb=0, hop=1, kind="grad")
+            g.send(torch.tensor([1.0, float("nan")]), 1, step=1, mb=0, hop=1, kind=kind)
             g.wait_sends()
             return None
-        return g.recv(0, step=1, mb=0, hop=1, kind="grad", shape=(2,))
+        got = g.recv(0, step=1, mb=0, hop=1, kind=kind, shape=(2,))
+        return got, g.nonfinite_received
 
-    _, err = run_ranks(2, fn)
-    assert isinstance(err, PeerProtocolError) and "non-finite grad" in str(err)
+    _, got = run_ranks(2, fn)
+    if kind == "state":
+        assert isinstance(got, PeerProtocolError) and "non-finite state" in str(got)
+    else:  # the step's commit discards it on every stage
+        assert got[0][0] == 1.0 and got[0][1] != got[0][1] and got[1] == 1
 
 
 def test_silent_peer_times_out_as_stage_lost():
@@ -64,3 +69,40 @@ def test_silent_peer_times_out_as_stage_lost():
 
     _, err = run_ranks(2, fn, timeout_s=0.5)
     assert isinstance(err, StageLostError) and err.stage == 0 and err.step == 3
+
+
+def test_abort_releases_a_wait_on_a_frozen_peer_at_once():
+    """A peer that neither answers nor closes its connections (a SIGSTOPped process): an abort from another
+    thread (the heartbeat thread's, when the frozen peer's heartbeat expires) releases the waiting rank long
+    before transport.timeout_s, its error says why, and a rank waiting on the aborted one is released too."""
+    import threading
+    import time
+
+    released = threading.Event()
+
+    def fn(g):
+        t0 = time.monotonic()
+        if g.rank == 0:
+            released.wait(10)  # frozen: holds its connections open, sends nothing
+            return None
+        if g.rank == 1:
+            aborts = []
+            timer = threading.Timer(0.3, lambda: aborts.extend([g.abort("stage 0's heartbeat expired"), g.abort("x")]))
+            timer.start()
+            try:
+                g.recv(0, step=3, mb=0, hop=1, kind="act", shape=(2,))
+            except StageLostError as e:
+                timer.join()
+                return e, time.monotonic() - t0, aborts
+            finally:
+                released.set()
+        try:
+            g.recv(1, step=3, mb=0, hop=2, kind="act", shape=(2,))
+        except StageLostError as e:
+            return e, time.monotonic() - t0
+
+    _, (err, waited_s, aborts), (err2, waited2_s) = run_ranks(3, fn, timeout_s=20)
+    assert isinstance(err, StageLostError) and "aborted: stage 0's heartbeat expired" in str(err)
+    assert aborts == [True, False]  # aborted once
+    assert isinstance(err2, StageLostError)
+    assert waited_s < 5 and waited2_s < 5  # not the 20 s timeout

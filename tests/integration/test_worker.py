@@ -169,3 +169,40 @@ def test_redundant_worker_refuses_a_swapped_route(tmp_path):
             cfg.model.d_model,
             redundant=True,
         )
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_step_that_keeps_giving_non_finite_gradients_is_never_redone_forever(tmp_path, skip):
+    """A NaN in stage 2's weights makes every run of every step non-finite. The swarm's training loop stops
+    after optim.nonfinite_attempts runs of the step, naming it and the stages, or skips steps if asked to."""
+    import math
+
+    from checkfree.core.stage_step import NonFiniteSteps
+    from checkfree.swarm.training import PeerStatus, TrainingLoop
+
+    cfg = tiny_config(tmp_path, "num_steps=3", "optim.nonfinite_attempts=2", f"optim.skip_nonfinite_steps={skip}")
+    workers = _workers(cfg, Trainer(cfg))
+    with torch.no_grad():
+        next(workers[2].stage.parameters()).view(-1)[0] = math.nan
+    events = [[] for _ in workers]
+
+    class Rows:
+        def write(self, row):
+            pass
+
+    def fn(group):
+        log = lambda event, **f: events[group.rank].append((event, f))
+        loop = TrainingLoop(cfg, 1, Rows(), None, log, None)
+        status = PeerStatus(epoch=0, step=0, state="running")
+        loop.run(group, workers[group.rank], status, resumed=False)
+        return status.step
+
+    results = run_ranks(4, fn, timeout_s=10)
+    if skip:
+        assert results == [3, 3, 3, 3]  # every stage skipped the same steps
+        skipped = [f["step"] for e, f in events[0] if e == "step_skipped"]
+        assert skipped == [0, 1, 2]
+    else:
+        for r in results:
+            assert isinstance(r, NonFiniteSteps) and "step 0" in str(r) and "2 runs" in str(r)
+        assert "stages [" in str(results[0])

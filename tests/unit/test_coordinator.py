@@ -1,10 +1,21 @@
 from checkfree.swarm.coordinator import decide_epoch, leader_of
-from checkfree.swarm.membership import EpochRecord, MemberRecord
+from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
 
 
-def rec(pid, stage, state="running", epoch=0, step=5, pending=False):
+def rec(pid, stage, state="running", epoch=0, step=5, pending=False, lineage=None):
+    """A member record; a stage holder's weights are trained ones unless ``lineage`` says otherwise."""
+    if lineage is None:
+        lineage = Lineage(kind="initial" if stage >= 0 and state != "spare" else "none")
     return MemberRecord(
-        run_id="r", fingerprint="f", peer_id=pid, stage=stage, epoch=epoch, state=state, step=step, pending=pending
+        run_id="r",
+        fingerprint="f",
+        peer_id=pid,
+        stage=stage,
+        epoch=epoch,
+        state=state,
+        step=step,
+        pending=pending,
+        lineage=lineage,
     )
 
 
@@ -122,3 +133,34 @@ def test_a_lost_stage_under_strategy_none_stops_the_swarm():
     members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}
     d = decide_epoch(members, epoch(), 4, "none", "nearest")
     assert d.roster is None and d.fatal and "recovery.strategy=none" in d.reason
+
+
+def test_a_spare_whose_rebuild_broke_off_is_lost_and_never_a_source():
+    """Epoch 1 named spare "s" for stage 0; its source died before the transfer, so "s" holds no weights
+    (lineage none). Then stage 1 is lost too. Stage 0 must count as lost (rebuilt again, by "s" itself, which
+    needs no spare) and stage 1 may not be averaged from it: the nearest valid stage is used instead."""
+    members = {
+        "s": rec("s", 0, "recovering", epoch=1, step=5),  # lineage none: never got its weights
+        "c": rec("c", 2, "recovering", epoch=1),
+        "d": rec("d", 3, "recovering", epoch=1),
+        "t": rec("t", -1, "spare", -1, 0),
+    }
+    members["s"] = members["s"].model_copy(update={"lineage": Lineage(kind="none")})
+    d = decide_epoch(members, epoch(1, roster=("s", "b", "c", "d")), 4, "checkfree", "nearest")
+    assert d.lost == (0, 1) and d.roster == ["s", "t", "c", "d"]
+    assert all(0 not in p.sources and 1 not in p.sources for p in d.plans)
+    assert [(p.stage, p.sources) for p in d.plans] == [(0, [2]), (1, [2])]
+
+
+def test_a_holder_left_behind_the_resume_step_is_rebuilt_not_a_reason_to_stop():
+    members = {p: rec(p, s, "recovering", step=6) for s, p in enumerate("abcd")}
+    members["c"] = rec("c", 2, "recovering", step=4)  # two steps behind: not even a pending step to apply
+    d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
+    assert d.step == 6 and d.lost == (2,) and d.roster == list("abcd")  # "c" rebuilds its own stage
+    assert [(p.stage, p.sources) for p in d.plans] == [(2, [1, 3])]
+
+
+def test_no_valid_weights_anywhere_stops_instead_of_restarting_silently():
+    members = {p: rec(p, s, "recovering", epoch=3, lineage=Lineage(kind="none")) for s, p in enumerate("abcd")}
+    d = decide_epoch(members, epoch(3), 4, "checkfree_plus", "nearest")
+    assert d.roster is None and d.fatal and "no live holder has weights valid" in d.reason

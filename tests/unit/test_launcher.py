@@ -29,10 +29,11 @@ def _ev(t, event, **kw):
 
 def test_stages_killed_in_one_poll_share_the_recovery_that_followed():
     events = [
-        _ev(10.0, "failure", stage=1, peer="p1", signal="SIGKILL", step=3, epoch=0),
-        _ev(10.01, "failure", stage=2, peer="p2", signal="SIGKILL", step=3, epoch=0),
-        _ev(10.1, "step_aborted", error="StageLostError"),
-        _ev(12.0, "epoch_published", lost=[1, 2], new_epoch=1),
+        _ev(10.0, "failure", stage=1, peer="p1", signal="SIGKILL", step=3, epoch=0, iteration=3),
+        _ev(10.01, "failure", stage=2, peer="p2", signal="SIGKILL", step=3, epoch=0, iteration=3),
+        _ev(10.1, "step_aborted", error="StageLostError", epoch=0),
+        # no epoch 0 in the log: its roster is unknown, each kill is paired by stage
+        _ev(12.0, "epoch_published", lost=[1, 2], new_epoch=1, roster=["p0", "n1", "n2", "p3"], rollback_to=None),
         _ev(
             13.0,
             "rebuilt",
@@ -58,9 +59,9 @@ def test_stages_killed_in_one_poll_share_the_recovery_that_followed():
             duration_s=0.1,
         ),
         _ev(14.0, "resumed", epoch=1),
-        _ev(20.0, "failure", stage=0, peer="p0", signal="SIGKILL", step=9, epoch=1),
-        _ev(20.1, "step_aborted", error="StageLostError"),
-        _ev(22.0, "epoch_published", lost=[0], new_epoch=2),
+        _ev(20.0, "failure", stage=0, peer="p0", signal="SIGKILL", step=9, epoch=1, iteration=9),
+        _ev(20.1, "step_aborted", error="StageLostError", epoch=1),
+        _ev(22.0, "epoch_published", lost=[0], new_epoch=2, roster=["n0", "n1", "n2", "p3"], rollback_to=None),
         _ev(
             23.0,
             "rebuilt",
@@ -87,8 +88,8 @@ def test_stages_killed_in_one_poll_share_the_recovery_that_followed():
 
 def test_a_checkpoint_rollback_counts_as_the_recovery_of_the_lost_stage():
     events = [
-        _ev(10.0, "failure", stage=2, peer="p2", signal="SIGKILL", step=5, epoch=0),
-        _ev(10.1, "step_aborted", error="StageLostError"),
+        _ev(10.0, "failure", stage=2, peer="p2", signal="SIGKILL", step=5, epoch=0, iteration=5),
+        _ev(10.1, "step_aborted", error="StageLostError", epoch=0),
         _ev(12.0, "epoch_published", lost=[2], new_epoch=1, roster=["p0", "p1", "n2", "p3"], rollback_to=4),
         *[
             _ev(12.5 + k / 10, "rolled_back", peer=p, epoch=1, to_step=4, restore_s=0.02)

@@ -7,7 +7,7 @@ import pytest
 
 from checkfree.swarm.coordinator import SwarmStopped
 from checkfree.swarm.leader import Leader
-from checkfree.swarm.membership import EpochRecord, MemberRecord
+from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
 from tests.helpers import tiny_config
 
 
@@ -32,7 +32,16 @@ def _view():
         time=time.time(),
     )
     members = {
-        p: MemberRecord(run_id="l", fingerprint="fp", peer_id=p, stage=s, epoch=0, state="recovering", step=3)
+        p: MemberRecord(
+            run_id="l",
+            fingerprint="fp",
+            peer_id=p,
+            stage=s,
+            epoch=0,
+            state="recovering",
+            step=3,
+            lineage=Lineage(kind="initial"),
+        )
         for s, p in enumerate("abc")
     }  # stage 3's peer is gone, no spare
     return members, current

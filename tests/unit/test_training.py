@@ -260,3 +260,24 @@ def test_redundant_with_a_lost_shadow_holder_falls_back(tmp_path):
         (1, "shadow", "primary"),
         (2, "weighted_average", "fallback:nearest"),
     ]
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_the_engine_stops_or_skips_a_step_that_keeps_giving_non_finite_gradients(tmp_path, skip):
+    import math
+
+    from checkfree.core.metrics import read_jsonl
+    from checkfree.core.stage_step import NonFiniteSteps
+
+    cfg = tiny_config(tmp_path, "num_steps=3", "optim.nonfinite_attempts=2", f"optim.skip_nonfinite_steps={skip}")
+    trainer = Trainer(cfg)
+    with torch.no_grad():
+        next(trainer.engine.stages[2].parameters()).view(-1)[0] = math.nan
+    if not skip:
+        with pytest.raises(NonFiniteSteps, match=r"step 0 gave non-finite gradients on stages \[.*2.*\] in 2 runs"):
+            trainer.run()
+        return
+    trainer.run()
+    events = read_jsonl(trainer.run_dir / "events.jsonl")
+    assert [e["step"] for e in events if e["event"] == "step_skipped"] == [0, 1, 2]
+    assert sum(e["event"] == "step_discarded" for e in events) == 6
