@@ -10,8 +10,8 @@ Every message is a fixed-size int64 header (run tag, step, microbatch, hop, kind
 followed by the payload. The receiver checks the header against what its schedule expects (same step,
 microbatch, hop and kind, the expected shape and dtype), so a confused or faulty peer is refused with an
 error that names what it sent. Weights and states holding NaN/inf are refused too; activations and
-gradients holding them are delivered, because the commit discards such a step on every stage. Every wait has a timeout; transport
-failures and timeouts become ``StageLostError`` here, at the boundary.
+gradients holding them are delivered, because the commit discards such a step on every stage. Every wait
+has a timeout; transport failures and timeouts become ``StageLostError`` here, at the boundary.
 
 ``abort`` releases every wait of the group at once, from another thread: the peer's heartbeat thread calls
 it when a member of the epoch is known lost (its heartbeat expired: a hang; or a newer epoch exists), so a
