@@ -253,15 +253,17 @@ def cmd_status(ns: argparse.Namespace) -> int:
         + (f", STOPPED: {current.stop}" if current and current.stop else "")
     )
     roster = current.roster if current else []
-    print("stage  peer          state       step  epoch  heartbeat_age_s  loss")
+    print("stage  peer          state       step  epoch  heartbeat_age_s  loss    weights")
     for s, pid in enumerate(roster):
         r = members.get(pid)
         if r is None:
             print(f"{s:5d}  {pid:12s}  LOST")
             continue
+        valid = "" if current is None or r.valid_for(current.step) or r.step > current.step else "  NOT VALID: "
+        loss = f"{r.loss:.4f}" if r.loss is not None else "-"
         print(
-            f"{s:5d}  {pid:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  {now - r.time:15.1f}  "
-            f"{r.loss if r.loss is not None else '-'}"
+            f"{s:5d}  {pid:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  {now - r.time:15.1f}  {loss:6s}  "
+            f"{valid}{r.lineage.describe(r.step)}"
         )
     others = [r for pid, r in sorted(members.items()) if pid not in roster]
     for r in others:

@@ -31,7 +31,7 @@ from checkfree.core.exit_codes import ExitCode
 from checkfree.core.failures import Failure, FailureInjector, write_trace
 from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.config import config_fingerprint
-from checkfree.swarm.membership import Membership
+from checkfree.swarm.membership import DHTUnavailable, Membership
 from launcher.report import merge_run
 
 logger = logging.getLogger(__name__)
@@ -118,24 +118,30 @@ class LocalSwarm:
 
     def run(self) -> ExitCode:
         cfg = self.cfg
-        t0 = time.time()
+        t0, started = time.time(), time.monotonic()
         for s in range(cfg.model.num_stages):
             self._start(s)
         for _ in range(cfg.swarm.num_spares):
             self._start(None)
-        code, last_status = ExitCode.CRASHED, 0.0
+        code, last_status, current = ExitCode.CRASHED, 0.0, None
         try:
             while True:
                 time.sleep(0.2)
-                members = self.membership.members()
-                current = self.membership.current_epoch()
+                try:
+                    members = self.membership.members()
+                    # the newest epoch seen: once every peer has exited nobody re-stores the record, and
+                    # it expires (membership.epoch_ttl_s)
+                    current = self.membership.current_epoch() or current
+                except DHTUnavailable as e:  # transient: the peers go on; look again at the next poll
+                    logger.warning("launcher: DHT read failed: %s", e)
+                    continue
                 now = time.time()
                 if current is not None and current.stop:
                     print(f"\nswarm stopped: {current.stop}", file=sys.stderr)
                     code = ExitCode.SWARM_STOPPED
                     # every live peer reads the stop record and exits saying why; end them only after that
-                    grace = time.time() + 10
-                    while time.time() < grace and any(
+                    grace = time.monotonic() + 10
+                    while time.monotonic() < grace and any(
                         p.poll() is None for pid, p in self.procs.items() if pid not in self.stopped
                     ):
                         time.sleep(0.2)
@@ -143,7 +149,7 @@ class LocalSwarm:
                 if self._finished(members, current):
                     code = ExitCode.OK
                     break
-                if now - t0 > cfg.swarm.run_timeout_s:
+                if time.monotonic() - started > cfg.swarm.run_timeout_s:
                     print(f"\nswarm.run_timeout_s={cfg.swarm.run_timeout_s} s reached; stopping", file=sys.stderr)
                     code = ExitCode.TIMED_OUT
                     break
@@ -276,10 +282,10 @@ class LocalSwarm:
                     self._kill_group(p)
                 else:
                     p.terminate()  # peers tombstone and exit on SIGTERM
-        deadline = time.time() + 15
+        deadline = time.monotonic() + 15
         for p in self.procs.values():
             try:
-                p.wait(timeout=max(0.1, deadline - time.time()))
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
         for p in self.procs.values():  # whatever is left of each peer's group (DHT process, p2pd)

@@ -57,10 +57,10 @@ def _stage_main(cfg: TrainConfig, stage: int, port: int, out_dir: str, threads: 
     tokens = batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
     with open(Path(out_dir) / f"stage-{stage}.jsonl", "w") as f:
         for step in range(cfg.num_steps):
-            t0 = time.time()
+            t0 = time.monotonic()
             worker.run_step(group, step)
             loss = worker.commit(group, step)
-            step_s = time.time() - t0
+            step_s = time.monotonic() - t0
             f.write(
                 json.dumps(
                     {
@@ -102,10 +102,10 @@ def run_static_pipeline(cfg: TrainConfig, out_dir: str | Path, timeout_s: float 
     ]
     for p in procs:
         p.start()
-    deadline = time.time() + timeout_s
+    deadline = time.monotonic() + timeout_s
     try:
         for p in procs:
-            p.join(max(0.0, deadline - time.time()))
+            p.join(max(0.0, deadline - time.monotonic()))
         bad = [(s, p.exitcode) for s, p in enumerate(procs) if p.exitcode != 0]
         if bad:
             raise RuntimeError(

@@ -100,7 +100,8 @@ def main() -> None:
         ]
         cfg = load_config(files, args)
         code, summary = run_local_swarm(cfg, tmp / name, status=False)
-        rows = summary["recovery_rows"]
+        # the kills this benchmark injected (a loss it did not cause, e.g. a rebuild broken off, is its own row)
+        rows = [r for r in summary["recovery_rows"] if r.get("injected", True)]
         stage = Stage(cfg.model, min(1, cfg.model.num_stages - 1))
         results[name] = {
             "exit_code": code,
@@ -117,6 +118,8 @@ def main() -> None:
             "detect_s": _dist([r["detect_s"] for r in rows]),
             "rebuild_s": _dist([r["rebuild_s"] for r in rows]),
             "resume_s": _dist([r["resume_s"] for r in rows]),
+            "decide_s": _dist([r["decide_s"] for r in rows]),
+            "stage_losses": summary.get("stage_losses"),
             "transfer_and_rebuild_s": _dist([r["transfer_and_rebuild_s"] for r in rows]),
             "rows": [
                 {
@@ -130,6 +133,7 @@ def main() -> None:
                         "resume_s",
                         "transfer_and_rebuild_s",
                         "detected_by",
+                        "decide_s",
                     )
                 }
                 for r in rows

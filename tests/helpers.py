@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -19,6 +21,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from checkfree.config import TrainConfig, load_config
+from checkfree.core.failures import write_trace
+from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.config import TransportConfig
 from checkfree.swarm.transport import EpochGroup
 
@@ -142,3 +146,60 @@ def kill_and_reap(pids: set[int], keep: set[int]) -> None:
                 os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
+
+
+# ---- real swarms (tests/process) ------------------------------------------------------------------
+SWARM = [
+    *TINY,
+    "num_threads=1",
+    "eval_every_steps=0",
+    "swarm.spare_delay_s=1",
+    "swarm.min_gap_s=1",
+    "membership.period_s=0.25",
+    "membership.ttl_s=1.5",
+    "transport.timeout_s=5",
+]
+
+
+def spawned_pids(run_dir):
+    return [e["pid"] for e in read_jsonl(run_dir / "launcher-events.jsonl") if e["event"] == "peer_spawned"]
+
+
+def left_behind(pgids):
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True).stdout.split("\n")
+    rows = [line.split() for line in out if line.strip()]
+    return [r for r in rows if int(r[1]) in pgids and not r[2].startswith("Z")]
+
+
+def kill_groups(pgids):
+    for g in pgids:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_swarm(tmp_path, name, *overrides, failures=(), background=False):
+    args = [*SWARM, f"run_name={name}", f"out_dir={tmp_path}", "progress=false", *overrides]
+    if failures:
+        trace = tmp_path / f"{name}-trace.jsonl"
+        write_trace(trace, list(failures), 4)
+        args += ["failures.mode=trace", f"failures.trace_path={trace}"]
+    else:
+        args += ["failures.mode=none"]
+    cmd = [sys.executable, "-m", "checkfree", "swarm", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if background:
+        return proc
+    try:
+        out, _ = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        run_dir = tmp_path / name
+        if (run_dir / "launcher-events.jsonl").exists():
+            pgids = spawned_pids(run_dir)
+            left = left_behind(pgids)
+            kill_groups(pgids)
+            assert not left, f"processes left behind: {left}"
+    return proc.returncode, out, tmp_path / name

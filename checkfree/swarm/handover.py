@@ -174,7 +174,7 @@ class Handover:
     def _roll_back(self, worker: StageWorker | None, stage: int, rec: EpochRecord) -> StageWorker:
         """Every stage goes back to the checkpoint of ``rec.rollback_to`` (step 0: the seed's initial state,
         a pure function of the config, which needs no file: a loss before the first checkpoint)."""
-        t0 = time.time()
+        t0 = time.monotonic()
         if rec.rollback_to == 0:
             restored = None
         else:
@@ -192,7 +192,7 @@ class Handover:
             worker.install(restored)
             worker.lineage = origin
         worker.discard()
-        self.emit("rolled_back", to_step=rec.rollback_to, restore_s=time.time() - t0)
+        self.emit("rolled_back", to_step=rec.rollback_to, restore_s=time.monotonic() - t0)
         return worker
 
     def _settle(self, worker: StageWorker, rec: EpochRecord, step: int) -> int:
@@ -239,7 +239,7 @@ class Handover:
     def _receive_and_rebuild(
         self, group: EpochGroup, rec: EpochRecord, plan: RecoveryPlan, holder: int | None
     ) -> RebuiltStage:
-        t0 = time.time()
+        t0 = time.monotonic()
         skeleton = _skeleton(self.spec, plan.stage)
         inputs = RebuildInputs()
         if plan.method == "shadow":
@@ -258,7 +258,7 @@ class Handover:
         if plan.method == "checkpoint":
             inputs.checkpoint = self.ckpt.load_stage(self.ckpt.latest_for_stage(plan.stage), plan.stage)
         rebuilt = rebuild_stage(self.spec, plan, rec.step, inputs)
-        fields = rebuilt.event_fields(plan, rec.step, self.cfg.recovery.strategy, duration_s=time.time() - t0)
+        fields = rebuilt.event_fields(plan, rec.step, self.cfg.recovery.strategy, duration_s=time.monotonic() - t0)
         self.emit("rebuilt", **fields, lost_epoch_time=rec.time)
         return rebuilt
 

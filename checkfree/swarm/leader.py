@@ -29,18 +29,23 @@ from checkfree.swarm.coordinator import SwarmStopped, decide_epoch, stage_holder
 from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
 
 
-def probe_refused(host: str, port: int, timeout_s: float = 0.2) -> bool:
-    """True only when the host answers and refuses the connection: the process behind the port is gone.
-    A timeout (frozen host, lost route) proves nothing and returns False: the heartbeat's expiry decides."""
+def probe(host: str, port: int, timeout_s: float = 0.3) -> str:
+    """Ask a peer's probe port whether its process lives: ``refused`` (the host answers, nothing listens:
+    the process is gone), ``alive`` (it answered within ``timeout_s``) or ``silent`` (no answer: a frozen
+    process, a vanished host, a lost route, or none known)."""
     if not port:
-        return False
+        return "silent"
     try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            conn.settimeout(timeout_s)
+            return "alive" if conn.recv(1) == PROBE_REPLY else "silent"
     except ConnectionRefusedError:
-        return True
+        return "refused"
     except OSError:
-        return False
-    return False
+        return "silent"
+
+
+PROBE_REPLY = b"k"
 
 
 class View:
@@ -51,6 +56,18 @@ class View:
         self.started = time.monotonic()
         self.witnessed: set[int] = set()  # epochs in which this peer saw another roster member alive
         self.dead: set[str] = set()  # peers whose probe was refused
+        self._probed: dict[int, tuple[float, bool]] = {}  # epoch -> (when, every roster probe refused)
+
+    def all_refused(self, current: EpochRecord) -> bool:
+        """Whether every roster member's probe port refuses: all their processes are gone, seen without the
+        member records (which a freshly joined node's DHT may not show yet). Probed at most once a second."""
+        if len(current.probes) != len(current.roster):
+            return False
+        when, refused = self._probed.get(current.epoch, (0.0, False))
+        if time.monotonic() - when >= 1.0:
+            refused = all(probe(host, port) == "refused" for host, port in current.probes)
+            self._probed[current.epoch] = (time.monotonic(), refused)
+        return refused
 
     @property
     def settled(self) -> bool:
@@ -72,7 +89,7 @@ class View:
         for pid in current.roster:
             r = members.get(pid)
             if broken and r is not None and pid not in self.dead and r.state in ("running", "joining"):
-                if probe_refused(r.host, r.probe_port):
+                if probe(r.host, r.probe_port) == "refused":
                     self.dead.add(pid)
         return {pid: r for pid, r in members.items() if pid not in self.dead}
 
@@ -115,6 +132,7 @@ class Leader:
                 current is not None
                 and not stage_holders(members, current)
                 and current.epoch not in view.witnessed
+                and not view.all_refused(current)
                 and time.monotonic() - view.started < view.spare_wait_s
             ):
                 why = (
@@ -176,6 +194,7 @@ class Leader:
             lost=list(decision.lost),
             plans=list(decision.plans),
             rollback_to=decision.rollback_to,
+            probes=[(members[pid].host, members[pid].probe_port) for pid in decision.roster],
             time=time.time(),
         )
         self.membership.publish_epoch(rec)

@@ -33,6 +33,7 @@ from checkfree.swarm.config import MembershipConfig
 
 logger = logging.getLogger(__name__)
 
+FINISHED = "finished"  # the subkey, beside the epochs' zero-padded numbers, that marks the run finished
 STATES = ("waiting", "joining", "running", "recovering", "spare", "done")
 
 
@@ -114,6 +115,7 @@ class EpochRecord(BaseModel):
     rollback_to: int | None = None  # checkpoint strategy: every stage restores this step
     stop: str | None = None  # set when the swarm gives up: every peer exits with this reason
     finished: bool = False  # set by the stages that ran the last step: the run is done, spares may leave
+    probes: list[tuple[str, int]] = []  # each roster member's probe address (host, port)
     time: float = 0.0
 
 
@@ -204,8 +206,6 @@ class Membership:
         return bool(self._call(self.dht.store, key, value, self.now + ttl_s, subkey=subkey))
 
     def _get(self, key: str) -> dict:
-        if time.monotonic() < self._blind_until:
-            return {}  # membership.fault_blind_s: an empty view, as a freshly joined node may have
         entry = self._call(self.dht.get, key, latest=True)
         if entry is None or not isinstance(entry.value, dict):
             return {}
@@ -226,6 +226,8 @@ class Membership:
     def members(self) -> dict[str, MemberRecord]:
         """Live, valid member records of this run (expired ones are already dropped by the DHT)."""
         out = {}
+        if time.monotonic() < self._blind_until:
+            return out  # membership.fault_blind_s: no member in view, as a freshly joined node may see
         for peer_id, value in self._get(f"{self.run_id}/members").items():
             if value is None:
                 continue  # tombstone
@@ -268,12 +270,22 @@ class Membership:
     def current_epoch(self, fingerprint: str | None = None) -> EpochRecord | None:
         """The newest epoch record of this swarm (of ``fingerprint``, for observers that have none)."""
         key = f"{self.run_id}/{fingerprint}/epoch" if fingerprint else self._epoch_key()
-        best = None
+        best, finished = None, None
         for name, value in self._get(key).items():
+            if name == FINISHED:
+                finished = value if isinstance(value, int) else None
+                continue
             rec = self._validate(EpochRecord, value, f"epoch {name}") if value is not None else None
             if rec is not None and (best is None or rec.epoch > best.epoch):
                 best = rec
+        if best is not None and finished is not None and finished >= best.epoch:
+            best = best.model_copy(update={"finished": True})
         return best
+
+    def mark_finished(self, epoch: int) -> bool:
+        """Record that the run finished in ``epoch``: a subkey of its own, so that a member re-storing the
+        epoch record at that moment (to extend its expiry) cannot erase the mark."""
+        return self._store(self._epoch_key(), FINISHED, epoch, self.cfg.epoch_ttl_s)
 
     def shutdown(self) -> None:
         try:

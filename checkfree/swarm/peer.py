@@ -40,7 +40,7 @@ from checkfree.core.stage_step import NonFiniteSteps
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.handover import Handover
-from checkfree.swarm.leader import Leader, View
+from checkfree.swarm.leader import PROBE_REPLY, Leader, View, probe
 from checkfree.swarm.membership import DHTUnavailable, EpochRecord, Lineage, MemberRecord, Membership
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
@@ -151,13 +151,25 @@ class Peer:
             probe_port=self._probe.getsockname()[1],
         )
 
+    def _probe_of(self, rec: EpochRecord, pid: str) -> str:
+        i = rec.roster.index(pid)
+        if i >= len(rec.probes):
+            return "silent"
+        host, port = rec.probes[i]
+        return probe(host, port)
+
     def _serve_probe(self) -> None:
         while True:
             try:
                 conn, _ = self._probe.accept()
             except OSError:
                 return  # closed at exit
-            conn.close()
+            try:
+                conn.sendall(PROBE_REPLY)
+            except OSError:
+                pass
+            finally:
+                conn.close()
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():
@@ -180,6 +192,9 @@ class Peer:
         members = self.membership.members()
         missing = {pid for pid in rec.roster if pid not in members and pid != self.peer_id}
         gone, self._missing = missing & self._missing, missing
+        # a record missing from two views in a row: its peer is gone unless it answers its probe now (then
+        # this view was partial, or the peer's heartbeat was late: a busy machine, not a lost stage)
+        gone = {pid for pid in gone if self._probe_of(rec, pid) != "alive"}
         current = self.membership.current_epoch()
         reason = None
         if gone:
@@ -193,7 +208,11 @@ class Peer:
             if group is not None and group.epoch == rec.epoch:
                 group.abort(reason)
             return
-        if current is not None and time.monotonic() - self._refreshed > self.cfg.membership.epoch_ttl_s / 4:
+        if (
+            current is not None
+            and not current.finished
+            and time.monotonic() - self._refreshed > self.cfg.membership.epoch_ttl_s / 4
+        ):
             self.membership.publish_epoch(current)
             self._refreshed = time.monotonic()
 
@@ -400,7 +419,7 @@ class Peer:
             # them from reading the finished stages' departure as every stage being lost)
             current = self.membership.current_epoch()
             if current is not None and current.epoch == self.status.epoch and not current.finished:
-                self.membership.publish_epoch(current.model_copy(update={"finished": True}))
+                self.membership.mark_finished(current.epoch)
         except DHTUnavailable:
             pass
         # stay reachable briefly so that the other stages' last all-reduce and their reads complete

@@ -55,7 +55,7 @@ class TrainingLoop:
         """
         cfg = self.cfg
         while status.step < cfg.num_steps:
-            t0 = time.time()
+            t0 = time.monotonic()
             worker.run_step(group, status.step)
             loss = worker.commit(group, status.step)
             if loss is None:
@@ -65,7 +65,7 @@ class TrainingLoop:
                     self.emit("step_skipped", step=status.step, stages=stages, attempts=cfg.optim.nonfinite_attempts)
                     status.step += 1
                 continue
-            step_s = time.time() - t0
+            step_s = time.monotonic() - t0
             status.loss, status.tokens_per_s = loss, self.tokens_per_step / step_s
             done = status.step
             status.step += 1
@@ -94,7 +94,7 @@ class TrainingLoop:
         if self.exchange_replicas is not None and step % cfg.recovery.edge_replica_every_steps == 0:
             self.exchange_replicas(group, worker, step)
         if self.ckpt and step % cfg.checkpoint.every_steps == 0:
-            ts = time.time()
+            ts = time.monotonic()
             self.ckpt.save_stage(
                 StagePayload(
                     stage=worker.index,
@@ -106,7 +106,7 @@ class TrainingLoop:
                     grad_norm_smoothed=worker.grad_norm_smoothed,
                 )
             )
-            self.emit("checkpoint_save", step=step, save_s=time.time() - ts)
+            self.emit("checkpoint_save", step=step, save_s=time.monotonic() - ts)
         every = cfg.eval_every_steps
         if (every and step % every == 0) or step == cfg.num_steps:
             val = worker.evaluate(group, cfg.data.num_val_batches, step)

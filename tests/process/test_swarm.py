@@ -11,66 +11,11 @@ import time
 
 import pytest
 
-from checkfree.core.failures import Failure, write_trace
+from checkfree.core.failures import Failure
 from checkfree.core.metrics import read_jsonl
-from tests.helpers import TINY, tiny_config
+from tests.helpers import kill_groups, left_behind, run_swarm, spawned_pids, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-SWARM = [
-    *TINY,
-    "num_threads=1",
-    "eval_every_steps=0",
-    "swarm.spare_delay_s=1",
-    "swarm.min_gap_s=1",
-    "membership.period_s=0.25",
-    "membership.ttl_s=1.5",
-    "transport.timeout_s=5",
-]
-
-
-def _pgids(run_dir):
-    return [e["pid"] for e in read_jsonl(run_dir / "launcher-events.jsonl") if e["event"] == "peer_spawned"]
-
-
-def _left_behind(pgids):
-    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True).stdout.split("\n")
-    rows = [line.split() for line in out if line.strip()]
-    return [r for r in rows if int(r[1]) in pgids and not r[2].startswith("Z")]
-
-
-def _kill_groups(pgids):
-    for g in pgids:
-        try:
-            os.killpg(g, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def run_swarm(tmp_path, name, *overrides, failures=(), background=False):
-    args = [*SWARM, f"run_name={name}", f"out_dir={tmp_path}", "progress=false", *overrides]
-    if failures:
-        trace = tmp_path / f"{name}-trace.jsonl"
-        write_trace(trace, list(failures), 4)
-        args += ["failures.mode=trace", f"failures.trace_path={trace}"]
-    else:
-        args += ["failures.mode=none"]
-    cmd = [sys.executable, "-m", "checkfree", "swarm", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if background:
-        return proc
-    try:
-        out, _ = proc.communicate(timeout=200)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        run_dir = tmp_path / name
-        if (run_dir / "launcher-events.jsonl").exists():
-            pgids = _pgids(run_dir)
-            left = _left_behind(pgids)
-            _kill_groups(pgids)
-            assert not left, f"processes left behind: {left}"
-    return proc.returncode, out, tmp_path / name
 
 
 def _check_every_step_once(run_dir, num_steps):
@@ -152,7 +97,7 @@ def test_redundant_swarm_with_adjacent_losses_falls_back_and_refreshes_the_stale
     over to the shadow of the *rebuilt* stage 2."""
     fails = [Failure(3, 1, "mid_forward", 0.5), Failure(3, 2, "mid_forward", 0.5), Failure(12, 2, "mid_forward", 0.5)]
     code, out, run_dir = run_swarm(
-        tmp_path, "adj-redundant", "num_steps=30", "swarm.num_spares=3", "recovery.strategy=redundant", failures=fails
+        tmp_path, "adj-redundant", "num_steps=60", "swarm.num_spares=3", "recovery.strategy=redundant", failures=fails
     )
     assert code == 0, out
     summary, _ = _check_every_step_once(run_dir, 30)
@@ -335,7 +280,7 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
                     p.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
-        _kill_groups(_pgids(run_dir))
+        kill_groups(spawned_pids(run_dir))
     _, metrics = _check_every_step_once(run_dir, 40)
     assert status.returncode == 0, status.stderr
     assert "run equiv: epoch 0" in status.stdout and all(f"s{k}-0{k + 1}" in status.stdout for k in range(4))
@@ -357,11 +302,11 @@ def test_redundant_swarm_fails_over_to_shadows_without_losing_anything(tmp_path)
     shadow is sent to it, and every committed loss is the failure-free engine's."""
     from checkfree.engine.trainer import Trainer
 
-    overrides = ["recovery.strategy=redundant", "recovery.lr_factor=1.5", "num_steps=16"]
+    overrides = ["recovery.strategy=redundant", "recovery.lr_factor=1.5", "num_steps=40"]  # the 3rd failure lands
     fails = [Failure(3, 1, "mid_forward", 0.5), Failure(7, 0, "mid_forward", 0.5), Failure(11, 3, "mid_forward", 0.5)]
     code, out, run_dir = run_swarm(tmp_path, "redundant", *overrides, "swarm.num_spares=2", failures=fails)
     assert code == 0, out
-    summary, metrics = _check_every_step_once(run_dir, 16)
+    summary, metrics = _check_every_step_once(run_dir, 40)
     rows = summary["recovery_rows"]
     assert [(r["stage"], r["method"], r["sources"]) for r in rows] == [
         (1, "shadow", [0]),
@@ -398,14 +343,14 @@ def test_a_killed_launcher_leaves_no_peer_running(tmp_path):
         while time.time() < deadline and not (log.exists() and any(e["event"] == "failure" for e in read_jsonl(log))):
             time.sleep(0.5)
         assert time.time() < deadline, "the injector never froze a peer"
-        pgids = _pgids(run_dir)
+        pgids = spawned_pids(run_dir)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.time() + 20
-        while _left_behind(pgids) and time.time() < deadline:
+        while left_behind(pgids) and time.time() < deadline:
             time.sleep(0.5)
-        assert not _left_behind(pgids), _left_behind(pgids)
+        assert not left_behind(pgids), left_behind(pgids)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        _kill_groups(_pgids(run_dir))
+        kill_groups(spawned_pids(run_dir))
