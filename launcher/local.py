@@ -32,6 +32,7 @@ from checkfree.core.failures import Failure, FailureInjector, write_trace
 from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.membership import DHTUnavailable, Membership
+from launcher.chaos import Chaos
 from launcher.report import merge_run
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,9 @@ class LocalSwarm:
         self.counter = 0
         self.seen_epochs: set[int] = set()
         self.recoveries = 0
+        self.chaos = (
+            Chaos(cfg.swarm.chaos, cfg.model.num_stages, self.run_dir / "peers") if cfg.swarm.chaos.events else None
+        )
         self.membership = Membership(cfg.membership, self.run_id, config_fingerprint(cfg))
         self.maddrs = self.membership.visible_maddrs()
         # how to reach this swarm from elsewhere: checkfree peer ... --initial-peers $(cat RUN_DIR/maddrs.txt)
@@ -125,16 +129,20 @@ class LocalSwarm:
             self._start(None)
         code, last_status, current = ExitCode.CRASHED, 0.0, None
         try:
+            members, last_read = {}, 0.0
             while True:
-                time.sleep(0.2)
-                try:
-                    members = self.membership.members()
-                    # the newest epoch seen: once every peer has exited nobody re-stores the record, and
-                    # it expires (membership.epoch_ttl_s)
-                    current = self.membership.current_epoch() or current
-                except DHTUnavailable as e:  # transient: the peers go on; look again at the next poll
-                    logger.warning("launcher: DHT read failed: %s", e)
-                    continue
+                # an armed chaos trigger watches the peers' events closely; the DHT is read every 0.2 s
+                time.sleep(0.02 if self.chaos is not None and self.chaos.armed else 0.2)
+                if time.monotonic() - last_read >= 0.2:
+                    try:
+                        members = self.membership.members()
+                        # the newest epoch seen: once every peer has exited nobody re-stores the record, and
+                        # it expires (membership.epoch_ttl_s)
+                        current = self.membership.current_epoch() or current
+                        last_read = time.monotonic()
+                    except DHTUnavailable as e:  # transient: the peers go on; look again at the next poll
+                        logger.warning("launcher: DHT read failed: %s", e)
+                        continue
                 now = time.time()
                 if current is not None and current.stop:
                     print(f"\nswarm stopped: {current.stop}", file=sys.stderr)
@@ -155,7 +163,10 @@ class LocalSwarm:
                     break
                 self._reap_replaced(current)
                 self._replace_crashed(now)
-                self._inject(members, current, now)
+                if self.chaos is not None:
+                    self._chaos(members, current, now)
+                else:
+                    self._inject(members, current, now)
                 while self.pending_spares and self.pending_spares[0] <= now:
                     self.pending_spares.pop(0)
                     self._start(None)
@@ -226,6 +237,35 @@ class LocalSwarm:
                 iteration=f.iteration,
             )
             self.pending_spares.append(now + cfg.swarm.spare_delay_s)
+
+    def _chaos(self, members, current, now: float) -> None:
+        live = {pid for pid, p in self.procs.items() if p.poll() is None and pid not in self.stopped}
+        action = self.chaos.poll(time.monotonic(), members, current, live)
+        if action is None:
+            return
+        for _ in range(action.spares):
+            self._start(None)
+        for pid in action.victims:
+            proc = self.procs[pid]
+            os.kill(proc.pid, action.sig)
+            self.killed.add(pid)
+            if action.sig == signal.SIGSTOP:
+                self.stopped.add(pid)
+            if current is not None and pid in current.roster:
+                rec = members.get(pid)
+                self.events.emit(
+                    "failure",
+                    stage=current.roster.index(pid),
+                    peer=pid,
+                    pid=proc.pid,
+                    signal=action.sig.name,
+                    step=rec.step if rec else current.step,
+                    epoch=current.epoch,
+                    iteration=-1,
+                    kind=action.kind,
+                )
+            self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)
+        self.events.emit("chaos", kind=action.kind, peers=action.victims, signal=action.sig.name, spares=action.spares)
 
     def _replace_crashed(self, now: float) -> None:
         """A peer that died on its own (not by the injector) is a lost machine too: a new one arrives."""

@@ -20,6 +20,11 @@ swarm stopped first) still gets a row, so nothing injected drops out of the repo
   rendezvous of the new epoch and the weight transfer included);
 - resume_s: from the rebuild to the first step committed in the new epoch.
 
+Phases of the same recovery, end to end (issue #9's breakdown): ``detect_s``, ``decide_s``, then
+``rendezvous_s`` (from the publish until the new peer's transfer started: the new group forming),
+``transfer_s`` (the transfer of weights and the rebuild), ``resume_s``; ``kill_to_commit_s`` is the sum,
+from the kill to the first step committed after the recovery (injected losses only).
+
 Under the checkpoint strategy the rebuild is the new peer's rollback (``rolled_back``).
 """
 
@@ -164,7 +169,10 @@ def _loss_row(
         "decide_s": pub["time"] - detect_t,
         "rebuild_s": rebuilt["time"] - detect_t if rebuilt else None,
         "transfer_and_rebuild_s": rebuilt["duration_s"] if rebuilt else None,
+        "rendezvous_s": rebuilt["time"] - rebuilt["duration_s"] - pub["time"] if rebuilt else None,
+        "transfer_s": rebuilt["duration_s"] if rebuilt else None,
         "resume_s": resumed["time"] - rebuilt["time"] if resumed and rebuilt else None,
+        "kill_to_commit_s": resumed["time"] - kill["time"] if resumed and kill else None,
         "detected_by": aborted["error"] if aborted else "heartbeat",
     }
 
@@ -202,7 +210,10 @@ def _unpublished_row(events: list[dict], kill: dict) -> dict:
         **dict.fromkeys(("new_peer", "method", "path", "sources", "weights"), None),
         "completed": False,
         "detect_s": aborted["time"] - kill["time"] if aborted else None,
-        **dict.fromkeys(("decide_s", "rebuild_s", "transfer_and_rebuild_s", "resume_s"), None),
+        **dict.fromkeys(
+            ("decide_s", "rebuild_s", "transfer_and_rebuild_s", "rendezvous_s", "transfer_s", "resume_s"), None
+        ),
+        "kill_to_commit_s": None,
         "detected_by": aborted["error"] if aborted else None,
     }
 
@@ -283,6 +294,9 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
         "decide_s": _stats([r["decide_s"] for r in rows]),
         "rebuild_s": _stats([r["rebuild_s"] for r in rows]),
         "resume_s": _stats([r["resume_s"] for r in rows]),
+        "rendezvous_s": _stats([r["rendezvous_s"] for r in rows]),
+        "transfer_s": _stats([r["transfer_s"] for r in rows]),
+        "kill_to_commit_s": _stats([r["kill_to_commit_s"] for r in rows]),
         "mean_tokens_per_s": statistics.mean(m["throughput/tokens_per_s"] for m in metrics) if metrics else None,
         "recovery_rows": rows,
     }

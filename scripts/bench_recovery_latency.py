@@ -4,10 +4,14 @@ Each experiment is one local swarm run (``checkfree swarm``) with a fixed failur
 first, a middle and the last stage in turn (SIGKILL: a crash; or SIGSTOP: a hang), two spares standing
 by. The launcher pairs every kill with its recovery (``launcher/report.py``):
 
-- detect_s: kill -> first peer noticing (a transport error, or a timeout for a hang);
-- rebuild_s: detection -> the replacement has rebuilt the stage (waiting out the lost peer's heartbeat
-  TTL, the leader's decision, the rendezvous of the new epoch and the weight transfer included);
-- resume_s: rebuild -> first step committed in the new epoch.
+- detect_s: kill -> first peer noticing (a transport error; for a hang, the heartbeat's expiry);
+- decide_s: detection -> the leader publishes the new epoch (a crash is confirmed by the lost peer's
+  refused probe, a hang by its expired heartbeat);
+- rendezvous_s: publish -> the new group formed and the transfer starting;
+- transfer_s: the transfer of weights and the rebuild;
+- resume_s: rebuild -> first step committed in the new epoch;
+- kill_to_commit_s: all of it, kill -> first committed step after the recovery
+  (and rebuild_s, detection -> rebuilt, as before).
 
 Experiments vary one thing at a time from the base (the tiny default: 4 stages, d_model 128, heartbeat
 period 0.5 s / TTL 2 s): crash vs hang, model width (stage bytes), number of stages (2, 4, 8) and the
@@ -119,6 +123,9 @@ def main() -> None:
             "rebuild_s": _dist([r["rebuild_s"] for r in rows]),
             "resume_s": _dist([r["resume_s"] for r in rows]),
             "decide_s": _dist([r["decide_s"] for r in rows]),
+            "rendezvous_s": _dist([r["rendezvous_s"] for r in rows]),
+            "transfer_s": _dist([r["transfer_s"] for r in rows]),
+            "kill_to_commit_s": _dist([r["kill_to_commit_s"] for r in rows]),
             "stage_losses": summary.get("stage_losses"),
             "transfer_and_rebuild_s": _dist([r["transfer_and_rebuild_s"] for r in rows]),
             "rows": [
@@ -134,6 +141,9 @@ def main() -> None:
                         "transfer_and_rebuild_s",
                         "detected_by",
                         "decide_s",
+                        "rendezvous_s",
+                        "transfer_s",
+                        "kill_to_commit_s",
                     )
                 }
                 for r in rows
@@ -143,7 +153,9 @@ def main() -> None:
         print(
             f"{name:12s} exit {code} recovered {results[name]['recovered']}/{len(rows)} kills "
             f"({len(kills)} scheduled)  detect {fmt(results[name]['detect_s'])}"
-            f"  rebuild {fmt(results[name]['rebuild_s'])}  resume {fmt(results[name]['resume_s'])}",
+            f"  decide {fmt(results[name]['decide_s'])}  rendezvous {fmt(results[name]['rendezvous_s'])}"
+            f"  transfer {fmt(results[name]['transfer_s'])}  resume {fmt(results[name]['resume_s'])}"
+            f"  kill->commit {fmt(results[name]['kill_to_commit_s'])}",
             flush=True,
         )
     _plot(results, Path(ns.out).with_suffix(".png"))
@@ -151,9 +163,10 @@ def main() -> None:
 
 
 def _plot(results: dict, path: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
+    keys = ("detect_s", "decide_s", "rendezvous_s", "transfer_s", "resume_s", "kill_to_commit_s")
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.5), sharey=False)
     names = list(results)
-    for ax, key in zip(axes, ("detect_s", "rebuild_s", "resume_s")):
+    for ax, key in zip(axes, keys):
         data = [[r[key] for r in results[n]["rows"] if r[key] is not None] or [float("nan")] for n in names]
         ax.boxplot(data, showfliers=True)
         ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right")

@@ -56,6 +56,13 @@ EVENTS: dict[str, EventType] = {
             "peer, pid, signal, epoch)",
         ),
         EventType(
+            "chaos",
+            ("kind", "peers", "signal"),
+            "launcher",
+            "swarm.chaos injected an event (kind, the peers it killed or started, the signal); each stage peer "
+            "it hit also gets a failure event",
+        ),
+        EventType(
             "step_discarded",
             ("step", "reason"),
             "engine, swarm",

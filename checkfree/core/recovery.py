@@ -120,6 +120,7 @@ def plan_recovery(
     fallback: str,
     has_checkpoint: Callable[[int], bool] = lambda stage: False,
     edge_replicas: set[str] = frozenset(),
+    stale_shadows: set[int] = frozenset(),
 ) -> list[RecoveryPlan]:
     """Decide how to rebuild each lost stage without reading any lost stage's weights.
 
@@ -130,6 +131,8 @@ def plan_recovery(
         fallback: what to do when a primary source is lost too (see ``FALLBACKS``).
         has_checkpoint: whether a saved copy of a stage exists (for the ``checkpoint`` fallback).
         edge_replicas: edge kinds ('embed', 'head') whose replica survives on a live holder.
+        stale_shadows: stages whose shadow (redundant) is not up to date on its live holder (a swarm peer
+            whose join broke off before its shadow was sent): such a stage takes the fallback path.
 
     Returns:
         One plan per lost stage, in stage order.
@@ -148,7 +151,7 @@ def plan_recovery(
             plans.append(RecoveryPlan(stage, "random", (), "primary", "reinit" if kind else None))
             continue
         sources, path = _primary_sources(strategy, stage, num_stages), "primary"
-        if any(s in lost for s in sources):
+        if any(s in lost for s in sources) or (strategy == "redundant" and stage in stale_shadows):
             if fallback == "checkpoint" and has_checkpoint(stage):
                 plans.append(
                     RecoveryPlan(stage, "checkpoint", (), "fallback:checkpoint", "checkpoint" if kind else None)

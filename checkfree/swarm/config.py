@@ -11,7 +11,7 @@ waits and gives up), ``membership`` (heartbeats and the DHT) and ``transport`` (
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SIGNALS = ("SIGKILL", "SIGSTOP")
 
@@ -63,6 +63,42 @@ class TransportConfig:
             raise ValueError(f"transport.backend={self.backend!r} is not one of auto, gloo, nccl")
 
 
+CHAOS_KINDS = (
+    "kill",  # SIGKILL one stage peer
+    "burst",  # SIGKILL 2 .. L-1 stage peers at once
+    "wave",  # SIGKILL half of all peers (stage peers and spares) at once
+    "hang",  # SIGSTOP one stage peer (killed once the swarm has replaced it)
+    "leader_after_publish",  # SIGKILL the peer that publishes the next epoch, right after it does
+    "source_during_transfer",  # SIGKILL a source of the next epoch's rebuild plan as it starts
+    "spare_during_join",  # SIGKILL the spare that the next epoch names for a lost stage
+    "rebuilt_before_first_step",  # SIGKILL the next rebuilt stage's peer before its first step
+    "spare_kill",  # SIGKILL a waiting spare
+    "spare_arrival",  # start one more spare now
+)
+
+
+@dataclass
+class ChaosConfig:
+    """Launcher: failures drawn from a seed that land at any moment, during recoveries too (``events`` > 0
+    replaces the failure trace). The same seed draws the same sequence of kinds, gaps and choices."""
+
+    events: int = 0  # how many to inject (0: chaos off)
+    seed: int = 0
+    mean_gap_s: float = 2.0  # mean of the exponential gap between two events (at least 0.2 s)
+    kinds: list[str] = field(default_factory=lambda: list(CHAOS_KINDS))  # drawn with equal weight
+    trigger_timeout_s: float = 30.0  # a triggered kind that does not fire in time is dropped
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kinds if k not in CHAOS_KINDS]
+        if bad or not self.kinds:
+            raise ValueError(f"swarm.chaos.kinds={list(self.kinds)}: expected a non-empty subset of {CHAOS_KINDS}")
+        if self.events < 0 or self.mean_gap_s <= 0 or self.trigger_timeout_s <= 0:
+            raise ValueError(
+                f"swarm.chaos: events={self.events} must be >= 0, mean_gap_s={self.mean_gap_s} and "
+                f"trigger_timeout_s={self.trigger_timeout_s} > 0"
+            )
+
+
 @dataclass
 class SwarmConfig:
     run_id: str | None = None  # swarm identity on the DHT; None: the run_name
@@ -74,6 +110,8 @@ class SwarmConfig:
     min_gap_s: float = 4.0  # launcher: no new failure sooner than this after the swarm last resumed
     run_timeout_s: float = 1800.0  # launcher: stop the swarm (and say so) after this long
     status_interval_s: float = 1.0  # launcher: refresh of the status line
+    max_reforms: int = 5  # epochs in a row that may break at one step with every member alive before the swarm stops
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)  # launcher: failures during recoveries
 
     def __post_init__(self) -> None:
         for name in (
@@ -86,6 +124,8 @@ class SwarmConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"swarm.{name}={getattr(self, name)} must be >= 0")
+        if self.max_reforms < 1:
+            raise ValueError(f"swarm.max_reforms={self.max_reforms} must be >= 1")
         if self.num_spares < 0:
             raise ValueError(f"swarm.num_spares={self.num_spares} must be >= 0")
         if not 0.0 <= self.hang_fraction <= 1.0:

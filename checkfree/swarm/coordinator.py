@@ -41,6 +41,7 @@ class Decision:
     lost: tuple[int, ...] = ()
     plans: tuple[PlanRecord, ...] = ()
     rollback_to: int | None = None
+    stale_shadows: tuple[int, ...] = ()  # redundant: shadows to send anew (their holders' are stale)
     reason: str = ""
     fatal: bool = False  # no epoch can ever be formed: the leader stops the swarm with ``reason``
     needs_peers: bool = False  # waiting for peers to arrive: the leader gives up after swarm.spare_wait_s
@@ -148,10 +149,16 @@ def decide_epoch(
             )
         return Decision(roster, step=step, reason="re-form")
     plans: tuple[PlanRecord, ...] = ()
+    # redundant: a live holder whose shadow was never sent (its join broke off) holds a stale copy
+    stale = tuple(sorted((s + 1) % num_stages for s, r in valid.items() if not r.shadow_ok))
+    if strategy != "redundant":
+        stale = ()
     if lost:
         kinds = {k for k in ("embed", "head") if replicas_on and replica_holder(k, num_stages) not in lost}
         plans = tuple(
             PlanRecord(stage=p.stage, method=p.method, sources=list(p.sources), path=p.path, edge=p.edge)
-            for p in plan_recovery(set(lost), num_stages, strategy, fallback, has_checkpoint, kinds)
+            for p in plan_recovery(set(lost), num_stages, strategy, fallback, has_checkpoint, kinds, set(stale))
         )
-    return Decision(roster, step=step, lost=lost, plans=plans, reason="recover" if lost else "re-form")
+    return Decision(
+        roster, step=step, lost=lost, plans=plans, stale_shadows=stale, reason="recover" if lost else "re-form"
+    )

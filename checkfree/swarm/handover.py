@@ -97,9 +97,11 @@ class Handover:
                     worker.replica = (0, initial_edge_state(self.spec.model, self.spec.seed, kind))
         if self.redundant:
             # the next stage's initial state is a pure function of the seed, so the first shadow needs no
-            # transfer; a replacement peer's shadow is sent to it when it joins (refresh_shadows)
+            # transfer; a replacement peer's shadow is sent to it when it joins (refresh_shadows), and is
+            # stale until then
             shadow, _ = initial_stage(self.spec, shadow_of(index, self.num_stages))
             worker.shadow = HeldShadow(shadow.to(self.device), cfg.optim, cfg.optim.lr)
+            worker.shadow_ok = rebuilt is None and worker.lineage.kind == "initial"
         return worker
 
     # ---- the whole hand-over -----------------------------------------------------------------------
@@ -270,7 +272,7 @@ class Handover:
         methods = {p.stage: p.method for p in rec.plans}
         for s in range(self.num_stages):
             h = shadow_holder(s, self.num_stages)
-            if not (h in rec.lost or (s in rec.lost and methods.get(s) != "shadow")):
+            if not (h in rec.lost or (s in rec.lost and methods.get(s) != "shadow") or s in rec.stale_shadows):
                 continue
             if worker.index == s:
                 group.send_state(
@@ -278,6 +280,7 @@ class Handover:
                 )
             elif worker.index == h:
                 worker.shadow.load(group.recv_state(full_state_like(worker.shadow.stage), s, rec.step, kind="shadow"))
+                worker.shadow_ok = True
                 self.emit("shadow_refreshed", shadow_of=s, step=rec.step)
 
     def exchange_replicas(self, group: EpochGroup, worker: StageWorker, step: int) -> None:

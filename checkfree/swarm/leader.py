@@ -170,6 +170,18 @@ class Leader:
             return
         self.waiting_since = None
         epoch = 0 if current is None else current.epoch + 1
+        reforms = 0
+        if current is not None and not decision.lost and decision.step == current.step:
+            reforms = current.reforms + 1  # the last epoch broke before its first commit, and nobody was lost
+        if reforms > cfg.swarm.max_reforms:
+            errors = sorted({f"{pid}: {members[pid].error}" for pid in decision.roster if members[pid].error})
+            self.stop_swarm(
+                current,
+                f"{reforms} epochs in a row broke at step {decision.step} with every member alive "
+                f"(swarm.max_reforms={cfg.swarm.max_reforms}): a member's data plane may be unreachable or a "
+                f"step may break every time; last errors: {'; '.join(errors)[:800]}",
+                step,
+            )
         host = cfg.membership.host
         store = dist.TCPStore(
             host,
@@ -195,6 +207,8 @@ class Leader:
             plans=list(decision.plans),
             rollback_to=decision.rollback_to,
             probes=[(members[pid].host, members[pid].probe_port) for pid in decision.roster],
+            reforms=reforms,
+            stale_shadows=list(decision.stale_shadows),
             time=time.time(),
         )
         self.membership.publish_epoch(rec)

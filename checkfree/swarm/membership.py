@@ -83,6 +83,8 @@ class MemberRecord(BaseModel):
     note: str = ""  # what the peer is waiting for, when it is (shown by status)
     time: float = 0.0
     lineage: Lineage = Lineage()  # where the weights of the stage held come from
+    error: str = ""  # why this peer's last epoch broke (its last step_aborted cause, shortened)
+    shadow_ok: bool = True  # redundant: the shadow held is up to date (False until a new peer's is sent)
     probe_port: int = 0  # a TCP port that refuses connections once this peer's process is gone
 
     def valid_for(self, step: int) -> bool:
@@ -116,6 +118,8 @@ class EpochRecord(BaseModel):
     stop: str | None = None  # set when the swarm gives up: every peer exits with this reason
     finished: bool = False  # set by the stages that ran the last step: the run is done, spares may leave
     probes: list[tuple[str, int]] = []  # each roster member's probe address (host, port)
+    reforms: int = 0  # epochs in a row re-formed at this step with nothing lost (see swarm.max_reforms)
+    stale_shadows: list[int] = []  # redundant: stages whose shadow must be sent anew to its holder
     time: float = 0.0
 
 

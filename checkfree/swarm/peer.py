@@ -123,6 +123,7 @@ class Peer:
         threading.Thread(target=self._serve_probe, name="probe", daemon=True).start()
         # the epoch this peer is joining or training in, and why it is over (set by the heartbeat thread when
         # a member of it is lost, or a newer epoch exists); the main thread and the transport stop waiting
+        self.last_error = ""  # why this peer's last epoch broke (heartbeated)
         self.joined: EpochRecord | None = None
         self.epoch_over: str | None = None
         self._missing: set[str] = set()  # roster members missing from the last view (confirmed when seen twice)
@@ -148,6 +149,8 @@ class Peer:
             pid=os.getpid(),
             note=self.leader.reason,
             lineage=w.lineage if w is not None else Lineage(),
+            error=self.last_error,
+            shadow_ok=w.shadow_ok if w is not None else True,
             probe_port=self._probe.getsockname()[1],
         )
 
@@ -388,6 +391,7 @@ class Peer:
 
     def _abort(self, e: Exception) -> None:
         w = self.worker
+        self.last_error = str(e)[:200]
         self.emit(
             "step_aborted",
             step=self.status.step,

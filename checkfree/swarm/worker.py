@@ -64,6 +64,7 @@ class StageWorker:
         self.lineage = Lineage(kind="initial")  # where these weights come from (the hand-over sets it)
         self.redundant = redundant
         self.shadow: HeldShadow | None = None  # redundant: the copy of the next stage this worker trains
+        self.shadow_ok = True  # the shadow is up to date (a new peer's is stale until it is sent)
         if redundant and any(
             op.dst not in (None, op.stage + 1) for ops in schedule.ops for op in ops if op.kind == "F"
         ):

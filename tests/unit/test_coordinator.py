@@ -164,3 +164,19 @@ def test_no_valid_weights_anywhere_stops_instead_of_restarting_silently():
     members = {p: rec(p, s, "recovering", epoch=3, lineage=Lineage(kind="none")) for s, p in enumerate("abcd")}
     d = decide_epoch(members, epoch(3), 4, "checkfree_plus", "nearest")
     assert d.roster is None and d.fatal and "no live holder has weights valid" in d.reason
+
+
+def test_a_stale_shadow_is_never_a_rebuild_source_and_is_sent_anew():
+    """redundant: stage 1's peer joined in a hand-over that broke off before its shadow (of stage 2) was
+    sent. When stage 2 is lost, its shadow may not be used (the fallback rebuilds it), and a re-formed
+    epoch sends the shadow anew."""
+    members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}
+    members["b"] = members["b"].model_copy(update={"shadow_ok": False})
+    members["s"] = rec("s", -1, "spare", -1, 0)
+    d = decide_epoch(members, epoch(), 4, "redundant", "nearest")
+    (plan,) = d.plans
+    assert plan.stage == 2 and plan.method != "shadow" and plan.path == "fallback:nearest"
+    assert d.stale_shadows == (2,)
+    members["c"] = rec("c", 2, "recovering")
+    d = decide_epoch(members, epoch(), 4, "redundant", "nearest")
+    assert d.lost == () and d.stale_shadows == (2,)  # nothing lost: only the shadow is refreshed

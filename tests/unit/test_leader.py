@@ -73,3 +73,34 @@ def test_a_new_wait_starts_the_clock_anew(tmp_path):
     leader.waiting_since = None  # what the peer does at the start of each wait for an epoch
     leader.step(members, current, 3)
     assert not membership.published
+
+
+def test_re_formations_at_one_step_with_nobody_lost_are_bounded(tmp_path):
+    """Every member alive and valid, every epoch breaking before its first commit (say, a member whose data
+    plane nobody can reach): the leader re-forms swarm.max_reforms times, then stops the swarm saying why."""
+    cfg = tiny_config(tmp_path, "swarm.max_reforms=2")
+    membership = _Membership()
+    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
+    members, current = _view()
+    members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3, "error": "rendezvous timed out"})
+    for n in (1, 2):
+        leader.hosted.clear()
+        leader.step(members, current, 3)
+        current = membership.published[-1]
+        assert current.reforms == n and current.step == 3 and current.lost == []
+        members = {p: r.model_copy(update={"epoch": current.epoch}) for p, r in members.items()}
+    with pytest.raises(SwarmStopped, match=r"3 epochs in a row broke at step 3 .* d: rendezvous timed out"):
+        leader.step(members, current, 3)
+    assert membership.published[-1].stop
+
+
+def test_a_committed_step_resets_the_count(tmp_path):
+    cfg = tiny_config(tmp_path, "swarm.max_reforms=2")
+    membership = _Membership()
+    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
+    members, current = _view()
+    members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3})
+    current = current.model_copy(update={"reforms": 2})
+    members = {p: r.model_copy(update={"step": 4}) for p, r in members.items()}  # step 3 was committed
+    leader.step(members, current, 4)
+    assert membership.published[-1].reforms == 0

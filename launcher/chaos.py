@@ -1,0 +1,165 @@
+"""
+Chaos
+=====
+
+``swarm.chaos``: the local launcher's injector of failures that land at any moment, recoveries included
+(see ``checkfree.swarm.config.CHAOS_KINDS``). From its seed it draws, event after event, a kind, a gap and
+its choices, so a seed replays the same sequence of decisions; where they land depends on the swarm.
+
+Immediate kinds act at once on the live peers (a kill, a burst of 2 .. L-1 stage peers, a wave that takes
+half of all peers, a hang, a spare killed, a spare started). Triggered kinds arm and watch the peers'
+event logs (``peers/*/events.jsonl``, read incrementally) for the moment they wait for: the next epoch
+published (its leader, a source of its plan, the spare it names) or the next stage rebuilt; then they
+act. Chaos never kills the last stage peer whose weights are valid, so that a per-stage strategy always
+has something to rebuild from (losing every stage at once is tested on its own).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from checkfree.swarm.config import ChaosConfig
+from checkfree.swarm.membership import EpochRecord, MemberRecord
+
+TRIGGERED = ("leader_after_publish", "source_during_transfer", "spare_during_join", "rebuilt_before_first_step")
+
+
+@dataclass
+class Action:
+    """What the launcher does for one chaos event: signal these peers (or start spares)."""
+
+    kind: str
+    victims: list[str] = field(default_factory=list)
+    sig: signal.Signals = signal.SIGKILL
+    spares: int = 0  # spares to start now
+
+
+class EventTail:
+    """New lines of every peer's events.jsonl since the last read."""
+
+    def __init__(self, peers_dir: Path):
+        self.dir, self.offsets = peers_dir, {}
+
+    def read(self) -> list[dict]:
+        out = []
+        for f in sorted(self.dir.glob("*/events.jsonl")):
+            try:
+                with open(f, "rb") as fh:
+                    fh.seek(self.offsets.get(f, 0))
+                    data = fh.read()
+            except OSError:
+                continue
+            complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
+            self.offsets[f] = self.offsets.get(f, 0) + len(complete)
+            out += [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return sorted(out, key=lambda e: e["time"])
+
+
+class Chaos:
+    def __init__(self, cfg: ChaosConfig, num_stages: int, peers_dir: Path):
+        self.cfg, self.num_stages = cfg, num_stages
+        self.rng = random.Random(cfg.seed)
+        self.tail = EventTail(peers_dir)
+        self.injected = 0
+        self.next_at: float | None = None  # monotonic time of the next event
+        self.armed: tuple[str, float] | None = None  # (triggered kind, deadline)
+        self.dropped = 0  # triggered kinds that never fired
+
+    @property
+    def done(self) -> bool:
+        return self.injected >= self.cfg.events
+
+    def poll(
+        self, now: float, members: dict[str, MemberRecord], current: EpochRecord | None, live: set[str]
+    ) -> Action | None:
+        """The action due now, if any. ``live``: peers whose process runs (not frozen)."""
+        seen = self.tail.read()
+        if self.done or current is None:
+            return None
+        if self.armed is not None:
+            kind, deadline = self.armed
+            victim = self._trigger(kind, seen, live)
+            if victim is not None and self._may_kill([victim], members, current):
+                self.armed = None
+                return self._fired(Action(kind, [victim]), now)
+            if now > deadline:
+                self.armed, self.dropped = None, self.dropped + 1
+                self.next_at = now + self._gap()
+            return None
+        if self.next_at is None:
+            self.next_at = now + self._gap()
+        if now < self.next_at:
+            return None
+        kind = self.rng.choice(self.cfg.kinds)
+        if kind in TRIGGERED:
+            self.armed = (kind, now + self.cfg.trigger_timeout_s)
+            return None
+        action = self._immediate(kind, members, current, live)
+        if action is None:  # nothing to act on now (no spare to kill, nothing safe to kill): draw again later
+            self.next_at = now + self._gap()
+            return None
+        return self._fired(action, now)
+
+    def _fired(self, action: Action, now: float) -> Action:
+        self.injected += 1
+        self.next_at = now + self._gap()
+        return action
+
+    def _gap(self) -> float:
+        return max(0.2, self.rng.expovariate(1.0 / self.cfg.mean_gap_s))
+
+    # ---- kinds ---------------------------------------------------------------------------------------
+    def _holders(self, current: EpochRecord, live: set[str]) -> list[str]:
+        return [pid for pid in current.roster if pid in live]
+
+    def _may_kill(self, victims: list[str], members: dict[str, MemberRecord], current: EpochRecord) -> bool:
+        """At least one stage peer with valid weights survives the kill."""
+        valid = [pid for pid in current.roster if pid in members and members[pid].lineage.kind != "none"]
+        return any(pid not in victims for pid in valid)
+
+    def _immediate(
+        self, kind: str, members: dict[str, MemberRecord], current: EpochRecord, live: set[str]
+    ) -> Action | None:
+        holders = self._holders(current, live)
+        spares = sorted(pid for pid, r in members.items() if r.state == "spare" and pid in live)
+        if kind == "spare_arrival":
+            return Action(kind, spares=1)
+        if kind == "spare_kill":
+            return Action(kind, [self.rng.choice(spares)]) if spares else None
+        if kind in ("kill", "hang"):
+            victims = [self.rng.choice(holders)] if holders else []
+        elif kind == "burst":
+            if len(holders) < 2:
+                return None
+            k = self.rng.randint(2, max(2, min(len(holders), self.num_stages - 1)))
+            victims = self.rng.sample(holders, k)
+        else:  # wave: half of every live peer
+            everyone = sorted(set(holders) | set(spares))
+            victims = self.rng.sample(everyone, max(1, len(everyone) // 2))
+        while victims and not self._may_kill(victims, members, current):
+            victims.pop()  # spare the last valid holder
+        if not victims:
+            return None
+        return Action(kind, victims, signal.SIGSTOP if kind == "hang" else signal.SIGKILL)
+
+    def _trigger(self, kind: str, seen: list[dict], live: set[str]) -> str | None:
+        for e in seen:
+            victim = None
+            if kind != "rebuilt_before_first_step" and e["event"] == "epoch_published" and not e.get("stop"):
+                roster = e["roster"]
+                if kind == "leader_after_publish":
+                    victim = e["peer"]
+                elif kind == "source_during_transfer":
+                    sources = sorted({s for p in e["plans"] for s in p["sources"]})
+                    victim = roster[self.rng.choice(sources)] if sources else None
+                elif kind == "spare_during_join" and e["lost"]:
+                    victim = roster[self.rng.choice(e["lost"])]
+            elif kind == "rebuilt_before_first_step" and e["event"] == "rebuilt":
+                victim = e["peer"]
+            if victim is not None and victim in live:
+                return victim
+        return None
