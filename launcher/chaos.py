@@ -124,8 +124,11 @@ class Chaos:
     def _immediate(
         self, kind: str, members: dict[str, MemberRecord], current: EpochRecord, live: set[str]
     ) -> Action | None:
-        holders = self._holders(current, live)
         spares = sorted(pid for pid, r in members.items() if r.state == "spare" and pid in live)
+        # one stage peer with valid weights is kept out of reach (a per-stage strategy needs a source)
+        valid = [pid for pid in current.roster if pid in members and members[pid].lineage.kind != "none"]
+        keep = self.rng.choice(valid) if valid else None
+        holders = [pid for pid in self._holders(current, live) if pid != keep]
         if kind == "spare_arrival":
             return Action(kind, spares=1)
         if kind == "spare_kill":
@@ -140,9 +143,7 @@ class Chaos:
         else:  # wave: half of every live peer
             everyone = sorted(set(holders) | set(spares))
             victims = self.rng.sample(everyone, max(1, len(everyone) // 2))
-        while victims and not self._may_kill(victims, members, current):
-            victims.pop()  # spare the last valid holder
-        if not victims:
+        if not victims or not self._may_kill(victims, members, current):
             return None
         return Action(kind, victims, signal.SIGSTOP if kind == "hang" else signal.SIGKILL)
 

@@ -179,7 +179,7 @@ def kill_groups(pgids):
             pass
 
 
-def run_swarm(tmp_path, name, *overrides, failures=(), background=False):
+def run_swarm(tmp_path, name, *overrides, failures=(), background=False, timeout_s=200):
     args = [*SWARM, f"run_name={name}", f"out_dir={tmp_path}", "progress=false", *overrides]
     if failures:
         trace = tmp_path / f"{name}-trace.jsonl"
@@ -192,7 +192,7 @@ def run_swarm(tmp_path, name, *overrides, failures=(), background=False):
     if background:
         return proc
     try:
-        out, _ = proc.communicate(timeout=200)
+        out, _ = proc.communicate(timeout=timeout_s)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from checkfree.core.checkpoint import CheckpointStore
-from checkfree.swarm.coordinator import SwarmStopped, decide_epoch, stage_holders
+from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, stage_holders
 from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
 
 
@@ -57,6 +57,32 @@ class View:
         self.witnessed: set[int] = set()  # epochs in which this peer saw another roster member alive
         self.dead: set[str] = set()  # peers whose probe was refused
         self._probed: dict[int, tuple[float, bool]] = {}  # epoch -> (when, every roster probe refused)
+        self._answers: dict[str, tuple[float, str]] = {}  # peer -> (when, its probe's last answer)
+        self._missing_since: dict[str, float] = {}  # roster peers missing from the view, answering probes
+
+    def hidden(self, members: dict[str, MemberRecord], current: EpochRecord) -> list[int]:
+        """Roster stages whose record this peer does not see but whose process answers its probe: this view
+        is partial (a DHT that has not filled, or is slow), so no loss may be concluded from it. A member
+        that stays hidden for 3 heartbeat TTLs counts as lost anyway (a peer that answers but cannot
+        heartbeat cannot serve)."""
+        out, now = [], time.monotonic()
+        for stage, pid in enumerate(current.roster):
+            if pid in members or pid in self.dead or stage >= len(current.probes):
+                self._missing_since.pop(pid, None)
+                continue
+            when, answer = self._answers.get(pid, (0.0, "silent"))
+            if now - when >= 1.0:
+                answer = probe(*current.probes[stage])
+                self._answers[pid] = (now, answer)
+            if answer == "refused":
+                self.dead.add(pid)
+            elif answer == "alive" and now - self._missing_since.setdefault(pid, now) < 3 * self.ttl_s:
+                out.append(stage)
+        return out
+
+    def any_alive(self, current: EpochRecord) -> bool:
+        """Whether some roster member's probe answers (its process lives and is not frozen)."""
+        return any(probe(host, port) == "alive" for host, port in current.probes)
 
     def all_refused(self, current: EpochRecord) -> bool:
         """Whether every roster member's probe port refuses: all their processes are gone, seen without the
@@ -126,8 +152,14 @@ class Leader:
         ckpt = self.ckpt
         if view is not None:
             why = None
+            hidden = view.hidden(members, current) if current is not None else []
             if not view.settled:
                 why = f"watching the members for membership.ttl_s={view.ttl_s} s before deciding"
+            elif hidden:
+                why = (
+                    f"stages {hidden} are missing from this peer's view but answer their probes: not "
+                    "deciding on a partial view"
+                )
             elif (
                 current is not None
                 and not stage_holders(members, current)
@@ -155,6 +187,11 @@ class Leader:
             replicas_on=self.replicas_on,
             spares_for_first_epoch=time.monotonic() - self.started > cfg.swarm.first_epoch_grace_s,
         )
+        if decision.fatal and view is not None and current is not None and view.any_alive(current):
+            # stopping the swarm is final: never on a view in which the members' processes still answer
+            decision = Decision(
+                None, reason=f"{decision.reason}; but a member of epoch {current.epoch} answers its probe: waiting"
+            )
         if decision.roster is None:
             if decision.reason != self.reason:
                 self.reason = decision.reason
