@@ -10,8 +10,10 @@ Immediate kinds act at once on the live peers (a kill, a burst of 2 .. L-1 stage
 half of all peers, a hang, a spare killed, a spare started). Triggered kinds arm and watch the peers'
 event logs (``peers/*/events.jsonl``, read incrementally) for the moment they wait for: the next epoch
 published (its leader, a source of its plan, the spare it names) or the next stage rebuilt; then they
-act. Chaos never kills the last stage peer whose weights are valid, so that a per-stage strategy always
-has something to rebuild from (losing every stage at once is tested on its own).
+act; drawn while the swarm is healthy, they first kill one stage peer (a ``kill`` event of its own) so
+that the moment they wait for comes. Chaos never kills the last live stage peer whose weights are valid,
+so that a per-stage strategy always has something to rebuild from (losing every stage at once is tested
+on its own).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class Chaos:
         if self.armed is not None:
             kind, deadline = self.armed
             victim = self._trigger(kind, seen, live)
-            if victim is not None and self._may_kill([victim], members, current):
+            if victim is not None and self._may_kill([victim], members, current, live):
                 self.armed = None
                 return self._fired(Action(kind, [victim]), now)
             if now > deadline:
@@ -97,6 +99,11 @@ class Chaos:
         kind = self.rng.choice(self.cfg.kinds)
         if kind in TRIGGERED:
             self.armed = (kind, now + self.cfg.trigger_timeout_s)
+            if not self._recovering(members, current):
+                # the moment waited for comes with a recovery: start one (a kill, counted as its own event)
+                action = self._immediate("kill", members, current, live)
+                if action is not None:
+                    return self._fired(action, now)
             return None
         action = self._immediate(kind, members, current, live)
         if action is None:  # nothing to act on now (no spare to kill, nothing safe to kill): draw again later
@@ -116,17 +123,30 @@ class Chaos:
     def _holders(self, current: EpochRecord, live: set[str]) -> list[str]:
         return [pid for pid in current.roster if pid in live]
 
-    def _may_kill(self, victims: list[str], members: dict[str, MemberRecord], current: EpochRecord) -> bool:
-        """At least one stage peer with valid weights survives the kill."""
-        valid = [pid for pid in current.roster if pid in members and members[pid].lineage.kind != "none"]
-        return any(pid not in victims for pid in valid)
+    @staticmethod
+    def _recovering(members: dict[str, MemberRecord], current: EpochRecord) -> bool:
+        return not all(
+            pid in members and members[pid].state == "running" and members[pid].epoch == current.epoch
+            for pid in current.roster
+        )
+
+    @staticmethod
+    def _valid(members: dict[str, MemberRecord], current: EpochRecord, live: set[str]) -> list[str]:
+        """Stage peers that hold weights and whose process runs (a killed peer's record lingers a TTL)."""
+        return [pid for pid in current.roster if pid in live and pid in members and members[pid].lineage.kind != "none"]
+
+    def _may_kill(
+        self, victims: list[str], members: dict[str, MemberRecord], current: EpochRecord, live: set[str]
+    ) -> bool:
+        """At least one live stage peer with valid weights survives the kill."""
+        return any(pid not in victims for pid in self._valid(members, current, live))
 
     def _immediate(
         self, kind: str, members: dict[str, MemberRecord], current: EpochRecord, live: set[str]
     ) -> Action | None:
         spares = sorted(pid for pid, r in members.items() if r.state == "spare" and pid in live)
         # one stage peer with valid weights is kept out of reach (a per-stage strategy needs a source)
-        valid = [pid for pid in current.roster if pid in members and members[pid].lineage.kind != "none"]
+        valid = self._valid(members, current, live)
         keep = self.rng.choice(valid) if valid else None
         holders = [pid for pid in self._holders(current, live) if pid != keep]
         if kind == "spare_arrival":
@@ -143,7 +163,7 @@ class Chaos:
         else:  # wave: half of every live peer
             everyone = sorted(set(holders) | set(spares))
             victims = self.rng.sample(everyone, max(1, len(everyone) // 2))
-        if not victims or not self._may_kill(victims, members, current):
+        if not victims or not self._may_kill(victims, members, current, live):
             return None
         return Action(kind, victims, signal.SIGSTOP if kind == "hang" else signal.SIGKILL)
 

@@ -243,8 +243,9 @@ class LocalSwarm:
         action = self.chaos.poll(time.monotonic(), members, current, live)
         if action is None:
             return
-        for _ in range(action.spares):
-            self._start(None)
+        spares = sum(1 for pid, r in members.items() if r.state == "spare" and pid in live)
+        for _ in range(action.spares if spares < 2 * self.cfg.swarm.num_spares else 0):
+            self._start(None)  # spare_arrival, up to twice the configured spares waiting
         for pid in action.victims:
             proc = self.procs[pid]
             os.kill(proc.pid, action.sig)
@@ -264,7 +265,7 @@ class LocalSwarm:
                     iteration=-1,
                     kind=action.kind,
                 )
-            self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)
+                self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)  # a new machine for the lost one
         self.events.emit("chaos", kind=action.kind, peers=action.victims, signal=action.sig.name, spares=action.spares)
 
     def _replace_crashed(self, now: float) -> None:

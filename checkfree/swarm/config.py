@@ -86,7 +86,7 @@ class ChaosConfig:
     seed: int = 0
     mean_gap_s: float = 2.0  # mean of the exponential gap between two events (at least 0.2 s)
     kinds: list[str] = field(default_factory=lambda: list(CHAOS_KINDS))  # drawn with equal weight
-    trigger_timeout_s: float = 30.0  # a triggered kind that does not fire in time is dropped
+    trigger_timeout_s: float = 15.0  # a triggered kind that does not fire in time is dropped
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in CHAOS_KINDS]

@@ -80,9 +80,14 @@ class View:
                 out.append(stage)
         return out
 
-    def any_alive(self, current: EpochRecord) -> bool:
-        """Whether some roster member's probe answers (its process lives and is not frozen)."""
-        return any(probe(host, port) == "alive" for host, port in current.probes)
+    def any_alive(self, current: EpochRecord, members: dict[str, MemberRecord]) -> bool:
+        """Whether some roster member missing from this view answers its probe (its process lives and is not
+        frozen: the view is partial). Members in the view are judged by their records."""
+        return any(
+            probe(host, port) == "alive"
+            for pid, (host, port) in zip(current.roster, current.probes)
+            if pid not in members and pid not in self.dead
+        )
 
     def all_refused(self, current: EpochRecord) -> bool:
         """Whether every roster member's probe port refuses: all their processes are gone, seen without the
@@ -187,7 +192,7 @@ class Leader:
             replicas_on=self.replicas_on,
             spares_for_first_epoch=time.monotonic() - self.started > cfg.swarm.first_epoch_grace_s,
         )
-        if decision.fatal and view is not None and current is not None and view.any_alive(current):
+        if decision.fatal and view is not None and current is not None and view.any_alive(current, members):
             # stopping the swarm is final: never on a view in which the members' processes still answer
             decision = Decision(
                 None, reason=f"{decision.reason}; but a member of epoch {current.epoch} answers its probe: waiting"

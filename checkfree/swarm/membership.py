@@ -142,7 +142,11 @@ async def _watchdog(parent_pid: int, poll_s: float, dht, node) -> bool:
 
 
 class DHTUnavailable(RuntimeError):
-    """The DHT did not answer within its timeout or its process is gone."""
+    """The DHT did not answer within its timeout (transient: callers that loop try again later)."""
+
+
+class DHTGone(DHTUnavailable):
+    """This peer's DHT process has exited: the peer can neither heartbeat nor see the swarm."""
 
 
 @dataclass
@@ -192,7 +196,7 @@ class Membership:
         backoff before ``DHTUnavailable`` is raised (callers that loop catch it and try again later)."""
         for attempt in range(self.cfg.dht_retries + 1):
             if not self.dht.is_alive():
-                raise DHTUnavailable("the DHT process is gone")
+                raise DHTGone("this peer's DHT process has exited")
             try:
                 if self._rng.random() < self.cfg.fault_timeout_rate:
                     raise TimeoutError("injected by membership.fault_timeout_rate")

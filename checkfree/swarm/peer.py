@@ -41,7 +41,7 @@ from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.handover import Handover
 from checkfree.swarm.leader import PROBE_REPLY, Leader, View, probe
-from checkfree.swarm.membership import DHTUnavailable, EpochRecord, Lineage, MemberRecord, Membership
+from checkfree.swarm.membership import DHTGone, DHTUnavailable, EpochRecord, Lineage, MemberRecord, Membership
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 from checkfree.swarm.worker import StageWorker
@@ -259,6 +259,10 @@ class Peer:
             except (SwarmStopped, DHTUnavailable):
                 pass
             return ExitCode.SWARM_STOPPED
+        except DHTGone as e:
+            self.emit("left", reason=str(e))
+            logger.error("[peer %s] leaving: %s", self.peer_id, e)
+            return ExitCode.CRASHED
         except SwarmStopped as e:
             self.emit("swarm_stopped", reason=str(e))
             logger.error("[peer %s] %s", self.peer_id, e)
@@ -280,6 +284,8 @@ class Peer:
             try:
                 members = self.membership.members()
                 current = self.membership.current_epoch()
+            except DHTGone:
+                raise  # deaf and mute: this peer cannot serve (run() ends it)
             except DHTUnavailable as e:  # transient: back off and look again; never a reason to die
                 failures += 1
                 logger.warning("[peer %s] DHT read failed (%d in a row): %s", self.peer_id, failures, e)

@@ -9,7 +9,7 @@ import pytest
 
 from checkfree.swarm.config import MembershipConfig
 from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
-from tests.helpers import poll
+from tests.helpers import descendants, kill_and_reap, poll
 
 CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)
 
@@ -84,3 +84,25 @@ def test_calls_fail_fast_when_the_dht_process_is_gone():
     with pytest.raises(DHTUnavailable):
         m.members()
     assert time.time() - t0 < 1.0
+
+
+def test_timeouts_are_retried_and_a_dead_dht_process_is_told_apart():
+    """Injected timeouts (membership.fault_timeout_rate) are retried with backoff, so most calls succeed;
+    when the DHT process itself dies, every call says so (DHTGone) instead of timing out, and the peer leaves."""
+    from checkfree.swarm.membership import DHTGone
+
+    run = "t-" + uuid.uuid4().hex[:6]
+    flaky = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0, dht_retries=3, fault_timeout_rate=0.3)
+    m = Membership(flaky, run, "fp1")
+    daemons: set[int] = set()
+    try:
+        ok = sum(bool(m.heartbeat(record(m, f"p{i}"))) for i in range(8))  # each fails only with p = 0.3^4
+        assert ok >= 6
+        daemons = set(descendants(m.dht.pid))  # its p2pd, orphaned by the kill: ended here as its machine would
+        os.kill(m.dht.pid, signal.SIGKILL)
+        assert poll(lambda: not m.dht.is_alive(), timeout_s=5)
+        with pytest.raises(DHTGone, match="DHT process has exited"):
+            m.members()
+    finally:
+        m.shutdown()
+        kill_and_reap(daemons, keep=descendants(os.getpid()) - daemons)

@@ -82,11 +82,12 @@ def test_a_triggered_kind_waits_for_its_moment_in_the_peers_events(tmp_path):
     (peers / "a").mkdir(parents=True)
     log = peers / "a" / "events.jsonl"
     log.write_text("")
-    chaos = Chaos(ChaosConfig(events=1, seed=0, mean_gap_s=0.2, kinds=["leader_after_publish"]), 4, peers)
+    chaos = Chaos(ChaosConfig(events=2, seed=0, mean_gap_s=0.2, kinds=["leader_after_publish"]), 4, peers)
     members, current, live = _members(), _epoch(), set(_members())
-    for t in range(20):
-        assert chaos.poll(t * 0.1, members, current, live) is None  # armed, nothing published yet
-    assert chaos.armed is not None
+    actions = [chaos.poll(t * 0.1, members, current, live) for t in range(20)]
+    # drawn while the swarm is healthy: it first starts a recovery with a kill, then waits for the publish
+    (kill,) = [a for a in actions if a is not None]
+    assert kill.kind == "kill" and chaos.armed is not None and chaos.injected == 1
     published = {"event": "epoch_published", "time": 1.0, "peer": "b", "new_epoch": 1, "roster": list("abcd")}
     published.update(lost=[], plans=[], step=5)
     with open(log, "a") as f:
@@ -97,7 +98,9 @@ def test_a_triggered_kind_waits_for_its_moment_in_the_peers_events(tmp_path):
 
 def test_a_trigger_that_never_fires_is_dropped(tmp_path):
     (tmp_path / "peers").mkdir()
-    cfg = ChaosConfig(events=1, seed=0, mean_gap_s=0.2, kinds=["rebuilt_before_first_step"], trigger_timeout_s=1.0)
+    cfg = ChaosConfig(events=2, seed=0, mean_gap_s=0.2, kinds=["rebuilt_before_first_step"], trigger_timeout_s=1.0)
     chaos = Chaos(cfg, 4, tmp_path / "peers")
-    _drain(chaos, _members(), _epoch(), set(_members()), seconds=3.0)
+    members = _members()
+    members["b"] = members["b"].model_copy(update={"state": "recovering"})  # a recovery is under way: no kill
+    _drain(chaos, members, _epoch(), set(members), seconds=3.0)
     assert chaos.dropped >= 1 and chaos.injected == 0
