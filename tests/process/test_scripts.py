@@ -47,6 +47,7 @@ def test_heartbeat_detection_script(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~50 s: keeps the default run under 15 minutes on 2 cores
 def test_overhead_script(tmp_path):
     result = _script(
         "bench_overhead",
@@ -162,6 +163,7 @@ def test_convergence_script(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~55 s: keeps the default run under 15 minutes on 2 cores
 def test_convergence_script_in_the_swarm(tmp_path):
     # at this acceleration the trace of seed 0 has one failure in the first 30 iterations (at 9)
     result = _script(

@@ -69,6 +69,7 @@ def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
     assert "spare-05" in joined and "spare-06" not in joined
 
 
+@pytest.mark.long  # the burst of L-1 stages (test_swarm_faults) covers the default run
 def test_adjacent_stages_lost_at_once_are_rebuilt_from_the_nearest_live_stages(tmp_path):
     """Stages 1 and 2 killed in the same step: neither may read the other's (lost) weights, so both take the
     adjacent fallback (no checkpoint: the nearest live stage on each side, stages 0 and 3) in one epoch."""
@@ -90,6 +91,7 @@ def test_adjacent_stages_lost_at_once_are_rebuilt_from_the_nearest_live_stages(t
     assert metrics[-1]["loss/train"] < metrics[kill_step]["loss/train"]  # training went on from the rebuilt stages
 
 
+@pytest.mark.long
 def test_redundant_swarm_with_adjacent_losses_falls_back_and_refreshes_the_stale_shadows(tmp_path):
     """Stages 1 and 2 killed at once under redundant computation: stage 1 fails over to the shadow stage 0
     holds, but stage 2's shadow died with stage 1, so stage 2 is rebuilt by the fallback; the shadows of
@@ -100,7 +102,7 @@ def test_redundant_swarm_with_adjacent_losses_falls_back_and_refreshes_the_stale
         tmp_path, "adj-redundant", "num_steps=60", "swarm.num_spares=3", "recovery.strategy=redundant", failures=fails
     )
     assert code == 0, out
-    summary, _ = _check_every_step_once(run_dir, 30)
+    summary, _ = _check_every_step_once(run_dir, 60)
     rows = summary["recovery_rows"]
     assert sorted((r["stage"], r["method"], r["path"], tuple(r["sources"])) for r in rows[:2]) == [
         (1, "shadow", "primary", (0,)),

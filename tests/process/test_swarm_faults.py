@@ -107,7 +107,12 @@ def _check_run(run_dir, num_steps):
 
 @pytest.mark.parametrize(
     "trigger",
-    [_leader_after_publish, _source_during_transfer, _spare_during_join, _rebuilt_before_first_step],
+    [
+        _leader_after_publish,
+        pytest.param(_source_during_transfer, marks=pytest.mark.long),
+        _spare_during_join,
+        pytest.param(_rebuilt_before_first_step, marks=pytest.mark.long),
+    ],
     ids=["leader-after-publish", "source-during-transfer", "spare-during-join", "rebuilt-before-first-step"],
 )
 def test_a_second_failure_during_the_recovery_is_survived(tmp_path, trigger):
@@ -171,6 +176,7 @@ def test_a_spare_whose_dht_view_is_empty_never_stops_a_healthy_swarm(tmp_path):
                     p.wait(timeout=10)
 
 
+@pytest.mark.long
 def test_dht_timeouts_everywhere_are_retried_and_a_failure_still_recovers(tmp_path):
     """Every peer and the launcher see 30% of their DHT calls time out: no peer dies of it."""
     code, out, run_dir = run_swarm(
@@ -188,6 +194,7 @@ def test_dht_timeouts_everywhere_are_retried_and_a_failure_still_recovers(tmp_pa
     assert set(summary["exit_codes"].values()) <= {0, -9}  # nobody crashed
 
 
+@pytest.mark.long
 def test_the_epoch_record_is_refreshed_for_as_long_as_the_swarm_runs(tmp_path):
     """With a 2 s epoch expiry, the first failure comes long after the record would have expired: it is
     decided as the next epoch of a known swarm (not as a new swarm), and recovered."""
@@ -206,7 +213,7 @@ def test_the_epoch_record_is_refreshed_for_as_long_as_the_swarm_runs(tmp_path):
     assert published[1]["time"] - published[0]["time"] > 4  # two expiries passed in between
 
 
-@pytest.mark.chaos
+@pytest.mark.long
 @pytest.mark.timeout(900)
 def test_chaos_thirty_events_with_failures_during_recoveries(tmp_path):
     """swarm.chaos lands 30 events of every kind (kills, bursts, waves, hangs, the leader after it publishes,
