@@ -38,6 +38,9 @@ class Action:
     victims: list[str] = field(default_factory=list)
     sig: signal.Signals = signal.SIGKILL
     spares: int = 0  # spares to start now
+    # the epoch the victims serve in, when newer than the launcher's last DHT read (a triggered kill lands
+    # within ms of a publish): (epoch, roster, step)
+    epoch: tuple[int, list[str], int] | None = None
 
 
 class EventTail:
@@ -70,6 +73,7 @@ class Chaos:
         self.next_at: float | None = None  # monotonic time of the next event
         self.armed: tuple[str, float] | None = None  # (triggered kind, deadline)
         self.dropped = 0  # triggered kinds that never fired
+        self.published: tuple[int, list[str], int] | None = None  # newest epoch seen in the events
 
     @property
     def done(self) -> bool:
@@ -80,6 +84,10 @@ class Chaos:
     ) -> Action | None:
         """The action due now, if any. ``live``: peers whose process runs (not frozen)."""
         seen = self.tail.read()
+        for e in seen:
+            if e["event"] == "epoch_published" and not e.get("stop"):
+                if self.published is None or e["new_epoch"] > self.published[0]:
+                    self.published = (e["new_epoch"], e["roster"], e["step"])
         if self.done or current is None:
             return None
         if self.armed is not None:
@@ -87,7 +95,8 @@ class Chaos:
             victim = self._trigger(kind, seen, live)
             if victim is not None and self._may_kill([victim], members, current, live):
                 self.armed = None
-                return self._fired(Action(kind, [victim]), now)
+                newer = self.published if self.published and self.published[0] > current.epoch else None
+                return self._fired(Action(kind, [victim], epoch=newer), now)
             if now > deadline:
                 self.armed, self.dropped = None, self.dropped + 1
                 self.next_at = now + self._gap()
@@ -162,7 +171,7 @@ class Chaos:
             victims = self.rng.sample(holders, k)
         else:  # wave: half of every live peer
             everyone = sorted(set(holders) | set(spares))
-            victims = self.rng.sample(everyone, max(1, len(everyone) // 2))
+            victims = self.rng.sample(everyone, max(1, len(everyone) // 2)) if everyone else []
         if not victims or not self._may_kill(victims, members, current, live):
             return None
         return Action(kind, victims, signal.SIGSTOP if kind == "hang" else signal.SIGKILL)

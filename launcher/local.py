@@ -243,30 +243,34 @@ class LocalSwarm:
         action = self.chaos.poll(time.monotonic(), members, current, live)
         if action is None:
             return
-        spares = sum(1 for pid, r in members.items() if r.state == "spare" and pid in live)
-        for _ in range(action.spares if spares < 2 * self.cfg.swarm.num_spares else 0):
+        waiting = sum(1 for pid, r in members.items() if r.state == "spare" and pid in live)
+        started = action.spares if waiting < 2 * self.cfg.swarm.num_spares else 0
+        for _ in range(started):
             self._start(None)  # spare_arrival, up to twice the configured spares waiting
+        epoch, roster, step = action.epoch or (
+            (current.epoch, current.roster, current.step) if current is not None else (-1, [], 0)
+        )
         for pid in action.victims:
             proc = self.procs[pid]
             os.kill(proc.pid, action.sig)
             self.killed.add(pid)
             if action.sig == signal.SIGSTOP:
                 self.stopped.add(pid)
-            if current is not None and pid in current.roster:
+            if pid in roster:
                 rec = members.get(pid)
                 self.events.emit(
                     "failure",
-                    stage=current.roster.index(pid),
+                    stage=roster.index(pid),
                     peer=pid,
                     pid=proc.pid,
                     signal=action.sig.name,
-                    step=rec.step if rec else current.step,
-                    epoch=current.epoch,
+                    step=max(step, rec.step if rec else step),
+                    epoch=epoch,
                     iteration=-1,
                     kind=action.kind,
                 )
                 self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)  # a new machine for the lost one
-        self.events.emit("chaos", kind=action.kind, peers=action.victims, signal=action.sig.name, spares=action.spares)
+        self.events.emit("chaos", kind=action.kind, peers=action.victims, signal=action.sig.name, spares=started)
 
     def _replace_crashed(self, now: float) -> None:
         """A peer that died on its own (not by the injector) is a lost machine too: a new one arrives."""

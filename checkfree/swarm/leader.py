@@ -80,12 +80,15 @@ class View:
                 out.append(stage)
         return out
 
-    def any_alive(self, current: EpochRecord, members: dict[str, MemberRecord]) -> bool:
-        """Whether some roster member missing from this view answers its probe (its process lives and is not
-        frozen: the view is partial). Members in the view are judged by their records."""
+    def answering(self, current: EpochRecord, members: dict[str, MemberRecord]) -> bool:
+        """Whether a roster member missing from this view has answered its probe for less than
+        ``swarm.spare_wait_s`` (a stop is final: it waits that long for a partial view to fill)."""
+        now = time.monotonic()
+        self.hidden(members, current)  # refreshes the probes' answers
         return any(
-            probe(host, port) == "alive"
-            for pid, (host, port) in zip(current.roster, current.probes)
+            self._answers.get(pid, (0.0, "silent"))[1] == "alive"
+            and now - self._missing_since.get(pid, now) < self.spare_wait_s
+            for pid in current.roster
             if pid not in members and pid not in self.dead
         )
 
@@ -192,7 +195,7 @@ class Leader:
             replicas_on=self.replicas_on,
             spares_for_first_epoch=time.monotonic() - self.started > cfg.swarm.first_epoch_grace_s,
         )
-        if decision.fatal and view is not None and current is not None and view.any_alive(current, members):
+        if decision.fatal and view is not None and current is not None and view.answering(current, members):
             # stopping the swarm is final: never on a view in which the members' processes still answer
             decision = Decision(
                 None, reason=f"{decision.reason}; but a member of epoch {current.epoch} answers its probe: waiting"
@@ -213,8 +216,11 @@ class Leader:
         self.waiting_since = None
         epoch = 0 if current is None else current.epoch + 1
         reforms = 0
-        if current is not None and not decision.lost and decision.step == current.step:
-            reforms = current.reforms + 1  # the last epoch broke before its first commit, and nobody was lost
+        own = current is not None and all(decision.roster[s] == current.roster[s] for s in decision.lost)
+        if current is not None and own and decision.step == current.step:
+            # the last epoch broke before its first commit and nobody new is needed: every member is the same
+            # peer (at most rebuilding its own stage again); that cannot repeat forever
+            reforms = current.reforms + 1
         if reforms > cfg.swarm.max_reforms:
             errors = sorted({f"{pid}: {members[pid].error}" for pid in decision.roster if members[pid].error})
             self.stop_swarm(

@@ -124,6 +124,7 @@ class Peer:
         # the epoch this peer is joining or training in, and why it is over (set by the heartbeat thread when
         # a member of it is lost, or a newer epoch exists); the main thread and the transport stop waiting
         self.last_error = ""  # why this peer's last epoch broke (heartbeated)
+        self._epoch_lock = threading.Lock()  # joined / epoch_over / group, between the main and heartbeat threads
         self.joined: EpochRecord | None = None
         self.epoch_over: str | None = None
         self._missing: set[str] = set()  # roster members missing from the last view (confirmed when seen twice)
@@ -154,6 +155,17 @@ class Peer:
             probe_port=self._probe.getsockname()[1],
         )
 
+    def _end_epoch(self, rec: EpochRecord, reason: str) -> None:
+        """From the heartbeat thread: end epoch ``rec`` for this peer, if it is still the one being joined or
+        trained in (the main thread may have moved on while this thread read the DHT)."""
+        with self._epoch_lock:
+            if self.joined is not rec or self.epoch_over is not None:
+                return
+            self.epoch_over = reason
+            group = self.group
+        if group is not None and group.epoch == rec.epoch:
+            group.abort(reason)
+
     def _probe_of(self, rec: EpochRecord, pid: str) -> str:
         i = rec.roster.index(pid)
         if i >= len(rec.probes):
@@ -181,6 +193,8 @@ class Peer:
                 self._watch()
             except DHTUnavailable as e:
                 logger.warning("[peer %s] heartbeat failed: %s", self.peer_id, e)
+            except Exception:  # this thread must outlive any one bad round
+                logger.exception("[peer %s] heartbeat round failed", self.peer_id)
             self._stop.wait(self.cfg.membership.period_s)
 
     def _watch(self) -> None:
@@ -195,6 +209,15 @@ class Peer:
         members = self.membership.members()
         missing = {pid for pid in rec.roster if pid not in members and pid != self.peer_id}
         gone, self._missing = missing & self._missing, missing
+        # a member that reported this epoch broken will not join or answer in it any more
+        broke = sorted(
+            rec.roster.index(pid)
+            for pid in rec.roster
+            if pid != self.peer_id
+            and pid in members
+            and members[pid].epoch == rec.epoch
+            and members[pid].state == "recovering"
+        )
         # a record missing from two views in a row: its peer is gone unless it answers its probe now (then
         # this view was partial, or the peer's heartbeat was late: a busy machine, not a lost stage)
         gone = {pid for pid in gone if self._probe_of(rec, pid) != "alive"}
@@ -203,13 +226,12 @@ class Peer:
         if gone:
             stages = sorted(rec.roster.index(pid) for pid in gone)
             reason = f"stages {stages} of epoch {rec.epoch} lost: heartbeat expired"
+        elif broke:
+            reason = f"stages {broke} of epoch {rec.epoch} reported it broken"
         elif current is not None and current.epoch > rec.epoch:
             reason = f"epoch {current.epoch} was published"
         if reason is not None:
-            self.epoch_over = reason
-            group = self.group
-            if group is not None and group.epoch == rec.epoch:
-                group.abort(reason)
+            self._end_epoch(rec, reason)
             return
         if (
             current is not None
@@ -330,10 +352,15 @@ class Peer:
         stage = rec.roster.index(self.peer_id)
         fresh = self.worker is None or self.worker.index != stage
         self.status.epoch, self.status.state, self.leader.reason = rec.epoch, "joining", ""
-        self.joined, self.epoch_over, self._missing = rec, None, set()
+        with self._epoch_lock:
+            self.joined, self.epoch_over, self._missing = rec, None, set()
         if fresh:  # heartbeat the stage and step being joined, also if this join breaks off
             self.asked_stage, self.status.step = stage, rec.step
-        self.group = self._form_group(rec, stage)
+        group = self._form_group(rec, stage)
+        with self._epoch_lock:
+            self.group, over = group, self.epoch_over
+        if over is not None:  # ended while the group was being formed: no wait of it may outlive that
+            group.abort(over)
         worker = self.worker if not fresh else None
         self.worker, self.status.step = self.handover.run(self.group, worker, rec, self.status.step, adopt=self._adopt)
         self.group.all_reduce(torch.zeros(1, dtype=torch.float64), rec.step)  # everyone is ready
@@ -412,7 +439,8 @@ class Peer:
         if self.group is not None:
             self.group.close()
             self.group = None
-        self.joined = None
+        with self._epoch_lock:
+            self.joined = None
         self.status.state = "recovering"
         try:
             self.membership.heartbeat(self.record())  # report at once: the leader decides on these reports

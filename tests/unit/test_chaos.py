@@ -104,3 +104,10 @@ def test_a_trigger_that_never_fires_is_dropped(tmp_path):
     members["b"] = members["b"].model_copy(update={"state": "recovering"})  # a recovery is under way: no kill
     _drain(chaos, members, _epoch(), set(members), seconds=3.0)
     assert chaos.dropped >= 1 and chaos.injected == 0
+
+
+def test_a_wave_with_nobody_to_take_draws_again_later(tmp_path):
+    (tmp_path / "peers").mkdir()
+    members = {"d": _rec("d", 3)}  # only the protected valid holder is alive
+    chaos = Chaos(ChaosConfig(events=1, seed=0, mean_gap_s=0.2, kinds=["wave"]), 4, tmp_path / "peers")
+    assert _drain(chaos, members, _epoch(), {"d"}, seconds=2.0) == []

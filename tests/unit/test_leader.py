@@ -104,3 +104,20 @@ def test_a_committed_step_resets_the_count(tmp_path):
     members = {p: r.model_copy(update={"step": 4}) for p, r in members.items()}  # step 3 was committed
     leader.step(members, current, 4)
     assert membership.published[-1].reforms == 0
+
+
+def test_a_peer_that_keeps_failing_to_rebuild_its_own_stage_is_bounded_too(tmp_path):
+    """Stage 3's peer holds no weights (its rebuild keeps breaking off, e.g. its source sends a state the
+    transport refuses): every epoch re-plans stage 3 on the same peer at the same step; that is counted."""
+    cfg = tiny_config(tmp_path, "swarm.max_reforms=1")
+    membership = _Membership()
+    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
+    members, current = _view()
+    members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3, "lineage": Lineage(kind="none")})
+    leader.step(members, current, 3)
+    current = membership.published[-1]
+    assert current.lost == [3] and current.roster[3] == "d" and current.reforms == 1
+    members = {p: r.model_copy(update={"epoch": current.epoch}) for p, r in members.items()}
+    leader.hosted.clear()
+    with pytest.raises(SwarmStopped, match="2 epochs in a row broke at step 3"):
+        leader.step(members, current, 3)
