@@ -269,7 +269,7 @@ class LocalSwarm:
                     iteration=-1,
                     kind=action.kind,
                 )
-                self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)  # a new machine for the lost one
+            self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)  # a new machine for each lost one
         self.events.emit("chaos", kind=action.kind, peers=action.victims, signal=action.sig.name, spares=started)
 
     def _replace_crashed(self, now: float) -> None:
