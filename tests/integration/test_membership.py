@@ -94,11 +94,15 @@ def test_timeouts_are_retried_and_a_dead_dht_process_is_told_apart():
     run = "t-" + uuid.uuid4().hex[:6]
     flaky = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0, dht_retries=3, fault_timeout_rate=0.3)
     m = Membership(flaky, run, "fp1")
-    daemons: set[int] = set()
+    daemons = set(descendants(m.dht.pid))  # its p2pd, orphaned by the kill below: ended here as its host would
     try:
-        ok = sum(bool(m.heartbeat(record(m, f"p{i}"))) for i in range(8))  # each fails only with p = 0.3^4
+        ok = 0
+        for i in range(8):
+            try:
+                ok += bool(m.heartbeat(record(m, f"p{i}")))
+            except DHTUnavailable:
+                pass  # all 4 attempts failed: p = 0.3^4 per call
         assert ok >= 6
-        daemons = set(descendants(m.dht.pid))  # its p2pd, orphaned by the kill: ended here as its machine would
         os.kill(m.dht.pid, signal.SIGKILL)
         assert poll(lambda: not m.dht.is_alive(), timeout_s=5)
         with pytest.raises(DHTGone, match="DHT process has exited"):
