@@ -60,11 +60,11 @@ class View:
         self._answers: dict[str, tuple[float, str]] = {}  # peer -> (when, its probe's last answer)
         self._missing_since: dict[str, float] = {}  # roster peers missing from the view, answering probes
 
-    def hidden(self, members: dict[str, MemberRecord], current: EpochRecord) -> list[int]:
+    def hidden(self, members: dict[str, MemberRecord], current: EpochRecord, bounded: bool = True) -> list[int]:
         """Roster stages whose record this peer does not see but whose process answers its probe: this view
-        is partial (a DHT that has not filled, or is slow), so no loss may be concluded from it. A member
-        that stays hidden for 3 heartbeat TTLs counts as lost anyway (a peer that answers but cannot
-        heartbeat cannot serve)."""
+        is partial (a DHT that has not filled, or is slow), so no loss may be concluded from it. ``bounded``:
+        a member that stays hidden for 3 heartbeat TTLs counts as lost anyway (a peer that answers but
+        cannot heartbeat cannot serve)."""
         out, now = [], time.monotonic()
         for stage, pid in enumerate(current.roster):
             if pid in members or pid in self.dead or stage >= len(current.probes):
@@ -76,21 +76,17 @@ class View:
                 self._answers[pid] = (now, answer)
             if answer == "refused":
                 self.dead.add(pid)
-            elif answer == "alive" and now - self._missing_since.setdefault(pid, now) < 3 * self.ttl_s:
-                out.append(stage)
+            elif answer == "alive":
+                since = self._missing_since.setdefault(pid, now)
+                if not bounded or now - since < 3 * self.ttl_s:
+                    out.append(stage)
         return out
 
     def answering(self, current: EpochRecord, members: dict[str, MemberRecord]) -> bool:
-        """Whether a roster member missing from this view has answered its probe for less than
-        ``swarm.spare_wait_s`` (a stop is final: it waits that long for a partial view to fill)."""
-        now = time.monotonic()
-        self.hidden(members, current)  # refreshes the probes' answers
-        return any(
-            self._answers.get(pid, (0.0, "silent"))[1] == "alive"
-            and now - self._missing_since.get(pid, now) < self.spare_wait_s
-            for pid in current.roster
-            if pid not in members and pid not in self.dead
-        )
+        """Whether a roster member missing from this view answers its probe. A stop is final: it is never
+        published while one does, however long this view stays partial (a soak saw a spare's DHT show no
+        member for 100 s while the swarm trained)."""
+        return bool(self.hidden(members, current, bounded=False))
 
     def all_refused(self, current: EpochRecord) -> bool:
         """Whether every roster member's probe port refuses: all their processes are gone, seen without the
@@ -160,7 +156,10 @@ class Leader:
         ckpt = self.ckpt
         if view is not None:
             why = None
-            hidden = view.hidden(members, current) if current is not None else []
+            # a peer outside the roster (a spare leading because it sees no holder) never decides while a
+            # holder answers; a roster member does after 3 TTLs (a holder that cannot heartbeat cannot serve)
+            in_roster = current is not None and self.peer_id in current.roster
+            hidden = view.hidden(members, current, bounded=in_roster) if current is not None else []
             if not view.settled:
                 why = f"watching the members for membership.ttl_s={view.ttl_s} s before deciding"
             elif hidden:
