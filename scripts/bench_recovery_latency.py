@@ -14,8 +14,9 @@ by. The launcher pairs every kill with its recovery (``launcher/report.py``):
   (and rebuild_s, detection -> rebuilt, as before).
 
 Experiments vary one thing at a time from the base (the tiny default: 4 stages, d_model 128, heartbeat
-period 0.5 s / TTL 2 s): crash vs hang, model width (stage bytes), number of stages (2, 4, 8) and the
-heartbeat period / TTL. Prints and saves the distribution per experiment and a box plot.
+DHT heartbeat period 2 s / TTL 8 s, watch 0.5 s): crash vs hang, model width (stage bytes), number of stages
+(2, 4, 8), the watch interval (how often members read each other's records through their probe ports) and
+the DHT heartbeat period / TTL (which detection no longer depends on). Prints and saves the distribution per experiment and a box plot.
 
     python scripts/bench_recovery_latency.py [CONFIG.yaml ...] [key=value ...] [--only NAME ...]
 """
@@ -49,8 +50,8 @@ EXPERIMENTS = {
     "d256": (["model.d_model=256"], FIRST_MIDDLE_LAST),
     "stages2": (["model.num_stages=2", "recovery.strategy=checkfree"], FIRST_MIDDLE_LAST),
     "stages8": (["model.num_stages=8"], FIRST_MIDDLE_LAST),
-    "hb0.25-ttl1": (["membership.period_s=0.25", "membership.ttl_s=1.0"], FIRST_MIDDLE_LAST),
-    "hb1-ttl4": (["membership.period_s=1.0", "membership.ttl_s=4.0"], FIRST_MIDDLE_LAST),
+    "hang-watch0.25": (["swarm.hang_fraction=1.0", "membership.watch_s=0.25"], FIRST_MIDDLE_LAST),
+    "hb0.5-ttl2": (["membership.period_s=0.5", "membership.ttl_s=2.0"], FIRST_MIDDLE_LAST),
 }
 
 
@@ -118,6 +119,7 @@ def main() -> None:
             "stage_param_bytes": param_bytes(stage),
             "period_s": cfg.membership.period_s,
             "ttl_s": cfg.membership.ttl_s,
+            "watch_s": cfg.membership.watch_s,
             "transport_timeout_s": cfg.transport.timeout_s,
             "detect_s": _dist([r["detect_s"] for r in rows]),
             "rebuild_s": _dist([r["rebuild_s"] for r in rows]),

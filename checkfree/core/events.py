@@ -97,6 +97,12 @@ EVENTS: dict[str, EventType] = {
         EventType("replaced", ("by_epoch",), "swarm", "this peer's stage was given to another peer; it leaves"),
         EventType("leader_waiting", ("reason",), "swarm", "the leader cannot publish the next epoch yet"),
         EventType(
+            "peer_excluded",
+            ("excluded", "stage", "blamed_by", "voters", "reforms", "reason"),
+            "swarm",
+            "the leader declared a live peer lost: the other members blamed it for every re-formation at one step",
+        ),
+        EventType(
             "epoch_published",
             ("new_epoch", "roster", "step", "lost", "plans", "rollback_to", "reason"),
             "swarm",

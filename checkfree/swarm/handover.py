@@ -40,11 +40,15 @@ from checkfree.swarm.worker import StageWorker
 _NORM = torch.zeros(1, dtype=torch.float64)  # shape of a gradient norm or a step number on the wire
 
 
-def _skeleton(spec: RebuildSpec, index: int) -> dict[str, torch.Tensor]:
-    """Stage ``index``'s state dict shapes and dtypes, without allocating or initialising its weights."""
+def _layouts(spec: RebuildSpec) -> list[dict[str, tuple[torch.Size, torch.dtype]]]:
+    """Every stage's state dict shapes and dtypes, found without allocating or initialising weights. The
+    first model built on the meta device costs about a second (torch imports its meta kernels then), so a
+    peer does this when it starts, not while a recovery waits for it."""
+    out = []
     with torch.device("meta"):
-        sd = Stage(spec.model, index).state_dict()
-    return {k: torch.empty(v.shape, dtype=v.dtype) for k, v in sd.items()}
+        for index in range(spec.model.num_stages):
+            out.append({k: (v.shape, v.dtype) for k, v in Stage(spec.model, index).state_dict().items()})
+    return out
 
 
 class Handover:
@@ -66,6 +70,11 @@ class Handover:
         self.num_stages = cfg.model.num_stages
         self.replicas_on = edge_replicas_on(cfg.recovery)
         self.redundant = cfg.recovery.strategy == "redundant"
+        self.layouts = _layouts(self.spec)
+
+    def _skeleton(self, index: int) -> dict[str, torch.Tensor]:
+        """Stage ``index``'s state dict as empty tensors of the right shapes and dtypes (receive buffers)."""
+        return {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in self.layouts[index].items()}
 
     # ---- workers ---------------------------------------------------------------------------------
     def new_worker(
@@ -242,7 +251,7 @@ class Handover:
         self, group: EpochGroup, rec: EpochRecord, plan: RecoveryPlan, holder: int | None
     ) -> RebuiltStage:
         t0 = time.monotonic()
-        skeleton = _skeleton(self.spec, plan.stage)
+        skeleton = self._skeleton(plan.stage)
         inputs = RebuildInputs()
         if plan.method == "shadow":
             (source,) = plan.sources
@@ -293,6 +302,6 @@ class Handover:
             if worker.index == owner:
                 group.send_state(list(edge_state(worker.stage.state_dict(), kind).values()), holder, step)
             elif worker.index == holder:
-                skeleton = edge_state(_skeleton(self.spec, owner), kind)
+                skeleton = edge_state(self._skeleton(owner), kind)
                 got = group.recv_state(list(skeleton.values()), owner, step)
                 worker.replica = (step, dict(zip(skeleton, got)))

@@ -17,7 +17,9 @@ is probed: a refused connection to its probe port confirms at once that its proc
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -45,20 +47,128 @@ def probe(host: str, port: int, timeout_s: float = 0.3) -> str:
         return "silent"
 
 
+def read_probe(host: str, port: int, timeout_s: float = 0.5) -> tuple[str, dict | None]:
+    """Probe a peer and read the member record its probe port serves after the reply byte (the record of its
+    last heartbeat, straight from the peer): (``probe``'s answer, the record or None). A leader whose DHT
+    view is partial (a freshly joined node, a node whose DHT neighbours were killed) learns a roster member's
+    state this way, and the members of an epoch watch each other this way without reading the DHT."""
+    if not port:
+        return "silent", None
+    buf = b""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as conn:
+            conn.settimeout(timeout_s)
+            while len(buf) <= MAX_RECORD_BYTES:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    except ConnectionRefusedError:
+        return "refused", None
+    except OSError:
+        if not buf.startswith(PROBE_REPLY):
+            return "silent", None
+    if not buf.startswith(PROBE_REPLY):
+        return "silent", None
+    try:
+        value = json.loads(buf[len(PROBE_REPLY) :]) if len(buf) <= MAX_RECORD_BYTES else None
+    except ValueError:
+        value = None
+    return "alive", value if isinstance(value, dict) else None
+
+
+def knock(addresses: list[tuple[str, int]]) -> None:
+    """Wake the peers at these probe addresses, in a background thread: any connection to a peer's probe port
+    makes a peer that waits for an epoch read the DHT at once instead of at its next poll. The leader knocks
+    the roster it publishes; a member that reports its epoch broken knocks the others (the leader among
+    them)."""
+
+    def run() -> None:
+        for host, port in addresses:
+            probe(host, port, 0.2)
+
+    if addresses:
+        threading.Thread(target=run, name="knock", daemon=True).start()
+
+
+MAX_RECORD_BYTES = 1 << 16
 PROBE_REPLY = b"k"
+PROBE_TIMEOUT_S = 0.5  # a probe not answered in this time is "silent"
 
 
 class View:
-    """How much of the swarm this peer has seen (see the module doc)."""
+    """How much of the swarm this peer has seen (see the module doc). Shared by the peer's main thread
+    (deciding) and its heartbeat thread (watching the epoch), so that a probe answer or a heartbeat seen by
+    one serves the other."""
 
-    def __init__(self, ttl_s: float, spare_wait_s: float):
+    def __init__(
+        self, ttl_s: float, spare_wait_s: float, period_s: float | None = None, store_period_s: float | None = None
+    ):
+        """``period_s``: how often members' records are read through their probe ports (``membership.watch_s``);
+        ``store_period_s``: how often they are stored in the DHT (``membership.period_s``)."""
         self.ttl_s, self.spare_wait_s = ttl_s, spare_wait_s
+        self.period_s = period_s if period_s is not None else ttl_s / 4
+        self.store_period_s = store_period_s if store_period_s is not None else ttl_s / 4
         self.started = time.monotonic()
         self.witnessed: set[int] = set()  # epochs in which this peer saw another roster member alive
-        self.dead: set[str] = set()  # peers whose probe was refused
+        self.dead: set[str] = set()  # peers whose probe was refused, or frozen (see ``frozen``)
         self._probed: dict[int, tuple[float, bool]] = {}  # epoch -> (when, every roster probe refused)
         self._answers: dict[str, tuple[float, str]] = {}  # peer -> (when, its probe's last answer)
         self._missing_since: dict[str, float] = {}  # roster peers missing from the view, answering probes
+        self._beats: dict[str, tuple[float, float]] = {}  # peer -> (its record's time, when first seen here)
+        self._lock = threading.Lock()
+
+    def answer(self, pid: str, host: str, port: int, max_age_s: float = 1.0) -> str:
+        """``probe(host, port)`` of peer ``pid``, reusing an answer younger than ``max_age_s`` (a refusal is
+        final). A silent probe waits ``PROBE_TIMEOUT_S``: a live process answers within milliseconds, also on a
+        loaded machine (its probe thread does nothing else), so a silent one is frozen or cut off."""
+        now = time.monotonic()
+        with self._lock:
+            when, answer = self._answers.get(pid, (-1e9, "silent"))
+        if answer == "refused" or now - when < max_age_s:
+            return answer
+        answer = probe(host, port, PROBE_TIMEOUT_S)
+        with self._lock:
+            self._answers[pid] = (time.monotonic(), answer)
+        if answer == "refused":
+            self.dead.add(pid)
+        return answer
+
+    def note(self, members: dict[str, MemberRecord]) -> None:
+        """Remember when each member's heartbeat was last seen to change (a record's ``time`` is new with
+        every heartbeat); ``stalled`` reads it."""
+        now = time.monotonic()
+        with self._lock:
+            for pid, r in members.items():
+                seen = self._beats.get(pid)
+                if seen is None or seen[0] != r.time:
+                    self._beats[pid] = (r.time, now)
+
+    def stalled(self, pid: str) -> bool:
+        """No new heartbeat of ``pid`` seen for more than 1.5 heartbeat periods (a beat late or missed: then
+        its probe decides, see ``frozen``); a peer never seen counts from the first time it is asked about."""
+        with self._lock:
+            seen = self._beats.setdefault(pid, (None, time.monotonic()))
+        return time.monotonic() - seen[1] > 1.5 * self.period_s
+
+    def heard(self, pid: str, answer: str) -> None:
+        """Record a probe answer got elsewhere (the watch reads records through the probe port)."""
+        with self._lock:
+            self._answers[pid] = (time.monotonic(), answer)
+        if answer == "refused":
+            self.dead.add(pid)
+
+    def frozen(self, pid: str, record: MemberRecord) -> bool:
+        """A member whose heartbeat stalled and whose probe does not answer: its process is frozen (SIGSTOP,
+        swapping, a stuck host) or gone with its host. Seen within ~2 heartbeat periods, instead of waiting
+        for its record to expire after ``membership.ttl_s``. A peer merely slow to heartbeat (a busy DHT, a
+        loaded machine) still answers its probe: its probe thread does nothing else."""
+        if pid in self.dead:
+            return True
+        if not self.stalled(pid) or self.answer(pid, record.host, record.probe_port, self.period_s) != "silent":
+            return False
+        self.dead.add(pid)
+        return True
 
     def hidden(self, members: dict[str, MemberRecord], current: EpochRecord, bounded: bool = True) -> list[int]:
         """Roster stages whose record this peer does not see but whose process answers its probe: this view
@@ -70,13 +180,8 @@ class View:
             if pid in members or pid in self.dead or stage >= len(current.probes):
                 self._missing_since.pop(pid, None)
                 continue
-            when, answer = self._answers.get(pid, (0.0, "silent"))
-            if now - when >= 1.0:
-                answer = probe(*current.probes[stage])
-                self._answers[pid] = (now, answer)
-            if answer == "refused":
-                self.dead.add(pid)
-            elif answer == "alive":
+            answer = self.answer(pid, *current.probes[stage])
+            if answer == "alive":
                 since = self._missing_since.setdefault(pid, now)
                 if not bounded or now - since < 3 * self.ttl_s:
                     out.append(stage)
@@ -101,14 +206,20 @@ class View:
 
     @property
     def settled(self) -> bool:
-        return time.monotonic() - self.started >= self.ttl_s
+        """Watched long enough that every live member has stored its record into this view twice over (each
+        stores one at its start and every ``membership.period_s``; expired ones are gone after ``ttl_s``)."""
+        return time.monotonic() - self.started >= min(self.ttl_s, 2 * self.store_period_s)
 
     def observe(self, members: dict[str, MemberRecord], current: EpochRecord | None) -> None:
+        self.note(members)
         if current is not None and any(pid in members for pid in current.roster):
             self.witnessed.add(current.epoch)
 
     def confirmed(self, members: dict[str, MemberRecord], current: EpochRecord | None) -> dict[str, MemberRecord]:
-        """``members`` without the roster members whose process is confirmed gone."""
+        """``members`` without the roster members whose process is confirmed gone: once a member reports the
+        current epoch broken, every other member still heartbeating "running" or "joining" is probed; a
+        refusal (a crash) or a stalled heartbeat with a silent probe (a hang) confirms it at once, without
+        waiting for its record to expire."""
         if current is None:
             return members
         broken = any(
@@ -119,9 +230,37 @@ class View:
         for pid in current.roster:
             r = members.get(pid)
             if broken and r is not None and pid not in self.dead and r.state in ("running", "joining"):
-                if probe(r.host, r.probe_port) == "refused":
-                    self.dead.add(pid)
+                if self.stalled(pid):
+                    self.frozen(pid, r)
+                else:
+                    self.answer(pid, r.host, r.probe_port, 0.25)  # a refusal confirms a crash
         return {pid: r for pid, r in members.items() if pid not in self.dead}
+
+
+def blamed(members: dict[str, MemberRecord], current: EpochRecord) -> tuple[str, int, int] | None:
+    """The roster member that a majority of the other members of ``current`` blame for its breaking (their
+    records' ``blame``), as (peer id, votes, voters); None when no single member is blamed so. A peer that
+    heartbeats and answers its probe but whose data plane nobody reaches breaks every epoch it is in: after
+    ``swarm.max_reforms`` re-formations, this singles it out."""
+    votes: dict[int, int] = {}
+    voters: dict[int, int] = {}
+    for stage, pid in enumerate(current.roster):
+        r = members.get(pid)
+        if r is None or r.epoch != current.epoch:
+            continue
+        for s in range(len(current.roster)):
+            if s != stage:
+                voters[s] = voters.get(s, 0) + 1
+        for s in set(r.blame):
+            if 0 <= s < len(current.roster) and s != stage:
+                votes[s] = votes.get(s, 0) + 1
+    if not votes:
+        return None
+    top = max(votes.values())
+    leaders = [s for s, n in votes.items() if n == top]
+    if len(leaders) != 1 or 2 * top <= voters[leaders[0]]:
+        return None
+    return current.roster[leaders[0]], top, voters[leaders[0]]
 
 
 class Leader:
@@ -142,6 +281,7 @@ class Leader:
         self.reason = ""  # why no epoch is published yet (heartbeated as the peer's note)
         self.waiting_since: float | None = None  # monotonic time the leader started waiting for peers
         self.started = time.monotonic()
+        self.excluded: set[str] = set()  # peers declared lost although alive (see ``blamed``)
 
     def step(
         self, members: dict[str, MemberRecord], current: EpochRecord | None, step: int, view: View | None = None
@@ -154,6 +294,7 @@ class Leader:
         """
         cfg = self.cfg
         ckpt = self.ckpt
+        members = {pid: r for pid, r in members.items() if pid not in self.excluded}
         if view is not None:
             why = None
             # a peer outside the roster (a spare leading because it sees no holder) never decides while a
@@ -221,6 +362,21 @@ class Leader:
             # peer (at most rebuilding its own stage again); that cannot repeat forever
             reforms = current.reforms + 1
         if reforms > cfg.swarm.max_reforms:
+            culprit = blamed(members, current)
+            if culprit is not None:  # declare it lost: its stage is rebuilt on another peer, the count restarts
+                pid, votes, voters = culprit
+                self.excluded.add(pid)
+                self.emit(
+                    "peer_excluded",
+                    excluded=pid,
+                    stage=current.roster.index(pid),
+                    blamed_by=votes,
+                    voters=voters,
+                    reforms=reforms - 1,
+                    reason=f"{reforms - 1} epochs in a row broke at step {decision.step}; {votes} of the other "
+                    f"{voters} members blame stage {current.roster.index(pid)} (its data plane may be unreachable)",
+                )
+                return self.step(members, current, step, view)
             errors = sorted({f"{pid}: {members[pid].error}" for pid in decision.roster if members[pid].error})
             self.stop_swarm(
                 current,
@@ -259,6 +415,7 @@ class Leader:
             time=time.time(),
         )
         self.membership.publish_epoch(rec)
+        knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
         self.reason = ""
         self.emit(
             "epoch_published",

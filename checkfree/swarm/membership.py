@@ -84,6 +84,7 @@ class MemberRecord(BaseModel):
     time: float = 0.0
     lineage: Lineage = Lineage()  # where the weights of the stage held come from
     error: str = ""  # why this peer's last epoch broke (its last step_aborted cause, shortened)
+    blame: list[int] = []  # the stages its last epoch broke on, as far as this peer knows
     shadow_ok: bool = True  # redundant: the shadow held is up to date (False until a new peer's is sent)
     probe_port: int = 0  # a TCP port that refuses connections once this peer's process is gone
 
@@ -221,7 +222,7 @@ class Membership:
 
     # ---- members -------------------------------------------------------------------------------
     def heartbeat(self, record: MemberRecord) -> bool:
-        record.time = self.now
+        record.time = record.time or self.now  # a time already set is kept: the peer serves the same record
         return self._store(f"{self.run_id}/members", record.peer_id, record.model_dump(), self.cfg.ttl_s)
 
     def tombstone(self, peer_id: str) -> None:
@@ -243,6 +244,11 @@ class Membership:
             if rec is not None:
                 out[peer_id] = rec
         return out
+
+    def validate_member(self, value: dict, peer_id: str) -> MemberRecord | None:
+        """A member record read from elsewhere than the DHT (a peer's probe port), checked like the DHT's."""
+        rec = self._validate(MemberRecord, value, peer_id)
+        return rec if rec is not None and rec.peer_id == peer_id else None
 
     def _validate(self, model, value, name: str):
         try:

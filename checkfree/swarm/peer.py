@@ -40,7 +40,7 @@ from checkfree.core.stage_step import NonFiniteSteps
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.handover import Handover
-from checkfree.swarm.leader import PROBE_REPLY, Leader, View, probe
+from checkfree.swarm.leader import PROBE_REPLY, Leader, View, knock, read_probe
 from checkfree.swarm.membership import DHTGone, DHTUnavailable, EpochRecord, Lineage, MemberRecord, Membership
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
@@ -127,8 +127,16 @@ class Peer:
         self._epoch_lock = threading.Lock()  # joined / epoch_over / group, between the main and heartbeat threads
         self.joined: EpochRecord | None = None
         self.epoch_over: str | None = None
-        self._missing: set[str] = set()  # roster members missing from the last view (confirmed when seen twice)
-        self.view = View(cfg.membership.ttl_s, cfg.swarm.spare_wait_s)
+        self._over_stages: list[int] = []  # the stages the heartbeat thread ended the epoch for
+        self.blame: list[int] = []  # the stages this peer's last epoch broke on, as far as it knows (heartbeated)
+        self._rounds = 0  # watch rounds in the joined epoch (the DHT's epoch record is read every 4th)
+        m = cfg.membership
+        self.view = View(m.ttl_s, cfg.swarm.spare_wait_s, min(m.watch_s, m.period_s), m.period_s)
+        self._stored = -1e9  # monotonic time of the last DHT heartbeat
+        self._cut = False  # transport.fault_cut_peer: this peer's data plane is cut off (fault injection)
+        self._served = b""  # the record of the last heartbeat, served on the probe port after its reply byte
+        self._wake = threading.Event()  # set by every connection to the probe port (see ``leader.knock``)
+        self._fetched: dict[str, tuple[float, MemberRecord | None]] = {}  # peer -> (when, record read from it)
         self._refreshed = time.monotonic()
 
     # ---- records -------------------------------------------------------------------------------
@@ -151,27 +159,51 @@ class Peer:
             note=self.leader.reason,
             lineage=w.lineage if w is not None else Lineage(),
             error=self.last_error,
+            blame=self.blame,
             shadow_ok=w.shadow_ok if w is not None else True,
             probe_port=self._probe.getsockname()[1],
         )
 
-    def _end_epoch(self, rec: EpochRecord, reason: str) -> None:
+    def _serve_now(self) -> MemberRecord:
+        """Refresh the record served on the probe port (its ``time`` is new: the members watching this peer
+        see that it lives)."""
+        rec = self.record()
+        rec.time = self.membership.now
+        self._served = rec.model_dump_json().encode()
+        return rec
+
+    def _beat_now(self) -> None:
+        self.membership.heartbeat(self._serve_now())
+        self._stored = time.monotonic()
+
+    def _fill(self, members: dict[str, MemberRecord], current: EpochRecord | None) -> None:
+        """Add the records of roster members missing from this DHT view, read straight from their probe ports
+        (reused for a heartbeat period): a partial view (a freshly joined node, a node whose DHT neighbours
+        were killed) then neither stalls a decision nor hides who leads."""
+        if current is None:
+            return
+        now = time.monotonic()
+        for stage, pid in enumerate(current.roster):
+            if pid in members or pid == self.peer_id or pid in self.view.dead or stage >= len(current.probes):
+                continue
+            when, rec = self._fetched.get(pid, (-1e9, None))
+            if now - when > self.view.period_s / 2:
+                _, value = read_probe(*current.probes[stage])
+                rec = self.membership.validate_member(value, pid) if value is not None else None
+                self._fetched[pid] = (time.monotonic(), rec)
+            if rec is not None:
+                members[pid] = rec
+
+    def _end_epoch(self, rec: EpochRecord, reason: str, stages: list[int]) -> None:
         """From the heartbeat thread: end epoch ``rec`` for this peer, if it is still the one being joined or
         trained in (the main thread may have moved on while this thread read the DHT)."""
         with self._epoch_lock:
             if self.joined is not rec or self.epoch_over is not None:
                 return
-            self.epoch_over = reason
+            self.epoch_over, self._over_stages = reason, stages
             group = self.group
         if group is not None and group.epoch == rec.epoch:
             group.abort(reason)
-
-    def _probe_of(self, rec: EpochRecord, pid: str) -> str:
-        i = rec.roster.index(pid)
-        if i >= len(rec.probes):
-            return "silent"
-        host, port = rec.probes[i]
-        return probe(host, port)
 
     def _serve_probe(self) -> None:
         while True:
@@ -179,59 +211,78 @@ class Peer:
                 conn, _ = self._probe.accept()
             except OSError:
                 return  # closed at exit
+            self._wake.set()
             try:
-                conn.sendall(PROBE_REPLY)
+                conn.sendall(PROBE_REPLY + self._served)
             except OSError:
                 pass
             finally:
                 conn.close()
 
     def _heartbeat_loop(self) -> None:
+        """Every ``membership.watch_s``: serve a fresh record on the probe port and watch the epoch's members
+        through theirs; every ``membership.period_s``: store the record in the DHT (what spares, the launcher
+        and ``status`` read). The two are separate because DHT stores are what the failure-free swarm pays
+        for (every DHT node handles each), while probes cost next to nothing."""
+        m = self.cfg.membership
         while not self._stop.is_set():
             try:
-                self.membership.heartbeat(self.record())
+                if time.monotonic() - self._stored >= m.period_s:
+                    self._beat_now()
+                else:
+                    self._serve_now()
                 self._watch()
             except DHTUnavailable as e:
                 logger.warning("[peer %s] heartbeat failed: %s", self.peer_id, e)
             except Exception:  # this thread must outlive any one bad round
                 logger.exception("[peer %s] heartbeat round failed", self.peer_id)
-            self._stop.wait(self.cfg.membership.period_s)
+            self._stop.wait(min(m.watch_s, m.period_s))
 
     def _watch(self) -> None:
-        """While this peer joins or trains in an epoch: end that epoch for this peer when one of its members
-        is gone (its heartbeat expired or was tombstoned, seen in two views in a row: a hang, a vanished
-        host, a dead leader hosting the rendezvous) or a newer epoch was published. Every wait of the epoch
-        (rendezvous, hand-over, training) is released then, not after a socket timeout. Also re-stores the
-        epoch record every ``membership.epoch_ttl_s / 4`` so that it outlives any run."""
+        """While this peer joins or trains in an epoch, read every other member's record from its probe port
+        (no DHT read: the watch costs the training swarm next to nothing) and end the epoch for this peer
+        when a member is gone (its probe refused: a crash, a clean exit), frozen (its heartbeat stalled for
+        1.5 periods and its probe is silent: a hang, a vanished host, a dead leader hosting the rendezvous),
+        or reports the epoch broken; and, every 4th round, when the DHT holds a newer epoch. Every wait of
+        the epoch (rendezvous, hand-over, training) is released then, not after a socket timeout. Also
+        re-stores the epoch record every ``membership.epoch_ttl_s / 4`` so that it outlives any run."""
+        self._maybe_cut()
         rec = self.joined
         if rec is None or self.epoch_over is not None:
             return
-        members = self.membership.members()
-        missing = {pid for pid in rec.roster if pid not in members and pid != self.peer_id}
-        gone, self._missing = missing & self._missing, missing
-        # a member that reported this epoch broken will not join or answer in it any more
-        broke = sorted(
-            rec.roster.index(pid)
-            for pid in rec.roster
-            if pid != self.peer_id
-            and pid in members
-            and members[pid].epoch == rec.epoch
-            and members[pid].state == "recovering"
-        )
-        # a record missing from two views in a row: its peer is gone unless it answers its probe now (then
-        # this view was partial, or the peer's heartbeat was late: a busy machine, not a lost stage)
-        gone = {pid for pid in gone if self._probe_of(rec, pid) != "alive"}
-        current = self.membership.current_epoch()
-        reason = None
+        gone, frozen, broke = [], [], []
+        for stage, pid in enumerate(rec.roster):
+            if pid == self.peer_id or stage >= len(rec.probes):
+                continue
+            answer, value = read_probe(*rec.probes[stage])
+            self.view.heard(pid, answer)
+            r = self.membership.validate_member(value, pid) if value is not None else None
+            if answer == "refused":
+                gone.append(stage)
+            elif r is not None:
+                self.view.note({pid: r})
+                if r.epoch == rec.epoch and r.state == "recovering":
+                    broke.append(stage)  # it will not join or answer in this epoch any more
+            elif answer == "silent" and self.view.stalled(pid):
+                frozen.append(stage)
+                self.view.dead.add(pid)
+        self._rounds += 1
+        due = time.monotonic() - self._refreshed > self.cfg.membership.epoch_ttl_s / 4
+        current = self.membership.current_epoch() if self._rounds % 4 == 0 or due else None
+        reason, stages = None, []
         if gone:
-            stages = sorted(rec.roster.index(pid) for pid in gone)
-            reason = f"stages {stages} of epoch {rec.epoch} lost: heartbeat expired"
+            stages = gone
+            reason = f"stages {gone} of epoch {rec.epoch} lost: probe refused (process gone)"
+        elif frozen:
+            stages = frozen
+            reason = f"stages {frozen} of epoch {rec.epoch} lost: heartbeat stalled and probe silent (frozen)"
         elif broke:
+            stages = broke
             reason = f"stages {broke} of epoch {rec.epoch} reported it broken"
         elif current is not None and current.epoch > rec.epoch:
             reason = f"epoch {current.epoch} was published"
         if reason is not None:
-            self._end_epoch(rec, reason)
+            self._end_epoch(rec, reason, stages)
             return
         if (
             current is not None
@@ -240,6 +291,18 @@ class Peer:
         ):
             self.membership.publish_epoch(current)
             self._refreshed = time.monotonic()
+
+    def _maybe_cut(self) -> None:
+        t = self.cfg.transport
+        if self._cut or t.fault_cut_peer != self.peer_id or self.status.step < t.fault_cut_at_step:
+            return
+        self._cut = True
+        reason = f"data plane cut at step {self.status.step} (transport.fault_cut_peer={self.peer_id})"
+        logger.warning("[peer %s] fault injection: %s", self.peer_id, reason)
+        with self._epoch_lock:
+            group = self.group
+        if group is not None:
+            group.abort(reason)
 
     def emit(self, event: str, **fields) -> None:
         # while a new peer joins, the stage it is taking is the one its group serves
@@ -315,6 +378,7 @@ class Peer:
                 continue
             failures = 0
             members[self.peer_id] = self.record()  # our own view is fresher than the DHT's
+            self._fill(members, current)
             if current is not None and current.stop:
                 raise SwarmStopped(current.stop)
             if (current is not None and current.finished) or any(r.state == "done" for r in members.values()):
@@ -338,12 +402,19 @@ class Peer:
                     )
                     return None
             self.view.observe(members, current)
-            if leader_of(members, current) == self.peer_id:
+            # who leads is decided on the confirmed view: a crashed or frozen leader is passed over at once
+            live = self.view.confirmed(members, current)
+            if leader_of(live, current) == self.peer_id:
                 try:
-                    self.leader.step(self.view.confirmed(members, current), current, self.status.step, self.view)
+                    self.leader.step(live, current, self.status.step, self.view)
                 except DHTUnavailable as e:
                     logger.warning("[peer %s] could not publish: %s", self.peer_id, e)
-            time.sleep(cfg.membership.poll_s)
+            # a peer between epochs polls every poll_s; a spare every heartbeat period: the leader knocks
+            # whoever its new epoch names, so the fast path needs no fast poll, and idle spares polling the DHT
+            # would cost the training swarm CPU
+            wait = cfg.membership.period_s if self.status.state == "spare" else cfg.membership.poll_s
+            self._wake.wait(wait)  # or until knocked: a new epoch, a member's report
+            self._wake.clear()
 
     # ---- joining an epoch ----------------------------------------------------------------------
     def _join(self, rec: EpochRecord) -> bool:
@@ -353,7 +424,7 @@ class Peer:
         fresh = self.worker is None or self.worker.index != stage
         self.status.epoch, self.status.state, self.leader.reason = rec.epoch, "joining", ""
         with self._epoch_lock:
-            self.joined, self.epoch_over, self._missing = rec, None, set()
+            self.joined, self.epoch_over, self._over_stages, self._rounds = rec, None, [], 0
         if fresh:  # heartbeat the stage and step being joined, also if this join breaks off
             self.asked_stage, self.status.step = stage, rec.step
         group = self._form_group(rec, stage)
@@ -385,6 +456,8 @@ class Peer:
         that no peer waits out ``transport.rendezvous_timeout_s`` for a dead one. An abandoned attempt ends
         by itself at that timeout."""
         cfg, L = self.cfg, self.cfg.model.num_stages
+        if self._cut:
+            raise StageLostError(None, rec.step, f"rendezvous of epoch {rec.epoch} failed: data plane cut off")
         hosted = self.leader.hosted.get(rec.epoch)
         out: dict[str, object] = {}
 
@@ -425,6 +498,14 @@ class Peer:
     def _abort(self, e: Exception) -> None:
         w = self.worker
         self.last_error = str(e)[:200]
+        # whom this peer blames: the heartbeat thread's verdict if it ended the epoch, else the stage the
+        # transport was waiting on (the leader singles out a peer that every other member blames, see Leader)
+        with self._epoch_lock:
+            if self.epoch_over is not None:
+                self.blame = list(self._over_stages)
+            else:
+                suspect = getattr(e, "stage", None)
+                self.blame = [suspect] if suspect is not None and suspect != (w.index if w else None) else []
         self.emit(
             "step_aborted",
             step=self.status.step,
@@ -440,19 +521,21 @@ class Peer:
             self.group.close()
             self.group = None
         with self._epoch_lock:
-            self.joined = None
+            rec, self.joined = self.joined, None
         self.status.state = "recovering"
         try:
-            self.membership.heartbeat(self.record())  # report at once: the leader decides on these reports
+            self._beat_now()  # report at once: the leader decides on these reports
         except DHTUnavailable:
             pass  # the heartbeat thread reports it next
+        if rec is not None:  # and wake the members that wait (the leader among them) to read it now
+            knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
 
     def _finish(self) -> None:
         self.status.state = "done"
         self.emit("done", step=self.status.step, loss=self.status.loss)
         (self.dir / "done").write_text(f"{self.status.step}\n")  # for a launcher that polls the disk
         try:
-            self.membership.heartbeat(self.record())
+            self._beat_now()
             # member records expire, the epoch record stays: it tells late spares the run is over (and keeps
             # them from reading the finished stages' departure as every stage being lost)
             current = self.membership.current_epoch()
@@ -461,4 +544,4 @@ class Peer:
         except DHTUnavailable:
             pass
         # stay reachable briefly so that the other stages' last all-reduce and their reads complete
-        time.sleep(self.cfg.membership.period_s * 2)
+        time.sleep(2 * min(self.cfg.membership.watch_s, self.cfg.membership.period_s))

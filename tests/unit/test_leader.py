@@ -94,6 +94,47 @@ def test_re_formations_at_one_step_with_nobody_lost_are_bounded(tmp_path):
     assert membership.published[-1].stop
 
 
+def test_a_peer_every_other_member_blames_is_declared_lost_instead_of_stopping(tmp_path):
+    """The re-formations run out, and the other members all blame stage 3 (its peer heartbeats and answers
+    its probe, but nobody reaches its data plane): the leader declares that peer lost and the next epoch
+    rebuilds stage 3 on a spare, instead of stopping the swarm."""
+    cfg = tiny_config(tmp_path, "swarm.max_reforms=1")
+    membership = _Membership()
+    events = []
+    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda name, **f: events.append((name, f)))
+    members, current = _view()
+    members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3})
+    members["e"] = members["c"].model_copy(update={"peer_id": "e", "stage": -1, "state": "spare", "epoch": -1})
+    leader.step(members, current, 3)
+    current = membership.published[-1]
+    assert current.reforms == 1 and current.roster == ["a", "b", "c", "d"]
+    members = {p: r.model_copy(update={"epoch": current.epoch}) if p != "e" else r for p, r in members.items()}
+    for p in "abc":
+        members[p] = members[p].model_copy(update={"blame": [3]})
+    members["d"] = members["d"].model_copy(update={"blame": [0]})  # its own view: it blames someone else
+    leader.hosted.clear()
+    leader.step(members, current, 3)
+    new = membership.published[-1]
+    assert not new.stop and new.lost == [3] and new.roster == ["a", "b", "c", "e"] and new.reforms == 0
+    ((name, fields),) = [e for e in events if e[0] == "peer_excluded"]
+    assert fields["excluded"] == "d" and fields["blamed_by"] == 3 and fields["voters"] == 3
+
+
+def test_no_peer_is_singled_out_without_a_majority():
+    from checkfree.swarm.leader import blamed
+
+    members, current = _view()
+    members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3})
+    assert blamed(members, current) is None  # nobody blames anyone
+    members["a"] = members["a"].model_copy(update={"blame": [3]})
+    assert blamed(members, current) is None  # 1 of 3
+    members["b"] = members["b"].model_copy(update={"blame": [3]})
+    assert blamed(members, current) == ("d", 2, 3)  # 2 of 3
+    members["c"] = members["c"].model_copy(update={"blame": [1, 2]})  # its own stage does not count
+    members["d"] = members["d"].model_copy(update={"blame": [1]})
+    assert blamed(members, current) is None  # stages 1 and 3 blamed alike
+
+
 def test_a_committed_step_resets_the_count(tmp_path):
     cfg = tiny_config(tmp_path, "swarm.max_reforms=2")
     membership = _Membership()
@@ -121,3 +162,104 @@ def test_a_peer_that_keeps_failing_to_rebuild_its_own_stage_is_bounded_too(tmp_p
     leader.hosted.clear()
     with pytest.raises(SwarmStopped, match="2 epochs in a row broke at step 3"):
         leader.step(members, current, 3)
+
+
+# ---- View: confirming losses by probing --------------------------------------------------------
+def _record(pid: str, stage: int, port: int, state: str = "running", beat: float = 1.0) -> MemberRecord:
+    return MemberRecord(
+        run_id="l",
+        fingerprint="fp",
+        peer_id=pid,
+        stage=stage,
+        epoch=0,
+        state=state,
+        step=3,
+        lineage=Lineage(kind="initial"),
+        probe_port=port,
+        time=beat,
+    )
+
+
+class _Ports:
+    """Real probe ports: ``alive`` answers like a peer's probe thread, ``frozen`` accepts in the kernel
+    but never answers (a SIGSTOPped process), ``refused`` has nothing listening (a crashed one)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        from checkfree.swarm.leader import PROBE_REPLY
+
+        self.alive_sock = socket.create_server(("127.0.0.1", 0))
+        self.frozen_sock = socket.create_server(("127.0.0.1", 0))  # never accepted
+        gone = socket.create_server(("127.0.0.1", 0))
+        self.refused = gone.getsockname()[1]
+        gone.close()
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = self.alive_sock.accept()
+                except OSError:
+                    return
+                conn.sendall(PROBE_REPLY)
+                conn.close()
+
+        threading.Thread(target=serve, daemon=True).start()
+        self.alive, self.frozen = self.alive_sock.getsockname()[1], self.frozen_sock.getsockname()[1]
+
+    def close(self):
+        self.alive_sock.close()
+        self.frozen_sock.close()
+
+
+@pytest.fixture
+def ports():
+    p = _Ports()
+    yield p
+    p.close()
+
+
+def test_probe_tells_a_crash_a_hang_and_a_live_process_apart(ports):
+    from checkfree.swarm.leader import probe
+
+    assert probe("127.0.0.1", ports.alive) == "alive"
+    assert probe("127.0.0.1", ports.refused) == "refused"
+    assert probe("127.0.0.1", ports.frozen, 0.2) == "silent"
+    assert probe("127.0.0.1", 0) == "silent"  # no port known
+
+
+def test_a_frozen_member_is_confirmed_once_its_heartbeat_stalls_a_crashed_one_at_once(ports):
+    """A member whose heartbeat stopped changing for 1.5 periods and whose probe is silent is confirmed
+    gone (a hang, seen long before its record expires); one whose probe is refused at once (a crash);
+    a member that answers its probe stays, however late its heartbeat (a busy machine)."""
+    from checkfree.swarm.leader import View
+
+    view = View(ttl_s=2.0, spare_wait_s=10.0, period_s=0.3)
+    _, current = _view()
+    members = {
+        "a": _record("a", 0, ports.alive, state="recovering"),
+        "b": _record("b", 1, ports.alive),  # slow heartbeat, alive
+        "c": _record("c", 2, ports.frozen),  # frozen
+        "d": _record("d", 3, ports.refused),  # crashed
+    }
+    view.observe(members, current)
+    live = view.confirmed(members, current)
+    assert sorted(live) == ["a", "b", "c"]  # the crash at once; the hang's heartbeat has not stalled yet
+    time.sleep(0.65)  # > 1.5 periods without a new heartbeat from b and c
+    members["a"] = members["a"].model_copy(update={"time": 2.0})
+    view.observe(members, current)
+    live = view.confirmed(members, current)
+    assert sorted(live) == ["a", "b"]
+    assert view.dead == {"c", "d"}
+
+
+def test_nothing_is_confirmed_while_no_member_reports_the_epoch_broken(ports):
+    from checkfree.swarm.leader import View
+
+    view = View(ttl_s=2.0, spare_wait_s=10.0, period_s=0.05)
+    _, current = _view()
+    members = {p: _record(p, s, ports.frozen) for s, p in enumerate("abcd")}
+    view.observe(members, current)
+    time.sleep(0.15)
+    assert sorted(view.confirmed(members, current)) == ["a", "b", "c", "d"]  # nobody probed: training goes on
