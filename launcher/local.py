@@ -237,6 +237,16 @@ class LocalSwarm:
                 epoch=current.epoch,
                 iteration=f.iteration,
             )
+            self._replace(now)
+
+    def _replace(self, now: float) -> None:
+        """A machine was lost: a new one (a spare) arrives after ``swarm.spare_delay_s``, as a provider's
+        autoscaler would bring the fleet back to its size (the stages plus ``swarm.num_spares``), never above
+        it: a fleet that grew with every replacement of a replacement would bury a small machine."""
+        cfg = self.cfg
+        gone = self.stopped | self.killed  # a killed process may not be reaped yet
+        live = sum(1 for pid, p in self.procs.items() if p.poll() is None and pid not in gone)
+        if live + len(self.pending_spares) < cfg.model.num_stages + cfg.swarm.num_spares:
             self.pending_spares.append(now + cfg.swarm.spare_delay_s)
 
     def _chaos(self, members, current, now: float) -> None:
@@ -244,7 +254,9 @@ class LocalSwarm:
         action = self.chaos.poll(time.monotonic(), members, current, live)
         if action is None:
             return
-        waiting = sum(1 for pid, r in members.items() if r.state == "spare" and pid in live)
+        # spares: live peers outside the roster (the launcher's own count; its DHT view may be partial)
+        roster = set(current.roster) if current is not None else set()
+        waiting = sum(1 for pid in live if pid not in roster)
         started = action.spares if waiting < 2 * self.cfg.swarm.num_spares else 0
         for _ in range(started):
             self._start(None)  # spare_arrival, up to twice the configured spares waiting
@@ -270,7 +282,8 @@ class LocalSwarm:
                     iteration=-1,
                     kind=action.kind,
                 )
-            self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)  # a new machine for each lost one
+        for _ in action.victims:
+            self._replace(now)  # a new machine for each lost one, up to the fleet's size
         self.events.emit("chaos", kind=action.kind, peers=action.victims, signal=action.sig.name, spares=started)
 
     def _replace_crashed(self, now: float) -> None:
@@ -279,7 +292,7 @@ class LocalSwarm:
             if p.poll() not in (None, 0) and pid not in self.crashed and pid not in self.killed:
                 self.crashed.add(pid)
                 self.events.emit("peer_exited", peer=pid, returncode=p.returncode)
-                self.pending_spares.append(now + self.cfg.swarm.spare_delay_s)
+                self._replace(now)
 
     def _reap_replaced(self, current) -> None:
         """A frozen peer stays frozen; once the swarm has replaced it, end it as its provider would."""

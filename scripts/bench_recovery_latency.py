@@ -16,7 +16,8 @@ by. The launcher pairs every kill with its recovery (``launcher/report.py``):
 Experiments vary one thing at a time from the base (the tiny default: 4 stages, d_model 128, heartbeat
 DHT heartbeat period 2 s / TTL 8 s, watch 0.5 s): crash vs hang, model width (stage bytes), number of stages
 (2, 4, 8), the watch interval (how often members read each other's records through their probe ports) and
-the DHT heartbeat period / TTL (which detection no longer depends on). Prints and saves the distribution per experiment and a box plot.
+the DHT heartbeat period / TTL (which detection no longer depends on). Prints and saves the distribution
+per experiment and a box plot.
 
     python scripts/bench_recovery_latency.py [CONFIG.yaml ...] [key=value ...] [--only NAME ...]
 """

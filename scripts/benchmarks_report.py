@@ -156,11 +156,14 @@ def build() -> str:
                 "stages",
                 "d_model",
                 "stage params (MB)",
-                "heartbeat period / TTL (s)",
+                "DHT period / TTL, watch (s)",
                 "kills recovered",
-                "detect s, median [min, max]",
-                "rebuild s",
+                "detect s",
+                "decide s",
+                "rendezvous s",
+                "transfer s",
                 "resume s",
+                "kill to first commit s",
             ],
             [
                 [
@@ -168,11 +171,14 @@ def build() -> str:
                     e["num_stages"],
                     e["d_model"],
                     f"{e['stage_param_bytes'] / 2**20:.2f}",
-                    f"{e['period_s']} / {e['ttl_s']}",
+                    f"{e['period_s']} / {e['ttl_s']}, {e.get('watch_s', '-')}",
                     f"{e['recovered']}/{e['kills']}",
                     fmt(e["detect_s"]),
-                    fmt(e["rebuild_s"]),
+                    fmt(e.get("decide_s")),
+                    fmt(e.get("rendezvous_s")),
+                    fmt(e.get("transfer_s")),
                     fmt(e["resume_s"]),
+                    fmt(e.get("kill_to_commit_s")),
                 ]
                 for name, e in r["experiments"].items()
             ],
@@ -182,7 +188,10 @@ def build() -> str:
             "Recovery latency in the swarm",
             "recovery_latency",
             "Kills of the first, a middle and the last stage per experiment (the base `crash` kills every "
-            "stage once); each experiment changes one thing from it.\n\n"
+            "stage once); each experiment changes one thing from it. Median [min, max] of each phase: detect "
+            "(kill to the first peer noticing), decide (to the new epoch's publication), rendezvous (to the "
+            "transfer starting), transfer (weights sent and the stage rebuilt), resume (to the first committed "
+            "step: about one step), kill to first commit (all of it).\n\n"
             + rows
             + "\n\n![latency](bench_recovery_latency.png)",
         )

@@ -366,6 +366,8 @@ class Leader:
             if culprit is not None:  # declare it lost: its stage is rebuilt on another peer, the count restarts
                 pid, votes, voters = culprit
                 self.excluded.add(pid)
+                if view is not None:
+                    view.dead.add(pid)  # not "hidden" either: it is out, whatever its probe says
                 self.emit(
                     "peer_excluded",
                     excluded=pid,

@@ -156,14 +156,20 @@ def test_a_spare_whose_dht_view_is_empty_never_stops_a_healthy_swarm(tmp_path):
         cmd = [sys.executable, "-m", "checkfree", "peer", str(run_dir / "config.yaml"), "membership.fault_blind_s=8"]
         cmd += ["--run-dir", str(run_dir), "--peer-id", "blind-spare", "--spare", "--initial-peers", *maddrs]
         spare = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-        time.sleep(14)  # the blind spell and then some
+        deadline = time.monotonic() + 60  # a loaded machine takes a while to start a peer
+        started = lambda: any(
+            e["event"] == "peer_started" and e["peer"] == "blind-spare" for e in _peer_events(run_dir)
+        )
+        while not started() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert started(), "the spare did not start within 60 s"
+        time.sleep(10)  # the rest of its blind spell and then some
         assert proc.poll() is None, "the swarm stopped"
         events = _peer_events(run_dir)
         assert not any(e["event"] == "swarm_stopped" for e in events)
         # it published nothing: it read the members' records from their probe ports (so it did not lead), or
         # it held back because its view was partial
         assert not any(e["event"] in ("epoch_published", "swarm_stopped") for e in events if e["peer"] == "blind-spare")
-        assert any(e["event"] == "peer_started" and e["peer"] == "blind-spare" for e in events)
     finally:
         for p in (proc, spare):
             if p is not None and p.poll() is None:
