@@ -131,6 +131,18 @@ def processes_left(before: set[int], grace_s: float) -> set[int]:
         time.sleep(0.1)
 
 
+def sigkill_dht_process(dht) -> None:
+    """SIGKILL a DHT process forked from this one without leaving hivemind's cross-process lock held.
+
+    Every DHT process forked from the test process shares ``MPFuture._update_lock`` with it; one killed
+    between sending a result and releasing that lock would leave every later DHT of this process unable
+    to report that it is ready (seen once in CI: a 300 s hang). Holding the lock while killing rules it out."""
+    from hivemind.utils.mpfuture import MPFuture
+
+    with MPFuture._update_lock:
+        os.kill(dht.pid, signal.SIGKILL)
+
+
 def kill_and_reap(pids: set[int], keep: set[int]) -> None:
     """SIGKILL ``pids``, then collect the exit status of every ended descendant not in ``keep`` (orphans
     re-parented to this process are ours to wait for)."""

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import random
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -174,16 +175,40 @@ class Membership:
             startup_timeout=self.cfg.startup_timeout_s,
             ensure_bootstrap_success=bool(self.initial_peers),
             client_mode=self.client_mode,
-            start=True,
+            start=False,
         )
+        # hivemind's own start waits for the DHT process without a limit; a process that never becomes ready
+        # (p2pd stuck, or a lock shared with a killed sibling process) must not hang the peer forever
+        limit = self.cfg.startup_timeout_s
+        self.dht.run_in_background(await_ready=False)
+        try:
+            self.dht.wait_until_ready(timeout=2 * limit)
+        except TimeoutError as e:
+            self._end_stuck_process()
+            raise DHTUnavailable(f"the DHT process was not ready within {2 * limit} s (2 x startup_timeout_s)") from e
         # wait until the watchdog runs: a peer killed right after this returns must not leave its DHT behind
         watching = self.dht.run_coroutine(functools.partial(_watchdog, os.getpid(), 0.25), return_future=True)
         try:
             watching.result(timeout=self.cfg.startup_timeout_s)
         except TimeoutError as e:
-            self.dht.shutdown()
-            limit = self.cfg.startup_timeout_s
+            self._end_stuck_process()
             raise DHTUnavailable(f"the DHT process did not start its watchdog within {limit} s") from e
+
+    def _end_stuck_process(self) -> None:
+        """Kill a DHT process that never became ready, with its p2p daemon (it cannot be asked to shut down)."""
+        pid = self.dht.pid
+        daemons = []
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                daemons = [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+        for p in [pid, *daemons]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.dht.join(5)
 
     @property
     def now(self) -> float:

@@ -1,7 +1,6 @@
 """Membership on a real hivemind DHT (two nodes on localhost, unique run ids per test)."""
 
 import os
-import signal
 import time
 import uuid
 
@@ -9,7 +8,7 @@ import pytest
 
 from checkfree.swarm.config import MembershipConfig
 from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
-from tests.helpers import descendants, kill_and_reap, poll
+from tests.helpers import descendants, kill_and_reap, poll, sigkill_dht_process
 
 CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)
 
@@ -78,12 +77,28 @@ def test_epoch_records_are_per_fingerprint(pair):
 
 def test_calls_fail_fast_when_the_dht_process_is_gone():
     m = Membership(CFG, "t-dead", "fp")
-    os.kill(m.dht.pid, signal.SIGKILL)
+    sigkill_dht_process(m.dht)
     assert poll(lambda: not m.dht.is_alive(), timeout_s=5)
     t0 = time.time()
     with pytest.raises(DHTUnavailable):
         m.members()
     assert time.time() - t0 < 1.0
+
+
+def test_a_dht_process_that_never_becomes_ready_is_ended_and_reported():
+    """The DHT process cannot report that it is ready (the lock it sends under is held here, as a killed
+    sibling process could leave it): the peer gets DHTUnavailable after 2 x startup_timeout_s, not a hang,
+    and neither the DHT process nor its p2p daemon is left running."""
+    from hivemind.utils.mpfuture import MPFuture
+
+    before = descendants(os.getpid())
+    cfg = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0, startup_timeout_s=2.0)
+    t0 = time.monotonic()
+    with MPFuture._update_lock, pytest.raises(DHTUnavailable, match=r"not ready within 4.0 s"):
+        Membership(cfg, "t-stuck", "fp")
+    assert 3.5 < time.monotonic() - t0 < 30
+    kill_and_reap(set(), keep=before)
+    assert poll(lambda: not (descendants(os.getpid()) - before), timeout_s=5)
 
 
 def test_timeouts_are_retried_and_a_dead_dht_process_is_told_apart():
@@ -103,7 +118,7 @@ def test_timeouts_are_retried_and_a_dead_dht_process_is_told_apart():
             except DHTUnavailable:
                 pass  # all 4 attempts failed: p = 0.3^4 per call
         assert ok >= 6
-        os.kill(m.dht.pid, signal.SIGKILL)
+        sigkill_dht_process(m.dht)
         assert poll(lambda: not m.dht.is_alive(), timeout_s=5)
         with pytest.raises(DHTGone, match="DHT process has exited"):
             m.members()
