@@ -136,10 +136,10 @@ class LocalSwarm:
                 time.sleep(0.02 if self.chaos is not None and self.chaos.armed else 0.2)
                 if time.monotonic() - last_read >= min(cfg.membership.period_s, 0.5):
                     try:
-                        members = self.membership.members()
+                        members, newest = self.membership.members_and_epoch()
                         # the newest epoch seen: once every peer has exited nobody re-stores the record, and
                         # it expires (membership.epoch_ttl_s)
-                        current = self.membership.current_epoch() or current
+                        current = newest or current
                         last_read = time.monotonic()
                     except DHTUnavailable as e:  # transient: the peers go on; look again at the next poll
                         logger.warning("launcher: DHT read failed: %s", e)

@@ -19,7 +19,7 @@ DHT heartbeat period 2 s / TTL 8 s, watch 0.5 s): crash vs hang, model width (st
 the DHT heartbeat period / TTL (which detection no longer depends on). Prints and saves the distribution
 per experiment and a box plot.
 
-    python scripts/bench_recovery_latency.py [CONFIG.yaml ...] [key=value ...] [--only NAME ...]
+    python scripts/bench_recovery_latency.py [CONFIG.yaml ...] [key=value ...] [--only NAME ...] [--repeat N]
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ EXPERIMENTS = {
 }
 
 
-def _kills(which: str, num_stages: int, every: int) -> list[Failure]:
+def _kills(which: str, num_stages: int, every: int, repeat: int = 1) -> list[Failure]:
     stages = list(range(num_stages)) if which == "all" else sorted({0, num_stages // 2, num_stages - 1})
-    return [Failure(every * (n + 1), s, "mid_forward", 0.5) for n, s in enumerate(stages)]
+    return [Failure(every * (n + 1), s, "mid_forward", 0.5) for n, s in enumerate(stages * repeat)]
 
 
 def _dist(values: list[float | None]) -> dict | None:
@@ -75,9 +75,12 @@ def main() -> None:
     ap.add_argument(
         "--every",
         type=int,
-        default=6,
-        help="steps between kills (the launcher also waits swarm.min_gap_s=1 s after each resume)",
+        default=10,
+        help="steps between kills (the launcher also waits swarm.min_gap_s=1 s after each resume; a replacement "
+        "spare starts swarm.spare_delay_s=3 s after each kill, and 10 steps keep its start-up out of the next "
+        "recovery)",
     )
+    ap.add_argument("--repeat", type=int, default=1, help="kill each experiment's stages this many times in turn")
     ap.add_argument("--out", default="runs/bench/recovery_latency.json")
     ns = ap.parse_args()
     files, overrides = split_args(ns.args)
@@ -86,23 +89,23 @@ def main() -> None:
     for name in ns.only or list(EXPERIMENTS):
         extra, which = EXPERIMENTS[name]
         base = load_config(files, [*overrides, *extra])
-        kills = _kills(which, base.model.num_stages, ns.every)
+        kills = _kills(which, base.model.num_stages, ns.every, ns.repeat)
         trace = tmp / f"{name}-trace.jsonl"
         write_trace(trace, kills, base.model.num_stages)
         args = [
-            *overrides,
-            *extra,
             f"run_name={name}",
             f"out_dir={tmp}",
             "progress=false",
             "plot=false",
             "eval_every_steps=0",
             "swarm.num_spares=2",
-            "swarm.spare_delay_s=1",
+            "swarm.spare_delay_s=3",  # the default: a replacement starts after the recovery, as a new host would
             "swarm.min_gap_s=1",
             f"num_steps={ns.every * (len(kills) + 1)}",
             "failures.mode=trace",
             f"failures.trace_path={trace}",
+            *overrides,  # the user's settings win over this benchmark's defaults above
+            *extra,
         ]
         cfg = load_config(files, args)
         code, summary = run_local_swarm(cfg, tmp / name, status=False)
@@ -162,7 +165,7 @@ def main() -> None:
             flush=True,
         )
     _plot(results, Path(ns.out).with_suffix(".png"))
-    report({"experiments": results, "every": ns.every, "run_dirs": str(tmp)}, ns.out)
+    report({"experiments": results, "every": ns.every, "repeat": ns.repeat, "run_dirs": str(tmp)}, ns.out)
 
 
 def _plot(results: dict, path: Path) -> None:

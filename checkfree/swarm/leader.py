@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -35,11 +36,16 @@ def probe(host: str, port: int, timeout_s: float = 0.3) -> str:
     """Ask a peer's probe port whether its process lives: ``refused`` (the host answers, nothing listens:
     the process is gone), ``alive`` (it answered within ``timeout_s``) or ``silent`` (no answer: a frozen
     process, a vanished host, a lost route, or none known)."""
+    return _probe(host, port, timeout_s, PROBE_ASK)
+
+
+def _probe(host: str, port: int, timeout_s: float, request: bytes) -> str:
     if not port:
         return "silent"
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as conn:
             conn.settimeout(timeout_s)
+            conn.sendall(request)
             return "alive" if conn.recv(1) == PROBE_REPLY else "silent"
     except ConnectionRefusedError:
         return "refused"
@@ -58,6 +64,7 @@ def read_probe(host: str, port: int, timeout_s: float = 0.5) -> tuple[str, dict 
     try:
         with socket.create_connection((host, port), timeout=timeout_s) as conn:
             conn.settimeout(timeout_s)
+            conn.sendall(PROBE_ASK)
             while len(buf) <= MAX_RECORD_BYTES:
                 chunk = conn.recv(65536)
                 if not chunk:
@@ -77,21 +84,31 @@ def read_probe(host: str, port: int, timeout_s: float = 0.5) -> tuple[str, dict 
     return "alive", value if isinstance(value, dict) else None
 
 
-def knock(addresses: list[tuple[str, int]]) -> None:
-    """Wake the peers at these probe addresses, in a background thread: any connection to a peer's probe port
-    makes a peer that waits for an epoch read the DHT at once instead of at its next poll. The leader knocks
-    the roster it publishes; a member that reports its epoch broken knocks the others (the leader among
-    them)."""
+def knock(addresses: list[tuple[str, int]], epoch: EpochRecord | None = None) -> None:
+    """Wake the peers at these probe addresses, in a background thread: a knock (``PROBE_KNOCK`` sent to a
+    peer's probe port) makes a peer that waits for an epoch read the swarm at once instead of at its next
+    poll, and a peer that trains run its watch round at once (it reads the knocker's record there). A member
+    that reports its epoch broken knocks the others (the leader among them); the leader knocks the roster it
+    publishes with the epoch record itself (``PROBE_EPOCH``, its length, its JSON), which the members join
+    without waiting for a DHT round trip (the same record is in the DHT for everyone else)."""
+    request = PROBE_KNOCK
+    if epoch is not None:
+        body = epoch.model_dump_json().encode()
+        request = PROBE_EPOCH + struct.pack("!I", len(body)) + body
 
     def run() -> None:
         for host, port in addresses:
-            probe(host, port, 0.2)
+            _probe(host, port, 0.2, request)
 
     if addresses:
         threading.Thread(target=run, name="knock", daemon=True).start()
 
 
 MAX_RECORD_BYTES = 1 << 16
+# the probe protocol: the client sends one request byte, the peer answers PROBE_REPLY, then its member record
+PROBE_ASK = b"?"  # read the record
+PROBE_KNOCK = b"!"  # read it, and wake the peer: something changed (see ``knock``)
+PROBE_EPOCH = b"E"  # a knock that carries the epoch record just published (see ``knock``)
 PROBE_REPLY = b"k"
 PROBE_TIMEOUT_S = 0.5  # a probe not answered in this time is "silent"
 
@@ -388,6 +405,7 @@ class Leader:
                 step,
             )
         host = cfg.membership.host
+        t_host = time.monotonic()
         store = dist.TCPStore(
             host,
             0,
@@ -416,11 +434,14 @@ class Leader:
             stale_shadows=list(decision.stale_shadows),
             time=time.time(),
         )
+        t0 = time.monotonic()
         self.membership.publish_epoch(rec)
-        knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
+        knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id], rec)
         self.reason = ""
         self.emit(
             "epoch_published",
+            publish_s=time.monotonic() - t0,
+            host_s=t0 - t_host,
             new_epoch=epoch,
             roster=rec.roster,
             step=rec.step,

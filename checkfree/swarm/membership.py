@@ -240,10 +240,36 @@ class Membership:
         return bool(self._call(self.dht.store, key, value, self.now + ttl_s, subkey=subkey))
 
     def _get(self, key: str) -> dict:
-        entry = self._call(self.dht.get, key, latest=True)
+        return self._subkeys(self._call(self.dht.get, key, latest=True))
+
+    @staticmethod
+    def _subkeys(entry) -> dict:
         if entry is None or not isinstance(entry.value, dict):
             return {}
         return {k: v.value for k, v in entry.value.items()}
+
+    def _get_many(self, keys: list[str]) -> list[dict]:
+        """``_get`` of several keys, sent at once: one DHT round trip instead of one per key (what a peer
+        deciding after a failure waits for); a get that times out is retried alone, as ``_call`` does."""
+        if not self.dht.is_alive():
+            raise DHTGone("this peer's DHT process has exited")
+        with self._lock:
+            futures = [
+                None
+                if self._rng.random() < self.cfg.fault_timeout_rate
+                else self.dht.get(key, latest=True, return_future=True)
+                for key in keys
+            ]
+        out = []
+        for key, future in zip(keys, futures):
+            try:
+                if future is None:
+                    raise TimeoutError("injected by membership.fault_timeout_rate")
+                entry = future.result(timeout=self.cfg.dht_timeout_s)
+            except TimeoutError:
+                entry = self._call(self.dht.get, key, latest=True)
+            out.append(self._subkeys(entry))
+        return out
 
     # ---- members -------------------------------------------------------------------------------
     def heartbeat(self, record: MemberRecord) -> bool:
@@ -259,10 +285,18 @@ class Membership:
 
     def members(self) -> dict[str, MemberRecord]:
         """Live, valid member records of this run (expired ones are already dropped by the DHT)."""
+        return self._members(self._get(f"{self.run_id}/members"))
+
+    def members_and_epoch(self) -> tuple[dict[str, MemberRecord], EpochRecord | None]:
+        """``members()`` and ``current_epoch()`` in one DHT round trip."""
+        members, epochs = self._get_many([f"{self.run_id}/members", self._epoch_key()])
+        return self._members(members), self._newest_epoch(epochs)
+
+    def _members(self, raw: dict) -> dict[str, MemberRecord]:
         out = {}
         if time.monotonic() < self._blind_until:
             return out  # membership.fault_blind_s: no member in view, as a freshly joined node may see
-        for peer_id, value in self._get(f"{self.run_id}/members").items():
+        for peer_id, value in raw.items():
             if value is None:
                 continue  # tombstone
             rec = self._validate(MemberRecord, value, peer_id)
@@ -274,6 +308,11 @@ class Membership:
         """A member record read from elsewhere than the DHT (a peer's probe port), checked like the DHT's."""
         rec = self._validate(MemberRecord, value, peer_id)
         return rec if rec is not None and rec.peer_id == peer_id else None
+
+    def validate_epoch(self, value) -> EpochRecord | None:
+        """An epoch record read from elsewhere than the DHT (pushed with a leader's knock), checked like the
+        DHT's."""
+        return self._validate(EpochRecord, value, "pushed epoch") if isinstance(value, dict) else None
 
     def _validate(self, model, value, name: str):
         try:
@@ -309,8 +348,11 @@ class Membership:
     def current_epoch(self, fingerprint: str | None = None) -> EpochRecord | None:
         """The newest epoch record of this swarm (of ``fingerprint``, for observers that have none)."""
         key = f"{self.run_id}/{fingerprint}/epoch" if fingerprint else self._epoch_key()
+        return self._newest_epoch(self._get(key))
+
+    def _newest_epoch(self, raw: dict) -> EpochRecord | None:
         best, finished = None, None
-        for name, value in self._get(key).items():
+        for name, value in raw.items():
             if name == FINISHED:
                 finished = value if isinstance(value, int) else None
                 continue

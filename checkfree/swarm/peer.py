@@ -16,10 +16,12 @@ all-reduce breaks after some stage completed it, the stages that did not keep th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from datetime import timedelta
@@ -40,7 +42,16 @@ from checkfree.core.stage_step import NonFiniteSteps
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.handover import Handover
-from checkfree.swarm.leader import PROBE_REPLY, Leader, View, knock, read_probe
+from checkfree.swarm.leader import (
+    MAX_RECORD_BYTES,
+    PROBE_EPOCH,
+    PROBE_KNOCK,
+    PROBE_REPLY,
+    Leader,
+    View,
+    knock,
+    read_probe,
+)
 from checkfree.swarm.membership import DHTGone, DHTUnavailable, EpochRecord, Lineage, MemberRecord, Membership
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
@@ -49,6 +60,19 @@ from checkfree.swarm.worker import StageWorker
 logger = logging.getLogger(__name__)
 
 __all__ = ["Peer", "SwarmStopped"]
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+PROBE_REQUEST_WAIT_S = 0.1  # how long the probe port waits for a client's request byte (clients send it at once)
 
 
 class Peer:
@@ -117,6 +141,7 @@ class Peer:
         self.status = PeerStatus(state="waiting" if stage is not None else "spare")
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        self._dht_thread = threading.Thread(target=self._dht_loop, name="dht", daemon=True)
         # the probe: a port that accepts while this process lives and refuses once it is gone, so that the
         # leader can confirm a crash at once instead of waiting for the heartbeat to expire
         self._probe = socket.create_server((cfg.membership.host, 0))
@@ -129,13 +154,15 @@ class Peer:
         self.epoch_over: str | None = None
         self._over_stages: list[int] = []  # the stages the heartbeat thread ended the epoch for
         self.blame: list[int] = []  # the stages this peer's last epoch broke on, as far as it knows (heartbeated)
-        self._rounds = 0  # watch rounds in the joined epoch (the DHT's epoch record is read every 4th)
         m = cfg.membership
         self.view = View(m.ttl_s, cfg.swarm.spare_wait_s, min(m.watch_s, m.period_s), m.period_s)
         self._stored = -1e9  # monotonic time of the last DHT heartbeat
         self._cut = False  # transport.fault_cut_peer: this peer's data plane is cut off (fault injection)
         self._served = b""  # the record of the last heartbeat, served on the probe port after its reply byte
-        self._wake = threading.Event()  # set by every connection to the probe port (see ``leader.knock``)
+        self._wake = threading.Event()  # set by a knock on the probe port (see ``leader.knock``): main thread
+        self._knocked = threading.Event()  # the same knock, for the heartbeat thread: watch the members now
+        self._store_now = threading.Event()  # for the DHT thread: store this peer's record now
+        self._pushed: EpochRecord | None = None  # the newest epoch record pushed with a leader's knock
         self._fetched: dict[str, tuple[float, MemberRecord | None]] = {}  # peer -> (when, record read from it)
         self._refreshed = time.monotonic()
 
@@ -177,21 +204,25 @@ class Peer:
         self._stored = time.monotonic()
 
     def _fill(self, members: dict[str, MemberRecord], current: EpochRecord | None) -> None:
-        """Add the records of roster members missing from this DHT view, read straight from their probe ports
-        (reused for a heartbeat period): a partial view (a freshly joined node, a node whose DHT neighbours
-        were killed) then neither stalls a decision nor hides who leads."""
+        """Read the records of the roster's members straight from their probe ports (anew on every pass of a
+        member of the swarm; a spare reuses them for half a watch interval) and keep, per member, the newer of
+        that and the DHT's:
+        the leader decides on the members' reports as they are now, not as they were at their last DHT store
+        (a member that aborts knocks the others before it stores its report), and a partial DHT view (a freshly
+        joined node, a node whose DHT neighbours were killed) neither stalls a decision nor hides who leads."""
         if current is None:
             return
         now = time.monotonic()
+        max_age = self.view.period_s / 2 if self.status.state == "spare" else 0.0
         for stage, pid in enumerate(current.roster):
-            if pid in members or pid == self.peer_id or pid in self.view.dead or stage >= len(current.probes):
+            if pid == self.peer_id or pid in self.view.dead or stage >= len(current.probes):
                 continue
             when, rec = self._fetched.get(pid, (-1e9, None))
-            if now - when > self.view.period_s / 2:
+            if now - when >= max_age:
                 _, value = read_probe(*current.probes[stage])
                 rec = self.membership.validate_member(value, pid) if value is not None else None
                 self._fetched[pid] = (time.monotonic(), rec)
-            if rec is not None:
+            if rec is not None and (pid not in members or rec.time > members[pid].time):
                 members[pid] = rec
 
     def _end_epoch(self, rec: EpochRecord, reason: str, stages: list[int]) -> None:
@@ -211,41 +242,89 @@ class Peer:
                 conn, _ = self._probe.accept()
             except OSError:
                 return  # closed at exit
-            self._wake.set()
             try:
+                conn.settimeout(PROBE_REQUEST_WAIT_S)
+                try:
+                    request = conn.recv(1)  # read before closing: unread data would turn the close into a reset
+                except OSError:
+                    request = b""
+                if request == PROBE_EPOCH:
+                    self._take_pushed(conn)
+                if request in (PROBE_KNOCK, PROBE_EPOCH):
+                    self._wake.set()
+                    self._knocked.set()
                 conn.sendall(PROBE_REPLY + self._served)
             except OSError:
                 pass
             finally:
                 conn.close()
 
+    def _take_pushed(self, conn: socket.socket) -> None:
+        """Read the epoch record a leader pushed with its knock (its length, then its JSON), checked like one
+        read from the DHT; a malformed or oversized one is dropped (the DHT still has the real one)."""
+        head = _recv_exact(conn, 4)
+        n = struct.unpack("!I", head)[0] if len(head) == 4 else MAX_RECORD_BYTES + 1
+        if n > MAX_RECORD_BYTES:
+            return
+        try:
+            rec = self.membership.validate_epoch(json.loads(_recv_exact(conn, n)))
+        except ValueError:
+            return
+        with self._epoch_lock:
+            if rec is not None and (self._pushed is None or rec.epoch > self._pushed.epoch):
+                self._pushed = rec
+
     def _heartbeat_loop(self) -> None:
-        """Every ``membership.watch_s``: serve a fresh record on the probe port and watch the epoch's members
-        through theirs; every ``membership.period_s``: store the record in the DHT (what spares, the launcher
-        and ``status`` read). The two are separate because DHT stores are what the failure-free swarm pays
-        for (every DHT node handles each), while probes cost next to nothing."""
+        """Every ``membership.watch_s``, or at once when knocked: serve a fresh record on the probe port and
+        watch the epoch's members through theirs. No DHT call is made here (see ``_dht_loop``), so that a
+        knock is acted on within milliseconds, never behind a DHT round trip."""
         m = self.cfg.membership
         while not self._stop.is_set():
             try:
-                if time.monotonic() - self._stored >= m.period_s:
-                    self._beat_now()
-                else:
-                    self._serve_now()
+                self._serve_now()
                 self._watch()
+            except Exception:  # this thread must outlive any one bad round
+                logger.exception("[peer %s] watch round failed", self.peer_id)
+            self._knocked.wait(min(m.watch_s, m.period_s))  # or at once when knocked
+            self._knocked.clear()
+
+    def _dht_loop(self) -> None:
+        """Every ``membership.period_s`` (or at once when asked, e.g. after an abort): store this peer's record
+        in the DHT (what spares, the launcher and ``status`` read); while in an epoch, read the DHT's epoch
+        record every 4 watch intervals (a newer epoch ends this one) and re-store it every
+        ``membership.epoch_ttl_s / 4`` so that it outlives any run. Separate from the watch because DHT
+        stores are what the failure-free swarm pays for (every DHT node handles each) and take a round trip,
+        while probes cost next to nothing."""
+        m = self.cfg.membership
+        read = -1e9
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - self._stored >= m.period_s or self._store_now.is_set():
+                    self._store_now.clear()
+                    self._beat_now()
+                rec = self.joined
+                due = time.monotonic() - self._refreshed > m.epoch_ttl_s / 4
+                if rec is not None and self.epoch_over is None and (time.monotonic() - read >= 4 * m.watch_s or due):
+                    read = time.monotonic()
+                    current = self.membership.current_epoch()
+                    if current is not None and current.epoch > rec.epoch:
+                        self._end_epoch(rec, f"epoch {current.epoch} was published", [])
+                    elif current is not None and not current.finished and due:
+                        self.membership.publish_epoch(current)
+                        self._refreshed = time.monotonic()
             except DHTUnavailable as e:
                 logger.warning("[peer %s] heartbeat failed: %s", self.peer_id, e)
             except Exception:  # this thread must outlive any one bad round
-                logger.exception("[peer %s] heartbeat round failed", self.peer_id)
-            self._stop.wait(min(m.watch_s, m.period_s))
+                logger.exception("[peer %s] DHT round failed", self.peer_id)
+            self._store_now.wait(min(m.watch_s, m.period_s))
 
     def _watch(self) -> None:
         """While this peer joins or trains in an epoch, read every other member's record from its probe port
         (no DHT read: the watch costs the training swarm next to nothing) and end the epoch for this peer
         when a member is gone (its probe refused: a crash, a clean exit), frozen (its heartbeat stalled for
         1.5 periods and its probe is silent: a hang, a vanished host, a dead leader hosting the rendezvous),
-        or reports the epoch broken; and, every 4th round, when the DHT holds a newer epoch. Every wait of
-        the epoch (rendezvous, hand-over, training) is released then, not after a socket timeout. Also
-        re-stores the epoch record every ``membership.epoch_ttl_s / 4`` so that it outlives any run."""
+        or reports the epoch broken. Every wait of the epoch (rendezvous, hand-over, training) is released
+        then, not after a socket timeout."""
         self._maybe_cut()
         rec = self.joined
         if rec is None or self.epoch_over is not None:
@@ -266,31 +345,13 @@ class Peer:
             elif answer == "silent" and self.view.stalled(pid):
                 frozen.append(stage)
                 self.view.dead.add(pid)
-        self._rounds += 1
-        due = time.monotonic() - self._refreshed > self.cfg.membership.epoch_ttl_s / 4
-        current = self.membership.current_epoch() if self._rounds % 4 == 0 or due else None
-        reason, stages = None, []
         if gone:
-            stages = gone
-            reason = f"stages {gone} of epoch {rec.epoch} lost: probe refused (process gone)"
+            self._end_epoch(rec, f"stages {gone} of epoch {rec.epoch} lost: probe refused (process gone)", gone)
         elif frozen:
-            stages = frozen
             reason = f"stages {frozen} of epoch {rec.epoch} lost: heartbeat stalled and probe silent (frozen)"
+            self._end_epoch(rec, reason, frozen)
         elif broke:
-            stages = broke
-            reason = f"stages {broke} of epoch {rec.epoch} reported it broken"
-        elif current is not None and current.epoch > rec.epoch:
-            reason = f"epoch {current.epoch} was published"
-        if reason is not None:
-            self._end_epoch(rec, reason, stages)
-            return
-        if (
-            current is not None
-            and not current.finished
-            and time.monotonic() - self._refreshed > self.cfg.membership.epoch_ttl_s / 4
-        ):
-            self.membership.publish_epoch(current)
-            self._refreshed = time.monotonic()
+            self._end_epoch(rec, f"stages {broke} of epoch {rec.epoch} reported it broken", broke)
 
     def _maybe_cut(self) -> None:
         t = self.cfg.transport
@@ -313,6 +374,7 @@ class Peer:
     def run(self) -> ExitCode:
         """Serve until the run is done or this peer was replaced (OK), or the swarm stopped (SWARM_STOPPED)."""
         self._beat.start()
+        self._dht_thread.start()
         self.emit(
             "peer_started",
             role="stage" if self.asked_stage >= 0 else "spare",
@@ -354,7 +416,10 @@ class Peer:
             return ExitCode.SWARM_STOPPED
         finally:
             self._stop.set()
+            self._knocked.set()
+            self._store_now.set()
             self._beat.join(timeout=5)
+            self._dht_thread.join(timeout=5)
             self._probe.close()
             self.membership.tombstone(self.peer_id)
             self.membership.shutdown()
@@ -366,9 +431,11 @@ class Peer:
         self.leader.waiting_since = None  # swarm.spare_wait_s counts from the start of this wait
         failures = 0
         while True:
+            pushed = self._pushed
+            if pushed is not None and pushed.epoch > self.status.epoch and self.peer_id in pushed.roster:
+                return pushed  # knocked with it by its leader: no DHT round trip before joining
             try:
-                members = self.membership.members()
-                current = self.membership.current_epoch()
+                members, current = self.membership.members_and_epoch()
             except DHTGone:
                 raise  # deaf and mute: this peer cannot serve (run() ends it)
             except DHTUnavailable as e:  # transient: back off and look again; never a reason to die
@@ -424,7 +491,7 @@ class Peer:
         fresh = self.worker is None or self.worker.index != stage
         self.status.epoch, self.status.state, self.leader.reason = rec.epoch, "joining", ""
         with self._epoch_lock:
-            self.joined, self.epoch_over, self._over_stages, self._rounds = rec, None, [], 0
+            self.joined, self.epoch_over, self._over_stages = rec, None, []
         if fresh:  # heartbeat the stage and step being joined, also if this join breaks off
             self.asked_stage, self.status.step = stage, rec.step
         group = self._form_group(rec, stage)
@@ -523,12 +590,13 @@ class Peer:
         with self._epoch_lock:
             rec, self.joined = self.joined, None
         self.status.state = "recovering"
-        try:
-            self._beat_now()  # report at once: the leader decides on these reports
-        except DHTUnavailable:
-            pass  # the heartbeat thread reports it next
-        if rec is not None:  # and wake the members that wait (the leader among them) to read it now
+        # report at once, where the members read first: the probe port; knock them (the leader among them) to
+        # read it now; the heartbeat thread stores it in the DHT next (for spares, the launcher, ``status``)
+        self._serve_now()
+        if rec is not None:
             knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
+        self._store_now.set()
+        self._knocked.set()
 
     def _finish(self) -> None:
         self.status.state = "done"
