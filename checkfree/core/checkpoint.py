@@ -2,12 +2,18 @@
 Checkpoints
 ===========
 
-Per-stage checkpoints on disk, for the ``checkpoint`` strategy (roll every stage back to the last step
-for which *all* stages saved) and for the adjacent-failure fallback (restore one lost stage).
+Per-stage checkpoints on shared storage, for the ``checkpoint`` strategy (roll every stage back to the
+last step for which *all* stages saved) and for the adjacent-failure fallback (restore one lost stage).
 
-Layout: ``DIR/step_{t:08d}/stage_{i}.pt``; a step folder is complete when every stage's file is there.
-Files are written to a temporary name and renamed, so a crash mid-save never leaves a torn file that
-looks complete. The newest ``keep`` complete steps are kept.
+Peers of a swarm run on separate hosts, so the store lives where all of them read and write: a shared
+directory (a local path or ``file://`` URL) or object storage (``s3://bucket/prefix``, ``gs://...``),
+reached through fsspec. ``storage_options`` go to the fsspec filesystem (an endpoint, a profile).
+
+Layout: ``ROOT/step_{t:08d}/stage_{i}.pt``; a step is complete when every stage's file is there, and
+each file appears whole or not at all: on a local filesystem it is written to a temporary name and
+renamed; on object storage one PUT is atomic (and a rename would be a copy), so the object is written
+directly. A crash mid-save never leaves a torn file that makes a step look complete. The newest ``keep``
+complete steps are kept. Listings bypass fsspec's listings cache: other peers write to the same store.
 
 Both executors save the same ``StagePayload`` (weights, Adam state, learning rate, tracked gradient
 norms, step) and load it with ``torch.load(weights_only=True)``: a checkpoint holds tensors and plain
@@ -22,22 +28,39 @@ such in the config, not a measurement of any storage.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import pickle
+import re
 import shutil
 import time
-from dataclasses import dataclass, fields
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import torch
+from fsspec.core import split_protocol, url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import known_implementations
+
+logger = logging.getLogger(__name__)
+
+_STAGE_FILE = re.compile(r"step_(\d{8})/stage_(\d+)\.pt")  # relative to the root; temporary names never match
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # save every stage every k committed steps; 0: never
-    dir: str | None = None  # where; None: RUN_DIR/checkpoints
+    dir: str | None = None  # where: a path or an fsspec URL (s3://bucket/prefix); None: RUN_DIR/checkpoints
     keep: int = 2  # complete checkpoints kept on disk
     storage_mb_s: float = 0.0  # emulated storage throughput for saves and loads (MB/s); 0: the disk as it is
+    # passed to the fsspec filesystem of `dir` (e.g. {client_kwargs: {endpoint_url: ...}} for s3); the resolved
+    # config is written into the run directory, so give credentials through the environment, not here
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.storage_mb_s < 0:
@@ -46,6 +69,24 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.every_steps={self.every_steps} must be >= 0")
         if self.keep < 1:
             raise ValueError(f"checkpoint.keep={self.keep} must be >= 1")
+        # the types only, never the values: they may hold credentials
+        if not isinstance(self.storage_options, Mapping):
+            raise ValueError(
+                f"checkpoint.storage_options must be a mapping of option names to values, "
+                f"got {type(self.storage_options).__name__}"
+            )
+        bad = sorted({type(k).__name__ for k in self.storage_options if not isinstance(k, str)})
+        if bad:
+            raise ValueError(f"checkpoint.storage_options must have string keys, got keys of type {bad}")
+
+
+# what a loaded payload's structural fields must be before they are used (the scalars are used as they are)
+_SHAPE = {
+    "stage": lambda v: isinstance(v, int),
+    "step": lambda v: isinstance(v, int),
+    "model": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+    "optim": lambda v: isinstance(v, dict),
+}
 
 
 @dataclass
@@ -66,71 +107,172 @@ class StagePayload:
         if not isinstance(d, dict) or set(d) != set(names):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise RuntimeError(f"{where} is not a stage checkpoint: holds {got}, expected keys {names}")
+        wrong = [k for k, ok in _SHAPE.items() if not ok(d[k])]
+        if wrong:
+            got = ", ".join(f"{k}: {type(d[k]).__name__}" for k in wrong)
+            raise RuntimeError(f"{where} is not a stage checkpoint: wrong types ({got})")
         return cls(**d)
 
 
-class CheckpointStore:
-    def __init__(self, root: str | Path, num_stages: int, keep: int = 2, storage_mb_s: float = 0.0):
-        self.root, self.num_stages, self.keep, self.storage_mb_s = Path(root), num_stages, keep, storage_mb_s
-        self.root.mkdir(parents=True, exist_ok=True)
+def _open_storage(
+    root: str | Path, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of ``root``, a local path or a URL such as ``s3://bucket/prefix``.
 
-    def _throttle(self, path: Path, started: float) -> None:
-        """Wait out the rest of the time ``path`` would take at the emulated storage throughput."""
+    Raises:
+        ValueError: no fsspec implementation of the URL's protocol is known or installed, or the filesystem
+            refused ``storage_options`` (named by key only: values may be credentials).
+    """
+    url = str(root)
+    try:
+        fs, path = url_to_fs(url, **dict(storage_options or {}))
+    except ImportError as e:
+        protocol = (split_protocol(url)[0] or "file").split("::")[-1]
+        known = known_implementations.get(protocol, {}).get("class", "")
+        missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
+        package = known.split(".")[0] or getattr(missing, "name", None) or "?"
+        raise ValueError(
+            f"checkpoint storage {url!r}: the {protocol!r} filesystem needs the package {package!r}, "
+            f"which is not installed (pip install {package})"
+        ) from e
+    except ValueError as e:  # fsspec: "Protocol not known: ..."
+        raise ValueError(f"checkpoint storage {url!r}: {e}; is it a path or a URL fsspec knows?") from e
+    except TypeError as e:
+        keys = sorted(storage_options or {})
+        raise ValueError(f"checkpoint storage {url!r} refused storage_options with keys {keys}: {e}") from e
+    return fs, path.rstrip("/") or path
+
+
+class CheckpointStore:
+    """Per-stage checkpoints under ``root``, shared by every peer that opens the same ``root``.
+
+    Args:
+        root: a local path or an fsspec URL (``s3://bucket/prefix``, ``gs://...``, ``memory://...``).
+        num_stages: stages a complete step holds.
+        keep: complete steps ``prune`` keeps.
+        storage_mb_s: emulated storage throughput (MB/s); 0: none.
+        storage_options: passed to the fsspec filesystem (endpoint, region, profile...).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_stages: int,
+        keep: int = 2,
+        storage_mb_s: float = 0.0,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
+        self.root, self.num_stages, self.keep, self.storage_mb_s = str(root), num_stages, keep, storage_mb_s
+        self.fs, self.path = _open_storage(root, storage_options)
+        # a rename within a local filesystem is atomic; on object stores it is a copy, and one PUT is atomic
+        self._local = isinstance(self.fs, LocalFileSystem)
+        if self._local:
+            self.fs.makedirs(self.path, exist_ok=True)
+
+    def _throttle(self, num_bytes: int, started: float) -> None:
+        """Wait out the rest of the time ``num_bytes`` would take at the emulated storage throughput."""
         if self.storage_mb_s > 0:
-            left = path.stat().st_size / (self.storage_mb_s * 1e6) - (time.perf_counter() - started)
+            left = num_bytes / (self.storage_mb_s * 1e6) - (time.perf_counter() - started)
             if left > 0:
                 time.sleep(left)
 
-    def _step_dir(self, step: int) -> Path:
-        return self.root / f"step_{step:08d}"
+    def _step_dir(self, step: int) -> str:
+        return f"{self.path}/step_{step:08d}"
+
+    def _file(self, step: int, stage: int) -> str:
+        return f"{self._step_dir(step)}/stage_{stage}.pt"
+
+    def _where(self, path: str) -> str:
+        """``path`` as the user would write it: a plain path on the local filesystem, a URL elsewhere."""
+        return path if self._local else self.fs.unstrip_protocol(path)
+
+    def _stages_by_step(self) -> dict[int, set[int]]:
+        """The stage files present, step by step; an empty or not yet created store has none."""
+        # Other peers write here: drop every cached listing (some filesystems drop only the path and its
+        # parents when given one, keeping stale listings of the step folders below it).
+        self.fs.invalidate_cache()
+        try:
+            found = self.fs.find(self.path)
+        except FileNotFoundError:
+            return {}
+        out: dict[int, set[int]] = {}
+        for p in found:
+            m = _STAGE_FILE.fullmatch(p[len(self.path) + 1 :]) if p.startswith(self.path + "/") else None
+            if m:
+                out.setdefault(int(m[1]), set()).add(int(m[2]))
+        return out
 
     def save_stage(self, payload: StagePayload) -> None:
         step, stage = payload.step, payload.stage
-        d = self._step_dir(step)
-        d.mkdir(exist_ok=True)
-        tmp = d / f".stage_{stage}.pt.tmp"
         t0 = time.perf_counter()
-        torch.save({f.name: getattr(payload, f.name) for f in fields(payload)}, tmp)  # asdict would copy
-        self._throttle(tmp, t0)
-        os.replace(tmp, d / f"stage_{stage}.pt")
+        buf = io.BytesIO()
+        torch.save({f.name: getattr(payload, f.name) for f in fields(payload)}, buf)  # asdict would copy
+        data = buf.getvalue()
+        final = self._file(step, stage)
+        try:
+            if self._local:
+                self.fs.makedirs(self._step_dir(step), exist_ok=True)
+                # unique per writer: two peers saving the same stage never write into one temporary file
+                tmp = f"{self._step_dir(step)}/.stage_{stage}.pt.{uuid.uuid4().hex}.tmp"
+                self.fs.pipe_file(tmp, data)
+                self._throttle(len(data), t0)
+                os.replace(tmp, final)
+            else:
+                self.fs.pipe_file(final, data)
+                self._throttle(len(data), t0)
+        except OSError as e:  # e.g. a missing bucket or a refused write: say which file
+            raise OSError(e.errno, f"cannot save checkpoint {self._where(final)}: {e}") from e
 
     def complete_steps(self) -> list[int]:
-        steps = []
-        for d in self.root.glob("step_*"):
-            if all((d / f"stage_{i}.pt").is_file() for i in range(self.num_stages)):
-                steps.append(int(d.name.split("_")[1]))
-        return sorted(steps)
+        every = set(range(self.num_stages))
+        return sorted(step for step, stages in self._stages_by_step().items() if every <= stages)
 
     def latest_complete(self) -> int | None:
         steps = self.complete_steps()
         return steps[-1] if steps else None
 
     def latest_for_stage(self, stage: int) -> int | None:
-        steps = [int(d.name.split("_")[1]) for d in self.root.glob("step_*") if (d / f"stage_{stage}.pt").is_file()]
+        steps = [step for step, stages in self._stages_by_step().items() if stage in stages]
         return max(steps) if steps else None
 
     def load_stage(self, step: int, stage: int) -> StagePayload:
         """The payload stage ``stage`` saved at ``step``.
 
         Raises:
-            RuntimeError: the file is missing, unreadable, not a stage checkpoint, or of another stage/step.
+            RuntimeError: the file is missing, unreadable, not a stage checkpoint, or of another stage/step;
+                the message names the file.
         """
-        path = self._step_dir(step) / f"stage_{stage}.pt"
+        path = self._file(step, stage)
+        where = self._where(path)
         t0 = time.perf_counter()
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            data = self.fs.cat_file(path)
+            raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), str(e).splitlines()[0])
-            raise RuntimeError(f"cannot load checkpoint {path}: {detail}") from e
-        payload = StagePayload.from_dict(raw, str(path))
+            lines = str(e).splitlines() or [type(e).__name__]
+            detail = next((line.strip() for line in lines if "GLOBAL" in line), lines[0])
+            raise RuntimeError(f"cannot load checkpoint {where}: {detail}") from e
+        payload = StagePayload.from_dict(raw, where)
         if (payload.stage, payload.step) != (stage, step):
             raise RuntimeError(
-                f"{path} holds stage {payload.stage} at step {payload.step}, expected stage {stage} at step {step}"
+                f"{where} holds stage {payload.stage} at step {payload.step}, expected stage {stage} at step {step}"
             )
-        self._throttle(path, t0)
+        self._throttle(len(data), t0)
         return payload
 
     def prune(self) -> None:
-        complete = self.complete_steps()
-        for step in complete[: -self.keep]:
-            shutil.rmtree(self._step_dir(step), ignore_errors=True)
+        """Delete all but the newest ``keep`` complete steps; another peer pruning the same ones is fine."""
+        for step in self.complete_steps()[: -self.keep]:
+            d = self._step_dir(step)
+            try:
+                if self._local:
+                    shutil.rmtree(d)
+                else:
+                    # file by file, never fs.rm(d, recursive=True): that expands d as a glob pattern, and a root
+                    # such as s3://b/run[1] would then match, and delete, another run's steps
+                    for f in self.fs.find(d):
+                        self.fs.rm_file(f)
+            except FileNotFoundError:
+                pass
+            except OSError as e:  # a failed delete costs space, not correctness: the next prune retries
+                logger.warning("cannot delete checkpoint %s: %s", self._where(d), e)

@@ -89,7 +89,11 @@ class Trainer:
         self.ckpt = None
         if cfg.checkpoint.every_steps:
             self.ckpt = CheckpointStore(
-                cfg.checkpoint.dir or self.run_dir / "checkpoints", L, cfg.checkpoint.keep, cfg.checkpoint.storage_mb_s
+                cfg.checkpoint.dir or self.run_dir / "checkpoints",
+                L,
+                cfg.checkpoint.keep,
+                cfg.checkpoint.storage_mb_s,
+                storage_options=cfg.checkpoint.storage_options,
             )
         self.replicas_on = edge_replicas_on(cfg.recovery)
         tb_dir = (cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None

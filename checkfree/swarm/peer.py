@@ -118,6 +118,7 @@ class Peer:
                 L,
                 keep=1 << 30,
                 storage_mb_s=cfg.checkpoint.storage_mb_s,
+                storage_options=cfg.checkpoint.storage_options,
             )
         self.leader = Leader(
             cfg, self.peer_id, self.run_id, self.fingerprint, self.membership, ckpt, replicas_on, self.emit

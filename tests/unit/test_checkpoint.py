@@ -1,6 +1,12 @@
 """Checkpoint store: one payload for both executors, complete steps only, safe loads, and the emulated
-storage throughput."""
+storage throughput, on a local path or any fsspec URL (file://, memory://; S3 in
+tests/integration/test_checkpoint_s3.py)."""
 
+import importlib.util
+import io
+import uuid
+
+import fsspec
 import pytest
 import torch
 
@@ -84,3 +90,105 @@ def test_a_payload_of_another_stage_or_step_is_refused(tmp_path):
 def test_negative_storage_throughput_is_refused():
     with pytest.raises(ValueError, match="checkpoint.storage_mb_s=-1"):
         CheckpointConfig(storage_mb_s=-1)
+
+
+def test_storage_options_must_be_a_mapping():
+    with pytest.raises(ValueError, match="checkpoint.storage_options must be a mapping .* got list"):
+        CheckpointConfig(storage_options=["key", "secret"])
+    with pytest.raises(
+        ValueError, match=r"checkpoint.storage_options must have string keys, got keys of type \['int'\]"
+    ):
+        CheckpointConfig(storage_options={1: "x"})
+    assert CheckpointConfig().storage_options == {}
+
+
+def test_a_save_that_fails_names_the_file(tmp_path):
+    store = CheckpointStore(tmp_path, num_stages=1)
+    (tmp_path / "step_00000003").write_bytes(b"")  # a file where the step's folder belongs
+    with pytest.raises(OSError, match=r"cannot save checkpoint .*step_00000003/stage_0\.pt"):
+        store.save_stage(_payload(0, 3))
+
+
+@pytest.fixture
+def memory_url(request):
+    """A fresh ``memory://`` store root; the memory filesystem is global to the process, so it is emptied after."""
+    root = f"/checkfree-test/{uuid.uuid4().hex}"
+    yield f"memory://{root}"
+    fs = fsspec.filesystem("memory")
+    for f in fs.find(root):
+        fs.rm_file(f)
+
+
+@pytest.fixture(params=["file", "memory"])
+def url(request, tmp_path):
+    return tmp_path.as_uri() + "/store" if request.param == "file" else request.getfixturevalue("memory_url")
+
+
+def test_a_store_given_a_url_saves_lists_loads_and_prunes(url):
+    store = CheckpointStore(url, num_stages=2, keep=1)
+    assert (store.complete_steps(), store.latest_complete(), store.latest_for_stage(0)) == ([], None, None)
+    for step in (2, 4):
+        for stage in (0, 1):
+            store.save_stage(_payload(stage, step))
+    store.save_stage(_payload(0, 6))  # stage 1 never saves step 6
+    assert store.complete_steps() == [2, 4] and store.latest_for_stage(0) == 6 and store.latest_for_stage(1) == 4
+    got = store.load_stage(4, 1)
+    assert (got.stage, got.step, got.lr) == (1, 4, 1e-3) and torch.equal(got.model["w"], torch.zeros(10))
+
+    store.prune()
+    assert store.complete_steps() == [4] and store.latest_for_stage(0) == 6  # an incomplete step is never pruned
+    assert not store.fs.exists(f"{store.path}/step_00000002")
+    with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*step_00000002/stage_0\.pt"):
+        store.load_stage(2, 0)
+
+
+def test_pruning_a_root_named_like_a_glob_pattern_deletes_only_its_own_steps(memory_url):
+    mine, other = CheckpointStore(f"{memory_url}/run[12]", 1, keep=1), CheckpointStore(f"{memory_url}/run1", 1, keep=1)
+    for step in (1, 2):
+        mine.save_stage(_payload(0, step))
+    other.save_stage(_payload(0, 1))
+    mine.prune()
+    assert (mine.complete_steps(), other.complete_steps()) == ([2], [1])
+
+
+def test_a_second_store_on_the_same_url_sees_the_first_ones_saves(memory_url):
+    a, b = CheckpointStore(memory_url, num_stages=2), CheckpointStore(memory_url, num_stages=2)
+    a.save_stage(_payload(0, 3))
+    assert b.complete_steps() == [] and b.latest_for_stage(0) == 3
+    b.save_stage(_payload(1, 3))
+    assert a.latest_complete() == 3
+
+
+def test_a_step_missing_a_stage_or_holding_only_a_torn_temporary_file_is_not_complete(tmp_path):
+    store = CheckpointStore(tmp_path, num_stages=2)
+    store.save_stage(_payload(0, 1))
+    (tmp_path / "step_00000001" / ".stage_1.pt.0123abcd.tmp").write_bytes(b"half a checkpoint")  # a crash mid-save
+    assert store.complete_steps() == [] and store.latest_for_stage(1) is None
+    assert [p.name for p in (tmp_path / "step_00000001").iterdir() if p.name.endswith(".tmp")] == [
+        ".stage_1.pt.0123abcd.tmp"
+    ]  # the store's own save left no temporary file behind
+
+
+def test_a_corrupt_file_on_a_url_is_refused_by_its_url(memory_url):
+    store = CheckpointStore(memory_url, num_stages=1)
+    store.fs.pipe_file(f"{store.path}/step_00000007/stage_0.pt", b"not a zip archive")
+    with pytest.raises(RuntimeError, match=r"cannot load checkpoint memory://.*step_00000007/stage_0\.pt"):
+        store.load_stage(7, 0)
+    buf = io.BytesIO()
+    torch.save(
+        {**{f: 0 for f in ("stage", "step", "lr", "grad_norm_raw", "grad_norm_smoothed")}, "model": 1, "optim": {}}, buf
+    )
+    store.fs.pipe_file(f"{store.path}/step_00000008/stage_0.pt", buf.getvalue())
+    with pytest.raises(
+        RuntimeError, match=r"step_00000008/stage_0\.pt is not a stage checkpoint: wrong types \(model: int\)"
+    ):
+        store.load_stage(8, 0)
+
+
+def test_a_url_whose_protocol_is_unknown_or_not_installed_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"checkpoint storage 'nosuchfs://bucket/run': Protocol not known: nosuchfs"):
+        CheckpointStore("nosuchfs://bucket/run", num_stages=1)
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed: gs:// has an implementation here")
+    with pytest.raises(ValueError, match=r"'gs://bucket/run': .* needs the package 'gcsfs', .*pip install gcsfs"):
+        CheckpointStore("gs://bucket/run", num_stages=1)
