@@ -33,6 +33,7 @@ from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.membership import DHTUnavailable, Membership
 from launcher.chaos import Chaos
+from launcher.netns import Host, Hosts
 from launcher.report import merge_run
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,19 @@ class LocalSwarm:
         self.chaos = (
             Chaos(cfg.swarm.chaos, cfg.model.num_stages, self.run_dir / "peers") if cfg.swarm.chaos.events else None
         )
-        self.membership = Membership(cfg.membership, self.run_id, config_fingerprint(cfg))
+        self.hosts: Hosts | None = None
+        self.host_of: dict[str, Host] = {}  # peer id -> the emulated host it runs on (swarm.hosts=netns)
+        membership_cfg = cfg.membership
+        if cfg.swarm.hosts == "netns":
+            # the launcher is the host at the bridge's address; every peer gets a host of its own
+            self.hosts = Hosts(f"cf{os.getpid() % 10000:04d}", cfg.swarm.host_rate_mbit)
+            membership_cfg = dataclasses.replace(cfg.membership, host=self.hosts.gateway, announce_host=None)
+        try:
+            self.membership = Membership(membership_cfg, self.run_id, config_fingerprint(cfg))
+        except BaseException:
+            if self.hosts is not None:
+                self.hosts.close()
+            raise
         self.maddrs = self.membership.visible_maddrs()
         # how to reach this swarm from elsewhere: checkfree peer ... --initial-peers $(cat RUN_DIR/maddrs.txt)
         (self.run_dir / "maddrs.txt").write_text(" ".join(self.maddrs) + "\n")
@@ -112,6 +125,11 @@ class LocalSwarm:
             *self.maddrs,
         ]
         args += ["--stage", str(stage)] if stage is not None else ["--spare"]
+        if self.hosts is not None:  # on a host of its own, listening on that host's address
+            host = self.host_of[peer_id] = self.hosts.add()
+            where = args.index(str(self.config_path)) + 1
+            args[where:where] = [f"membership.host={host.address}", "membership.announce_host=null"]
+            args = [*host.exec_prefix(), *args]
         (self.run_dir / "peers").mkdir(parents=True, exist_ok=True)
         log = open(self.run_dir / "peers" / f"{peer_id}.log", "w")
         # its own session: the launcher can end the peer's whole process group (DHT, p2pd) by PID
@@ -163,7 +181,11 @@ class LocalSwarm:
                     code = ExitCode.TIMED_OUT
                     break
                 self._reap_replaced(current)
-                self._replace_crashed(now)
+                refused = self._replace_crashed(now)
+                if refused is not None:
+                    print(f"\n{refused}", file=sys.stderr)
+                    code = ExitCode.BAD_INPUT
+                    break
                 if self.chaos is not None:
                     self._chaos(members, current, now)
                 else:
@@ -286,13 +308,20 @@ class LocalSwarm:
             self._replace(now)  # a new machine for each lost one, up to the fleet's size
         self.events.emit("chaos", kind=action.kind, peers=action.victims, signal=action.sig.name, spares=started)
 
-    def _replace_crashed(self, now: float) -> None:
-        """A peer that died on its own (not by the injector) is a lost machine too: a new one arrives."""
-        for pid, p in self.procs.items():
+    def _replace_crashed(self, now: float) -> str | None:
+        """A peer that died on its own (not by the injector) is a lost machine too: a new one arrives. A peer
+        that refused its input (exit code BAD_INPUT) is not replaced: every replacement would refuse it too.
+        Returns why the swarm must stop then (the peer's last log line), else None."""
+        for pid, p in list(self.procs.items()):
             if p.poll() not in (None, 0) and pid not in self.crashed and pid not in self.killed:
                 self.crashed.add(pid)
                 self.events.emit("peer_exited", peer=pid, returncode=p.returncode)
+                if p.returncode == ExitCode.BAD_INPUT:
+                    log = self.run_dir / "peers" / f"{pid}.log"
+                    lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+                    return f"peer {pid} refused its input: {lines[-1] if lines else '(no output)'} (see {log})"
                 self._replace(now)
+        return None
 
     def _reap_replaced(self, current) -> None:
         """A frozen peer stays frozen; once the swarm has replaced it, end it as its provider would."""
@@ -355,6 +384,8 @@ class LocalSwarm:
             if p.poll() is None:
                 p.wait(timeout=10)
         self.membership.shutdown()
+        if self.hosts is not None:
+            self.hosts.close()  # whatever still runs on a host is killed with it
         if self.show_status:
             print(file=sys.stderr)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from checkfree.swarm.addressing import check_hosts, parse_port_range
+
 SIGNALS = ("SIGKILL", "SIGSTOP")
 
 
@@ -27,8 +29,9 @@ class MembershipConfig:
     ttl_s: float = 8.0  # a record expires this long after it was stored; keep >= ~4x period_s
     dht_timeout_s: float = 5.0  # limit of every DHT store/get
     startup_timeout_s: float = 60.0  # limit for the DHT and its p2p daemon to start
-    host: str = "127.0.0.1"  # address this peer listens on and advertises (data plane and DHT)
-    announce_host: str | None = None  # address others should dial, if different (NAT, public IP)
+    host: str = "127.0.0.1"  # IPv4 address every socket of this peer binds (0.0.0.0: every interface)
+    announce_host: str | None = None  # address the others dial, if not host (required with 0.0.0.0)
+    port_range: str | None = None  # "LOW-HIGH": the DHT, probe and rendezvous ports (for firewalls); None: any
     poll_s: float = 0.1  # how often a peer between epochs polls the DHT (spares: every period_s; knocks wake both)
     dht_retries: int = 2  # a DHT call that times out is retried this often (backoff 0.1 s, 0.2 s, ...)
     epoch_ttl_s: float = 3600.0  # an epoch record's expiry; members re-store it every epoch_ttl_s / 4
@@ -45,6 +48,8 @@ class MembershipConfig:
         for name in ("dht_timeout_s", "startup_timeout_s", "poll_s", "epoch_ttl_s", "watch_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"membership.{name}={getattr(self, name)} must be > 0")
+        check_hosts(self.host, self.announce_host)
+        parse_port_range(self.port_range)
         if self.dht_retries < 0 or self.fault_blind_s < 0 or not 0.0 <= self.fault_timeout_rate < 1.0:
             raise ValueError(
                 f"membership.dht_retries={self.dht_retries} and fault_blind_s={self.fault_blind_s} must be >= 0, "
@@ -122,6 +127,10 @@ class SwarmConfig:
     status_interval_s: float = 1.0  # launcher: refresh of the status line
     max_reforms: int = 5  # epochs in a row that may break at one step with every member alive before the swarm stops
     chaos: ChaosConfig = field(default_factory=ChaosConfig)  # launcher: failures during recoveries
+    # launcher: where peers run. local: processes on this machine, over loopback; netns: each peer on an
+    # emulated host of its own (a Linux network namespace on a bridge; needs root), see launcher/netns.py
+    hosts: str = "local"
+    host_rate_mbit: float = 0.0  # netns: bandwidth limit of each host's link, each direction; 0: none
 
     def __post_init__(self) -> None:
         for name in (
@@ -138,6 +147,10 @@ class SwarmConfig:
             raise ValueError(f"swarm.max_reforms={self.max_reforms} must be >= 1")
         if self.num_spares < 0:
             raise ValueError(f"swarm.num_spares={self.num_spares} must be >= 0")
+        if self.hosts not in ("local", "netns"):
+            raise ValueError(f"swarm.hosts={self.hosts!r} is not one of local, netns")
+        if self.host_rate_mbit < 0:
+            raise ValueError(f"swarm.host_rate_mbit={self.host_rate_mbit} must be >= 0 (0: no limit)")
         if not 0.0 <= self.hang_fraction <= 1.0:
             raise ValueError(f"swarm.hang_fraction={self.hang_fraction} must be in [0, 1]")
 

@@ -28,6 +28,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from checkfree.core.checkpoint import CheckpointStore
+from checkfree.swarm.addressing import dial_host, listen, parse_port_range
 from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, stage_holders
 from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
 
@@ -404,15 +405,19 @@ class Leader:
                 f"step may break every time; last errors: {'; '.join(errors)[:800]}",
                 step,
             )
-        host = cfg.membership.host
+        m = cfg.membership
         t_host = time.monotonic()
+        # the store listens on a socket of ours: bound to membership.host, in membership.port_range
+        sock = listen(m.host, parse_port_range(m.port_range))
+        port = sock.getsockname()[1]
         store = dist.TCPStore(
-            host,
-            0,
+            dial_host(m.host, m.announce_host),
+            port,
             cfg.model.num_stages,
             is_master=True,
             wait_for_workers=False,
             timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
+            master_listen_fd=sock.detach(),  # the store owns (and closes) it from now on
         )
         self.hosted[epoch] = store
         for old in [e for e in self.hosted if e < epoch - 1]:
@@ -422,8 +427,8 @@ class Leader:
             fingerprint=self.fingerprint,
             epoch=epoch,
             roster=decision.roster,
-            store_host=cfg.membership.announce_host or host,
-            store_port=store.port,
+            store_host=dial_host(m.host, m.announce_host),
+            store_port=port,
             step=decision.step,
             leader=self.peer_id,
             lost=list(decision.lost),

@@ -30,6 +30,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
+from checkfree.swarm.addressing import free_port, parse_port_range
 from checkfree.swarm.config import MembershipConfig
 
 logger = logging.getLogger(__name__)
@@ -168,10 +169,12 @@ class Membership:
         self._lock = threading.Lock()
         self._rng = random.Random()
         self._blind_until = time.monotonic() + self.cfg.fault_blind_s
+        # an explicit port: hivemind refuses announce addresses without one, and a firewall needs to know it
+        port = free_port(self.cfg.host, parse_port_range(self.cfg.port_range))
         self.dht = hivemind.DHT(
             initial_peers=self.initial_peers or None,
-            host_maddrs=[f"/ip4/{self.cfg.host}/tcp/0"],
-            announce_maddrs=[f"/ip4/{self.cfg.announce_host}/tcp/0"] if self.cfg.announce_host else None,
+            host_maddrs=[f"/ip4/{self.cfg.host}/tcp/{port}"],
+            announce_maddrs=[f"/ip4/{self.cfg.announce_host}/tcp/{port}"] if self.cfg.announce_host else None,
             startup_timeout=self.cfg.startup_timeout_s,
             ensure_bootstrap_success=bool(self.initial_peers),
             client_mode=self.client_mode,

@@ -39,6 +39,7 @@ from checkfree.core.metrics import MetricLogger
 from checkfree.core.recovery import edge_replicas_on
 from checkfree.core.schedule import schedule_for
 from checkfree.core.stage_step import NonFiniteSteps
+from checkfree.swarm.addressing import data_host, listen, parse_port_range
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.handover import Handover
@@ -145,7 +146,7 @@ class Peer:
         self._dht_thread = threading.Thread(target=self._dht_loop, name="dht", daemon=True)
         # the probe: a port that accepts while this process lives and refuses once it is gone, so that the
         # leader can confirm a crash at once instead of waiting for the heartbeat to expire
-        self._probe = socket.create_server((cfg.membership.host, 0))
+        self._probe = listen(cfg.membership.host, parse_port_range(cfg.membership.port_range))
         threading.Thread(target=self._serve_probe, name="probe", daemon=True).start()
         # the epoch this peer is joining or training in, and why it is over (set by the heartbeat thread when
         # a member of it is lost, or a newer epoch exists); the main thread and the transport stop waiting
@@ -547,6 +548,7 @@ class Peer:
                     list(range(L)),
                     cfg.transport,
                     run_tag=int(self.fingerprint[:6], 16),
+                    host=data_host(cfg.membership.host, cfg.membership.announce_host),
                     device=self.device,
                 )
             except Exception as e:  # handed to the main thread

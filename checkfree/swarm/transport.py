@@ -98,7 +98,10 @@ class EpochGroup:
         cfg: TransportConfig,
         run_tag: int = 0,
         device: torch.device | str = "cpu",
+        host: str | None = None,
     ):
+        """``host``: the address gloo binds and announces (see ``addressing``); None: gloo's default (the
+        address this machine's hostname resolves to)."""
         self.epoch, self.rank, self.cfg, self.run_tag = epoch, rank, cfg, run_tag
         self.device = torch.device(device)
         self.stage_of_rank = list(stage_of_rank)
@@ -114,6 +117,11 @@ class EpochGroup:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = self.timeout
             self.pg = dist.ProcessGroupNCCL(prefix, rank, world, opts)
+        elif host is not None:
+            opts = dist.ProcessGroupGloo._Options()
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            opts._timeout = self.timeout
+            self.pg = dist.ProcessGroupGloo(prefix, rank, world, opts)
         else:
             self.pg = dist.ProcessGroupGloo(prefix, rank, world, self.timeout)
         # the group's own connections (gloo connects the full mesh while it is constructed)

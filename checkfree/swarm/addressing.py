@@ -1,0 +1,86 @@
+"""
+Addressing
+==========
+
+Where a peer listens and what it tells others to dial, for every socket it opens: its DHT node (hivemind's
+p2p daemon), its probe port, the rendezvous store it hosts as a leader, and its gloo device.
+
+- ``membership.host``: the address every socket binds (``0.0.0.0``: every interface of the host).
+- ``membership.announce_host``: the address the others dial, when it is not ``host`` (required with
+  ``0.0.0.0``, which nobody can dial). The DHT announces it with its explicit port (hivemind refuses
+  announce addresses without one).
+- ``membership.port_range`` (``"LOW-HIGH"``): the DHT, probe and rendezvous ports are taken from it, so a
+  firewall needs to open only that range (plus gloo's, see below).
+
+gloo binds and announces one address (its device is created for the announced address, or for ``host``
+when that is a concrete one): the data plane needs hosts that can reach each other's addresses directly
+(a flat network, a VPN or overlay); it does not cross NAT. gloo takes its data-plane ports from the
+kernel's ephemeral range (``net.ipv4.ip_local_port_range``); torch does not let them be chosen.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+WILDCARD = ("0.0.0.0",)
+
+
+def parse_port_range(spec: str | None) -> tuple[int, int] | None:
+    """``"LOW-HIGH"`` -> (low, high), both included; None -> None. Raises ValueError naming the value."""
+    if spec is None or spec == "":
+        return None
+    try:
+        low, high = (int(p) for p in str(spec).split("-"))
+    except ValueError:
+        raise ValueError(f"membership.port_range={spec!r} must look like LOW-HIGH, e.g. 29400-29499") from None
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"membership.port_range={spec!r} must satisfy 1024 <= LOW <= HIGH <= 65535")
+    return low, high
+
+
+def check_hosts(host: str, announce_host: str | None) -> None:
+    """Raise ValueError unless ``host`` is an IP address and, if it is the wildcard, ``announce_host`` is set."""
+    for name, value in (("host", host), ("announce_host", announce_host)):
+        if value is None:
+            continue
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"membership.{name}={value!r} must be an IPv4 address, e.g. 10.0.0.5") from None
+    if host in WILDCARD and not announce_host:
+        raise ValueError(
+            f"membership.host={host!r} listens on every interface, but nobody can dial it: set "
+            "membership.announce_host to this host's address that the other peers reach"
+        )
+
+
+def dial_host(host: str, announce_host: str | None) -> str:
+    """The address other peers dial to reach this one."""
+    return announce_host or host
+
+
+def data_host(host: str, announce_host: str | None) -> str:
+    """The address gloo's device binds and announces (it cannot do one without the other)."""
+    return announce_host if host in WILDCARD and announce_host else host
+
+
+def listen(host: str, port_range: tuple[int, int] | None, backlog: int = 128) -> socket.socket:
+    """A listening TCP socket bound to ``host``, at a free port of ``port_range`` (any port when None).
+    Raises OSError naming the range when every port in it is taken."""
+    if port_range is None:
+        return socket.create_server((host, 0), backlog=backlog)
+    low, high = port_range
+    for port in range(low, high + 1):
+        try:
+            return socket.create_server((host, port), backlog=backlog)
+        except OSError:
+            continue
+    raise OSError(f"no free port on {host} in membership.port_range={low}-{high}")
+
+
+def free_port(host: str, port_range: tuple[int, int] | None) -> int:
+    """A port that is free on ``host`` now, for a server that binds it itself (hivemind's p2p daemon): the
+    small window until it does is acceptable (a clash makes the DHT fail to start, with an error)."""
+    with listen(host, port_range) as s:
+        return s.getsockname()[1]
