@@ -38,6 +38,8 @@ from launcher.report import merge_run
 
 logger = logging.getLogger(__name__)
 
+VANISHED = "LINK_DOWN"  # a failure's "signal" when its host's link was cut instead (swarm.vanish_fraction)
+
 
 def advance_iterations(last_seen_step: int, iteration: int, step: int) -> tuple[int, int, int]:
     """Iterations are committed steps as the launcher observes them, redone steps included (as in the
@@ -243,18 +245,25 @@ class LocalSwarm:
             proc = self.procs.get(pid)
             if proc is None or proc.poll() is not None:
                 continue  # not ours to kill, or already gone
-            sig = signal.SIGSTOP if self.rng.random() < cfg.swarm.hang_fraction else signal.SIGKILL
-            os.kill(proc.pid, sig)
-            self.killed.add(pid)
-            if sig == signal.SIGSTOP:
+            if pid in self.host_of and self.rng.random() < cfg.swarm.vanish_fraction:
+                # its host vanishes: the link goes down, no TCP reset; the process is ended once replaced
+                self.hosts.cut(self.host_of[pid])
+                how = VANISHED
                 self.stopped.add(pid)
+            else:
+                sig = signal.SIGSTOP if self.rng.random() < cfg.swarm.hang_fraction else signal.SIGKILL
+                os.kill(proc.pid, sig)
+                how = sig.name
+                if sig == signal.SIGSTOP:
+                    self.stopped.add(pid)
+            self.killed.add(pid)
             self.kill_epoch = current.epoch
             self.events.emit(
                 "failure",
                 stage=f.stage,
                 peer=pid,
                 pid=proc.pid,
-                signal=sig.name,
+                signal=how,
                 step=step,
                 epoch=current.epoch,
                 iteration=f.iteration,

@@ -9,6 +9,8 @@ gloo groups, polling with a deadline, and process-tree inspection.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -171,6 +173,16 @@ SWARM = [
     "membership.ttl_s=1.5",
     "transport.timeout_s=5",
 ]
+
+
+def check_every_step_once(run_dir, num_steps):
+    """Every step of the run committed exactly once, with a finite loss; returns (summary, metrics)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(num_steps))
+    assert all(math.isfinite(m["loss/train"]) for m in metrics)
+    assert summary["repeated_steps"] == [] and summary["skipped_steps"] == []
+    return summary, metrics
 
 
 def spawned_pids(run_dir):

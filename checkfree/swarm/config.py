@@ -28,6 +28,9 @@ class MembershipConfig:
     watch_s: float = 0.5  # how often the members of an epoch read each other's records from their probe ports
     ttl_s: float = 8.0  # a record expires this long after it was stored; keep >= ~4x period_s
     dht_timeout_s: float = 5.0  # limit of every DHT store/get
+    # limit of one DHT node's request to another (hivemind's wait_timeout, 3 s by default): a node whose host
+    # vanished (no TCP reset) stalls every store and get that asks it for this long, which can outlast ttl_s
+    rpc_timeout_s: float = 1.5
     startup_timeout_s: float = 60.0  # limit for the DHT and its p2p daemon to start
     host: str = "127.0.0.1"  # IPv4 address every socket of this peer binds (0.0.0.0: every interface)
     announce_host: str | None = None  # address the others dial, if not host (required with 0.0.0.0)
@@ -45,7 +48,7 @@ class MembershipConfig:
                 f"membership.ttl_s={self.ttl_s} must exceed membership.period_s={self.period_s} > 0 "
                 "(keep ttl_s >= ~4x period_s)"
             )
-        for name in ("dht_timeout_s", "startup_timeout_s", "poll_s", "epoch_ttl_s", "watch_s"):
+        for name in ("dht_timeout_s", "startup_timeout_s", "poll_s", "epoch_ttl_s", "watch_s", "rpc_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"membership.{name}={getattr(self, name)} must be > 0")
         check_hosts(self.host, self.announce_host)
@@ -131,6 +134,9 @@ class SwarmConfig:
     # emulated host of its own (a Linux network namespace on a bridge; needs root), see launcher/netns.py
     hosts: str = "local"
     host_rate_mbit: float = 0.0  # netns: bandwidth limit of each host's link, each direction; 0: none
+    # netns: share of injected failures in which the victim's host vanishes (its link goes down: no TCP reset,
+    # detected through the silent probe) instead of its process being killed or frozen
+    vanish_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -151,6 +157,12 @@ class SwarmConfig:
             raise ValueError(f"swarm.hosts={self.hosts!r} is not one of local, netns")
         if self.host_rate_mbit < 0:
             raise ValueError(f"swarm.host_rate_mbit={self.host_rate_mbit} must be >= 0 (0: no limit)")
+        if not 0.0 <= self.vanish_fraction <= 1.0:
+            raise ValueError(f"swarm.vanish_fraction={self.vanish_fraction} must be in [0, 1]")
+        if self.vanish_fraction and self.hosts != "netns":
+            raise ValueError(
+                f"swarm.vanish_fraction={self.vanish_fraction} needs swarm.hosts=netns (a host whose link can be cut)"
+            )
         if not 0.0 <= self.hang_fraction <= 1.0:
             raise ValueError(f"swarm.hang_fraction={self.hang_fraction} must be in [0, 1]")
 

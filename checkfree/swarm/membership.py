@@ -176,6 +176,7 @@ class Membership:
             host_maddrs=[f"/ip4/{self.cfg.host}/tcp/{port}"],
             announce_maddrs=[f"/ip4/{self.cfg.announce_host}/tcp/{port}"] if self.cfg.announce_host else None,
             startup_timeout=self.cfg.startup_timeout_s,
+            wait_timeout=self.cfg.rpc_timeout_s,
             ensure_bootstrap_success=bool(self.initial_peers),
             client_mode=self.client_mode,
             start=False,

@@ -165,6 +165,7 @@ class Peer:
         self._knocked = threading.Event()  # the same knock, for the heartbeat thread: watch the members now
         self._store_now = threading.Event()  # for the DHT thread: store this peer's record now
         self._pushed: EpochRecord | None = None  # the newest epoch record pushed with a leader's knock
+        self._spares_seen: dict[str, tuple[float, MemberRecord]] = {}  # spare -> (when seen in the DHT, record)
         self._fetched: dict[str, tuple[float, MemberRecord | None]] = {}  # peer -> (when, record read from it)
         self._refreshed = time.monotonic()
 
@@ -211,17 +212,29 @@ class Peer:
         that and the DHT's:
         the leader decides on the members' reports as they are now, not as they were at their last DHT store
         (a member that aborts knocks the others before it stores its report), and a partial DHT view (a freshly
-        joined node, a node whose DHT neighbours were killed) neither stalls a decision nor hides who leads."""
-        if current is None:
-            return
+        joined node, a node whose DHT neighbours were killed) neither stalls a decision nor hides who leads.
+        Spares seen in an earlier DHT read and missing from this one are read from their probe ports too: a
+        spare's DHT store can stall behind a node whose host vanished until its record expires, while the
+        spare itself is fine."""
         now = time.monotonic()
         max_age = self.view.period_s / 2 if self.status.state == "spare" else 0.0
-        for stage, pid in enumerate(current.roster):
-            if pid == self.peer_id or pid in self.view.dead or stage >= len(current.probes):
+        addresses = {}
+        if current is not None:
+            addresses = {pid: current.probes[s] for s, pid in enumerate(current.roster) if s < len(current.probes)}
+        for pid, r in members.items():
+            if r.state == "spare" and r.probe_port:
+                self._spares_seen[pid] = (now, r)
+        for pid, (when, r) in list(self._spares_seen.items()):
+            if now - when > 4 * self.cfg.membership.ttl_s:
+                del self._spares_seen[pid]  # long gone from the DHT: not worth a probe any more
+            elif pid not in members and pid not in addresses:
+                addresses[pid] = (r.host, r.probe_port)
+        for pid, address in addresses.items():
+            if pid == self.peer_id or pid in self.view.dead:
                 continue
             when, rec = self._fetched.get(pid, (-1e9, None))
             if now - when >= max_age:
-                _, value = read_probe(*current.probes[stage])
+                _, value = read_probe(*address)
                 rec = self.membership.validate_member(value, pid) if value is not None else None
                 self._fetched[pid] = (time.monotonic(), rec)
             if rec is not None and (pid not in members or rec.time > members[pid].time):

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from checkfree.core.metrics import read_jsonl
+from launcher.netns import unavailable
+
+NO_HOSTS = unavailable()
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -48,7 +51,19 @@ def test_engine_losses_and_rebuilds_match_the_golden_run(tmp_path):
     assert rebuilt == [r for r in golden["recoveries"] if r[1] < ENGINE_STEPS] and len(rebuilt) == 3
 
 
-def test_failure_free_swarm_losses_match_the_golden_run(tmp_path):
-    metrics, _ = _run(tmp_path, "swarm", "run_name=golden", f"num_steps={SWARM_STEPS}", "failures.mode=none")
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        "local",
+        pytest.param(
+            "netns", marks=pytest.mark.skipif(NO_HOSTS is not None, reason=f"emulated hosts cannot be made: {NO_HOSTS}")
+        ),
+    ],
+)
+def test_failure_free_swarm_losses_match_the_golden_run(tmp_path, hosts):
+    """On this machine's loopback, and with every peer on an emulated host of its own (swarm.hosts=netns)."""
+    metrics, _ = _run(
+        tmp_path, "swarm", "run_name=golden", f"num_steps={SWARM_STEPS}", "failures.mode=none", f"swarm.hosts={hosts}"
+    )
     assert [m["step"] for m in metrics] == list(range(SWARM_STEPS))
     assert [m["loss/train"] for m in metrics] == pytest.approx(GOLDEN["swarm"]["loss/train"][:SWARM_STEPS], abs=2e-4)

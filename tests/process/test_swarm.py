@@ -2,7 +2,6 @@
 heartbeating on a hivemind DHT; the launcher kills them with SIGKILL or freezes them with SIGSTOP."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -13,18 +12,9 @@ import pytest
 
 from checkfree.core.failures import Failure
 from checkfree.core.metrics import read_jsonl
-from tests.helpers import kill_groups, left_behind, run_swarm, spawned_pids, tiny_config
+from tests.helpers import check_every_step_once, kill_groups, left_behind, run_swarm, spawned_pids, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-def _check_every_step_once(run_dir, num_steps):
-    summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == list(range(num_steps))
-    assert all(math.isfinite(m["loss/train"]) for m in metrics)
-    assert summary["repeated_steps"] == [] and summary["skipped_steps"] == []
-    return summary, metrics
 
 
 def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
@@ -35,7 +25,7 @@ def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
         tmp_path, "crash", "num_steps=80", "swarm.num_spares=2", "metrics.tensorboard=true", failures=fails
     )
     assert code == 0, out
-    summary, _ = _check_every_step_once(run_dir, 80)
+    summary, _ = check_every_step_once(run_dir, 80)
     # every peer that trained wrote its own TensorBoard run, at the steps it committed
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -78,7 +68,7 @@ def test_adjacent_stages_lost_at_once_are_rebuilt_from_the_nearest_live_stages(t
         tmp_path, "adjacent", "num_steps=30", "swarm.num_spares=2", "recovery.strategy=checkfree", failures=fails
     )
     assert code == 0, out
-    summary, metrics = _check_every_step_once(run_dir, 30)
+    summary, metrics = check_every_step_once(run_dir, 30)
     rows = summary["recovery_rows"]
     assert sorted((r["stage"], r["method"], r["path"], tuple(r["sources"])) for r in rows) == [
         (1, "weighted_average", "fallback:nearest", (0, 3)),
@@ -102,7 +92,7 @@ def test_redundant_swarm_with_adjacent_losses_falls_back_and_refreshes_the_stale
         tmp_path, "adj-redundant", "num_steps=60", "swarm.num_spares=3", "recovery.strategy=redundant", failures=fails
     )
     assert code == 0, out
-    summary, _ = _check_every_step_once(run_dir, 60)
+    summary, _ = check_every_step_once(run_dir, 60)
     rows = summary["recovery_rows"]
     assert sorted((r["stage"], r["method"], r["path"], tuple(r["sources"])) for r in rows[:2]) == [
         (1, "shadow", "primary", (0,)),
@@ -127,7 +117,7 @@ def test_a_frozen_peer_is_detected_and_replaced(tmp_path):
         failures=[Failure(3, 2, "mid_forward", 0.5)],
     )
     assert code == 0, out
-    summary, _ = _check_every_step_once(run_dir, 12)
+    summary, _ = check_every_step_once(run_dir, 12)
     (row,) = summary["recovery_rows"]
     assert row["signal"] == "SIGSTOP" and row["method"] == "weighted_average"
     # a frozen peer is seen by its stalled record and silent probe (a 0.5 s probe timeout), not the 60 s
@@ -226,7 +216,7 @@ def test_swarm_reproduces_the_engine_on_plain_schedules(tmp_path, schedule):
     overrides = [f"pipeline.schedule={schedule}", "recovery.strategy=checkfree", "num_steps=6"]
     code, out, run_dir = run_swarm(tmp_path, f"eq-{schedule}", *overrides, "swarm.num_spares=0")
     assert code == 0, out
-    _, metrics = _check_every_step_once(run_dir, 6)
+    _, metrics = check_every_step_once(run_dir, 6)
     reference = Trainer(tiny_config(tmp_path, *overrides, "run_name=reference"))
     reference.run()
     expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
@@ -285,7 +275,7 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
         kill_groups(spawned_pids(run_dir))
-    _, metrics = _check_every_step_once(run_dir, 40)
+    _, metrics = check_every_step_once(run_dir, 40)
     assert status.returncode == 0, status.stderr
     assert "run equiv: epoch 0" in status.stdout and all(f"s{k}-0{k + 1}" in status.stdout for k in range(4))
     events = read_jsonl(run_dir / "events.jsonl")
@@ -310,7 +300,7 @@ def test_redundant_swarm_fails_over_to_shadows_without_losing_anything(tmp_path)
     fails = [Failure(3, 1, "mid_forward", 0.5), Failure(7, 0, "mid_forward", 0.5), Failure(11, 3, "mid_forward", 0.5)]
     code, out, run_dir = run_swarm(tmp_path, "redundant", *overrides, "swarm.num_spares=2", failures=fails)
     assert code == 0, out
-    summary, metrics = _check_every_step_once(run_dir, 40)
+    summary, metrics = check_every_step_once(run_dir, 40)
     rows = summary["recovery_rows"]
     assert [(r["stage"], r["method"], r["sources"]) for r in rows] == [
         (1, "shadow", [0]),
