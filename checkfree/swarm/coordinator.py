@@ -44,6 +44,8 @@ class Decision:
     stale_shadows: tuple[int, ...] = ()  # redundant: shadows to send anew (their holders' are stale)
     reason: str = ""
     fatal: bool = False  # no epoch can ever be formed: the leader stops the swarm with ``reason``
+    # fatal whatever the view (a setup error, not a verdict on who is alive): stopped on even while members answer
+    certain: bool = False
     needs_peers: bool = False  # waiting for peers to arrive: the leader gives up after swarm.spare_wait_s
 
 
@@ -80,6 +82,7 @@ def decide_epoch(
     strategy: str,
     fallback: str,
     checkpoint_step: int | None = None,
+    checkpoint_every: int = 0,
     has_checkpoint=lambda stage: False,
     replicas_on: bool = True,
     spares_for_first_epoch: bool = False,
@@ -92,6 +95,9 @@ def decide_epoch(
         num_stages: stages in the pipeline.
         strategy, fallback: the recovery strategy and adjacent-failure fallback.
         checkpoint_step: the newest step every stage has a checkpoint of (checkpoint strategy).
+        checkpoint_every: ``checkpoint.every_steps``: with no complete checkpoint although every stage has
+            saved one (the swarm is past step ``checkpoint_every``), the store is not shared (or lost its
+            files): the swarm stops saying so instead of restarting from step 0.
         has_checkpoint: whether one stage has a saved copy (adjacent fallback).
         replicas_on: whether neighbours hold copies of the embedding and head.
         spares_for_first_epoch: let spares fill stages that no stage peer asked for (after a grace time,
@@ -144,6 +150,18 @@ def decide_epoch(
         roster[s] = free.pop(0)
     if strategy == "checkpoint":
         if lost or any(r.step != step for r in valid.values()):
+            if checkpoint_step is None and checkpoint_every and step > checkpoint_every:
+                return Decision(
+                    None,
+                    fatal=True,
+                    certain=True,
+                    reason=(
+                        f"recovery.strategy=checkpoint must roll back at step {step}, but checkpoint.dir holds no "
+                        f"complete checkpoint although every stage saved step {checkpoint_every}: is checkpoint.dir "
+                        "shared by every peer (a shared file system, or an s3:// URL)? Not restarting from step 0"
+                    ),
+                )
+            # before the first checkpoint every stage saved, the initial state (from the seed) is the checkpoint
             return Decision(
                 roster, step=checkpoint_step or 0, lost=lost, rollback_to=checkpoint_step or 0, reason="rollback"
             )

@@ -349,11 +349,18 @@ class Leader:
             cfg.recovery.strategy,
             cfg.recovery.adjacent_fallback,
             checkpoint_step=ckpt.latest_complete() if ckpt else None,
+            checkpoint_every=cfg.checkpoint.every_steps if ckpt else 0,
             has_checkpoint=lambda s: ckpt is not None and ckpt.latest_for_stage(s) is not None,
             replicas_on=self.replicas_on,
             spares_for_first_epoch=time.monotonic() - self.started > cfg.swarm.first_epoch_grace_s,
         )
-        if decision.fatal and view is not None and current is not None and view.answering(current, members):
+        if (
+            decision.fatal
+            and not decision.certain
+            and view is not None
+            and current is not None
+            and view.answering(current, members)
+        ):
             # stopping the swarm is final: never on a view in which the members' processes still answer
             decision = Decision(
                 None, reason=f"{decision.reason}; but a member of epoch {current.epoch} answers its probe: waiting"

@@ -115,6 +115,18 @@ def test_checkpoint_strategy_rolls_everyone_back():
     assert d.rollback_to == 4 and d.step == 4 and d.roster == ["a", "b", "s", "d"]
 
 
+def test_checkpoint_strategy_never_restarts_from_step_0_when_checkpoints_were_saved_but_none_is_complete():
+    members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}  # at step 5
+    members["s"] = rec("s", -1, "spare", -1, 0)
+    # every stage saved step 4, yet no complete checkpoint is seen: the store is not shared; stop, say why
+    d = decide_epoch(members, epoch(), 4, "checkpoint", "nearest", checkpoint_step=None, checkpoint_every=4)
+    assert d.roster is None and d.fatal and d.certain
+    assert "no complete checkpoint" in d.reason and "shared by every peer" in d.reason and "step 4" in d.reason
+    # before the first checkpoint was due, the seed's initial state is the checkpoint: back to step 0
+    d = decide_epoch(members, epoch(), 4, "checkpoint", "nearest", checkpoint_step=None, checkpoint_every=5)
+    assert d.rollback_to == 0 and d.step == 0 and not d.fatal
+
+
 def test_when_every_stage_is_lost_a_spare_leads_and_only_checkpointing_can_go_on():
     members = {p: rec(p, -1, "spare", -1, 0) for p in ("w", "x", "y", "z", "v")}
     assert leader_of(members, epoch()) == "v"  # no stage survives: the lowest spare decides

@@ -263,3 +263,35 @@ def test_nothing_is_confirmed_while_no_member_reports_the_epoch_broken(ports):
     view.observe(members, current)
     time.sleep(0.15)
     assert sorted(view.confirmed(members, current)) == ["a", "b", "c", "d"]  # nobody probed: training goes on
+
+
+class _AnsweringView:
+    """A settled view in which every member of the epoch still answers its probe."""
+
+    settled, witnessed, dead, started, spare_wait_s, ttl_s = True, {0}, set(), 0.0, 60.0, 1.0
+
+    def hidden(self, members, current, bounded=False):
+        return []
+
+    def all_refused(self, current):
+        return False
+
+    def answering(self, current, members):
+        return True
+
+
+def test_a_checkpoint_store_that_is_not_shared_stops_the_swarm_instead_of_restarting_from_step_0(tmp_path):
+    """Every stage saved step 2 into its own directory (as on separate disks): the leader's store holds no
+    complete checkpoint at step 3. Members still answer, yet this is no verdict on who lives: the swarm stops."""
+    from checkfree.core.checkpoint import CheckpointStore
+
+    cfg = tiny_config(tmp_path, "recovery.strategy=checkpoint", "checkpoint.every_steps=2")
+    store = CheckpointStore(tmp_path / "leader-only", cfg.model.num_stages)
+    membership = _Membership()
+    leader = Leader(cfg, "a", "l", "fp", membership, store, False, lambda *a, **k: None)
+    members, current = _view()
+    members["s"] = MemberRecord(run_id="l", fingerprint="fp", peer_id="s", stage=-1, epoch=-1, state="spare", step=0)
+    with pytest.raises(SwarmStopped, match=r"no complete checkpoint .* saved step 2.*Not restarting from step 0"):
+        leader.step(members, current, 3, _AnsweringView())
+    (stop,) = membership.published
+    assert "shared by every peer" in stop.stop
