@@ -229,7 +229,17 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from checkfree.swarm.config import MembershipConfig
     from checkfree.swarm.membership import Membership
 
-    m = Membership(MembershipConfig(), ns.run_id, None, ns.initial_peers, client_mode=True)
+    host = ns.host or _address_towards(ns.initial_peers[0])
+    try:
+        cfg = MembershipConfig(host=host)
+    except ValueError as e:
+        print(f"checkfree status: {e}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    try:
+        m = Membership(cfg, ns.run_id, None, ns.initial_peers, client_mode=True)
+    except Exception as e:  # hivemind's bootstrap errors have no common base class
+        print(f"checkfree status: cannot join the DHT through {ns.initial_peers} from {host}: {e}", file=sys.stderr)
+        return ExitCode.CRASHED
     try:
         members = m.members()
         fingerprints = sorted({r.fingerprint for r in members.values()})
@@ -271,7 +281,27 @@ def cmd_status(ns: argparse.Namespace) -> int:
             f"{'spare' if r.state == 'spare' else '  -  '}  {r.peer_id:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  "
             f"{now - r.time:15.1f}"
         )
+    bootstrap = [a for r in members.values() for a in r.maddrs[:1]]
+    if bootstrap:
+        print("join with --initial-peers " + " ".join(sorted(bootstrap)))
     return ExitCode.OK
+
+
+def _address_towards(maddr: str) -> str:
+    """The local address this host sends from to reach the peer at multiaddress ``maddr`` (a UDP socket's
+    connect picks the route; nothing is sent), or 127.0.0.1 when the address is not /ip4/..."""
+    import re
+    import socket
+
+    m = re.match(r"/ip4/([\d.]+)/", maddr)
+    if m is None:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((m.group(1), 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -317,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument(
         "--initial-peers",
         nargs="+",
-        required=True,
+        default=[],
         metavar="MULTIADDR",
-        help="multiaddresses of live peers, e.g. /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW...",
+        help="multiaddresses of any live peers of the swarm, e.g. /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW... "
+        "(checkfree status lists every peer's); none: this peer starts a new swarm and logs its own",
     )
     role = peer.add_mutually_exclusive_group(required=True)
     role.add_argument("--stage", type=int, help="ask for this stage (0-based)")
@@ -337,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     peer.set_defaults(func=cmd_peer)
     status = sub.add_parser("status", help="print the live swarm", description=STATUS_HELP)
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    status.add_argument(
+        "--host",
+        help="this host's address to use (default: the one that routes to the first initial peer)",
+    )
     status.add_argument("--run-id", default="tiny", help="the swarm's run id (swarm.run_id, default its run_name)")
     status.set_defaults(func=cmd_status)
     return parser

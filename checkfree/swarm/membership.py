@@ -89,6 +89,7 @@ class MemberRecord(BaseModel):
     blame: list[int] = []  # the stages its last epoch broke on, as far as this peer knows
     shadow_ok: bool = True  # redundant: the shadow held is up to date (False until a new peer's is sent)
     probe_port: int = 0  # a TCP port that refuses connections once this peer's process is gone
+    maddrs: list[str] = []  # this peer's DHT addresses: any live peer bootstraps a new one (see status)
 
     def valid_for(self, step: int) -> bool:
         """Whether this holder's weights are the stage's weights for ``step`` (a finished, uncommitted step

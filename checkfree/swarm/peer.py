@@ -101,6 +101,13 @@ class Peer:
         self.fingerprint = config_fingerprint(cfg)
         # the DHT forks: start it before the model and data exist (HIVEMIND-NOTES pitfall 4)
         self.membership = Membership(cfg.membership, self.run_id, self.fingerprint, initial_peers)
+        self._maddrs = self.membership.visible_maddrs()
+        if not initial_peers:
+            logger.warning(
+                "[peer %s] started a new swarm: other peers join it with --initial-peers %s",
+                self.peer_id,
+                " ".join(self._maddrs),
+            )
         self.dir = self.run_dir / "peers" / self.peer_id
         self.dir.mkdir(parents=True, exist_ok=True)
         self.events = EventLog(self.dir / "events.jsonl")
@@ -192,6 +199,7 @@ class Peer:
             blame=self.blame,
             shadow_ok=w.shadow_ok if w is not None else True,
             probe_port=self._probe.getsockname()[1],
+            maddrs=self._maddrs,
         )
 
     def _serve_now(self) -> MemberRecord:
