@@ -125,7 +125,13 @@ def decide_epoch(
         return Decision(None, reason=f"waiting for stages {running} to abort step")
     # a holder counts only with weights valid for the step the swarm resumes at (its lineage says it holds
     # the stage, at that step): a spare whose rebuild broke off, or one left behind, is lost like a dead one
-    step = max((r.step for r in alive.values() if r.lineage.kind != "none"), default=current.step)
+    holding = [r for r in alive.values() if r.lineage.kind != "none"]
+    step = max((r.step for r in holding), default=current.step)
+    if current.step > step and holding and all(r.valid_for(current.step) for r in holding):
+        # the swarm committed step current.step - 1 (the epoch record says so), the holders that had moved past
+        # it are lost since, and every survivor holds that step's finished gradients (pending): they apply them
+        # and the swarm resumes at current.step, instead of redoing a committed step
+        step = current.step
     valid = {s: r for s, r in alive.items() if r.valid_for(step)}
     lost = tuple(s for s in range(num_stages) if s not in valid)
     if strategy == "none" and lost:

@@ -115,6 +115,19 @@ def test_checkpoint_strategy_rolls_everyone_back():
     assert d.rollback_to == 4 and d.step == 4 and d.roster == ["a", "b", "s", "d"]
 
 
+def test_a_committed_step_is_applied_from_the_survivors_pending_gradients_not_redone():
+    """Epoch 21 resumed at step 489: stage 0 had committed step 488, stages 1 and 3 finished it but their
+    commit broke (pending). Stages 0-2 are lost now: stage 3 applies its pending step and the swarm resumes at
+    489 (as seen in a 200-event soak, where step 488 was redone and committed twice)."""
+    members = {"d": rec("d", 3, "recovering", epoch=21, step=488, pending=True)}
+    members.update({p: rec(p, -1, "spare", -1, 0) for p in ("x", "y", "z")})
+    d = decide_epoch(members, epoch(21, step=489), 4, "checkfree_plus", "nearest")
+    assert d.step == 489 and d.lost == (0, 1, 2) and d.roster == ["x", "y", "z", "d"]
+    # a survivor that never finished step 488 cannot skip it: the step is redone
+    members["d"] = rec("d", 3, "recovering", epoch=21, step=488, pending=False)
+    assert decide_epoch(members, epoch(21, step=489), 4, "checkfree_plus", "nearest").step == 488
+
+
 def test_checkpoint_strategy_never_restarts_from_step_0_when_checkpoints_were_saved_but_none_is_complete():
     members = {p: rec(p, s, "recovering") for s, p in zip((0, 1, 3), "abd")}  # at step 5
     members["s"] = rec("s", -1, "spare", -1, 0)
