@@ -107,13 +107,16 @@ rebuild / resume seconds per failure), summary.json and every peer's log under p
 
 PEER_HELP = """\
 Start one peer of a swarm, on this host or any other: it joins the DHT through any live peer's
-address (--initial-peers takes several; pass all you know) and either asks for a stage (--stage K)
-or waits as a spare (--spare) until the swarm gives it a lost stage.
+address (--initial-peers takes several; pass all you know; checkfree status lists them), or, without
+--initial-peers, starts a new swarm and logs the line the others join with. It either asks for a stage
+(--stage K) or waits as a spare (--spare) until the swarm gives it a lost stage.
 
-Addresses: membership.host is the interface to listen on (default 127.0.0.1; use 0.0.0.0 or the
-host's LAN address for a multi-host swarm) and membership.announce_host the address others should
-dial when it differs (public IP of a spot instance behind NAT). Every peer must use the same config
-(model, data, schedule, optimizer, recovery, seed): a peer with another fingerprint is refused.
+Addresses: membership.host is the IPv4 address every socket binds (default 127.0.0.1; the host's
+address for a multi-host swarm, or 0.0.0.0 with membership.announce_host, the address the others
+dial); membership.port_range=LOW-HIGH keeps the DHT, probe and rendezvous ports in a range. gloo's
+data plane needs the hosts to reach each other's addresses directly (no NAT). Every peer must use the
+same config (model, data, schedule, optimizer, recovery, seed): a peer with another fingerprint is
+refused.
 """
 
 EXIT_HELP = "exit codes (checkfree train, swarm and peer):\n" + describe()
