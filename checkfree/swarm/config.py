@@ -11,11 +11,42 @@ waits and gives up), ``membership`` (heartbeats and the DHT) and ``transport`` (
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import dataclass, field
 
-from checkfree.swarm.addressing import check_hosts, parse_port_range
-
 SIGNALS = ("SIGKILL", "SIGSTOP")
+
+# ---- addresses (checked here; used by checkfree.swarm.addressing, which binds the sockets) ----------------
+WILDCARD = ("0.0.0.0",)
+
+
+def parse_port_range(spec: str | None) -> tuple[int, int] | None:
+    """``"LOW-HIGH"`` -> (low, high), both included; None -> None. Raises ValueError naming the value."""
+    if spec is None or spec == "":
+        return None
+    try:
+        low, high = (int(p) for p in str(spec).split("-"))
+    except ValueError:
+        raise ValueError(f"membership.port_range={spec!r} must look like LOW-HIGH, e.g. 29400-29499") from None
+    if not 1024 <= low <= high <= 65535:
+        raise ValueError(f"membership.port_range={spec!r} must satisfy 1024 <= LOW <= HIGH <= 65535")
+    return low, high
+
+
+def check_hosts(host: str, announce_host: str | None) -> None:
+    """Raise ValueError unless ``host`` is an IP address and, if it is the wildcard, ``announce_host`` is set."""
+    for name, value in (("host", host), ("announce_host", announce_host)):
+        if value is None:
+            continue
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"membership.{name}={value!r} must be an IPv4 address, e.g. 10.0.0.5") from None
+    if host in WILDCARD and not announce_host:
+        raise ValueError(
+            f"membership.host={host!r} listens on every interface, but nobody can dial it: set "
+            "membership.announce_host to this host's address that the other peers reach"
+        )
 
 
 @dataclass

@@ -28,7 +28,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from checkfree.core.checkpoint import CheckpointStore
-from checkfree.swarm.addressing import dial_host, listen, parse_port_range
+from checkfree.swarm.addressing import dial_host, listen
+from checkfree.swarm.config import parse_port_range
 from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, stage_holders
 from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
 

@@ -30,8 +30,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ValidationError
 
-from checkfree.swarm.addressing import free_port, parse_port_range
-from checkfree.swarm.config import MembershipConfig
+from checkfree.swarm.addressing import free_port
+from checkfree.swarm.config import MembershipConfig, parse_port_range
 
 logger = logging.getLogger(__name__)
 

@@ -39,8 +39,8 @@ from checkfree.core.metrics import MetricLogger
 from checkfree.core.recovery import edge_replicas_on
 from checkfree.core.schedule import schedule_for
 from checkfree.core.stage_step import NonFiniteSteps
-from checkfree.swarm.addressing import data_host, listen, parse_port_range
-from checkfree.swarm.config import config_fingerprint
+from checkfree.swarm.addressing import data_host, listen
+from checkfree.swarm.config import config_fingerprint, parse_port_range
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.handover import Handover
 from checkfree.swarm.leader import (

@@ -4,8 +4,8 @@ import socket
 
 import pytest
 
-from checkfree.swarm.addressing import check_hosts, data_host, dial_host, free_port, listen, parse_port_range
-from checkfree.swarm.config import MembershipConfig, SwarmConfig
+from checkfree.swarm.addressing import data_host, dial_host, free_port, listen
+from checkfree.swarm.config import MembershipConfig, SwarmConfig, check_hosts, parse_port_range
 
 
 def test_port_ranges_are_parsed_and_bad_ones_named():
