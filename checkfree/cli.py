@@ -198,7 +198,9 @@ def cmd_peer(ns: argparse.Namespace) -> int:
         cfg = load_config(files, overrides)
         from checkfree.swarm.peer import Peer
 
-        peer = Peer(cfg, ns.run_dir or cfg.run_dir, None if ns.spare else ns.stage, ns.initial_peers, ns.peer_id)
+        peer = Peer(
+            cfg, ns.run_dir or cfg.run_dir, None if ns.spare else ns.stage, ns.initial_peers, ns.peer_id, ns.join_token
+        )
     except (ConfigError, DataError, ValueError) as e:
         print(f"checkfree peer: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
@@ -229,17 +231,23 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
+    from checkfree.swarm.admission import TOKEN_ENV, Admission, Identity, find_token
     from checkfree.swarm.config import MembershipConfig
     from checkfree.swarm.membership import Membership
 
     host = ns.host or _address_towards(ns.initial_peers[0])
     try:
         cfg = MembershipConfig(host=host)
+        token = find_token(ns.join_token)
+        if token is None:
+            raise ValueError(f"the swarm's records are sealed with its join token: pass --join-token or ${TOKEN_ENV}")
     except ValueError as e:
         print(f"checkfree status: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     try:
-        m = Membership(cfg, ns.run_id, None, ns.initial_peers, client_mode=True)
+        m = Membership(
+            cfg, ns.run_id, None, ns.initial_peers, client_mode=True, admission=Admission(token, Identity("status"))
+        )
     except Exception as e:  # hivemind's bootstrap errors have no common base class
         print(f"checkfree status: cannot join the DHT through {ns.initial_peers} from {host}: {e}", file=sys.stderr)
         return ExitCode.CRASHED
@@ -266,22 +274,22 @@ def cmd_status(ns: argparse.Namespace) -> int:
         + (f", STOPPED: {current.stop}" if current and current.stop else "")
     )
     roster = current.roster if current else []
-    print("stage  peer          state       step  epoch  heartbeat_age_s  loss    weights")
+    print("stage  peer                    state       step  epoch  heartbeat_age_s  loss    weights")
     for s, pid in enumerate(roster):
         r = members.get(pid)
         if r is None:
-            print(f"{s:5d}  {pid:12s}  LOST")
+            print(f"{s:5d}  {pid:22s}  LOST")
             continue
         valid = "" if current is None or r.valid_for(current.step) or r.step > current.step else "  NOT VALID: "
         loss = f"{r.loss:.4f}" if r.loss is not None else "-"
         print(
-            f"{s:5d}  {pid:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  {now - r.time:15.1f}  {loss:6s}  "
+            f"{s:5d}  {pid:22s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  {now - r.time:15.1f}  {loss:6s}  "
             f"{valid}{r.lineage.describe(r.step)}"
         )
     others = [r for pid, r in sorted(members.items()) if pid not in roster]
     for r in others:
         print(
-            f"{'spare' if r.state == 'spare' else '  -  '}  {r.peer_id:12s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  "
+            f"{'spare' if r.state == 'spare' else '  -  '}  {r.peer_id:22s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  "
             f"{now - r.time:15.1f}"
         )
     bootstrap = [a for r in members.values() for a in r.maddrs[:1]]
@@ -361,7 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     peer.add_argument(
         "--run-dir", help="where this peer writes its events, metrics and checkpoints (default OUT_DIR/RUN_NAME)"
     )
-    peer.add_argument("--peer-id", help="a name for this peer (default: random)")
+    peer.add_argument(
+        "--peer-id", help="a name for this peer (its id is NAME.HASH, the hash of its key; default: random)"
+    )
+    peer.add_argument(
+        "--join-token",
+        help="the swarm's secret (default: $CHECKFREE_JOIN_TOKEN, else RUN_DIR/join_token; prefer the variable: "
+        "a command line is visible to other users); without it and without --initial-peers a new one is made",
+    )
     peer.add_argument(
         "--parent-pid",
         type=int,
@@ -376,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="this host's address to use (default: the one that routes to the first initial peer)",
     )
     status.add_argument("--run-id", default="tiny", help="the swarm's run id (swarm.run_id, default its run_name)")
+    status.add_argument("--join-token", help="the swarm's secret (default: $CHECKFREE_JOIN_TOKEN)")
     status.set_defaults(func=cmd_status)
     return parser
 

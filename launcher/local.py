@@ -30,6 +30,7 @@ from checkfree.core.events import EventLog
 from checkfree.core.exit_codes import ExitCode
 from checkfree.core.failures import Failure, FailureInjector, write_trace
 from checkfree.core.metrics import read_jsonl
+from checkfree.swarm.admission import KEY_ENV, TOKEN_ENV, Admission, Identity, find_token, new_token, write_token
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.membership import DHTUnavailable, Membership
 from launcher.chaos import Chaos
@@ -98,8 +99,17 @@ class LocalSwarm:
             # the launcher is the host at the bridge's address; every peer gets a host of its own
             self.hosts = Hosts(f"cf{os.getpid() % 10000:04d}", cfg.swarm.host_rate_mbit)
             membership_cfg = dataclasses.replace(cfg.membership, host=self.hosts.gateway, announce_host=None)
+        # the swarm's secret: from $CHECKFREE_JOIN_TOKEN, else new; handed to every peer through its environment,
+        # never on a command line (other users can read those) nor in a log
+        self.token = find_token() or new_token()
+        self.token_path = write_token(self.run_dir, self.token)
         try:
-            self.membership = Membership(membership_cfg, self.run_id, config_fingerprint(cfg))
+            self.membership = Membership(
+                membership_cfg,
+                self.run_id,
+                config_fingerprint(cfg),
+                admission=Admission(self.token, Identity("launcher")),
+            )
         except BaseException:
             if self.hosts is not None:
                 self.hosts.close()
@@ -107,10 +117,20 @@ class LocalSwarm:
         self.maddrs = self.membership.visible_maddrs()
         # how to reach this swarm from elsewhere: checkfree peer ... --initial-peers $(cat RUN_DIR/maddrs.txt)
         (self.run_dir / "maddrs.txt").write_text(" ".join(self.maddrs) + "\n")
+        if status:
+            # the token itself only on a terminal: a redirected stderr is a log, and logs never hold it
+            shown = self.token if sys.stderr.isatty() else f"in {self.token_path} (mode 0600)"
+            print(
+                f"join token: {shown}\nother hosts join with: {TOKEN_ENV}=... checkfree peer {self.config_path} "
+                f"--initial-peers $(cat {self.run_dir / 'maddrs.txt'}) --spare",
+                file=sys.stderr,
+            )
 
     def _start(self, stage: int | None) -> str:
         self.counter += 1
-        peer_id = f"{'s' + str(stage) if stage is not None else 'spare'}-{self.counter:02d}"
+        # the launcher makes each peer's key, so that it knows the peer's id (NAME.HASH) before the peer starts
+        identity = Identity(f"{'s' + str(stage) if stage is not None else 'spare'}-{self.counter:02d}")
+        peer_id = identity.peer_id
         args = [
             sys.executable,
             "-m",
@@ -120,7 +140,7 @@ class LocalSwarm:
             "--run-dir",
             str(self.run_dir),
             "--peer-id",
-            peer_id,
+            identity.name,
             "--parent-pid",
             str(os.getpid()),
             "--initial-peers",
@@ -135,7 +155,10 @@ class LocalSwarm:
         (self.run_dir / "peers").mkdir(parents=True, exist_ok=True)
         log = open(self.run_dir / "peers" / f"{peer_id}.log", "w")
         # its own session: the launcher can end the peer's whole process group (DHT, p2pd) by PID
-        self.procs[peer_id] = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = {**os.environ, TOKEN_ENV: self.token, KEY_ENV: identity.seed_hex()}
+        self.procs[peer_id] = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
         log.close()
         self.events.emit("peer_spawned", peer=peer_id, stage=stage, pid=self.procs[peer_id].pid)
         return peer_id

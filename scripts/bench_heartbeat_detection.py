@@ -18,11 +18,14 @@ import time
 
 from checkfree.config import load_config
 from checkfree.core.metrics import report
+from checkfree.swarm.admission import Admission, Identity, new_token
 from checkfree.swarm.membership import MemberRecord, Membership
 
 
-def _beat(cfg, maddrs, peer_id, ready):
-    m = Membership(cfg, "bench-detect", "fp", maddrs)
+def _beat(cfg, maddrs, token, name, seed, ready):
+    identity = Identity(name, bytes.fromhex(seed))
+    m = Membership(cfg, "bench-detect", "fp", maddrs, admission=Admission(token, identity))
+    peer_id = identity.peer_id
     ready.set()
     while True:
         m.heartbeat(
@@ -42,26 +45,29 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/heartbeat_detection.json")
     ns = ap.parse_args()
     cfg = load_config([], ns.overrides).membership
-    observer = Membership(cfg, "bench-detect", "fp")
+    token = new_token()
+    observer = Membership(cfg, "bench-detect", "fp", admission=Admission(token, Identity("observer")))
     ctx = mp.get_context("spawn")
     latencies = []
     for n in range(ns.repeats):
         ready = ctx.Event()
-        child = ctx.Process(
-            target=_beat, args=(cfg, observer.visible_maddrs(), f"p{n}", ready)
-        )  # not daemonic: it forks the DHT
+        identity = Identity(f"p{n}")  # made here, so that its id is known here
+        peer_id = identity.peer_id
+        child = ctx.Process(  # not daemonic: it forks the DHT
+            target=_beat, args=(cfg, observer.visible_maddrs(), token, f"p{n}", identity.seed_hex(), ready)
+        )
         child.start()
         if not ready.wait(120):
             raise SystemExit("the heartbeating child did not start its DHT within 120 s")
         deadline = time.time() + 30
-        while f"p{n}" not in observer.members():
+        while peer_id not in observer.members():
             if time.time() > deadline:
                 raise SystemExit("the child's record never became visible")
             time.sleep(ns.poll_s)
         time.sleep(cfg.period_s * 1.5)  # let it run a few periods
         os.kill(child.pid, signal.SIGSTOP if ns.hang else signal.SIGKILL)
         t0 = time.time()
-        while f"p{n}" in observer.members():
+        while peer_id in observer.members():
             if time.time() - t0 > 10 * cfg.ttl_s + 30:
                 raise SystemExit(f"the record of a stopped peer never expired (ttl_s={cfg.ttl_s})")
             time.sleep(ns.poll_s)

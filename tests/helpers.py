@@ -25,6 +25,7 @@ import torch.distributed as dist
 from checkfree.config import TrainConfig, load_config
 from checkfree.core.failures import write_trace
 from checkfree.core.metrics import read_jsonl
+from checkfree.swarm.admission import Admission, Identity, new_token
 from checkfree.swarm.config import TransportConfig
 from checkfree.swarm.transport import EpochGroup
 
@@ -43,6 +44,14 @@ TINY = [
     "plot=false",
     "eval_every_steps=0",
 ]
+
+
+TEST_TOKEN = new_token()  # the join token of every swarm a test process builds in-process
+
+
+def admission(name: str | None = None, token: str = TEST_TOKEN) -> Admission:
+    """A new identity (id ``NAME.HASH``) holding ``token``."""
+    return Admission(token, Identity(name))
 
 
 def tiny_config(tmp_path, *overrides: str) -> TrainConfig:

@@ -99,7 +99,7 @@ class TransportConfig:
     # fault injection, for tests and chaos runs only: from step fault_cut_at_step on, the peer with this id
     # loses its data plane (its group's connections are cut, no group forms) while it keeps heartbeating and
     # answering its probe, as a host whose firewall starts dropping the gloo ports would
-    fault_cut_peer: str | None = None
+    fault_cut_peer: str | None = None  # a peer's id or name (the NAME of NAME.HASH)
     fault_cut_at_step: int = 0
 
     def __post_init__(self) -> None:

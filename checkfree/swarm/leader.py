@@ -17,7 +17,6 @@ is probed: a refused connection to its probe port confirms at once that its proc
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import threading
@@ -31,6 +30,7 @@ from checkfree.core.checkpoint import CheckpointStore
 from checkfree.swarm.addressing import dial_host, listen
 from checkfree.swarm.config import parse_port_range
 from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, stage_holders
+from checkfree.swarm.gate import Gate
 from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
 
 
@@ -55,11 +55,12 @@ def _probe(host: str, port: int, timeout_s: float, request: bytes) -> str:
         return "silent"
 
 
-def read_probe(host: str, port: int, timeout_s: float = 0.5) -> tuple[str, dict | None]:
+def read_probe(host: str, port: int, timeout_s: float = 0.5) -> tuple[str, bytes | None]:
     """Probe a peer and read the member record its probe port serves after the reply byte (the record of its
-    last heartbeat, straight from the peer): (``probe``'s answer, the record or None). A leader whose DHT
-    view is partial (a freshly joined node, a node whose DHT neighbours were killed) learns a roster member's
-    state this way, and the members of an epoch watch each other this way without reading the DHT."""
+    last heartbeat, straight from the peer, sealed: see ``Membership.open_member``): (``probe``'s answer, the
+    sealed record or None). A leader whose DHT view is partial (a freshly joined node, a node whose DHT
+    neighbours were killed) learns a roster member's state this way, and the members of an epoch watch each
+    other this way without reading the DHT."""
     if not port:
         return "silent", None
     buf = b""
@@ -79,24 +80,21 @@ def read_probe(host: str, port: int, timeout_s: float = 0.5) -> tuple[str, dict 
             return "silent", None
     if not buf.startswith(PROBE_REPLY):
         return "silent", None
-    try:
-        value = json.loads(buf[len(PROBE_REPLY) :]) if len(buf) <= MAX_RECORD_BYTES else None
-    except ValueError:
-        value = None
-    return "alive", value if isinstance(value, dict) else None
+    body = buf[len(PROBE_REPLY) :]
+    return "alive", body if body and len(buf) <= MAX_RECORD_BYTES else None
 
 
-def knock(addresses: list[tuple[str, int]], epoch: EpochRecord | None = None) -> None:
+def knock(addresses: list[tuple[str, int]], epoch: bytes | None = None) -> None:
     """Wake the peers at these probe addresses, in a background thread: a knock (``PROBE_KNOCK`` sent to a
     peer's probe port) makes a peer that waits for an epoch read the swarm at once instead of at its next
     poll, and a peer that trains run its watch round at once (it reads the knocker's record there). A member
     that reports its epoch broken knocks the others (the leader among them); the leader knocks the roster it
-    publishes with the epoch record itself (``PROBE_EPOCH``, its length, its JSON), which the members join
-    without waiting for a DHT round trip (the same record is in the DHT for everyone else)."""
+    publishes with the epoch record itself (``PROBE_EPOCH``, its length, the record sealed by
+    ``Membership.seal_epoch``), which the members join without waiting for a DHT round trip (the same record
+    is in the DHT for everyone else)."""
     request = PROBE_KNOCK
     if epoch is not None:
-        body = epoch.model_dump_json().encode()
-        request = PROBE_EPOCH + struct.pack("!I", len(body)) + body
+        request = PROBE_EPOCH + struct.pack("!I", len(epoch)) + epoch
 
     def run() -> None:
         for host, port in addresses:
@@ -297,6 +295,7 @@ class Leader:
         self.cfg, self.peer_id, self.run_id, self.fingerprint = cfg, peer_id, run_id, fingerprint
         self.membership, self.ckpt, self.replicas_on, self.emit = membership, ckpt, replicas_on, emit
         self.hosted: dict[int, dist.TCPStore] = {}  # epoch -> the rendezvous store this peer hosts
+        self.gates: dict[int, Gate] = {}  # epoch -> the gate in front of that store
         self.reason = ""  # why no epoch is published yet (heartbeated as the peer's note)
         self.waiting_since: float | None = None  # monotonic time the leader started waiting for peers
         self.started = time.monotonic()
@@ -415,21 +414,25 @@ class Leader:
             )
         m = cfg.membership
         t_host = time.monotonic()
-        # the store listens on a socket of ours: bound to membership.host, in membership.port_range
+        # the store listens on loopback; the members reach it through a gate on a socket of ours (bound to
+        # membership.host, in membership.port_range) that admits the epoch's roster only (see ``gate``)
         sock = listen(m.host, parse_port_range(m.port_range))
         port = sock.getsockname()[1]
+        inner = listen("127.0.0.1", None)
         store = dist.TCPStore(
-            dial_host(m.host, m.announce_host),
-            port,
+            "127.0.0.1",
+            inner.getsockname()[1],
             cfg.model.num_stages,
             is_master=True,
             wait_for_workers=False,
             timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
-            master_listen_fd=sock.detach(),  # the store owns (and closes) it from now on
+            master_listen_fd=inner.detach(),  # the store owns (and closes) it from now on
         )
         self.hosted[epoch] = store
+        self.gates[epoch] = Gate(sock, store.port, self.membership.admission, decision.roster, epoch)
         for old in [e for e in self.hosted if e < epoch - 1]:
             del self.hosted[old]
+            self.gates.pop(old).close()
         rec = EpochRecord(
             run_id=self.run_id,
             fingerprint=self.fingerprint,
@@ -449,7 +452,7 @@ class Leader:
         )
         t0 = time.monotonic()
         self.membership.publish_epoch(rec)
-        knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id], rec)
+        knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id], self.membership.seal_epoch(rec))
         self.reason = ""
         self.emit(
             "epoch_published",

@@ -10,6 +10,11 @@ recovery plan. Records are schema-checked; a record of another run or another mo
 is ignored and logged, and epochs are keyed by fingerprint so that such a peer can never overwrite
 them. A clean exit stores a tombstone (value None) so peers see the departure at once.
 
+Every record is sealed (see ``admission``): ``SwarmValidator`` runs in every node of the swarm and neither
+stores nor returns a record that is not signed by a holder of the join token under its own peer id, within
+the size and expiration bounds and the records' schema. The records a peer serves on its probe port and the
+epoch records a leader pushes with its knocks are sealed the same way (``seal_*``/``open_*``).
+
 Pitfalls handled (see HIVEMIND-NOTES): every DHT call goes through ``return_future=True`` and
 ``.result(timeout)``; a watchdog coroutine inside the forked DHT process shuts it (and its p2pd) down
 when the peer process that owns it dies, so a SIGKILL leaves no orphan behind.
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -31,6 +38,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from checkfree.swarm.addressing import free_port
+from checkfree.swarm.admission import Admission, RateLimitedLog, dht_context
 from checkfree.swarm.config import MembershipConfig, parse_port_range
 
 logger = logging.getLogger(__name__)
@@ -145,6 +153,98 @@ async def _watchdog(parent_pid: int, poll_s: float, dht, node) -> bool:
     return True
 
 
+CLOCK_SKEW_S = 60.0  # how far ahead of this node's clock a record's expiration may lie beyond the longest TTL
+_EPOCH_SUBKEY = re.compile(r"^[0-9]{8}$")
+
+
+def make_validator(admission: Admission, run_id: str, fingerprint: str | None, member_ttl_s: float, epoch_ttl_s: float):
+    """The hivemind record validator of this swarm's DHT nodes (see the module doc); ``fingerprint`` None:
+    an observer's node, which accepts this run's sealed epoch records of any fingerprint."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import RecordValidatorBase
+    from hivemind.utils import MSGPackSerializer, get_dht_time
+
+    members_key = DHTID.generate(source=f"{run_id}/members").to_bytes()
+    epoch_key = DHTID.generate(source=f"{run_id}/{fingerprint}/epoch").to_bytes() if fingerprint else None
+    refused = RateLimitedLog()
+
+    class SwarmValidator(RecordValidatorBase):
+        def sign_value(self, record) -> bytes:
+            return admission.seal(dht_context(record.key, record.subkey, record.expiration_time), record.value)
+
+        def strip_value(self, record) -> bytes:
+            # only called on records that passed ``validate`` (or that this node sealed itself)
+            return msgpack_body(record.value)
+
+        def validate(self, record) -> bool:
+            try:
+                self._check(record)
+            except ValueError as e:
+                refused(str(e))
+                return False
+            return True
+
+        def _check(self, record) -> None:
+            context = dht_context(record.key, record.subkey, record.expiration_time)
+            signer, body = admission.open(context, record.value)
+            ttl_s = member_ttl_s if record.key == members_key else epoch_ttl_s
+            if record.expiration_time > get_dht_time() + ttl_s + CLOCK_SKEW_S:
+                raise ValueError(f"record of {signer!r} expires too far ahead (more than {ttl_s:.0f} s)")
+            try:
+                subkey = MSGPackSerializer.loads(record.subkey)
+                value = MSGPackSerializer.loads(body)
+            except Exception as e:
+                raise ValueError(f"record of {signer!r} cannot be decoded: {type(e).__name__}") from e
+            if record.key == members_key:
+                if subkey != signer:
+                    raise ValueError(f"{signer!r} stored a member record under another id ({str(subkey)[:40]!r})")
+                if value is not None:
+                    rec = _schema(MemberRecord, value, signer)
+                    if rec.peer_id != signer or rec.run_id != run_id:
+                        raise ValueError(f"member record of {signer!r} names {rec.peer_id!r} of run {rec.run_id!r}")
+            elif record.key == epoch_key or (epoch_key is None and isinstance(subkey, str)):
+                if subkey == FINISHED:
+                    if not isinstance(value, int):
+                        raise ValueError(f"finish mark of {signer!r} is not an epoch number")
+                    return
+                if not isinstance(subkey, str) or not _EPOCH_SUBKEY.match(subkey):
+                    raise ValueError(f"epoch record of {signer!r} under subkey {str(subkey)[:40]!r}")
+                rec = _schema(EpochRecord, value, signer)
+                if rec.epoch != int(subkey) or rec.run_id != run_id:
+                    raise ValueError(f"epoch record of {signer!r} is epoch {rec.epoch} of run {rec.run_id!r}")
+                if fingerprint is not None and rec.fingerprint != fingerprint:
+                    raise ValueError(f"epoch record of {signer!r} has fingerprint {rec.fingerprint}")
+                _check_epoch_signer(rec, signer)
+            else:
+                raise ValueError(f"record of {signer!r} under a key this swarm does not use")
+
+    return SwarmValidator()
+
+
+def msgpack_body(blob: bytes) -> bytes:
+    import msgpack
+
+    try:
+        return msgpack.unpackb(blob, raw=False)[1]
+    except Exception:
+        return blob
+
+
+def _schema(model, value, signer: str):
+    if not isinstance(value, dict):
+        raise ValueError(f"record of {signer!r} is a {type(value).__name__}, expected a {model.__name__}")
+    try:
+        return model.model_validate(value)
+    except ValidationError as e:
+        raise ValueError(f"record of {signer!r} fails the {model.__name__} schema: {str(e).splitlines()[0]}") from e
+
+
+def _check_epoch_signer(rec: EpochRecord, signer: str) -> None:
+    """An epoch (or stop) record counts only from its leader or a member of its roster."""
+    if signer != rec.leader and signer not in rec.roster:
+        raise ValueError(f"epoch {rec.epoch} signed by {signer!r}, neither its leader nor in its roster")
+
+
 class DHTUnavailable(RuntimeError):
     """The DHT did not answer within its timeout (transient: callers that loop try again later)."""
 
@@ -161,6 +261,7 @@ class Membership:
     initial_peers: list[str] = field(default_factory=list)
     client_mode: bool = False  # observe without serving DHT requests
     ignored: set[str] = field(default_factory=set)  # peer ids already logged as foreign
+    admission: Admission | None = None  # the swarm's join token and this node's identity (required)
 
     def __post_init__(self) -> None:
         import hivemind  # late: importing hivemind imports torch (~2 s)
@@ -170,6 +271,9 @@ class Membership:
         self._lock = threading.Lock()
         self._rng = random.Random()
         self._blind_until = time.monotonic() + self.cfg.fault_blind_s
+        if self.admission is None:
+            raise ValueError("Membership needs the swarm's admission (its join token and this node's identity)")
+        validator = make_validator(self.admission, self.run_id, self.fingerprint, self.cfg.ttl_s, self.cfg.epoch_ttl_s)
         # an explicit port: hivemind refuses announce addresses without one, and a firewall needs to know it
         port = free_port(self.cfg.host, parse_port_range(self.cfg.port_range))
         self.dht = hivemind.DHT(
@@ -180,6 +284,7 @@ class Membership:
             wait_timeout=self.cfg.rpc_timeout_s,
             ensure_bootstrap_success=bool(self.initial_peers),
             client_mode=self.client_mode,
+            record_validators=[validator],
             start=False,
         )
         # hivemind's own start waits for the DHT process without a limit; a process that never becomes ready
@@ -309,15 +414,47 @@ class Membership:
                 out[peer_id] = rec
         return out
 
-    def validate_member(self, value: dict, peer_id: str) -> MemberRecord | None:
-        """A member record read from elsewhere than the DHT (a peer's probe port), checked like the DHT's."""
-        rec = self._validate(MemberRecord, value, peer_id)
+    # ---- records off the DHT: probe answers and pushed epochs, sealed like the DHT's ------------------
+    def seal_member(self, record: MemberRecord) -> bytes:
+        return self.admission.seal(b"probe", record.model_dump_json().encode())
+
+    def open_member(self, blob: bytes, peer_id: str) -> MemberRecord | None:
+        """The member record a peer's probe port served: None unless sealed by ``peer_id`` itself."""
+        _, value = self._open(b"probe", blob, peer_id)
+        rec = self._validate(MemberRecord, value, peer_id) if value is not None else None
         return rec if rec is not None and rec.peer_id == peer_id else None
 
-    def validate_epoch(self, value) -> EpochRecord | None:
-        """An epoch record read from elsewhere than the DHT (pushed with a leader's knock), checked like the
-        DHT's."""
-        return self._validate(EpochRecord, value, "pushed epoch") if isinstance(value, dict) else None
+    def seal_epoch(self, record: EpochRecord) -> bytes:
+        return self.admission.seal(b"epoch", record.model_dump_json().encode())
+
+    def open_epoch(self, blob: bytes) -> EpochRecord | None:
+        """An epoch record pushed with a leader's knock: None unless sealed by its leader or a roster member."""
+        signer, value = self._open(b"epoch", blob, None)
+        rec = self._validate(EpochRecord, value, "pushed epoch") if value is not None else None
+        if rec is not None:
+            try:
+                _check_epoch_signer(rec, signer)
+            except ValueError as e:
+                self._refused(f"pushed {e}")
+                return None
+        return rec
+
+    def _open(self, context: bytes, blob: bytes, signer: str | None) -> tuple[str, dict | None]:
+        """(signer, JSON body) of a sealed record; (``""``, None), logged once per reason, if refused."""
+        try:
+            who, body = self.admission.open(context, blob)
+            if signer is not None and who != signer:
+                raise ValueError(f"record of {signer!r} signed by {who!r}")
+            value = json.loads(body)
+        except ValueError as e:
+            self._refused(f"{context.decode()} record: {e}")
+            return "", None
+        return who, value if isinstance(value, dict) else None
+
+    def _refused(self, reason: str) -> None:
+        if reason not in self.ignored:
+            self.ignored.add(reason)
+            logger.warning("refused a %s", reason)
 
     def _validate(self, model, value, name: str):
         try:

@@ -16,10 +16,8 @@ all-reduce breaks after some stage completed it, the stages that did not keep th
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import secrets
 import socket
 import struct
 import threading
@@ -40,8 +38,19 @@ from checkfree.core.recovery import edge_replicas_on
 from checkfree.core.schedule import schedule_for
 from checkfree.core.stage_step import NonFiniteSteps
 from checkfree.swarm.addressing import data_host, listen
+from checkfree.swarm.admission import (
+    TOKEN_ENV,
+    TOKEN_FILE,
+    Admission,
+    AdmissionError,
+    Identity,
+    find_token,
+    new_token,
+    write_token,
+)
 from checkfree.swarm.config import config_fingerprint, parse_port_range
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
+from checkfree.swarm.gate import Tunnel
 from checkfree.swarm.handover import Handover
 from checkfree.swarm.leader import (
     MAX_RECORD_BYTES,
@@ -84,7 +93,11 @@ class Peer:
         stage: int | None,
         initial_peers: list[str],
         peer_id: str | None = None,
+        join_token: str | None = None,
     ):
+        """``peer_id``: this peer's name (its id is ``NAME.HASH`` of its key, see ``admission``; default: random);
+        ``join_token``: the swarm's secret (None: from ``$CHECKFREE_JOIN_TOKEN`` or ``RUN_DIR/join_token``;
+        a peer that starts a new swarm creates one and writes it there)."""
         L = cfg.model.num_stages
         if cfg.recovery.strategy == "redundant" and cfg.swap_enabled:
             raise ValueError(
@@ -96,17 +109,31 @@ class Peer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.peer_id = peer_id or secrets.token_hex(4)
+        token = find_token(join_token, self.run_dir)
+        if token is None and initial_peers:
+            raise AdmissionError(
+                f"joining the swarm at {initial_peers[0]} needs its join token: pass --join-token or set "
+                f"${TOKEN_ENV} (the first peer wrote it to its RUN_DIR/{TOKEN_FILE})"
+            )
+        token_path = None
+        if token is None:
+            token = new_token()
+            token_path = write_token(self.run_dir, token)
+        identity = Identity.from_env(peer_id)
+        self.peer_id = identity.peer_id
         self.run_id = cfg.swarm.run_id or cfg.run_name
         self.fingerprint = config_fingerprint(cfg)
         # the DHT forks: start it before the model and data exist (HIVEMIND-NOTES pitfall 4)
-        self.membership = Membership(cfg.membership, self.run_id, self.fingerprint, initial_peers)
+        self.membership = Membership(
+            cfg.membership, self.run_id, self.fingerprint, initial_peers, admission=Admission(token, identity)
+        )
         self._maddrs = self.membership.visible_maddrs()
         if not initial_peers:
             logger.warning(
-                "[peer %s] started a new swarm: other peers join it with --initial-peers %s",
+                "[peer %s] started a new swarm: other peers join it with --initial-peers %s and the join token%s",
                 self.peer_id,
                 " ".join(self._maddrs),
+                f" in {token_path} (mode 0600)" if token_path else "",
             )
         self.dir = self.run_dir / "peers" / self.peer_id
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +199,7 @@ class Peer:
         self._knocked = threading.Event()  # the same knock, for the heartbeat thread: watch the members now
         self._store_now = threading.Event()  # for the DHT thread: store this peer's record now
         self._pushed: EpochRecord | None = None  # the newest epoch record pushed with a leader's knock
+        self._tunnel: Tunnel | None = None  # the relay to the rendezvous store of the last epoch joined
         self._spares_seen: dict[str, tuple[float, MemberRecord]] = {}  # spare -> (when seen in the DHT, record)
         self._fetched: dict[str, tuple[float, MemberRecord | None]] = {}  # peer -> (when, record read from it)
         self._refreshed = time.monotonic()
@@ -207,7 +235,7 @@ class Peer:
         see that it lives)."""
         rec = self.record()
         rec.time = self.membership.now
-        self._served = rec.model_dump_json().encode()
+        self._served = self.membership.seal_member(rec)
         return rec
 
     def _beat_now(self) -> None:
@@ -243,7 +271,7 @@ class Peer:
             when, rec = self._fetched.get(pid, (-1e9, None))
             if now - when >= max_age:
                 _, value = read_probe(*address)
-                rec = self.membership.validate_member(value, pid) if value is not None else None
+                rec = self.membership.open_member(value, pid) if value is not None else None
                 self._fetched[pid] = (time.monotonic(), rec)
             if rec is not None and (pid not in members or rec.time > members[pid].time):
                 members[pid] = rec
@@ -283,16 +311,14 @@ class Peer:
                 conn.close()
 
     def _take_pushed(self, conn: socket.socket) -> None:
-        """Read the epoch record a leader pushed with its knock (its length, then its JSON), checked like one
-        read from the DHT; a malformed or oversized one is dropped (the DHT still has the real one)."""
+        """Read the epoch record a leader pushed with its knock (its length, then the sealed record), checked
+        like one read from the DHT; a malformed, oversized or unsealed one is dropped (the DHT still has the
+        real one)."""
         head = _recv_exact(conn, 4)
         n = struct.unpack("!I", head)[0] if len(head) == 4 else MAX_RECORD_BYTES + 1
         if n > MAX_RECORD_BYTES:
             return
-        try:
-            rec = self.membership.validate_epoch(json.loads(_recv_exact(conn, n)))
-        except ValueError:
-            return
+        rec = self.membership.open_epoch(_recv_exact(conn, n))
         with self._epoch_lock:
             if rec is not None and (self._pushed is None or rec.epoch > self._pushed.epoch):
                 self._pushed = rec
@@ -358,7 +384,7 @@ class Peer:
                 continue
             answer, value = read_probe(*rec.probes[stage])
             self.view.heard(pid, answer)
-            r = self.membership.validate_member(value, pid) if value is not None else None
+            r = self.membership.open_member(value, pid) if value is not None else None
             if answer == "refused":
                 gone.append(stage)
             elif r is not None:
@@ -378,7 +404,8 @@ class Peer:
 
     def _maybe_cut(self) -> None:
         t = self.cfg.transport
-        if self._cut or t.fault_cut_peer != self.peer_id or self.status.step < t.fault_cut_at_step:
+        named = t.fault_cut_peer in (self.peer_id, self.peer_id.rpartition(".")[0])  # its id or its name
+        if self._cut or not named or self.status.step < t.fault_cut_at_step:
             return
         self._cut = True
         reason = f"data plane cut at step {self.status.step} (transport.fault_cut_peer={self.peer_id})"
@@ -555,9 +582,15 @@ class Peer:
             try:
                 store = hosted
                 if store is None:
+                    # the store admits members only: reach it through a tunnel that passes its gate (see gate)
+                    tunnel = Tunnel(rec.store_host, rec.store_port, self.membership.admission, rec.leader, rec.epoch)
+                    with self._epoch_lock:
+                        old, self._tunnel = self._tunnel, tunnel
+                    if old is not None:
+                        old.close()
                     store = dist.TCPStore(
-                        rec.store_host,
-                        rec.store_port,
+                        "127.0.0.1",
+                        tunnel.port,
                         L,
                         is_master=False,
                         timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),

@@ -8,7 +8,7 @@ import pytest
 
 from checkfree.swarm.config import MembershipConfig
 from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
-from tests.helpers import descendants, kill_and_reap, poll, sigkill_dht_process
+from tests.helpers import admission, descendants, kill_and_reap, poll, sigkill_dht_process
 
 CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)
 
@@ -16,67 +16,162 @@ CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)
 @pytest.fixture(scope="module")
 def pair():
     run = "t-" + uuid.uuid4().hex[:6]
-    a = Membership(CFG, run, "fp1")
-    b = Membership(CFG, run, "fp1", a.visible_maddrs())
+    a = Membership(CFG, run, "fp1", admission=admission("a"))
+    b = Membership(CFG, run, "fp1", a.visible_maddrs(), admission=admission("b"))
     yield a, b
     a.shutdown()
     b.shutdown()
 
 
-def record(m: Membership, peer_id: str, fingerprint: str = "fp1", run_id: str | None = None) -> MemberRecord:
+def record(m: Membership, fingerprint: str = "fp1", run_id: str | None = None, step: int = 3) -> MemberRecord:
+    """A member record of ``m``'s own id (a node stores records under its own id only)."""
     return MemberRecord(
-        run_id=run_id or m.run_id, fingerprint=fingerprint, peer_id=peer_id, stage=1, epoch=0, state="running", step=3
+        run_id=run_id or m.run_id,
+        fingerprint=fingerprint,
+        peer_id=m.admission.peer_id,
+        stage=1,
+        epoch=0,
+        state="running",
+        step=step,
     )
 
 
-def test_heartbeat_is_seen_by_another_peer_and_expires(pair):
+@pytest.fixture
+def third(pair):
+    """A third node of the pair's swarm, with an identity of its own."""
+    c = Membership(CFG, pair[0].run_id, "fp1", pair[0].visible_maddrs(), admission=admission("c"))
+    yield c
+    c.shutdown()
+
+
+def test_heartbeat_is_seen_by_another_peer_and_expires(pair, third):
     a, b = pair
-    assert a.heartbeat(record(a, "p-expire"))
-    seen = poll(lambda: b.members().get("p-expire"))
+    me = third.admission.peer_id
+    assert third.heartbeat(record(third))
+    seen = poll(lambda: b.members().get(me))
     assert seen is not None and seen.step == 3 and seen.stage == 1
     t0 = time.time()
-    assert poll(lambda: "p-expire" not in b.members(), timeout_s=4.0)  # no more heartbeats: gone after the TTL
+    assert poll(lambda: me not in b.members(), timeout_s=4.0)  # no more heartbeats: gone after the TTL
     assert time.time() - t0 < CFG.ttl_s + 3.0  # loose: a loaded 2-core machine delays the poll
 
 
-def test_tombstone_removes_a_peer_at_once(pair):
+def test_tombstone_removes_a_peer_at_once(pair, third):
     a, b = pair
-    a.heartbeat(record(a, "p-leave"))
-    assert poll(lambda: "p-leave" in b.members())
-    a.tombstone("p-leave")
-    assert poll(lambda: "p-leave" not in b.members(), timeout_s=0.5)
+    me = third.admission.peer_id
+    third.heartbeat(record(third))
+    assert poll(lambda: me in b.members())
+    third.tombstone(me)
+    assert poll(lambda: me not in b.members(), timeout_s=0.5)
 
 
-def test_records_of_another_run_or_model_and_malformed_ones_are_ignored(pair, caplog):
+def test_records_of_another_model_are_ignored_and_of_another_run_or_malformed_refused(pair, third, caplog):
     a, b = pair
-    a.heartbeat(record(a, "p-foreign", fingerprint="other-model"))
-    a.heartbeat(record(a, "p-otherrun", run_id="someone-else"))
-    a._store(f"{a.run_id}/members", "p-garbage", {"peer_id": "p-garbage", "stage": "two"}, 5)
-    a.heartbeat(record(a, "p-good"))
-    members = poll(lambda: (m := b.members()) and "p-good" in m and m)
-    assert "p-good" in members and not {"p-foreign", "p-otherrun", "p-garbage"} & set(members)
-    assert "ignoring record p-foreign" in caplog.text and "other-model" in caplog.text
-    assert "ignoring malformed record p-garbage" in caplog.text
+    third.heartbeat(record(third, fingerprint="other-model"))
+    foreign = third.admission.peer_id
+    assert poll(lambda: foreign not in b.members() and "ignoring record " + foreign in caplog.text)
+    assert "other-model" in caplog.text
+    assert foreign not in b.members()
+    # refused by the nodes' validators: neither stored nor returned
+    assert not third.heartbeat(record(third, run_id="someone-else"))
+    assert not third._store(f"{a.run_id}/members", foreign, {"peer_id": foreign, "stage": "two"}, 5)
+    assert not third._store(f"{a.run_id}/members", foreign, {"x": "y" * 200_000}, 5)  # over the size bound
+    assert not third._store(f"{a.run_id}/other-key", "x", 1, 5)  # a key this swarm does not use
+    assert not third._store(f"{a.run_id}/members", foreign, record(third).model_dump(), 3600)  # expires too late
+    a.heartbeat(record(a))
+    members = poll(lambda: (m := b.members()) and a.admission.peer_id in m and m)
+    assert foreign not in members
+
+
+def test_a_heartbeat_under_another_peers_id_is_refused(pair, third):
+    """A holder of the token cannot speak for another peer: the subkey must be its own id (the hash of its
+    key), and a record naming another id is refused by every node that would store or return it."""
+    a, b = pair
+    victim = a.admission.peer_id
+    forged = record(third).model_copy(update={"peer_id": victim, "step": 999})
+    assert not third._store(f"{a.run_id}/members", victim, forged.model_dump(), 5)
+    assert not third._store(f"{a.run_id}/members", third.admission.peer_id, forged.model_dump(), 5)
+    a.heartbeat(record(a, step=5))
+    assert poll(lambda: (r := b.members().get(victim)) and r.step == 5)
+    time.sleep(0.3)
+    assert b.members()[victim].step == 5
+
+
+def test_a_node_without_the_token_can_neither_plant_nor_serve_records(pair):
+    """An outsider joins the DHT (its addresses are public) with another token: whatever it stores stays on its
+    own node, and the swarm's nodes refuse the records it returns to their queries."""
+    from checkfree.swarm.admission import new_token
+
+    a, b = pair
+    outsider = Membership(CFG, a.run_id, "fp1", a.visible_maddrs(), admission=admission("o", token=new_token()))
+    try:
+        me = outsider.admission.peer_id
+        outsider.heartbeat(record(outsider))
+        stop = EpochRecord(
+            run_id=a.run_id,
+            fingerprint="fp1",
+            epoch=99,
+            roster=[],
+            store_host="",
+            store_port=0,
+            step=0,
+            leader=me,
+            stop="hijack",
+        )
+        outsider.publish_epoch(stop)
+        assert me in outsider.members()  # its own node holds it ...
+        for _ in range(10):
+            assert me not in b.members() and me not in a.members()  # ... no node of the swarm returns it
+            current = b.current_epoch()
+            assert current is None or current.stop is None
+            time.sleep(0.1)
+        # nor does a record it seals pass as a probe answer or a pushed epoch
+        assert b.open_member(outsider.seal_member(record(outsider)), me) is None
+        assert b.open_epoch(outsider.seal_epoch(stop)) is None
+        # a record sealed by one member is not accepted as another's probe answer
+        assert b.open_member(a.seal_member(record(a)), me) is None
+        assert b.open_member(a.seal_member(record(a)), a.admission.peer_id) is not None
+    finally:
+        outsider.shutdown()
+
+
+def test_epoch_records_count_only_from_their_leader_or_roster(pair, third):
+    a, b = pair
+    me = third.admission.peer_id
+    rec = EpochRecord(
+        run_id=a.run_id, fingerprint="fp1", epoch=3, roster=[me, "y"], store_host="h", store_port=1, step=7, leader=me
+    )
+    assert third.publish_epoch(rec)
+    assert poll(lambda: (e := b.current_epoch()) and e.epoch == 3) and b.current_epoch() == rec
+    # a stop signed by a node that is neither the leader nor in the roster is refused
+    stop = rec.model_copy(update={"epoch": 4, "roster": [], "leader": "x", "stop": "hijack"})
+    assert not third.publish_epoch(stop)
+    # pushed epochs (probe knocks) are checked the same way
+    assert b.open_epoch(third.seal_epoch(rec)) == rec
+    assert b.open_epoch(third.seal_epoch(stop)) is None
+    time.sleep(0.3)
+    assert b.current_epoch().epoch == 3
 
 
 def test_epoch_records_are_per_fingerprint(pair):
     a, b = pair
+    me = a.admission.peer_id
     rec = EpochRecord(
-        run_id=a.run_id, fingerprint="fp1", epoch=2, roster=["x", "y"], store_host="h", store_port=1, step=7, leader="x"
+        run_id=a.run_id, fingerprint="fp1", epoch=2, roster=[me, "y"], store_host="h", store_port=1, step=7, leader=me
     )
     a.publish_epoch(rec)
-    assert poll(lambda: b.current_epoch()) == rec
-    intruder = Membership(CFG, a.run_id, "fp2", a.visible_maddrs())
+    assert poll(lambda: (e := b.current_epoch()) and e.epoch >= 2)
+    before = b.current_epoch()
+    intruder = Membership(CFG, a.run_id, "fp2", a.visible_maddrs(), admission=admission("i"))
     try:
         intruder.publish_epoch(rec.model_copy(update={"fingerprint": "fp2", "epoch": 2, "stop": "hijack"}))
         time.sleep(0.3)
-        assert b.current_epoch() == rec  # this swarm's epoch 2 is untouched
+        assert b.current_epoch() == before  # this swarm's epochs are untouched
     finally:
         intruder.shutdown()
 
 
 def test_calls_fail_fast_when_the_dht_process_is_gone():
-    m = Membership(CFG, "t-dead", "fp")
+    m = Membership(CFG, "t-dead", "fp", admission=admission())
     sigkill_dht_process(m.dht)
     assert poll(lambda: not m.dht.is_alive(), timeout_s=5)
     t0 = time.time()
@@ -95,7 +190,7 @@ def test_a_dht_process_that_never_becomes_ready_is_ended_and_reported():
     cfg = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0, startup_timeout_s=2.0)
     t0 = time.monotonic()
     with MPFuture._update_lock, pytest.raises(DHTUnavailable, match=r"not ready within 4.0 s"):
-        Membership(cfg, "t-stuck", "fp")
+        Membership(cfg, "t-stuck", "fp", admission=admission())
     assert 3.5 < time.monotonic() - t0 < 30
     kill_and_reap(set(), keep=before)
     assert poll(lambda: not (descendants(os.getpid()) - before), timeout_s=5)
@@ -108,13 +203,13 @@ def test_timeouts_are_retried_and_a_dead_dht_process_is_told_apart():
 
     run = "t-" + uuid.uuid4().hex[:6]
     flaky = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0, dht_retries=3, fault_timeout_rate=0.3)
-    m = Membership(flaky, run, "fp1")
+    m = Membership(flaky, run, "fp1", admission=admission())
     daemons = set(descendants(m.dht.pid))  # its p2pd, orphaned by the kill below: ended here as its host would
     try:
         ok = 0
         for i in range(8):
             try:
-                ok += bool(m.heartbeat(record(m, f"p{i}")))
+                ok += bool(m.heartbeat(record(m, step=i)))
             except DHTUnavailable:
                 pass  # all 4 attempts failed: p = 0.3^4 per call
         assert ok >= 6

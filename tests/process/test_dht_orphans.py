@@ -10,8 +10,9 @@ from tests.helpers import alive, descendants, poll
 ORPHAN_SCRIPT = """
 import sys, time
 from checkfree.swarm.config import MembershipConfig
+from checkfree.swarm.admission import Admission, new_token
 from checkfree.swarm.membership import Membership
-m = Membership(MembershipConfig(), "t-orphan", "fp")
+m = Membership(MembershipConfig(), "t-orphan", "fp", admission=Admission(new_token()))
 print("ready", flush=True)
 time.sleep(120)
 """

@@ -2,6 +2,7 @@
 namespace per peer on a bridge, see ``launcher/netns.py``), so that every socket crosses a real (virtual)
 network instead of loopback. Skipped, saying why, where namespaces cannot be made (not root, no iproute2)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -77,13 +78,16 @@ def test_peers_started_one_by_one_on_separate_hosts_need_no_launcher(tmp_path):
         procs[peer_id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
+    def folder(name):  # a peer's id is NAME.HASH (the hash of its key)
+        return next(iter((run_dir / "peers").glob(f"{name}.*")), run_dir / "peers" / name)
+
     def maddr(peer_id):
-        path = run_dir / "peers" / peer_id / "events.jsonl"
+        path = folder(peer_id) / "events.jsonl"
         started = [e for e in read_jsonl(path) if e["event"] == "peer_started"] if path.exists() else []
         return started[0]["maddrs"][0] if started else None
 
     def committed(peer_id):
-        path = run_dir / "peers" / peer_id / "metrics.jsonl"
+        path = folder(peer_id) / "metrics.jsonl"
         return max((m["step"] for m in read_jsonl(path) if "loss/train" in m), default=-1) if path.exists() else -1
 
     with Hosts("cftl") as hosts:
@@ -103,6 +107,7 @@ def test_peers_started_one_by_one_on_separate_hosts_need_no_launcher(tmp_path):
                 capture_output=True,
                 text=True,
                 timeout=60,
+                env={**os.environ, "CHECKFREE_JOIN_TOKEN": (run_dir / "join_token").read_text().strip()},
             )
             assert status.returncode == 0, status.stdout + status.stderr
             assert "run hostless: epoch" in status.stdout and "s0" in status.stdout and "spare" in status.stdout
