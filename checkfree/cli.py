@@ -292,6 +292,9 @@ def cmd_status(ns: argparse.Namespace) -> int:
             f"{'spare' if r.state == 'spare' else '  -  '}  {r.peer_id:22s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  "
             f"{now - r.time:15.1f}"
         )
+    for r in sorted(members.values(), key=lambda r: r.peer_id):
+        if r.note:  # what a peer waits for, e.g. the minority side of a partition
+            print(f"{r.peer_id} waits: {r.note}")
     bootstrap = [a for r in members.values() for a in r.maddrs[:1]]
     if bootstrap:
         print("join with --initial-peers " + " ".join(sorted(bootstrap)))

@@ -82,6 +82,7 @@ class Hosts:
         why = unavailable()
         if why is not None:
             raise HostsUnavailable(why)
+        self._blackholes: list[tuple[Host, str]] = []  # (host, address it cannot reach): see ``partition``
         self.bridge = f"{self.prefix}br"
         self.net = _free_subnet(self.prefix)
         self.gateway = str(self.net.network_address + 1)
@@ -137,6 +138,22 @@ class Hosts:
 
     def restore(self, host: Host) -> None:
         _ip("link", "set", host.link, "up")
+
+    def partition(self, side_a: list[Host], side_b: list[Host]) -> None:
+        """Split the network: no packet passes between a host of ``side_a`` and one of ``side_b``, while each
+        side's hosts still reach each other (a blackhole route to every host of the other side: connections
+        fail, established ones stall, nothing is delivered). ``heal()`` joins the sides again."""
+        for side, others in ((side_a, side_b), (side_b, side_a)):
+            for host in side:
+                for other in others:
+                    _ip("-n", host.netns, "route", "add", "blackhole", f"{other.address}/32")
+                    self._blackholes.append((host, other.address))
+
+    def heal(self) -> None:
+        """Undo every ``partition``."""
+        for host, address in self._blackholes:
+            _ip("-n", host.netns, "route", "del", "blackhole", f"{address}/32", check=False)
+        self._blackholes = []
 
     def pids(self, host: Host) -> list[int]:
         out = _ip("netns", "pids", host.netns, check=False).stdout

@@ -36,23 +36,33 @@ from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
 
 def probe(host: str, port: int, timeout_s: float = 0.3) -> str:
     """Ask a peer's probe port whether its process lives: ``refused`` (the host answers, nothing listens:
-    the process is gone), ``alive`` (it answered within ``timeout_s``) or ``silent`` (no answer: a frozen
-    process, a vanished host, a lost route, or none known)."""
+    the process is gone), ``alive`` (it answered within ``timeout_s``), ``frozen`` (its host accepted the
+    connection but the process did not answer: stopped, or stuck) or ``silent`` (no connection: a vanished
+    host, a lost route, a network partition, or no address known). ``silent`` is the only answer that leaves
+    open that the peer lives on the other side of a partition (see ``View.unreachable``)."""
     return _probe(host, port, timeout_s, PROBE_ASK)
+
+
+NO_ANSWER = ("silent", "frozen")  # the probe answers that say the peer cannot serve now
 
 
 def _probe(host: str, port: int, timeout_s: float, request: bytes) -> str:
     if not port:
         return "silent"
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as conn:
-            conn.settimeout(timeout_s)
-            conn.sendall(request)
-            return "alive" if conn.recv(1) == PROBE_REPLY else "silent"
+        conn = socket.create_connection((host, port), timeout=timeout_s)
     except ConnectionRefusedError:
         return "refused"
     except OSError:
         return "silent"
+    try:
+        conn.settimeout(timeout_s)
+        conn.sendall(request)
+        return "alive" if conn.recv(1) == PROBE_REPLY else "frozen"
+    except OSError:
+        return "frozen"
+    finally:
+        conn.close()
 
 
 def read_probe(host: str, port: int, timeout_s: float = 0.5) -> tuple[str, bytes | None]:
@@ -65,21 +75,25 @@ def read_probe(host: str, port: int, timeout_s: float = 0.5) -> tuple[str, bytes
         return "silent", None
     buf = b""
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as conn:
-            conn.settimeout(timeout_s)
-            conn.sendall(PROBE_ASK)
-            while len(buf) <= MAX_RECORD_BYTES:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
+        conn = socket.create_connection((host, port), timeout=timeout_s)
     except ConnectionRefusedError:
         return "refused", None
     except OSError:
-        if not buf.startswith(PROBE_REPLY):
-            return "silent", None
-    if not buf.startswith(PROBE_REPLY):
         return "silent", None
+    try:
+        conn.settimeout(timeout_s)
+        conn.sendall(PROBE_ASK)
+        while len(buf) <= MAX_RECORD_BYTES:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except OSError:
+        pass
+    finally:
+        conn.close()
+    if not buf.startswith(PROBE_REPLY):
+        return "frozen", None
     body = buf[len(PROBE_REPLY) :]
     return "alive", body if body and len(buf) <= MAX_RECORD_BYTES else None
 
@@ -182,7 +196,7 @@ class View:
         loaded machine) still answers its probe: its probe thread does nothing else."""
         if pid in self.dead:
             return True
-        if not self.stalled(pid) or self.answer(pid, record.host, record.probe_port, self.period_s) != "silent":
+        if not self.stalled(pid) or self.answer(pid, record.host, record.probe_port, self.period_s) not in NO_ANSWER:
             return False
         self.dead.add(pid)
         return True
@@ -202,6 +216,18 @@ class View:
                 since = self._missing_since.setdefault(pid, now)
                 if not bounded or now - since < 3 * self.ttl_s:
                     out.append(stage)
+        return out
+
+    def unreachable(self, members: dict[str, MemberRecord], current: EpochRecord) -> list[int]:
+        """Roster stages whose peer is neither in this view nor known gone: its host does not even accept a
+        connection (``silent``). It may have vanished, or live on the other side of a network partition; a
+        peer that is refused (crashed) or accepted but mute (frozen) is on this side and surely lost."""
+        out = []
+        for stage, pid in enumerate(current.roster):
+            if pid in members:
+                continue
+            if stage >= len(current.probes) or self.answer(pid, *current.probes[stage], self.period_s) == "silent":
+                out.append(stage)
         return out
 
     def answering(self, current: EpochRecord, members: dict[str, MemberRecord]) -> bool:
@@ -337,6 +363,18 @@ class Leader:
                     f"no member of epoch {current.epoch} seen alive yet: not declaring them lost before "
                     f"swarm.spare_wait_s={view.spare_wait_s} s"
                 )
+            if why is None and current is not None and current.roster and not current.finished:
+                # no split brain: rebuild only on a side that holds a majority of the last roster; a side that
+                # cannot reach the others may be the minority of a partition, and then the majority goes on
+                unreachable = view.unreachable(members, current)
+                reachable = len(current.roster) - len(unreachable)
+                if 2 * reachable <= len(current.roster):
+                    why = (
+                        f"possible network partition: the peers of stages {unreachable} of epoch {current.epoch} "
+                        f"are unreachable and only {reachable} of its {len(current.roster)} members are on this "
+                        f"side (a majority, {len(current.roster) // 2 + 1}, is needed to rebuild the others): "
+                        "waiting, so that two sides never train two models"
+                    )
             if why is not None:
                 if why != self.reason:
                     self.reason = why

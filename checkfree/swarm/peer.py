@@ -54,6 +54,7 @@ from checkfree.swarm.gate import Tunnel
 from checkfree.swarm.handover import Handover
 from checkfree.swarm.leader import (
     MAX_RECORD_BYTES,
+    NO_ANSWER,
     PROBE_EPOCH,
     PROBE_KNOCK,
     PROBE_REPLY,
@@ -180,7 +181,9 @@ class Peer:
         self._dht_thread = threading.Thread(target=self._dht_loop, name="dht", daemon=True)
         # the probe: a port that accepts while this process lives and refuses once it is gone, so that the
         # leader can confirm a crash at once instead of waiting for the heartbeat to expire
-        self._probe = listen(cfg.membership.host, parse_port_range(cfg.membership.port_range))
+        # a long backlog: a frozen process accepts no connection, and its probe must still be told "frozen"
+        # (accepted by the kernel, unanswered) from "silent" (unreachable) for a long while (see leader.probe)
+        self._probe = listen(cfg.membership.host, parse_port_range(cfg.membership.port_range), backlog=4096)
         threading.Thread(target=self._serve_probe, name="probe", daemon=True).start()
         # the epoch this peer is joining or training in, and why it is over (set by the heartbeat thread when
         # a member of it is lost, or a newer epoch exists); the main thread and the transport stop waiting
@@ -391,7 +394,7 @@ class Peer:
                 self.view.note({pid: r})
                 if r.epoch == rec.epoch and r.state == "recovering":
                     broke.append(stage)  # it will not join or answer in this epoch any more
-            elif answer == "silent" and self.view.stalled(pid):
+            elif answer in NO_ANSWER and self.view.stalled(pid):
                 frozen.append(stage)
                 self.view.dead.add(pid)
         if gone:

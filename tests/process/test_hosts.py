@@ -55,77 +55,152 @@ def test_a_swarm_on_emulated_hosts_survives_a_kill_and_a_vanished_host(tmp_path)
     assert _namespaces() == before
 
 
-def test_peers_started_one_by_one_on_separate_hosts_need_no_launcher(tmp_path):
-    """No ``checkfree swarm``: an operator starts each peer on a host of its own with ``checkfree peer``. The
-    first starts a new swarm alone; the others bootstrap from any live peer (the spare from stage 1's, not the
-    first's); ``checkfree status`` works from yet another host; the first peer, the swarm's bootstrap node,
-    is killed and the swarm goes on without it to the end."""
-    from launcher.netns import Hosts
-    from launcher.report import merge_run
-    from tests.helpers import SWARM, poll
+class HostPeers:
+    """Peers started by hand (``checkfree peer``), each on an emulated host of its own, into one run dir."""
 
-    # enough steps (tiny ones take ~0.1 s) that the swarm still trains when status looks and s0 is killed
-    cfg_args = [*SWARM, "membership.rpc_timeout_s=0.5", "swarm.run_id=hostless", "num_steps=300"]
-    run_dir = tmp_path / "hostless"
-    procs: dict[str, subprocess.Popen] = {}
+    def __init__(self, hosts, tmp_path, run_id: str, *cfg: str):
+        from tests.helpers import SWARM
 
-    def start(hosts, peer_id, role, initial):
-        host = hosts.add()
-        cmd = [*host.exec_prefix(), sys.executable, "-m", "checkfree", "peer", *cfg_args]
-        cmd += [f"membership.host={host.address}", "--run-dir", str(run_dir), "--peer-id", peer_id, *role]
+        self.hosts, self.tmp_path, self.run_id = hosts, tmp_path, run_id
+        self.cfg_args = [*SWARM, "membership.rpc_timeout_s=0.5", f"swarm.run_id={run_id}", *cfg]
+        self.run_dir = tmp_path / run_id
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.host_of = {}
+
+    def start(self, name, role, initial, host=None):
+        host = host or self.hosts.add()
+        self.host_of[name] = host
+        cmd = [*host.exec_prefix(), sys.executable, "-m", "checkfree", "peer", *self.cfg_args]
+        cmd += [f"membership.host={host.address}", "--run-dir", str(self.run_dir), "--peer-id", name, *role]
         cmd += ["--initial-peers", *initial] if initial else []
-        log = open(tmp_path / f"{peer_id}.log", "w")
-        procs[peer_id] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log = open(self.tmp_path / f"{name}.log", "w")
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 
-    def folder(name):  # a peer's id is NAME.HASH (the hash of its key)
-        return next(iter((run_dir / "peers").glob(f"{name}.*")), run_dir / "peers" / name)
+    def folder(self, name):  # a peer's id is NAME.HASH (the hash of its key)
+        return next(iter((self.run_dir / "peers").glob(f"{name}.*")), self.run_dir / "peers" / name)
 
-    def maddr(peer_id):
-        path = folder(peer_id) / "events.jsonl"
-        started = [e for e in read_jsonl(path) if e["event"] == "peer_started"] if path.exists() else []
+    def events(self, name):
+        path = self.folder(name) / "events.jsonl"
+        return read_jsonl(path) if path.exists() else []
+
+    def maddr(self, name):
+        started = [e for e in self.events(name) if e["event"] == "peer_started"]
         return started[0]["maddrs"][0] if started else None
 
-    def committed(peer_id):
-        path = folder(peer_id) / "metrics.jsonl"
+    def committed(self, name):
+        path = self.folder(name) / "metrics.jsonl"
         return max((m["step"] for m in read_jsonl(path) if "loss/train" in m), default=-1) if path.exists() else -1
 
+    def status(self, host, via):
+        token = (self.run_dir / "join_token").read_text().strip()
+        return subprocess.run(
+            [*host.exec_prefix(), sys.executable, "-m", "checkfree", "status", "--run-id", self.run_id]
+            + ["--initial-peers", self.maddr(via)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "CHECKFREE_JOIN_TOKEN": token},
+        )
+
+    def logs(self):
+        return "\n".join(f"--- {p}\n" + (self.tmp_path / f"{p}.log").read_text()[-2000:] for p in self.procs)
+
+    def end(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=10)
+
+    def merged(self):
+        from checkfree.config import load_config
+        from launcher.report import merge_run
+
+        return merge_run(self.run_dir, load_config([], self.cfg_args))
+
+
+def test_peers_started_one_by_one_on_separate_hosts_need_no_launcher(tmp_path):
+    """No ``checkfree swarm``: an operator starts each peer on a host of its own with ``checkfree peer``. The
+    first starts a new swarm alone (and writes the join token into its run dir, which the others read); the
+    others bootstrap from any live peer (the spare from stage 1's, not the first's); ``checkfree status`` works
+    from yet another host; the first peer, the swarm's bootstrap node, is killed and the swarm goes on without
+    it to the end."""
+    from launcher.netns import Hosts
+    from tests.helpers import poll
+
+    # enough steps (tiny ones take ~0.1 s) that the swarm still trains when status looks and s0 is killed
     with Hosts("cftl") as hosts:
+        peers = HostPeers(hosts, tmp_path, "hostless", "num_steps=300")
         try:
-            start(hosts, "s0", ["--stage", "0"], [])
-            assert poll(lambda: maddr("s0") is not None, timeout_s=60), "the first peer never started"
+            peers.start("s0", ["--stage", "0"], [])
+            assert poll(lambda: peers.maddr("s0") is not None, timeout_s=60), "the first peer never started"
             for s in (1, 2, 3):
-                start(hosts, f"s{s}", ["--stage", str(s)], [maddr("s0")])
-            assert poll(lambda: maddr("s1") is not None, timeout_s=60)
-            start(hosts, "spare", ["--spare"], [maddr("s1")])
-            assert poll(lambda: maddr("spare") is not None, timeout_s=60), "the spare never started"
-            assert poll(lambda: committed("s3") >= 5, timeout_s=120), "the swarm never trained"
-            observer = hosts.add()
-            status = subprocess.run(
-                [*observer.exec_prefix(), sys.executable, "-m", "checkfree", "status", "--run-id", "hostless"]
-                + ["--initial-peers", maddr("s2")],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env={**os.environ, "CHECKFREE_JOIN_TOKEN": (run_dir / "join_token").read_text().strip()},
-            )
+                peers.start(f"s{s}", ["--stage", str(s)], [peers.maddr("s0")])
+            assert poll(lambda: peers.maddr("s1") is not None, timeout_s=60)
+            peers.start("spare", ["--spare"], [peers.maddr("s1")])
+            assert poll(lambda: peers.maddr("spare") is not None, timeout_s=60), "the spare never started"
+            assert poll(lambda: peers.committed("s3") >= 5, timeout_s=120), "the swarm never trained"
+            status = peers.status(hosts.add(), via="s2")
             assert status.returncode == 0, status.stdout + status.stderr
             assert "run hostless: epoch" in status.stdout and "s0" in status.stdout and "spare" in status.stdout
             assert "join with --initial-peers /ip4/" in status.stdout
-            procs["s0"].kill()  # the bootstrap node of the swarm
-            for peer_id in ("s1", "s2", "s3", "spare"):
-                procs[peer_id].wait(timeout=180)
-            assert {p: procs[p].returncode for p in ("s1", "s2", "s3", "spare")} == dict.fromkeys(
-                ("s1", "s2", "s3", "spare"), 0
-            ), "\n".join((tmp_path / f"{p}.log").read_text()[-2000:] for p in procs)
+            peers.procs["s0"].kill()  # the bootstrap node of the swarm
+            for name in ("s1", "s2", "s3", "spare"):
+                peers.procs[name].wait(timeout=180)
+            codes = {p: peers.procs[p].returncode for p in ("s1", "s2", "s3", "spare")}
+            assert codes == dict.fromkeys(codes, 0), peers.logs()
         finally:
-            for p in procs.values():
-                if p.poll() is None:
-                    p.kill()
-                p.wait(timeout=10)
-    from checkfree.config import load_config
-
-    summary = merge_run(run_dir, load_config([], cfg_args))
+            peers.end()
+    summary = peers.merged()
     assert summary["steps"] == 300 and summary["repeated_steps"] == [] and summary["skipped_steps"] == []
-    rebuilt = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "rebuilt"]
-    assert [(e["peer"], e["stage"]) for e in rebuilt] == [("spare", 0)]
+    rebuilt = [e for e in read_jsonl(peers.run_dir / "events.jsonl") if e["event"] == "rebuilt"]
+    assert [(e["peer"].rpartition(".")[0], e["stage"]) for e in rebuilt] == [("spare", 0)]
+
+
+def test_a_partition_leaves_the_minority_waiting_and_one_lineage_goes_on(tmp_path):
+    """The network splits between {stages 0, 1, 2, a spare} and {stage 3, a spare, an observer}. The majority
+    side rebuilds stage 3 on its spare and trains on; the minority side waits and says so (``checkfree status``
+    on its side shows why) instead of rebuilding stages 0-2 on its spare. When the network heals, stage 3's old
+    peer sees that it was replaced and leaves: one lineage, every step committed once."""
+    from launcher.netns import Hosts
+    from tests.helpers import poll
+
+    with Hosts("cfsp") as hosts:
+        peers = HostPeers(hosts, tmp_path, "split", "num_steps=400")
+        try:
+            peers.start("s0", ["--stage", "0"], [])
+            assert poll(lambda: peers.maddr("s0") is not None, timeout_s=60), "the first peer never started"
+            for s in (1, 2, 3):
+                peers.start(f"s{s}", ["--stage", str(s)], [peers.maddr("s0")])
+            peers.start("spareA", ["--spare"], [peers.maddr("s0")])
+            peers.start("spareB", ["--spare"], [peers.maddr("s0")])
+            observer = hosts.add()
+            assert poll(lambda: peers.committed("s3") >= 20, timeout_s=120), "the swarm never trained"
+            assert poll(lambda: peers.maddr("spareB") is not None, timeout_s=60)
+            side_a = [peers.host_of[n] for n in ("s0", "s1", "s2", "spareA")]
+            side_b = [peers.host_of[n] for n in ("s3", "spareB")] + [observer]
+            hosts.partition(side_a, side_b)
+            cut_at = peers.committed("s0")
+            # the majority rebuilds stage 3 on its own spare and trains on
+            assert poll(lambda: peers.committed("spareA") >= cut_at + 20, timeout_s=120), peers.logs()
+            # the minority waits, says why, and its status shows it
+            waiting = lambda: [e for e in peers.events("s3") if e["event"] == "leader_waiting"]
+            assert poll(lambda: any("partition" in e["reason"] for e in waiting()), timeout_s=60), peers.logs()
+            status = peers.status(observer, via="s3")
+            assert status.returncode == 0 and "possible network partition" in status.stdout, status.stdout
+            hosts.heal()
+            for name in ("s0", "s1", "s2", "spareA", "s3", "spareB"):
+                peers.procs[name].wait(timeout=240)
+            codes = {p: peers.procs[p].returncode for p in peers.procs}
+            assert codes == dict.fromkeys(codes, 0), peers.logs()
+        finally:
+            peers.end()
+    summary = peers.merged()
+    assert summary["steps"] == 400 and summary["repeated_steps"] == [] and summary["skipped_steps"] == []
+    events = read_jsonl(peers.run_dir / "events.jsonl")
+    by = lambda e: e["peer"].rpartition(".")[0]
+    # no epoch was ever published on the minority side after the split, and its spare never trained
+    published = [e for e in events if e["event"] == "epoch_published" and e["step"] > cut_at]
+    assert published and not any(by(e) in ("s3", "spareB") for e in published)
+    assert [(by(e), e["stage"]) for e in events if e["event"] == "rebuilt"] == [("spareA", 3)]
+    assert any(by(e) == "s3" and e["event"] == "replaced" for e in events)
