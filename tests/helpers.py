@@ -236,3 +236,58 @@ def run_swarm(tmp_path, name, *overrides, failures=(), background=False, timeout
             kill_groups(pgids)
             assert not left, f"processes left behind: {left}"
     return proc.returncode, out, tmp_path / name
+
+
+class NoticeServer:
+    """A cloud's preemption notice served on loopback (never a metadata address), one per peer name, the
+    way AWS serves ``spot/instance-action`` with IMDSv2: ``PUT /NAME/latest/api/token`` gives a session token,
+    and ``GET /NAME/latest/meta-data/spot/instance-action`` answers 404 until ``arm(NAME)``, then the notice
+    (401 without the token). Peers use ``swarm.preemption.url=`` ``self.url`` (its ``{name}`` is theirs)."""
+
+    def __init__(self):
+        import http.server
+
+        armed, reads = self.armed, self.reads = set(), []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, code: int, body: bytes = b"") -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self):
+                name = self.path.split("/")[1]
+                self._reply(200, f"token-{name}".encode()) if self.path.endswith("/latest/api/token") else self._reply(
+                    404
+                )
+
+            def do_GET(self):
+                name = self.path.split("/")[1]
+                reads.append(name)
+                if self.headers.get("X-aws-ec2-metadata-token") != f"token-{name}":
+                    self._reply(401)
+                elif name in armed and self.path.endswith("/spot/instance-action"):
+                    self._reply(200, json.dumps({"action": "terminate", "time": "2026-11-29T13:00:00Z"}).encode())
+                else:
+                    self._reply(404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/{{name}}/latest/meta-data/spot/instance-action"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def arm(self, name: str) -> None:
+        self.armed.add(name)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

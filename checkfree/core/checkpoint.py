@@ -114,6 +114,24 @@ class StagePayload:
         return cls(**d)
 
 
+def payload_bytes(payload: StagePayload) -> bytes:
+    """A stage's payload as bytes (what a checkpoint file and a preemption hand-over hold)."""
+    buf = io.BytesIO()
+    torch.save({f.name: getattr(payload, f.name) for f in fields(payload)}, buf)  # asdict would copy
+    return buf.getvalue()
+
+
+def payload_from_bytes(data: bytes, where: str) -> StagePayload:
+    """Read ``payload_bytes`` back with ``weights_only=True`` (no code runs); RuntimeError names ``where``."""
+    try:
+        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        detail = next((line.strip() for line in lines if "GLOBAL" in line), lines[0])
+        raise RuntimeError(f"cannot load {where}: {detail}") from e
+    return StagePayload.from_dict(raw, where)
+
+
 def _open_storage(
     root: str | Path, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -205,9 +223,7 @@ class CheckpointStore:
     def save_stage(self, payload: StagePayload) -> None:
         step, stage = payload.step, payload.stage
         t0 = time.perf_counter()
-        buf = io.BytesIO()
-        torch.save({f.name: getattr(payload, f.name) for f in fields(payload)}, buf)  # asdict would copy
-        data = buf.getvalue()
+        data = payload_bytes(payload)
         final = self._file(step, stage)
         try:
             if self._local:
@@ -247,12 +263,9 @@ class CheckpointStore:
         t0 = time.perf_counter()
         try:
             data = self.fs.cat_file(path)
-            raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            lines = str(e).splitlines() or [type(e).__name__]
-            detail = next((line.strip() for line in lines if "GLOBAL" in line), lines[0])
-            raise RuntimeError(f"cannot load checkpoint {where}: {detail}") from e
-        payload = StagePayload.from_dict(raw, where)
+        except OSError as e:
+            raise RuntimeError(f"cannot load checkpoint {where}: {str(e).splitlines()[0] if str(e) else e}") from e
+        payload = payload_from_bytes(data, f"checkpoint {where}")
         if (payload.stage, payload.step) != (stage, step):
             raise RuntimeError(
                 f"{where} holds stage {payload.stage} at step {payload.step}, expected stage {stage} at step {step}"

@@ -134,8 +134,16 @@ EVENTS: dict[str, EventType] = {
             "left",
             ("reason",),
             "swarm",
-            "this peer left: it holds no valid weights for the stage it was given (its hand-over broke off)",
+            "this peer left: it holds no valid weights for the stage it was given (its hand-over broke off), "
+            "or a preemption notice's time ran out before a spare took its stage",
         ),
+        EventType(
+            "preempted",
+            ("reason", "step"),
+            "swarm",
+            "a preemption notice: this peer stops training after committed step ``step`` to hand its stage over",
+        ),
+        EventType("handed_over", ("to", "step", "stage"), "swarm", "a spare took this peer's exact state; it leaves"),
         # the local launcher
         EventType("peer_spawned", ("peer", "pid"), "launcher", "the launcher started a peer process"),
         EventType("peer_exited", ("peer", "returncode"), "launcher", "a peer process ended on its own with an error"),

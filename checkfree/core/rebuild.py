@@ -18,6 +18,7 @@ What each method installs:
 | random | fresh draw | fresh draw | fresh | ``lr * lr_factor`` |
 | shadow | the shadow's | the shadow's | the shadow's Adam | the shadow's |
 | checkpoint | the stage's checkpoint | the checkpoint's | the checkpoint's Adam | the checkpoint's |
+| handoff | the leaving peer's | the leaving peer's | its Adam | its lr |
 
 A fresh draw is seeded by the step (``seeding.reinit_salt``), never by a process's own randomness, so
 both executors draw the same weights. A restore from a checkpoint (the adjacent-failure fallback, or a
@@ -115,7 +116,7 @@ def rebuild_stage(spec: RebuildSpec, plan: RecoveryPlan, step: int, inputs: Rebu
         ValueError: an input the plan needs is missing or does not fit the stage (a source that sent
             nothing, a checkpoint of another stage, a full state of the wrong size).
     """
-    if plan.method == "checkpoint":
+    if plan.method in ("checkpoint", "handoff"):  # handoff: the state a peer leaving on a preemption notice sent
         if inputs.checkpoint is None:
             raise ValueError(f"stage {plan.stage}: plan {plan.method} but no checkpoint was handed over")
         if inputs.checkpoint.stage != plan.stage:

@@ -148,6 +148,47 @@ class ChaosConfig:
             )
 
 
+PREEMPTION_PROVIDERS = ("none", "aws", "gcp")
+# where each cloud announces a preemption (used only when swarm.preemption.provider names the cloud and
+# swarm.preemption.url is not set; never contacted otherwise)
+PREEMPTION_URLS = {
+    "aws": "http://169.254.169.254/latest/meta-data/spot/instance-action",  # 404 until a notice, then JSON
+    "gcp": "http://metadata.google.internal/computeMetadata/v1/instance/preempted",  # "TRUE" once preempted
+}
+
+
+@dataclass
+class PreemptionConfig:
+    """A peer that watches its cloud's preemption notice hands its exact state to a spare and leaves, instead
+    of vanishing and being rebuilt. Off unless ``provider`` is set: nothing is contacted otherwise."""
+
+    provider: str = "none"  # none, aws (spot instance-action) or gcp (instance/preempted)
+    # the notice's URL; None: the provider's metadata address. ``{name}`` is replaced by the peer's name, so
+    # that peers sharing one notice server (tests, emulated hosts) each get their own notice
+    url: str | None = None
+    poll_s: float = 1.0  # how often the notice is read
+    request_timeout_s: float = 0.5  # limit of one read of the notice
+    # after a notice, the peer leaves within this long: at once when a spare takes its state, else when the
+    # time is up (the swarm then rebuilds the stage as after any loss). GCP gives 30 s, AWS 2 minutes
+    leave_within_s: float = 25.0
+    handoff_timeout_s: float = 60.0  # limit of one transfer of the state to the spare that takes it
+
+    def __post_init__(self) -> None:
+        if self.provider not in PREEMPTION_PROVIDERS:
+            raise ValueError(f"swarm.preemption.provider={self.provider!r} is not one of {PREEMPTION_PROVIDERS}")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"swarm.preemption.url={self.url!r}: expected an http:// or https:// URL")
+        for name in ("poll_s", "request_timeout_s", "leave_within_s", "handoff_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"swarm.preemption.{name}={getattr(self, name)} must be > 0")
+
+    def notice_url(self, name: str) -> str | None:
+        """The URL this peer polls, or None when preemption notices are off."""
+        if self.provider == "none":
+            return None
+        return (self.url or PREEMPTION_URLS[self.provider]).replace("{name}", name)
+
+
 @dataclass
 class SwarmConfig:
     run_id: str | None = None  # swarm identity on the DHT; None: the run_name
@@ -161,6 +202,7 @@ class SwarmConfig:
     status_interval_s: float = 1.0  # launcher: refresh of the status line
     max_reforms: int = 5  # epochs in a row that may break at one step with every member alive before the swarm stops
     chaos: ChaosConfig = field(default_factory=ChaosConfig)  # launcher: failures during recoveries
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)  # peers: cloud preemption notices
     # launcher: where peers run. local: processes on this machine, over loopback; netns: each peer on an
     # emulated host of its own (a Linux network namespace on a bridge; needs root), see launcher/netns.py
     hosts: str = "local"

@@ -51,8 +51,8 @@ class Decision:
 
 def stage_holders(members: dict[str, MemberRecord], current: EpochRecord | None) -> dict[int, str]:
     """stage -> peer id: the live roster members, or (before the first epoch) the peers asking for a stage."""
-    if current is not None:
-        return {s: pid for s, pid in enumerate(current.roster) if pid in members}
+    if current is not None:  # a peer leaving on a preemption notice holds its stage no more (see handoffs)
+        return {s: pid for s, pid in enumerate(current.roster) if pid in members and members[pid].state != "leaving"}
     holders: dict[int, str] = {}
     for pid in sorted(members):
         rec = members[pid]
@@ -73,6 +73,25 @@ def leader_of(members: dict[str, MemberRecord], current: EpochRecord | None) -> 
 
 def spares(members: dict[str, MemberRecord], taken: set[str]) -> list[str]:
     return sorted(pid for pid, r in members.items() if r.state == "spare" and pid not in taken)
+
+
+def handoffs(members: dict[str, MemberRecord], current: EpochRecord, step: int) -> dict[int, PlanRecord]:
+    """stage -> handoff plan, for the roster members that leave on a preemption notice and serve their
+    stage's exact state for ``step`` (see ``preemption``)."""
+    out = {}
+    for s, pid in enumerate(current.roster):
+        r = members.get(pid)
+        if r is not None and r.state == "leaving" and r.handoff_port and r.stage == s and r.valid_for(step):
+            out[s] = PlanRecord(
+                stage=s,
+                method="handoff",
+                sources=[s],
+                path="preempted",
+                edge=None,
+                peer=pid,
+                address=(r.host, r.handoff_port),
+            )
+    return out
 
 
 def decide_epoch(
@@ -134,7 +153,8 @@ def decide_epoch(
         step = current.step
     valid = {s: r for s, r in alive.items() if r.valid_for(step)}
     lost = tuple(s for s in range(num_stages) if s not in valid)
-    if strategy == "none" and lost:
+    handed = handoffs(members, current, step)  # lost, but their exact state is served: nothing to rebuild
+    if strategy == "none" and set(lost) - set(handed):
         return Decision(None, reason=f"stages {list(lost)} lost and recovery.strategy=none", fatal=True)
     if not valid and strategy != "checkpoint":
         return Decision(
@@ -155,7 +175,7 @@ def decide_epoch(
     for s in need:
         roster[s] = free.pop(0)
     if strategy == "checkpoint":
-        if lost or any(r.step != step for r in valid.values()):
+        if set(lost) - set(handed) or any(r.step != step for r in valid.values()):
             if checkpoint_step is None and checkpoint_every and step > checkpoint_every:
                 return Decision(
                     None,
@@ -171,18 +191,22 @@ def decide_epoch(
             return Decision(
                 roster, step=checkpoint_step or 0, lost=lost, rollback_to=checkpoint_step or 0, reason="rollback"
             )
+        if handed:
+            return Decision(roster, step=step, lost=lost, plans=tuple(handed.values()), reason="handoff")
         return Decision(roster, step=step, reason="re-form")
     plans: tuple[PlanRecord, ...] = ()
     # redundant: a live holder whose shadow was never sent (its join broke off) holds a stale copy
     stale = tuple(sorted((s + 1) % num_stages for s, r in valid.items() if not r.shadow_ok))
     if strategy != "redundant":
         stale = ()
-    if lost:
+    rebuild = set(lost) - set(handed)  # the handed-over stages are exact: sources like any survivor
+    if rebuild:
+        # a handed-over holder of a replica does not hand the replica over: count it as lost here
         kinds = {k for k in ("embed", "head") if replicas_on and replica_holder(k, num_stages) not in lost}
         plans = tuple(
             PlanRecord(stage=p.stage, method=p.method, sources=list(p.sources), path=p.path, edge=p.edge)
-            for p in plan_recovery(set(lost), num_stages, strategy, fallback, has_checkpoint, kinds, set(stale))
+            for p in plan_recovery(rebuild, num_stages, strategy, fallback, has_checkpoint, kinds, set(stale))
         )
-    return Decision(
-        roster, step=step, lost=lost, plans=plans, stale_shadows=stale, reason="recover" if lost else "re-form"
-    )
+    plans = tuple(handed.values()) + plans  # first: a handed-over stage may be a source of a rebuild
+    reason = "recover" if rebuild else "handoff" if handed else "re-form"
+    return Decision(roster, step=step, lost=lost, plans=plans, stale_shadows=stale, reason=reason)

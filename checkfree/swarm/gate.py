@@ -140,16 +140,7 @@ class Gate(_Relays):
         super().__init__(sock, f"gate-{epoch}")
 
     def handle(self, conn: socket.socket) -> socket.socket:
-        conn.settimeout(HANDSHAKE_TIMEOUT_S)
-        nonce = secrets.token_bytes(32)
-        _send(conn, nonce)
-        try:
-            signer, theirs = self.admission.open(_CHALLENGE + nonce, _recv(conn))
-        except ValueError as e:
-            raise GateRefused(f"refused a connection to the rendezvous of epoch {self.epoch}: {e}") from e
-        if signer not in self.roster:
-            raise GateRefused(f"refused {signer!r} at the rendezvous of epoch {self.epoch}: not in its roster")
-        _send(conn, self.admission.seal(_ANSWER + theirs, b""))
+        admit(conn, self.admission, lambda who: who in self.roster, f"the rendezvous of epoch {self.epoch}")
         upstream = socket.create_connection(("127.0.0.1", self.store_port), timeout=HANDSHAKE_TIMEOUT_S)
         conn.settimeout(None)
         return upstream
@@ -169,7 +160,7 @@ class Tunnel(_Relays):
     def handle(self, conn: socket.socket) -> socket.socket:
         up = socket.create_connection(self.target, timeout=HANDSHAKE_TIMEOUT_S)
         try:
-            signer = _prove(up, self.admission, HANDSHAKE_TIMEOUT_S)
+            signer = prove(up, self.admission, HANDSHAKE_TIMEOUT_S)
             if signer != self.leader:
                 raise GateRefused(f"the rendezvous of epoch {self.epoch} is run by {signer!r}, not {self.leader!r}")
             up.settimeout(None)
@@ -179,7 +170,23 @@ class Tunnel(_Relays):
             raise
 
 
-def _prove(up: socket.socket, admission: Admission, timeout_s: float) -> str:
+def admit(conn: socket.socket, admission: Admission, allowed, what: str) -> str:
+    """The server's side of the handshake on connection ``conn``: challenge the client, check that it holds
+    the join token and that ``allowed(its id)``, prove this peer's own id in return; the client's id."""
+    conn.settimeout(HANDSHAKE_TIMEOUT_S)
+    nonce = secrets.token_bytes(32)
+    _send(conn, nonce)
+    try:
+        signer, theirs = admission.open(_CHALLENGE + nonce, _recv(conn))
+    except ValueError as e:
+        raise GateRefused(f"refused a connection to {what}: {e}") from e
+    if not allowed(signer):
+        raise GateRefused(f"refused {signer!r} at {what}: not a member it admits")
+    _send(conn, admission.seal(_ANSWER + theirs, b""))
+    return signer
+
+
+def prove(up: socket.socket, admission: Admission, timeout_s: float) -> str:
     """The client's side of the handshake on connection ``up``: the id of the gate's signer."""
     up.settimeout(timeout_s)
     nonce = _recv(up)
@@ -195,4 +202,4 @@ def _prove(up: socket.socket, admission: Admission, timeout_s: float) -> str:
 def handshake(host: str, port: int, admission: Admission, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> str:
     """Pass a gate's handshake and close (for tests and diagnosis): the id of the gate's signer."""
     with socket.create_connection((host, port), timeout=timeout_s) as up:
-        return _prove(up, admission, timeout_s)
+        return prove(up, admission, timeout_s)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from checkfree.core.checkpoint import CheckpointStore
+from checkfree.core.checkpoint import CheckpointStore, StagePayload
 from checkfree.core.data import Batches
 from checkfree.core.model import Stage, block_state, edge_state, initial_edge_state
 from checkfree.core.rebuild import RebuildInputs, RebuildSpec, RebuiltStage, initial_stage, rebuild_stage, restore_stage
@@ -32,9 +32,9 @@ from checkfree.core.recovery import RecoveryPlan, edge_kind, edge_replicas_on, r
 from checkfree.core.redundancy import full_state_like, full_state_tensors, shadow_holder, shadow_of
 from checkfree.core.schedule import Schedule
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped
-from checkfree.swarm.membership import EpochRecord, Lineage
+from checkfree.swarm.membership import EpochRecord, Lineage, PlanRecord
 from checkfree.swarm.shadow import HeldShadow
-from checkfree.swarm.transport import EpochGroup
+from checkfree.swarm.transport import EpochGroup, StageLostError
 from checkfree.swarm.worker import StageWorker
 
 _NORM = torch.zeros(1, dtype=torch.float64)  # shape of a gradient norm or a step number on the wire
@@ -61,11 +61,14 @@ class Handover:
         ckpt: CheckpointStore | None,
         emit: Callable[..., object],
         stop_swarm: Callable[[EpochRecord, str], None] | None = None,
+        fetch_handoff: Callable[[PlanRecord, int], StagePayload] | None = None,
     ):
         """``stop_swarm(rec, reason)`` publishes a stop record and raises ``SwarmStopped`` (the peer's leader
-        role does); without it, a fatal condition raises ``SwarmStopped`` in this peer only."""
+        role does); without it, a fatal condition raises ``SwarmStopped`` in this peer only.
+        ``fetch_handoff(plan, step)``: the exact state a leaving peer serves for a ``handoff`` plan (see
+        ``preemption``); it raises ``ConnectionError`` or ``RuntimeError`` when it cannot be had."""
         self.cfg, self.spec = cfg, RebuildSpec.of(cfg)
-        self.stop_swarm = stop_swarm
+        self.stop_swarm, self.fetch_handoff = stop_swarm, fetch_handoff
         self.schedule, self.batches, self.device, self.ckpt, self.emit = schedule, batches, device, ckpt, emit
         self.num_stages = cfg.model.num_stages
         self.replicas_on = edge_replicas_on(cfg.recovery)
@@ -166,8 +169,12 @@ class Handover:
         else:
             step = self._settle(worker, rec, step)
             adopt(worker, step)
+        handoff = next((p for p in rec.plans if p.method == "handoff" and p.stage == stage), None)
+        if handoff is not None and stage in rec.lost:
+            worker = self._take_handoff(handoff, rec)  # first: this stage may be a source of the rebuilds below
+            adopt(worker, step)
         if rec.plans:
-            rebuilt = self._transfer(group, worker, stage, rec, stage in rec.lost)
+            rebuilt = self._transfer(group, worker, stage, rec, stage in rec.lost and handoff is None)
             if rebuilt is not None:
                 plan = next(p for p in rec.plans if p.stage == stage)
                 origin = Lineage(
@@ -221,6 +228,26 @@ class Handover:
             )
         return step
 
+    def _take_handoff(self, p: PlanRecord, rec: EpochRecord) -> StageWorker:
+        """Install the exact state the leaving peer ``p.peer`` serves (a preemption notice): the swarm goes on
+        as if that peer had never left."""
+        t0 = time.monotonic()
+        plan = RecoveryPlan(p.stage, p.method, tuple(p.sources), p.path, p.edge)
+        try:
+            if self.fetch_handoff is None:
+                raise ConnectionError("this peer cannot fetch a hand-over")
+            payload = self.fetch_handoff(p, rec.step)
+            if payload.step != rec.step:
+                raise RuntimeError(f"the hand-over holds step {payload.step}, epoch {rec.epoch} resumes at {rec.step}")
+            rebuilt = rebuild_stage(self.spec, plan, rec.step, RebuildInputs(checkpoint=payload))
+        except (ConnectionError, OSError, RuntimeError) as e:
+            # this peer holds no weights then: the next epoch counts the stage as lost and rebuilds it
+            raise StageLostError(None, rec.step, f"hand-over of stage {p.stage} from {p.peer} failed: {e}") from e
+        fields = rebuilt.event_fields(plan, rec.step, self.cfg.recovery.strategy, duration_s=time.monotonic() - t0)
+        self.emit("rebuilt", **fields, lost_epoch_time=rec.time, handed_over_by=p.peer)
+        origin = Lineage(kind="rebuilt", step=rec.step, epoch=rec.epoch, method="handoff", sources=[p.stage])
+        return self.new_worker(p.stage, rebuilt, origin)
+
     # ---- transfer of weights -------------------------------------------------------------------------
     def _transfer(
         self, group: EpochGroup, worker: StageWorker | None, me: int, rec: EpochRecord, fresh: bool
@@ -231,6 +258,8 @@ class Handover:
             plan = RecoveryPlan(p.stage, p.method, tuple(p.sources), p.path, p.edge)
             kind = edge_kind(plan.stage, self.num_stages)
             holder = replica_holder(kind, self.num_stages) if kind and plan.edge == "replica" else None
+            if plan.method == "handoff":
+                continue  # fetched by the new peer from the leaving one (see _take_handoff)
             if plan.method == "shadow":
                 if me in plan.sources:
                     group.send_state(worker.shadow.state_tensors(), plan.stage, rec.step, kind="shadow")

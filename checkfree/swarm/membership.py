@@ -44,7 +44,7 @@ from checkfree.swarm.config import MembershipConfig, parse_port_range
 logger = logging.getLogger(__name__)
 
 FINISHED = "finished"  # the subkey, beside the epochs' zero-padded numbers, that marks the run finished
-STATES = ("waiting", "joining", "running", "recovering", "spare", "done")
+STATES = ("waiting", "joining", "running", "recovering", "spare", "leaving", "done")
 
 
 class Lineage(BaseModel):
@@ -82,7 +82,7 @@ class MemberRecord(BaseModel):
     peer_id: str
     stage: int  # stage held (or asked for, before the first epoch); -1: spare
     epoch: int  # latest epoch this peer joined; -1: none yet
-    state: Literal["waiting", "joining", "running", "recovering", "spare", "done"]
+    state: Literal["waiting", "joining", "running", "recovering", "spare", "leaving", "done"]
     step: int  # committed steps
     pending: bool = False  # holds finished, uncommitted gradients of step ``step``
     grad_norm: float = 0.0  # pre-clip gradient norm of the last committed step
@@ -98,6 +98,7 @@ class MemberRecord(BaseModel):
     shadow_ok: bool = True  # redundant: the shadow held is up to date (False until a new peer's is sent)
     probe_port: int = 0  # a TCP port that refuses connections once this peer's process is gone
     maddrs: list[str] = []  # this peer's DHT addresses: any live peer bootstraps a new one (see status)
+    handoff_port: int = 0  # state "leaving" (a preemption notice): where it serves its stage's exact state
 
     def valid_for(self, step: int) -> bool:
         """Whether this holder's weights are the stage's weights for ``step`` (a finished, uncommitted step
@@ -113,6 +114,8 @@ class PlanRecord(BaseModel):
     sources: list[int]
     path: str
     edge: str | None
+    peer: str | None = None  # method handoff: the leaving peer that serves the stage's state ...
+    address: tuple[str, int] | None = None  # ... at this address
 
 
 class EpochRecord(BaseModel):

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from checkfree.config import TrainConfig
-from checkfree.core.checkpoint import CheckpointStore
+from checkfree.core.checkpoint import CheckpointStore, StagePayload
 from checkfree.core.data import Batches
 from checkfree.core.events import EventLog
 from checkfree.core.exit_codes import ExitCode
@@ -63,7 +63,16 @@ from checkfree.swarm.leader import (
     knock,
     read_probe,
 )
-from checkfree.swarm.membership import DHTGone, DHTUnavailable, EpochRecord, Lineage, MemberRecord, Membership
+from checkfree.swarm.membership import (
+    DHTGone,
+    DHTUnavailable,
+    EpochRecord,
+    Lineage,
+    MemberRecord,
+    Membership,
+    PlanRecord,
+)
+from checkfree.swarm.preemption import HandoffServer, NoticeWatcher, Preempted, fetch_handoff
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 from checkfree.swarm.worker import StageWorker
@@ -167,11 +176,22 @@ class Peer:
             ckpt,
             self.emit,
             stop_swarm=lambda rec, reason: self.leader.stop_swarm(rec, reason, self.status.step),
+            fetch_handoff=self._fetch_handoff,
         )
         tokens = batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
         self.training = TrainingLoop(
-            cfg, tokens, self.metrics, ckpt, self.emit, self.handover.exchange_replicas if replicas_on else None
+            cfg,
+            tokens,
+            self.metrics,
+            ckpt,
+            self.emit,
+            self.handover.exchange_replicas if replicas_on else None,
+            should_leave=self._should_leave,
         )
+        # a preemption notice (off unless swarm.preemption.provider is set): hand the stage over and leave
+        self.notice = NoticeWatcher(cfg.swarm.preemption, identity.name)
+        self._spare_in_view = False  # after a notice: the DHT thread saw a spare that can take the stage
+        self._handoff_port = 0
         self.asked_stage = -1 if stage is None else stage
         self.worker: StageWorker | None = None
         self.group: EpochGroup | None = None
@@ -231,6 +251,7 @@ class Peer:
             shadow_ok=w.shadow_ok if w is not None else True,
             probe_port=self._probe.getsockname()[1],
             maddrs=self._maddrs,
+            handoff_port=self._handoff_port,
         )
 
     def _serve_now(self) -> MemberRecord:
@@ -354,6 +375,9 @@ class Peer:
                 if time.monotonic() - self._stored >= m.period_s or self._store_now.is_set():
                     self._store_now.clear()
                     self._beat_now()
+                if self.notice.noticed is not None and not self._spare_in_view and self.status.state == "running":
+                    # a preemption notice: the stage is handed over as soon as a spare can take it
+                    self._spare_in_view = any(r.state == "spare" for r in self.membership.members().values())
                 rec = self.joined
                 due = time.monotonic() - self._refreshed > m.epoch_ttl_s / 4
                 if rec is not None and self.epoch_over is None and (time.monotonic() - read >= 4 * m.watch_s or due):
@@ -392,7 +416,7 @@ class Peer:
                 gone.append(stage)
             elif r is not None:
                 self.view.note({pid: r})
-                if r.epoch == rec.epoch and r.state == "recovering":
+                if r.epoch == rec.epoch and r.state in ("recovering", "leaving"):
                     broke.append(stage)  # it will not join or answer in this epoch any more
             elif answer in NO_ANSWER and self.view.stalled(pid):
                 frozen.append(stage)
@@ -447,6 +471,8 @@ class Peer:
                     return ExitCode.OK
                 except (StageLostError, PeerProtocolError) as e:
                     self._abort(e)
+        except Preempted as e:
+            return self._leave(str(e))
         except PeerCannotServe as e:
             self.emit("left", reason=str(e))
             logger.error("[peer %s] leaving: %s", self.peer_id, e)
@@ -657,6 +683,64 @@ class Peer:
             knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
         self._store_now.set()
         self._knocked.set()
+
+    # ---- preemption ----------------------------------------------------------------------------
+    def _should_leave(self) -> str | None:
+        """After a commit: why this peer stops training now (a preemption notice, and a spare to take its
+        stage or no time left), else None."""
+        n = self.notice
+        if n.noticed is None or not (self._spare_in_view or n.deadline_passed()):
+            return None
+        return f"preemption notice: {n.text}"
+
+    def _leave(self, reason: str) -> ExitCode:
+        """Serve this stage's exact state (as of the last committed step) until the spare that the next epoch
+        names has it and trains, or the notice's time is up; then leave."""
+        w, cfg, step = self.worker, self.cfg, self.status.step
+        self.emit("preempted", reason=reason[:300], step=step, spare_in_view=self._spare_in_view)
+        with self._epoch_lock:
+            rec, self.joined = self.joined, None
+        if self.group is not None:
+            self.group.abort(f"stage {w.index} leaves: {reason[:100]}")  # the others stop waiting on it now
+            self.group.close()
+            self.group = None
+        if self.notice.deadline_passed():
+            self.emit("left", reason=f"{reason[:200]}; no spare took stage {w.index} in time")
+            return ExitCode.OK
+        m = cfg.membership
+        server = HandoffServer(m.host, m.port_range, self.membership.admission, w.payload(step))
+        self._handoff_port, self.status.state = server.port, "leaving"
+        self._serve_now()
+        if rec is not None:
+            knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
+        self._store_now.set()
+        successor = None
+        try:
+            while successor is None and not self.notice.deadline_passed():
+                time.sleep(m.poll_s)
+                try:
+                    members, current = self.membership.members_and_epoch()
+                except DHTUnavailable:
+                    continue
+                if current is None or current.epoch <= self.status.epoch or w.index >= len(current.roster):
+                    continue
+                pid = current.roster[w.index]
+                r = members.get(pid)
+                if pid in server.served and r is not None and r.epoch >= current.epoch and r.state == "running":
+                    successor = pid
+        finally:
+            server.close()
+        if successor is not None:
+            self.emit("handed_over", to=successor, step=step, stage=w.index)
+            logger.warning("[peer %s] preempted: stage %d handed over to %s", self.peer_id, w.index, successor)
+        else:
+            self.emit("left", reason=f"{reason[:200]}; the hand-over of stage {w.index} did not finish in time")
+        return ExitCode.OK
+
+    def _fetch_handoff(self, plan: PlanRecord, step: int) -> StagePayload:
+        host, port = plan.address
+        timeout_s = self.cfg.swarm.preemption.handoff_timeout_s
+        return fetch_handoff(host, port, self.membership.admission, plan.peer, plan.stage, timeout_s)
 
     def _finish(self) -> None:
         self.status.state = "done"

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from checkfree.core.checkpoint import CheckpointStore, StagePayload
+from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.metrics import JsonLines, peak_rss_mb
 from checkfree.core.stage_step import NonFiniteGuard
+from checkfree.swarm.preemption import Preempted
 from checkfree.swarm.transport import EpochGroup
 from checkfree.swarm.worker import StageWorker
 
@@ -41,9 +42,12 @@ class TrainingLoop:
         ckpt: CheckpointStore | None,
         emit: Callable[..., object],
         exchange_replicas: Callable[[EpochGroup, StageWorker, int], None] | None,
+        should_leave: Callable[[], str | None] | None = None,
     ):
+        """``should_leave()``: asked after every commit; a reason (a preemption notice) ends training with
+        ``Preempted`` at that step boundary."""
         self.cfg, self.tokens_per_step, self.metrics, self.ckpt = cfg, tokens_per_step, metrics, ckpt
-        self.emit, self.exchange_replicas = emit, exchange_replicas
+        self.emit, self.exchange_replicas, self.should_leave = emit, exchange_replicas, should_leave
         self.nonfinite = NonFiniteGuard(cfg.optim)
 
     def run(self, group: EpochGroup, worker: StageWorker, status: PeerStatus, resumed: bool) -> None:
@@ -52,6 +56,7 @@ class TrainingLoop:
 
         Raises:
             StageLostError, PeerProtocolError: from the transport; the step is discarded or stays pending.
+            Preempted: ``should_leave`` said so, after the commit of a step.
         """
         cfg = self.cfg
         while status.step < cfg.num_steps:
@@ -88,6 +93,9 @@ class TrainingLoop:
                 }
             )
             self._after_commit(group, worker, status)
+            why = self.should_leave() if self.should_leave is not None and status.step < cfg.num_steps else None
+            if why:
+                raise Preempted(why)
 
     def _after_commit(self, group: EpochGroup, worker: StageWorker, status: PeerStatus) -> None:
         cfg, step = self.cfg, status.step
@@ -95,17 +103,7 @@ class TrainingLoop:
             self.exchange_replicas(group, worker, step)
         if self.ckpt and step % cfg.checkpoint.every_steps == 0:
             ts = time.monotonic()
-            self.ckpt.save_stage(
-                StagePayload(
-                    stage=worker.index,
-                    step=step,
-                    model=worker.stage.state_dict(),
-                    optim=worker.optimizer.state_dict(),
-                    lr=worker.lr,
-                    grad_norm_raw=worker.grad_norm_raw,
-                    grad_norm_smoothed=worker.grad_norm_smoothed,
-                )
-            )
+            self.ckpt.save_stage(worker.payload(step))
             self.emit("checkpoint_save", step=step, save_s=time.monotonic() - ts)
         every = cfg.eval_every_steps
         if (every and step % every == 0) or step == cfg.num_steps:

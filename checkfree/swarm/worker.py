@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from checkfree.core.checkpoint import StagePayload
 from checkfree.core.data import Batches
 from checkfree.core.model import Stage
 from checkfree.core.rebuild import RebuiltStage
@@ -170,6 +171,18 @@ class StageWorker:
             self.shadow.step()
         self.pending_step = None
         self.discard()
+
+    def payload(self, step: int) -> StagePayload:
+        """This stage's whole training state after ``step`` committed steps (a checkpoint, a hand-over)."""
+        return StagePayload(
+            stage=self.index,
+            step=step,
+            model=self.stage.state_dict(),
+            optim=self.optimizer.state_dict(),
+            lr=self.lr,
+            grad_norm_raw=self.grad_norm_raw,
+            grad_norm_smoothed=self.grad_norm_smoothed,
+        )
 
     def recovery_norm(self, source: str) -> float:
         return recovery_norm(self.grad_norm_raw, self.grad_norm_smoothed, source)

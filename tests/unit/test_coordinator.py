@@ -205,3 +205,38 @@ def test_a_stale_shadow_is_never_a_rebuild_source_and_is_sent_anew():
     members["c"] = rec("c", 2, "recovering")
     d = decide_epoch(members, epoch(), 4, "redundant", "nearest")
     assert d.lost == () and d.stale_shadows == (2,)  # nothing lost: only the shadow is refreshed
+
+
+def _leaving(pid, stage, step=5):
+    r = rec(pid, stage, "leaving", step=step)
+    return r.model_copy(update={"handoff_port": 4242, "host": "10.0.0.7"})
+
+
+def test_a_peer_leaving_on_a_preemption_notice_hands_its_stage_to_a_spare_without_a_rebuild():
+    """Its exact state is served: the plan is a hand-over from it (no averaging), the swarm resumes at the
+    step it committed, and with recovery.strategy=checkpoint nothing rolls back."""
+    members = {"a": rec("a", 0, "recovering"), "c": rec("c", 2, "recovering"), "d": rec("d", 3, "recovering")}
+    members["b"] = _leaving("b", 1)
+    assert leader_of(members, epoch()) == "a"  # the leaving peer never leads (it would host the rendezvous)
+    d = decide_epoch(members, epoch(), 4, "checkfree_plus", "nearest")
+    assert d.roster is None and "waiting for a spare for stages [1]" in d.reason
+    members["s"] = rec("s", -1, "spare", -1, 0)
+    for strategy in ("checkfree_plus", "checkpoint", "none"):
+        d = decide_epoch(members, epoch(), 4, strategy, "nearest")
+        assert d.roster == ["a", "s", "c", "d"] and d.step == 5 and d.rollback_to is None, (strategy, d.reason)
+        (plan,) = d.plans
+        assert (plan.stage, plan.method, plan.peer, plan.address) == (1, "handoff", "b", ("10.0.0.7", 4242))
+        assert d.reason == "handoff"
+
+
+def test_a_hand_over_and_a_crash_at_once_rebuild_the_crashed_stage_from_the_handed_over_one():
+    members = {"a": rec("a", 0, "recovering"), "d": rec("d", 3, "recovering"), "b": _leaving("b", 1)}
+    members.update({"s": rec("s", -1, "spare", -1, 0), "t": rec("t", -1, "spare", -1, 0)})
+    d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
+    assert d.roster == ["a", "s", "t", "d"] and d.lost == (1, 2)
+    assert [(p.stage, p.method) for p in d.plans] == [(1, "handoff"), (2, "weighted_average")]
+    assert sorted(d.plans[1].sources) == [1, 3]  # stage 1's handed-over weights are a source
+    # a leaving peer whose state is not for the resume step is no source of a hand-over: rebuilt as lost
+    members["b"] = _leaving("b", 1, step=4)
+    d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
+    assert all(p.method != "handoff" for p in d.plans)

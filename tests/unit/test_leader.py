@@ -12,11 +12,19 @@ from tests.helpers import tiny_config
 
 
 class _Membership:
+    """What a leader needs of ``Membership``: publishing, sealing what it pushes, the node's admission."""
+
     def __init__(self):
+        from tests.helpers import admission
+
         self.published: list[EpochRecord] = []
+        self.admission = admission("a")
 
     def publish_epoch(self, rec):
         self.published.append(rec)
+
+    def seal_epoch(self, rec):
+        return self.admission.seal(b"epoch", rec.model_dump_json().encode())
 
 
 def _view():
@@ -225,8 +233,27 @@ def test_probe_tells_a_crash_a_hang_and_a_live_process_apart(ports):
 
     assert probe("127.0.0.1", ports.alive) == "alive"
     assert probe("127.0.0.1", ports.refused) == "refused"
-    assert probe("127.0.0.1", ports.frozen, 0.2) == "silent"
+    assert probe("127.0.0.1", ports.frozen, 0.2) == "frozen"  # the host accepts, the process is mute
     assert probe("127.0.0.1", 0) == "silent"  # no port known
+
+
+def test_a_side_without_a_majority_of_the_roster_waits_and_says_so(ports, tmp_path):
+    """Two of four roster members cannot be reached at all (silent: maybe across a partition): this side may
+    be the minority, so it rebuilds nothing and says why. The same two seen crashed (refused) or frozen are
+    surely lost on this side: the leader goes on (here, to waiting for spares)."""
+    from checkfree.swarm.leader import Leader, View
+
+    members, current = _view()
+    del members["c"]
+    for far, expect in ((0, "possible network partition"), (ports.refused, "waiting for a spare for stages [2, 3]")):
+        probes = [("127.0.0.1", ports.alive)] * 2 + [("127.0.0.1", far)] * 2
+        rec = current.model_copy(update={"probes": probes})
+        membership = _Membership()
+        leader = Leader(tiny_config(tmp_path), "a", "l", "fp", membership, None, True, lambda *a, **k: None)
+        view = View(ttl_s=0.05, spare_wait_s=0.0, period_s=0.01, store_period_s=0.01)
+        time.sleep(0.06)  # watched long enough to decide
+        leader.step(members, rec, 3, view)
+        assert expect in leader.reason and not membership.published, leader.reason
 
 
 def test_a_frozen_member_is_confirmed_once_its_heartbeat_stalls_a_crashed_one_at_once(ports):
@@ -278,6 +305,9 @@ class _AnsweringView:
 
     def answering(self, current, members):
         return True
+
+    def unreachable(self, members, current):
+        return []  # every member answers: none is across a partition
 
 
 def test_a_checkpoint_store_that_is_not_shared_stops_the_swarm_instead_of_restarting_from_step_0(tmp_path):

@@ -1,0 +1,193 @@
+"""
+Preemption
+==========
+
+A spot instance is told before it is taken away (AWS: two minutes, through ``spot/instance-action``; GCP: 30
+seconds, through ``instance/preempted``). A lost stage can be rebuilt, but a stage whose machine announced its
+end need not be: its peer hands its exact state over and the swarm trains on as if nothing happened.
+
+- ``NoticeWatcher`` polls the notice URL (``swarm.preemption``: off unless a provider is configured; tests
+  serve the notice from a local HTTP server, never a metadata address).
+- On a notice, at the next step boundary with a spare in view, the peer stops training with its state as of
+  the last committed step, serves that state on a ``HandoffServer`` (members only: the gate's handshake), and
+  heartbeats ``state="leaving"`` with the server's port. The leader plans the stage as a ``handoff``: a spare
+  takes it, fetches the state (``fetch_handoff``) and installs it with ``rebuild_stage`` (weights, Adam
+  moments, learning rate and norms, as a checkpoint restore does), so its first step is the step the leaving
+  peer would have run.
+- The peer leaves when its successor trains, or ``leave_within_s`` after the notice whatever happened (the
+  swarm then rebuilds the stage as after any loss).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from checkfree.core.checkpoint import StagePayload, payload_bytes, payload_from_bytes
+from checkfree.swarm.addressing import listen
+from checkfree.swarm.admission import Admission
+from checkfree.swarm.config import PreemptionConfig, parse_port_range
+from checkfree.swarm.gate import GateRefused, admit, prove
+
+logger = logging.getLogger(__name__)
+
+MAX_STATE_BYTES = 1 << 40
+
+
+class Preempted(Exception):
+    """Raised at a step boundary: this peer's machine will be taken away; it hands its stage over."""
+
+
+def read_notice(cfg: PreemptionConfig, url: str) -> str | None:
+    """The notice, if the machine is to be preempted (its text), else None. Errors count as no notice: a
+    metadata server that cannot be read says nothing."""
+    headers = {"Metadata-Flavor": "Google"} if cfg.provider == "gcp" else {}
+    if cfg.provider == "aws":
+        token = _aws_token(url, cfg.request_timeout_s)
+        if token:
+            headers["X-aws-ec2-metadata-token"] = token
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=cfg.request_timeout_s) as r:
+            body = r.read(4096).decode(errors="replace").strip()
+    except (urllib.error.URLError, OSError, ValueError):
+        return None  # AWS answers 404 until there is a notice
+    if cfg.provider == "gcp":
+        return body if body.upper() == "TRUE" else None
+    try:
+        action = json.loads(body).get("action", "")
+    except (ValueError, AttributeError):
+        return None
+    return body if action in ("terminate", "stop", "hibernate") else None
+
+
+def _aws_token(url: str, timeout_s: float) -> str | None:
+    """An IMDSv2 session token from the notice's own host (instances that require IMDSv2 refuse reads
+    without one); None where the host does not give one (IMDSv1, a test server)."""
+    base = url.split("/latest/")[0] if "/latest/" in url else None
+    if base is None:
+        return None
+    request = urllib.request.Request(
+        f"{base}/latest/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
+            return r.read(256).decode().strip() or None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+class NoticeWatcher:
+    """Polls the notice in a thread of its own; ``noticed`` is the monotonic time of the first notice."""
+
+    def __init__(self, cfg: PreemptionConfig, name: str):
+        self.cfg, self.url = cfg, cfg.notice_url(name)
+        self.noticed: float | None = None
+        self.text = ""
+        self._stop = threading.Event()
+        if self.url is not None:
+            threading.Thread(target=self._run, name="preemption", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            text = read_notice(self.cfg, self.url)
+            if text is not None:
+                self.text, self.noticed = text[:300], time.monotonic()
+                logger.warning("preemption notice from %s: %s", self.url, self.text)
+                return
+            self._stop.wait(self.cfg.poll_s)
+
+    def deadline_passed(self) -> bool:
+        return self.noticed is not None and time.monotonic() - self.noticed >= self.cfg.leave_within_s
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class HandoffServer:
+    """Serves one stage's exact state to members of the swarm (checked like the rendezvous gate)."""
+
+    def __init__(self, host: str, port_range: str | None, admission: Admission, payload: StagePayload):
+        self.admission, self.payload = admission, payload
+        self.blob = payload_bytes(payload)
+        self.sock = listen(host, parse_port_range(port_range))
+        self.sock.settimeout(0.5)
+        self.served: list[str] = []  # the peers that fetched the state
+        self._closed = threading.Event()
+        threading.Thread(target=self._serve, name="handoff", daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def _serve(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._send, args=(conn,), name="handoff-send", daemon=True).start()
+
+    def _send(self, conn: socket.socket) -> None:
+        try:
+            who = admit(conn, self.admission, lambda _: True, f"the hand-over of stage {self.payload.stage}")
+            conn.settimeout(30.0)
+            conn.sendall(struct.pack("!Q", len(self.blob)) + self.blob)
+            if conn.recv(1) == b"k":  # the receiver read it all
+                self.served.append(who)
+        except (OSError, GateRefused) as e:
+            logger.warning("hand-over of stage %d: %s", self.payload.stage, e)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.sock.close()
+
+
+def fetch_handoff(
+    host: str, port: int, admission: Admission, from_peer: str, stage: int, timeout_s: float
+) -> StagePayload:
+    """The state of ``stage`` from the leaving peer ``from_peer`` at ``host:port``.
+
+    Raises:
+        ConnectionError (GateRefused included): the peer is gone, is not ``from_peer``, or sent too little.
+        RuntimeError: what it sent is not a stage's state.
+    """
+    deadline = time.monotonic() + timeout_s
+    with socket.create_connection((host, port), timeout=min(timeout_s, 5.0)) as up:
+        signer = prove(up, admission, min(timeout_s, 5.0))
+        if signer != from_peer:
+            raise GateRefused(f"the hand-over of stage {stage} is served by {signer!r}, not {from_peer!r}")
+        head = _recv_exact(up, 8, deadline)
+        n = struct.unpack("!Q", head)[0]
+        if n > MAX_STATE_BYTES:
+            raise ConnectionError(f"hand-over of {n} bytes (at most {MAX_STATE_BYTES})")
+        blob = _recv_exact(up, n, deadline)
+        up.sendall(b"k")
+    payload = payload_from_bytes(blob, f"the hand-over from {from_peer}")
+    if payload.stage != stage:
+        raise RuntimeError(f"the hand-over from {from_peer} holds stage {payload.stage}, expected stage {stage}")
+    return payload
+
+
+def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectionError(f"hand-over incomplete: {got} of {n} bytes before the time limit")
+        conn.settimeout(min(left, 5.0))
+        chunk = conn.recv(min(n - got, 1 << 20))
+        if not chunk:
+            raise ConnectionError(f"hand-over incomplete: the peer closed after {got} of {n} bytes")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
