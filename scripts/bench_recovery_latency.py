@@ -16,8 +16,9 @@ by. The launcher pairs every kill with its recovery (``launcher/report.py``):
 Experiments vary one thing at a time from the base (the tiny default: 4 stages, d_model 128, heartbeat
 DHT heartbeat period 2 s / TTL 8 s, watch 0.5 s): crash vs hang, model width (stage bytes), number of stages
 (2, 4, 8), the watch interval (how often members read each other's records through their probe ports) and
-the DHT heartbeat period / TTL (which detection no longer depends on). Prints and saves the distribution
-per experiment and a box plot.
+the DHT heartbeat period / TTL (which detection no longer depends on); and on emulated hosts (``netns-*``,
+root only): crashes, hosts that vanish without a TCP reset, and 100 Mbit/s links with growing stages (what
+the transfer costs). Prints and saves the distribution per experiment and a box plot.
 
     python scripts/bench_recovery_latency.py [CONFIG.yaml ...] [key=value ...] [--only NAME ...] [--repeat N]
 """
@@ -53,6 +54,17 @@ EXPERIMENTS = {
     "stages8": (["model.num_stages=8"], FIRST_MIDDLE_LAST),
     "hang-watch0.25": (["swarm.hang_fraction=1.0", "membership.watch_s=0.25"], FIRST_MIDDLE_LAST),
     "hb0.5-ttl2": (["membership.period_s=0.5", "membership.ttl_s=2.0"], FIRST_MIDDLE_LAST),
+    # every peer on an emulated host of its own (needs root): real sockets between addresses, no loopback
+    "netns-crash": (["swarm.hosts=netns"], FIRST_MIDDLE_LAST),
+    # the victim's host vanishes (its link goes down: no TCP reset), so only the silent probe tells
+    "netns-vanish": (
+        ["swarm.hosts=netns", "swarm.vanish_fraction=1.0", "membership.rpc_timeout_s=0.5"],
+        FIRST_MIDDLE_LAST,
+    ),
+    # 100 Mbit/s links: what moving a stage costs as stages grow
+    "netns-100mbit": (["swarm.hosts=netns", "swarm.host_rate_mbit=100"], FIRST_MIDDLE_LAST),
+    "netns-100mbit-d256": (["swarm.hosts=netns", "swarm.host_rate_mbit=100", "model.d_model=256"], FIRST_MIDDLE_LAST),
+    "netns-100mbit-d512": (["swarm.hosts=netns", "swarm.host_rate_mbit=100", "model.d_model=512"], FIRST_MIDDLE_LAST),
 }
 
 

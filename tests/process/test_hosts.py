@@ -2,10 +2,8 @@
 namespace per peer on a bridge, see ``launcher/netns.py``), so that every socket crosses a real (virtual)
 network instead of loopback. Skipped, saying why, where namespaces cannot be made (not root, no iproute2)."""
 
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 
@@ -55,68 +53,12 @@ def test_a_swarm_on_emulated_hosts_survives_a_kill_and_a_vanished_host(tmp_path)
     assert _namespaces() == before
 
 
-class HostPeers:
-    """Peers started by hand (``checkfree peer``), each on an emulated host of its own, into one run dir."""
+def HostPeers(hosts, tmp_path, run_id: str, *cfg: str):
+    from launcher.hostpeers import PeersOnHosts
+    from tests.helpers import SWARM
 
-    def __init__(self, hosts, tmp_path, run_id: str, *cfg: str):
-        from tests.helpers import SWARM
-
-        self.hosts, self.tmp_path, self.run_id = hosts, tmp_path, run_id
-        self.cfg_args = [*SWARM, "membership.rpc_timeout_s=0.5", f"swarm.run_id={run_id}", *cfg]
-        self.run_dir = tmp_path / run_id
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.host_of = {}
-
-    def start(self, name, role, initial, host=None):
-        host = host or self.hosts.add()
-        self.host_of[name] = host
-        cmd = [*host.exec_prefix(), sys.executable, "-m", "checkfree", "peer", *self.cfg_args]
-        cmd += [f"membership.host={host.address}", "--run-dir", str(self.run_dir), "--peer-id", name, *role]
-        cmd += ["--initial-peers", *initial] if initial else []
-        log = open(self.tmp_path / f"{name}.log", "w")
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-
-    def folder(self, name):  # a peer's id is NAME.HASH (the hash of its key)
-        return next(iter((self.run_dir / "peers").glob(f"{name}.*")), self.run_dir / "peers" / name)
-
-    def events(self, name):
-        path = self.folder(name) / "events.jsonl"
-        return read_jsonl(path) if path.exists() else []
-
-    def maddr(self, name):
-        started = [e for e in self.events(name) if e["event"] == "peer_started"]
-        return started[0]["maddrs"][0] if started else None
-
-    def committed(self, name):
-        path = self.folder(name) / "metrics.jsonl"
-        return max((m["step"] for m in read_jsonl(path) if "loss/train" in m), default=-1) if path.exists() else -1
-
-    def status(self, host, via):
-        token = (self.run_dir / "join_token").read_text().strip()
-        return subprocess.run(
-            [*host.exec_prefix(), sys.executable, "-m", "checkfree", "status", "--run-id", self.run_id]
-            + ["--initial-peers", self.maddr(via)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "CHECKFREE_JOIN_TOKEN": token},
-        )
-
-    def logs(self):
-        return "\n".join(f"--- {p}\n" + (self.tmp_path / f"{p}.log").read_text()[-2000:] for p in self.procs)
-
-    def end(self):
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=10)
-
-    def merged(self):
-        from checkfree.config import load_config
-        from launcher.report import merge_run
-
-        return merge_run(self.run_dir, load_config([], self.cfg_args))
+    args = [*SWARM, "membership.rpc_timeout_s=0.5", f"swarm.run_id={run_id}", *cfg]
+    return PeersOnHosts(hosts, tmp_path, tmp_path / run_id, args)
 
 
 def test_peers_started_one_by_one_on_separate_hosts_need_no_launcher(tmp_path):
@@ -140,7 +82,7 @@ def test_peers_started_one_by_one_on_separate_hosts_need_no_launcher(tmp_path):
             peers.start("spare", ["--spare"], [peers.maddr("s1")])
             assert poll(lambda: peers.maddr("spare") is not None, timeout_s=60), "the spare never started"
             assert poll(lambda: peers.committed("s3") >= 5, timeout_s=120), "the swarm never trained"
-            status = peers.status(hosts.add(), via="s2")
+            status = peers.status(hosts.add(), via="s2", run_id="hostless")
             assert status.returncode == 0, status.stdout + status.stderr
             assert "run hostless: epoch" in status.stdout and "s0" in status.stdout and "spare" in status.stdout
             assert "join with --initial-peers /ip4/" in status.stdout
@@ -186,7 +128,7 @@ def test_a_partition_leaves_the_minority_waiting_and_one_lineage_goes_on(tmp_pat
             # the minority waits, says why, and its status shows it
             waiting = lambda: [e for e in peers.events("s3") if e["event"] == "leader_waiting"]
             assert poll(lambda: any("partition" in e["reason"] for e in waiting()), timeout_s=60), peers.logs()
-            status = peers.status(observer, via="s3")
+            status = peers.status(observer, via="s3", run_id="split")
             assert status.returncode == 0 and "possible network partition" in status.stdout, status.stdout
             hosts.heal()
             for name in ("s0", "s1", "s2", "spareA", "s3", "spareB"):

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from checkfree.core.metrics import read_jsonl
-from tests.helpers import NoticeServer, check_every_step_once, run_swarm, tiny_config
+from launcher.notices import NoticeServer
+from tests.helpers import check_every_step_once, run_swarm, tiny_config
 
 pytestmark = pytest.mark.process
 

@@ -4,7 +4,8 @@ import pytest
 
 from checkfree.swarm.config import PreemptionConfig
 from checkfree.swarm.preemption import NoticeWatcher, read_notice
-from tests.helpers import NoticeServer, poll
+from launcher.notices import NoticeServer
+from tests.helpers import poll
 
 
 def test_an_aws_notice_is_read_with_an_imdsv2_token_and_only_for_this_peer():
