@@ -139,6 +139,8 @@ class Peer:
         )
         self._maddrs = self.membership.visible_maddrs()
         if not initial_peers:
+            # beside the token: what other hosts join with (checkfree swarm writes the same file)
+            (self.run_dir / "maddrs.txt").write_text(" ".join(self._maddrs) + "\n")
             logger.warning(
                 "[peer %s] started a new swarm: other peers join it with --initial-peers %s and the join token%s",
                 self.peer_id,
