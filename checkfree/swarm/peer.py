@@ -502,6 +502,9 @@ class Peer:
             self._beat.join(timeout=5)
             self._dht_thread.join(timeout=5)
             self._probe.close()
+            self.notice.close()
+            if self._tunnel is not None:
+                self._tunnel.close()
             self.membership.tombstone(self.peer_id)
             self.membership.shutdown()
             self.events.close()
@@ -532,6 +535,10 @@ class Peer:
             if (current is not None and current.finished) or any(r.state == "done" for r in members.values()):
                 if self.worker is None:
                     return None  # the run finished while this peer was a spare
+            if self.notice.noticed is not None and self.worker is None:
+                # a spare whose machine goes away holds nothing to hand over: it leaves before it is given a stage
+                self.emit("left", reason=f"preemption notice while a spare: {self.notice.text[:200]}")
+                return None
             if current is not None and current.epoch > self.status.epoch:
                 if self.peer_id in current.roster:
                     return current

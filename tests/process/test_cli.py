@@ -77,3 +77,42 @@ def test_a_peer_whose_launcher_is_already_gone_exits_at_once(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_joining_without_the_token_or_with_a_bad_one_exits_2_saying_what_is_expected(tmp_path):
+    """Nothing starts (no DHT, no run dir files but the peer's folder) and the token is never echoed."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "CHECKFREE_JOIN_TOKEN"}
+    join = [
+        "peer",
+        *TINY,
+        "--spare",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--initial-peers",
+        "/ip4/127.0.0.1/tcp/9/p2p/x",
+    ]
+
+    def cli(*args, extra_env=None):
+        return subprocess.run(
+            [sys.executable, "-m", "checkfree", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**env, **(extra_env or {})},
+        )
+
+    out = cli(*join)
+    assert out.returncode == 2 and "needs its join token: pass --join-token or set $CHECKFREE_JOIN_TOKEN" in out.stderr
+    secret = "cfj1_" + "x" * 40 + "!?"
+    out = cli(*join, extra_env={"CHECKFREE_JOIN_TOKEN": secret})
+    assert out.returncode == 2 and "the join token is not valid (47 characters)" in out.stderr
+    assert secret not in out.stderr
+    from checkfree.swarm.admission import new_token
+
+    out = cli(*join, "--peer-id", "a.b", extra_env={"CHECKFREE_JOIN_TOKEN": new_token()})
+    assert out.returncode == 2 and "peer name 'a.b' is not valid" in out.stderr
+    out = cli("status", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/x")
+    assert out.returncode == 2 and "sealed with its join token" in out.stderr

@@ -12,6 +12,10 @@ from tests.helpers import check_every_step_once, run_swarm, tiny_config
 pytestmark = pytest.mark.process
 
 
+def _events(run_dir):
+    return [e for path in (run_dir / "peers").glob("*/events.jsonl") for e in read_jsonl(path)]
+
+
 def _holder(run_dir, stage):
     """(name, committed steps) of the peer that joined ``stage`` last (a spare may take a stage whose peer
     started late, on a loaded machine)."""
@@ -34,7 +38,7 @@ def test_a_preempted_peer_hands_its_exact_state_to_a_spare_and_the_run_equals_th
             tmp_path,
             "preempt",
             f"num_steps={steps}",
-            "swarm.num_spares=1",
+            "swarm.num_spares=2",
             "swarm.preemption.provider=aws",
             f"swarm.preemption.url={notices.url}",
             "swarm.preemption.poll_s=0.2",
@@ -48,6 +52,14 @@ def test_a_preempted_peer_hands_its_exact_state_to_a_spare_and_the_run_equals_th
             victim, committed = _holder(run_dir, 1)
             assert committed >= 10, "the swarm never trained"
             notices.arm(victim)
+            # then the spare that did not take the stage gets a notice too: it leaves, holding nothing
+            taker = lambda: [e for e in _events(run_dir) if e["event"] == "rebuilt"]
+            while not taker() and time.monotonic() < deadline + 60 and proc.poll() is None:
+                time.sleep(0.1)
+            assert taker(), "nobody took the stage"
+            spares = {e["peer"].rpartition(".")[0] for e in _events(run_dir) if e["event"] == "peer_started"}
+            idle = sorted(n for n in spares if n.startswith("spare") and n != taker()[0]["peer"].rpartition(".")[0])
+            notices.arm(idle[0])
             out, _ = proc.communicate(timeout=200)
         finally:
             if proc.poll() is None:
@@ -63,6 +75,8 @@ def test_a_preempted_peer_hands_its_exact_state_to_a_spare_and_the_run_equals_th
     (rebuilt,) = [e for e in events if e["event"] == "rebuilt"]
     assert rebuilt["method"] == "handoff" and rebuilt["stage"] == 1 and by(rebuilt) != victim
     assert rebuilt["step"] == handed["step"] and handed["to"] == rebuilt["peer"]
+    left = [e for e in events if e["event"] == "left" and by(e) == idle[0]]
+    assert left and "preemption notice while a spare" in left[0]["reason"]
     # bit for bit: the losses of the engine's failure-free run, step for step
     reference = Trainer(tiny_config(tmp_path, f"num_steps={steps}", "run_name=reference"))
     reference.run()
