@@ -82,6 +82,13 @@ class MembershipConfig:
         for name in ("dht_timeout_s", "startup_timeout_s", "poll_s", "epoch_ttl_s", "watch_s", "rpc_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"membership.{name}={getattr(self, name)} must be > 0")
+        # every node of a swarm refuses records that expire further ahead than these caps (whatever its own
+        # settings, so that peers and observers configured differently still accept each other's records)
+        if self.ttl_s > MEMBER_TTL_CAP_S or self.epoch_ttl_s > EPOCH_TTL_CAP_S:
+            raise ValueError(
+                f"membership.ttl_s={self.ttl_s} must be <= {MEMBER_TTL_CAP_S:.0f} and epoch_ttl_s="
+                f"{self.epoch_ttl_s} <= {EPOCH_TTL_CAP_S:.0f} (the swarm's validators refuse longer-lived records)"
+            )
         check_hosts(self.host, self.announce_host)
         parse_port_range(self.port_range)
         if self.dht_retries < 0 or self.fault_blind_s < 0 or not 0.0 <= self.fault_timeout_rate < 1.0:
@@ -89,6 +96,10 @@ class MembershipConfig:
                 f"membership.dht_retries={self.dht_retries} and fault_blind_s={self.fault_blind_s} must be >= 0, "
                 f"fault_timeout_rate={self.fault_timeout_rate} in [0, 1)"
             )
+
+
+MEMBER_TTL_CAP_S = 3600.0  # the longest expiration of a member record the swarm's DHT nodes accept
+EPOCH_TTL_CAP_S = 7 * 86400.0  # the same for epoch records
 
 
 @dataclass
@@ -171,7 +182,7 @@ class PreemptionConfig:
     # after a notice, the peer leaves within this long: at once when a spare takes its state, else when the
     # time is up (the swarm then rebuilds the stage as after any loss). GCP gives 30 s, AWS 2 minutes
     leave_within_s: float = 25.0
-    handoff_timeout_s: float = 60.0  # limit of one transfer of the state to the spare that takes it
+    handoff_timeout_s: float = 20.0  # limit of one transfer of the state to a spare (within leave_within_s)
 
     def __post_init__(self) -> None:
         if self.provider not in PREEMPTION_PROVIDERS:
@@ -181,6 +192,11 @@ class PreemptionConfig:
         for name in ("poll_s", "request_timeout_s", "leave_within_s", "handoff_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"swarm.preemption.{name}={getattr(self, name)} must be > 0")
+        if self.handoff_timeout_s > self.leave_within_s:
+            raise ValueError(
+                f"swarm.preemption.handoff_timeout_s={self.handoff_timeout_s} must not exceed leave_within_s="
+                f"{self.leave_within_s}: the leaving peer stops serving its state then"
+            )
 
     def notice_url(self, name: str) -> str | None:
         """The URL this peer polls, or None when preemption notices are off."""

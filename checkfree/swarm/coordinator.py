@@ -75,21 +75,18 @@ def spares(members: dict[str, MemberRecord], taken: set[str]) -> list[str]:
     return sorted(pid for pid, r in members.items() if r.state == "spare" and pid not in taken)
 
 
-def handoffs(members: dict[str, MemberRecord], current: EpochRecord, step: int) -> dict[int, PlanRecord]:
-    """stage -> handoff plan, for the roster members that leave on a preemption notice and serve their
-    stage's exact state for ``step`` (see ``preemption``)."""
+def handoffs(members: dict[str, MemberRecord], step: int, num_stages: int) -> dict[int, PlanRecord]:
+    """stage -> handoff plan, for the peers that leave on a preemption notice and serve their stage's exact
+    state for ``step`` (see ``preemption``): members of the last roster, or of an earlier one (an epoch that
+    broke while a spare fetched the state still finds it served)."""
     out = {}
-    for s, pid in enumerate(current.roster):
-        r = members.get(pid)
-        if r is not None and r.state == "leaving" and r.handoff_port and r.stage == s and r.valid_for(step):
+    for pid in sorted(members):
+        r = members[pid]
+        s = r.stage
+        if r.state == "leaving" and r.handoff_port and 0 <= s < num_stages and r.valid_for(step) and s not in out:
+            address = (r.host, r.handoff_port)
             out[s] = PlanRecord(
-                stage=s,
-                method="handoff",
-                sources=[s],
-                path="preempted",
-                edge=None,
-                peer=pid,
-                address=(r.host, r.handoff_port),
+                stage=s, method="handoff", sources=[s], path="preempted", edge=None, peer=pid, address=address
             )
     return out
 
@@ -153,7 +150,8 @@ def decide_epoch(
         step = current.step
     valid = {s: r for s, r in alive.items() if r.valid_for(step)}
     lost = tuple(s for s in range(num_stages) if s not in valid)
-    handed = handoffs(members, current, step)  # lost, but their exact state is served: nothing to rebuild
+    # lost, but their exact state is served: nothing to rebuild
+    handed = {s: p for s, p in handoffs(members, step, num_stages).items() if s in lost}
     if strategy == "none" and set(lost) - set(handed):
         return Decision(None, reason=f"stages {list(lost)} lost and recovery.strategy=none", fatal=True)
     if not valid and strategy != "checkpoint":
@@ -197,6 +195,8 @@ def decide_epoch(
     plans: tuple[PlanRecord, ...] = ()
     # redundant: a live holder whose shadow was never sent (its join broke off) holds a stale copy
     stale = tuple(sorted((s + 1) % num_stages for s, r in valid.items() if not r.shadow_ok))
+    # a hand-over carries the stage, not the shadow its peer held: the new holder's shadow is stale
+    stale = tuple(sorted(set(stale) | {(s + 1) % num_stages for s in handed}))
     if strategy != "redundant":
         stale = ()
     rebuild = set(lost) - set(handed)  # the handed-over stages are exact: sources like any survivor

@@ -218,17 +218,25 @@ class View:
                     out.append(stage)
         return out
 
-    def unreachable(self, members: dict[str, MemberRecord], current: EpochRecord) -> list[int]:
-        """Roster stages whose peer is neither in this view nor known gone: its host does not even accept a
-        connection (``silent``). It may have vanished, or live on the other side of a network partition; a
-        peer that is refused (crashed) or accepted but mute (frozen) is on this side and surely lost."""
+    def unreachable(self, members: dict[str, MemberRecord], current: EpochRecord) -> tuple[list[str], int]:
+        """The voters of ``current`` (its roster and the spares it recorded) that may live across a network
+        partition: neither in this view nor known gone, their host does not even accept a connection
+        (``silent``); and how many voters there are. A peer refused (crashed) or accepted but mute (frozen) is
+        on this side and surely lost, also once a frozen one's accept queue fills and it turns silent."""
+        voters = list(zip(current.roster, current.probes)) + list(zip(current.spares, current.spare_probes))
+        if len(current.probes) < len(current.roster):  # a record without probes: every voter unknown
+            voters = [(pid, ("", 0)) for pid in current.roster]
         out = []
-        for stage, pid in enumerate(current.roster):
+        for pid, (host, port) in voters:
             if pid in members:
                 continue
-            if stage >= len(current.probes) or self.answer(pid, *current.probes[stage], self.period_s) == "silent":
-                out.append(stage)
-        return out
+            with self._lock:
+                last = self._answers.get(pid, (0.0, "silent"))[1]
+            if pid in self.dead and last in ("refused", "frozen"):
+                continue
+            if self.answer(pid, host, port, self.period_s) == "silent":
+                out.append(pid)
+        return out, len(voters)
 
     def answering(self, current: EpochRecord, members: dict[str, MemberRecord]) -> bool:
         """Whether a roster member missing from this view answers its probe. A stop is final: it is never
@@ -366,14 +374,16 @@ class Leader:
             if why is None and current is not None and current.roster and not current.finished:
                 # no split brain: rebuild only on a side that holds a majority of the last roster; a side that
                 # cannot reach the others may be the minority of a partition, and then the majority goes on
-                unreachable = view.unreachable(members, current)
-                reachable = len(current.roster) - len(unreachable)
-                if 2 * reachable <= len(current.roster):
+                # (the voters are the roster and the spares the epoch recorded: spares break the tie of an even split)
+                unreachable, voters = view.unreachable(members, current)
+                reachable = voters - len(unreachable)
+                if 2 * reachable <= voters:
+                    stages = [current.roster.index(p) for p in unreachable if p in current.roster]
                     why = (
-                        f"possible network partition: the peers of stages {unreachable} of epoch {current.epoch} "
-                        f"are unreachable and only {reachable} of its {len(current.roster)} members are on this "
-                        f"side (a majority, {len(current.roster) // 2 + 1}, is needed to rebuild the others): "
-                        "waiting, so that two sides never train two models"
+                        f"possible network partition: the peers of stages {stages} of epoch {current.epoch} "
+                        f"({len(unreachable)} of its {voters} voters, spares included) are unreachable and only "
+                        f"{reachable} are on this side (a majority, {voters // 2 + 1}, is needed to rebuild the "
+                        "others): waiting, so that two sides never train two models"
                     )
             if why is not None:
                 if why != self.reason:
@@ -457,20 +467,28 @@ class Leader:
         sock = listen(m.host, parse_port_range(m.port_range))
         port = sock.getsockname()[1]
         inner = listen("127.0.0.1", None)
-        store = dist.TCPStore(
-            "127.0.0.1",
-            inner.getsockname()[1],
-            cfg.model.num_stages,
-            is_master=True,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
-            master_listen_fd=inner.detach(),  # the store owns (and closes) it from now on
-        )
+        try:
+            store = dist.TCPStore(
+                "127.0.0.1",
+                inner.getsockname()[1],
+                cfg.model.num_stages,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
+                master_listen_fd=inner.fileno(),
+            )
+        except BaseException:
+            sock.close()
+            inner.close()
+            raise
+        inner.detach()  # the store owns (and closes) it from now on
         self.hosted[epoch] = store
         self.gates[epoch] = Gate(sock, store.port, self.membership.admission, decision.roster, epoch)
         for old in [e for e in self.hosted if e < epoch - 1]:
             del self.hosted[old]
             self.gates.pop(old).close()
+        # the spares in view vote too when the next split comes (see View.unreachable)
+        spares = sorted(p for p, r in members.items() if r.state == "spare" and p not in decision.roster)
         rec = EpochRecord(
             run_id=self.run_id,
             fingerprint=self.fingerprint,
@@ -484,6 +502,8 @@ class Leader:
             plans=list(decision.plans),
             rollback_to=decision.rollback_to,
             probes=[(members[pid].host, members[pid].probe_port) for pid in decision.roster],
+            spares=spares,
+            spare_probes=[(members[pid].host, members[pid].probe_port) for pid in spares],
             reforms=reforms,
             stale_shadows=list(decision.stale_shadows),
             time=time.time(),

@@ -39,7 +39,7 @@ from pydantic import BaseModel, ValidationError
 
 from checkfree.swarm.addressing import free_port
 from checkfree.swarm.admission import Admission, RateLimitedLog, dht_context
-from checkfree.swarm.config import MembershipConfig, parse_port_range
+from checkfree.swarm.config import EPOCH_TTL_CAP_S, MEMBER_TTL_CAP_S, MembershipConfig, parse_port_range
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ class EpochRecord(BaseModel):
     stop: str | None = None  # set when the swarm gives up: every peer exits with this reason
     finished: bool = False  # set by the stages that ran the last step: the run is done, spares may leave
     probes: list[tuple[str, int]] = []  # each roster member's probe address (host, port)
+    spares: list[str] = []  # the spares in the leader's view: with the roster, the voters of the next split
+    spare_probes: list[tuple[str, int]] = []  # their probe addresses
     reforms: int = 0  # epochs in a row re-formed at this step with nothing lost (see swarm.max_reforms)
     stale_shadows: list[int] = []  # redundant: stages whose shadow must be sent anew to its holder
     time: float = 0.0
@@ -160,7 +162,7 @@ CLOCK_SKEW_S = 60.0  # how far ahead of this node's clock a record's expiration 
 _EPOCH_SUBKEY = re.compile(r"^[0-9]{8}$")
 
 
-def make_validator(admission: Admission, run_id: str, fingerprint: str | None, member_ttl_s: float, epoch_ttl_s: float):
+def make_validator(admission: Admission, run_id: str, fingerprint: str | None):
     """The hivemind record validator of this swarm's DHT nodes (see the module doc); ``fingerprint`` None:
     an observer's node, which accepts this run's sealed epoch records of any fingerprint."""
     from hivemind.dht.routing import DHTID
@@ -190,7 +192,7 @@ def make_validator(admission: Admission, run_id: str, fingerprint: str | None, m
         def _check(self, record) -> None:
             context = dht_context(record.key, record.subkey, record.expiration_time)
             signer, body = admission.open(context, record.value)
-            ttl_s = member_ttl_s if record.key == members_key else epoch_ttl_s
+            ttl_s = MEMBER_TTL_CAP_S if record.key == members_key else EPOCH_TTL_CAP_S
             if record.expiration_time > get_dht_time() + ttl_s + CLOCK_SKEW_S:
                 raise ValueError(f"record of {signer!r} expires too far ahead (more than {ttl_s:.0f} s)")
             try:
@@ -276,7 +278,7 @@ class Membership:
         self._blind_until = time.monotonic() + self.cfg.fault_blind_s
         if self.admission is None:
             raise ValueError("Membership needs the swarm's admission (its join token and this node's identity)")
-        validator = make_validator(self.admission, self.run_id, self.fingerprint, self.cfg.ttl_s, self.cfg.epoch_ttl_s)
+        validator = make_validator(self.admission, self.run_id, self.fingerprint)
         # an explicit port: hivemind refuses announce addresses without one, and a firewall needs to know it
         port = free_port(self.cfg.host, parse_port_range(self.cfg.port_range))
         self.dht = hivemind.DHT(

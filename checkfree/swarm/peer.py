@@ -82,10 +82,19 @@ logger = logging.getLogger(__name__)
 __all__ = ["Peer", "SwarmStopped"]
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
+def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:
+    """Up to ``n`` bytes, read until the client closes or the monotonic ``deadline`` passes (a client that
+    trickles bytes must not hold the probe port, which answers every other prober in turn)."""
     buf = b""
     while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(n - len(buf))
+        except TimeoutError:
+            break
         if not chunk:
             break
         buf += chunk
@@ -93,6 +102,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
 
 
 PROBE_REQUEST_WAIT_S = 0.1  # how long the probe port waits for a client's request byte (clients send it at once)
+PUSH_READ_LIMIT_S = 0.3  # how long it reads a pushed epoch record in all (a leader sends it at once)
 
 
 class Peer:
@@ -194,6 +204,7 @@ class Peer:
         self.notice = NoticeWatcher(cfg.swarm.preemption, identity.name)
         self._spare_in_view = False  # after a notice: the DHT thread saw a spare that can take the stage
         self._handoff_port = 0
+        self._prefetched: tuple[int, StagePayload | None] = (-1, None)  # (epoch, state) fetched in _join
         self.asked_stage = -1 if stage is None else stage
         self.worker: StageWorker | None = None
         self.group: EpochGroup | None = None
@@ -224,7 +235,7 @@ class Peer:
         self._knocked = threading.Event()  # the same knock, for the heartbeat thread: watch the members now
         self._store_now = threading.Event()  # for the DHT thread: store this peer's record now
         self._pushed: EpochRecord | None = None  # the newest epoch record pushed with a leader's knock
-        self._tunnel: Tunnel | None = None  # the relay to the rendezvous store of the last epoch joined
+        self._tunnels: dict[int, Tunnel] = {}  # epoch -> the relay to its rendezvous store
         self._spares_seen: dict[str, tuple[float, MemberRecord]] = {}  # spare -> (when seen in the DHT, record)
         self._fetched: dict[str, tuple[float, MemberRecord | None]] = {}  # peer -> (when, record read from it)
         self._refreshed = time.monotonic()
@@ -330,6 +341,7 @@ class Peer:
                 if request in (PROBE_KNOCK, PROBE_EPOCH):
                     self._wake.set()
                     self._knocked.set()
+                conn.settimeout(PROBE_REQUEST_WAIT_S)
                 conn.sendall(PROBE_REPLY + self._served)
             except OSError:
                 pass
@@ -340,11 +352,13 @@ class Peer:
         """Read the epoch record a leader pushed with its knock (its length, then the sealed record), checked
         like one read from the DHT; a malformed, oversized or unsealed one is dropped (the DHT still has the
         real one)."""
-        head = _recv_exact(conn, 4)
+        deadline = time.monotonic() + PUSH_READ_LIMIT_S
+        head = _recv_exact(conn, 4, deadline)
         n = struct.unpack("!I", head)[0] if len(head) == 4 else MAX_RECORD_BYTES + 1
         if n > MAX_RECORD_BYTES:
             return
-        rec = self.membership.open_epoch(_recv_exact(conn, n))
+        body = _recv_exact(conn, n, deadline)
+        rec = self.membership.open_epoch(body) if len(body) == n else None
         with self._epoch_lock:
             if rec is not None and (self._pushed is None or rec.epoch > self._pushed.epoch):
                 self._pushed = rec
@@ -503,8 +517,8 @@ class Peer:
             self._dht_thread.join(timeout=5)
             self._probe.close()
             self.notice.close()
-            if self._tunnel is not None:
-                self._tunnel.close()
+            for tunnel in list(self._tunnels.values()):
+                tunnel.close()
             self.membership.tombstone(self.peer_id)
             self.membership.shutdown()
             self.events.close()
@@ -582,6 +596,14 @@ class Peer:
             self.joined, self.epoch_over, self._over_stages = rec, None, []
         if fresh:  # heartbeat the stage and step being joined, also if this join breaks off
             self.asked_stage, self.status.step = stage, rec.step
+        handoff = next((p for p in rec.plans if p.method == "handoff" and p.stage == stage), None)
+        if handoff is not None and stage in rec.lost:
+            # fetched before the group forms: the others wait at the rendezvous (rendezvous_timeout_s), not in
+            # a collective limited by transport.timeout_s, while a large stage crosses a slow link
+            try:
+                self._prefetched = (rec.epoch, self._fetch(handoff))
+            except (ConnectionError, OSError, RuntimeError) as e:
+                raise StageLostError(None, rec.step, f"hand-over of stage {stage} from {handoff.peer}: {e}") from e
         group = self._form_group(rec, stage)
         with self._epoch_lock:
             self.group, over = group, self.epoch_over
@@ -622,10 +644,11 @@ class Peer:
                 if store is None:
                     # the store admits members only: reach it through a tunnel that passes its gate (see gate)
                     tunnel = Tunnel(rec.store_host, rec.store_port, self.membership.admission, rec.leader, rec.epoch)
-                    with self._epoch_lock:
-                        old, self._tunnel = self._tunnel, tunnel
-                    if old is not None:
-                        old.close()
+                    with self._epoch_lock:  # an abandoned, late attempt of an older epoch closes only older ones
+                        self._tunnels[rec.epoch] = tunnel
+                        old = [self._tunnels.pop(e) for e in list(self._tunnels) if e < rec.epoch]
+                    for t in old:
+                        t.close()
                     store = dist.TCPStore(
                         "127.0.0.1",
                         tunnel.port,
@@ -717,7 +740,8 @@ class Peer:
             self.emit("left", reason=f"{reason[:200]}; no spare took stage {w.index} in time")
             return ExitCode.OK
         m = cfg.membership
-        server = HandoffServer(m.host, m.port_range, self.membership.admission, w.payload(step))
+        limit = cfg.swarm.preemption.handoff_timeout_s
+        server = HandoffServer(m.host, m.port_range, self.membership.admission, w.payload(step), limit)
         self._handoff_port, self.status.state = server.port, "leaving"
         self._serve_now()
         if rec is not None:
@@ -747,6 +771,14 @@ class Peer:
         return ExitCode.OK
 
     def _fetch_handoff(self, plan: PlanRecord, step: int) -> StagePayload:
+        """For ``Handover``: the state fetched for this epoch before its group formed (see ``_join``)."""
+        epoch, payload = self._prefetched
+        self._prefetched = (-1, None)
+        if epoch != self.status.epoch or payload is None:
+            raise ConnectionError(f"no hand-over of stage {plan.stage} was fetched for epoch {self.status.epoch}")
+        return payload
+
+    def _fetch(self, plan: PlanRecord) -> StagePayload:
         host, port = plan.address
         timeout_s = self.cfg.swarm.preemption.handoff_timeout_s
         return fetch_handoff(host, port, self.membership.admission, plan.peer, plan.stage, timeout_s)

@@ -38,6 +38,7 @@ from checkfree.swarm.gate import GateRefused, admit, prove
 logger = logging.getLogger(__name__)
 
 MAX_STATE_BYTES = 1 << 40
+CHUNK_BYTES = 1 << 20
 
 
 class Preempted(Exception):
@@ -112,8 +113,11 @@ class NoticeWatcher:
 class HandoffServer:
     """Serves one stage's exact state to members of the swarm (checked like the rendezvous gate)."""
 
-    def __init__(self, host: str, port_range: str | None, admission: Admission, payload: StagePayload):
-        self.admission, self.payload = admission, payload
+    def __init__(
+        self, host: str, port_range: str | None, admission: Admission, payload: StagePayload, timeout_s: float = 60.0
+    ):
+        """``timeout_s``: the limit of one transfer (``swarm.preemption.handoff_timeout_s``)."""
+        self.admission, self.payload, self.timeout_s = admission, payload, timeout_s
         self.blob = payload_bytes(payload)
         self.sock = listen(host, parse_port_range(port_range))
         self.sock.settimeout(0.5)
@@ -138,8 +142,15 @@ class HandoffServer:
     def _send(self, conn: socket.socket) -> None:
         try:
             who = admit(conn, self.admission, lambda _: True, f"the hand-over of stage {self.payload.stage}")
-            conn.settimeout(30.0)
-            conn.sendall(struct.pack("!Q", len(self.blob)) + self.blob)
+            deadline = time.monotonic() + self.timeout_s
+            data = memoryview(struct.pack("!Q", len(self.blob)) + self.blob)
+            for i in range(0, len(data), CHUNK_BYTES):  # a limit per chunk (sendall's is for the whole call)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the receiver took more than {self.timeout_s} s")
+                conn.settimeout(min(left, 10.0))
+                conn.sendall(data[i : i + CHUNK_BYTES])
+            conn.settimeout(max(deadline - time.monotonic(), 1.0))
             if conn.recv(1) == b"k":  # the receiver read it all
                 self.served.append(who)
         except (OSError, GateRefused) as e:

@@ -254,6 +254,15 @@ def test_a_side_without_a_majority_of_the_roster_waits_and_says_so(ports, tmp_pa
         time.sleep(0.06)  # watched long enough to decide
         leader.step(members, rec, 3, view)
         assert expect in leader.reason and not membership.published, leader.reason
+    # an even split is broken by the spares the epoch recorded as voters: 2 members and a spare are 3 of 5
+    spare = MemberRecord(run_id="l", fingerprint="fp", peer_id="s", stage=-1, epoch=-1, state="spare", step=0)
+    probes = [("127.0.0.1", ports.alive)] * 2 + [("127.0.0.1", 0)] * 2
+    rec = current.model_copy(update={"probes": probes, "spares": ["s"], "spare_probes": [("127.0.0.1", 0)]})
+    leader = Leader(tiny_config(tmp_path), "a", "l", "fp", _Membership(), None, True, lambda *a, **k: None)
+    view = View(ttl_s=0.05, spare_wait_s=0.0, period_s=0.01, store_period_s=0.01)
+    time.sleep(0.06)
+    leader.step({**members, "s": spare}, rec, 3, view)
+    assert "waiting for a spare for stages [2, 3] (1 available)" in leader.reason, leader.reason
 
 
 def test_a_frozen_member_is_confirmed_once_its_heartbeat_stalls_a_crashed_one_at_once(ports):
@@ -307,7 +316,7 @@ class _AnsweringView:
         return True
 
     def unreachable(self, members, current):
-        return []  # every member answers: none is across a partition
+        return [], len(current.roster)  # every member answers: none is across a partition
 
 
 def test_a_checkpoint_store_that_is_not_shared_stops_the_swarm_instead_of_restarting_from_step_0(tmp_path):
