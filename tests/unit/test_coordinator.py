@@ -240,3 +240,17 @@ def test_a_hand_over_and_a_crash_at_once_rebuild_the_crashed_stage_from_the_hand
     members["b"] = _leaving("b", 1, step=4)
     d = decide_epoch(members, epoch(), 4, "checkfree", "nearest")
     assert all(p.method != "handoff" for p in d.plans)
+
+
+def test_a_hand_over_survives_a_broken_epoch_and_marks_the_shadow_it_did_not_carry_stale():
+    """The epoch that gave stage 1 to spare s broke before s had the state: the leaving peer b, no longer in the
+    roster, still serves it and the next epoch plans the hand-over again. Under redundant computation the
+    new holder's shadow of stage 2 is the initial one: stage 2, lost too, is not rebuilt from it."""
+    members = {"a": rec("a", 0, "recovering"), "d": rec("d", 3, "recovering"), "b": _leaving("b", 1)}
+    members.update({"s": rec("s", 1, "recovering", lineage=Lineage()), "t": rec("t", -1, "spare", -1, 0)})
+    broke = epoch(1, roster=("a", "s", "c", "d"))
+    d = decide_epoch(members, broke, 4, "redundant", "nearest")
+    assert d.roster == ["a", "s", "t", "d"] and d.lost == (1, 2)
+    by_stage = {p.stage: p for p in d.plans}
+    assert by_stage[1].method == "handoff" and by_stage[1].peer == "b"
+    assert by_stage[2].method != "shadow" and 2 in d.stale_shadows
