@@ -194,6 +194,8 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     if ns.parent_pid is not None:
         _exit_with_parent(ns.parent_pid)
     files, overrides = split_args(ns.args)
+    from checkfree.swarm.membership import DHTUnavailable
+
     try:
         cfg = load_config(files, overrides)
         from checkfree.swarm.peer import Peer
@@ -203,6 +205,9 @@ def cmd_peer(ns: argparse.Namespace) -> int:
         )
     except (ConfigError, DataError, ValueError) as e:
         print(f"checkfree peer: {e}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    except DHTUnavailable as e:  # e.g. no initial peer answered: nothing started, say so
+        print(f"checkfree peer: {e}; are the --initial-peers live peers of the swarm?", file=sys.stderr)
         return ExitCode.BAD_INPUT
     return peer.run()
 

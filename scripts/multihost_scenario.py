@@ -56,12 +56,14 @@ def run(ns) -> dict:
             raise SystemExit(f"{run_dir} exists: choose another --out")
         peers = PeersOnHosts(hosts, out / "logs", run_dir, args)
         spares = 0
+        vanished: list[str] = []
 
         def new_spare() -> str:
             nonlocal spares
             spares += 1
             name = f"spare{spares}"
-            peers.start(name, ["--spare"], [peers.maddr("s0") or peers.maddr(peers.holder(1))])
+            live = [n for n, p in peers.procs.items() if p.poll() is None and n not in vanished and peers.maddr(n)]
+            peers.start(name, ["--spare"], [peers.maddr(n) for n in live[:3]])  # any live peers bootstrap it
             return name
 
         try:
@@ -70,7 +72,6 @@ def run(ns) -> dict:
             for s in (1, 2, 3):
                 peers.start(f"s{s}", ["--stage", str(s)], [peers.maddr("s0")])
             new_spare(), new_spare()
-            vanished = []
             for kind, stage, at in EVENTS:
                 wait_for(f"step {at}", lambda at=at: peers.committed() >= at, 600)
                 victim = peers.holder(stage)
@@ -120,7 +121,8 @@ def run(ns) -> dict:
                 event["new_holder"] = peers.holder(stage)
                 result["events"].append(event)
                 new_spare()  # a new spot VM arrives
-            running = [n for n in peers.procs if n not in vanished]
+            killed = [e["victim"] for e in result["events"] if e["kind"] == "kill"]
+            running = [n for n in peers.procs if n not in vanished and n not in killed]
             wait_for("every peer exits", lambda: all(peers.procs[n].poll() is not None for n in running), 600)
             result["exit_codes"] = {n: peers.procs[n].returncode for n in running}
         finally:

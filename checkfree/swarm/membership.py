@@ -301,6 +301,10 @@ class Membership:
         except TimeoutError as e:
             self._end_stuck_process()
             raise DHTUnavailable(f"the DHT process was not ready within {2 * limit} s (2 x startup_timeout_s)") from e
+        except Exception as e:  # hivemind's own errors (e.g. P2PDaemonError: no bootstrap peer answered)
+            self._end_stuck_process()
+            where = f" through {', '.join(self.initial_peers)}" if self.initial_peers else ""
+            raise DHTUnavailable(f"could not join the DHT{where}: {str(e).strip()[:300]}") from e
         # wait until the watchdog runs: a peer killed right after this returns must not leave its DHT behind
         watching = self.dht.run_coroutine(functools.partial(_watchdog, os.getpid(), 0.25), return_future=True)
         try:

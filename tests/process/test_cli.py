@@ -116,3 +116,8 @@ def test_joining_without_the_token_or_with_a_bad_one_exits_2_saying_what_is_expe
     assert out.returncode == 2 and "peer name 'a.b' is not valid" in out.stderr
     out = cli("status", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/x")
     assert out.returncode == 2 and "sealed with its join token" in out.stderr
+    # a valid token, but no live peer at the address: nothing starts, and it says so (no traceback)
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"
+    out = cli(*join[:-1], dead, extra_env={"CHECKFREE_JOIN_TOKEN": new_token()})
+    assert out.returncode == 2 and "could not join the DHT through " + dead in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
