@@ -62,8 +62,9 @@ def run(ns) -> dict:
             nonlocal spares
             spares += 1
             name = f"spare{spares}"
-            live = [n for n, p in peers.procs.items() if p.poll() is None and n not in vanished and peers.maddr(n)]
-            peers.start(name, ["--spare"], [peers.maddr(n) for n in live[:3]])  # any live peers bootstrap it
+            # bootstrapped by the peers that train now (any live peer would do)
+            holders = [peers.holder(s) for s in range(4)] if peers.holder(0) else ["s0"]
+            peers.start(name, ["--spare"], [peers.maddr(n) for n in holders if peers.maddr(n)])
             return name
 
         try:
@@ -120,7 +121,8 @@ def run(ns) -> dict:
                 event["resumed_s"] = time.time() - event["time"]
                 event["new_holder"] = peers.holder(stage)
                 result["events"].append(event)
-                new_spare()  # a new spot VM arrives
+                if len(result["events"]) < len(EVENTS):
+                    new_spare()  # a new spot VM arrives
             killed = [e["victim"] for e in result["events"] if e["kind"] == "kill"]
             running = [n for n in peers.procs if n not in vanished and n not in killed]
             wait_for("every peer exits", lambda: all(peers.procs[n].poll() is not None for n in running), 600)
