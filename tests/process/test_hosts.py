@@ -61,6 +61,7 @@ def HostPeers(hosts, tmp_path, run_id: str, *cfg: str):
     return PeersOnHosts(hosts, tmp_path, tmp_path / run_id, args)
 
 
+@pytest.mark.long  # ~70 s; the partition test below also starts peers one by one and runs status elsewhere
 def test_peers_started_one_by_one_on_separate_hosts_need_no_launcher(tmp_path):
     """No ``checkfree swarm``: an operator starts each peer on a host of its own with ``checkfree peer``. The
     first starts a new swarm alone (and writes the join token into its run dir, which the others read); the

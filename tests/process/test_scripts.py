@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.netns import unavailable
 from tests.helpers import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -238,3 +239,21 @@ def test_scaling_script(tmp_path):
         assert r["swarm_step_s"] > 0 and r["machine_bound_s"] >= r["pipeline_bound_s"] > 0
         assert r["bubble_fraction"] == pytest.approx(1 / (r["microbatches"] + 1)) and r["max_peer_rss_mb"] > 50
     assert (tmp_path / "bench_scaling.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+@pytest.mark.long  # ~2.5 minutes
+@pytest.mark.skipif(unavailable() is not None, reason=f"emulated hosts cannot be made here: {unavailable()}")
+def test_multihost_scenario_script(tmp_path):
+    """The scenario's own checks: kill, vanished host, partition and preemption on emulated hosts."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "multihost_scenario.py"), "--out", str(tmp_path / "ms")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "ms" / "multihost_scenario.json").read_text())
+    assert result["passed"] and all(result["checks"].values())
+    assert [e["kind"] for e in result["events"]] == ["kill", "vanish", "partition", "preempt"]

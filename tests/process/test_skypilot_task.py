@@ -28,6 +28,7 @@ def test_skypilot_parses_the_task_as_a_spot_peer_that_needs_the_join_token():
     assert (ROOT / spec["envs"]["CONFIG"]).is_file()
 
 
+@pytest.mark.long  # ~60 s: keeps the default run under 15 minutes on 2 cores
 @pytest.mark.skipif(unavailable() is not None, reason=f"emulated hosts cannot be made here: {unavailable()}")
 def test_the_tasks_run_commands_start_a_swarm_on_emulated_hosts(tmp_path):
     """Four stage peers and a spare, each started by the task's ``run`` script on a host of its own, with a
