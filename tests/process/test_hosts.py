@@ -21,6 +21,7 @@ def _namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+@pytest.mark.long  # ~30 s; scripts/multihost_scenario.py (long too) and the partition test cover these paths
 def test_a_swarm_on_emulated_hosts_survives_a_kill_and_a_vanished_host(tmp_path):
     """One failure kills a stage's process (its host answers with a reset); in the other the stage's host
     vanishes (its link goes down: no reset, the silent probe must tell). Every peer listens on its own

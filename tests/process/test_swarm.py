@@ -296,6 +296,7 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
     assert [m["loss/train"] for m in metrics] == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.long  # ~40 s; the shadow hand-over itself is checked on thread ranks (tests/integration)
 def test_redundant_swarm_fails_over_to_shadows_without_losing_anything(tmp_path):
     """Bamboo-style redundancy across real processes: middle, first and last stage killed; each fails over
     to the shadow its predecessor trained (the last stage holds the first's), the replacement's own

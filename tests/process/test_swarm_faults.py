@@ -108,7 +108,7 @@ def _check_run(run_dir, num_steps):
 @pytest.mark.parametrize(
     "trigger",
     [
-        _leader_after_publish,
+        pytest.param(_leader_after_publish, marks=pytest.mark.long),  # the chaos soak lands it too
         pytest.param(_source_during_transfer, marks=pytest.mark.long),
         _spare_during_join,
         pytest.param(_rebuilt_before_first_step, marks=pytest.mark.long),
@@ -141,6 +141,7 @@ def test_a_second_failure_during_the_recovery_is_survived(tmp_path, trigger):
     assert summary["stage_losses"] >= 2
 
 
+@pytest.mark.long  # ~35 s: keeps the default run under 15 minutes on 2 cores
 def test_a_spare_whose_dht_view_is_empty_never_stops_a_healthy_swarm(tmp_path):
     """A spare arrives while the swarm trains, and for 8 s its DHT shows it no member record (as a freshly
     joined node whose routing table has not filled yet) but the epoch record. It would lead (no holder in its
