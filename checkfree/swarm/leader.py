@@ -220,7 +220,7 @@ class View:
 
     def unreachable(self, members: dict[str, MemberRecord], current: EpochRecord) -> tuple[list[str], int]:
         """The voters of ``current`` (its roster and the spares it recorded) that may live across a network
-        partition: neither in this view nor known gone, their host does not even accept a connection
+        partition: not known gone, and their host does not even accept a connection
         (``silent``); and how many voters there are. A peer refused (crashed) or accepted but mute (frozen) is
         on this side and surely lost, also once a frozen one's accept queue fills and it turns silent."""
         voters = list(zip(current.roster, current.probes)) + list(zip(current.spares, current.spare_probes))
@@ -228,8 +228,8 @@ class View:
             voters = [(pid, ("", 0)) for pid in current.roster]
         out = []
         for pid, (host, port) in voters:
-            if pid in members:
-                continue
+            # by probe, never by the DHT view: a record stored before a split lingers there for up to ttl_s, and
+            # counting such records (they expire at different moments) once let a minority pass for a majority
             with self._lock:
                 last = self._answers.get(pid, (0.0, "silent"))[1]
             if pid in self.dead and last in ("refused", "frozen"):

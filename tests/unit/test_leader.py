@@ -257,7 +257,7 @@ def test_a_side_without_a_majority_of_the_roster_waits_and_says_so(ports, tmp_pa
     # an even split is broken by the spares the epoch recorded as voters: 2 members and a spare are 3 of 5
     spare = MemberRecord(run_id="l", fingerprint="fp", peer_id="s", stage=-1, epoch=-1, state="spare", step=0)
     probes = [("127.0.0.1", ports.alive)] * 2 + [("127.0.0.1", 0)] * 2
-    rec = current.model_copy(update={"probes": probes, "spares": ["s"], "spare_probes": [("127.0.0.1", 0)]})
+    rec = current.model_copy(update={"probes": probes, "spares": ["s"], "spare_probes": [("127.0.0.1", ports.alive)]})
     leader = Leader(tiny_config(tmp_path), "a", "l", "fp", _Membership(), None, True, lambda *a, **k: None)
     view = View(ttl_s=0.05, spare_wait_s=0.0, period_s=0.01, store_period_s=0.01)
     time.sleep(0.06)
