@@ -243,6 +243,7 @@ def test_scaling_script(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.long  # ~2.5 minutes
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(unavailable() is not None, reason=f"emulated hosts cannot be made here: {unavailable()}")
 def test_multihost_scenario_script(tmp_path):
     """The scenario's own checks: kill, vanished host, partition and preemption on emulated hosts."""
