@@ -143,6 +143,7 @@ class View:
         self.started = time.monotonic()
         self.witnessed: set[int] = set()  # epochs in which this peer saw another roster member alive
         self.dead: set[str] = set()  # peers whose probe was refused, or frozen (see ``frozen``)
+        self.excluded: set[str] = set()  # dead whatever their probe says (see Leader.excluded)
         self._probed: dict[int, tuple[float, bool]] = {}  # epoch -> (when, every roster probe refused)
         self._answers: dict[str, tuple[float, str]] = {}  # peer -> (when, its probe's last answer)
         self._missing_since: dict[str, float] = {}  # roster peers missing from the view, answering probes
@@ -208,7 +209,12 @@ class View:
         cannot heartbeat cannot serve)."""
         out, now = [], time.monotonic()
         for stage, pid in enumerate(current.roster):
-            if pid in members or pid in self.dead or stage >= len(current.probes):
+            with self._lock:
+                last = self._answers.get(pid, (0.0, "silent"))[1]
+            # a peer found dead by silence alone (a frozen heartbeat and no connection) may have been across a
+            # partition that healed: when it answers again, this view is partial, not it lost
+            gone = pid in self.excluded or (pid in self.dead and last in ("refused", "frozen"))
+            if pid in members or gone or stage >= len(current.probes):
                 self._missing_since.pop(pid, None)
                 continue
             answer = self.answer(pid, *current.probes[stage])
@@ -441,6 +447,7 @@ class Leader:
                 self.excluded.add(pid)
                 if view is not None:
                     view.dead.add(pid)  # not "hidden" either: it is out, whatever its probe says
+                    view.excluded.add(pid)
                 self.emit(
                     "peer_excluded",
                     excluded=pid,
