@@ -217,7 +217,7 @@ class View:
             if pid in members or gone or stage >= len(current.probes):
                 self._missing_since.pop(pid, None)
                 continue
-            answer = self.answer(pid, *current.probes[stage])
+            answer = self.answer(pid, *current.probes[stage], 0.0 if pid in self.dead else 1.0)  # dead: ask anew
             if answer == "alive":
                 since = self._missing_since.setdefault(pid, now)
                 if not bounded or now - since < 3 * self.ttl_s:
