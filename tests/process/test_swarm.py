@@ -132,7 +132,7 @@ def test_without_a_spare_the_swarm_waits_then_stops_with_its_run_directory_intac
     code, out, run_dir = run_swarm(
         tmp_path,
         "nospare",
-        "num_steps=12",
+        "num_steps=40",  # time for the launcher to see the swarm train before it ends (toy steps are fast)
         "swarm.num_spares=0",
         "swarm.spare_delay_s=600",
         "swarm.spare_wait_s=3",
