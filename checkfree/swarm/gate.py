@@ -89,8 +89,9 @@ def _relay(a: socket.socket, b: socket.socket, closed: threading.Event) -> None:
         s.close()
 
 
-class _Relays:
-    """A listening socket whose accepted connections are each handed to ``handle`` in a thread of their own."""
+class Acceptor:
+    """A listening socket whose accepted connections are each handed to ``on_connection`` in a thread of their
+    own until ``close()`` (the gate, its tunnels, a preempted peer's hand-over server)."""
 
     def __init__(self, sock: socket.socket, name: str):
         self.sock, self.name = sock, name
@@ -110,9 +111,23 @@ class _Relays:
                 continue
             except OSError:
                 return
-            threading.Thread(target=self._serve, args=(conn,), name=f"{self.name}-relay", daemon=True).start()
+            threading.Thread(target=self.on_connection, args=(conn,), name=f"{self.name}-conn", daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def on_connection(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class _Relays(Acceptor):
+    """Each accepted connection, once ``handle`` admits it, is relayed to the socket ``handle`` returns."""
+
+    def on_connection(self, conn: socket.socket) -> None:
         try:
             upstream = self.handle(conn)
         except (OSError, GateRefused) as e:
@@ -123,13 +138,6 @@ class _Relays:
 
     def handle(self, conn: socket.socket) -> socket.socket:
         raise NotImplementedError
-
-    def close(self) -> None:
-        self.closed.set()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
 
 
 class Gate(_Relays):

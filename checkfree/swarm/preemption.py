@@ -33,7 +33,7 @@ from checkfree.core.checkpoint import StagePayload, payload_bytes, payload_from_
 from checkfree.swarm.addressing import listen
 from checkfree.swarm.admission import Admission
 from checkfree.swarm.config import PreemptionConfig, parse_port_range
-from checkfree.swarm.gate import GateRefused, admit, prove
+from checkfree.swarm.gate import Acceptor, GateRefused, admit, prove
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class NoticeWatcher:
         self._stop.set()
 
 
-class HandoffServer:
+class HandoffServer(Acceptor):
     """Serves one stage's exact state to members of the swarm (checked like the rendezvous gate)."""
 
     def __init__(
@@ -119,27 +119,10 @@ class HandoffServer:
         """``timeout_s``: the limit of one transfer (``swarm.preemption.handoff_timeout_s``)."""
         self.admission, self.payload, self.timeout_s = admission, payload, timeout_s
         self.blob = payload_bytes(payload)
-        self.sock = listen(host, parse_port_range(port_range))
-        self.sock.settimeout(0.5)
         self.served: list[str] = []  # the peers that fetched the state
-        self._closed = threading.Event()
-        threading.Thread(target=self._serve, name="handoff", daemon=True).start()
+        super().__init__(listen(host, parse_port_range(port_range)), "handoff")
 
-    @property
-    def port(self) -> int:
-        return self.sock.getsockname()[1]
-
-    def _serve(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._send, args=(conn,), name="handoff-send", daemon=True).start()
-
-    def _send(self, conn: socket.socket) -> None:
+    def on_connection(self, conn: socket.socket) -> None:
         try:
             who = admit(conn, self.admission, lambda _: True, f"the hand-over of stage {self.payload.stage}")
             deadline = time.monotonic() + self.timeout_s
@@ -157,10 +140,6 @@ class HandoffServer:
             logger.warning("hand-over of stage %d: %s", self.payload.stage, e)
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self._closed.set()
-        self.sock.close()
 
 
 def fetch_handoff(
