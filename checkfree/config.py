@@ -27,7 +27,7 @@ from checkfree.core.failures import FailureConfig
 from checkfree.core.metrics import MetricsConfig
 from checkfree.core.model import ModelConfig
 from checkfree.core.recovery import RecoveryConfig
-from checkfree.core.schedule import PipelineConfig
+from checkfree.core.schedule import PipelineConfig, swapped_count
 from checkfree.core.stage_step import OptimConfig
 from checkfree.swarm.config import MembershipConfig, SwarmConfig, TransportConfig
 
@@ -81,6 +81,20 @@ class TrainConfig:
             )
         if self.pipeline.swap and L < 4:
             raise ValueError(f"pipeline.swap=true needs model.num_stages >= 4, got {L}")
+        if strategy == "checkfree_plus" and self.pipeline.swap is False:
+            raise ValueError(
+                "recovery.strategy=checkfree_plus rebuilds the first and last stages from their swap partners, "
+                "but pipeline.swap=false trains no partner to stand in for them; use recovery.strategy=checkfree "
+                "for CheckFree without the swap"
+            )
+        M, fraction = self.pipeline.num_microbatches, self.pipeline.swap_fraction
+        if self.swap_enabled and swapped_count(M, fraction) == 0:
+            raise ValueError(
+                f"pipeline.swap_fraction={fraction} of pipeline.num_microbatches={M} swaps no microbatch, so no "
+                f"stage learns to stand in for its swap partner; raise pipeline.swap_fraction to at least {1 / M:g} "
+                "or pipeline.num_microbatches"
+                + ("" if strategy != "checkfree_plus" else ", or use recovery.strategy=checkfree")
+            )
         if strategy == "none" and self.failures.mode != "none":
             raise ValueError(
                 f"recovery.strategy=none is the failure-free reference but failures.mode={self.failures.mode!r}; "

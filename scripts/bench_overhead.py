@@ -41,7 +41,8 @@ def _run_side(side: str, files, common: list[str], tmp: Path, rnd: int) -> tuple
     """One run of one side; returns its per-step records (tokens/s, loss) in step order and the largest
     resident memory (MB) of any of its stage processes (None for the engine: it runs in this process)."""
     name = f"{side}-r{rnd}"
-    extra = ["pipeline.swap=true" if side.endswith("_swap") else "pipeline.swap=false"]
+    # the plain route is CheckFree without the swap (checkfree_plus refuses swap=false)
+    extra = ["pipeline.swap=true"] if side.endswith("_swap") else ["pipeline.swap=false", "recovery.strategy=checkfree"]
     if side == "swarm_redundant":
         extra.append("recovery.strategy=redundant")
     cfg = load_config(files, [*common, *extra, f"run_name={name}"])

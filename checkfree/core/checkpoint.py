@@ -37,7 +37,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,13 @@ class StagePayload:
     lr: float
     grad_norm_raw: float
     grad_norm_smoothed: float | None
+    grad_norm_post: float | None = None  # post-clip norm (``recovery.norm_source=post_clip``); older files lack it
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> StagePayload:
         names = [f.name for f in fields(cls)]
-        if not isinstance(d, dict) or set(d) != set(names):
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        if not isinstance(d, dict) or not set(required) <= set(d) <= set(names):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise RuntimeError(f"{where} is not a stage checkpoint: holds {got}, expected keys {names}")
         wrong = [k for k, ok in _SHAPE.items() if not ok(d[k])]

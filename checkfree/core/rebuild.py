@@ -84,6 +84,7 @@ class RebuiltStage:
     edge_staleness_steps: int | None  # steps since the embedding / head it got was copied or saved
     grad_norm_raw: float
     grad_norm_smoothed: float | None
+    grad_norm_post: float | None = None
 
     def event_fields(self, plan: RecoveryPlan, step: int, strategy: str, duration_s: float) -> dict:
         """The required fields of the ``rebuilt`` event (``checkfree.core.events``), as both executors log it."""
@@ -106,7 +107,10 @@ def restore_stage(spec: RebuildSpec, index: int, payload: StagePayload) -> Rebui
     stage = spec.new_stage(index)
     stage.load_state_dict(payload.model)
     optimizer = make_optimizer(stage, spec.optim, payload.lr, payload.optim)
-    return RebuiltStage(stage, optimizer, payload.lr, (), (), None, payload.grad_norm_raw, payload.grad_norm_smoothed)
+    return RebuiltStage(
+        stage, optimizer, payload.lr, (), (), None,
+        payload.grad_norm_raw, payload.grad_norm_smoothed, payload.grad_norm_post,
+    )  # fmt: skip
 
 
 def rebuild_stage(spec: RebuildSpec, plan: RecoveryPlan, step: int, inputs: RebuildInputs) -> RebuiltStage:

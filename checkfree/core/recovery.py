@@ -9,9 +9,12 @@ and the multi-process runtime both call these; only where the state dicts come f
 
 Strategies:
 - ``checkfree``: a middle stage i becomes the average of stages i-1 and i+1, each weighted by its own
-  pre-clip gradient norm (+ eps); a first/last stage (one neighbour) copies that neighbour.
+  gradient norm (+ eps): by default the last step's pre-clip norm over its transformer blocks only
+  (``norm_scope``, ``norm_source``); a first/last stage (one neighbour) copies that neighbour.
 - ``checkfree_plus``: as ``checkfree`` for middle stages; the first/last stage copies its swap partner
-  (stage 1 / stage L-2), which the swapped schedule trained to stand in for it.
+  (stage 1 / stage L-2), which the swapped schedule trained to stand in for it. Stages 1 and L-2 (the swap
+  partners themselves) are averaged like any middle stage (``partner_rule=average``, ours) or copied from
+  their swap partner, stage 0 / L-1 (``partner_rule=copy``, the reference code's).
 - ``copy``: copy the previous stage (the next one for stage 0).
 - ``uniform``: plain average of the two neighbours.
 - ``random``: re-initialise.
@@ -35,7 +38,9 @@ import torch
 
 STRATEGIES = ("none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint", "redundant")
 FALLBACKS = ("checkpoint", "nearest", "random")
-NORM_SOURCES = ("raw", "smoothed")
+NORM_SOURCES = ("raw", "smoothed", "post_clip")
+NORM_SCOPES = ("blocks", "stage")
+PARTNER_RULES = ("average", "copy")
 PER_STAGE_STRATEGIES = ("checkfree", "checkfree_plus", "copy", "uniform", "random")  # rebuild a stage from others
 
 
@@ -44,7 +49,9 @@ class RecoveryConfig:
     strategy: str = "checkfree_plus"  # one of STRATEGIES
     lr_factor: float = 1.1  # learning-rate multiplier of a rebuilt stage (paper: 1.1)
     eps: float = 1e-4  # added to each neighbour's gradient norm before weighting
-    norm_source: str = "raw"  # weights from the last step's pre-clip norm (raw) or its EMA (smoothed)
+    norm_source: str = "raw"  # weight by the last pre-clip norm (raw), its EMA (smoothed) or the post-clip norm
+    norm_scope: str = "blocks"  # the norm over the transformer blocks only, or the whole stage (edge params too)
+    partner_rule: str = "average"  # checkfree_plus: rebuild stage 1 / L-2 as an average or copy its swap partner
     norm_ema_beta: float = 0.9  # smoothing of the tracked norm: ema = beta * ema + (1 - beta) * raw
     edge_replica_every_steps: int = 10  # refresh neighbours' copies of embedding/head every k steps; 0: off
     adjacent_fallback: str = "checkpoint"  # when a source is lost too: checkpoint, nearest or random
@@ -58,6 +65,10 @@ class RecoveryConfig:
             )
         if self.norm_source not in NORM_SOURCES:
             raise ValueError(f"recovery.norm_source={self.norm_source!r} is not one of {', '.join(NORM_SOURCES)}")
+        if self.norm_scope not in NORM_SCOPES:
+            raise ValueError(f"recovery.norm_scope={self.norm_scope!r} is not one of {', '.join(NORM_SCOPES)}")
+        if self.partner_rule not in PARTNER_RULES:
+            raise ValueError(f"recovery.partner_rule={self.partner_rule!r} is not one of {', '.join(PARTNER_RULES)}")
         if self.lr_factor <= 0:
             raise ValueError(f"recovery.lr_factor={self.lr_factor} must be > 0")
         if self.eps < 0:
@@ -92,8 +103,13 @@ def replica_holder(kind: str, num_stages: int) -> int:
     return 1 if kind == "embed" else num_stages - 2
 
 
-def _primary_sources(strategy: str, stage: int, num_stages: int) -> tuple[int, ...]:
+def _primary_sources(strategy: str, stage: int, num_stages: int, partner_rule: str = "average") -> tuple[int, ...]:
     last = num_stages - 1
+    if strategy == "checkfree_plus" and partner_rule == "copy" and num_stages >= 4:
+        if stage == 1:
+            return (0,)  # the swap partner, trained to stand in for stage 1 on swapped microbatches
+        if stage == last - 1:
+            return (last,)
     if strategy == "redundant":
         return ((stage - 1) % num_stages,)  # the shadow's holder
     if strategy == "copy":
@@ -121,6 +137,7 @@ def plan_recovery(
     has_checkpoint: Callable[[int], bool] = lambda stage: False,
     edge_replicas: set[str] = frozenset(),
     stale_shadows: set[int] = frozenset(),
+    partner_rule: str = "average",
 ) -> list[RecoveryPlan]:
     """Decide how to rebuild each lost stage without reading any lost stage's weights.
 
@@ -133,6 +150,7 @@ def plan_recovery(
         edge_replicas: edge kinds ('embed', 'head') whose replica survives on a live holder.
         stale_shadows: stages whose shadow (redundant) is not up to date on its live holder (a swarm peer
             whose join broke off before its shadow was sent): such a stage takes the fallback path.
+        partner_rule: ``checkfree_plus`` only: ``copy`` rebuilds stage 1 / L-2 from its swap partner.
 
     Returns:
         One plan per lost stage, in stage order.
@@ -150,7 +168,7 @@ def plan_recovery(
         if strategy == "random":
             plans.append(RecoveryPlan(stage, "random", (), "primary", "reinit" if kind else None))
             continue
-        sources, path = _primary_sources(strategy, stage, num_stages), "primary"
+        sources, path = _primary_sources(strategy, stage, num_stages, partner_rule), "primary"
         if any(s in lost for s in sources) or (strategy == "redundant" and stage in stale_shadows):
             if fallback == "checkpoint" and has_checkpoint(stage):
                 plans.append(

@@ -84,6 +84,11 @@ def is_swapped(mb: int, fraction: float) -> bool:
     return int((mb + 1) * fraction) > int(mb * fraction)
 
 
+def swapped_count(num_microbatches: int, fraction: float) -> int:
+    """How many of a step's microbatches take the swapped route."""
+    return sum(is_swapped(m, fraction) for m in range(num_microbatches))
+
+
 def plain_route(num_stages: int) -> tuple[Hop, ...]:
     last = num_stages - 1
     return tuple(Hop(s, embed=s == 0, blocks=True, head=s == last) for s in range(num_stages))

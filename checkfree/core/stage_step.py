@@ -4,8 +4,13 @@ Stage step helpers
 
 What one stage does around a step, written once for both executors: its Adam optimizer
 (``make_optimizer``, which can also restore a saved state and learning rate), per-stage clipping that
-returns the *pre-clip* norm (``clip_stage_``), the smoothing of that norm (``smooth``) and the forward of
-one schedule hop (``forward_hop``).
+returns the norms a stage tracks (``clip_stage_``), the smoothing of a norm (``smooth``) and the forward
+of one schedule hop (``forward_hop``).
+
+The norm that weights a neighbour in a CheckFree rebuild is taken over the stage's transformer blocks only
+(``recovery.norm_scope=blocks``, the default): the rule compares the blocks being averaged, and stage 0's
+embedding or stage L-1's head would otherwise dominate an edge neighbour's weight. ``norm_scope=stage``
+takes the whole stage's gradient, as the reference code does. Clipping always uses the whole stage's norm.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from checkfree.core.data import Batches
-from checkfree.core.model import Stage
+from checkfree.core.model import BLOCK_PREFIX, Stage
 from checkfree.core.schedule import Op, Schedule
 
 
@@ -62,9 +67,37 @@ def make_optimizer(stage: Stage, cfg: OptimConfig, lr: float, state: dict | None
     return optimizer
 
 
-def clip_stage_(stage: Stage, max_norm: float) -> float:
-    """Clip the stage's gradient in place (0: no clipping); returns its *pre-clip* L2 norm."""
-    return float(torch.nn.utils.clip_grad_norm_(stage.parameters(), max_norm or math.inf, foreach=True))
+NORM_SCOPES = ("blocks", "stage")
+
+
+@dataclass(frozen=True)
+class StepNorms:
+    """The gradient norms of one stage's step (L2, not squared)."""
+
+    total: float  # pre-clip norm of the whole stage: what clipping and the non-finite check use
+    scoped: float  # pre-clip norm over the parameters of ``norm_scope`` (what ``norm_source=raw`` weights by)
+    post_clip: float  # ``scoped`` after clipping: the reference code's weight (``norm_source=post_clip``)
+
+
+def scoped_params(stage: Stage, scope: str) -> list[torch.nn.Parameter]:
+    """The parameters whose gradient norm a stage contributes as a rebuild source."""
+    if scope not in NORM_SCOPES:
+        raise ValueError(f"recovery.norm_scope={scope!r} is not one of {', '.join(NORM_SCOPES)}")
+    if scope == "stage":
+        return list(stage.parameters())
+    return [p for name, p in stage.named_parameters() if name.startswith(BLOCK_PREFIX)]
+
+
+def clip_stage_(stage: Stage, max_norm: float, scope: str = "blocks") -> StepNorms:
+    """Clip the stage's gradient in place by its whole norm (0: no clipping); returns its norms."""
+    grads = [p.grad for p in scoped_params(stage, scope) if p.grad is not None]
+    scoped = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
+    total = float(torch.nn.utils.clip_grad_norm_(stage.parameters(), max_norm or math.inf, foreach=True))
+    if scope == "stage":
+        scoped = total  # the same norm; taken from clipping so that both are bit-equal
+    # torch scales the gradient by max_norm / (total + 1e-6) when that is below 1
+    coef = min(1.0, max_norm / (total + 1e-6)) if max_norm and math.isfinite(total) else 1.0
+    return StepNorms(total, scoped, scoped * coef)
 
 
 def smooth(prev: float | None, value: float, beta: float) -> float:
@@ -72,11 +105,14 @@ def smooth(prev: float | None, value: float, beta: float) -> float:
     return value if prev is None else beta * prev + (1 - beta) * value
 
 
-def recovery_norm(raw: float, smoothed: float | None, source: str) -> float:
-    """The norm a stage contributes as a recovery source: its last pre-clip norm (``raw``) or its
-    smoothed one (``smoothed``, falling back to raw before the first smoothed value exists)."""
+def recovery_norm(raw: float, smoothed: float | None, source: str, post_clip: float | None = None) -> float:
+    """The norm a stage contributes as a recovery source: its last pre-clip norm (``raw``), its smoothed
+    one (``smoothed``, falling back to raw before the first smoothed value exists) or its last post-clip
+    one (``post_clip``, the reference code's; falling back to raw when none was measured)."""
     if source == "smoothed" and smoothed is not None:
         return smoothed
+    if source == "post_clip" and post_clip is not None:
+        return post_clip
     return raw
 
 

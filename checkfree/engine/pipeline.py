@@ -59,6 +59,7 @@ class PipelineEngine:
         optim: OptimConfig,
         norm_ema_beta: float = 0.9,
         device: str = "cpu",
+        norm_scope: str = "blocks",
     ):
         if len(stages) != schedule.num_stages:
             raise ValueError(f"{len(stages)} stages but the schedule has {schedule.num_stages}")
@@ -66,11 +67,13 @@ class PipelineEngine:
         self.nonfinite_stages: list[int] = []  # stages whose gradient was not finite at the last commit
         self.stages = [s.to(self.device) for s in stages]
         self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
-        self.norm_ema_beta = norm_ema_beta
+        self.norm_ema_beta, self.norm_scope = norm_ema_beta, norm_scope
         self.lrs = [optim.lr] * len(stages)
         self.optimizers = [make_optimizer(s, optim, optim.lr) for s in self.stages]
-        self.grad_norm_raw = [0.0] * len(stages)  # pre-clip L2 norm of the last committed step
+        # over the norm scope's parameters: pre-clip of the last committed step, its EMA, and post-clip
+        self.grad_norm_raw = [0.0] * len(stages)
         self.grad_norm_smoothed: list[float | None] = [None] * len(stages)
+        self.grad_norm_post: list[float | None] = [None] * len(stages)
         self.replicas: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # kind -> (step, state)
         self.shadows = None  # redundant strategy: checkfree.redundancy.Shadows
 
@@ -127,18 +130,18 @@ class PipelineEngine:
             self.shadows.discard()
 
     def commit(self) -> bool:
-        """Clip each stage's gradient, record its pre-clip norm, step every optimizer.
+        """Clip each stage's gradient, record its norms, step every optimizer.
 
         Returns False (and applies nothing) when any stage's gradient is not finite.
         """
-        norms = [clip_stage_(s, self.optim_cfg.grad_clip) for s in self.stages]
-        self.nonfinite_stages = [i for i, n in enumerate(norms) if not math.isfinite(n)]
+        norms = [clip_stage_(s, self.optim_cfg.grad_clip, self.norm_scope) for s in self.stages]
+        self.nonfinite_stages = [i for i, n in enumerate(norms) if not math.isfinite(n.total)]
         if self.nonfinite_stages:
             self.discard()
             return False
         for i, n in enumerate(norms):
-            self.grad_norm_raw[i] = n
-            self.grad_norm_smoothed[i] = smooth(self.grad_norm_smoothed[i], n, self.norm_ema_beta)
+            self.grad_norm_raw[i], self.grad_norm_post[i] = n.scoped, n.post_clip
+            self.grad_norm_smoothed[i] = smooth(self.grad_norm_smoothed[i], n.scoped, self.norm_ema_beta)
         for opt in self.optimizers:
             opt.step()
         if self.shadows is not None:
@@ -180,9 +183,12 @@ class PipelineEngine:
         self.lrs[index] = rebuilt.lr
         self.grad_norm_raw[index] = rebuilt.grad_norm_raw
         self.grad_norm_smoothed[index] = rebuilt.grad_norm_smoothed
+        self.grad_norm_post[index] = rebuilt.grad_norm_post
 
     def recovery_norm(self, stage: int, source: str) -> float:
-        return recovery_norm(self.grad_norm_raw[stage], self.grad_norm_smoothed[stage], source)
+        return recovery_norm(
+            self.grad_norm_raw[stage], self.grad_norm_smoothed[stage], source, self.grad_norm_post[stage]
+        )
 
     def refresh_replicas(self, step: int) -> None:
         """Copy the embedding to stage 1 and the final norm + head to stage L-2 (CheckFree+)."""
@@ -200,4 +206,5 @@ class PipelineEngine:
             lr=self.lrs[index],
             grad_norm_raw=self.grad_norm_raw[index],
             grad_norm_smoothed=self.grad_norm_smoothed[index],
+            grad_norm_post=self.grad_norm_post[index],
         )

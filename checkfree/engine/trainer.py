@@ -80,6 +80,7 @@ class Trainer:
             cfg.optim,
             cfg.recovery.norm_ema_beta,
             cfg.device,
+            cfg.recovery.norm_scope,
         )
         if cfg.recovery.strategy == "redundant":
             eng = self.engine
@@ -117,18 +118,7 @@ class Trainer:
     def run(self, on_step=None) -> dict:
         """Train to ``num_steps`` committed steps; ``on_step(state)`` is called after each commit."""
         cfg, st = self.cfg, self.state
-        self.events.emit(
-            "run_started",
-            data=self.batches.description,
-            num_stages=cfg.model.num_stages,
-            strategy=cfg.recovery.strategy,
-            schedule=cfg.pipeline.schedule,
-            swap=cfg.swap_enabled,
-        )
-        if self.replicas_on:
-            self.engine.refresh_replicas(0)
-        if self.ckpt:
-            self._save_checkpoint()
+        self.start()
         try:
             while st.step < cfg.num_steps:
                 self._one_iteration(on_step)
@@ -143,8 +133,24 @@ class Trainer:
         self.events.close()
         return summary
 
+    def start(self) -> None:
+        """What ``run`` does before its first step (scripts that drive the loop with ``continue_for`` call it)."""
+        cfg = self.cfg
+        self.events.emit(
+            "run_started",
+            data=self.batches.description,
+            num_stages=cfg.model.num_stages,
+            strategy=cfg.recovery.strategy,
+            schedule=cfg.pipeline.schedule,
+            swap=cfg.swap_enabled,
+        )
+        if self.replicas_on:
+            self.engine.refresh_replicas(0)
+        if self.ckpt:
+            self._save_checkpoint()
+
     def continue_for(self, num_steps: int, on_step=None) -> None:
-        """Train ``num_steps`` more committed steps after ``run`` (scripts: recovery experiments)."""
+        """Train ``num_steps`` more committed steps after ``run`` or ``start`` (scripts: recovery experiments)."""
         target = self.state.step + num_steps
         self.cfg.num_steps = max(self.cfg.num_steps, target)
         while self.state.step < target:
@@ -254,6 +260,7 @@ class Trainer:
             cfg.adjacent_fallback,
             has_checkpoint=lambda s: ckpt is not None and ckpt.latest_for_stage(s) is not None,
             edge_replicas=live_kinds,
+            partner_rule=cfg.partner_rule,
         )
         sources = {s for p in plans for s in p.sources}
         blocks = {s: block_state(eng.stages[s].state_dict()) for s in sources}  # live stages only

@@ -102,6 +102,7 @@ def decide_epoch(
     has_checkpoint=lambda stage: False,
     replicas_on: bool = True,
     spares_for_first_epoch: bool = False,
+    partner_rule: str = "average",
 ) -> Decision:
     """The next epoch, from the leader's view of the live members.
 
@@ -116,6 +117,7 @@ def decide_epoch(
             files): the swarm stops saying so instead of restarting from step 0.
         has_checkpoint: whether one stage has a saved copy (adjacent fallback).
         replicas_on: whether neighbours hold copies of the embedding and head.
+        partner_rule: ``recovery.partner_rule`` (checkfree_plus: how stages 1 and L-2 are rebuilt).
         spares_for_first_epoch: let spares fill stages that no stage peer asked for (after a grace time,
             so that stage peers that are still starting are not pre-empted).
     """
@@ -205,7 +207,9 @@ def decide_epoch(
         kinds = {k for k in ("embed", "head") if replicas_on and replica_holder(k, num_stages) not in lost}
         plans = tuple(
             PlanRecord(stage=p.stage, method=p.method, sources=list(p.sources), path=p.path, edge=p.edge)
-            for p in plan_recovery(rebuild, num_stages, strategy, fallback, has_checkpoint, kinds, set(stale))
+            for p in plan_recovery(
+                rebuild, num_stages, strategy, fallback, has_checkpoint, kinds, set(stale), partner_rule
+            )
         )
     plans = tuple(handed.values()) + plans  # first: a handed-over stage may be a source of a rebuild
     reason = "recover" if rebuild else "handoff" if handed else "re-form"

@@ -97,6 +97,7 @@ class Handover:
             cfg.recovery.norm_ema_beta,
             cfg.device,
             redundant=self.redundant,
+            norm_scope=cfg.recovery.norm_scope,
         )
         if rebuilt is not None:
             worker.install(rebuilt)

@@ -407,6 +407,7 @@ class Leader:
             has_checkpoint=lambda s: ckpt is not None and ckpt.latest_for_stage(s) is not None,
             replicas_on=self.replicas_on,
             spares_for_first_epoch=time.monotonic() - self.started > cfg.swarm.first_epoch_grace_s,
+            partner_rule=cfg.recovery.partner_rule,
         )
         if (
             decision.fatal

@@ -46,19 +46,22 @@ class StageWorker:
         norm_ema_beta: float = 0.9,
         device: str = "cpu",
         redundant: bool = False,
+        norm_scope: str = "blocks",
     ):
         self.device = torch.device(device)
         self.stage = stage.to(self.device)
         self.index = stage.index
         self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
-        self.lr, self.norm_ema_beta = lr, norm_ema_beta
+        self.lr, self.norm_ema_beta, self.norm_scope = lr, norm_ema_beta, norm_scope
         self.optimizer = make_optimizer(self.stage, optim, lr)
         self.act_shape = (batches.cfg.microbatch_size, batches.seq_len, d_model)  # (B, T, C)
-        self.grad_norm_raw = 0.0
+        self.grad_norm_raw = 0.0  # over the norm scope: pre-clip, its EMA and post-clip (as the engine's)
         self.grad_norm_smoothed: float | None = None
+        self.grad_norm_post: float | None = None
         self.all_norms: list[float] = [0.0] * schedule.num_stages  # every stage's, from the last commit
         self.pending_step: int | None = None  # a step whose ops completed but whose commit is undecided
         self.pending_norm = 0.0
+        self.pending_post = 0.0
         self.nonfinite_stages: list[int] = []  # stages whose gradient was not finite in the last discarded step
         self.loss = 0.0
         self.replica: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, copy of a neighbour's edge)
@@ -143,13 +146,14 @@ class StageWorker:
             StageLostError: the commit all-reduce failed; the step stays pending (``pending_step``).
         """
         L = self.schedule.num_stages
-        norm = clip_stage_(self.stage, self.optim_cfg.grad_clip)
+        norms = clip_stage_(self.stage, self.optim_cfg.grad_clip, self.norm_scope)
+        norm = norms.total if not math.isfinite(norms.total) else norms.scoped
         vec = torch.zeros(2 + 2 * L, dtype=torch.float64, device=self.device)  # done, loss, norms, non-finite
         vec[0] = 1.0 if math.isfinite(norm) else 0.0
         vec[1] = self.loss
         vec[2 + self.index] = norm if math.isfinite(norm) else 0.0
         vec[2 + L + self.index] = 0.0 if math.isfinite(norm) else 1.0
-        self.pending_norm = norm
+        self.pending_norm, self.pending_post = norm, norms.post_clip
         vec = group.all_reduce(vec, step).tolist()
         if round(vec[0]) != L:
             self.nonfinite_stages = [s for s in range(L) if vec[2 + L + s] > 0.5]
@@ -164,7 +168,7 @@ class StageWorker:
         """Step the optimizer with the gradients of ``pending_step`` (clipped already): at the commit
         point, or in the next epoch when the commit all-reduce broke after another stage completed it."""
         assert self.pending_step is not None, "no pending step to apply"
-        self.grad_norm_raw = self.pending_norm
+        self.grad_norm_raw, self.grad_norm_post = self.pending_norm, self.pending_post
         self.grad_norm_smoothed = smooth(self.grad_norm_smoothed, self.pending_norm, self.norm_ema_beta)
         self.optimizer.step()
         if self.shadow is not None:
@@ -182,10 +186,11 @@ class StageWorker:
             lr=self.lr,
             grad_norm_raw=self.grad_norm_raw,
             grad_norm_smoothed=self.grad_norm_smoothed,
+            grad_norm_post=self.grad_norm_post,
         )
 
     def recovery_norm(self, source: str) -> float:
-        return recovery_norm(self.grad_norm_raw, self.grad_norm_smoothed, source)
+        return recovery_norm(self.grad_norm_raw, self.grad_norm_smoothed, source, self.grad_norm_post)
 
     def install(self, rebuilt: RebuiltStage) -> None:
         """Take a rebuilt or restored stage (``checkfree.core.rebuild``): weights, optimizer, lr, norms."""
@@ -193,6 +198,7 @@ class StageWorker:
         self.stage = rebuilt.stage.to(self.device)
         self.optimizer, self.lr = rebuilt.optimizer, rebuilt.lr
         self.grad_norm_raw, self.grad_norm_smoothed = rebuilt.grad_norm_raw, rebuilt.grad_norm_smoothed
+        self.grad_norm_post = rebuilt.grad_norm_post
         self.pending_step = None
 
     @torch.no_grad()

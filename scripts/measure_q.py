@@ -1,0 +1,321 @@
+"""q: the extra steps a run needs to reach a target loss because one stage was lost and rebuilt.
+
+The number that decides when CheckFree beats checkpointing (docs/BENCHMARKS.md, "cost model"). Measured as a
+controlled, paired experiment in the engine:
+
+1. per seed, a failure-free reference trains to ``--fail-at`` F, and its whole state (weights, Adam, norms,
+   edge replicas) is kept;
+2. every arm starts from that state, loses one stage at step F, rebuilds it with its method and trains to
+   F + ``--horizon`` on exactly the reference's batches; the reference continues without the loss;
+3. validation loss on fixed validation batches after every step (``--eval-every``); for targets that the
+   reference reaches ``k`` steps after F (``--target-after``), q = the arm's steps to the target minus the
+   reference's, both read from the best-so-far validation loss (so one noisy evaluation cannot decide a
+   crossing). An arm that never reaches a target within the horizon is counted as not reached, never dropped.
+
+Methods (``--methods``): ``weighted`` (CheckFree's norm-weighted average), ``uniform``, ``copy`` (the previous
+stage), ``random`` (re-initialisation) train without the swap; ``plus`` (CheckFree+: swapped microbatches,
+stages 1 / L-2 averaged) and ``partner_copy`` (CheckFree+ with stages 1 / L-2 copied from their swap
+partner, the reference code's rule) train with it, against a swapped reference. Extra ``name=key=value,...``
+methods add ablations (e.g. ``warmup=recovery.warmup_steps=20``). Stage positions: ``--stages`` (default:
+first, second, middle, last).
+
+Every seed's arms run in one process; ``--jobs`` seeds side by side. Prints a table and saves JSON (every
+per-seed value, so the statistics can be redone) and markdown with bootstrap intervals over seeds.
+
+    python scripts/measure_q.py configs/bench.yaml --seeds 0 1 2 3 4 --fail-at 300 --horizon 200 \\
+        --out docs/results/q_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from checkfree.config import load_config, split_args
+from checkfree.core.events import EventLog
+from checkfree.core.metrics import MetricLogger, report
+from checkfree.core.rebuild import RebuildSpec
+from checkfree.core.recovery import edge_replicas_on
+from checkfree.core.stats import bootstrap
+from checkfree.engine.trainer import Trainer
+
+# method -> (swap on, overrides)
+METHODS = {
+    "weighted": (False, ["recovery.strategy=checkfree"]),
+    "uniform": (False, ["recovery.strategy=uniform"]),
+    "copy": (False, ["recovery.strategy=copy"]),
+    "random": (False, ["recovery.strategy=random"]),
+    "plus": (True, ["recovery.strategy=checkfree_plus", "recovery.partner_rule=average"]),
+    "partner_copy": (True, ["recovery.strategy=checkfree_plus", "recovery.partner_rule=copy"]),
+}
+
+
+def parse_methods(names: list[str]) -> dict[str, tuple[bool, list[str]]]:
+    """Built-in method names, or ``name=base+key=value,key=value`` (an ablation on a built-in method)."""
+    out = {}
+    for spec in names:
+        if spec in METHODS:
+            out[spec] = METHODS[spec]
+            continue
+        name, _, rest = spec.partition("=")
+        base, _, extra = rest.partition("+")
+        if base not in METHODS or not name:
+            raise SystemExit(f"--methods: {spec!r} is neither one of {', '.join(METHODS)} nor NAME=BASE+key=value,...")
+        swap, overrides = METHODS[base]
+        out[name] = (swap, [*overrides, *[kv for kv in extra.split(",") if kv]])
+    return out
+
+
+def stage_label(stage: int, num_stages: int) -> str:
+    if stage == 0:
+        return "first"
+    if stage == num_stages - 1:
+        return "last"
+    if stage in (1, num_stages - 2):
+        return f"partner({stage})"
+    return f"middle({stage})"
+
+
+def best_so_far(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    out, best = [], math.inf
+    for step, v in curve:
+        best = min(best, v)
+        out.append((step, best))
+    return out
+
+
+def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
+    """First step (committed steps) at which the best-so-far loss is <= target."""
+    for step, v in best_so_far(curve):
+        if v <= target:
+            return step
+    return None
+
+
+def _config(files, overrides, seed: int, swap: bool, extra: list[str], out_dir: Path, name: str, ns):
+    strategy = "checkfree_plus" if swap else "checkfree"
+    return load_config(
+        files,
+        [
+            *overrides,
+            f"recovery.strategy={strategy}",
+            f"pipeline.swap={'true' if swap else 'false'}",
+            *extra,
+            "failures.mode=none",
+            f"seed={seed}",
+            f"num_steps={ns.fail_at + ns.horizon}",
+            f"eval_every_steps={ns.eval_every}",
+            f"data.num_val_batches={ns.val_batches}",
+            "progress=false",
+            "plot=false",
+            "overwrite=true",
+            "num_threads=1",
+            f"out_dir={out_dir}",
+            f"run_name={name}",
+        ],
+    )
+
+
+def _fork(engine):
+    """An independent copy of the engine's training state (data and schedule shared: they are read-only)."""
+    return copy.deepcopy(engine, {id(engine.batches): engine.batches, id(engine.schedule): engine.schedule})
+
+
+def _curve(trainer: Trainer, after: int) -> list[tuple[int, float]]:
+    """Validation losses after ``after`` committed steps, from the first step trained after it."""
+    return [(s, v) for s, v in trainer.state.val_history if s > after]
+
+
+def run_seed(files, overrides, seed: int, methods: dict, stages: list[int], ns) -> dict:
+    """Every arm of one seed; returns {family: reference curve, (method, stage): arm curve and events}."""
+    out_dir = Path(ns.runs_dir) / f"s{seed}"
+    result = {"seed": seed, "refs": {}, "arms": []}
+    for swap in sorted({m[0] for m in methods.values()}):
+        family = "swap" if swap else "plain"
+        cfg = _config(files, overrides, seed, swap, [], out_dir, f"ref-{family}", ns)
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg)
+        trainer.start()
+        trainer.continue_for(ns.fail_at)
+        engine0, state0 = _fork(trainer.engine), copy.deepcopy(trainer.state)
+        trainer.continue_for(ns.horizon)
+        result["refs"][family] = _curve(trainer, ns.fail_at)
+        trainer.metrics.close()
+        trainer.events.close()
+        print(f"seed {seed} reference {family}: {time.perf_counter() - t0:.0f} s", flush=True)
+        for name, (m_swap, extra) in methods.items():
+            if m_swap != swap:
+                continue
+            arm_cfg = _config(files, overrides, seed, swap, extra, out_dir, f"{name}", ns)
+            for stage in stages:
+                arm_dir = out_dir / f"{name}-stage{stage}"
+                arm_dir.mkdir(parents=True, exist_ok=True)
+                trainer.cfg = arm_cfg
+                trainer.spec = RebuildSpec.of(arm_cfg)
+                trainer.replicas_on = edge_replicas_on(arm_cfg.recovery)
+                trainer.engine = _fork(engine0)
+                trainer.state = copy.deepcopy(state0)
+                trainer.metrics = MetricLogger(arm_dir / "metrics.jsonl")
+                trainer.events = EventLog(arm_dir / "events.jsonl")
+                trainer.recover([stage])
+                trainer.continue_for(ns.horizon)
+                trainer.metrics.close()
+                trainer.events.close()
+                events = [json.loads(line) for line in (arm_dir / "events.jsonl").read_text().splitlines()]
+                keys = ("method", "sources", "weights", "path", "edge")
+                rebuilt = [{k: e.get(k) for k in keys} for e in events if e["event"] == "rebuilt"]
+                result["arms"].append(
+                    {
+                        "method": name,
+                        "stage": stage,
+                        "family": family,
+                        "curve": _curve(trainer, ns.fail_at),
+                        "rebuilt": rebuilt,
+                    }
+                )
+            print(f"seed {seed} {name}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return result
+
+
+def analyse(results: list[dict], methods: dict, stages: list[int], num_stages: int, ns) -> dict:
+    rows = []
+    for res in results:
+        for arm in res["arms"]:
+            ref = res["refs"][arm["family"]]
+            ref_at = dict(ref)
+            curve = arm["curve"]
+            arm_at = dict(curve)
+            first = min(s for s, _ in curve)
+            row = {
+                "seed": res["seed"],
+                "method": arm["method"],
+                "stage": arm["stage"],
+                "family": arm["family"],
+                "jump": arm_at[first] - ref_at[first],  # val loss right after the rebuild, over the reference's
+                "gap_end": curve[-1][1] - ref_at[curve[-1][0]],
+                "rebuilt": arm["rebuilt"],
+            }
+            for k in ns.target_after:
+                target = min(v for s, v in ref if s <= ns.fail_at + k)  # best the reference had reached by F + k
+                ref_steps, arm_steps = steps_to(ref, target), steps_to(curve, target)
+                row[f"q@{k}"] = None if arm_steps is None else arm_steps - ref_steps
+                row[f"reached@{k}"] = arm_steps is not None
+            rows.append(row)
+    table = {}
+    for name in methods:
+        for stage in stages:
+            r = [x for x in rows if x["method"] == name and x["stage"] == stage]
+            if not r:
+                continue
+            cell = {
+                "label": stage_label(stage, num_stages),
+                "jump": bootstrap([x["jump"] for x in r]).as_dict(),
+                "gap_end": bootstrap([x["gap_end"] for x in r]).as_dict(),
+                "seeds": len(r),
+            }
+            for k in ns.target_after:
+                reached = [x[f"q@{k}"] for x in r if x[f"reached@{k}"]]
+                cell[f"q@{k}"] = bootstrap(reached).as_dict()
+                cell[f"reached@{k}"] = len(reached)
+            table[f"{name}/{stage}"] = cell
+    return {"rows": rows, "table": table}
+
+
+def _fmt(d: dict, digits: int = 1) -> str:
+    if d["n"] == 0:
+        return "-"
+    if d["n"] == 1:
+        return f"{d['estimate']:.{digits}f} (n=1)"
+    return f"{d['estimate']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+
+
+def markdown(analysis: dict, methods: dict, stages: list[int], ns, header: str) -> str:
+    ks = ns.target_after
+    lines = [
+        header,
+        "",
+        "| method | stage | jump of val loss | "
+        + " | ".join(f"q (target F+{k}) | reached" for k in ks)
+        + " | gap at the end |",
+        "|---|---|---|" + "---|---|" * len(ks) + "---|",
+    ]
+    for name in methods:
+        for stage in stages:
+            c = analysis["table"].get(f"{name}/{stage}")
+            if c is None:
+                continue
+            cells = " | ".join(f"{_fmt(c[f'q@{k}'])} | {c[f'reached@{k}']}/{c['seeds']}" for k in ks)
+            lines.append(f"| {name} | {c['label']} | {_fmt(c['jump'], 3)} | {cells} | {_fmt(c['gap_end'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="*", help="config files and key=value overrides (default: the tiny default)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--stages", type=int, nargs="+", default=None, help="default: 0, 1, L//2, L-1")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--fail-at", type=int, default=300, help="step F at which the stage is lost")
+    ap.add_argument("--horizon", type=int, default=200, help="steps trained after the loss")
+    ap.add_argument("--target-after", type=int, nargs="+", default=[25, 50, 100, 200])
+    ap.add_argument("--eval-every", type=int, default=1)
+    ap.add_argument("--val-batches", type=int, default=4)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--runs-dir", default="runs/q")
+    ap.add_argument("--out", default="runs/q/q.json")
+    ns = ap.parse_args()
+    bad = [k for k in ns.target_after if not 0 < k <= ns.horizon]
+    if bad:
+        raise SystemExit(f"--target-after {bad}: every target must lie within the horizon (1..{ns.horizon})")
+    files, overrides = split_args(ns.args)
+    base = load_config(files, overrides)
+    L = base.model.num_stages
+    stages = sorted(set(ns.stages if ns.stages is not None else [0, 1, L // 2, L - 1]))
+    bad = [s for s in stages if not 0 <= s < L]
+    if bad:
+        raise SystemExit(f"--stages {bad} out of range 0..{L - 1}")
+    methods = parse_methods(ns.methods)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_seed, files, overrides, s, methods, stages, ns) for s in ns.seeds]
+        results = [f.result() for f in futures]
+    analysis = analyse(results, methods, stages, L, ns)
+    header = (
+        f"q on {' '.join(ns.args) or 'the tiny default'}: {L} stages, one stage lost at step {ns.fail_at}, "
+        f"{ns.horizon} steps after, seeds {ns.seeds}, validation every {ns.eval_every} step(s) on "
+        f"{ns.val_batches} fixed batches. q = extra steps to the best validation loss the reference had "
+        "reached k steps after the loss (best-so-far curves); 95% bootstrap intervals over seeds; "
+        "'reached' counts the seeds that got there within the horizon (q is over those only)."
+    )
+    out = {
+        "args": ns.args,
+        "num_stages": L,
+        "fail_at": ns.fail_at,
+        "horizon": ns.horizon,
+        "seeds": ns.seeds,
+        "methods": {k: v[1] for k, v in methods.items()},
+        "target_after": ns.target_after,
+        "eval_every": ns.eval_every,
+        "val_batches": ns.val_batches,
+        "elapsed_s": time.perf_counter() - t0,
+        "reference_curves": {f"{r['seed']}/{fam}": c for r in results for fam, c in r["refs"].items()},
+        **analysis,
+    }
+    report(out, ns.out)
+    md = markdown(analysis, methods, stages, ns, header)
+    Path(ns.out).with_suffix(".md").write_text(md)
+    print(md)
+    # reference curve: how far training had got at F (the "regime" question)
+    for r in results:
+        for fam, c in r["refs"].items():
+            print(f"seed {r['seed']} {fam}: val {c[0][1]:.3f} at step {c[0][0]} -> {c[-1][1]:.3f} at step {c[-1][0]}")
+
+
+if __name__ == "__main__":
+    main()
