@@ -143,6 +143,11 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitCode.BAD_INPUT
+    from checkfree.swarm.injection import NOT_DETERMINISTIC, deterministic
+
+    if cfg.swarm.inject == "peer" and cfg.failures.mode != "none" and not deterministic(cfg.failures):
+        print(f"checkfree swarm: {NOT_DETERMINISTIC}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     run_dir = cfg.run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.overwrite:

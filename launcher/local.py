@@ -32,6 +32,7 @@ from checkfree.core.failures import Failure, FailureInjector, write_trace
 from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.admission import KEY_ENV, TOKEN_ENV, Admission, Identity, find_token, new_token, write_token
 from checkfree.swarm.config import config_fingerprint
+from checkfree.swarm.injection import LINK_DOWN, read_marker
 from checkfree.swarm.membership import DHTUnavailable, Membership
 from launcher.chaos import Chaos
 from launcher.netns import Host, Hosts
@@ -39,7 +40,7 @@ from launcher.report import merge_run
 
 logger = logging.getLogger(__name__)
 
-VANISHED = "LINK_DOWN"  # a failure's "signal" when its host's link was cut instead (swarm.vanish_fraction)
+VANISHED = LINK_DOWN  # a failure's "signal" when its host's link was cut instead (swarm.vanish_fraction)
 
 
 def advance_iterations(last_seen_step: int, iteration: int, step: int) -> tuple[int, int, int]:
@@ -83,6 +84,8 @@ class LocalSwarm:
         self.rng = random.Random(cfg.failures.seed)
         self.pending_spares: list[float] = []  # times at which to start a spare
         self.queued: list[Failure] = []  # failures drawn, not injected yet (see next_batch)
+        self.met: list[Failure] = []  # failures injected (by us or, swarm.inject=peer, by the peers themselves)
+        self.dropped: list[Failure] = []  # inject=launcher: drawn for a peer that was gone when its turn came
         self.last_seen_step = -1  # the swarm's step when failures were last drawn
         self.iteration = -1  # the last iteration failures were drawn for
         self.kill_epoch = -1
@@ -206,6 +209,8 @@ class LocalSwarm:
                     code = ExitCode.TIMED_OUT
                     break
                 self._reap_replaced(current)
+                if cfg.swarm.inject == "peer":
+                    self._own_failures(current, now)  # before _replace_crashed: such a death is no crash
                 refused = self._replace_crashed(now)
                 if refused is not None:
                     print(f"\n{refused}", file=sys.stderr)
@@ -213,7 +218,7 @@ class LocalSwarm:
                     break
                 if self.chaos is not None:
                     self._chaos(members, current, now)
-                else:
+                elif cfg.swarm.inject == "launcher":
                     self._inject(members, current, now)
                 while self.pending_spares and self.pending_spares[0] <= now:
                     self.pending_spares.pop(0)
@@ -267,7 +272,8 @@ class LocalSwarm:
             pid = roster[f.stage]
             proc = self.procs.get(pid)
             if proc is None or proc.poll() is not None:
-                continue  # not ours to kill, or already gone
+                self.dropped.append(f)  # not ours to kill, or already gone
+                continue
             if pid in self.host_of and self.rng.random() < cfg.swarm.vanish_fraction:
                 # its host vanishes: the link goes down, no TCP reset; the process is ended once replaced
                 self.hosts.cut(self.host_of[pid])
@@ -290,7 +296,45 @@ class LocalSwarm:
                 step=step,
                 epoch=current.epoch,
                 iteration=f.iteration,
+                phase=f.phase,
+                at=f.at,
+                injected_by="launcher",
+                # drawn for an iteration the swarm had passed when it could be injected (recovery, min_gap_s)
+                delay_iterations=self.iteration - f.iteration,
             )
+            self.met.append(f)
+            self._replace(now)
+
+    def _own_failures(self, current, now: float) -> None:
+        """swarm.inject=peer: log the failures peers injected into themselves (``swarm.injection``), cut the
+        link of a vanishing one's host, and bring a new machine as for a kill of ours."""
+        for pid, proc in self.procs.items():
+            if pid in self.killed:
+                continue
+            marker = read_marker(self.run_dir / "peers" / pid)
+            if marker is None:
+                continue
+            how = marker["signal"]
+            if how == LINK_DOWN and pid in self.host_of:
+                self.hosts.cut(self.host_of[pid])
+            if how != signal.SIGKILL.name:
+                self.stopped.add(pid)  # frozen (or cut off): ended once the swarm replaced it
+            self.killed.add(pid)
+            self.events.emit(
+                "failure",
+                stage=marker["stage"],
+                peer=pid,
+                pid=proc.pid,
+                signal=how,
+                step=marker["step"],
+                epoch=current.epoch if current is not None else -1,
+                iteration=marker["iteration"],
+                phase=marker["phase"],
+                at=marker["at"],
+                injected_by="peer",
+                delay_iterations=0,
+            )
+            self.met.append(Failure(marker["iteration"], marker["stage"], marker["phase"], marker["at"]))
             self._replace(now)
 
     def _replace(self, now: float) -> None:
@@ -422,11 +466,21 @@ class LocalSwarm:
             print(file=sys.stderr)
 
     def _report(self, code: int, wall_s: float) -> dict:
-        write_trace(self.run_dir / "trace.jsonl", self.injector.fired, self.cfg.model.num_stages)
+        # the failures the swarm met (replayable by the engine); with inject=launcher, also what it could not
+        # inject in time: drawn and still queued at the end, or dropped because the victim was already gone
+        write_trace(self.run_dir / "trace.jsonl", self.met, self.cfg.model.num_stages)
         self.events.close()
         summary = merge_run(self.run_dir, self.cfg)
+        delays = [e.get("delay_iterations", 0) for e in read_jsonl(self.events.path) if e["event"] == "failure"]
         summary.update(
-            exit_code=int(code), wall_s=wall_s, exit_codes={p: pr.returncode for p, pr in self.procs.items()}
+            exit_code=int(code),
+            wall_s=wall_s,
+            exit_codes={p: pr.returncode for p, pr in self.procs.items()},
+            failure_injection=self.cfg.swarm.inject,
+            failures_met=len(self.met),
+            failures_not_injected=len(self.queued) + len(self.dropped),
+            failures_delayed=sum(1 for d in delays if d),
+            failure_delay_iterations_max=max(delays, default=0),
         )
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

@@ -183,6 +183,87 @@ def run_seed(files, overrides, seed: int, methods: dict, stages: list[int], ns) 
     return result
 
 
+def scan_seed(files, overrides, seed: int, methods: dict, stages: list[int], ns) -> list[dict]:
+    """The regime question: how much does losing a stage cost as training progresses? One failure-free run
+    per family to the last scan point; at each point F every method rebuilds every stage of a fork, and
+    the fork's validation loss is read right after the rebuild and ``--scan-train`` steps later, against the
+    reference at the same steps."""
+    rows = []
+    out_dir = Path(ns.runs_dir) / f"scan-s{seed}"
+    points = sorted(ns.scan)
+    for swap in sorted({m[0] for m in methods.values()}):
+        family = "swap" if swap else "plain"
+        ns_ref = argparse.Namespace(**{**vars(ns), "fail_at": points[-1], "horizon": ns.scan_train, "eval_every": 0})
+        cfg = _config(files, overrides, seed, swap, [], out_dir, f"ref-{family}", ns_ref)
+        trainer = Trainer(cfg)
+        trainer.start()
+        for point in points:
+            trainer.continue_for(point - trainer.state.step)
+            engine0, state0 = _fork(trainer.engine), copy.deepcopy(trainer.state)
+            ref_now = trainer.engine.evaluate(ns.val_batches)
+            trainer.continue_for(ns.scan_train)
+            ref_later = trainer.engine.evaluate(ns.val_batches)
+            for name, (m_swap, extra) in methods.items():
+                if m_swap != swap:
+                    continue
+                arm_cfg = _config(files, overrides, seed, swap, extra, out_dir, name, ns_ref)
+                for stage in stages:
+                    arm = Trainer.__new__(Trainer)
+                    arm.__dict__.update(trainer.__dict__)
+                    arm.cfg, arm.spec = arm_cfg, RebuildSpec.of(arm_cfg)
+                    arm.replicas_on = edge_replicas_on(arm_cfg.recovery)
+                    arm.engine, arm.state = _fork(engine0), copy.deepcopy(state0)
+                    arm_dir = out_dir / f"F{point}-{name}-stage{stage}"
+                    arm_dir.mkdir(parents=True, exist_ok=True)
+                    arm.metrics, arm.events = (
+                        MetricLogger(arm_dir / "metrics.jsonl"),
+                        EventLog(arm_dir / "events.jsonl"),
+                    )
+                    arm.recover([stage])
+                    now = arm.engine.evaluate(ns.val_batches)
+                    arm.continue_for(ns.scan_train)
+                    later = arm.engine.evaluate(ns.val_batches)
+                    arm.metrics.close()
+                    arm.events.close()
+                    rows.append(
+                        {
+                            "seed": seed,
+                            "family": family,
+                            "fail_at": point,
+                            "method": name,
+                            "stage": stage,
+                            "ref_val": ref_now,
+                            "jump": now - ref_now,
+                            "gap_later": later - ref_later,
+                        }
+                    )
+            trainer.engine, trainer.state = engine0, state0  # the reference goes on from the fork point
+            print(f"seed {seed} {family}: scan point {point} done (val {ref_now:.3f})", flush=True)
+        trainer.metrics.close()
+        trainer.events.close()
+    return rows
+
+
+def scan_markdown(rows: list[dict], methods: dict, stages: list[int], num_stages: int, ns, header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| step F | reference val | method | stage | jump right after | gap " + f"{ns.scan_train} steps later |",
+        "|---|---|---|---|---|---|",
+    ]
+    for point in sorted(ns.scan):
+        for name in methods:
+            for stage in stages:
+                r = [x for x in rows if x["fail_at"] == point and x["method"] == name and x["stage"] == stage]
+                if not r:
+                    continue
+                ref = sum(x["ref_val"] for x in r) / len(r)
+                jump = bootstrap([x["jump"] for x in r]).fmt(3)
+                later = bootstrap([x["gap_later"] for x in r]).fmt(3)
+                lines.append(f"| {point} | {ref:.3f} | {name} | {stage_label(stage, num_stages)} | {jump} | {later} |")
+    return "\n".join(lines) + "\n"
+
+
 def analyse(results: list[dict], methods: dict, stages: list[int], num_stages: int, ns) -> dict:
     rows = []
     for res in results:
@@ -268,6 +349,10 @@ def main() -> None:
     ap.add_argument("--val-batches", type=int, default=4)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--runs-dir", default="runs/q")
+    ap.add_argument(
+        "--scan", type=int, nargs="+", default=None, help="regime scan: lose a stage at each of these steps instead"
+    )
+    ap.add_argument("--scan-train", type=int, default=20, help="regime scan: steps trained after each loss")
     ap.add_argument("--out", default="runs/q/q.json")
     ns = ap.parse_args()
     bad = [k for k in ns.target_after if not 0 < k <= ns.horizon]
@@ -282,6 +367,21 @@ def main() -> None:
         raise SystemExit(f"--stages {bad} out of range 0..{L - 1}")
     methods = parse_methods(ns.methods)
     t0 = time.perf_counter()
+    if ns.scan:
+        with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(scan_seed, files, overrides, s, methods, stages, ns) for s in ns.seeds]
+            rows = [row for f in futures for row in f.result()]
+        header = (
+            f"Regime scan on {' '.join(ns.args) or 'the tiny default'}: {L} stages; one stage lost at step F of a "
+            f"failure-free run; validation loss over {ns.val_batches} fixed batches right after the rebuild and "
+            f"{ns.scan_train} steps later, minus the reference's at the same steps; seeds {ns.seeds}; 95% "
+            "bootstrap intervals over seeds."
+        )
+        report({"args": ns.args, "num_stages": L, "scan": ns.scan, "seeds": ns.seeds, "rows": rows}, ns.out)
+        md = scan_markdown(rows, methods, stages, L, ns, header)
+        Path(ns.out).with_suffix(".md").write_text(md)
+        print(md)
+        return
     with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(run_seed, files, overrides, s, methods, stages, ns) for s in ns.seeds]
         results = [f.result() for f in futures]

@@ -218,7 +218,7 @@ def run_swarm(tmp_path, name, *overrides, failures=(), background=False, timeout
         trace = tmp_path / f"{name}-trace.jsonl"
         write_trace(trace, list(failures), 4)
         args += ["failures.mode=trace", f"failures.trace_path={trace}"]
-    else:
+    elif not any(o.startswith("failures.mode=") for o in overrides):
         args += ["failures.mode=none"]
     cmd = [sys.executable, "-m", "checkfree", "swarm", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

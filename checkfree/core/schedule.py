@@ -245,3 +245,19 @@ def _check_runs(schedule: Schedule) -> None:
 
 def schedule_for(cfg: PipelineConfig, num_stages: int, swap: bool) -> Schedule:
     return build_schedule(cfg.schedule, num_stages, cfg.num_microbatches, cfg.swap_fraction if swap else 0.0)
+
+
+def failure_op(schedule: Schedule, stage: int, phase: str, at: float) -> Op | None:
+    """The op of ``stage`` before which a failure in ``phase`` at position ``at`` in [0, 1) lands; None: before
+    the step's first op. ``mid_forward`` / ``mid_backward`` pick among the stage's forward / backward ops that
+    are not the step's very first op, so a failure "in the middle" always leaves some work to discard. The
+    engine stops its whole timeline there; a swarm peer injecting its own failure dies there (the same
+    failure, so both executors replay one trace alike)."""
+    if phase == "before_forward":
+        return None
+    kind = "F" if phase == "mid_forward" else "B"
+    first = schedule.timeline[0]
+    candidates = [op for op in schedule.ops[stage] if op.kind == kind and op != first]
+    if not candidates:
+        return None
+    return candidates[min(int(at * len(candidates)), len(candidates) - 1)]

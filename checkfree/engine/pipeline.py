@@ -24,7 +24,7 @@ from checkfree.core.failures import Failure
 from checkfree.core.model import Stage, edge_state
 from checkfree.core.rebuild import RebuiltStage
 from checkfree.core.recovery import replica_holder
-from checkfree.core.schedule import Op, Schedule
+from checkfree.core.schedule import Op, Schedule, failure_op
 from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, recovery_norm, smooth
 
 
@@ -37,17 +37,10 @@ class StepInterrupted(Exception):
 
 
 def interrupt_index(schedule: Schedule, failure: Failure) -> int:
-    """Where in the timeline a failure lands: before op 0, before one of the failing stage's forward
-    ops after the first op, or before one of its backward ops; ``failure.at`` picks among them."""
-    if failure.phase == "before_forward":
-        return 0
-    kind = "F" if failure.phase == "mid_forward" else "B"
-    candidates = [
-        i for i, op in enumerate(schedule.timeline) if op.kind == kind and op.stage == failure.stage and i > 0
-    ]
-    if not candidates:
-        return 0
-    return candidates[min(int(failure.at * len(candidates)), len(candidates) - 1)]
+    """Where in the timeline a failure lands (``schedule.failure_op``): the timeline index of that op, 0
+    when it lands before the step's first op."""
+    op = failure_op(schedule, failure.stage, failure.phase, failure.at)
+    return 0 if op is None else schedule.timeline.index(op)
 
 
 class PipelineEngine:

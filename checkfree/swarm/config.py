@@ -213,7 +213,10 @@ class SwarmConfig:
     spare_wait_s: float = 60.0  # how long a swarm missing a stage waits for a spare before it gives up
     first_epoch_grace_s: float = 20.0  # before the first epoch, spares fill stages no stage peer took after this
     hang_fraction: float = 0.0  # share of injected failures that freeze a peer (SIGSTOP) instead of killing it
-    min_gap_s: float = 4.0  # launcher: no new failure sooner than this after the swarm last resumed
+    # who injects failures: each peer its own, at the engine's iteration and op (peer: replays the engine's
+    # trace exactly), or the launcher from outside when it polls (launcher: delayed by recoveries and min_gap_s)
+    inject: str = "peer"
+    min_gap_s: float = 4.0  # inject=launcher: no new failure sooner than this after the swarm last resumed
     run_timeout_s: float = 1800.0  # launcher: stop the swarm (and say so) after this long
     status_interval_s: float = 1.0  # launcher: refresh of the status line
     max_reforms: int = 5  # epochs in a row that may break at one step with every member alive before the swarm stops
@@ -251,6 +254,12 @@ class SwarmConfig:
         if self.vanish_fraction and self.hosts != "netns":
             raise ValueError(
                 f"swarm.vanish_fraction={self.vanish_fraction} needs swarm.hosts=netns (a host whose link can be cut)"
+            )
+        if self.inject not in ("peer", "launcher"):
+            raise ValueError(f"swarm.inject={self.inject!r} is not one of peer, launcher")
+        if self.hang_fraction + self.vanish_fraction > 1.0:
+            raise ValueError(
+                f"swarm.hang_fraction={self.hang_fraction} + swarm.vanish_fraction={self.vanish_fraction} must be <= 1"
             )
         if not 0.0 <= self.hang_fraction <= 1.0:
             raise ValueError(f"swarm.hang_fraction={self.hang_fraction} must be in [0, 1]")

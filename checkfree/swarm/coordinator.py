@@ -41,12 +41,22 @@ class Decision:
     lost: tuple[int, ...] = ()
     plans: tuple[PlanRecord, ...] = ()
     rollback_to: int | None = None
+    reached: int | None = None  # the step the broken epoch had reached (before a rollback); None: ``step``
     stale_shadows: tuple[int, ...] = ()  # redundant: shadows to send anew (their holders' are stale)
     reason: str = ""
     fatal: bool = False  # no epoch can ever be formed: the leader stops the swarm with ``reason``
     # fatal whatever the view (a setup error, not a verdict on who is alive): stopped on even while members answer
     certain: bool = False
     needs_peers: bool = False  # waiting for peers to arrive: the leader gives up after swarm.spare_wait_s
+
+
+def next_iteration(current: EpochRecord | None, decision: Decision) -> int:
+    """The step attempts made before the new epoch's first: the broken epoch's committed steps and the one
+    attempt its loss interrupted (non-finite steps the peers discarded are not seen here)."""
+    if current is None:
+        return 0
+    reached = decision.step if decision.reached is None else decision.reached
+    return current.iteration + max(0, reached - current.step) + 1
 
 
 def stage_holders(members: dict[str, MemberRecord], current: EpochRecord | None) -> dict[int, str]:
@@ -189,7 +199,12 @@ def decide_epoch(
                 )
             # before the first checkpoint every stage saved, the initial state (from the seed) is the checkpoint
             return Decision(
-                roster, step=checkpoint_step or 0, lost=lost, rollback_to=checkpoint_step or 0, reason="rollback"
+                roster,
+                step=checkpoint_step or 0,
+                lost=lost,
+                rollback_to=checkpoint_step or 0,
+                reached=step,
+                reason="rollback",
             )
         if handed:
             return Decision(roster, step=step, lost=lost, plans=tuple(handed.values()), reason="handoff")

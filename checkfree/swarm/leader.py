@@ -29,7 +29,7 @@ import torch.distributed as dist
 from checkfree.core.checkpoint import CheckpointStore
 from checkfree.swarm.addressing import dial_host, listen
 from checkfree.swarm.config import parse_port_range
-from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, stage_holders
+from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, next_iteration, stage_holders
 from checkfree.swarm.gate import Gate
 from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
 
@@ -505,6 +505,7 @@ class Leader:
             store_host=dial_host(m.host, m.announce_host),
             store_port=port,
             step=decision.step,
+            iteration=next_iteration(current, decision),
             leader=self.peer_id,
             lost=list(decision.lost),
             plans=list(decision.plans),

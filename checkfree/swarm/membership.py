@@ -126,6 +126,10 @@ class EpochRecord(BaseModel):
     store_host: str
     store_port: int
     step: int  # the step every stage runs next
+    # step attempts the swarm made before this epoch's first one, counted as the engine counts iterations
+    # (every committed or interrupted attempt): a peer injecting its own failures (swarm.inject=peer) draws
+    # them by it, so the swarm meets the failures of the engine's trace
+    iteration: int = 0
     leader: str
     lost: list[int] = []  # stages whose peer was replaced in this epoch
     plans: list[PlanRecord] = []  # how each lost stage is rebuilt

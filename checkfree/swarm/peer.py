@@ -52,6 +52,7 @@ from checkfree.swarm.config import config_fingerprint, parse_port_range
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.gate import Tunnel
 from checkfree.swarm.handover import Handover
+from checkfree.swarm.injection import OwnFailures
 from checkfree.swarm.leader import (
     MAX_RECORD_BYTES,
     NO_ANSWER,
@@ -199,6 +200,7 @@ class Peer:
             self.emit,
             self.handover.exchange_replicas if replicas_on else None,
             should_leave=self._should_leave,
+            inject=self._own_failures(schedule),
         )
         # a preemption notice (off unless swarm.preemption.provider is set): hand the stage over and leave
         self.notice = NoticeWatcher(cfg.swarm.preemption, identity.name)
@@ -585,6 +587,13 @@ class Peer:
             self._wake.wait(wait)  # or until knocked: a new epoch, a member's report
             self._wake.clear()
 
+    def _own_failures(self, schedule) -> OwnFailures | None:
+        """swarm.inject=peer: this peer draws the run's failures and dies at its own (``injection``)."""
+        cfg = self.cfg
+        if cfg.swarm.inject != "peer" or cfg.failures.mode == "none":
+            return None
+        return OwnFailures(cfg.failures, schedule, self.dir, cfg.swarm.hang_fraction, cfg.swarm.vanish_fraction)
+
     # ---- joining an epoch ----------------------------------------------------------------------
     def _join(self, rec: EpochRecord) -> bool:
         """Form the epoch's group and hand over weights; returns whether the epoch follows a recovery."""
@@ -612,7 +621,7 @@ class Peer:
         worker = self.worker if not fresh else None
         self.worker, self.status.step = self.handover.run(self.group, worker, rec, self.status.step, adopt=self._adopt)
         self.group.all_reduce(torch.zeros(1, dtype=torch.float64), rec.step)  # everyone is ready
-        self.status.step, self.status.state = rec.step, "running"
+        self.status.step, self.status.state, self.status.iteration = rec.step, "running", rec.iteration
         self.emit(
             "epoch_joined",
             joined_epoch=rec.epoch,

@@ -18,7 +18,7 @@ from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.metrics import JsonLines, peak_rss_mb
 from checkfree.core.stage_step import NonFiniteGuard
 from checkfree.swarm.preemption import Preempted
-from checkfree.swarm.transport import EpochGroup
+from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 from checkfree.swarm.worker import StageWorker
 
 
@@ -28,6 +28,7 @@ class PeerStatus:
 
     epoch: int = -1
     step: int = 0  # next step to run (= committed steps)
+    iteration: int = 0  # step attempts the swarm made before the next one (the epoch's, plus this peer's since)
     state: str = "waiting"  # one of membership.STATES
     loss: float | None = None
     tokens_per_s: float | None = None
@@ -43,11 +44,14 @@ class TrainingLoop:
         emit: Callable[..., object],
         exchange_replicas: Callable[[EpochGroup, StageWorker, int], None] | None,
         should_leave: Callable[[], str | None] | None = None,
+        inject: Callable[[int, int, int], tuple[int, Callable[[], None]] | None] | None = None,
     ):
         """``should_leave()``: asked after every commit; a reason (a preemption notice) ends training with
-        ``Preempted`` at that step boundary."""
+        ``Preempted`` at that step boundary. ``inject(iteration, stage, step)``: this stage's own failure in
+        that attempt, as ``StageWorker.run_step`` takes it (``swarm.inject=peer``), or None."""
         self.cfg, self.tokens_per_step, self.metrics, self.ckpt = cfg, tokens_per_step, metrics, ckpt
         self.emit, self.exchange_replicas, self.should_leave = emit, exchange_replicas, should_leave
+        self.inject = inject
         self.nonfinite = NonFiniteGuard(cfg.optim)
 
     def run(self, group: EpochGroup, worker: StageWorker, status: PeerStatus, resumed: bool) -> None:
@@ -61,8 +65,17 @@ class TrainingLoop:
         cfg = self.cfg
         while status.step < cfg.num_steps:
             t0 = time.monotonic()
-            worker.run_step(group, status.step)
-            loss = worker.commit(group, status.step)
+            fail = self.inject(status.iteration, worker.index, status.step) if self.inject is not None else None
+            status.iteration += 1
+            try:
+                worker.run_step(group, status.step, fail)
+                loss = worker.commit(group, status.step)
+            except (StageLostError, PeerProtocolError):
+                if fail is not None:
+                    # another stage's failure of this same iteration broke the step before this stage reached
+                    # its own op: the engine loses both in this iteration, so does the swarm
+                    fail[1]()
+                raise
             if loss is None:
                 stages = worker.nonfinite_stages
                 self.emit("step_discarded", step=status.step, reason=f"non-finite gradient on stages {stages}")

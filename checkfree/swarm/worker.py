@@ -19,6 +19,7 @@ after its own ops; the shadow steps exactly when the stage does.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -77,8 +78,9 @@ class StageWorker:
                 "shadow's input is its holder's own output"
             )
 
-    def run_step(self, group: EpochGroup, step: int) -> None:
-        """This stage's ops of ``step``; gradients accumulate in the stage's parameters.
+    def run_step(self, group: EpochGroup, step: int, fail: tuple[int, Callable[[], None]] | None = None) -> None:
+        """This stage's ops of ``step``; gradients accumulate in the stage's parameters. ``fail``: (op index,
+        callback): an injected failure, called before that op of this stage (it does not return).
 
         Raises:
             StageLostError, PeerProtocolError: from the transport; the caller discards the step.
@@ -86,7 +88,9 @@ class StageWorker:
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.loss = 0.0
-        for op in self.schedule.ops[self.index]:
+        for i, op in enumerate(self.schedule.ops[self.index]):
+            if fail is not None and i == fail[0]:
+                fail[1]()
             if op.kind == "F":
                 self._forward(group, op, step, inputs, outputs)
             else:

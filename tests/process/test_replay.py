@@ -1,0 +1,80 @@
+"""The swarm meets exactly the engine's failures for the same draws: each peer draws the run's failures
+itself (swarm.inject=peer), keyed by the swarm's step attempts, and dies at the op where the engine's
+timeline stops. Nothing is dropped or delayed by recoveries, and the rebuilt stages being the same (one
+rebuild path), the swarm trains the engine's losses."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from checkfree.core.failures import read_trace
+from checkfree.core.metrics import read_jsonl
+from tests.helpers import TINY, check_every_step_once, run_swarm
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+STEPS = 50
+DRAWS = ["failures.mode=per_step", "failures.per_step_prob=0.025", "failures.seed=4"]
+
+
+def _engine(tmp_path, *overrides):
+    args = [*TINY, "num_threads=1", f"num_steps={STEPS}", *DRAWS, f"out_dir={tmp_path}", "run_name=engine", *overrides]
+    out = subprocess.run(
+        [sys.executable, "-m", "checkfree", "train", *args], capture_output=True, text=True, timeout=240
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return tmp_path / "engine"
+
+
+@pytest.mark.parametrize("strategy", ["checkfree", "checkpoint"])
+def test_the_swarm_meets_the_engine_failures_and_trains_its_losses(tmp_path, strategy):
+    extra = [f"recovery.strategy={strategy}"]
+    if strategy == "checkpoint":
+        extra += ["checkpoint.every_steps=5"]
+    engine = _engine(tmp_path, *extra)
+    want = read_trace(engine / "trace.jsonl", 4)
+    assert 3 <= len(want) <= 15, want  # the draws give a handful of failures in the run
+    code, out, run_dir = run_swarm(tmp_path, "swarm", f"num_steps={STEPS}", "swarm.num_spares=2", *DRAWS, *extra)
+    assert code == 0, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    engine_metrics = read_jsonl(engine / "metrics.jsonl")
+    # the same steps, in the same order: a rollback redoes the engine's steps, and only those
+    assert [m["step"] for m in metrics] == [m["step"] for m in engine_metrics]
+    if strategy != "checkpoint":
+        check_every_step_once(run_dir, STEPS)
+    assert read_trace(run_dir / "trace.jsonl", 4) == want  # iteration, stage, phase and position, in order
+    assert summary["failures_met"] == len(want) and summary["failures_not_injected"] == 0
+    assert summary["failure_injection"] == "peer" and summary["failures_delayed"] == 0
+    kills = [e for e in read_jsonl(run_dir / "launcher-events.jsonl") if e["event"] == "failure"]
+    assert [(e["iteration"], e["stage"]) for e in kills] == [(f.iteration, f.stage) for f in want]
+    # the same failures, the same rebuilds or rollbacks: the engine's losses, step for step
+    engine_losses = [m["loss/train"] for m in engine_metrics]
+    assert [m["loss/train"] for m in metrics] == pytest.approx(engine_losses, abs=5e-4)
+    assert json.loads((engine / "summary.json").read_text())["failures"] == len(want)
+
+
+def test_the_launcher_records_what_it_delays(tmp_path):
+    """swarm.inject=launcher kills from outside when it polls: the delay of each failure and those it never
+    injected are in the summary, not hidden."""
+    code, out, run_dir = run_swarm(
+        tmp_path,
+        "outside",
+        "num_steps=60",
+        "swarm.num_spares=2",
+        "swarm.inject=launcher",
+        "swarm.min_gap_s=3",
+        "failures.mode=per_step",
+        "failures.per_step_prob=0.05",
+        "failures.seed=2",
+    )
+    assert code == 0, out
+    summary, _ = check_every_step_once(run_dir, 60)
+    kills = [e for e in read_jsonl(run_dir / "launcher-events.jsonl") if e["event"] == "failure"]
+    assert summary["failure_injection"] == "launcher" and summary["failures_met"] == len(kills) >= 1
+    assert summary["failures_delayed"] == sum(1 for e in kills if e["delay_iterations"] > 0)
+    # toy steps take milliseconds: with a 3 s gap after each resume most draws wait or are never injected
+    assert summary["failures_delayed"] + summary["failures_not_injected"] >= 1
+    assert summary["failure_delay_iterations_max"] == max(e["delay_iterations"] for e in kills)
