@@ -145,6 +145,14 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
         return ExitCode.BAD_INPUT
     from checkfree.swarm.injection import NOT_DETERMINISTIC, deterministic
 
+    if cfg.recovery.optimizer_init != "fresh":
+        print(
+            f"checkfree swarm: recovery.optimizer_init={cfg.recovery.optimizer_init} is an engine experiment: swarm "
+            "peers do not send Adam moments yet; use recovery.optimizer_init=fresh",
+            file=sys.stderr,
+        )
+        return ExitCode.BAD_INPUT
+
     if cfg.swarm.inject == "peer" and cfg.failures.mode != "none" and not deterministic(cfg.failures):
         print(f"checkfree swarm: {NOT_DETERMINISTIC}", file=sys.stderr)
         return ExitCode.BAD_INPUT

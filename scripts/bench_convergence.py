@@ -1,11 +1,18 @@
 """Convergence under failures (the paper's Table 2), every strategy really run on the same failures.
 
-For each hourly stage-failure rate and seed, one failure trace is drawn (the paper's medium-model
-iteration of ``--iteration-s`` seconds, accelerated ``--acceleration`` times, keyed by iteration) and
-replayed for every strategy; ``none`` is the failure-free reference. Reports per rate and strategy,
-mean and spread over seeds: steps and training wall-clock seconds to reach the target validation loss,
-final validation loss and perplexity, failures and recoveries. Saves JSON, a markdown table and one
-loss-vs-time plot per rate (seed 0, failures marked).
+For each hourly stage-failure rate and seed, every strategy meets the same failures: the seeded draws
+of ``failures.mode=hourly`` (the paper's medium-model iteration of ``--iteration-s`` seconds, exposure
+multiplied by ``--acceleration``), one draw per iteration and stage, made lazily for as many iterations as
+each run takes (a strategy that redoes work stays exposed while it does); ``none`` is the failure-free
+reference. Rates are labelled with the *effective* per-stage hourly rate, ``1 - (1 - rate) ** acceleration``.
+
+Validation every ``--eval-every`` steps on the config's fixed validation batches. Targets: 50/75/90%
+(``--target-fracs``) of the progress the failure-free run of the same seed makes (from its first to its
+best validation loss), read from best-so-far curves. Per seed: steps and training seconds to each target,
+or "not reached" (counted, never averaged away). Ratios of time to target, CheckFree(+) over each
+baseline, are paired per seed (same data, same failures) with 95% bootstrap intervals over seeds; a
+verdict is given only where the interval excludes 1, else "not resolved". Saves JSON (every per-seed
+value), markdown and one loss-vs-time plot per rate (first seed, failures marked).
 
 Every run keeps its directory under ``--runs-dir`` (one per rate, seed and strategy, named after them):
 a run whose ``summary.json`` exists and whose resolved config matches is reused, so an interrupted sweep
@@ -21,25 +28,23 @@ count from the start of the first step (the DHT start-up before it is left out).
     python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm --rates 0.10 0.33 --seeds 0 \
         --out runs/bench/convergence_swarm.json --runs-dir runs/bench/convergence-swarm-runs
 
-    python scripts/bench_convergence.py [configs/bench.yaml] [key=value ...] --rates 0.05 0.10 0.16 0.33 --seeds 0 1 2
+    python scripts/bench_convergence.py configs/bench.yaml --rates 0.10 0.33 --seeds 0 1 2 3 4 --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import shutil
-import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from checkfree import __version__
 from checkfree.config import load_config, split_args, to_yaml
-from checkfree.core.failures import FailureConfig, FailureInjector, write_trace
 from checkfree.core.metrics import read_jsonl, report
+from checkfree.core.stats import bootstrap, paired_ratio
 from checkfree.engine.trainer import Trainer
 from checkfree.plot import plot_runs
 from launcher.local import run_local_swarm
@@ -57,20 +62,23 @@ STRATEGIES = [
 ]
 
 
-def _trace(path: Path, rate: float, seed: int, num_stages: int, iterations: int, iteration_s: float, accel: float):
-    inj = FailureInjector(
-        FailureConfig(
-            mode="hourly", hourly_rate=rate, iteration_time_s=iteration_s, time_acceleration=accel, seed=seed
-        ),
-        num_stages,
-    )
-    for it in range(iterations):
-        inj.failures_at(it)
-    write_trace(path, inj.fired, num_stages)
-    return len(inj.fired)
+def effective_rate(rate: float, acceleration: float) -> float:
+    """The per-stage hourly failure rate a run actually meets when each iteration stands for
+    ``acceleration`` times its time (a 33%/h rate accelerated 2.5x is 63%/h)."""
+    return 1.0 - (1.0 - rate) ** acceleration
 
 
-def _args(overrides, runs_dir: Path, name: str, strategy: str, seed: int, trace: Path | None, threads: int):
+def _draws(rate: float, seed: int, iteration_s: float, accel: float) -> list[str]:
+    return [
+        "failures.mode=hourly",
+        f"failures.hourly_rate={rate}",
+        f"failures.iteration_time_s={iteration_s}",
+        f"failures.time_acceleration={accel}",
+        f"failures.seed={1000 + seed}",
+    ]
+
+
+def _args(overrides, runs_dir: Path, name: str, strategy: str, seed: int, draws: list[str] | None, threads: int):
     args = [
         *overrides,
         f"seed={seed}",
@@ -86,7 +94,7 @@ def _args(overrides, runs_dir: Path, name: str, strategy: str, seed: int, trace:
     args.append(f"recovery.strategy={kind}")
     if kind == "checkpoint":
         args.append(f"checkpoint.every_steps={k}")
-    args += ["failures.mode=trace", f"failures.trace_path={trace}"] if trace else ["failures.mode=none"]
+    args += draws if draws else ["failures.mode=none"]
     return args
 
 
@@ -141,13 +149,6 @@ def _to_target(run_dir: Path, target: float) -> tuple[int | None, float | None]:
     return None, None
 
 
-def _agg(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": statistics.mean(values), "std": statistics.pstdev(values), "n": len(values)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="config files and key=value overrides")
@@ -155,14 +156,17 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES)
     ap.add_argument("--iteration-s", type=float, default=91.3, help="seconds one iteration stands for (paper: 91.3)")
-    ap.add_argument("--acceleration", type=float, default=2.5)
     ap.add_argument(
-        "--target-loss",
-        type=float,
-        default=None,
-        help="default: the failure-free run's validation loss at --target-frac of its steps (mean over seeds)",
+        "--acceleration", type=float, default=1.0, help="exposure multiplier of each iteration (labels show the effect)"
     )
-    ap.add_argument("--target-frac", type=float, default=0.5)
+    ap.add_argument(
+        "--target-fracs",
+        type=float,
+        nargs="+",
+        default=[0.5, 0.75, 0.9],
+        help="targets: these fractions of the failure-free run's progress (first to best validation loss)",
+    )
+    ap.add_argument("--eval-every", type=int, default=2, help="validation every k steps (fixed batches)")
     ap.add_argument(
         "--runs-dir",
         default="runs/bench/convergence-runs",
@@ -173,6 +177,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/convergence.json")
     ns = ap.parse_args()
     files, overrides = split_args(ns.args)
+    overrides = [*overrides, f"eval_every_steps={ns.eval_every}"]
     runs_dir = Path(ns.runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     base = load_config(files, overrides)
@@ -193,149 +198,188 @@ def main() -> None:
         )
     for rate in ns.rates:
         for seed in ns.seeds:
-            trace = runs_dir / f"trace-r{rate}-s{seed}.jsonl"
-            _trace(trace, rate, 1000 + seed, L, 4 * steps, ns.iteration_s, ns.acceleration)
+            draws = _draws(rate, seed, ns.iteration_s, ns.acceleration)
             for strategy in ns.strategies:
                 if strategy != "none":
                     runs[strategy, rate, seed] = runs_dir / name(strategy, rate, seed)
                     tasks.append(
                         (
-                            _args(overrides, runs_dir, name(strategy, rate, seed), strategy, seed, trace, threads),
+                            _args(overrides, runs_dir, name(strategy, rate, seed), strategy, seed, draws, threads),
                             runs[strategy, rate, seed],
                         )
                     )
     _run_all(files, tasks, ns.jobs, ns.swarm)
 
-    target = ns.target_loss
-    if target is None:
-        cut = int(ns.target_frac * steps)
-        target = statistics.mean(
-            next(
-                m["loss/val"]
-                for m in read_jsonl(runs["none", 0.0, s] / "metrics.jsonl")
-                if "loss/val" in m and m["step"] + 1 >= cut
-            )
-            for s in ns.seeds
-        )
     rows = []
-    for rate in ns.rates:
-        for seed in ns.seeds:
+    for seed in ns.seeds:
+        ref = _curve(runs["none", 0.0, seed])
+        first, best = ref[0][1], min(v for _, v in ref)
+        targets = {f: first - f * (first - best) for f in ns.target_fracs}
+        for rate in ns.rates:
             for strategy in ns.strategies:
                 run_dir = runs[strategy, 0.0 if strategy == "none" else rate, seed]
                 summary = json.loads((run_dir / "summary.json").read_text())
-                to_step, to_s = _to_target(run_dir, target)
-                rows.append(
-                    {
-                        "rate": rate,
-                        "seed": seed,
-                        "strategy": strategy,
-                        "steps_to_target": to_step,
-                        "seconds_to_target": to_s,
-                        "final_val": summary["final_val_loss"],
-                        "train_s": summary.get("train_s"),
-                        "failures": summary["failures"],
-                        "recoveries": summary["recoveries"],
-                        "iterations": summary.get("iterations"),
-                    }
-                )
+                row = {
+                    "rate": rate,
+                    "effective_rate": effective_rate(rate, ns.acceleration),
+                    "seed": seed,
+                    "strategy": strategy,
+                    "final_val": summary["final_val_loss"],
+                    "train_s": summary.get("train_s"),
+                    "failures": summary["failures"],
+                    "recoveries": summary["recoveries"],
+                    "iterations": summary.get("iterations"),
+                }
+                for f, target in targets.items():
+                    to_step, to_s = _to_target(run_dir, target)
+                    row[f"target@{f}"] = target
+                    row[f"steps@{f}"], row[f"seconds@{f}"] = to_step, to_s
+                rows.append(row)
                 print(
-                    f"rate {rate:.2f} seed {seed} {strategy:14s} to-target {to_step} steps / "
-                    f"{to_s if to_s is None else round(to_s, 1)} s, final val {summary['final_val_loss']:.3f}, "
-                    f"failures {summary['failures']}",
+                    f"rate {rate:.2f} (effective {row['effective_rate']:.0%}/h) seed {seed} {strategy:14s} "
+                    + " ".join(f"{f:.0%}: {row[f'steps@{f}']} steps" for f in ns.target_fracs)
+                    + f", final val {summary['final_val_loss']:.3f}, failures {summary['failures']}",
                     flush=True,
                 )
-        if ns.seeds:
-            seed0 = [runs[(s, rate if s != "none" else 0.0, ns.seeds[0])] for s in ns.strategies]
-            plot_runs(seed0, Path(ns.out).with_name(f"{Path(ns.out).stem}_rate{rate}.png"), labels=ns.strategies)
-    table = {}
     for rate in ns.rates:
-        for strategy in ns.strategies:
-            r = [x for x in rows if x["rate"] == rate and x["strategy"] == strategy]
-            table[f"{rate}/{strategy}"] = {
-                "seconds_to_target": _agg([x["seconds_to_target"] for x in r]),
-                "steps_to_target": _agg([x["steps_to_target"] for x in r]),
-                "reached": sum(x["steps_to_target"] is not None for x in r),
-                "seeds": len(r),
-                "final_val": _agg([x["final_val"] for x in r]),
-                "final_ppl": _agg([math.exp(x["final_val"]) for x in r]),
-                "failures": _agg([x["failures"] for x in r]),
-                "recoveries": _agg([x["recoveries"] for x in r]),
-            }
+        seed0 = [runs[(s, rate if s != "none" else 0.0, ns.seeds[0])] for s in ns.strategies]
+        plot_runs(seed0, Path(ns.out).with_name(f"{Path(ns.out).stem}_rate{rate}.png"), labels=ns.strategies)
+    table = summarise(rows, ns.rates, ns.strategies, ns.target_fracs)
+    comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs)
     report(
         {
-            "target_val_loss": target,
             "num_steps": steps,
             "rates": ns.rates,
+            "effective_rates": [effective_rate(r, ns.acceleration) for r in ns.rates],
             "seeds": ns.seeds,
             "iteration_s": ns.iteration_s,
             "acceleration": ns.acceleration,
-            "target_frac": ns.target_frac,
+            "target_fracs": ns.target_fracs,
+            "eval_every": ns.eval_every,
             "jobs": ns.jobs,
             "swarm": ns.swarm,
             "table": table,
+            "comparisons": comparisons,
             "run_dirs": str(runs_dir),
         },
         ns.out,
     )
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
-    Path(ns.out).with_suffix(".md").write_text(markdown(table, ns.rates, ns.strategies, target))
+    Path(ns.out).with_suffix(".md").write_text(markdown(table, comparisons, ns))
 
 
-def markdown(table: dict, rates, strategies, target: float) -> str:
-    def fmt(a, digits=1):
-        return "-" if a is None else f"{a['mean']:.{digits}f} ± {a['std']:.{digits}f}"
+def _curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(committed steps, validation loss) of a run, in order."""
+    return [(m["step"] + 1, m["loss/val"]) for m in read_jsonl(run_dir / "metrics.jsonl") if "loss/val" in m]
 
+
+def summarise(rows: list[dict], rates, strategies, fracs) -> dict:
+    table = {}
+    for rate in rates:
+        for strategy in strategies:
+            r = [x for x in rows if x["rate"] == rate and x["strategy"] == strategy]
+            cell = {
+                "seeds": len(r),
+                "final_val": bootstrap([x["final_val"] for x in r]).as_dict(),
+                "failures": bootstrap([x["failures"] for x in r]).as_dict(),
+            }
+            for f in fracs:
+                reached = [x for x in r if x[f"seconds@{f}"] is not None]
+                cell[f"reached@{f}"] = len(reached)
+                cell[f"seconds@{f}"] = [x[f"seconds@{f}"] for x in r]  # per seed, None: not reached
+                cell[f"steps@{f}"] = [x[f"steps@{f}"] for x in r]
+            table[f"{rate}/{strategy}"] = cell
+    return table
+
+
+MIN_SEEDS = 5  # no verdict from fewer paired seeds
+
+
+def _verdict(ours: str, interval, pairs) -> str:
+    """A claim only where the paired interval over >= MIN_SEEDS seeds excludes 1; a strategy that misses the
+    target in seeds where the other reaches it is said to, whatever the interval of the rest."""
+    missed = sum(1 for a, b in pairs if a is None and b is not None)
+    other_missed = sum(1 for a, b in pairs if b is None and a is not None)
+    if missed and not other_missed and interval.n < MIN_SEEDS:
+        return f"{ours} slower (missed the target in {missed} of {len(pairs)} seeds)"
+    if other_missed and not missed and interval.n < MIN_SEEDS:
+        return f"{ours} faster (the baseline missed the target in {other_missed} of {len(pairs)} seeds)"
+    if interval.n < MIN_SEEDS:
+        return f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS})"
+    if not interval.excludes(1.0):
+        return "not resolved"
+    return f"{ours} {'faster' if interval.high < 1 else 'slower'}"
+
+
+def compare(rows: list[dict], rates, strategies, fracs) -> list[dict]:
+    """Paired per-seed ratios of seconds to target, each of ours over each baseline, with intervals."""
+    ours = [s for s in strategies if s.startswith("checkfree") or s.startswith("hybrid")]
+    baselines = [s for s in strategies if s.startswith("checkpoint") or s == "redundant"]
+    out = []
+    for rate in rates:
+        for f in fracs:
+            for a in ours:
+                for b in baselines:
+                    by_seed = {}
+                    for x in rows:
+                        if x["rate"] == rate and x["strategy"] in (a, b):
+                            by_seed.setdefault(x["seed"], {})[x["strategy"]] = x[f"seconds@{f}"]
+                    pairs = [(v.get(a), v.get(b)) for v in by_seed.values()]
+                    interval = paired_ratio([p[0] for p in pairs], [p[1] for p in pairs])
+                    out.append(
+                        {
+                            "rate": rate,
+                            "target_frac": f,
+                            "ours": a,
+                            "baseline": b,
+                            "ratio": interval.as_dict(),
+                            "seeds": len(pairs),
+                            "ours_not_reached": sum(1 for p in pairs if p[0] is None),
+                            "baseline_not_reached": sum(1 for p in pairs if p[1] is None),
+                            "verdict": _verdict(a, interval, pairs),
+                        }
+                    )
+    return out
+
+
+def markdown(table: dict, comparisons: list[dict], ns) -> str:
+    fracs = ns.target_fracs
     lines = [
-        f"Target validation loss: {target:.3f}\n",
-        "| rate | strategy | reached | seconds to target | steps to target | final val loss | final ppl | failures |",
+        f"{len(ns.seeds)} seeds; rates are effective per-stage hourly rates (nominal x acceleration "
+        f"{ns.acceleration:g}, iteration {ns.iteration_s:g} s); validation every {ns.eval_every} steps. Targets: "
+        + ", ".join(f"{f:.0%}" for f in fracs)
+        + " of each seed's failure-free progress. Seconds to target are per seed ('-': not reached).\n",
+        "| rate | strategy | " + " | ".join(f"reached {f:.0%}" for f in fracs) + " | final val loss | failures |",
+        "|---|---|" + "---|" * len(fracs) + "---|---|",
+    ]
+    for key, t in table.items():
+        rate, strategy = key.split("/", 1)
+        eff = effective_rate(float(rate), ns.acceleration)
+        reached = " | ".join(f"{t[f'reached@{f}']}/{t['seeds']}" for f in fracs)
+        fv, fl = t["final_val"], t["failures"]
+        lines.append(f"| {eff:.0%} | {strategy} | {reached} | {_fmt(fv, 3)} | {_fmt(fl, 1)} |")
+    lines += [
+        "",
+        "Time to target, ours over the baseline: geometric mean of per-seed ratios over the seeds where both "
+        "reached it, 95% bootstrap interval; a verdict only where the interval excludes 1.\n",
+        "| rate | target | ours | baseline | ratio [95% CI] | seeds | not reached (ours / baseline) | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for rate in rates:
-        for s in strategies:
-            t = table[f"{rate}/{s}"]
-            lines.append(
-                f"| {rate:.0%} | {s} | {t['reached']}/{t['seeds']} | {fmt(t['seconds_to_target'])} | "
-                f"{fmt(t['steps_to_target'], 0)} | {fmt(t['final_val'], 3)} | {fmt(t['final_ppl'], 2)} | "
-                f"{fmt(t['failures'])} |"
-            )
-    lines += ["", relative(table, rates, strategies)]
+    for c in comparisons:
+        eff = effective_rate(c["rate"], ns.acceleration)
+        lines.append(
+            f"| {eff:.0%} | {c['target_frac']:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['ratio'], 2)} | "
+            f"{c['seeds']} | {c['ours_not_reached']} / {c['baseline_not_reached']} | {c['verdict']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def relative(table: dict, rates, strategies) -> str:
-    """Time to target of checkfree and checkfree+ over each baseline's (mean seconds over the seeds that
-    reached it; 'not reached' where no seed did), and whether final losses order weighted < copy < random."""
-    baselines = [s for s in strategies if s.startswith("checkpoint") or s == "redundant"]
-    ours = [s for s in ("checkfree", "checkfree_plus") if s in strategies]
-    if not baselines or not ours:
-        return ""
-    lines = [
-        "| rate | strategy | "
-        + " | ".join(f"time to target / {b}" for b in baselines)
-        + " | final val: checkfree < copy < random |",
-        "|---|---|" + "---|" * (len(baselines) + 1),
-    ]
-    for rate in rates:
-        order = ""
-        if all(f"{rate}/{s}" in table for s in ("checkfree", "copy", "random")):
-            v = [table[f"{rate}/{s}"]["final_val"]["mean"] for s in ("checkfree", "copy", "random")]
-            order = f"{v[0] < v[1] < v[2]} ({v[0]:.3f} / {v[1]:.3f} / {v[2]:.3f})"
-        for s in ours:
-            mine = table[f"{rate}/{s}"]
-            cells = []
-            for b in baselines:
-                other = table[f"{rate}/{b}"]
-                if mine["seconds_to_target"] is None:
-                    cells.append(f"not reached ({mine['reached']}/{mine['seeds']})")
-                elif other["seconds_to_target"] is None:
-                    cells.append(f"{b} never reached it")
-                else:
-                    cells.append(
-                        f"{mine['seconds_to_target']['mean'] / other['seconds_to_target']['mean']:.2f} "
-                        f"({mine['reached']}/{mine['seeds']} vs {other['reached']}/{other['seeds']} seeds)"
-                    )
-            lines.append(f"| {rate:.0%} | {s} | " + " | ".join(cells) + f" | {order if s == 'checkfree' else ''} |")
-    return "\n".join(lines) + "\n"
+def _fmt(d: dict, digits: int) -> str:
+    if d["n"] == 0:
+        return "-"
+    if d["n"] == 1:
+        return f"{d['estimate']:.{digits}f} (n=1)"
+    return f"{d['estimate']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class RebuildInputs:
     edge: tuple[int, dict[str, torch.Tensor]] | None = None  # (step taken, embedding or head) from the replica
     checkpoint: StagePayload | None = None  # the lost stage's newest checkpoint (method checkpoint)
     full_state: list[torch.Tensor] | None = None  # the shadow's ``full_state_tensors`` (method shadow)
+    # source stage -> block parameter name -> its Adam state (``recovery.optimizer_init=neighbours``)
+    moments: dict[int, dict[str, dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class RebuiltStage:
     grad_norm_raw: float
     grad_norm_smoothed: float | None
     grad_norm_post: float | None = None
+    warmup_steps: int = 0  # steps over which its lr ramps up (``recovery.warmup_steps``; 0 for a restore)
 
     def event_fields(self, plan: RecoveryPlan, step: int, strategy: str, duration_s: float) -> dict:
         """The required fields of the ``rebuilt`` event (``checkfree.core.events``), as both executors log it."""
@@ -155,5 +158,30 @@ def rebuild_stage(spec: RebuildSpec, plan: RecoveryPlan, step: int, inputs: Rebu
         staleness = step - taken_at
     lr = spec.optim.lr * spec.recovery.lr_factor
     optimizer = make_optimizer(stage, spec.optim, lr)
+    if spec.recovery.optimizer_init == "neighbours" and new_blocks is not None:
+        _average_moments(stage, optimizer, plan, inputs, weights)
     norms = tuple(inputs.norms[s] for s in plan.sources if s in inputs.norms)
-    return RebuiltStage(stage, optimizer, lr, tuple(weights), norms, staleness, 0.0, None)
+    rebuilt = RebuiltStage(stage, optimizer, lr, tuple(weights), norms, staleness, 0.0, None)
+    rebuilt.warmup_steps = spec.recovery.warmup_steps
+    return rebuilt
+
+
+def _average_moments(
+    stage: Stage, optimizer: torch.optim.Optimizer, plan: RecoveryPlan, inputs: RebuildInputs, weights
+) -> None:
+    """Start the rebuilt blocks' Adam from their sources' moments, averaged with the weights the blocks were
+    averaged with, at the sources' step count (so bias correction does not restart): the first updates of a
+    rebuilt stage are then as large as its neighbours' instead of Adam's full-size first steps."""
+    missing = [s for s in plan.sources if s not in inputs.moments]
+    if missing:
+        raise ValueError(f"stage {plan.stage}: recovery.optimizer_init=neighbours but stages {missing} sent no moments")
+    params = dict(stage.named_parameters())
+    for name, p in params.items():
+        states = [inputs.moments[s].get(name) for s in plan.sources]
+        if not name.startswith("blocks.") or any(st is None for st in states):
+            continue
+        optimizer.state[p] = {
+            "step": torch.tensor(float(min(float(st["step"]) for st in states))),
+            "exp_avg": sum(w * st["exp_avg"].to(p.device) for w, st in zip(weights, states, strict=True)),
+            "exp_avg_sq": sum(w * st["exp_avg_sq"].to(p.device) for w, st in zip(weights, states, strict=True)),
+        }

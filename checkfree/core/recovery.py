@@ -41,6 +41,7 @@ FALLBACKS = ("checkpoint", "nearest", "random")
 NORM_SOURCES = ("raw", "smoothed", "post_clip")
 NORM_SCOPES = ("blocks", "stage")
 PARTNER_RULES = ("average", "copy")
+OPTIMIZER_INITS = ("fresh", "neighbours")
 PER_STAGE_STRATEGIES = ("checkfree", "checkfree_plus", "copy", "uniform", "random")  # rebuild a stage from others
 
 
@@ -52,6 +53,11 @@ class RecoveryConfig:
     norm_source: str = "raw"  # weight by the last pre-clip norm (raw), its EMA (smoothed) or the post-clip norm
     norm_scope: str = "blocks"  # the norm over the transformer blocks only, or the whole stage (edge params too)
     partner_rule: str = "average"  # checkfree_plus: rebuild stage 1 / L-2 as an average or copy its swap partner
+    # a rebuilt stage's lr ramps up linearly over this many steps (0: lr * lr_factor from its first step)
+    warmup_steps: int = 0
+    # a rebuilt stage's Adam: fresh (the paper), or its sources' moments averaged with the blocks' weights
+    # (engine only for now: the swarm does not send moments yet)
+    optimizer_init: str = "fresh"
     norm_ema_beta: float = 0.9  # smoothing of the tracked norm: ema = beta * ema + (1 - beta) * raw
     edge_replica_every_steps: int = 10  # refresh neighbours' copies of embedding/head every k steps; 0: off
     adjacent_fallback: str = "checkpoint"  # when a source is lost too: checkpoint, nearest or random
@@ -69,6 +75,12 @@ class RecoveryConfig:
             raise ValueError(f"recovery.norm_scope={self.norm_scope!r} is not one of {', '.join(NORM_SCOPES)}")
         if self.partner_rule not in PARTNER_RULES:
             raise ValueError(f"recovery.partner_rule={self.partner_rule!r} is not one of {', '.join(PARTNER_RULES)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"recovery.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.optimizer_init not in OPTIMIZER_INITS:
+            raise ValueError(
+                f"recovery.optimizer_init={self.optimizer_init!r} is not one of {', '.join(OPTIMIZER_INITS)}"
+            )
         if self.lr_factor <= 0:
             raise ValueError(f"recovery.lr_factor={self.lr_factor} must be > 0")
         if self.eps < 0:

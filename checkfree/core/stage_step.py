@@ -100,6 +100,28 @@ def clip_stage_(stage: Stage, max_norm: float, scope: str = "blocks") -> StepNor
     return StepNorms(total, scoped, scoped * coef)
 
 
+def warmup_lr(lr: float, steps_done: int, warmup_steps: int) -> float:
+    """The learning rate of a rebuilt stage at its ``steps_done``-th optimizer step since the rebuild: a linear
+    ramp from ``lr / warmup_steps`` up to ``lr`` (``recovery.warmup_steps``; 0: ``lr`` from the start)."""
+    if warmup_steps <= 0 or steps_done >= warmup_steps:
+        return lr
+    return lr * (steps_done + 1) / warmup_steps
+
+
+class LrWarmup:
+    """Applies ``warmup_lr`` to a stage's optimizer before each of its steps after a rebuild."""
+
+    def __init__(self, warmup_steps: int = 0):
+        self.warmup_steps, self.done = warmup_steps, 0
+
+    def before_step(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
+        if self.warmup_steps <= 0 or self.done > self.warmup_steps:
+            return
+        for group in optimizer.param_groups:
+            group["lr"] = warmup_lr(lr, self.done, self.warmup_steps)
+        self.done += 1
+
+
 def smooth(prev: float | None, value: float, beta: float) -> float:
     """Exponential moving average, seeded by the first value."""
     return value if prev is None else beta * prev + (1 - beta) * value

@@ -25,7 +25,15 @@ from checkfree.core.model import Stage, edge_state
 from checkfree.core.rebuild import RebuiltStage
 from checkfree.core.recovery import replica_holder
 from checkfree.core.schedule import Op, Schedule, failure_op
-from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, recovery_norm, smooth
+from checkfree.core.stage_step import (
+    LrWarmup,
+    OptimConfig,
+    clip_stage_,
+    forward_hop,
+    make_optimizer,
+    recovery_norm,
+    smooth,
+)
 
 
 class StepInterrupted(Exception):
@@ -67,6 +75,7 @@ class PipelineEngine:
         self.grad_norm_raw = [0.0] * len(stages)
         self.grad_norm_smoothed: list[float | None] = [None] * len(stages)
         self.grad_norm_post: list[float | None] = [None] * len(stages)
+        self.warmups = [LrWarmup() for _ in stages]  # lr ramp of a rebuilt stage (recovery.warmup_steps)
         self.replicas: dict[str, tuple[int, dict[str, torch.Tensor]]] = {}  # kind -> (step, state)
         self.shadows = None  # redundant strategy: checkfree.redundancy.Shadows
 
@@ -135,7 +144,8 @@ class PipelineEngine:
         for i, n in enumerate(norms):
             self.grad_norm_raw[i], self.grad_norm_post[i] = n.scoped, n.post_clip
             self.grad_norm_smoothed[i] = smooth(self.grad_norm_smoothed[i], n.scoped, self.norm_ema_beta)
-        for opt in self.optimizers:
+        for i, opt in enumerate(self.optimizers):
+            self.warmups[i].before_step(opt, self.lrs[i])
             opt.step()
         if self.shadows is not None:
             self.shadows.commit()
@@ -174,6 +184,7 @@ class PipelineEngine:
         self.stages[index] = rebuilt.stage.to(self.device)
         self.optimizers[index] = rebuilt.optimizer
         self.lrs[index] = rebuilt.lr
+        self.warmups[index] = LrWarmup(rebuilt.warmup_steps)
         self.grad_norm_raw[index] = rebuilt.grad_norm_raw
         self.grad_norm_smoothed[index] = rebuilt.grad_norm_smoothed
         self.grad_norm_post[index] = rebuilt.grad_norm_post
@@ -182,6 +193,15 @@ class PipelineEngine:
         return recovery_norm(
             self.grad_norm_raw[stage], self.grad_norm_smoothed[stage], source, self.grad_norm_post[stage]
         )
+
+    def block_moments(self, stage: int) -> dict[str, dict]:
+        """The Adam state of a stage's block parameters, by name (``recovery.optimizer_init=neighbours``)."""
+        opt = self.optimizers[stage]
+        return {
+            name: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
+            for name, p in self.stages[stage].named_parameters()
+            if name.startswith("blocks.") and p in opt.state
+        }
 
     def refresh_replicas(self, step: int) -> None:
         """Copy the embedding to stage 1 and the final norm + head to stage L-2 (CheckFree+)."""

@@ -265,9 +265,10 @@ class Trainer:
         sources = {s for p in plans for s in p.sources}
         blocks = {s: block_state(eng.stages[s].state_dict()) for s in sources}  # live stages only
         norms = {s: eng.recovery_norm(s, cfg.norm_source) for s in sources}
+        moments = {s: eng.block_moments(s) for s in sources} if cfg.optimizer_init == "neighbours" else {}
         for plan in plans:
             t0 = time.perf_counter()
-            inputs = RebuildInputs(blocks=blocks, norms=norms)
+            inputs = RebuildInputs(blocks=blocks, norms=norms, moments=moments)
             kind = edge_kind(plan.stage, L)
             if kind and plan.edge == "replica":
                 inputs.edge = eng.replicas[kind]

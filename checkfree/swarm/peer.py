@@ -125,6 +125,11 @@ class Peer:
                 "recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
                 "its holder's own output, which needs the plain route; set pipeline.swap=false"
             )
+        if cfg.recovery.optimizer_init != "fresh":
+            raise ValueError(
+                f"recovery.optimizer_init={cfg.recovery.optimizer_init} is an engine experiment: swarm peers do not "
+                "send Adam moments yet; use recovery.optimizer_init=fresh"
+            )
         if stage is not None and not 0 <= stage < L:
             raise ValueError(f"--stage {stage} out of range: expected 0..{L - 1} (model.num_stages={L})")
         self.cfg, self.run_dir = cfg, Path(run_dir)

@@ -29,7 +29,15 @@ from checkfree.core.model import Stage
 from checkfree.core.rebuild import RebuiltStage
 from checkfree.core.redundancy import shadow_holder
 from checkfree.core.schedule import Op, Schedule
-from checkfree.core.stage_step import OptimConfig, clip_stage_, forward_hop, make_optimizer, recovery_norm, smooth
+from checkfree.core.stage_step import (
+    LrWarmup,
+    OptimConfig,
+    clip_stage_,
+    forward_hop,
+    make_optimizer,
+    recovery_norm,
+    smooth,
+)
 from checkfree.swarm.membership import Lineage
 from checkfree.swarm.shadow import HeldShadow
 from checkfree.swarm.transport import EpochGroup
@@ -55,6 +63,7 @@ class StageWorker:
         self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
         self.lr, self.norm_ema_beta, self.norm_scope = lr, norm_ema_beta, norm_scope
         self.optimizer = make_optimizer(self.stage, optim, lr)
+        self.warmup = LrWarmup()  # lr ramp of a rebuilt stage (recovery.warmup_steps)
         self.act_shape = (batches.cfg.microbatch_size, batches.seq_len, d_model)  # (B, T, C)
         self.grad_norm_raw = 0.0  # over the norm scope: pre-clip, its EMA and post-clip (as the engine's)
         self.grad_norm_smoothed: float | None = None
@@ -174,6 +183,7 @@ class StageWorker:
         assert self.pending_step is not None, "no pending step to apply"
         self.grad_norm_raw, self.grad_norm_post = self.pending_norm, self.pending_post
         self.grad_norm_smoothed = smooth(self.grad_norm_smoothed, self.pending_norm, self.norm_ema_beta)
+        self.warmup.before_step(self.optimizer, self.lr)
         self.optimizer.step()
         if self.shadow is not None:
             self.shadow.step()
@@ -201,6 +211,7 @@ class StageWorker:
         assert rebuilt.stage.index == self.index, f"stage {rebuilt.stage.index} installed on worker {self.index}"
         self.stage = rebuilt.stage.to(self.device)
         self.optimizer, self.lr = rebuilt.optimizer, rebuilt.lr
+        self.warmup = LrWarmup(rebuilt.warmup_steps)
         self.grad_norm_raw, self.grad_norm_smoothed = rebuilt.grad_norm_raw, rebuilt.grad_norm_smoothed
         self.grad_norm_post = rebuilt.grad_norm_post
         self.pending_step = None

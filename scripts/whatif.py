@@ -1,0 +1,420 @@
+"""What if: when does CheckFree beat checkpointing? (checkfree.core.costmodel)
+
+Expected wall-clock to a target of S committed steps for checkpointing (at the exact optimal interval, at
+Young's and Daly's, and at ``--intervals``), CheckFree(+) (each lost stage costs q extra steps) and the hybrid
+(CheckFree plus asynchronous checkpoints that ``--p-unrecoverable`` of the incidents roll back to; by default
+the share of incidents that lose two neighbouring stages), at each ``--hourly-rate`` x ``--storage-mb-s``
+point, checked against the seeded Monte-Carlo simulation of the same model (``--mc-runs``), with the
+break-even save time. Saves and restores move the whole training state (weights and Adam moments: 3x the
+parameter bytes) at the storage throughput. Then a map of the winner over storage throughput x failure
+rate, with the margin (the runner-up's time over the winner's) in each cell; with an interval for q (three
+``--q`` values, or ``--q-json`` from scripts/measure_q.py), cells whose winner differs between q's low and
+high ends are marked "not resolved". Defaults: the paper's medium model (~500M parameters, 91.3 s steps,
+6 stages, ~30 s to replace a stage). Prints a table, saves JSON and a PNG next to it.
+
+    python scripts/whatif.py --q 30 --out runs/whatif/whatif.json
+    python scripts/whatif.py --q-json docs/results/q_bench.json --q-key plus/2 --q-at 50 --from-run runs/bench
+    python scripts/whatif.py --replay runs/a runs/b --step-s 91.3 --storage-mb-s 500 --downtime-s 30
+    python scripts/whatif.py --validate runs/ckpt runs/cfplus --q 12 --target-loss 2.6
+
+``--replay`` re-times recorded engine runs (their own trajectory of commits, failures, saves and rollbacks)
+under the given step, save, restore and downtime costs (any left out: the run's own). ``--validate`` takes
+runs recorded with ``checkpoint.storage_mb_s`` emulation, one of them with ``recovery.strategy`` checkpoint
+or none (its steps to the target are the failure-free ones), and compares each run's measured time to the
+target loss, relative to the first run, with the model's prediction from the runs' own measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+
+from checkfree.core import costmodel as cm
+from checkfree.core.metrics import report
+from checkfree.plot import save_figure
+
+STRATEGIES = ("checkpoint", "checkfree", "hybrid")
+COLORS = ("#4c72b0", "#55a868", "#dd8452")
+PAPER_MEDIUM = {"param_bytes": 500e6 * 4, "step_s": 91.3, "num_stages": 6, "downtime_s": 30.0}
+
+
+def q_interval(ns) -> tuple[float, float, float]:
+    """(estimate, low, high) of q: from ``--q-json`` (measure_q's table[KEY]["q@K"]) or ``--q`` (one value; or
+    the first as the estimate and the others' range as the interval)."""
+    if ns.q_json:
+        table = json.loads(Path(ns.q_json).read_text()).get("table", {})
+        cell = table.get(ns.q_key, {}).get(f"q@{ns.q_at}")
+        if cell is None:
+            have = {k: [f for f in v if f.startswith("q@")] for k, v in table.items()}
+            raise SystemExit(f"--q-json {ns.q_json}: no table[{ns.q_key!r}]['q@{ns.q_at}']; it has {have}")
+        if not cell.get("n"):
+            raise SystemExit(f"--q-json {ns.q_json}: {ns.q_key} q@{ns.q_at} has no seed that reached the target")
+        return cell["estimate"], cell["low"], cell["high"]
+    if not ns.q:
+        raise SystemExit("give q, the extra steps per rebuilt stage: --q Q [LOW HIGH], or --q-json PATH --q-key M/S")
+    if any(not (q >= 0) for q in ns.q):
+        raise SystemExit(f"--q {ns.q}: expected numbers >= 0")
+    return ns.q[0], min(ns.q), max(ns.q)
+
+
+def base_parameters(ns) -> dict:
+    """Model bytes, step time and stages: given, else from ``--from-run`` (its summary and measurements),
+    else the paper's medium model."""
+    base = {**PAPER_MEDIUM, "payload_bytes": 3 * PAPER_MEDIUM["param_bytes"]}
+    if ns.from_run:
+        run = cm.load_run(ns.from_run)
+        if "memory/param_bytes" not in run.summary:
+            raise SystemExit(f"--from-run {ns.from_run}: summary.json has no memory/param_bytes (an unfinished run?)")
+        sc = cm.run_scenario(run, 1)
+        base |= {"payload_bytes": 3 * run.summary["memory/param_bytes"], "step_s": sc.step_s}
+        base |= {"num_stages": run.config["model"]["num_stages"], "downtime_s": sc.downtime_s}
+    given = {"payload_bytes": ns.model_bytes, "step_s": ns.step_s, "num_stages": ns.num_stages}
+    base |= {k: v for k, v in given.items() if v is not None}
+    return base | ({} if ns.downtime_s is None else {"downtime_s": ns.downtime_s})
+
+
+def scenario(ns, base: dict, rate: float, mb_s: float, q: float) -> cm.Scenario:
+    io_s = base["payload_bytes"] / (mb_s * 1e6)
+    p = cm.per_step_probability(rate, ns.iteration_s or base["step_s"], ns.acceleration)
+    return cm.Scenario(
+        target_steps=ns.target_steps,
+        step_s=base["step_s"],
+        stage_fail_prob=p,
+        num_stages=base["num_stages"],
+        save_s=io_s,
+        restore_s=io_s if ns.restore_s is None else ns.restore_s,
+        downtime_s=base["downtime_s"],
+        q=q,
+        interrupt_fraction=ns.interrupt_fraction,
+    )
+
+
+def policies(ns, sc: cm.Scenario) -> dict[str, cm.Policy]:
+    """The three strategies at their best settings: checkpointing at its exact optimal interval; the hybrid
+    saving as often as a save can finish before the next one starts (or ``--async-every``)."""
+    u = ns.p_unrecoverable
+    u = cm.adjacent_loss_fraction(sc.stage_fail_prob, sc.num_stages) if u is None else u
+    every = max(ns.async_every or 1, math.ceil(sc.save_s / sc.step_s))
+    return {
+        "checkpoint": cm.checkpointing(cm.optimal_interval(sc)),
+        "checkfree": cm.checkfree(),
+        "hybrid": cm.hybrid(every, u),
+    }
+
+
+def winner(times: dict[str, float]) -> tuple[str, float]:
+    """The fastest strategy and its margin: the runner-up's time over the winner's."""
+    order = sorted(times, key=times.get)
+    best, second = times[order[0]], times[order[1]]
+    return order[0], (second / best if math.isfinite(best) else math.nan)  # inf: only the winner gets there
+
+
+def point(ns, base: dict, rate: float, mb_s: float, qs: tuple[float, float, float]) -> dict:
+    """Every strategy's expected time at one (failure rate, throughput), Monte-Carlo checks, break-even."""
+    sc = scenario(ns, base, rate, mb_s, qs[0])
+    pols = policies(ns, sc)
+    lam = sc.failures_per_step
+    rows = {name: {"interval": pol.interval, "time_s": cm.expected_time(sc, pol)} for name, pol in pols.items()}
+    for name, rule in (("young", cm.young_interval_steps), ("daly", cm.daly_interval_steps)):
+        k = max(1, round(min(rule(sc.save_s, sc.step_s, lam), ns.target_steps + 1)))
+        rows[f"checkpoint@{name}"] = {"interval": k, "time_s": cm.expected_time(sc, cm.checkpointing(k))}
+    for k in ns.intervals:
+        rows[f"checkpoint@{k}"] = {"interval": k, "time_s": cm.expected_time(sc, cm.checkpointing(k))}
+    for i, (name, pol) in enumerate(pols.items()):
+        if ns.mc_runs:
+            x = cm.simulate(sc, pol, runs=ns.mc_runs, seed=ns.seed + i)
+            ok = x[np.isfinite(x)]
+            rows[name]["mc_time_s"] = float(ok.mean()) if ok.size else math.inf
+            rows[name]["mc_sem_s"] = float(ok.std(ddof=1) / math.sqrt(ok.size)) if ok.size > 1 else math.nan
+    for name, q in (("low", qs[1]), ("high", qs[2])):
+        s = scenario(ns, base, rate, mb_s, q)
+        for pname in ("checkfree", "hybrid"):
+            rows[pname][f"time_s_q_{name}"] = cm.expected_time(s, pols[pname])
+    best, margin = winner({n: rows[n]["time_s"] for n in STRATEGIES})
+    be = cm.break_even_save_s(sc)
+    return {
+        "hourly_rate": rate,
+        "storage_mb_s": mb_s,
+        "p_stage_step": sc.stage_fail_prob,
+        "save_s": sc.save_s,
+        "restore_s": sc.restore_s,
+        "p_unrecoverable": pols["hybrid"].p_unrecoverable,
+        "strategies": rows,
+        "winner": best,
+        "margin": margin,
+        "break_even_save_s": be,
+        "break_even_save_s_approx": cm.break_even_save_s_approx(lam, sc.q, sc.step_s, sc.restore_s),
+        "break_even_storage_mb_s": base["payload_bytes"] / (be * 1e6) if 0 < be < math.inf else None,
+    }
+
+
+def strategy_map(ns, base: dict, qs: tuple[float, float, float]) -> dict:
+    """Winner, margin and whether q's interval can change the winner, over throughput x failure rate."""
+    xs = np.geomspace(ns.map_storage[0], ns.map_storage[1], int(ns.map_storage[2])).tolist()
+    ys = np.geomspace(ns.map_rates[0], ns.map_rates[1], int(ns.map_rates[2])).tolist()
+    win, margin, resolved = [], [], []
+    for rate in ys:
+        w_row, m_row, r_row = [], [], []
+        for mb_s in xs:
+            winners = []
+            for q in qs:
+                sc = scenario(ns, base, rate, mb_s, q)
+                times = {n: cm.expected_time(sc, pol) for n, pol in policies(ns, sc).items()}
+                winners.append(winner(times))
+            w_row.append(winners[0][0])
+            m_row.append(winners[0][1])
+            r_row.append(len({w for w, _ in winners}) == 1)
+        win.append(w_row)
+        margin.append(m_row)
+        resolved.append(r_row)
+    return {"storage_mb_s": xs, "hourly_rate": ys, "winner": win, "margin": margin, "resolved": resolved}
+
+
+def draw_map(grid: dict, base: dict, ns, qs, path: Path) -> None:
+    xs, ys = np.array(grid["storage_mb_s"]), np.array(grid["hourly_rate"])
+    codes = np.array([[STRATEGIES.index(w) for w in row] for row in grid["winner"]])
+    margin, resolved = np.array(grid["margin"], dtype=float), np.array(grid["resolved"])
+    fig, ax = plt.subplots(figsize=(11, 6))
+    ex, ey = _edges(xs), _edges(ys)
+    ax.pcolormesh(ex, ey, codes, cmap=ListedColormap(COLORS), vmin=-0.5, vmax=2.5, shading="flat")
+    for i, j in zip(*np.nonzero(~resolved)):
+        box = (ex[j], ey[i]), ex[j + 1] - ex[j], ey[i + 1] - ey[i]
+        ax.add_patch(plt.Rectangle(*box, fill=False, hatch="//", edgecolor="0.25", linewidth=0))
+    if len(xs) * len(ys) <= 400:
+        for i, y in enumerate(ys):
+            for j, x in enumerate(xs):
+                m = margin[i, j]
+                text = f"{m:.2f}" if math.isfinite(m) else ("-" if math.isnan(m) else "inf")
+                ax.text(x, y, text if resolved[i, j] else f"{text}\n?", ha="center", va="center", fontsize=7)
+    else:
+        cs = ax.contour(xs, ys, np.minimum(margin, 10), levels=[1.05, 1.1, 1.25, 1.5, 2, 3], colors="k")
+        ax.clabel(cs, fmt="%.2f", fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("storage throughput (MB/s; save = restore = training state / throughput)")
+    ax.set_ylabel("failure rate (per stage per hour)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS]
+    handles.append(plt.Rectangle((0, 0), 1, 1, fill=False, hatch="//"))
+    ax.legend(
+        handles,
+        [*STRATEGIES, "not resolved over q's interval (?)"],
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        fontsize=8,
+    )
+    ax.set_title(
+        f"fastest to {ns.target_steps:g} steps; in each cell the runner-up's time over the winner's\n"
+        f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}], step {base['step_s']:.3g} s, "
+        f"state {base['payload_bytes'] / 1e9:.3g} GB, "
+        f"{base['num_stages']} stages, downtime {base['downtime_s']:g} s",
+        fontsize=9,
+    )
+    save_figure(fig, path)
+
+
+def _edges(v: np.ndarray) -> np.ndarray:
+    """Cell edges around log-spaced centres."""
+    if len(v) == 1:
+        return np.array([v[0] / 1.5, v[0] * 1.5])
+    r = np.sqrt(v[1:] / v[:-1])
+    return np.concatenate([[v[0] / r[0]], v[:-1] * r, [v[-1] * r[-1]]])
+
+
+def replay_mode(ns) -> dict:
+    """Recorded runs re-timed under the given costs (per ``--storage-mb-s`` value when given)."""
+    out = []
+    for d in ns.replay:
+        run = cm.load_run(d)
+        own = cm.replay(run)
+        payload = 3 * run.summary["memory/param_bytes"] if "memory/param_bytes" in run.summary else None
+        if ns.storage_mb_s and payload is None:
+            raise SystemExit(f"--replay {d}: summary.json has no memory/param_bytes to size a save at --storage-mb-s")
+        retimed = []
+        for mb_s in ns.storage_mb_s or [None]:
+            r = cm.replay(run, ns.step_s, ns.save_s, ns.restore_s, ns.downtime_s or 0.0, ns.rebuild_s, payload, mb_s)
+            retimed.append({"storage_mb_s": mb_s, **r.as_dict()})
+            print(
+                f"{d}: {run.config['recovery']['strategy']}, {len(run.iterations)} iterations, recorded "
+                f"{own.recorded_train_s or math.nan:.2f} s, own costs {own.wall_s:.2f} s, re-timed "
+                f"{r.wall_s:.1f} s ({r.wall_s / 3600:.3f} h) at {mb_s or '-'} MB/s: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in r.breakdown.items() if v)
+            )
+        out.append({"run_dir": d, "own": own.as_dict(), "retimed": retimed})
+    return {"replay": out}
+
+
+def _policy_of(run: cm.RecordedRun) -> cm.Policy:
+    every = run.config["checkpoint"]["every_steps"] or None
+    strategy = run.config["recovery"]["strategy"]
+    if strategy == "checkpoint":
+        return cm.checkpointing(every)
+    return cm.Policy(strategy, every, True, 0.0)  # rebuilds in place; saves (the fallback's) block
+
+
+def validate_mode(ns) -> dict:
+    """Measured time to the target loss of each run (relative to the first) against the model's prediction
+    from the runs' own step, save, restore, rebuild times and failure rate."""
+    runs = [cm.load_run(d) for d in ns.validate]
+    finals = [r.summary["final_val_loss"] for r in runs if r.summary.get("final_val_loss") is not None]
+    target = ns.target_loss if ns.target_loss is not None else max(finals, default=math.nan)
+    ref = next((r for r in runs if r.config["recovery"]["strategy"] in ("checkpoint", "none")), None)
+    if ref is None:
+        raise SystemExit("--validate needs a run with recovery.strategy checkpoint or none (failure-free steps)")
+    reached = cm.steps_to_target(ref, target)
+    if reached is None:
+        raise SystemExit(f"--validate: the reference run {ref.run_dir} never reached validation loss {target}")
+    rebuilding = any(r.config["recovery"]["strategy"] not in ("checkpoint", "none") for r in runs)
+    qs = q_interval(ns) if rebuilding else (0.0, 0.0, 0.0)
+    rows = [_validate_row(run, reached[0], target, qs) for run in runs]
+    first = rows[0]
+    for row in rows:
+        row["measured_ratio"] = _ratio(row["measured_s"], first["measured_s"])
+        row["predicted_ratio"] = _ratio(row["predicted_s"], first["predicted_s"])
+        row["predicted_ratio_q_range"] = [
+            _ratio(row[f"predicted_s_q_{e}"], first["predicted_s"]) for e in ("low", "high")
+        ]
+        print(
+            f"{row['run_dir']}: {row['strategy']}, target {target:.3f} at step {row['measured_steps']} in "
+            f"{row['measured_s']:.2f} s (predicted {row['predicted_s']:.2f} s); ratio to the first run: measured "
+            f"{row['measured_ratio']:.3f}, predicted {row['predicted_ratio']:.3f}"
+        )
+    return {
+        "validate": {
+            "target_loss": target,
+            "reference": ref.run_dir,
+            "reference_steps": reached[0],
+            "q": qs,
+            "runs": rows,
+        }
+    }
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _validate_row(run: cm.RecordedRun, ref_steps: int, target: float, qs) -> dict:
+    got = cm.steps_to_target(run, target)
+    pol = _policy_of(run)
+    predicted = {
+        name: cm.expected_time(cm.run_scenario(run, ref_steps, q), pol)
+        for name, q in zip(("", "_q_low", "_q_high"), qs)
+    }
+    sc = cm.run_scenario(run, ref_steps, qs[0])
+    return {
+        "run_dir": run.run_dir,
+        "strategy": run.config["recovery"]["strategy"],
+        "storage_mb_s": run.config["checkpoint"]["storage_mb_s"],
+        "failures": sum(it.failures for it in run.iterations),
+        "measured_steps": got[0] if got else None,
+        "measured_s": got[1] if got else None,
+        "predicted_s": predicted[""],
+        "predicted_s_q_low": predicted["_q_low"],
+        "predicted_s_q_high": predicted["_q_high"],
+        "model": sc.__dict__ | {"interval": pol.interval},
+    }
+
+
+def _t(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return str(seconds)
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.3g} s"
+
+
+def print_points(points: list[dict]) -> None:
+    for pt in points:
+        print(
+            f"rate {pt['hourly_rate']:g}/h/stage, {pt['storage_mb_s']:g} MB/s (save {pt['save_s']:.1f} s): winner "
+            f"{pt['winner']} by {pt['margin']:.3f}x; break-even save {pt['break_even_save_s']:.1f} s "
+            f"(first order {pt['break_even_save_s_approx']:.1f} s)"
+        )
+        for name, row in pt["strategies"].items():
+            mc = f", simulated {_t(row['mc_time_s'])} +- {_t(row['mc_sem_s'])}" if "mc_time_s" in row else ""
+            k = f" every {row['interval']}" if row.get("interval") else ""
+            print(f"    {name:<18}{k:<12} {_t(row['time_s']):>10}{mc}")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from-run", help="an engine run: its training state (3x memory/param_bytes), step time, stages")
+    ap.add_argument("--model-bytes", type=float, help="bytes a checkpoint of every stage moves (weights + Adam)")
+    ap.add_argument("--step-s", type=float, help="seconds per step (default: the run's, or 91.3)")
+    ap.add_argument("--num-stages", type=int)
+    ap.add_argument("--hourly-rate", type=float, nargs="+", default=[0.05, 0.10, 0.16], help="per stage per hour")
+    ap.add_argument("--iteration-s", type=float, help="seconds of exposure one step stands for (default: --step-s)")
+    ap.add_argument("--acceleration", type=float, default=1.0, help="multiplies each step's exposure")
+    ap.add_argument("--storage-mb-s", type=float, nargs="+", default=None, help="default 100 1000 (replay: none)")
+    ap.add_argument("--save-s", type=float, help="replay: a blocking save (default: from --storage-mb-s or the run's)")
+    ap.add_argument("--restore-s", type=float, help="restore time (default: the save's)")
+    ap.add_argument("--downtime-s", type=float, help="per incident: detection and replacement (default 30; replay 0)")
+    ap.add_argument("--rebuild-s", type=float, help="replay: per rebuilt incident (default: the run's)")
+    ap.add_argument("--q", type=float, nargs="+", help="extra steps per rebuilt stage: Q, or Q LOW HIGH")
+    ap.add_argument("--q-json", help="a JSON written by scripts/measure_q.py")
+    ap.add_argument("--q-key", default="plus/2", help="METHOD/STAGE in its table")
+    ap.add_argument("--q-at", type=int, default=50, help="its q@K column")
+    ap.add_argument("--target-steps", type=float, default=10_000)
+    ap.add_argument("--intervals", type=int, nargs="*", default=[50, 200])
+    ap.add_argument("--p-unrecoverable", type=float, help="hybrid: share of incidents rolled back (default: adjacent)")
+    ap.add_argument(
+        "--async-every", type=int, help="hybrid: steps between async checkpoints (default: as often as fits)"
+    )
+    ap.add_argument("--interrupt-fraction", type=float, default=0.5)
+    ap.add_argument("--map-storage", type=float, nargs=3, default=[10, 10_000, 13], metavar=("LOW", "HIGH", "N"))
+    ap.add_argument("--map-rates", type=float, nargs=3, default=[0.01, 0.5, 10], metavar=("LOW", "HIGH", "N"))
+    ap.add_argument("--mc-runs", type=int, default=200, help="Monte-Carlo runs per strategy and point (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replay", nargs="+", metavar="RUN_DIR")
+    ap.add_argument("--validate", nargs="+", metavar="RUN_DIR")
+    ap.add_argument("--target-loss", type=float, help="validate: default the highest final validation loss")
+    ap.add_argument("--out", default="runs/whatif/whatif.json")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    ns = parse_args(argv)
+    try:
+        if ns.replay:
+            result = replay_mode(ns)
+        elif ns.validate:
+            result = validate_mode(ns)
+        else:
+            result = whatif(ns)
+    except ValueError as e:  # a run directory or a parameter the cost model refused
+        raise SystemExit(f"whatif: {e}") from e
+    report(_json_safe({"args": vars(ns), **result}), ns.out)
+
+
+def _json_safe(value):
+    """JSON has no inf or NaN: write them as strings, as metrics.jsonl does."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def whatif(ns) -> dict:
+    qs = q_interval(ns)
+    base = base_parameters(ns)
+    points = [point(ns, base, r, s, qs) for r in ns.hourly_rate for s in ns.storage_mb_s or [100, 1000]]
+    grid = strategy_map(ns, base, qs)
+    png = Path(ns.out).with_suffix(".png")
+    draw_map(grid, base, ns, qs, png)
+    print_points(points)
+    print(f"map: {png}")
+    return {"base": base, "q": qs, "points": points, "map": grid, "png": str(png)}
+
+
+if __name__ == "__main__":
+    main()

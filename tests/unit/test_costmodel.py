@@ -1,0 +1,242 @@
+"""The cost model (checkfree.core.costmodel) and scripts/whatif.py: the closed forms against hand computations
+and against the Monte-Carlo simulation of the same model, their limits, the break-even save time, the replay
+of a real recorded run, and the script end to end."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checkfree.core import costmodel as cm
+from checkfree.engine.trainer import Trainer
+from tests.helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def scenario(**kw) -> cm.Scenario:
+    base = dict(target_steps=300, step_s=1.0, stage_fail_prob=0.01, num_stages=4, save_s=3.0, restore_s=2.0)
+    return cm.Scenario(**(base | dict(downtime_s=5.0, q=4.0) | kw))
+
+
+# ---- intervals --------------------------------------------------------------------------------------
+def test_young_and_daly_intervals_match_a_hand_computation():
+    # C = 60 s, T = 10 s, lambda = 0.01 failures per step: M = T / lambda = 1000 s
+    assert cm.young_interval_steps(60, 10, 0.01) == pytest.approx(math.sqrt(1200), rel=1e-12)  # 34.64 steps
+    # Daly: sqrt(2 * 60 * 1000) * (1 + sqrt(0.03) / 3 + 0.03 / 9) - 60 = 307.565 s = 30.7565 steps
+    assert cm.daly_interval_steps(60, 10, 0.01) == pytest.approx(30.7565, rel=1e-4)
+    assert cm.daly_interval_steps(3000, 10, 0.01) == pytest.approx(100.0)  # C >= 2M: the MTBF itself
+    assert cm.young_interval_steps(60, 10, 0.0) == math.inf
+
+
+def test_the_exact_optimal_interval_is_youngs_when_failures_are_rare():
+    sc = scenario(target_steps=1e6, stage_fail_prob=1e-5, save_s=10.0)
+    young = cm.young_interval_steps(sc.save_s, sc.step_s, sc.failures_per_step)  # 707 steps
+    assert abs(cm.optimal_interval(sc) - young) <= 0.02 * young
+    costs = {k: cm.expected_time(sc, cm.checkpointing(k)) for k in (300, cm.optimal_interval(sc), 1500)}
+    assert min(costs, key=costs.get) == cm.optimal_interval(sc)
+
+
+# ---- closed form against Monte-Carlo ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "policy",
+    [cm.checkpointing(10), cm.checkpointing(3), cm.checkfree(), cm.hybrid(5, 0.3), cm.hybrid(20, 0.8)],
+    ids=lambda p: f"{p.name}-{p.interval}-{p.p_unrecoverable}",
+)
+@pytest.mark.parametrize("p", [0.002, 0.02])
+def test_closed_form_agrees_with_the_monte_carlo_simulation(policy, p):
+    sc = scenario(stage_fail_prob=p)
+    times = cm.simulate(sc, policy, runs=2000, seed=1)
+    assert np.isfinite(times).all()
+    sem = times.std(ddof=1) / math.sqrt(times.size)
+    expected = cm.expected_time(sc, policy)
+    # 4 standard errors, plus 1% for the hybrid's approximation and the last step's overshoot of a fractional q
+    assert abs(times.mean() - expected) <= 4 * sem + 0.01 * expected, (times.mean(), sem, expected)
+
+
+def test_the_simulation_is_seeded():
+    sc = scenario()
+    a, b = cm.simulate(sc, cm.checkfree(), runs=50, seed=3), cm.simulate(sc, cm.checkfree(), runs=50, seed=3)
+    assert (a == b).all() and not (a == cm.simulate(sc, cm.checkfree(), runs=50, seed=4)).all()
+
+
+def test_a_checkfree_that_cannot_keep_up_never_arrives():
+    sc = scenario(stage_fail_prob=0.1, q=10.0)  # 4 stages x 0.1 x 10 extra steps > 1 step per step
+    assert cm.expected_time(sc, cm.checkfree()) == math.inf
+    assert np.isinf(cm.simulate(sc, cm.checkfree(), runs=5)).all()
+    assert cm.break_even_save_s(sc) == math.inf
+
+
+# ---- limits ---------------------------------------------------------------------------------------
+def test_without_failures_checkfree_takes_s_steps_and_checkpointing_adds_its_saves():
+    sc = scenario(stage_fail_prob=0.0)
+    assert cm.expected_time(sc, cm.checkfree()) == pytest.approx(300.0)
+    assert cm.expected_time(sc, cm.hybrid(7, 0.5)) == pytest.approx(300.0)  # asynchronous saves: no stall
+    assert cm.expected_time(sc, cm.checkpointing(7)) == pytest.approx(300.0 + (300 // 7) * 3.0)
+    assert cm.optimal_interval(sc) > 300  # with nothing to lose, never save
+    assert cm.expected_time(sc, cm.checkpointing(cm.optimal_interval(sc))) == pytest.approx(300.0)
+
+
+def test_free_saves_leave_checkpointing_only_the_lost_work():
+    sc = scenario(save_s=0.0)
+    h = sc.incident_prob
+    # every step saved: an incident loses only the interrupted step, the downtime and the restore
+    lost_per_incident = sc.interrupt_fraction * sc.step_s + sc.downtime_s + sc.restore_s
+    assert cm.optimal_interval(sc) == 1
+    best = cm.expected_time(sc, cm.checkpointing(1))
+    assert best == pytest.approx(300 * sc.step_s + 300 * h / (1 - h) * lost_per_incident)
+    # and with nothing lost per incident either, failures cost nothing
+    free = scenario(save_s=0.0, restore_s=0.0, downtime_s=0.0, interrupt_fraction=0.0)
+    assert cm.expected_time(free, cm.checkpointing(1)) == pytest.approx(300.0)
+
+
+def test_checkfree_closed_form_matches_the_hand_formula():
+    sc = scenario()
+    h, lam = sc.incident_prob, sc.failures_per_step
+    steps = 300 / (1 - sc.q * lam / (1 - h))
+    per_step = sc.step_s + h / (1 - h) * (sc.interrupt_fraction * sc.step_s + sc.downtime_s)
+    assert cm.expected_time(sc, cm.checkfree()) == pytest.approx(steps * per_step)
+
+
+def test_adjacent_loss_fraction_counts_neighbouring_pairs():
+    p = 0.1  # 3 stages: incidents with 0-1 or 1-2 both lost, over incidents
+    adjacent = 2 * p * p * (1 - p) + p**3
+    assert cm.adjacent_loss_fraction(p, 3) == pytest.approx(adjacent / (1 - (1 - p) ** 3))
+    assert cm.adjacent_loss_fraction(p, 1) == 0.0
+
+
+# ---- break-even -----------------------------------------------------------------------------------
+def test_break_even_grows_with_the_failure_rate_and_q():
+    by_p = [cm.break_even_save_s(scenario(target_steps=1e5, stage_fail_prob=p)) for p in (1e-4, 1e-3, 5e-3)]
+    by_q = [cm.break_even_save_s(scenario(target_steps=1e5, stage_fail_prob=1e-3, q=q)) for q in (2, 4, 8, 16)]
+    assert by_p == sorted(by_p) and len(set(by_p)) == 3
+    assert by_q == sorted(by_q) and len(set(by_q)) == 4
+
+
+def test_break_even_separates_the_winners_and_tends_to_the_first_order_formula():
+    sc = scenario(target_steps=1e5, stage_fail_prob=1e-3)
+    c = cm.break_even_save_s(sc)
+    for factor, checkfree_wins in ((0.8, False), (1.25, True)):
+        s = cm.Scenario(**{**sc.__dict__, "save_s": c * factor})
+        ckpt = cm.expected_time(s, cm.checkpointing(cm.optimal_interval(s)))
+        assert (cm.expected_time(s, cm.checkfree()) < ckpt) == checkfree_wins
+    rare = scenario(target_steps=1e7, stage_fail_prob=1e-5, restore_s=0.0, q=20.0)
+    approx = cm.break_even_save_s_approx(rare.failures_per_step, rare.q, rare.step_s, rare.restore_s)
+    assert cm.break_even_save_s(rare) == pytest.approx(approx, rel=0.05)
+    # the issue's lambda q^2 T / 2 is its q >> 1 form
+    assert approx == pytest.approx(rare.failures_per_step * 20.5**2 / 2)
+    assert cm.break_even_save_s(scenario(restore_s=10.0, q=1.0)) == 0.0  # a rebuild beats a restore alone
+
+
+# ---- replay of a real run ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Two ~20-step runs with the same failures: checkpointing (rollbacks, saves) and CheckFree+ (rebuilds)."""
+    out = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name, extra in (
+        ("ckpt", ["recovery.strategy=checkpoint", "checkpoint.every_steps=4", "checkpoint.storage_mb_s=20"]),
+        ("cfp", ["recovery.strategy=checkfree_plus"]),
+    ):
+        cfg = tiny_config(
+            out, *extra, "num_steps=20", "eval_every_steps=5", "failures.mode=per_step", "failures.per_step_prob=0.04"
+        )
+        cfg.run_name = name
+        Trainer(cfg).run()
+        runs[name] = out / name
+    return runs
+
+
+@pytest.mark.parametrize("name", ["ckpt", "cfp"])
+def test_replay_with_the_runs_own_costs_reproduces_its_train_time(recorded, name):
+    run = cm.load_run(recorded[name])
+    assert any(it.kind == "interrupted" for it in run.iterations)  # the run did lose stages
+    if name == "ckpt":
+        assert any(it.restore_s is not None for it in run.iterations)
+        assert any(it.save_s is not None for it in run.iterations)
+    r = cm.replay(run)
+    assert r.wall_s == pytest.approx(run.summary["train_s"], rel=0.10)
+    assert r.row_times[-1] <= r.wall_s + 1e-9
+
+
+def test_replay_under_other_costs_counts_every_commit_save_rollback_and_incident(recorded):
+    run = cm.load_run(recorded["ckpt"])
+    its = run.iterations
+    commits = [it for it in its if it.kind == "commit"]
+    hit = [it for it in its if it.kind == "interrupted"]
+    lost = sum(e["lost_steps"] for e in run.events if e["event"] == "rolled_back")
+    assert len(commits) == run.summary["steps"] + lost and len(its) == run.summary["iterations"]
+    r = cm.replay(run, step_s=10.0, save_s=2.0, restore_s=3.0, downtime_s=4.0)
+    assert r.breakdown["compute"] == pytest.approx(10.0 * len(commits))
+    assert r.breakdown["save"] == pytest.approx(2.0 * sum(it.save_s is not None for it in its))
+    assert r.breakdown["restore"] == pytest.approx(3.0 * len(hit))
+    assert r.breakdown["downtime"] == pytest.approx(4.0 * len(hit))
+    assert r.breakdown["interrupted"] == pytest.approx(10.0 * sum(it.fraction for it in hit))
+    # bytes over throughput instead of a save time
+    assert cm.replay(run, payload_bytes=4e6, storage_mb_s=2.0).breakdown["save"] == pytest.approx(
+        2.0 * sum(it.save_s is not None for it in its)
+    )
+
+
+def test_steps_to_target_reads_the_first_row_at_or_below_it(recorded):
+    run = cm.load_run(recorded["ckpt"])
+    curve = cm.val_curve(run)
+    steps, loss, t = curve[1]
+    first = next(s for s, v, _ in curve if v <= loss)
+    assert cm.steps_to_target(run, loss)[0] == first <= steps
+    assert cm.steps_to_target(run, -1.0) is None
+    times = cm.replay(run, step_s=1.0).row_times
+    assert cm.steps_to_target(run, loss, times)[1] == pytest.approx(
+        next(tt for s, v, tt in cm.val_curve(run, times) if v <= loss)
+    )
+
+
+def test_a_directory_without_metrics_is_refused_by_name(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(ValueError, match="metrics.jsonl"):
+        cm.load_run(tmp_path)
+    with pytest.raises(ValueError, match="not a directory"):
+        cm.load_run(tmp_path / "nope")
+
+
+# ---- the script -----------------------------------------------------------------------------------
+def _whatif(tmp_path, *args) -> dict:
+    out = tmp_path / "whatif.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "whatif.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_whatif_script_end_to_end(tmp_path):
+    q = {"table": {"plus/2": {"q@50": {"estimate": 3.0, "low": 1.0, "high": 6.0, "n": 3}}}}
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    small = ["--model-bytes", "1e8", "--step-s", "1", "--num-stages", "4", "--target-steps", "200"]
+    grid = ["--map-storage", "10", "1000", "3", "--map-rates", "0.05", "0.5", "3", "--acceleration", "100"]
+    args = [*small, *grid, "--hourly-rate", "0.1", "--storage-mb-s", "100", "--mc-runs", "50", "--intervals", "5"]
+    result = _whatif(tmp_path, *args, "--q-json", "q.json", "--q-key", "plus/2", "--q-at", "50")
+    assert result["q"] == [3.0, 1.0, 6.0]
+    (pt,) = result["points"]
+    assert set(pt["strategies"]) >= {"checkpoint", "checkfree", "hybrid", "checkpoint@young", "checkpoint@5"}
+    assert pt["winner"] in ("checkpoint", "checkfree", "hybrid") and pt["margin"] >= 1.0
+    assert len(result["map"]["winner"]) == 3 and len(result["map"]["winner"][0]) == 3
+    assert (tmp_path / "whatif.png").stat().st_size > 0
+
+
+def test_whatif_replay_and_validate_modes(tmp_path, recorded):
+    runs = [str(recorded["ckpt"]), str(recorded["cfp"])]
+    rep = _whatif(tmp_path, "--replay", *runs, "--step-s", "2", "--storage-mb-s", "10", "--downtime-s", "1")
+    assert [r["run_dir"] for r in rep["replay"]] == runs and rep["replay"][0]["retimed"][0]["wall_s"] > 0
+    val = _whatif(tmp_path, "--validate", *runs, "--q", "2")
+    first, second = val["validate"]["runs"]
+    assert first["measured_ratio"] == 1.0 and first["predicted_ratio"] == 1.0
+    assert second["measured_ratio"] > 0 and second["predicted_ratio"] > 0
