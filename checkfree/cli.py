@@ -145,6 +145,13 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
         return ExitCode.BAD_INPUT
     from checkfree.swarm.injection import NOT_DETERMINISTIC, deterministic
 
+    if cfg.recovery.strategy == "hybrid":
+        print(
+            "checkfree swarm: recovery.strategy=hybrid runs in the engine only for now (checkfree train); in the "
+            "swarm use checkfree_plus, or checkpoint",
+            file=sys.stderr,
+        )
+        return ExitCode.BAD_INPUT
     if cfg.recovery.optimizer_init != "fresh":
         print(
             f"checkfree swarm: recovery.optimizer_init={cfg.recovery.optimizer_init} is an engine experiment: swarm "

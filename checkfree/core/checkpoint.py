@@ -34,6 +34,7 @@ import os
 import pickle
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -223,9 +224,11 @@ class CheckpointStore:
         return out
 
     def save_stage(self, payload: StagePayload) -> None:
-        step, stage = payload.step, payload.stage
+        self.save_bytes(payload.step, payload.stage, payload_bytes(payload))
+
+    def save_bytes(self, step: int, stage: int, data: bytes) -> None:
+        """Write one stage's serialised payload (``payload_bytes``) as the checkpoint of ``step``."""
         t0 = time.perf_counter()
-        data = payload_bytes(payload)
         final = self._file(step, stage)
         try:
             if self._local:
@@ -291,3 +294,45 @@ class CheckpointStore:
                 pass
             except OSError as e:  # a failed delete costs space, not correctness: the next prune retries
                 logger.warning("cannot delete checkpoint %s: %s", self._where(d), e)
+
+
+class AsyncSaver:
+    """Writes checkpoints in a background thread (the hybrid strategy): the caller serialises every stage's
+    state in memory (a copy taken between two steps) and training goes on while the bytes go to storage. One
+    write at a time; ``busy`` says whether the last is still going. A step counts as saved only once every
+    stage's file is written (``latest_complete``), so a rollback never reads a half-written checkpoint."""
+
+    def __init__(self, store: CheckpointStore):
+        self.store = store
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def save(self, step: int, blobs: list[tuple[int, bytes]]) -> None:
+        """Start writing ``(stage, payload_bytes)`` of ``step`` (after the previous write has finished).
+
+        Raises:
+            OSError: the previous background write failed (raised here, in the training thread).
+        """
+        self.wait()
+        self.thread = threading.Thread(target=self._write, args=(step, blobs), name=f"ckpt-{step}", daemon=True)
+        self.thread.start()
+
+    def _write(self, step: int, blobs: list[tuple[int, bytes]]) -> None:
+        try:
+            for stage, data in blobs:
+                self.store.save_bytes(step, stage, data)
+            self.store.prune()
+        except BaseException as e:  # re-raised in the training thread by the next save or wait
+            self.error = e
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

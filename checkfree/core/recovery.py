@@ -20,6 +20,10 @@ Strategies:
 - ``random``: re-initialise.
 - ``checkpoint``: roll the whole pipeline back to the last complete checkpoint (done by the trainer).
 - ``redundant``: fail over to the shadow copy its predecessor trained alongside it (``redundancy.py``).
+- ``hybrid``: CheckFree+ rebuilds for the losses it can rebuild from live neighbours, and asynchronous
+  checkpoints (written in the background, no stall) that the whole pipeline rolls back to when it cannot:
+  two neighbouring stages (the first two or the last two among them) or every stage lost at once. Engine
+  only for now.
 - ``none``: the failure-free reference; failures are refused.
 
 A rebuilt stage gets a fresh optimizer at ``lr * lr_factor``. Embedding and head of a rebuilt first/last
@@ -36,13 +40,20 @@ from dataclasses import dataclass
 
 import torch
 
-STRATEGIES = ("none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint", "redundant")
+STRATEGIES = ("none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint", "redundant", "hybrid")
 FALLBACKS = ("checkpoint", "nearest", "random")
 NORM_SOURCES = ("raw", "smoothed", "post_clip")
 NORM_SCOPES = ("blocks", "stage")
 PARTNER_RULES = ("average", "copy")
 OPTIMIZER_INITS = ("fresh", "neighbours")
-PER_STAGE_STRATEGIES = ("checkfree", "checkfree_plus", "copy", "uniform", "random")  # rebuild a stage from others
+PER_STAGE_STRATEGIES = (
+    "checkfree",
+    "checkfree_plus",
+    "copy",
+    "uniform",
+    "random",
+    "hybrid",
+)  # rebuild a stage from others
 
 
 @dataclass
@@ -169,6 +180,8 @@ def plan_recovery(
     """
     if strategy in ("none", "checkpoint") or strategy not in STRATEGIES:
         raise ValueError(f"plan_recovery handles per-stage strategies, not {strategy!r}")
+    if strategy == "hybrid":
+        strategy = "checkfree_plus"  # its rebuilds; the trainer rolls back where a plan is not primary
     lost = set(lost)
     bad = sorted(s for s in lost if not 0 <= s < num_stages)
     if bad or num_stages < 2:

@@ -22,7 +22,7 @@ import torch
 
 from checkfree import __version__
 from checkfree.config import TrainConfig, to_yaml
-from checkfree.core.checkpoint import CheckpointStore
+from checkfree.core.checkpoint import AsyncSaver, CheckpointStore, payload_bytes
 from checkfree.core.data import Batches
 from checkfree.core.events import EventLog
 from checkfree.core.failures import Failure, FailureInjector, write_trace
@@ -88,7 +88,8 @@ class Trainer:
                 eng.stages, eng.optimizers, eng.lrs, self.schedule, self.batches, cfg.optim, eng.device
             )
         self.ckpt = None
-        if cfg.checkpoint.every_steps:
+        self.saver = None  # hybrid: checkpoints written in the background
+        if cfg.checkpoint.every_steps or cfg.recovery.strategy == "hybrid":
             self.ckpt = CheckpointStore(
                 cfg.checkpoint.dir or self.run_dir / "checkpoints",
                 L,
@@ -96,6 +97,8 @@ class Trainer:
                 cfg.checkpoint.storage_mb_s,
                 storage_options=cfg.checkpoint.storage_options,
             )
+            if cfg.recovery.strategy == "hybrid":
+                self.saver = AsyncSaver(self.ckpt)
         self.replicas_on = edge_replicas_on(cfg.recovery)
         tb_dir = (cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None
         self.metrics = MetricLogger(self.run_dir / "metrics.jsonl", tb_dir)
@@ -122,6 +125,8 @@ class Trainer:
         try:
             while st.step < cfg.num_steps:
                 self._one_iteration(on_step)
+            if self.saver is not None:
+                self.saver.wait()  # no write outlives the run (and a failed one is reported)
         finally:
             write_trace(self.run_dir / "trace.jsonl", self.injector.fired, cfg.model.num_stages)
             self.metrics.close()
@@ -188,7 +193,13 @@ class Trainer:
         extra_t0 = time.perf_counter()
         if self.replicas_on and st.step % self.cfg.recovery.edge_replica_every_steps == 0:
             self.engine.refresh_replicas(st.step)
-        if self.ckpt and st.step % self.cfg.checkpoint.every_steps == 0:
+        every = self.cfg.checkpoint.every_steps
+        if self.saver is not None:
+            # every k steps, or (k = 0) as soon as the last write has finished: with no stall, the newer the
+            # checkpoint the less a rollback loses (the cost model's optimum for saves that cost nothing)
+            if (st.step % every == 0) if every else not self.saver.busy:
+                self._save_async()
+        elif self.ckpt and st.step % every == 0:
             self._save_checkpoint()
         elapsed = step_s + time.perf_counter() - extra_t0
         st.train_s += elapsed
@@ -242,7 +253,7 @@ class Trainer:
         """Lose ``lost`` stages (weights poisoned, optimizers gone) and recover with the configured strategy."""
         for s in lost:
             self.engine.destroy(s)
-        if self.cfg.recovery.strategy == "checkpoint":
+        if self.cfg.recovery.strategy == "checkpoint" or self._beyond_rebuild(lost):
             self._rollback(lost)
         else:
             self._rebuild(lost)
@@ -288,6 +299,21 @@ class Trainer:
                 if shadow is None:
                     eng.shadows.copy_from(t, eng.stages[t], eng.optimizers[t], eng.lrs[t])
 
+    def _beyond_rebuild(self, lost: list[int]) -> bool:
+        """hybrid: a loss the rebuild cannot take from live neighbours (two neighbours lost, or all) rolls back."""
+        if self.cfg.recovery.strategy != "hybrid":
+            return False
+        plans = plan_recovery(lost, self.engine.num_stages, "hybrid", "nearest")
+        return any(p.path != "primary" for p in plans)
+
+    def _save_async(self) -> None:
+        """Serialise every stage's state now (between two steps) and write it in the background."""
+        t0 = time.perf_counter()
+        step = self.state.step
+        blobs = [(i, payload_bytes(self.engine.payload(i, step))) for i in range(self.engine.num_stages)]
+        self.saver.save(step, blobs)
+        self.events.emit("checkpoint_save", step=step, save_s=time.perf_counter() - t0, background=True)
+
     def _save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         for i in range(self.engine.num_stages):
@@ -298,6 +324,8 @@ class Trainer:
     def _rollback(self, lost: list[int]) -> None:
         st = self.state
         t0 = time.perf_counter()
+        if self.saver is not None:
+            self.saver.wait()  # a write in flight holds a state from before the loss: the newest to go back to
         target = self.ckpt.latest_complete()
         if target is None:
             raise RuntimeError(f"no complete checkpoint in {self.ckpt.root} to roll back to")
@@ -309,7 +337,7 @@ class Trainer:
             to_step=target,
             lost_steps=st.step - target,
             stages=lost,
-            strategy="checkpoint",
+            strategy=self.cfg.recovery.strategy,
             restore_s=time.perf_counter() - t0,
         )
         st.step = target

@@ -125,6 +125,10 @@ class Peer:
                 "recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
                 "its holder's own output, which needs the plain route; set pipeline.swap=false"
             )
+        if cfg.recovery.strategy == "hybrid":
+            raise ValueError(
+                "recovery.strategy=hybrid runs in the engine only for now; use checkfree_plus or checkpoint"
+            )
         if cfg.recovery.optimizer_init != "fresh":
             raise ValueError(
                 f"recovery.optimizer_init={cfg.recovery.optimizer_init} is an engine experiment: swarm peers do not "

@@ -1,0 +1,69 @@
+"""The hybrid strategy (engine): CheckFree+ rebuilds for isolated losses, asynchronous checkpoints written in the
+background, and a rollback of the whole pipeline to the newest complete one only when neighbours are lost together."""
+
+import subprocess
+import sys
+
+import pytest
+
+from checkfree.core.checkpoint import AsyncSaver, CheckpointStore, payload_bytes
+from checkfree.core.failures import Failure, write_trace
+from checkfree.core.metrics import read_jsonl
+from checkfree.engine.trainer import Trainer
+from tests.helpers import TINY, tiny_config
+
+
+def _run(tmp_path, failures, *extra):
+    trace = tmp_path / "trace.jsonl"
+    write_trace(trace, failures, 4)
+    mode = ["failures.mode=trace", f"failures.trace_path={trace}"] if failures else []
+    cfg = tiny_config(tmp_path, "recovery.strategy=hybrid", "num_steps=24", *mode, *extra)
+    summary = Trainer(cfg).run()
+    return summary, read_jsonl(cfg.run_dir / "events.jsonl"), read_jsonl(cfg.run_dir / "metrics.jsonl")
+
+
+def test_isolated_losses_are_rebuilt_and_neighbours_lost_together_roll_back(tmp_path):
+    failures = [
+        Failure(5, 2, "mid_forward", 0.5),
+        Failure(12, 0, "mid_backward", 0.3),
+        Failure(12, 1, "before_forward", 0.0),
+    ]
+    summary, events, metrics = _run(tmp_path, failures, "checkpoint.every_steps=4")
+    rebuilt = [(e["stage"], e["step"], e["method"]) for e in events if e["event"] == "rebuilt"]
+    assert rebuilt == [(2, 5, "weighted_average")]  # the isolated loss: rebuilt in place, no rollback
+    rolled = [e for e in events if e["event"] == "rolled_back"]
+    # stages 0 and 1 together cannot be rebuilt from live neighbours: back to step 8, the newest complete save
+    assert [(e["step"], e["to_step"], e["stages"], e["strategy"]) for e in rolled] == [(11, 8, [0, 1], "hybrid")]
+    saves = [e for e in events if e["event"] == "checkpoint_save"]
+    assert all(e["background"] for e in saves[1:])  # the first (step 0) is written before training starts
+    assert [m["step"] for m in metrics][:12] == list(range(11)) + [8]  # steps 8..10 redone after the rollback
+    assert summary["steps"] == 24 and summary["failures"] == 3
+
+
+def test_with_no_interval_a_checkpoint_is_written_whenever_the_last_write_is_done(tmp_path):
+    _, events, _ = _run(tmp_path, [], "checkpoint.every_steps=0")
+    saved = [e["step"] for e in events if e["event"] == "checkpoint_save"]
+    assert saved[0] == 0 and len(saved) >= 3 and saved == sorted(saved)
+
+
+def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", num_stages=1)
+    saver = AsyncSaver(store)
+    trainer = Trainer(tiny_config(tmp_path, "recovery.strategy=hybrid"))
+    blob = payload_bytes(trainer.engine.payload(0, 3))
+    if (tmp_path / "ckpt").exists():
+        (tmp_path / "ckpt").rmdir()
+    (tmp_path / "ckpt").write_text("a file where the checkpoint directory should be")
+    saver.save(3, [(0, blob)])
+    with pytest.raises(OSError, match="cannot save checkpoint"):
+        saver.wait()
+
+
+def test_the_swarm_refuses_the_hybrid_it_does_not_run_yet(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "checkfree", "swarm", *TINY, f"out_dir={tmp_path}", "recovery.strategy=hybrid"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "recovery.strategy=hybrid runs in the engine only" in out.stderr
