@@ -296,19 +296,16 @@ MIN_SEEDS = 5  # no verdict from fewer paired seeds
 
 
 def _verdict(ours: str, interval, pairs) -> str:
-    """A claim only where the paired interval over >= MIN_SEEDS seeds excludes 1; a strategy that misses the
-    target in seeds where the other reaches it is said to, whatever the interval of the rest."""
-    missed = sum(1 for a, b in pairs if a is None and b is not None)
-    other_missed = sum(1 for a, b in pairs if b is None and a is not None)
-    if missed and not other_missed and interval.n < MIN_SEEDS:
-        return f"{ours} slower (missed the target in {missed} of {len(pairs)} seeds)"
-    if other_missed and not missed and interval.n < MIN_SEEDS:
-        return f"{ours} faster (the baseline missed the target in {other_missed} of {len(pairs)} seeds)"
+    """A claim only where the paired interval over >= MIN_SEEDS seeds excludes 1; misses of the target (a
+    seed where one side never reached it) are always said, never averaged away."""
+    missed = sum(1 for a, _ in pairs if a is None)
+    other_missed = sum(1 for _, b in pairs if b is None)
+    note = f"; misses: {ours} {missed}, baseline {other_missed} of {len(pairs)} seeds" if missed or other_missed else ""
     if interval.n < MIN_SEEDS:
-        return f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS})"
+        return f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS}{note})"
     if not interval.excludes(1.0):
-        return "not resolved"
-    return f"{ours} {'faster' if interval.high < 1 else 'slower'}"
+        return f"not resolved{note and ' (' + note[2:] + ')'}"
+    return f"{ours} {'faster' if interval.high < 1 else 'slower'}{note and ' (' + note[2:] + ')'}"
 
 
 def compare(rows: list[dict], rates, strategies, fracs) -> list[dict]:

@@ -53,7 +53,8 @@ EVENTS: dict[str, EventType] = {
             ("stage", "step", "iteration"),
             "engine, launcher",
             "a stage was lost at a step (engine: injected, with phase; launcher: a peer killed or frozen, with "
-            "peer, pid, signal, epoch)",
+            "peer, pid, signal, epoch, injected_by (peer: it died at its own drawn failure; launcher: killed from "
+            "outside) and delay_iterations (how late the launcher injected it))",
         ),
         EventType(
             "chaos",
