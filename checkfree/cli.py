@@ -221,7 +221,13 @@ def cmd_peer(ns: argparse.Namespace) -> int:
         from checkfree.swarm.peer import Peer
 
         peer = Peer(
-            cfg, ns.run_dir or cfg.run_dir, None if ns.spare else ns.stage, ns.initial_peers, ns.peer_id, ns.join_token
+            cfg,
+            ns.run_dir or cfg.run_dir,
+            None if ns.spare else ns.stage,
+            ns.initial_peers,
+            ns.peer_id,
+            ns.join_token,
+            inject_failures=ns.inject_failures,
         )
     except (ConfigError, DataError, ValueError) as e:
         print(f"checkfree peer: {e}", file=sys.stderr)
@@ -404,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--join-token",
         help="the swarm's secret (default: $CHECKFREE_JOIN_TOKEN, else RUN_DIR/join_token; prefer the variable: "
         "a command line is visible to other users); without it and without --initial-peers a new one is made",
+    )
+    peer.add_argument(
+        "--inject-failures",
+        action="store_true",
+        help="draw the config's failures and die at this peer's own (set by checkfree swarm with "
+        "swarm.inject=peer, for failure experiments); without it a peer never fails on purpose",
     )
     peer.add_argument(
         "--parent-pid",

@@ -150,6 +150,8 @@ class LocalSwarm:
             *self.maddrs,
         ]
         args += ["--stage", str(stage)] if stage is not None else ["--spare"]
+        if self.cfg.swarm.inject == "peer" and self.cfg.failures.mode != "none" and self.chaos is None:
+            args.append("--inject-failures")  # the peers draw the run's failures and die at their own
         if self.hosts is not None:  # on a host of its own, listening on that host's address
             host = self.host_of[peer_id] = self.hosts.add()
             where = args.index(str(self.config_path)) + 1

@@ -115,10 +115,13 @@ class Peer:
         initial_peers: list[str],
         peer_id: str | None = None,
         join_token: str | None = None,
+        inject_failures: bool = False,
     ):
         """``peer_id``: this peer's name (its id is ``NAME.HASH`` of its key, see ``admission``; default: random);
         ``join_token``: the swarm's secret (None: from ``$CHECKFREE_JOIN_TOKEN`` or ``RUN_DIR/join_token``;
-        a peer that starts a new swarm creates one and writes it there)."""
+        a peer that starts a new swarm creates one and writes it there); ``inject_failures``: draw the
+        config's failures and die at this peer's own (``swarm.inject=peer``; the launcher asks for it)."""
+        self.inject_failures = inject_failures
         L = cfg.model.num_stages
         if cfg.recovery.strategy == "redundant" and cfg.swap_enabled:
             raise ValueError(
@@ -599,7 +602,7 @@ class Peer:
     def _own_failures(self, schedule) -> OwnFailures | None:
         """swarm.inject=peer: this peer draws the run's failures and dies at its own (``injection``)."""
         cfg = self.cfg
-        if cfg.swarm.inject != "peer" or cfg.failures.mode == "none":
+        if not self.inject_failures or cfg.swarm.inject != "peer" or cfg.failures.mode == "none":
             return None
         return OwnFailures(cfg.failures, schedule, self.dir, cfg.swarm.hang_fraction, cfg.swarm.vanish_fraction)
 
