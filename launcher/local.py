@@ -335,6 +335,7 @@ class LocalSwarm:
                 at=marker["at"],
                 injected_by="peer",
                 delay_iterations=0,
+                time=marker.get("time", time.time()),  # the moment it died (detection is timed from it)
             )
             self.met.append(Failure(marker["iteration"], marker["stage"], marker["phase"], marker["at"]))
             self._replace(now)

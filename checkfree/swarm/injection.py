@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,6 +96,7 @@ class OwnFailures:
 
         def fail() -> None:
             record = {"stage": stage, "step": step, "iteration": iteration, "phase": failure.phase, "at": failure.at}
+            record["time"] = time.time()  # when it died: the launcher logs the failure at this time, not when it looks
             tmp = self.dir / (MARKER + ".tmp")
             tmp.write_text(json.dumps({**record, "signal": how, "op_index": index}) + "\n")
             tmp.replace(self.dir / MARKER)
