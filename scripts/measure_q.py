@@ -264,6 +264,44 @@ def scan_markdown(rows: list[dict], methods: dict, stages: list[int], num_stages
     return "\n".join(lines) + "\n"
 
 
+def from_disk(methods: dict, stages: list[int], ns) -> list[dict]:
+    """The results of finished runs, read back from ``--runs-dir`` (every reference and arm keeps its
+    metrics.jsonl): an interrupted measurement is analysed with what it finished; an arm counts only if it
+    trained to the end of the horizon."""
+    results = []
+    end = ns.fail_at + ns.horizon
+
+    def curve(d: Path) -> list[tuple[int, float]] | None:
+        f = d / "metrics.jsonl"
+        if not f.is_file():
+            return None
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        c = [(r["step"] + 1, r["loss/val"]) for r in rows if "loss/val" in r and r["step"] + 1 > ns.fail_at]
+        return c if c and c[-1][0] >= end else None
+
+    for seed in ns.seeds:
+        d = Path(ns.runs_dir) / f"s{seed}"
+        res = {"seed": seed, "refs": {}, "arms": []}
+        for family in ("plain", "swap"):
+            ref = curve(d / f"ref-{family}")
+            if ref is not None:
+                res["refs"][family] = ref
+        for name, (swap, _) in methods.items():
+            family = "swap" if swap else "plain"
+            for stage in stages:
+                arm_dir = d / f"{name}-stage{stage}"
+                c = curve(arm_dir)
+                if c is None or family not in res["refs"]:
+                    continue
+                events = [json.loads(line) for line in (arm_dir / "events.jsonl").read_text().splitlines()]
+                keys = ("method", "sources", "weights", "path", "edge")
+                rebuilt = [{k: e.get(k) for k in keys} for e in events if e["event"] == "rebuilt"]
+                res["arms"].append({"method": name, "stage": stage, "family": family, "curve": c, "rebuilt": rebuilt})
+        if res["arms"]:
+            results.append(res)
+    return results
+
+
 def analyse(results: list[dict], methods: dict, stages: list[int], num_stages: int, ns) -> dict:
     rows = []
     for res in results:
@@ -353,6 +391,9 @@ def main() -> None:
         "--scan", type=int, nargs="+", default=None, help="regime scan: lose a stage at each of these steps instead"
     )
     ap.add_argument("--scan-train", type=int, default=20, help="regime scan: steps trained after each loss")
+    ap.add_argument(
+        "--analyse-only", action="store_true", help="train nothing: analyse the finished runs found in --runs-dir"
+    )
     ap.add_argument("--out", default="runs/q/q.json")
     ns = ap.parse_args()
     bad = [k for k in ns.target_after if not 0 < k <= ns.horizon]
@@ -382,9 +423,12 @@ def main() -> None:
         Path(ns.out).with_suffix(".md").write_text(md)
         print(md)
         return
-    with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_seed, files, overrides, s, methods, stages, ns) for s in ns.seeds]
-        results = [f.result() for f in futures]
+    if ns.analyse_only:
+        results = from_disk(methods, stages, ns)
+    else:
+        with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_seed, files, overrides, s, methods, stages, ns) for s in ns.seeds]
+            results = [f.result() for f in futures]
     analysis = analyse(results, methods, stages, L, ns)
     header = (
         f"q on {' '.join(ns.args) or 'the tiny default'}: {L} stages, one stage lost at step {ns.fail_at}, "
@@ -398,7 +442,7 @@ def main() -> None:
         "num_stages": L,
         "fail_at": ns.fail_at,
         "horizon": ns.horizon,
-        "seeds": ns.seeds,
+        "seeds": [r["seed"] for r in results],
         "methods": {k: v[1] for k, v in methods.items()},
         "target_after": ns.target_after,
         "eval_every": ns.eval_every,

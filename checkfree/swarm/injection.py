@@ -11,6 +11,12 @@ the same trace: none is dropped or delayed, whatever recovery takes (the launche
 ``swarm.inject=launcher``, can only kill peers when it polls and after ``swarm.min_gap_s``: it records each
 failure's delay instead).
 
+Known limit: the leader counts a broken epoch's attempts from the steps its survivors committed. When every
+stage is lost at once nobody survives to say how far the epoch got, so counting resumes from the epoch's
+start and the failures drawn for those iterations are met again (the engine would go on to later ones); a
+run then meets more failures than the engine's. ``swarm.inject=launcher`` has no such limit (and the
+delays described above).
+
 Before it dies the peer writes ``failure.json`` into its directory, for the launcher, which logs the failure
 and brings a new machine as it does for a kill of its own. How the peer goes is drawn from the same seed:
 killed (SIGKILL), frozen (SIGSTOP, share ``swarm.hang_fraction``) or, on emulated hosts, frozen while the
