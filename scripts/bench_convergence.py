@@ -138,15 +138,17 @@ def _run_all(files, tasks: list[tuple[list[str], Path]], jobs: int, swarm: bool 
             print(f"finished {futures[f].name}", flush=True)
 
 
-def _to_target(run_dir: Path, target: float) -> tuple[int | None, float | None]:
-    """Steps and seconds until the validation loss first reaches ``target``. Swarm runs (their rows carry
-    an epoch) count seconds from the start of their first step."""
+def _to_target(run_dir: Path, target: float) -> tuple[int | None, float | None, int | None]:
+    """Steps, seconds and iterations (step attempts, redone and interrupted ones included; engine runs only)
+    until the validation loss first reaches ``target``. Swarm runs (their rows carry an epoch) count seconds
+    from the start of their first step."""
     rows = read_jsonl(run_dir / "metrics.jsonl")
     t0 = rows[0]["time/wall"] - rows[0]["time/step_s"] if rows and "epoch" in rows[0] else None
     for m in rows:
         if "loss/val" in m and m["loss/val"] <= target:
-            return m["step"] + 1, (m["time/wall"] - t0) if t0 is not None else m["time/train_s"]
-    return None, None
+            seconds = (m["time/wall"] - t0) if t0 is not None else m["time/train_s"]
+            return m["step"] + 1, seconds, (m["iteration"] + 1 if "iteration" in m else None)
+    return None, None, None
 
 
 def main() -> None:
@@ -167,6 +169,13 @@ def main() -> None:
         help="targets: these fractions of the failure-free run's progress (first to best validation loss)",
     )
     ap.add_argument("--eval-every", type=int, default=2, help="validation every k steps (fixed batches)")
+    ap.add_argument(
+        "--compare-by",
+        choices=("iterations", "seconds"),
+        default="iterations",
+        help="what the ratios compare (engine): iterations to target, immune to the machine's load, or seconds "
+        "(with save and restore times, but runs of a sweep do not run side by side)",
+    )
     ap.add_argument(
         "--runs-dir",
         default="runs/bench/convergence-runs",
@@ -231,9 +240,9 @@ def main() -> None:
                     "iterations": summary.get("iterations"),
                 }
                 for f, target in targets.items():
-                    to_step, to_s = _to_target(run_dir, target)
+                    to_step, to_s, to_it = _to_target(run_dir, target)
                     row[f"target@{f}"] = target
-                    row[f"steps@{f}"], row[f"seconds@{f}"] = to_step, to_s
+                    row[f"steps@{f}"], row[f"seconds@{f}"], row[f"iterations@{f}"] = to_step, to_s, to_it
                 rows.append(row)
                 print(
                     f"rate {rate:.2f} (effective {row['effective_rate']:.0%}/h) seed {seed} {strategy:14s} "
@@ -245,7 +254,10 @@ def main() -> None:
         seed0 = [runs[(s, rate if s != "none" else 0.0, ns.seeds[0])] for s in ns.strategies]
         plot_runs(seed0, Path(ns.out).with_name(f"{Path(ns.out).stem}_rate{rate}.png"), labels=ns.strategies)
     table = summarise(rows, ns.rates, ns.strategies, ns.target_fracs)
-    comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs)
+    # iterations are immune to the load of a shared machine (runs of a sweep do not run side by side); the
+    # swarm's metrics have no iteration count, so its comparison is by wall-clock
+    by = "seconds" if ns.swarm else ns.compare_by
+    comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs, by)
     report(
         {
             "num_steps": steps,
@@ -288,6 +300,7 @@ def summarise(rows: list[dict], rates, strategies, fracs) -> dict:
                 cell[f"reached@{f}"] = len(reached)
                 cell[f"seconds@{f}"] = [x[f"seconds@{f}"] for x in r]  # per seed, None: not reached
                 cell[f"steps@{f}"] = [x[f"steps@{f}"] for x in r]
+                cell[f"iterations@{f}"] = [x[f"iterations@{f}"] for x in r]
             table[f"{rate}/{strategy}"] = cell
     return table
 
@@ -308,8 +321,9 @@ def _verdict(ours: str, interval, pairs) -> str:
     return f"{ours} {'faster' if interval.high < 1 else 'slower'}{note and ' (' + note[2:] + ')'}"
 
 
-def compare(rows: list[dict], rates, strategies, fracs) -> list[dict]:
-    """Paired per-seed ratios of seconds to target, each of ours over each baseline, with intervals."""
+def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds") -> list[dict]:
+    """Paired per-seed ratios of ``by`` (seconds or iterations) to target, each of ours over each baseline,
+    with intervals."""
     ours = [s for s in strategies if s.startswith("checkfree") or s.startswith("hybrid")]
     baselines = [s for s in strategies if s.startswith("checkpoint") or s == "redundant"]
     out = []
@@ -320,7 +334,7 @@ def compare(rows: list[dict], rates, strategies, fracs) -> list[dict]:
                     by_seed = {}
                     for x in rows:
                         if x["rate"] == rate and x["strategy"] in (a, b):
-                            by_seed.setdefault(x["seed"], {})[x["strategy"]] = x[f"seconds@{f}"]
+                            by_seed.setdefault(x["seed"], {})[x["strategy"]] = x[f"{by}@{f}"]
                     pairs = [(v.get(a), v.get(b)) for v in by_seed.values()]
                     interval = paired_ratio([p[0] for p in pairs], [p[1] for p in pairs])
                     out.append(
@@ -330,6 +344,7 @@ def compare(rows: list[dict], rates, strategies, fracs) -> list[dict]:
                             "ours": a,
                             "baseline": b,
                             "ratio": interval.as_dict(),
+                            "by": by,
                             "seeds": len(pairs),
                             "ours_not_reached": sum(1 for p in pairs if p[0] is None),
                             "baseline_not_reached": sum(1 for p in pairs if p[1] is None),
@@ -357,8 +372,9 @@ def markdown(table: dict, comparisons: list[dict], ns) -> str:
         lines.append(f"| {eff:.0%} | {strategy} | {reached} | {_fmt(fv, 3)} | {_fmt(fl, 1)} |")
     lines += [
         "",
-        "Time to target, ours over the baseline: geometric mean of per-seed ratios over the seeds where both "
-        "reached it, 95% bootstrap interval; a verdict only where the interval excludes 1.\n",
+        f"{comparisons[0]['by'].capitalize() if comparisons else 'Time'} to target, ours over the baseline: "
+        "geometric mean of per-seed ratios over the seeds where both reached it, 95% bootstrap interval; a "
+        "verdict only where >= 5 paired seeds give an interval that excludes 1.\n",
         "| rate | target | ours | baseline | ratio [95% CI] | seeds | not reached (ours / baseline) | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -32,15 +32,15 @@ COMMANDS = {
     "scaling": "python scripts/bench_scaling.py --microbatches 1 4",
     "q_scan": "python scripts/measure_q.py configs/bench.yaml --scan 50 150 300 600 1000 1500 --scan-train 20 "
     "--seeds 0 1 --methods random weighted copy --stages 0 1 3 --out runs/bench/q_scan.json",
-    "q_bench": "python scripts/measure_q.py configs/bench.yaml --seeds 0 1 2 3 4 --fail-at 300 --horizon 100 "
-    "--target-after 25 50 100 --eval-every 2 --stages 0 1 3 --methods weighted uniform copy random plus "
+    "q_bench": "python scripts/measure_q.py configs/bench.yaml --seeds 0 1 --fail-at 300 --horizon 100 "
+    "--target-after 25 50 --eval-every 2 --stages 0 1 3 --methods weighted uniform copy random plus "
     "partner_copy warmup=weighted+recovery.warmup_steps=20 moments=weighted+recovery.optimizer_init=neighbours "
     "--out runs/bench/q_bench.json",
     "convergence_ci": "python scripts/bench_convergence.py configs/bench.yaml --rates 0.10 0.33 --seeds 0 1 2 3 4 "
-    "--strategies none checkfree_plus hybrid checkpoint:5 checkpoint:25 --jobs 2 --out runs/bench/convergence_ci.json "
+    "--strategies none checkfree_plus hybrid checkpoint:5 --jobs 2 --out runs/bench/convergence_ci.json "
     "--runs-dir runs/bench/convergence-ci-runs",
-    "convergence_slow": "python scripts/bench_convergence.py configs/bench.yaml checkpoint.storage_mb_s=5 --rates 0.33 "
-    "--seeds 0 1 2 3 4 --strategies none checkfree_plus hybrid checkpoint:25 --jobs 2 "
+    "convergence_slow": "python scripts/bench_convergence.py configs/bench.yaml checkpoint.storage_mb_s=5 "
+    "--rates 0.10 0.33 --seeds 0 1 2 --strategies none checkfree_plus checkpoint:25 --compare-by seconds --jobs 2 "
     "--out runs/bench/convergence_slow.json --runs-dir runs/bench/convergence-slow-runs",
     "whatif": "python scripts/whatif.py --from-run runs/bench/convergence-ci-runs/none-s0 "
     "--q-json runs/bench/q_bench.json --q-key plus/1 --q-at 50 --out runs/bench/whatif.json",
