@@ -91,7 +91,7 @@ class TrainConfig:
         if self.swap_enabled and swapped_count(M, fraction) == 0:
             raise ValueError(
                 f"pipeline.swap_fraction={fraction} of pipeline.num_microbatches={M} swaps no microbatch, so no "
-                f"stage learns to stand in for its swap partner; raise pipeline.swap_fraction to at least {1 / M:g} "
+                f"stage learns to stand in for its swap partner; raise pipeline.swap_fraction to 1/{M} or more "
                 "or pipeline.num_microbatches"
                 + ("" if strategy != "checkfree_plus" else ", or use recovery.strategy=checkfree")
             )

@@ -311,7 +311,7 @@ class LocalSwarm:
         """swarm.inject=peer: log the failures peers injected into themselves (``swarm.injection``), cut the
         link of a vanishing one's host, and bring a new machine as for a kill of ours."""
         for pid, proc in self.procs.items():
-            if pid in self.killed:
+            if pid in self.killed or pid in self.crashed:
                 continue
             marker = read_marker(self.run_dir / "peers" / pid)
             if marker is None:
@@ -393,6 +393,8 @@ class LocalSwarm:
         Returns why the swarm must stop then (the peer's last log line), else None."""
         for pid, p in list(self.procs.items()):
             if p.poll() not in (None, 0) and pid not in self.crashed and pid not in self.killed:
+                if read_marker(self.run_dir / "peers" / pid) is not None:
+                    continue  # it died at its own drawn failure: _own_failures logs and replaces it
                 self.crashed.add(pid)
                 self.events.emit("peer_exited", peer=pid, returncode=p.returncode)
                 if p.returncode == ExitCode.BAD_INPUT:

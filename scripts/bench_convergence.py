@@ -9,10 +9,13 @@ reference. Rates are labelled with the *effective* per-stage hourly rate, ``1 - 
 Validation every ``--eval-every`` steps on the config's fixed validation batches. Targets: 50/75/90%
 (``--target-fracs``) of the progress the failure-free run of the same seed makes (from its first to its
 best validation loss), read from best-so-far curves. Per seed: steps and training seconds to each target,
-or "not reached" (counted, never averaged away). Ratios of time to target, CheckFree(+) over each
+or "not reached" (counted, never averaged away). Ratios to target, CheckFree(+) or the hybrid over each
 baseline, are paired per seed (same data, same failures) with 95% bootstrap intervals over seeds; a
-verdict is given only where the interval excludes 1, else "not resolved". Saves JSON (every per-seed
-value), markdown and one loss-vs-time plot per rate (first seed, failures marked).
+verdict is given only where >= 5 seeds give an interval that excludes 1, else "not resolved". The ratios
+compare *iterations* to target by default (``--compare-by``): every step attempt, redone and interrupted
+ones included, immune to the load of a shared machine but blind to save, restore and recovery times,
+which ``scripts/whatif.py`` adds; ``--compare-by seconds`` compares the measured training seconds. Saves
+JSON (every per-seed value), markdown and one loss-vs-time plot per rate (first seed, failures marked).
 
 Every run keeps its directory under ``--runs-dir`` (one per rate, seed and strategy, named after them):
 a run whose ``summary.json`` exists and whose resolved config matches is reused, so an interrupted sweep
@@ -21,7 +24,7 @@ resumes where it stopped and a sweep can be widened (another seed, another rate)
 under that shared load, equally for every strategy).
 
 ``--swarm`` runs every strategy in the real multi-process swarm instead (``checkfree swarm``: one process
-per stage, two spares, the launcher replaying the same traces by SIGKILL), one run at a time, for
+per stage, two spares, every peer dying at its own drawn failures as the engine's would), one run at a time, for
 wall-clock truth: detection, rendezvous and weight transfer are then part of the time to target. Seconds
 count from the start of the first step (the DHT start-up before it is left out).
 
@@ -92,7 +95,7 @@ def _args(overrides, runs_dir: Path, name: str, strategy: str, seed: int, draws:
         args.append(f"num_threads={threads}")
     kind, _, k = strategy.partition(":")
     args.append(f"recovery.strategy={kind}")
-    if kind == "checkpoint":
+    if kind in ("checkpoint", "hybrid") and k:
         args.append(f"checkpoint.every_steps={k}")
     args += draws if draws else ["failures.mode=none"]
     return args

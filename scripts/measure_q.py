@@ -68,7 +68,14 @@ def parse_methods(names: list[str]) -> dict[str, tuple[bool, list[str]]]:
         if base not in METHODS or not name:
             raise SystemExit(f"--methods: {spec!r} is neither one of {', '.join(METHODS)} nor NAME=BASE+key=value,...")
         swap, overrides = METHODS[base]
-        out[name] = (swap, [*overrides, *[kv for kv in extra.split(",") if kv]])
+        extra_kv = [kv for kv in extra.split(",") if kv]
+        fixed = [kv for kv in extra_kv if kv.startswith(("recovery.norm_scope=", "recovery.norm_ema_beta="))]
+        if fixed:
+            raise SystemExit(
+                f"--methods {spec!r}: {fixed} is fixed by the reference run the arms fork from (its engine tracks "
+                "its norms so); measure it with a reference of its own (a separate run with the key set for all)"
+            )
+        out[name] = (swap, [*overrides, *extra_kv])
     return out
 
 

@@ -298,9 +298,10 @@ class CheckpointStore:
 
 class AsyncSaver:
     """Writes checkpoints in a background thread (the hybrid strategy): the caller serialises every stage's
-    state in memory (a copy taken between two steps) and training goes on while the bytes go to storage. One
-    write at a time; ``busy`` says whether the last is still going. A step counts as saved only once every
-    stage's file is written (``latest_complete``), so a rollback never reads a half-written checkpoint."""
+    state in memory between two steps (that copy is the only stall) and training goes on while the bytes go
+    to storage. One write at a time (a save waits for the one before it); ``busy`` says whether the last is
+    still going. A step counts as saved only once every stage's file is written (``latest_complete``), so a
+    rollback never reads a half-written checkpoint."""
 
     def __init__(self, store: CheckpointStore):
         self.store = store

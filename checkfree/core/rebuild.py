@@ -14,11 +14,15 @@ What each method installs:
 
 | method | blocks | embedding / head | optimizer | lr |
 |---|---|---|---|---|
-| weighted_average, uniform_average, copy | from the sources | replica, else fresh draw | fresh | ``lr * lr_factor`` |
-| random | fresh draw | fresh draw | fresh | ``lr * lr_factor`` |
+| weighted_average, uniform_average, copy | the sources' | replica, else fresh draw | fresh (1) | ``lr*lr_factor`` (2) |
+| random | fresh draw | fresh draw | fresh | ``lr * lr_factor`` (2) |
 | shadow | the shadow's | the shadow's | the shadow's Adam | the shadow's |
 | checkpoint | the stage's checkpoint | the checkpoint's | the checkpoint's Adam | the checkpoint's |
 | handoff | the leaving peer's | the leaving peer's | its Adam | its lr |
+
+(1) or, with ``recovery.optimizer_init=neighbours`` (engine only), the blocks' Adam moments averaged from
+the sources' with the blocks' weights. (2) ramped up over ``recovery.warmup_steps`` when set; a warm-up
+in progress is not saved with a checkpoint or hand-over (a restored stage resumes at its full lr).
 
 A fresh draw is seeded by the step (``seeding.reinit_salt``), never by a process's own randomness, so
 both executors draw the same weights. A restore from a checkpoint (the adjacent-failure fallback, or a

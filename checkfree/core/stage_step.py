@@ -91,7 +91,10 @@ def scoped_params(stage: Stage, scope: str) -> list[torch.nn.Parameter]:
 def clip_stage_(stage: Stage, max_norm: float, scope: str = "blocks") -> StepNorms:
     """Clip the stage's gradient in place by its whole norm (0: no clipping); returns its norms."""
     grads = [p.grad for p in scoped_params(stage, scope) if p.grad is not None]
-    scoped = float(torch.nn.utils.get_total_norm(grads, foreach=True)) if grads else 0.0
+    # the L2 norm of the per-tensor norms, as clipping computes its total (get_total_norm needs torch >= 2.6)
+    scoped = (
+        float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+    )
     total = float(torch.nn.utils.clip_grad_norm_(stage.parameters(), max_norm or math.inf, foreach=True))
     if scope == "stage":
         scoped = total  # the same norm; taken from clipping so that both are bit-equal

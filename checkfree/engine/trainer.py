@@ -128,6 +128,7 @@ class Trainer:
             if self.saver is not None:
                 self.saver.wait()  # no write outlives the run (and a failed one is reported)
         finally:
+            self.close()
             write_trace(self.run_dir / "trace.jsonl", self.injector.fired, cfg.model.num_stages)
             self.metrics.close()
         if st.last_val_loss is None or st.val_history[-1][0] != st.step:
@@ -137,6 +138,15 @@ class Trainer:
         self.events.emit("run_finished", **summary)
         self.events.close()
         return summary
+
+    def close(self) -> None:
+        """Wait for a background checkpoint write (hybrid) even when the run ends with an error; a failed
+        write is logged here, not raised over the error that ended the run."""
+        if self.saver is not None:
+            try:
+                self.saver.wait()
+            except OSError as e:
+                logger.error("background checkpoint write failed: %s", e)
 
     def start(self) -> None:
         """What ``run`` does before its first step (scripts that drive the loop with ``continue_for`` call it)."""
@@ -303,7 +313,9 @@ class Trainer:
         """hybrid: a loss the rebuild cannot take from live neighbours (two neighbours lost, or all) rolls back."""
         if self.cfg.recovery.strategy != "hybrid":
             return False
-        plans = plan_recovery(lost, self.engine.num_stages, "hybrid", "nearest")
+        plans = plan_recovery(
+            lost, self.engine.num_stages, "hybrid", "nearest", partner_rule=self.cfg.recovery.partner_rule
+        )
         return any(p.path != "primary" for p in plans)
 
     def _save_async(self) -> None:

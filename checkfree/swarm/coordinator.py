@@ -50,11 +50,18 @@ class Decision:
     needs_peers: bool = False  # waiting for peers to arrive: the leader gives up after swarm.spare_wait_s
 
 
-def next_iteration(current: EpochRecord | None, decision: Decision) -> int:
-    """The step attempts made before the new epoch's first: the broken epoch's committed steps and the one
-    attempt its loss interrupted (non-finite steps the peers discarded are not seen here)."""
+def next_iteration(
+    current: EpochRecord | None, decision: Decision, members: dict[str, MemberRecord] | None = None
+) -> int:
+    """The step attempts made before the new epoch's first. The broken epoch's members that heartbeat after
+    it broke say how many they started (discarded non-finite steps, an epoch that broke before its first
+    attempt and a commit only the lost stage finished included); when none of them is left, the broken
+    epoch's committed steps and the one attempt its loss interrupted."""
     if current is None:
         return 0
+    reported = [r.iteration for pid, r in (members or {}).items() if r.epoch == current.epoch and pid in current.roster]
+    if reported:
+        return max(current.iteration, *reported)
     reached = decision.step if decision.reached is None else decision.reached
     return current.iteration + max(0, reached - current.step) + 1
 

@@ -505,7 +505,7 @@ class Leader:
             store_host=dial_host(m.host, m.announce_host),
             store_port=port,
             step=decision.step,
-            iteration=next_iteration(current, decision),
+            iteration=next_iteration(current, decision, members),
             leader=self.peer_id,
             lost=list(decision.lost),
             plans=list(decision.plans),

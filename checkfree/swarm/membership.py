@@ -84,6 +84,7 @@ class MemberRecord(BaseModel):
     epoch: int  # latest epoch this peer joined; -1: none yet
     state: Literal["waiting", "joining", "running", "recovering", "spare", "leaving", "done"]
     step: int  # committed steps
+    iteration: int = 0  # step attempts the swarm made before this peer's next one (see EpochRecord.iteration)
     pending: bool = False  # holds finished, uncommitted gradients of step ``step``
     grad_norm: float = 0.0  # pre-clip gradient norm of the last committed step
     host: str = "127.0.0.1"

@@ -265,6 +265,7 @@ class Peer:
             epoch=st.epoch,
             state=st.state,
             step=st.step,
+            iteration=st.iteration,
             pending=bool(w is not None and w.pending_step is not None),
             grad_norm=w.recovery_norm(self.cfg.recovery.norm_source) if w is not None else 0.0,
             host=self.cfg.membership.announce_host or self.cfg.membership.host,

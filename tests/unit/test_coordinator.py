@@ -254,3 +254,27 @@ def test_a_hand_over_survives_a_broken_epoch_and_marks_the_shadow_it_did_not_car
     by_stage = {p.stage: p for p in d.plans}
     assert by_stage[1].method == "handoff" and by_stage[1].peer == "b"
     assert by_stage[2].method != "shadow" and 2 in d.stale_shadows
+
+
+def test_the_next_epoch_counts_the_attempts_its_survivors_started():
+    from checkfree.swarm.coordinator import Decision, next_iteration
+
+    current = epoch(n=2, step=5).model_copy(update={"iteration": 7})  # epoch 2 started at step 5, attempt 7
+    decision = Decision(["a", "b", "c", "e"], step=9, lost=(3,))
+    assert next_iteration(None, decision) == 0
+    # no member left to say: 4 steps committed (attempts 7-10) and the interrupted one (11): 12 next
+    assert next_iteration(current, decision, {}) == 12
+    # survivors that heartbeat after the break know better, a discarded non-finite attempt included
+    members = {p: rec(p, s, state="recovering", epoch=2, step=9) for s, p in enumerate("abc")}
+    for r, it in zip(members.values(), (13, 13, 12), strict=True):
+        r.iteration = it
+    assert next_iteration(current, decision, members) == 13
+    # an epoch that broke before its first attempt: its joiners still report the epoch's start
+    for r in members.values():
+        r.iteration = 7
+    assert next_iteration(current, decision, members) == 7
+    # members of another epoch (a spare, a stale record) say nothing about this one
+    assert next_iteration(current, decision, {"x": rec("x", -1, state="spare", epoch=1)}) == 12
+    # a rollback: counted from the step the broken epoch reached, not the one it resumes at
+    rollback = Decision(["a", "b", "c", "e"], step=0, rollback_to=0, reached=9)
+    assert next_iteration(current, rollback, {}) == 12
