@@ -42,8 +42,13 @@ COMMANDS = {
     "convergence_slow": "python scripts/bench_convergence.py configs/bench.yaml checkpoint.storage_mb_s=5 "
     "--rates 0.10 0.33 --seeds 0 1 2 --strategies none checkfree_plus checkpoint:25 --compare-by seconds --jobs 2 "
     "--out runs/bench/convergence_slow.json --runs-dir runs/bench/convergence-slow-runs",
-    "whatif": "python scripts/whatif.py --from-run runs/bench/convergence-ci-runs/none-s0 "
-    "--q-json runs/bench/q_bench.json --q-key plus/1 --q-at 50 --out runs/bench/whatif.json",
+    "whatif": "python scripts/whatif.py --model-bytes 2232576 --step-s 0.1 --num-stages 4 --downtime-s 1.14 "
+    "--q 18 9 29 --target-steps 300 --intervals 5 25 --map-storage 0.5 500 13 --out runs/bench/whatif.json",
+    "whatif_paper": "python scripts/whatif.py --q 40 20 60 --out runs/bench/whatif_paper.json",
+    "whatif_validation_local": "python scripts/whatif.py --validate-sweep runs/bench/convergence-ci-runs checkpoint:5 "
+    "checkfree_plus --q 18 9 29 --out runs/bench/whatif_validation_local.json",
+    "whatif_validation_slow": "python scripts/whatif.py --validate-sweep runs/bench/convergence-slow-runs "
+    "checkpoint:25 checkfree_plus --q 18 9 29 --out runs/bench/whatif_validation_slow.json",
     "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm "
     "--rates 0.10 0.33 "
     "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant checkpoint:50 "
@@ -122,7 +127,13 @@ def _issue11() -> list[str]:
         ("q_bench", "q: extra steps to the target per lost stage, per method and position"),
         ("convergence_ci", "Convergence under failures, 5 seeds, paired intervals"),
         ("convergence_slow", "Convergence with slow checkpoint storage (the what-if validation points)"),
-        ("whatif", "The what-if map"),
+        ("whatif", "The what-if map at the bench scale (q measured here)"),
+        (
+            "whatif_paper",
+            "The what-if map at the paper's medium scale (q from the paper's Table 2 as read in issue #11)",
+        ),
+        ("whatif_validation_slow", "What-if validation: slow storage (5 MB/s), CheckFree+ against checkpointing"),
+        ("whatif_validation_local", "What-if validation: local disk, CheckFree+ against checkpointing every 5 steps"),
     ):
         r = _load(name)
         md = _file(f"{name}.md")

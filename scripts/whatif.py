@@ -298,6 +298,60 @@ def validate_mode(ns) -> dict:
     }
 
 
+def validate_sweep(ns) -> dict:
+    """``--validate`` on each (rate, seed) of a convergence sweep: the model's predicted ratio of OURS over
+    BASELINE against the measured one, per pair, and how many measured ratios fall inside the range q's
+    interval predicts."""
+    runs_dir, baseline, ours = Path(ns.validate_sweep[0]), ns.validate_sweep[1], ns.validate_sweep[2]
+    pairs = []
+    for base in sorted(runs_dir.glob(f"{baseline.replace(':', 'K')}-r*-s*")):
+        tag = base.name.split("-", 1)[1]  # rRATE-sSEED
+        mine = runs_dir / f"{ours.replace(':', 'K')}-{tag}"
+        if (base / "summary.json").is_file() and (mine / "summary.json").is_file():
+            ns.validate = [str(base), str(mine)]
+            row = validate_mode(ns)["validate"]
+            b, m = row["runs"]
+            pairs.append(
+                {
+                    "pair": tag,
+                    "target_loss": row["target_loss"],
+                    "measured_ratio": m["measured_ratio"],
+                    "predicted_ratio": m["predicted_ratio"],
+                    "predicted_range": m["predicted_ratio_q_range"],
+                    "baseline_s": b["measured_s"],
+                    "ours_s": m["measured_s"],
+                    "failures": [b["failures"], m["failures"]],
+                }
+            )
+    if not pairs:
+        raise ValueError(f"--validate-sweep: no {baseline} / {ours} pairs with a summary.json in {runs_dir}")
+    lines = [
+        f"{ours} over {baseline}, time to the pair's common target (the higher final validation loss), measured vs "
+        "predicted by the cost model from each run's own step, save, restore and rebuild times and failures; "
+        "the range is the prediction at q's low and high ends.\n",
+        "| pair | measured ratio | predicted ratio | predicted range | inside | failures (baseline, ours) |",
+        "|---|---|---|---|---|---|",
+    ]
+    inside = 0
+    for p in pairs:
+        lo, hi = (
+            sorted(x for x in p["predicted_range"] if x is not None)
+            if None not in p["predicted_range"]
+            else (None, None)
+        )
+        ok = p["measured_ratio"] is not None and lo is not None and lo <= p["measured_ratio"] <= hi
+        inside += ok
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"
+        lines.append(
+            f"| {p['pair']} | {fmt(p['measured_ratio'])} | {fmt(p['predicted_ratio'])} | "
+            f"{fmt(lo)}-{fmt(hi)} | {'yes' if ok else 'no'} | {p['failures'][0]}, {p['failures'][1]} |"
+        )
+    lines.append(f"\n{inside} of {len(pairs)} measured ratios inside the predicted range.")
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return {"validate_sweep": {"baseline": baseline, "ours": ours, "pairs": pairs, "inside": inside}}
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
@@ -328,6 +382,27 @@ def _t(seconds: float) -> str:
     if not math.isfinite(seconds):
         return str(seconds)
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.3g} s"
+
+
+def points_markdown(points: list[dict], qs) -> str:
+    """The points' expected times as a table (for docs/BENCHMARKS.md)."""
+    lines = [
+        f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}] extra steps per lost stage. Expected time to the target per strategy "
+        "(checkpointing at its optimal interval and at the given ones), the winner and its margin over the "
+        "runner-up, and the break-even blocking save time (checkpointing is faster when a save takes less).\n",
+        "| rate (/h/stage) | storage MB/s | save s | winner | margin | break-even save s | times |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pt in points:
+        times = "; ".join(
+            f"{name}{' every ' + str(row['interval']) if row.get('interval') else ''}: {_t(row['time_s'])}"
+            for name, row in pt["strategies"].items()
+        )
+        lines.append(
+            f"| {pt['hourly_rate']:g} | {pt['storage_mb_s']:g} | {pt['save_s']:.3g} | {pt['winner']} | "
+            f"{pt['margin']:.3f} | {pt['break_even_save_s']:.3g} | {times} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def print_points(points: list[dict]) -> None:
@@ -375,6 +450,13 @@ def parse_args(argv=None):
     ap.add_argument("--replay", nargs="+", metavar="RUN_DIR")
     ap.add_argument("--validate", nargs="+", metavar="RUN_DIR")
     ap.add_argument("--target-loss", type=float, help="validate: default the highest final validation loss")
+    ap.add_argument(
+        "--validate-sweep",
+        nargs=3,
+        metavar=("RUNS_DIR", "BASELINE", "OURS"),
+        help="validate every (rate, seed) pair of a bench_convergence.py --runs-dir: BASELINE (e.g. checkpoint:25) "
+        "against OURS (e.g. checkfree_plus), and write a markdown table next to --out",
+    )
     ap.add_argument("--out", default="runs/whatif/whatif.json")
     return ap.parse_args(argv)
 
@@ -384,6 +466,8 @@ def main(argv=None) -> None:
     try:
         if ns.replay:
             result = replay_mode(ns)
+        elif ns.validate_sweep:
+            result = validate_sweep(ns)
         elif ns.validate:
             result = validate_mode(ns)
         else:
@@ -411,6 +495,7 @@ def whatif(ns) -> dict:
     grid = strategy_map(ns, base, qs)
     png = Path(ns.out).with_suffix(".png")
     draw_map(grid, base, ns, qs, png)
+    Path(ns.out).with_suffix(".md").write_text(points_markdown(points, qs))
     print_points(points)
     print(f"map: {png}")
     return {"base": base, "q": qs, "points": points, "map": grid, "png": str(png)}
