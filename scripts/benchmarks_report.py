@@ -140,9 +140,10 @@ def _issue11() -> list[str]:
         if r is None or not md.is_file():
             continue
         body = md.read_text()
-        for png in sorted(BENCH.glob(f"{name}*.png")):
+        for png in sorted([*BENCH.glob(f"{name}.png"), *BENCH.glob(f"{name}_rate*.png")]):
             _copy_png(png.name, f"bench_{png.name}")
-        body += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in sorted(DOCS.glob(f"bench_{name}*.png")))
+        pngs = sorted([*DOCS.glob(f"bench_{name}.png"), *DOCS.glob(f"bench_{name}_rate*.png")])
+        body += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
         out += _section(title, name, body, command=COMMANDS.get(name))
     return out
 
