@@ -56,7 +56,11 @@ def test_engine_losses_and_rebuilds_match_the_golden_run(tmp_path):
     [
         "local",
         pytest.param(
-            "netns", marks=pytest.mark.skipif(NO_HOSTS is not None, reason=f"emulated hosts cannot be made: {NO_HOSTS}")
+            "netns",
+            marks=[
+                pytest.mark.skipif(NO_HOSTS is not None, reason=f"emulated hosts cannot be made: {NO_HOSTS}"),
+                pytest.mark.long,  # ~50 s: the local variant keeps the default run under 15 minutes on 2 cores
+            ],
         ),
     ],
 )

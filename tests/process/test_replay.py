@@ -28,7 +28,9 @@ def _engine(tmp_path, *overrides):
     return tmp_path / "engine"
 
 
-@pytest.mark.parametrize("strategy", ["checkfree", "checkpoint"])
+# the checkpoint variant (~65 s, rollbacks redone step for step) is in the long group: the default run stays
+# under 15 minutes on 2 cores
+@pytest.mark.parametrize("strategy", ["checkfree", pytest.param("checkpoint", marks=pytest.mark.long)])
 def test_the_swarm_meets_the_engine_failures_and_trains_its_losses(tmp_path, strategy):
     extra = [f"recovery.strategy={strategy}"]
     if strategy == "checkpoint":
@@ -56,6 +58,7 @@ def test_the_swarm_meets_the_engine_failures_and_trains_its_losses(tmp_path, str
     assert json.loads((engine / "summary.json").read_text())["failures"] == len(want)
 
 
+@pytest.mark.long  # ~55 s
 def test_the_launcher_records_what_it_delays(tmp_path):
     """swarm.inject=launcher kills from outside when it polls: the delay of each failure and those it never
     injected are in the summary, not hidden."""

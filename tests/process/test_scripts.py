@@ -190,6 +190,7 @@ def test_convergence_script_in_the_swarm(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~45 s: keeps the default run under 15 minutes on 2 cores
 def test_recovery_latency_script(tmp_path):
     result = _script(
         "bench_recovery_latency",
