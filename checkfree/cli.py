@@ -136,30 +136,14 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"checkfree swarm: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    if cfg.recovery.strategy == "redundant" and cfg.swap_enabled:
-        print(
-            "checkfree swarm: recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
-            "its holder's own output, which needs the plain route; set pipeline.swap=false",
-            file=sys.stderr,
-        )
-        return ExitCode.BAD_INPUT
+    from checkfree.swarm.config import check_swarm_config
     from checkfree.swarm.injection import NOT_DETERMINISTIC, deterministic
 
-    if cfg.recovery.strategy == "hybrid":
-        print(
-            "checkfree swarm: recovery.strategy=hybrid runs in the engine only for now (checkfree train); in the "
-            "swarm use checkfree_plus, or checkpoint",
-            file=sys.stderr,
-        )
+    try:
+        check_swarm_config(cfg)
+    except ValueError as e:
+        print(f"checkfree swarm: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    if cfg.recovery.optimizer_init != "fresh":
-        print(
-            f"checkfree swarm: recovery.optimizer_init={cfg.recovery.optimizer_init} is an engine experiment: swarm "
-            "peers do not send Adam moments yet; use recovery.optimizer_init=fresh",
-            file=sys.stderr,
-        )
-        return ExitCode.BAD_INPUT
-
     if cfg.swarm.inject == "peer" and cfg.failures.mode != "none" and not deterministic(cfg.failures):
         print(f"checkfree swarm: {NOT_DETERMINISTIC}", file=sys.stderr)
         return ExitCode.BAD_INPUT
@@ -285,13 +269,18 @@ def cmd_status(ns: argparse.Namespace) -> int:
     try:
         members = m.members()
         fingerprints = sorted({r.fingerprint for r in members.values()})
+        epochs = {f: m.current_epoch(f) for f in fingerprints}
         if len(fingerprints) > 1:
             print(
                 f"warning: peers with {len(fingerprints)} different config fingerprints share run {ns.run_id}: "
-                f"{fingerprints}; showing the epoch of the most common one"
+                f"{fingerprints}; showing the one with a published epoch and the most peers"
             )
-        common = max(fingerprints, key=lambda f: sum(r.fingerprint == f for r in members.values()), default=None)
-        current = m.current_epoch(common) if common else None
+
+        def weight(f: str) -> tuple[bool, int]:  # a stray peer of another config never hides the swarm's epoch
+            return epochs[f] is not None, sum(r.fingerprint == f for r in members.values())
+
+        common = max(fingerprints, key=weight, default=None)
+        current = epochs[common] if common else None
         now = m.now
     finally:
         m.shutdown()

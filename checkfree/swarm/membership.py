@@ -38,7 +38,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from checkfree.swarm.addressing import free_port
-from checkfree.swarm.admission import Admission, RateLimitedLog, dht_context
+from checkfree.swarm.admission import MAX_SEALED_BYTES, Admission, RateLimitedLog, dht_context
 from checkfree.swarm.config import EPOCH_TTL_CAP_S, MEMBER_TTL_CAP_S, MembershipConfig, parse_port_range
 
 logger = logging.getLogger(__name__)
@@ -361,6 +361,14 @@ class Membership:
                 time.sleep(0.1 * 2**attempt)
 
     def _store(self, key: str, subkey: str, value, ttl_s: float) -> bool:
+        """False, without calling the DHT, for a value over the sealed-record bound: every node's validator
+        would refuse it, and a message larger than the OS pipe buffer is what once killed hivemind's DHT
+        process mid-read (EAGAIN, then a torn pickle), after which the send to it blocked forever with no
+        timeout able to end it (seen in CI)."""
+        size = len(json.dumps(value, default=str))
+        if size > MAX_SEALED_BYTES:
+            logger.warning("not storing %s/%s: %d bytes, over the bound of %d", key, subkey, size, MAX_SEALED_BYTES)
+            return False
         return bool(self._call(self.dht.store, key, value, self.now + ttl_s, subkey=subkey))
 
     def _get(self, key: str) -> dict:

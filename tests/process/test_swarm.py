@@ -3,6 +3,7 @@ heartbeating on a hivemind DHT; the launcher kills them with SIGKILL or freezes 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,6 +148,7 @@ def test_without_a_spare_the_swarm_waits_then_stops_with_its_run_directory_intac
     assert sum(e["event"] == "swarm_stopped" for e in events) == 3  # every survivor says why it stopped
 
 
+@pytest.mark.long  # ~25 s; rollbacks across processes are in the default run by the hybrid's replay
 def test_checkpoint_strategy_rolls_the_swarm_back(tmp_path):
     code, out, run_dir = run_swarm(
         tmp_path,
@@ -213,7 +215,7 @@ def test_losing_every_stage_at_once(tmp_path, strategy):
         assert any(e["event"] == "swarm_stopped" and e["peer"].startswith("spare-") for e in events)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", [pytest.param("gpipe", marks=pytest.mark.long), "1f1b"])
 def test_swarm_reproduces_the_engine_on_plain_schedules(tmp_path, schedule):
     from checkfree.engine.trainer import Trainer
 
@@ -285,7 +287,9 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
         kill_groups(spawned_pids(run_dir))
     _, metrics = check_every_step_once(run_dir, 40)
     assert status.returncode == 0, status.stderr
-    assert "run equiv: epoch 0" in status.stdout and all(f"s{k}-0{k + 1}" in status.stdout for k in range(4))
+    # an epoch of the swarm's own config, whatever its number (a loaded machine may re-form it once)
+    assert re.search(r"run equiv: epoch \d+", status.stdout), status.stdout
+    assert all(f"s{k}-0{k + 1}" in status.stdout for k in range(4)), status.stdout
     events = read_jsonl(run_dir / "events.jsonl")
     rosters = [pid for e in events if e["event"] == "epoch_published" for pid in e.get("roster", [])]
     assert not any(pid.startswith("intruder.") for pid in rosters)
