@@ -184,6 +184,19 @@ def main() -> None:
         default="runs/bench/convergence-runs",
         help="where every run keeps its directory; finished runs found there are reused",
     )
+    ap.add_argument(
+        "--ours",
+        nargs="+",
+        default=None,
+        help="strategies compared against the baselines (default: checkfree*, hybrid*)",
+    )
+    ap.add_argument(
+        "--baselines",
+        nargs="+",
+        default=None,
+        help="strategies they are compared against (default: checkpoint*, redundant); e.g. copy uniform random "
+        "for the rebuild rules of the paper's Fig. 2",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="trainings side by side (one torch thread each when > 1)")
     ap.add_argument("--swarm", action="store_true", help="run every strategy in the multi-process swarm")
     ap.add_argument("--out", default="runs/bench/convergence.json")
@@ -260,7 +273,7 @@ def main() -> None:
     # iterations are immune to the load of a shared machine (runs of a sweep do not run side by side); the
     # swarm's metrics have no iteration count, so its comparison is by wall-clock
     by = "seconds" if ns.swarm else ns.compare_by
-    comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs, by)
+    comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs, by, ns.ours, ns.baselines)
     report(
         {
             "num_steps": steps,
@@ -324,13 +337,43 @@ def _verdict(ours: str, interval, pairs) -> str:
     return f"{ours} {'faster' if interval.high < 1 else 'slower'}{note and ' (' + note[2:] + ')'}"
 
 
-def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds") -> list[dict]:
+def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds", ours=None, baselines=None) -> list[dict]:
     """Paired per-seed ratios of ``by`` (seconds or iterations) to target, each of ours over each baseline,
-    with intervals."""
-    ours = [s for s in strategies if s.startswith("checkfree") or s.startswith("hybrid")]
-    baselines = [s for s in strategies if s.startswith("checkpoint") or s == "redundant"]
+    with intervals; and (target None) the paired difference of the final validation loss."""
+    if ours is None:
+        ours = [s for s in strategies if s.startswith("checkfree") or s.startswith("hybrid")]
+    if baselines is None:
+        baselines = [s for s in strategies if s.startswith("checkpoint") or s == "redundant"]
+    unknown = sorted(set(ours) | set(baselines) - set(strategies))
+    if unknown:
+        raise SystemExit(f"--ours/--baselines {unknown} are not among --strategies {strategies}")
     out = []
     for rate in rates:
+        for a in ours:
+            for b in baselines:
+                by_seed = {}
+                for x in rows:
+                    if x["rate"] == rate and x["strategy"] in (a, b):
+                        by_seed.setdefault(x["seed"], {})[x["strategy"]] = x["final_val"]
+                diffs = [v[a] - v[b] for v in by_seed.values() if a in v and b in v]
+                interval = bootstrap(diffs)
+                if interval.n < MIN_SEEDS:
+                    verdict = f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS})"
+                elif not interval.excludes(0.0):
+                    verdict = "not resolved"
+                else:
+                    verdict = f"{a} {'lower' if interval.high < 0 else 'higher'}"
+                out.append(
+                    {
+                        "rate": rate,
+                        "target_frac": None,
+                        "ours": a,
+                        "baseline": b,
+                        "final_val_diff": interval.as_dict(),
+                        "seeds": len(diffs),
+                        "verdict": verdict,
+                    }
+                )
         for f in fracs:
             for a in ours:
                 for b in baselines:
@@ -382,11 +425,27 @@ def markdown(table: dict, comparisons: list[dict], ns) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
+        if c["target_frac"] is None:
+            continue
         eff = effective_rate(c["rate"], ns.acceleration)
         lines.append(
             f"| {eff:.0%} | {c['target_frac']:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['ratio'], 2)} | "
             f"{c['seeds']} | {c['ours_not_reached']} / {c['baseline_not_reached']} | {c['verdict']} |"
         )
+    lines += [
+        "",
+        "Final validation loss, ours minus the baseline: mean of per-seed differences, 95% bootstrap interval; "
+        "a verdict only where >= 5 paired seeds give an interval that excludes 0.\n",
+        "| rate | ours | baseline | difference [95% CI] | seeds | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        if c["target_frac"] is None:
+            eff = effective_rate(c["rate"], ns.acceleration)
+            lines.append(
+                f"| {eff:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['final_val_diff'], 3)} | {c['seeds']} | "
+                f"{c['verdict']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -22,8 +22,8 @@ Strategies:
 - ``redundant``: fail over to the shadow copy its predecessor trained alongside it (``redundancy.py``).
 - ``hybrid``: CheckFree+ rebuilds for the losses it can rebuild from live neighbours, and asynchronous
   checkpoints (written in the background, no stall) that the whole pipeline rolls back to when it cannot:
-  two neighbouring stages (the first two or the last two among them) or every stage lost at once. Engine
-  only for now.
+  two neighbouring stages (the first two or the last two among them) or every stage lost at once
+  (``beyond_rebuild``). The engine and the swarm ask the same question.
 - ``none``: the failure-free reference; failures are refused.
 
 A rebuilt stage gets a fresh optimizer at ``lr * lr_factor``. Embedding and head of a rebuilt first/last
@@ -86,6 +86,11 @@ class RecoveryConfig:
             raise ValueError(f"recovery.norm_scope={self.norm_scope!r} is not one of {', '.join(NORM_SCOPES)}")
         if self.partner_rule not in PARTNER_RULES:
             raise ValueError(f"recovery.partner_rule={self.partner_rule!r} is not one of {', '.join(PARTNER_RULES)}")
+        if self.partner_rule != "average" and self.strategy not in ("checkfree_plus", "hybrid"):
+            raise ValueError(
+                f"recovery.partner_rule={self.partner_rule} changes how CheckFree+ rebuilds its swap partners; "
+                f"recovery.strategy={self.strategy} has none (use checkfree_plus or hybrid, or leave it 'average')"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"recovery.warmup_steps={self.warmup_steps} must be >= 0")
         if self.optimizer_init not in OPTIMIZER_INITS:
@@ -215,6 +220,14 @@ def plan_recovery(
             edge = "replica" if kind in edge_replicas and method != "random" else "reinit"
         plans.append(RecoveryPlan(stage, method, sources, path, edge))
     return plans
+
+
+def beyond_rebuild(lost: set[int] | list[int], num_stages: int, partner_rule: str = "average") -> bool:
+    """hybrid: whether the rebuild cannot take ``lost`` from live neighbours (a lost stage whose source is
+    lost too: two neighbouring stages, the first two or the last two among them, or every stage), so that
+    the whole pipeline rolls back to its newest complete checkpoint instead. Both executors ask this."""
+    plans = plan_recovery(lost, num_stages, "hybrid", "nearest", partner_rule=partner_rule)
+    return any(p.path != "primary" for p in plans)
 
 
 def _check_same_keys(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:

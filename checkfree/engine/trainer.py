@@ -30,6 +30,7 @@ from checkfree.core.metrics import MetricLogger
 from checkfree.core.model import block_state, build_stages
 from checkfree.core.rebuild import RebuildInputs, RebuildSpec, rebuild_stage, restore_stage
 from checkfree.core.recovery import (
+    beyond_rebuild,
     edge_kind,
     edge_replicas_on,
     plan_recovery,
@@ -313,10 +314,7 @@ class Trainer:
         """hybrid: a loss the rebuild cannot take from live neighbours (two neighbours lost, or all) rolls back."""
         if self.cfg.recovery.strategy != "hybrid":
             return False
-        plans = plan_recovery(
-            lost, self.engine.num_stages, "hybrid", "nearest", partner_rule=self.cfg.recovery.partner_rule
-        )
-        return any(p.path != "primary" for p in plans)
+        return beyond_rebuild(lost, self.engine.num_stages, self.cfg.recovery.partner_rule)
 
     def _save_async(self) -> None:
         """Serialise every stage's state now (between two steps) and write it in the background."""

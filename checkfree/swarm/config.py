@@ -5,7 +5,8 @@ Swarm configuration
 The swarm's config sections, as plain dataclasses (``checkfree.config`` composes them into
 ``TrainConfig`` without loading anything else of the swarm): ``swarm`` (how the multi-process runtime
 waits and gives up), ``membership`` (heartbeats and the DHT) and ``transport`` (timeouts, backend), plus
-``config_fingerprint``, what peers of one swarm must agree on.
+``config_fingerprint``, what peers of one swarm must agree on, and ``check_swarm_config``, what the engine
+runs but the swarm refuses.
 """
 
 from __future__ import annotations
@@ -263,6 +264,28 @@ class SwarmConfig:
             )
         if not 0.0 <= self.hang_fraction <= 1.0:
             raise ValueError(f"swarm.hang_fraction={self.hang_fraction} must be in [0, 1]")
+
+
+def check_swarm_config(cfg) -> None:
+    """Raise ValueError, saying why and what to set, for a ``TrainConfig`` the engine runs and the swarm does
+    not (``checkfree swarm`` asks before it starts anything; every peer asks again)."""
+    rec = cfg.recovery
+    if rec.strategy == "redundant" and cfg.swap_enabled:
+        raise ValueError(
+            "recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is its holder's "
+            "own output, which needs the plain route; set pipeline.swap=false"
+        )
+    if rec.strategy == "hybrid" and not cfg.checkpoint.every_steps:
+        raise ValueError(
+            "recovery.strategy=hybrid with checkpoint.every_steps=0: in the swarm every stage peer writes its own "
+            "file and a step is a checkpoint only once all have written it, so they must save the same steps; "
+            "set checkpoint.every_steps (e.g. the cost model's interval, scripts/whatif.py)"
+        )
+    if rec.optimizer_init != "fresh":
+        raise ValueError(
+            f"recovery.optimizer_init={rec.optimizer_init} is an engine experiment: swarm peers do not send Adam "
+            "moments yet; use recovery.optimizer_init=fresh"
+        )
 
 
 def config_fingerprint(cfg) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from checkfree.core.recovery import plan_recovery, replica_holder
+from checkfree.core.recovery import beyond_rebuild, plan_recovery, replica_holder
 from checkfree.swarm.membership import EpochRecord, MemberRecord, PlanRecord
 
 
@@ -128,7 +128,7 @@ def decide_epoch(
         current: the newest epoch record, or None before the first epoch.
         num_stages: stages in the pipeline.
         strategy, fallback: the recovery strategy and adjacent-failure fallback.
-        checkpoint_step: the newest step every stage has a checkpoint of (checkpoint strategy).
+        checkpoint_step: the newest step every stage has a checkpoint of (checkpoint and hybrid strategies).
         checkpoint_every: ``checkpoint.every_steps``: with no complete checkpoint although every stage has
             saved one (the swarm is past step ``checkpoint_every``), the store is not shared (or lost its
             files): the swarm stops saying so instead of restarting from step 0.
@@ -173,14 +173,14 @@ def decide_epoch(
     handed = {s: p for s, p in handoffs(members, step, num_stages).items() if s in lost}
     if strategy == "none" and set(lost) - set(handed):
         return Decision(None, reason=f"stages {list(lost)} lost and recovery.strategy=none", fatal=True)
-    if not valid and strategy != "checkpoint":
+    if not valid and strategy not in ("checkpoint", "hybrid"):
         return Decision(
             None,
             fatal=True,
             reason=(
                 f"every stage of epoch {current.epoch} is lost at once (no live holder has weights valid for "
                 f"step {step}): recovery.strategy={strategy} rebuilds a stage from live peers and none survives "
-                "(only recovery.strategy=checkpoint can restart from here)"
+                "(only recovery.strategy=checkpoint or hybrid can restart from here)"
             ),
         )
     roster = list(current.roster)
@@ -191,16 +191,26 @@ def decide_epoch(
         return Decision(None, reason=f"waiting for a spare for stages {need} ({len(free)} available)", needs_peers=True)
     for s in need:
         roster[s] = free.pop(0)
-    if strategy == "checkpoint":
+    # hybrid: CheckFree+ rebuilds what live neighbours can rebuild; anything else rolls every stage back
+    # (handed-over stages are exact, live sources like any survivor)
+    rollback = strategy == "checkpoint" or (
+        strategy == "hybrid"
+        and bool(set(lost) - set(handed))
+        and beyond_rebuild(set(lost) - set(handed), num_stages, partner_rule)
+    )
+    # a hybrid peer writes in the background and starts a write only once its last one is done: the write
+    # of a peer lost mid-write never completes, the one before it has
+    saved_by = checkpoint_every * (2 if strategy == "hybrid" else 1)
+    if rollback:
         if set(lost) - set(handed) or any(r.step != step for r in valid.values()):
-            if checkpoint_step is None and checkpoint_every and step > checkpoint_every:
+            if checkpoint_step is None and checkpoint_every and step > saved_by:
                 return Decision(
                     None,
                     fatal=True,
                     certain=True,
                     reason=(
-                        f"recovery.strategy=checkpoint must roll back at step {step}, but checkpoint.dir holds no "
-                        f"complete checkpoint although every stage saved step {checkpoint_every}: is checkpoint.dir "
+                        f"recovery.strategy={strategy} must roll back at step {step}, but checkpoint.dir holds no "
+                        f"complete checkpoint although every stage saved by step {saved_by}: is checkpoint.dir "
                         "shared by every peer (a shared file system, or an s3:// URL)? Not restarting from step 0"
                     ),
                 )

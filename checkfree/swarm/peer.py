@@ -48,7 +48,7 @@ from checkfree.swarm.admission import (
     new_token,
     write_token,
 )
-from checkfree.swarm.config import config_fingerprint, parse_port_range
+from checkfree.swarm.config import check_swarm_config, config_fingerprint, parse_port_range
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.gate import Tunnel
 from checkfree.swarm.handover import Handover
@@ -123,20 +123,7 @@ class Peer:
         config's failures and die at this peer's own (``swarm.inject=peer``; the launcher asks for it)."""
         self.inject_failures = inject_failures
         L = cfg.model.num_stages
-        if cfg.recovery.strategy == "redundant" and cfg.swap_enabled:
-            raise ValueError(
-                "recovery.strategy=redundant with pipeline.swap=true: in the swarm a shadow's input is "
-                "its holder's own output, which needs the plain route; set pipeline.swap=false"
-            )
-        if cfg.recovery.strategy == "hybrid":
-            raise ValueError(
-                "recovery.strategy=hybrid runs in the engine only for now; use checkfree_plus or checkpoint"
-            )
-        if cfg.recovery.optimizer_init != "fresh":
-            raise ValueError(
-                f"recovery.optimizer_init={cfg.recovery.optimizer_init} is an engine experiment: swarm peers do not "
-                "send Adam moments yet; use recovery.optimizer_init=fresh"
-            )
+        check_swarm_config(cfg)
         if stage is not None and not 0 <= stage < L:
             raise ValueError(f"--stage {stage} out of range: expected 0..{L - 1} (model.num_stages={L})")
         self.cfg, self.run_dir = cfg, Path(run_dir)

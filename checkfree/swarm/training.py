@@ -3,9 +3,10 @@ Training loop (swarm)
 =====================
 
 A stage peer's loop inside one epoch: run this stage's ops of the step, commit it with every other stage
-(or not at all), log the committed step, refresh the edge replicas, save this stage's checkpoint and
-evaluate at the configured cadences. The loop keeps ``PeerStatus`` current, which the peer heartbeats.
-It needs only an ``EpochGroup`` and a worker, no DHT, so tests run it on thread ranks.
+(or not at all), log the committed step, refresh the edge replicas, save this stage's checkpoint (in the
+background for ``recovery.strategy=hybrid``) and evaluate at the configured cadences. The loop keeps
+``PeerStatus`` current, which the peer heartbeats. It needs only an ``EpochGroup`` and a worker, no DHT,
+so tests run it on thread ranks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from checkfree.core.checkpoint import CheckpointStore
+from checkfree.core.checkpoint import AsyncSaver, CheckpointStore, payload_bytes
 from checkfree.core.metrics import JsonLines, peak_rss_mb
 from checkfree.core.stage_step import NonFiniteGuard
 from checkfree.swarm.preemption import Preempted
@@ -53,6 +54,9 @@ class TrainingLoop:
         self.emit, self.exchange_replicas, self.should_leave = emit, exchange_replicas, should_leave
         self.inject = inject
         self.nonfinite = NonFiniteGuard(cfg.optim)
+        # hybrid: this stage's file of a step is written in the background while training goes on; the step
+        # is a checkpoint once every stage's file is there (``CheckpointStore.latest_complete``)
+        self.saver = AsyncSaver(ckpt) if ckpt is not None and cfg.recovery.strategy == "hybrid" else None
 
     def run(self, group: EpochGroup, worker: StageWorker, status: PeerStatus, resumed: bool) -> None:
         """Train from ``status.step`` to ``num_steps``; ``resumed``: the epoch follows a recovery, so the first
@@ -109,6 +113,8 @@ class TrainingLoop:
             why = self.should_leave() if self.should_leave is not None and status.step < cfg.num_steps else None
             if why:
                 raise Preempted(why)
+        if self.saver is not None:
+            self.saver.wait()  # the last checkpoint is whole before the peer reports the run done
 
     def _after_commit(self, group: EpochGroup, worker: StageWorker, status: PeerStatus) -> None:
         cfg, step = self.cfg, status.step
@@ -116,8 +122,12 @@ class TrainingLoop:
             self.exchange_replicas(group, worker, step)
         if self.ckpt and step % cfg.checkpoint.every_steps == 0:
             ts = time.monotonic()
-            self.ckpt.save_stage(worker.payload(step))
-            self.emit("checkpoint_save", step=step, save_s=time.monotonic() - ts)
+            if self.saver is not None:  # the stall is the copy to memory; raises if the last write failed
+                self.saver.save(step, [(worker.index, payload_bytes(worker.payload(step)))])
+                self.emit("checkpoint_save", step=step, save_s=time.monotonic() - ts, background=True)
+            else:
+                self.ckpt.save_stage(worker.payload(step))
+                self.emit("checkpoint_save", step=step, save_s=time.monotonic() - ts)
         every = cfg.eval_every_steps
         if (every and step % every == 0) or step == cfg.num_steps:
             val = worker.evaluate(group, cfg.data.num_val_batches, step)

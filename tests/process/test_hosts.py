@@ -101,6 +101,7 @@ def test_peers_started_one_by_one_on_separate_hosts_need_no_launcher(tmp_path):
     assert [(e["peer"].rpartition(".")[0], e["stage"]) for e in rebuilt] == [("spare", 0)]
 
 
+@pytest.mark.long  # ~50 s: the default run stays well under 15 minutes on 2 cores
 def test_a_partition_leaves_the_minority_waiting_and_one_lineage_goes_on(tmp_path):
     """The network splits between {stages 0, 1, 2, a spare} and {stage 3, a spare, an observer}. The majority
     side rebuilds stage 3 on its spare and trains on; the minority side waits and says so (``checkfree status``

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from checkfree.core.failures import read_trace
+from checkfree.core.failures import Failure, read_trace, write_trace
 from checkfree.core.metrics import read_jsonl
 from tests.helpers import TINY, check_every_step_once, run_swarm
 
@@ -56,6 +56,38 @@ def test_the_swarm_meets_the_engine_failures_and_trains_its_losses(tmp_path, str
     engine_losses = [m["loss/train"] for m in engine_metrics]
     assert [m["loss/train"] for m in metrics] == pytest.approx(engine_losses, abs=5e-4)
     assert json.loads((engine / "summary.json").read_text())["failures"] == len(want)
+
+
+def test_the_hybrid_swarm_rebuilds_and_rolls_back_where_the_engine_does(tmp_path):
+    """recovery.strategy=hybrid across processes: an isolated loss is rebuilt (CheckFree+), stages 0 and 1 lost
+    in one iteration roll every stage back to the newest checkpoint the peers wrote in the background; the
+    swarm trains the engine's losses step for step, the redone steps included."""
+    trace = tmp_path / "trace.jsonl"
+    failures = [
+        Failure(5, 2, "mid_forward", 0.5),
+        Failure(12, 0, "mid_backward", 0.3),
+        Failure(12, 1, "before_forward", 0.0),
+    ]
+    write_trace(trace, failures, 4)
+    extra = [
+        "recovery.strategy=hybrid",
+        "checkpoint.every_steps=4",
+        "failures.mode=trace",
+        f"failures.trace_path={trace}",
+    ]
+    engine = _engine(tmp_path, "num_steps=24", *extra)
+    code, out, run_dir = run_swarm(tmp_path, "swarm", "num_steps=24", "swarm.num_spares=2", *extra)
+    assert code == 0, out
+    events = read_jsonl(run_dir / "events.jsonl")
+    assert [(e["stage"], e["method"]) for e in events if e["event"] == "rebuilt"] == [(2, "weighted_average")]
+    rolled = {e["to_step"] for e in events if e["event"] == "rolled_back"}
+    assert rolled == {8}, rolled  # every stage back to step 8, the newest step all four wrote
+    saves = [e for e in events if e["event"] == "checkpoint_save"]
+    assert saves and all(e["background"] for e in saves)
+    metrics, engine_metrics = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(engine / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [m["step"] for m in engine_metrics]  # steps 8..10 redone in both
+    engine_losses = [m["loss/train"] for m in engine_metrics]
+    assert [m["loss/train"] for m in metrics] == pytest.approx(engine_losses, abs=5e-4)
 
 
 @pytest.mark.long  # ~55 s

@@ -211,7 +211,7 @@ def test_recovery_latency_script(tmp_path):
     assert (tmp_path / "bench_recovery_latency.png").stat().st_size > 5000
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~30 s
 def test_scaling_script(tmp_path):
     result = _script(
         "bench_scaling",

@@ -275,6 +275,7 @@ def test_a_burst_of_every_stage_but_one_is_rebuilt_from_the_survivor(tmp_path):
     assert len({r["epoch"] for r in rows}) == 1  # one epoch
 
 
+@pytest.mark.long  # ~30 s
 def test_a_peer_whose_data_plane_nobody_reaches_is_declared_lost(tmp_path):
     """From step 15 on, stage 2's peer heartbeats and answers its probe but its data plane is cut (its
     connections drop, no group forms). Every epoch with it breaks; after swarm.max_reforms

@@ -278,3 +278,36 @@ def test_the_next_epoch_counts_the_attempts_its_survivors_started():
     # a rollback: counted from the step the broken epoch reached, not the one it resumes at
     rollback = Decision(["a", "b", "c", "e"], step=0, rollback_to=0, reached=9)
     assert next_iteration(current, rollback, {}) == 12
+
+
+def test_hybrid_rebuilds_an_isolated_loss_and_rolls_back_neighbours_lost_together():
+    """recovery.strategy=hybrid in the swarm: CheckFree+'s rebuild where live neighbours can rebuild the lost
+    stage, and the whole pipeline back to the newest complete checkpoint where they cannot."""
+    members = {p: rec(p, s, "recovering", step=11) for s, p in zip((0, 1, 3), "abd")}
+    members["s"] = rec("s", -1, "spare", -1, 0)
+    d = decide_epoch(members, epoch(step=11), 4, "hybrid", "nearest", checkpoint_step=8, checkpoint_every=4)
+    assert d.rollback_to is None and d.step == 11 and d.reason == "recover"
+    assert [(p.stage, p.method, tuple(p.sources)) for p in d.plans] == [(2, "weighted_average", (1, 3))]
+    # stages 0 and 1 together: stage 0's swap partner is lost with it
+    members = {p: rec(p, s, "recovering", step=11) for s, p in zip((2, 3), "cd")}
+    members.update({p: rec(p, -1, "spare", -1, 0) for p in ("s", "t")})
+    d = decide_epoch(members, epoch(step=11), 4, "hybrid", "nearest", checkpoint_step=8, checkpoint_every=4)
+    assert d.rollback_to == 8 and d.step == 8 and d.reached == 11 and d.roster == ["s", "t", "c", "d"]
+    # every stage at once: nothing to rebuild from, the checkpoint goes on (CheckFree+ alone stops here)
+    members = {p: rec(p, -1, "spare", -1, 0) for p in ("w", "x", "y", "z")}
+    d = decide_epoch(members, epoch(2, step=11), 4, "hybrid", "nearest", checkpoint_step=8, checkpoint_every=4)
+    assert d.rollback_to == 8 and not d.fatal and d.lost == (0, 1, 2, 3)
+
+
+def test_hybrid_rolls_back_past_a_write_lost_with_its_peer_but_never_restarts_a_swarm_that_saved():
+    """A hybrid peer writes in the background, one write at a time: the write of a peer lost mid-write never
+    completes, the one before it has. So no complete checkpoint at step 7 with saves every 4 steps can be
+    that lost write (back to the seed's state), but at step 9 every stage has finished step 4's."""
+    members = {p: rec(p, s, "recovering", step=7) for s, p in zip((2, 3), "cd")}
+    members.update({p: rec(p, -1, "spare", -1, 0) for p in ("s", "t")})
+    d = decide_epoch(members, epoch(step=7), 4, "hybrid", "nearest", checkpoint_step=None, checkpoint_every=4)
+    assert d.rollback_to == 0 and not d.fatal
+    members = {p: rec(p, s, "recovering", step=9) for s, p in zip((2, 3), "cd")}
+    members.update({p: rec(p, -1, "spare", -1, 0) for p in ("s", "t")})
+    d = decide_epoch(members, epoch(step=9), 4, "hybrid", "nearest", checkpoint_step=None, checkpoint_every=4)
+    assert d.fatal and "recovery.strategy=hybrid" in d.reason and "shared by every peer" in d.reason

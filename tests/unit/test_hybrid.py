@@ -1,4 +1,4 @@
-"""The hybrid strategy (engine): CheckFree+ rebuilds for isolated losses, asynchronous checkpoints written in the
+"""The hybrid strategy: CheckFree+ rebuilds for isolated losses, asynchronous checkpoints written in the
 background, and a rollback of the whole pipeline to the newest complete one only when neighbours are lost together."""
 
 import subprocess
@@ -59,11 +59,24 @@ def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path):
         saver.wait()
 
 
-def test_the_swarm_refuses_the_hybrid_it_does_not_run_yet(tmp_path):
+def test_the_swarm_refuses_a_hybrid_whose_stages_would_save_different_steps(tmp_path):
+    """In the swarm each stage peer writes its own file: with no fixed interval they would save different
+    steps and no step would ever be a complete checkpoint."""
     out = subprocess.run(
-        [sys.executable, "-m", "checkfree", "swarm", *TINY, f"out_dir={tmp_path}", "recovery.strategy=hybrid"],
+        [
+            sys.executable,
+            "-m",
+            "checkfree",
+            "swarm",
+            *TINY,
+            f"out_dir={tmp_path}",
+            "recovery.strategy=hybrid",
+            "checkpoint.every_steps=0",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert out.returncode == 2 and "recovery.strategy=hybrid runs in the engine only" in out.stderr
+    assert (
+        out.returncode == 2 and "checkpoint.every_steps=0" in out.stderr and "set checkpoint.every_steps" in out.stderr
+    )

@@ -147,3 +147,10 @@ def test_a_swap_that_swaps_no_microbatch_is_refused(tmp_path):
     # one microbatch in four is enough; no swap asked for is fine with one microbatch
     assert tiny_config(tmp_path, "recovery.strategy=checkfree_plus", "pipeline.swap_fraction=0.25").swap_enabled
     assert not tiny_config(tmp_path, "recovery.strategy=checkfree", "pipeline.num_microbatches=1").swap_enabled
+
+
+def test_a_partner_rule_is_refused_where_nothing_has_a_swap_partner(tmp_path):
+    with pytest.raises(ConfigError, match="recovery.partner_rule=copy .* recovery.strategy=checkfree has none"):
+        tiny_config(tmp_path, "recovery.strategy=checkfree", "recovery.partner_rule=copy")
+    cfg = tiny_config(tmp_path, "recovery.strategy=hybrid", "recovery.partner_rule=copy")
+    assert cfg.recovery.partner_rule == "copy"
