@@ -102,6 +102,8 @@ class StagePayload:
     grad_norm_raw: float
     grad_norm_smoothed: float | None
     grad_norm_post: float | None = None  # post-clip norm (``recovery.norm_source=post_clip``); older files lack it
+    warmup_steps: int = 0  # the lr ramp of a stage rebuilt with ``recovery.warmup_steps`` (older files lack it)
+    warmup_done: int = 0  # steps of that ramp taken: a restore goes on where the ramp was
 
     @classmethod
     def from_dict(cls, d: object, where: str) -> StagePayload:

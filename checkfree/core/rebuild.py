@@ -91,7 +91,8 @@ class RebuiltStage:
     grad_norm_raw: float
     grad_norm_smoothed: float | None
     grad_norm_post: float | None = None
-    warmup_steps: int = 0  # steps over which its lr ramps up (``recovery.warmup_steps``; 0 for a restore)
+    warmup_steps: int = 0  # steps over which its lr ramps up (``recovery.warmup_steps``; a restore: the saved ramp)
+    warmup_done: int = 0  # steps of the ramp already taken (a restore mid-ramp)
 
     def event_fields(self, plan: RecoveryPlan, step: int, strategy: str, duration_s: float) -> dict:
         """The required fields of the ``rebuilt`` event (``checkfree.core.events``), as both executors log it."""
@@ -117,6 +118,7 @@ def restore_stage(spec: RebuildSpec, index: int, payload: StagePayload) -> Rebui
     return RebuiltStage(
         stage, optimizer, payload.lr, (), (), None,
         payload.grad_norm_raw, payload.grad_norm_smoothed, payload.grad_norm_post,
+        payload.warmup_steps, payload.warmup_done,
     )  # fmt: skip
 
 

@@ -114,8 +114,9 @@ def warmup_lr(lr: float, steps_done: int, warmup_steps: int) -> float:
 class LrWarmup:
     """Applies ``warmup_lr`` to a stage's optimizer before each of its steps after a rebuild."""
 
-    def __init__(self, warmup_steps: int = 0):
-        self.warmup_steps, self.done = warmup_steps, 0
+    def __init__(self, warmup_steps: int = 0, done: int = 0):
+        """``done``: steps of the ramp already taken (a stage restored mid-ramp goes on where it was)."""
+        self.warmup_steps, self.done = warmup_steps, done
 
     def before_step(self, optimizer: torch.optim.Optimizer, lr: float) -> None:
         if self.warmup_steps <= 0 or self.done > self.warmup_steps:

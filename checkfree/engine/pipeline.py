@@ -184,7 +184,7 @@ class PipelineEngine:
         self.stages[index] = rebuilt.stage.to(self.device)
         self.optimizers[index] = rebuilt.optimizer
         self.lrs[index] = rebuilt.lr
-        self.warmups[index] = LrWarmup(rebuilt.warmup_steps)
+        self.warmups[index] = LrWarmup(rebuilt.warmup_steps, rebuilt.warmup_done)
         self.grad_norm_raw[index] = rebuilt.grad_norm_raw
         self.grad_norm_smoothed[index] = rebuilt.grad_norm_smoothed
         self.grad_norm_post[index] = rebuilt.grad_norm_post
@@ -220,4 +220,6 @@ class PipelineEngine:
             grad_norm_raw=self.grad_norm_raw[index],
             grad_norm_smoothed=self.grad_norm_smoothed[index],
             grad_norm_post=self.grad_norm_post[index],
+            warmup_steps=self.warmups[index].warmup_steps,
+            warmup_done=self.warmups[index].done,
         )

@@ -201,6 +201,8 @@ class StageWorker:
             grad_norm_raw=self.grad_norm_raw,
             grad_norm_smoothed=self.grad_norm_smoothed,
             grad_norm_post=self.grad_norm_post,
+            warmup_steps=self.warmup.warmup_steps,
+            warmup_done=self.warmup.done,
         )
 
     def recovery_norm(self, source: str) -> float:
@@ -211,7 +213,7 @@ class StageWorker:
         assert rebuilt.stage.index == self.index, f"stage {rebuilt.stage.index} installed on worker {self.index}"
         self.stage = rebuilt.stage.to(self.device)
         self.optimizer, self.lr = rebuilt.optimizer, rebuilt.lr
-        self.warmup = LrWarmup(rebuilt.warmup_steps)
+        self.warmup = LrWarmup(rebuilt.warmup_steps, rebuilt.warmup_done)
         self.grad_norm_raw, self.grad_norm_smoothed = rebuilt.grad_norm_raw, rebuilt.grad_norm_smoothed
         self.grad_norm_post = rebuilt.grad_norm_post
         self.pending_step = None

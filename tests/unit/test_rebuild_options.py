@@ -1,6 +1,7 @@
 """Options that try to lower q (the extra steps a rebuild costs): an lr warm-up of the rebuilt stage and Adam
 moments taken from its sources."""
 
+import io
 import json
 import subprocess
 import sys
@@ -77,3 +78,23 @@ def test_the_swarm_refuses_neighbour_moments_it_cannot_send(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2 and "recovery.optimizer_init=neighbours is an engine experiment" in out.stderr
+
+
+def test_a_stage_saved_mid_warm_up_is_restored_mid_warm_up(tmp_path):
+    """A checkpoint (or a preemption hand-over) of a stage still ramping its lr carries the ramp: the
+    restored stage goes on at the next step of it, not at the full lr."""
+    from checkfree.core.checkpoint import StagePayload, payload_bytes
+    from checkfree.core.rebuild import restore_stage
+
+    trainer = _rebuilt_trainer(tmp_path, "recovery.warmup_steps=4")
+    trainer.recover([1])
+    trainer.continue_for(1)
+    blob = payload_bytes(trainer.engine.payload(1, trainer.state.step))
+    payload = StagePayload.from_dict(torch.load(io.BytesIO(blob), weights_only=True), "the test's payload")
+    assert (payload.warmup_steps, payload.warmup_done) == (4, 1)
+    trainer.engine.install(1, restore_stage(trainer.spec, 1, payload))
+    lrs = []
+    for _ in range(4):
+        trainer.continue_for(1)
+        lrs.append(trainer.engine.optimizers[1].param_groups[0]["lr"])
+    assert lrs == pytest.approx([trainer.cfg.optim.lr * 1.1 * f for f in (0.5, 0.75, 1, 1)])
