@@ -58,6 +58,9 @@ class Scenario:
     downtime_s: float = 0.0  # D: per incident, detection and replacement (and a rebuild)
     q: float = 0.0  # extra committed steps to the target per stage lost and rebuilt (CheckFree)
     interrupt_fraction: float = 0.5  # f: how far through its step an incident lands, on average
+    # F: 0, q is the same whenever a stage is lost; else q is what a loss at committed step F costs, and a
+    # loss at step s costs q min(1, s / F) (early losses cost less: measure_q.py's regime scan)
+    q_full_step: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.target_steps > 0 or not self.step_s > 0:
@@ -73,6 +76,8 @@ class Scenario:
             raise ValueError(f"{bad}: costs and q must be >= 0")
         if not 0.0 <= self.interrupt_fraction <= 1.0:
             raise ValueError(f"interrupt_fraction={self.interrupt_fraction} must be in [0, 1]")
+        if not self.q_full_step >= 0:
+            raise ValueError(f"q_full_step={self.q_full_step} must be >= 0 (0: q at every step)")
 
     @property
     def failures_per_step(self) -> float:
@@ -191,6 +196,22 @@ def _segment(sc: Scenario, pol: Policy, k: float, save_s: float) -> tuple[float,
     return time, non_rebuilt / (s + b)
 
 
+def _steps_needed(target: float, g: float, full_step: float) -> float:
+    """Committed steps N that reach ``target`` when each committed step s adds g min(1, s / F) steps of debt
+    (F = ``full_step``; 0: g at every step): N = S + integral of the debt over 0..N. Flat: S / (1 - g). With
+    the ramp, N <= F solves g N^2 / 2F - N + S = 0; past F, N = (S - g F / 2) / (1 - g). inf: never."""
+    if g <= 0.0:
+        return target
+    if full_step > 0.0:
+        disc = 1.0 - 2.0 * g * target / full_step
+        if disc >= 0.0:
+            n = 2.0 * target / (1.0 + math.sqrt(disc))  # the smaller root, without cancellation
+            if n <= full_step:
+                return n
+        return (target - g * full_step / 2.0) / (1.0 - g) if g < 1.0 else math.inf
+    return target / (1.0 - g) if g < 1.0 else math.inf
+
+
 def expected_time(sc: Scenario, pol: Policy) -> float:
     """Expected wall-clock to reach ``sc.target_steps`` under ``pol`` (inf when it never gets there).
 
@@ -200,7 +221,8 @@ def expected_time(sc: Scenario, pol: Policy) -> float:
     up to the fraction of a step the last one overshoots). N is cut into floor(N / k) segments that end
     with a save and a remainder that does not (``_segment``). For checkpointing (u = 1) N = S and the
     result is exact; for the hybrid, which rolls back steps whose debt it already counted, a close
-    approximation (the tests bound it against ``simulate``).
+    approximation (the tests bound it against ``simulate``). With ``q_full_step`` F the debt of a step s
+    is g min(1, s / F) (``_steps_needed``).
     """
     save_s = sc.save_s if pol.blocking_save else 0.0
     need = float(sc.target_steps)
@@ -208,9 +230,9 @@ def expected_time(sc: Scenario, pol: Policy) -> float:
         k = pol.interval or need
         _, iters = _segment(sc, pol, k, 0.0)
         g = sc.q * sc.failures_per_step * (1.0 - pol.p_unrecoverable) * iters / k
-        if not g < 1.0:
+        need = _steps_needed(need, g, sc.q_full_step)
+        if math.isinf(need):
             return math.inf
-        need /= 1.0 - g
     if pol.interval is None or pol.interval > need:  # never saves: one segment from the start
         return _segment(sc, pol, need, 0.0)[0]
     full, rest = divmod(need, pol.interval)
@@ -306,7 +328,8 @@ def simulate(
         back = (count > 0) & (rng.random(idx.size) < pol.p_unrecoverable)
         rebuilt, ok = idx[(count > 0) & ~back], idx[count == 0]
         t[idx[count > 0]] += lost_s
-        target[rebuilt] += sc.q * count[(count > 0) & ~back]
+        q = sc.q * np.minimum(1.0, committed[rebuilt] / sc.q_full_step) if sc.q_full_step else sc.q
+        target[rebuilt] += q * count[(count > 0) & ~back]
         t[idx[back]] += sc.restore_s
         committed[idx[back]] = last_ckpt[idx[back]]
         t[ok] += sc.step_s
@@ -496,7 +519,9 @@ def steps_to_target(run: RecordedRun, target: float, times: list[float] | None =
     return next(((s, t) for s, v, t in val_curve(run, times) if v <= target), None)
 
 
-def run_scenario(run: RecordedRun, target_steps: float, q: float = 0.0, downtime_s: float | None = None) -> Scenario:
+def run_scenario(
+    run: RecordedRun, target_steps: float, q: float = 0.0, downtime_s: float | None = None, q_full_step: float = 0.0
+) -> Scenario:
     """The ``Scenario`` a recorded run measured: mean step, save and restore times, the mean point where
     failures interrupted a step, and its per-stage failure probability (the configured one for ``per_step``
     and ``hourly`` failures, else the realised failures per iteration and stage). ``downtime_s`` None: the
@@ -522,4 +547,5 @@ def run_scenario(run: RecordedRun, target_steps: float, q: float = 0.0, downtime
         downtime_s=mean([it.rebuild_s for it in hit]) if downtime_s is None else downtime_s,
         q=q,
         interrupt_fraction=mean([it.fraction for it in hit]) if hit else 0.5,
+        q_full_step=q_full_step,
     )

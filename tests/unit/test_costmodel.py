@@ -58,6 +58,27 @@ def test_closed_form_agrees_with_the_monte_carlo_simulation(policy, p):
     assert abs(times.mean() - expected) <= 4 * sem + 0.01 * expected, (times.mean(), sem, expected)
 
 
+def test_q_that_grows_with_progress_agrees_with_the_simulation():
+    """q_full_step F: a loss at step s costs q min(1, s / F). Losses before F cost less, so the target comes
+    sooner than with q at every step, and the closed form (the debt integrated over the steps) agrees with
+    the Monte-Carlo simulation of the same model, below F and past it."""
+    assert cm._steps_needed(100.0, 0.5, 0.0) == pytest.approx(200.0)  # flat: S / (1 - g)
+    n = cm._steps_needed(100.0, 0.5, 1000.0)  # all before F: N = S + g N^2 / 2F
+    assert n == pytest.approx(100.0 + 0.5 * n * n / 2000.0) and n < 1000.0
+    assert cm._steps_needed(300.0, 0.5, 100.0) == pytest.approx((300.0 - 25.0) / 0.5)  # past F
+    assert cm._steps_needed(300.0, 1.0, 100.0) == math.inf  # past F the debt outruns the progress
+    flat, ramp = scenario(q=12.0), scenario(q=12.0, q_full_step=200.0)
+    assert cm.expected_time(ramp, cm.checkfree()) < cm.expected_time(flat, cm.checkfree())
+    for p, q in ((0.002, 12.0), (0.02, 6.0)):
+        sc = scenario(q=q, q_full_step=200.0, stage_fail_prob=p)
+        times = cm.simulate(sc, cm.checkfree(), runs=2000, seed=2)
+        sem, expected = times.std(ddof=1) / math.sqrt(times.size), cm.expected_time(sc, cm.checkfree())
+        assert np.isfinite(times).all()
+        assert abs(times.mean() - expected) <= 4 * sem + 0.02 * expected, (times.mean(), sem, expected)
+    with pytest.raises(ValueError, match="q_full_step=-1"):
+        scenario(q_full_step=-1.0)
+
+
 def test_the_simulation_is_seeded():
     sc = scenario()
     a, b = cm.simulate(sc, cm.checkfree(), runs=50, seed=3), cm.simulate(sc, cm.checkfree(), runs=50, seed=3)
