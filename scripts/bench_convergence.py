@@ -274,6 +274,7 @@ def main() -> None:
     # swarm's metrics have no iteration count, so its comparison is by wall-clock
     by = "seconds" if ns.swarm else ns.compare_by
     comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs, by, ns.ours, ns.baselines)
+    differences = final_loss_differences(rows, ns.rates, ns.strategies, ns.ours, ns.baselines)
     report(
         {
             "num_steps": steps,
@@ -288,12 +289,13 @@ def main() -> None:
             "swarm": ns.swarm,
             "table": table,
             "comparisons": comparisons,
+            "final_val_differences": differences,
             "run_dirs": str(runs_dir),
         },
         ns.out,
     )
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
-    Path(ns.out).with_suffix(".md").write_text(markdown(table, comparisons, ns))
+    Path(ns.out).with_suffix(".md").write_text(markdown(table, comparisons, ns, differences))
 
 
 def _curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -337,43 +339,24 @@ def _verdict(ours: str, interval, pairs) -> str:
     return f"{ours} {'faster' if interval.high < 1 else 'slower'}{note and ' (' + note[2:] + ')'}"
 
 
-def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds", ours=None, baselines=None) -> list[dict]:
-    """Paired per-seed ratios of ``by`` (seconds or iterations) to target, each of ours over each baseline,
-    with intervals; and (target None) the paired difference of the final validation loss."""
+def _sides(strategies, ours=None, baselines=None) -> tuple[list[str], list[str]]:
+    """Ours (default: checkfree*, hybrid*) and the baselines (default: checkpoint*, redundant)."""
     if ours is None:
         ours = [s for s in strategies if s.startswith("checkfree") or s.startswith("hybrid")]
     if baselines is None:
         baselines = [s for s in strategies if s.startswith("checkpoint") or s == "redundant"]
-    unknown = sorted(set(ours) | set(baselines) - set(strategies))
+    unknown = sorted((set(ours) | set(baselines)) - set(strategies))
     if unknown:
         raise SystemExit(f"--ours/--baselines {unknown} are not among --strategies {strategies}")
+    return ours, baselines
+
+
+def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds", ours=None, baselines=None) -> list[dict]:
+    """Paired per-seed ratios of ``by`` (seconds or iterations) to target, each of ours over each baseline,
+    with intervals."""
+    ours, baselines = _sides(strategies, ours, baselines)
     out = []
     for rate in rates:
-        for a in ours:
-            for b in baselines:
-                by_seed = {}
-                for x in rows:
-                    if x["rate"] == rate and x["strategy"] in (a, b):
-                        by_seed.setdefault(x["seed"], {})[x["strategy"]] = x["final_val"]
-                diffs = [v[a] - v[b] for v in by_seed.values() if a in v and b in v]
-                interval = bootstrap(diffs)
-                if interval.n < MIN_SEEDS:
-                    verdict = f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS})"
-                elif not interval.excludes(0.0):
-                    verdict = "not resolved"
-                else:
-                    verdict = f"{a} {'lower' if interval.high < 0 else 'higher'}"
-                out.append(
-                    {
-                        "rate": rate,
-                        "target_frac": None,
-                        "ours": a,
-                        "baseline": b,
-                        "final_val_diff": interval.as_dict(),
-                        "seeds": len(diffs),
-                        "verdict": verdict,
-                    }
-                )
         for f in fracs:
             for a in ours:
                 for b in baselines:
@@ -400,7 +383,41 @@ def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds", our
     return out
 
 
-def markdown(table: dict, comparisons: list[dict], ns) -> str:
+def final_loss_differences(rows: list[dict], rates, strategies, ours=None, baselines=None) -> list[dict]:
+    """Paired per-seed differences of the final validation loss, ours minus each baseline, with intervals
+    (seeds where either run has no final loss are left out, and counted)."""
+    ours, baselines = _sides(strategies, ours, baselines)
+    out = []
+    for rate in rates:
+        for a in ours:
+            for b in baselines:
+                by_seed = {}
+                for x in rows:
+                    if x["rate"] == rate and x["strategy"] in (a, b):
+                        by_seed.setdefault(x["seed"], {})[x["strategy"]] = x["final_val"]
+                both = [v for v in by_seed.values() if v.get(a) is not None and v.get(b) is not None]
+                interval = bootstrap([v[a] - v[b] for v in both])
+                if interval.n < MIN_SEEDS:
+                    verdict = f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS})"
+                elif not interval.excludes(0.0):
+                    verdict = "not resolved"
+                else:
+                    verdict = f"{a} {'lower' if interval.high < 0 else 'higher'}"
+                out.append(
+                    {
+                        "rate": rate,
+                        "ours": a,
+                        "baseline": b,
+                        "difference": interval.as_dict(),
+                        "seeds": len(both),
+                        "seeds_without_final_loss": len(by_seed) - len(both),
+                        "verdict": verdict,
+                    }
+                )
+    return out
+
+
+def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] = ()) -> str:
     fracs = ns.target_fracs
     lines = [
         f"{len(ns.seeds)} seeds; rates are effective per-stage hourly rates (nominal x acceleration "
@@ -425,8 +442,6 @@ def markdown(table: dict, comparisons: list[dict], ns) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
-        if c["target_frac"] is None:
-            continue
         eff = effective_rate(c["rate"], ns.acceleration)
         lines.append(
             f"| {eff:.0%} | {c['target_frac']:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['ratio'], 2)} | "
@@ -439,13 +454,12 @@ def markdown(table: dict, comparisons: list[dict], ns) -> str:
         "| rate | ours | baseline | difference [95% CI] | seeds | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for c in comparisons:
-        if c["target_frac"] is None:
-            eff = effective_rate(c["rate"], ns.acceleration)
-            lines.append(
-                f"| {eff:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['final_val_diff'], 3)} | {c['seeds']} | "
-                f"{c['verdict']} |"
-            )
+    for c in differences:
+        eff = effective_rate(c["rate"], ns.acceleration)
+        lines.append(
+            f"| {eff:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['difference'], 3)} | {c['seeds']} | "
+            f"{c['verdict']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

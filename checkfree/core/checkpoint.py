@@ -87,6 +87,8 @@ _SHAPE = {
     "step": lambda v: isinstance(v, int),
     "model": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
     "optim": lambda v: isinstance(v, dict),
+    "warmup_steps": lambda v: isinstance(v, int),
+    "warmup_done": lambda v: isinstance(v, int),
 }
 
 
@@ -112,7 +114,7 @@ class StagePayload:
         if not isinstance(d, dict) or not set(required) <= set(d) <= set(names):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise RuntimeError(f"{where} is not a stage checkpoint: holds {got}, expected keys {names}")
-        wrong = [k for k, ok in _SHAPE.items() if not ok(d[k])]
+        wrong = [k for k, ok in _SHAPE.items() if k in d and not ok(d[k])]  # (optional keys may be absent)
         if wrong:
             got = ", ".join(f"{k}: {type(d[k]).__name__}" for k in wrong)
             raise RuntimeError(f"{where} is not a stage checkpoint: wrong types ({got})")
@@ -279,6 +281,20 @@ class CheckpointStore:
             )
         self._throttle(len(data), t0)
         return payload
+
+    def drop_after(self, stage: int, step: int) -> list[int]:
+        """Delete ``stage``'s files of steps after ``step`` (a rollback to ``step`` abandons them): a file of the
+        abandoned timeline must never make a later step look complete beside files of the new one. Returns
+        the steps deleted."""
+        dropped = []
+        for s, stages in sorted(self._stages_by_step().items()):
+            if s > step and stage in stages:
+                try:
+                    self.fs.rm_file(self._file(s, stage))
+                    dropped.append(s)
+                except FileNotFoundError:
+                    pass
+        return dropped
 
     def prune(self) -> None:
         """Delete all but the newest ``keep`` complete steps; another peer pruning the same ones is fine."""

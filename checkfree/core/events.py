@@ -86,9 +86,15 @@ EVENTS: dict[str, EventType] = {
             "rolled_back",
             ("to_step", "restore_s"),
             "engine, swarm",
-            "every stage went back to the checkpoint of to_step (strategy checkpoint)",
+            "every stage went back to the checkpoint of to_step (strategy checkpoint, hybrid beyond rebuild)",
         ),
         EventType("checkpoint_save", ("step", "save_s"), "engine, swarm", "checkpoints of step written"),
+        EventType(
+            "checkpoint_failed",
+            ("error",),
+            "swarm",
+            "a background checkpoint write failed (hybrid): that step is incomplete",
+        ),
         # the engine's run
         EventType("run_started", ("num_stages", "strategy"), "engine", "training starts"),
         EventType("run_finished", ("steps", "failures", "recoveries"), "engine", "training ended; the summary"),

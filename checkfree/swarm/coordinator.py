@@ -199,18 +199,22 @@ def decide_epoch(
         and beyond_rebuild(set(lost) - set(handed), num_stages, partner_rule)
     )
     # a hybrid peer writes in the background and starts a write only once its last one is done: the write
-    # of a peer lost mid-write never completes, the one before it has
+    # of a peer lost mid-write never completes, the one before it has (unless that peer died in it too)
     saved_by = checkpoint_every * (2 if strategy == "hybrid" else 1)
     if rollback:
         if set(lost) - set(handed) or any(r.step != step for r in valid.values()):
-            if checkpoint_step is None and checkpoint_every and step > saved_by:
+            # a store that is not shared shows this peer at most its own stage's files; one in which some
+            # writes died with their peers shows others' files too, and goes back as far as it must
+            seen = sum(1 for s in range(num_stages) if has_checkpoint(s))
+            if checkpoint_step is None and checkpoint_every and step > saved_by and seen <= 1:
                 return Decision(
                     None,
                     fatal=True,
                     certain=True,
                     reason=(
                         f"recovery.strategy={strategy} must roll back at step {step}, but checkpoint.dir holds no "
-                        f"complete checkpoint although every stage saved by step {saved_by}: is checkpoint.dir "
+                        f"complete checkpoint (files of {seen} stage(s)) although every stage saved one by step "
+                        f"{saved_by}: is checkpoint.dir "
                         "shared by every peer (a shared file system, or an s3:// URL)? Not restarting from step 0"
                     ),
                 )

@@ -204,6 +204,10 @@ class Handover:
                 if self.stop_swarm is not None:
                     self.stop_swarm(rec, reason)  # every peer learns it and exits saying why
                 raise SwarmStopped(reason) from e
+        if self.ckpt is not None:
+            # the steps after the rollback are redone: this stage's files of the old timeline go (no write of
+            # this peer is in flight: it waited for it before reporting the broken epoch)
+            self.ckpt.drop_after(stage, rec.rollback_to)
         origin = Lineage(kind="restored" if restored is not None else "initial", step=rec.rollback_to, epoch=rec.epoch)
         if worker is None or worker.index != stage or restored is None:
             worker = self.new_worker(stage, restored, origin)

@@ -38,10 +38,13 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from checkfree.swarm.addressing import free_port
-from checkfree.swarm.admission import MAX_SEALED_BYTES, Admission, RateLimitedLog, dht_context
+from checkfree.swarm.admission import Admission, RateLimitedLog, dht_context
 from checkfree.swarm.config import EPOCH_TTL_CAP_S, MEMBER_TTL_CAP_S, MembershipConfig, parse_port_range
 
 logger = logging.getLogger(__name__)
+# what one store may carry through hivemind's pipe to its DHT process (see ``Membership._store``); below
+# the OS pipe buffer, and far below the sealed-record bound every node enforces (``MAX_SEALED_BYTES``)
+MAX_STORE_BYTES = 60_000
 
 FINISHED = "finished"  # the subkey, beside the epochs' zero-padded numbers, that marks the run finished
 STATES = ("waiting", "joining", "running", "recovering", "spare", "leaving", "done")
@@ -361,13 +364,13 @@ class Membership:
                 time.sleep(0.1 * 2**attempt)
 
     def _store(self, key: str, subkey: str, value, ttl_s: float) -> bool:
-        """False, without calling the DHT, for a value over the sealed-record bound: every node's validator
-        would refuse it, and a message larger than the OS pipe buffer is what once killed hivemind's DHT
-        process mid-read (EAGAIN, then a torn pickle), after which the send to it blocked forever with no
-        timeout able to end it (seen in CI)."""
+        """False, without calling the DHT, for a value over ``MAX_STORE_BYTES``. A message larger than the OS
+        pipe buffer (64 KiB) reaches hivemind's DHT process in pieces, and its non-blocking read of one once
+        failed mid-message (EAGAIN, then a torn pickle): the DHT process died and the send to it blocked
+        forever, past every timeout (seen in CI with a 140 KB value). Records of a swarm are a few KB."""
         size = len(json.dumps(value, default=str))
-        if size > MAX_SEALED_BYTES:
-            logger.warning("not storing %s/%s: %d bytes, over the bound of %d", key, subkey, size, MAX_SEALED_BYTES)
+        if size > MAX_STORE_BYTES:
+            logger.warning("not storing %s/%s: %d bytes, over the bound of %d", key, subkey, size, MAX_STORE_BYTES)
             return False
         return bool(self._call(self.dht.store, key, value, self.now + ttl_s, subkey=subkey))
 

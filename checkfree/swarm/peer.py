@@ -714,6 +714,7 @@ class Peer:
         if self.group is not None:
             self.group.close()
             self.group = None
+        self._settle_writes()  # the leader decides on a store that no write of this peer changes any more
         with self._epoch_lock:
             rec, self.joined = self.joined, None
         self.status.state = "recovering"
@@ -724,6 +725,18 @@ class Peer:
             knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
         self._store_now.set()
         self._knocked.set()
+
+    def _settle_writes(self) -> None:
+        """Wait for this stage's checkpoint write in flight (hybrid: written in the background); a failed one
+        is logged and recorded, not raised: the checkpoint of that step is simply incomplete."""
+        saver = self.training.saver
+        if saver is None:
+            return
+        try:
+            saver.wait()
+        except OSError as e:
+            self.emit("checkpoint_failed", error=str(e)[:300])
+            logger.error("[peer %s] background checkpoint write failed: %s", self.peer_id, e)
 
     # ---- preemption ----------------------------------------------------------------------------
     def _should_leave(self) -> str | None:
@@ -739,6 +752,7 @@ class Peer:
         names has it and trains, or the notice's time is up; then leave."""
         w, cfg, step = self.worker, self.cfg, self.status.step
         self.emit("preempted", reason=reason[:300], step=step, spare_in_view=self._spare_in_view)
+        self._settle_writes()  # a save started at this step would otherwise die with the process
         with self._epoch_lock:
             rec, self.joined = self.joined, None
         if self.group is not None:

@@ -192,3 +192,15 @@ def test_a_url_whose_protocol_is_unknown_or_not_installed_is_refused_by_name():
         pytest.skip("gcsfs is installed: gs:// has an implementation here")
     with pytest.raises(ValueError, match=r"'gs://bucket/run': .* needs the package 'gcsfs', .*pip install gcsfs"):
         CheckpointStore("gs://bucket/run", num_stages=1)
+
+
+def test_a_rollback_drops_the_abandoned_timeline_so_no_step_mixes_two(tmp_path):
+    """Stage 1 saved step 8 before the loss, stage 0 did not; the swarm rolls back to 4. Were stage 1's old
+    file of step 8 kept, stage 0's new one would make step 8 look complete with two timelines in it."""
+    store = CheckpointStore(tmp_path / "ckpt", num_stages=2)
+    for step, stages in ((4, (0, 1)), (8, (1,))):
+        for s in stages:
+            store.save_stage(_payload(s, step))
+    assert store.drop_after(1, 4) == [8] and store.drop_after(0, 4) == []
+    store.save_stage(_payload(0, 8))  # the new timeline's step 8, stage 0 first
+    assert store.latest_complete() == 4 and store.latest_for_stage(1) == 4

@@ -311,3 +311,15 @@ def test_hybrid_rolls_back_past_a_write_lost_with_its_peer_but_never_restarts_a_
     members.update({p: rec(p, -1, "spare", -1, 0) for p in ("s", "t")})
     d = decide_epoch(members, epoch(step=9), 4, "hybrid", "nearest", checkpoint_step=None, checkpoint_every=4)
     assert d.fatal and "recovery.strategy=hybrid" in d.reason and "shared by every peer" in d.reason
+
+
+def test_hybrid_goes_back_to_the_start_when_writes_died_with_their_peers_but_the_store_is_shared():
+    """No complete checkpoint, yet files of several stages: the store is shared and the missing files died
+    with their writers; the swarm goes back as far as it must instead of stopping."""
+    members = {p: rec(p, s, "recovering", step=11) for s, p in zip((2, 3), "cd")}
+    members.update({p: rec(p, -1, "spare", -1, 0) for p in ("s", "t")})
+    d = decide_epoch(
+        members, epoch(step=11), 4, "hybrid", "nearest", checkpoint_step=None, checkpoint_every=4,
+        has_checkpoint=lambda s: s in (2, 3),
+    )  # fmt: skip
+    assert d.rollback_to == 0 and not d.fatal

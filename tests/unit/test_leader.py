@@ -330,7 +330,9 @@ def test_a_checkpoint_store_that_is_not_shared_stops_the_swarm_instead_of_restar
     leader = Leader(cfg, "a", "l", "fp", membership, store, False, lambda *a, **k: None)
     members, current = _view()
     members["s"] = MemberRecord(run_id="l", fingerprint="fp", peer_id="s", stage=-1, epoch=-1, state="spare", step=0)
-    with pytest.raises(SwarmStopped, match=r"no complete checkpoint .* saved step 2.*Not restarting from step 0"):
+    with pytest.raises(
+        SwarmStopped, match=r"no complete checkpoint .* saved one by step 2.*Not restarting from step 0"
+    ):
         leader.step(members, current, 3, _AnsweringView())
     (stop,) = membership.published
     assert "shared by every peer" in stop.stop
