@@ -275,6 +275,7 @@ def main() -> None:
     by = "seconds" if ns.swarm else ns.compare_by
     comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs, by, ns.ours, ns.baselines)
     differences = final_loss_differences(rows, ns.rates, ns.strategies, ns.ours, ns.baselines)
+    qs = realised_q(rows, ns.rates, ns.strategies, ns.target_fracs) if "none" in ns.strategies else []
     report(
         {
             "num_steps": steps,
@@ -290,12 +291,13 @@ def main() -> None:
             "table": table,
             "comparisons": comparisons,
             "final_val_differences": differences,
+            "realised_q": qs,
             "run_dirs": str(runs_dir),
         },
         ns.out,
     )
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
-    Path(ns.out).with_suffix(".md").write_text(markdown(table, comparisons, ns, differences))
+    Path(ns.out).with_suffix(".md").write_text(markdown(table, comparisons, ns, differences, qs))
 
 
 def _curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -383,6 +385,27 @@ def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds", our
     return out
 
 
+def realised_q(rows: list[dict], rates, strategies, fracs) -> list[dict]:
+    """Per strategy and target: the extra committed steps to the target per failure, against the failure-free
+    run of the same seed (seeds with failures that reached the target), with intervals: the q a sweep
+    realised, every failure of a run counted whenever it landed."""
+    out = []
+    none = {x["seed"]: x for x in rows if x["strategy"] == "none"}
+    for rate in rates:
+        for strategy in strategies:
+            if strategy == "none":
+                continue
+            for f in fracs:
+                per_seed = [
+                    (x[f"steps@{f}"] - none[x["seed"]][f"steps@{f}"]) / x["failures"]
+                    for x in rows
+                    if x["rate"] == rate and x["strategy"] == strategy and x["failures"] and x["seed"] in none
+                    and x[f"steps@{f}"] is not None and none[x["seed"]][f"steps@{f}"] is not None
+                ]  # fmt: skip
+                out.append({"rate": rate, "strategy": strategy, "target_frac": f, "q": bootstrap(per_seed).as_dict()})
+    return out
+
+
 def final_loss_differences(rows: list[dict], rates, strategies, ours=None, baselines=None) -> list[dict]:
     """Paired per-seed differences of the final validation loss, ours minus each baseline, with intervals
     (seeds where either run has no final loss are left out, and counted)."""
@@ -417,7 +440,7 @@ def final_loss_differences(rows: list[dict], rates, strategies, ours=None, basel
     return out
 
 
-def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] = ()) -> str:
+def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] = (), qs: list[dict] = ()) -> str:
     fracs = ns.target_fracs
     lines = [
         f"{len(ns.seeds)} seeds; rates are effective per-stage hourly rates (nominal x acceleration "
@@ -460,6 +483,21 @@ def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] =
             f"| {eff:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['difference'], 3)} | {c['seeds']} | "
             f"{c['verdict']} |"
         )
+    if qs:
+        fracs = ns.target_fracs
+        lines += [
+            "",
+            "Realised q: extra committed steps to the target per failure, against the failure-free run of the "
+            "same seed (mean over seeds with failures, 95% bootstrap interval).\n",
+            "| rate | strategy | " + " | ".join(f"q to {f:.0%}" for f in fracs) + " |",
+            "|---|---|" + "---|" * len(fracs),
+        ]
+        for rate in ns.rates:
+            for strategy in ns.strategies:
+                cells = [c for c in qs if c["rate"] == rate and c["strategy"] == strategy]
+                if cells:
+                    eff = effective_rate(rate, ns.acceleration)
+                    lines.append(f"| {eff:.0%} | {strategy} | " + " | ".join(_fmt(c["q"], 1) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -32,23 +32,31 @@ COMMANDS = {
     "scaling": "python scripts/bench_scaling.py --microbatches 1 4",
     "q_scan": "python scripts/measure_q.py configs/bench.yaml --scan 50 150 300 600 1000 1500 --scan-train 20 "
     "--seeds 0 1 --methods random weighted copy --stages 0 1 3 --out runs/bench/q_scan.json",
-    "q_bench": "python scripts/measure_q.py configs/bench.yaml --seeds 0 1 --fail-at 300 --horizon 100 "
-    "--target-after 25 50 --eval-every 2 --stages 0 1 3 --methods weighted uniform copy random plus "
-    "partner_copy warmup=weighted+recovery.warmup_steps=20 moments=weighted+recovery.optimizer_init=neighbours "
-    "--out runs/bench/q_bench.json",
+    "q_bench": "python scripts/measure_q.py configs/bench.yaml --seeds 0 1 2 3 4 --fail-at 300 --horizon 100 "
+    "--target-after 25 50 --methods weighted uniform copy random plus partner_copy "
+    "warmup=weighted+recovery.warmup_steps=20 moments=weighted+recovery.optimizer_init=neighbours "
+    "--runs-dir runs/q/bench-F300 --out runs/bench/q_bench.json (seeds 0-1 ran with --stages 0 1 3 --eval-every 2, "
+    "seeds 2-4 with the defaults: stages 0-3, every step; the table is --analyse-only over all five)",
+    "q_tiny": "python scripts/measure_q.py configs/tiny.yaml --seeds 0 1 2 3 4 --fail-at 100 --horizon 30 "
+    "--target-after 10 20 --methods plus --stages 0 1 3 --runs-dir runs/q/tiny-F100 --out runs/bench/q_tiny.json",
+    "fig2_deep": "python scripts/bench_convergence.py configs/deep.yaml num_steps=500 'failures.stages=[1,2,3,4]' "
+    "--rates 0.16 --seeds 0 1 2 3 4 --strategies none checkfree copy random --ours checkfree --baselines copy random "
+    "--eval-every 5 --jobs 2 --out runs/bench/fig2_deep.json --runs-dir runs/bench/fig2-deep-runs",
     "convergence_ci": "python scripts/bench_convergence.py configs/bench.yaml --rates 0.10 0.33 --seeds 0 1 2 3 4 "
     "--strategies none checkfree_plus hybrid checkpoint:5 --jobs 2 --out runs/bench/convergence_ci.json "
     "--runs-dir runs/bench/convergence-ci-runs",
     "convergence_slow": "python scripts/bench_convergence.py configs/bench.yaml checkpoint.storage_mb_s=5 "
-    "--rates 0.10 0.33 --seeds 0 1 2 --strategies none checkfree_plus checkpoint:25 --compare-by seconds --jobs 2 "
+    "--rates 0.10 0.33 --seeds 0 1 2 3 4 --strategies none checkfree_plus hybrid checkpoint:25 --compare-by seconds "
+    "--jobs 2 "
     "--out runs/bench/convergence_slow.json --runs-dir runs/bench/convergence-slow-runs",
-    "whatif": "python scripts/whatif.py --model-bytes 2232576 --step-s 0.1 --num-stages 4 --downtime-s 1.14 "
-    "--q 18 9 29 --target-steps 300 --intervals 5 25 --map-storage 0.5 500 13 --out runs/bench/whatif.json",
+    "whatif": "python scripts/whatif.py --model-bytes 6697728 --step-s 0.1 --num-stages 4 --downtime-s 1.14 "
+    "--iteration-s 91.3 --hourly-rate 0.1 0.33 --storage-mb-s 5 100 --q 21 15 27 --q-full-step 300 "
+    "--target-steps 300 --intervals 5 25 --map-storage 0.5 500 13 --map-rates 0.02 0.5 10 --out runs/bench/whatif.json",
     "whatif_paper": "python scripts/whatif.py --q 40 20 60 --out runs/bench/whatif_paper.json",
     "whatif_validation_local": "python scripts/whatif.py --validate-sweep runs/bench/convergence-ci-runs checkpoint:5 "
-    "checkfree_plus --q 18 9 29 --out runs/bench/whatif_validation_local.json",
+    "checkfree_plus --q 21 15 27 --q-full-step 300 --out runs/bench/whatif_validation_local.json",
     "whatif_validation_slow": "python scripts/whatif.py --validate-sweep runs/bench/convergence-slow-runs "
-    "checkpoint:25 checkfree_plus --q 18 9 29 --out runs/bench/whatif_validation_slow.json",
+    "checkpoint:25 checkfree_plus --q 21 15 27 --q-full-step 300 --out runs/bench/whatif_validation_slow.json",
     "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm "
     "--rates 0.10 0.33 "
     "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant checkpoint:50 "
@@ -124,7 +132,9 @@ def _issue11() -> list[str]:
         out += [reading.read_text(), ""]
     for name, title in (
         ("q_scan", "Where losing a stage hurts: the jump of a rebuild against training progress"),
-        ("q_bench", "q: extra steps to the target per lost stage, per method and position"),
+        ("q_bench", "q: extra steps to the target per lost stage, per method and position (bench, 5 seeds)"),
+        ("q_tiny", "q at the tiny default's scale (CheckFree+, 5 seeds)"),
+        ("fig2_deep", "The paper's Fig. 2 setup on 6 stages: swap off, middle stages failing at 16%/h"),
         ("convergence_ci", "Convergence under failures, 5 seeds, paired intervals"),
         ("convergence_slow", "Convergence with slow checkpoint storage (the what-if validation points)"),
         ("whatif", "The what-if map at the bench scale (q measured here)"),
