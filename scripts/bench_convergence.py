@@ -353,6 +353,15 @@ def _sides(strategies, ours=None, baselines=None) -> tuple[list[str], list[str]]
     return ours, baselines
 
 
+def _by_seed(rows: list[dict], rate: float, strategies: tuple[str, ...], key: str) -> dict[int, dict[str, object]]:
+    """{seed: {strategy: row[key]}} of the given strategies at one rate (the pairing every comparison uses)."""
+    out: dict[int, dict[str, object]] = {}
+    for x in rows:
+        if x["rate"] == rate and x["strategy"] in strategies:
+            out.setdefault(x["seed"], {})[x["strategy"]] = x[key]
+    return out
+
+
 def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds", ours=None, baselines=None) -> list[dict]:
     """Paired per-seed ratios of ``by`` (seconds or iterations) to target, each of ours over each baseline,
     with intervals."""
@@ -362,11 +371,7 @@ def compare(rows: list[dict], rates, strategies, fracs, by: str = "seconds", our
         for f in fracs:
             for a in ours:
                 for b in baselines:
-                    by_seed = {}
-                    for x in rows:
-                        if x["rate"] == rate and x["strategy"] in (a, b):
-                            by_seed.setdefault(x["seed"], {})[x["strategy"]] = x[f"{by}@{f}"]
-                    pairs = [(v.get(a), v.get(b)) for v in by_seed.values()]
+                    pairs = [(v.get(a), v.get(b)) for v in _by_seed(rows, rate, (a, b), f"{by}@{f}").values()]
                     interval = paired_ratio([p[0] for p in pairs], [p[1] for p in pairs])
                     out.append(
                         {
@@ -414,10 +419,7 @@ def final_loss_differences(rows: list[dict], rates, strategies, ours=None, basel
     for rate in rates:
         for a in ours:
             for b in baselines:
-                by_seed = {}
-                for x in rows:
-                    if x["rate"] == rate and x["strategy"] in (a, b):
-                        by_seed.setdefault(x["seed"], {})[x["strategy"]] = x["final_val"]
+                by_seed = _by_seed(rows, rate, (a, b), "final_val")
                 both = [v for v in by_seed.values() if v.get(a) is not None and v.get(b) is not None]
                 interval = bootstrap([v[a] - v[b] for v in both])
                 if interval.n < MIN_SEEDS:
