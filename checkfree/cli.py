@@ -180,7 +180,8 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
         f"swarm exit {int(code)} ({ExitCode(code).name.lower()}): {summary['steps']} steps, "
         f"loss {summary['first_train_loss']} -> "
         f"{summary['final_train_loss']}, {summary['failures']} failures, {summary['recoveries']} recoveries, "
-        f"repeated steps {summary['repeated_steps']}, skipped steps {summary['skipped_steps']}; run directory {run_dir}"
+        f"repeated steps {summary['repeated_steps']}, skipped steps {summary['skipped_steps']}, "
+        f"redone after a rollback {len(summary['redone_steps'])}; run directory {run_dir}"
     )
     return code
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import signal
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from checkfree import __version__
@@ -63,6 +64,31 @@ def _metrics(run_dir: Path) -> list[dict]:
         if key in by_commit:
             by_commit[key]["loss/val"] = v
     return sorted(by_commit.values(), key=lambda r: (r["time/wall"], r["step"]))
+
+
+def timeline(metrics: list[dict], events: list[dict]) -> tuple[list[int], list[int], list[int]]:
+    """(repeated, redone, skipped) steps of the run's final timeline.
+
+    A swarm-wide rollback (a published epoch E with ``rollback_to`` r) abandons every commit of a step >= r
+    made in an epoch before E: those steps are *redone*, by design. The commits not abandoned form the final
+    timeline, on which every step must appear exactly once: a step on it twice was applied twice
+    (*repeated*), one missing from it was never applied (*skipped*), both bugs."""
+    rollbacks = [
+        (e["new_epoch"], e["rollback_to"])
+        for e in events
+        if e["event"] == "epoch_published" and e.get("rollback_to") is not None
+    ]
+    kept: list[int] = []
+    redone: set[int] = set()
+    for m in metrics:
+        if any(m["epoch"] < epoch and m["step"] >= to for epoch, to in rollbacks):
+            redone.add(m["step"])
+        else:
+            kept.append(m["step"])
+    counts = Counter(kept)
+    repeated = sorted(s for s, n in counts.items() if n > 1)
+    skipped = sorted(set(range(max(kept, default=-1) + 1)) - set(kept))
+    return repeated, sorted(redone), skipped
 
 
 def recoveries(events: list[dict]) -> list[dict]:
@@ -272,6 +298,7 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
         for m in metrics:
             f.write(json.dumps({**m, "time/train_s": m["time/wall"] - t0}) + "\n")
     steps = [m["step"] for m in metrics]
+    repeated, redone, skipped = timeline(metrics, events)
     rows = recoveries(events)
     with open(run_dir / "recoveries.jsonl", "w") as f:
         for r in rows:
@@ -280,8 +307,9 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
     return {
         "checkfree_version": __version__,
         "steps": len(set(steps)),
-        "repeated_steps": sorted({s for s in steps if steps.count(s) > 1}),
-        "skipped_steps": sorted(set(range(max(steps, default=-1) + 1)) - set(steps)),
+        "repeated_steps": repeated,
+        "redone_steps": redone,
+        "skipped_steps": skipped,
         "rollback_strategy": rollback,
         "first_train_loss": metrics[0]["loss/train"] if metrics else None,
         "final_train_loss": metrics[-1]["loss/train"] if metrics else None,

@@ -18,7 +18,9 @@ failure-free for the reference loss.
 
 Checks (PASS/FAIL, each with its number): the launcher exited 0; at least ``--events`` events injected
 (``chaos`` events in ``launcher-events.jsonl``: a triggered kind that never fires is dropped, not counted);
-every step committed exactly once (``steps == num_steps``, none repeated, none skipped); every stage's
+every step committed exactly once on the final timeline (``steps == num_steps``, none repeated, none skipped;
+steps that a rollback of the ``checkpoint`` or ``hybrid`` strategy abandoned are redone, by design, and counted
+apart: launcher/report.py ``timeline``); every stage's
 lineage valid (each peer that trained a stage either held it from epoch 0 or was rebuilt for it, or rolled
 back, in an epoch no later than the first it trained in); no process left in any spawned peer's process
 group; the final validation loss of both runs reported (difference and ratio; no bound).
@@ -209,9 +211,11 @@ def _check(name: str, ok: bool, value: str) -> dict:
 def checks(res: dict, left: dict[str, list]) -> list[dict]:
     """Each check of the soak with the number behind it."""
     s, n, want = res["chaos_summary"], res["num_steps"], res["events_requested"]
-    repeated, skipped = s["repeated_steps"], s["skipped_steps"]
+    repeated, skipped, redone = s["repeated_steps"], s["skipped_steps"], s.get("redone_steps", [])
     once = s["steps"] == n and not repeated and not skipped
     commits = f"steps {s['steps']}/{n}, repeated {repeated[:10]}, skipped {skipped[:10]}"
+    if redone:
+        commits += f"; {len(redone)} redone after rollbacks"
     pairs, bad = res["lineage_pairs"], res["lineage_violations"]
     chaos_loss, ref_loss = res["final_val_loss"]["chaos"], res["final_val_loss"]["failure_free"]
     finite = all(isinstance(v, float) and math.isfinite(v) for v in (chaos_loss, ref_loss))

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from checkfree.core.events import EVENTS
-from launcher.report import merge_run, recoveries, recovery_table
+from launcher.report import merge_run, recoveries, recovery_table, timeline
 
 ROSTER = ["p0", "p1", "p2", "p3"]
 
@@ -249,3 +249,38 @@ def test_a_peer_listed_lost_that_kept_its_stage_pairs_its_later_kill_with_its_la
         (1, "p1", False, "p1"),
         (2, "p1", True, None),
     ]
+
+
+def _commits(*pairs: tuple[int, range]) -> list[dict]:
+    return [{"epoch": epoch, "step": step} for epoch, steps in pairs for step in steps]
+
+
+def test_steps_redone_after_a_rollback_are_not_repeated_on_the_final_timeline():
+    """Epoch 1 rolls back to step 4: the old epoch's commits of steps 4-6 are abandoned and redone."""
+    metrics = _commits((0, range(0, 7)), (1, range(4, 10)))
+    events = [_published(1.0, 0, ROSTER), _published(5.0, 1, ROSTER, lost=[0, 1], rollback_to=4)]
+    assert timeline(metrics, events) == ([], [4, 5, 6], [])
+
+
+def test_a_step_applied_in_two_epochs_without_a_rollback_is_repeated():
+    metrics = _commits((0, range(0, 7)), (1, range(6, 10)))
+    events = [_published(1.0, 0, ROSTER), _published(5.0, 1, ROSTER, lost=[2])]
+    assert timeline(metrics, events) == ([6], [], [])
+
+
+def test_a_step_the_final_timeline_lacks_is_skipped_even_if_an_abandoned_epoch_had_it():
+    """The rollback to step 2 abandons steps 2-5 of epoch 0; epoch 2 resumes at step 4 (a bug): 2 and 3 were
+    never applied on the final timeline."""
+    metrics = _commits((0, range(0, 6)), (2, range(4, 8)))
+    events = [_published(5.0, 1, ROSTER, lost=[0, 1], rollback_to=2)]
+    assert timeline(metrics, events) == ([], [2, 3, 4, 5], [2, 3])
+
+
+def test_commits_after_the_rollback_epoch_are_kept_and_a_later_rollback_abandons_them_in_turn():
+    metrics = _commits((0, range(0, 6)), (1, range(2, 9)), (3, range(5, 12)))
+    events = [
+        _published(5.0, 1, ROSTER, lost=[0, 1], rollback_to=2),
+        _published(9.0, 2, ROSTER, lost=[3]),
+        _published(9.5, 3, ROSTER, lost=[2, 3], rollback_to=5),
+    ]
+    assert timeline(metrics, events) == ([], [2, 3, 4, 5, 6, 7, 8], [])
