@@ -37,7 +37,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -319,12 +319,17 @@ class AsyncSaver:
     state in memory between two steps (that copy is the only stall) and training goes on while the bytes go
     to storage. One write at a time (a save waits for the one before it); ``busy`` says whether the last is
     still going. A step counts as saved only once every stage's file is written (``latest_complete``), so a
-    rollback never reads a half-written checkpoint."""
+    rollback never reads a half-written checkpoint.
 
-    def __init__(self, store: CheckpointStore):
+    A failed write is handed, in the training thread, to ``on_error(step, error)`` by the next ``save`` or
+    ``wait``; with no ``on_error`` it is raised there. The hybrid's trainers log it and go on: the checkpoint is
+    a fallback, its step is simply incomplete, and a rollback uses an older one."""
+
+    def __init__(self, store: CheckpointStore, on_error: Callable[[int, OSError], None] | None = None):
         self.store = store
+        self.on_error = on_error
         self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.error: tuple[int, BaseException] | None = None
 
     @property
     def busy(self) -> bool:
@@ -334,7 +339,7 @@ class AsyncSaver:
         """Start writing ``(stage, payload_bytes)`` of ``step`` (after the previous write has finished).
 
         Raises:
-            OSError: the previous background write failed (raised here, in the training thread).
+            OSError: the previous background write failed and there is no ``on_error``.
         """
         self.wait()
         self.thread = threading.Thread(target=self._write, args=(step, blobs), name=f"ckpt-{step}", daemon=True)
@@ -345,13 +350,15 @@ class AsyncSaver:
             for stage, data in blobs:
                 self.store.save_bytes(step, stage, data)
             self.store.prune()
-        except BaseException as e:  # re-raised in the training thread by the next save or wait
-            self.error = e
+        except BaseException as e:  # handed to the training thread by the next save or wait
+            self.error = (step, e)
 
     def wait(self) -> None:
         if self.thread is not None:
             self.thread.join()
             self.thread = None
         if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+            (step, error), self.error = self.error, None
+            if self.on_error is None or not isinstance(error, OSError):
+                raise error
+            self.on_error(step, error)

@@ -91,9 +91,9 @@ EVENTS: dict[str, EventType] = {
         EventType("checkpoint_save", ("step", "save_s"), "engine, swarm", "checkpoints of step written"),
         EventType(
             "checkpoint_failed",
-            ("error",),
-            "swarm",
-            "a background checkpoint write failed (hybrid): that step is incomplete",
+            ("step", "error"),
+            "engine, swarm",
+            "a background checkpoint write of step failed (hybrid): that step is incomplete, training goes on",
         ),
         # the engine's run
         EventType("run_started", ("num_stages", "strategy"), "engine", "training starts"),

@@ -99,7 +99,7 @@ class Trainer:
                 storage_options=cfg.checkpoint.storage_options,
             )
             if cfg.recovery.strategy == "hybrid":
-                self.saver = AsyncSaver(self.ckpt)
+                self.saver = AsyncSaver(self.ckpt, on_error=self._write_failed)
         self.replicas_on = edge_replicas_on(cfg.recovery)
         tb_dir = (cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None
         self.metrics = MetricLogger(self.run_dir / "metrics.jsonl", tb_dir)
@@ -315,6 +315,12 @@ class Trainer:
         if self.cfg.recovery.strategy != "hybrid":
             return False
         return beyond_rebuild(lost, self.engine.num_stages, self.cfg.recovery.partner_rule)
+
+    def _write_failed(self, step: int, error: OSError) -> None:
+        """A background checkpoint write failed: that step stays incomplete (a rollback takes an older one)
+        and training goes on; said as an event and in the log, every time."""
+        self.events.emit("checkpoint_failed", step=step, error=str(error)[:300])
+        logger.error("background checkpoint write of step %d failed, training goes on: %s", step, error)
 
     def _save_async(self) -> None:
         """Serialise every stage's state now (between two steps) and write it in the background."""

@@ -728,15 +728,9 @@ class Peer:
 
     def _settle_writes(self) -> None:
         """Wait for this stage's checkpoint write in flight (hybrid: written in the background); a failed one
-        is logged and recorded, not raised: the checkpoint of that step is simply incomplete."""
-        saver = self.training.saver
-        if saver is None:
-            return
-        try:
-            saver.wait()
-        except OSError as e:
-            self.emit("checkpoint_failed", error=str(e)[:300])
-            logger.error("[peer %s] background checkpoint write failed: %s", self.peer_id, e)
+        is an event (``TrainingLoop._write_failed``), not an error: the checkpoint of that step is incomplete."""
+        if self.training.saver is not None:
+            self.training.saver.wait()
 
     # ---- preemption ----------------------------------------------------------------------------
     def _should_leave(self) -> str | None:

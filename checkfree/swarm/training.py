@@ -11,6 +11,7 @@ so tests run it on thread ranks.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from checkfree.core.stage_step import NonFiniteGuard
 from checkfree.swarm.preemption import Preempted
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 from checkfree.swarm.worker import StageWorker
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,7 +59,14 @@ class TrainingLoop:
         self.nonfinite = NonFiniteGuard(cfg.optim)
         # hybrid: this stage's file of a step is written in the background while training goes on; the step
         # is a checkpoint once every stage's file is there (``CheckpointStore.latest_complete``)
-        self.saver = AsyncSaver(ckpt) if ckpt is not None and cfg.recovery.strategy == "hybrid" else None
+        hybrid = ckpt is not None and cfg.recovery.strategy == "hybrid"
+        self.saver = AsyncSaver(ckpt, on_error=self._write_failed) if hybrid else None
+
+    def _write_failed(self, step: int, error: OSError) -> None:
+        """A background write of this stage's checkpoint failed: that step stays incomplete (a rollback takes
+        an older one) and training goes on; said as an event and in the log, every time."""
+        self.emit("checkpoint_failed", step=step, error=str(error)[:300])
+        logger.error("background checkpoint write of step %d failed, training goes on: %s", step, error)
 
     def run(self, group: EpochGroup, worker: StageWorker, status: PeerStatus, resumed: bool) -> None:
         """Train from ``status.step`` to ``num_steps``; ``resumed``: the epoch follows a recovery, so the first
@@ -122,7 +132,7 @@ class TrainingLoop:
             self.exchange_replicas(group, worker, step)
         if self.ckpt and step % cfg.checkpoint.every_steps == 0:
             ts = time.monotonic()
-            if self.saver is not None:  # the stall is the copy to memory; raises if the last write failed
+            if self.saver is not None:  # the stall is the copy to memory (a failed last write: an event)
                 self.saver.save(step, [(worker.index, payload_bytes(worker.payload(step)))])
                 self.emit("checkpoint_save", step=step, save_s=time.monotonic() - ts, background=True)
             else:

@@ -61,7 +61,8 @@ def test_the_swarm_meets_the_engine_failures_and_trains_its_losses(tmp_path, str
 def test_the_hybrid_swarm_rebuilds_and_rolls_back_where_the_engine_does(tmp_path):
     """recovery.strategy=hybrid across processes: an isolated loss is rebuilt (CheckFree+), stages 0 and 1 lost
     in one iteration roll every stage back to the newest checkpoint the peers wrote in the background; the
-    swarm trains the engine's losses step for step, the redone steps included."""
+    swarm trains the engine's losses step for step, the redone steps included. Step 16's checkpoint cannot be
+    written (a file sits where its directory goes): every writer says so and trains on."""
     trace = tmp_path / "trace.jsonl"
     failures = [
         Failure(5, 2, "mid_forward", 0.5),
@@ -75,10 +76,19 @@ def test_the_hybrid_swarm_rebuilds_and_rolls_back_where_the_engine_does(tmp_path
         "failures.mode=trace",
         f"failures.trace_path={trace}",
     ]
-    engine = _engine(tmp_path, "num_steps=24", *extra)
-    code, out, run_dir = run_swarm(tmp_path, "swarm", "num_steps=24", "swarm.num_spares=2", *extra)
+    for name in ("ck-engine", "ck-swarm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "step_00000016").write_text("not a directory")
+    engine = _engine(tmp_path, "num_steps=24", *extra, f"checkpoint.dir={tmp_path / 'ck-engine'}")
+    code, out, run_dir = run_swarm(
+        tmp_path, "swarm", "num_steps=24", "swarm.num_spares=2", *extra, f"checkpoint.dir={tmp_path / 'ck-swarm'}"
+    )
     assert code == 0, out
     events = read_jsonl(run_dir / "events.jsonl")
+    failed = [e for e in events if e["event"] == "checkpoint_failed"]
+    assert sorted(e["stage_held"] for e in failed) == [0, 1, 2, 3] and {e["step"] for e in failed} == {16}
+    engine_failed = [e for e in read_jsonl(engine / "events.jsonl") if e["event"] == "checkpoint_failed"]
+    assert [e["step"] for e in engine_failed] == [16]
     assert [(e["stage"], e["method"]) for e in events if e["event"] == "rebuilt"] == [(2, "weighted_average")]
     rolled = {e["to_step"] for e in events if e["event"] == "rolled_back"}
     assert rolled == {8}, rolled  # every stage back to step 8, the newest step all four wrote

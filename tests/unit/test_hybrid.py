@@ -59,6 +59,35 @@ def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path):
         saver.wait()
 
 
+def test_a_failed_background_write_is_an_event_and_the_rollback_takes_an_older_checkpoint(tmp_path):
+    """Step 12's write fails for real (a file sits where its directory goes): the run goes on, says so, and
+    the rollback at step 14 goes back to step 8, the newest complete checkpoint, instead of 12."""
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    (ckpt / "step_00000012").write_text("not a directory")
+    failures = [Failure(14, 0, "mid_backward", 0.3), Failure(14, 1, "before_forward", 0.0)]
+    summary, events, metrics = _run(tmp_path, failures, "checkpoint.every_steps=4", f"checkpoint.dir={ckpt}")
+    failed = [e for e in events if e["event"] == "checkpoint_failed"]
+    assert [e["step"] for e in failed] == [12, 12]  # before the rollback, and again when step 12 is redone
+    assert all("step_00000012" in e["error"] for e in failed)
+    (rolled,) = [e for e in events if e["event"] == "rolled_back"]
+    assert (rolled["step"], rolled["to_step"]) == (14, 8)
+    assert [m["step"] for m in metrics][:15] == list(range(14)) + [8]  # steps 8..13 redone
+    assert summary["steps"] == 24
+
+
+def test_a_saver_with_an_error_handler_hands_it_the_step_and_goes_on(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", num_stages=1)
+    seen = []
+    saver = AsyncSaver(store, on_error=lambda step, e: seen.append((step, type(e).__name__)))
+    (tmp_path / "ckpt").mkdir(exist_ok=True)
+    (tmp_path / "ckpt" / "step_00000003").write_text("not a directory")
+    saver.save(3, [(0, b"x")])
+    saver.save(4, [(0, b"y")])  # hands step 3's error over, then writes step 4
+    saver.wait()
+    assert [step for step, _ in seen] == [3] and store.complete_steps() == [4]
+
+
 def test_the_swarm_refuses_a_hybrid_whose_stages_would_save_different_steps(tmp_path):
     """In the swarm each stage peer writes its own file: with no fixed interval they would save different
     steps and no step would ever be a complete checkpoint."""
