@@ -15,6 +15,11 @@ renamed; on object storage one PUT is atomic (and a rename would be a copy), so 
 directly. A crash mid-save never leaves a torn file that makes a step look complete. The newest ``keep``
 complete steps are kept. Listings bypass fsspec's listings cache: other peers write to the same store.
 
+After a swarm rolls back (in epoch E, to step r) its peers write ``stage_{i}.t{E}.pt``: the timeline a file
+was written in is part of its name, and a file of a step after r written before E is ignored. A peer frozen
+across the rollback that wakes and finishes an old write therefore never makes a step look complete beside
+the new timeline's files (``CheckpointStore.rollbacks``, from ``EpochRecord.rollbacks``).
+
 Both executors save the same ``StagePayload`` (weights, Adam state, learning rate, tracked gradient
 norms, step) and load it with ``torch.load(weights_only=True)``: a checkpoint holds tensors and plain
 values only, never pickled objects that could run code when read.
@@ -50,7 +55,9 @@ from fsspec.registry import known_implementations
 
 logger = logging.getLogger(__name__)
 
-_STAGE_FILE = re.compile(r"step_(\d{8})/stage_(\d+)\.pt")  # relative to the root; temporary names never match
+# relative to the root; temporary names never match. ``.t{E}``: written in the timeline of the swarm's rollback
+# in epoch E (none: timeline 0, before any rollback; the engine's files)
+_STAGE_FILE = re.compile(r"step_(\d{8})/stage_(\d+)(?:\.t(\d+))?\.pt")
 
 
 @dataclass
@@ -193,6 +200,19 @@ class CheckpointStore:
         self._local = isinstance(self.fs, LocalFileSystem)
         if self._local:
             self.fs.makedirs(self.path, exist_ok=True)
+        # the swarm's rollbacks so far, (epoch, to_step) each (``EpochRecord.rollbacks``); set by its peers
+        self.rollbacks: list[tuple[int, int]] = []
+
+    @property
+    def timeline(self) -> int:
+        """The epoch of the newest rollback (0: none): the timeline the files written now belong to."""
+        return max((epoch for epoch, _ in self.rollbacks), default=0)
+
+    def _valid(self, step: int, timeline: int) -> bool:
+        """A file of ``step`` written in ``timeline`` belongs to the current timeline unless a later rollback
+        went back before ``step`` (a peer frozen across that rollback may finish such a write after the
+        rollback deleted the step's files: it must never make the step look complete)."""
+        return all(epoch <= timeline or step <= to for epoch, to in self.rollbacks)
 
     def _throttle(self, num_bytes: int, started: float) -> None:
         """Wait out the rest of the time ``num_bytes`` would take at the emulated storage throughput."""
@@ -204,36 +224,50 @@ class CheckpointStore:
     def _step_dir(self, step: int) -> str:
         return f"{self.path}/step_{step:08d}"
 
-    def _file(self, step: int, stage: int) -> str:
-        return f"{self._step_dir(step)}/stage_{stage}.pt"
+    def _file(self, step: int, stage: int, timeline: int = 0) -> str:
+        return f"{self._step_dir(step)}/stage_{stage}{f'.t{timeline}' if timeline else ''}.pt"
 
     def _where(self, path: str) -> str:
         """``path`` as the user would write it: a plain path on the local filesystem, a URL elsewhere."""
         return path if self._local else self.fs.unstrip_protocol(path)
 
-    def _stages_by_step(self) -> dict[int, set[int]]:
-        """The stage files present, step by step; an empty or not yet created store has none."""
+    def _listing(self) -> list[tuple[int, int, int]]:
+        """(step, stage, timeline) of every stage file present; an empty or not yet created store has none."""
         # Other peers write here: drop every cached listing (some filesystems drop only the path and its
         # parents when given one, keeping stale listings of the step folders below it).
         self.fs.invalidate_cache()
         try:
             found = self.fs.find(self.path)
         except FileNotFoundError:
-            return {}
-        out: dict[int, set[int]] = {}
+            return []
+        out = []
         for p in found:
             m = _STAGE_FILE.fullmatch(p[len(self.path) + 1 :]) if p.startswith(self.path + "/") else None
             if m:
-                out.setdefault(int(m[1]), set()).add(int(m[2]))
+                out.append((int(m[1]), int(m[2]), int(m[3] or 0)))
         return out
+
+    def _timelines(self) -> dict[int, dict[int, int]]:
+        """step -> stage -> the newest timeline of its valid files (``_valid``), step by step."""
+        out: dict[int, dict[int, int]] = {}
+        for step, stage, timeline in self._listing():
+            if self._valid(step, timeline):
+                stages = out.setdefault(step, {})
+                stages[stage] = max(stages.get(stage, 0), timeline)
+        return out
+
+    def _stages_by_step(self) -> dict[int, set[int]]:
+        """The stages with a valid file, step by step."""
+        return {step: set(stages) for step, stages in self._timelines().items()}
 
     def save_stage(self, payload: StagePayload) -> None:
         self.save_bytes(payload.step, payload.stage, payload_bytes(payload))
 
-    def save_bytes(self, step: int, stage: int, data: bytes) -> None:
-        """Write one stage's serialised payload (``payload_bytes``) as the checkpoint of ``step``."""
+    def save_bytes(self, step: int, stage: int, data: bytes, timeline: int | None = None) -> None:
+        """Write one stage's serialised payload (``payload_bytes``) as the checkpoint of ``step``, in
+        ``timeline`` (None: the current one; a background write passes the one of the moment it was asked)."""
         t0 = time.perf_counter()
-        final = self._file(step, stage)
+        final = self._file(step, stage, self.timeline if timeline is None else timeline)
         try:
             if self._local:
                 self.fs.makedirs(self._step_dir(step), exist_ok=True)
@@ -267,7 +301,7 @@ class CheckpointStore:
             RuntimeError: the file is missing, unreadable, not a stage checkpoint, or of another stage/step;
                 the message names the file.
         """
-        path = self._file(step, stage)
+        path = self._file(step, stage, self._timelines().get(step, {}).get(stage, 0))
         where = self._where(path)
         t0 = time.perf_counter()
         try:
@@ -283,18 +317,17 @@ class CheckpointStore:
         return payload
 
     def drop_after(self, stage: int, step: int) -> list[int]:
-        """Delete ``stage``'s files of steps after ``step`` (a rollback to ``step`` abandons them): a file of the
-        abandoned timeline must never make a later step look complete beside files of the new one. Returns
-        the steps deleted."""
-        dropped = []
-        for s, stages in sorted(self._stages_by_step().items()):
-            if s > step and stage in stages:
+        """Delete ``stage``'s files of steps after ``step``, of every timeline (a rollback to ``step`` abandons
+        them; ``_valid`` already ignores them, this frees their space). Returns the steps deleted."""
+        dropped = set()
+        for s, i, timeline in sorted(self._listing()):
+            if s > step and i == stage:
                 try:
-                    self.fs.rm_file(self._file(s, stage))
-                    dropped.append(s)
+                    self.fs.rm_file(self._file(s, stage, timeline))
+                    dropped.add(s)
                 except FileNotFoundError:
                     pass
-        return dropped
+        return sorted(dropped)
 
     def prune(self) -> None:
         """Delete all but the newest ``keep`` complete steps; another peer pruning the same ones is fine."""
@@ -342,13 +375,14 @@ class AsyncSaver:
             OSError: the previous background write failed and there is no ``on_error``.
         """
         self.wait()
-        self.thread = threading.Thread(target=self._write, args=(step, blobs), name=f"ckpt-{step}", daemon=True)
+        args = (step, blobs, self.store.timeline)  # the timeline now: a late write must not join a later one
+        self.thread = threading.Thread(target=self._write, args=args, name=f"ckpt-{step}", daemon=True)
         self.thread.start()
 
-    def _write(self, step: int, blobs: list[tuple[int, bytes]]) -> None:
+    def _write(self, step: int, blobs: list[tuple[int, bytes]], timeline: int) -> None:
         try:
             for stage, data in blobs:
-                self.store.save_bytes(step, stage, data)
+                self.store.save_bytes(step, stage, data, timeline)
             self.store.prune()
         except BaseException as e:  # handed to the training thread by the next save or wait
             self.error = (step, e)

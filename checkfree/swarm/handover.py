@@ -146,6 +146,8 @@ class Handover:
             StageLostError, PeerProtocolError: from the transport; the caller aborts the epoch.
         """
         stage = group.stage
+        if self.ckpt is not None:  # which files are of this timeline; the files this peer writes join it
+            self.ckpt.rollbacks = [tuple(r) for r in rec.rollbacks]
         fresh = worker is None or worker.index != stage
         if fresh and rec.step > 0 and stage not in rec.lost and rec.rollback_to is None:
             # a peer with no trained weights for this stage (its own hand-over broke off) may start from the

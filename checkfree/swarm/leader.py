@@ -402,7 +402,7 @@ class Leader:
             cfg.model.num_stages,
             cfg.recovery.strategy,
             cfg.recovery.adjacent_fallback,
-            checkpoint_step=ckpt.latest_complete() if ckpt else None,
+            checkpoint_step=self._latest_complete(ckpt, current),
             checkpoint_every=cfg.checkpoint.every_steps if ckpt else 0,
             has_checkpoint=lambda s: ckpt is not None and ckpt.latest_for_stage(s) is not None,
             replicas_on=self.replicas_on,
@@ -510,6 +510,10 @@ class Leader:
             lost=list(decision.lost),
             plans=list(decision.plans),
             rollback_to=decision.rollback_to,
+            rollbacks=[
+                *(current.rollbacks if current else []),
+                *([(epoch, decision.rollback_to)] if decision.rollback_to is not None else []),
+            ],
             probes=[(members[pid].host, members[pid].probe_port) for pid in decision.roster],
             spares=spares,
             spare_probes=[(members[pid].host, members[pid].probe_port) for pid in spares],
@@ -533,6 +537,14 @@ class Leader:
             rollback_to=rec.rollback_to,
             reason=decision.reason,
         )
+
+    @staticmethod
+    def _latest_complete(ckpt: CheckpointStore | None, current: EpochRecord | None) -> int | None:
+        """The newest step every stage saved in the current timeline (the rollbacks ``current`` lists)."""
+        if ckpt is None:
+            return None
+        ckpt.rollbacks = [tuple(r) for r in current.rollbacks] if current else []
+        return ckpt.latest_complete()
 
     def stop_swarm(self, current: EpochRecord | None, reason: str, step: int) -> None:
         """Publish a stop record, so that every peer exits saying why, and stop this one."""

@@ -138,6 +138,9 @@ class EpochRecord(BaseModel):
     lost: list[int] = []  # stages whose peer was replaced in this epoch
     plans: list[PlanRecord] = []  # how each lost stage is rebuilt
     rollback_to: int | None = None  # checkpoint strategy: every stage restores this step
+    # every rollback of the run so far, (epoch, rollback_to), this one's included: which checkpoint files
+    # belong to the current timeline (``CheckpointStore.rollbacks``)
+    rollbacks: list[tuple[int, int]] = []
     stop: str | None = None  # set when the swarm gives up: every peer exits with this reason
     finished: bool = False  # set by the stages that ran the last step: the run is done, spares may leave
     probes: list[tuple[str, int]] = []  # each roster member's probe address (host, port)

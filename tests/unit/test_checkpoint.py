@@ -204,3 +204,47 @@ def test_a_rollback_drops_the_abandoned_timeline_so_no_step_mixes_two(tmp_path):
     assert store.drop_after(1, 4) == [8] and store.drop_after(0, 4) == []
     store.save_stage(_payload(0, 8))  # the new timeline's step 8, stage 0 first
     assert store.latest_complete() == 4 and store.latest_for_stage(1) == 4
+
+
+def test_a_write_finished_after_a_rollback_by_a_peer_frozen_across_it_never_completes_a_step(tmp_path):
+    """Stage 1's peer was frozen (SIGSTOP) mid-write of step 8 while the swarm rolled back to step 4 in epoch 5
+    and deleted the old timeline's files; it wakes and finishes the write. The new timeline's stage 0 writes
+    step 8: the step must not look complete with stage 1's old file, and once stage 1's new holder writes
+    it, the new file is the one loaded."""
+    store, frozen = CheckpointStore(tmp_path / "ckpt", num_stages=2), CheckpointStore(tmp_path / "ckpt", num_stages=2)
+    for s in (0, 1):
+        store.save_stage(_payload(s, 4))
+    old = _payload(1, 8)
+    old.lr = 0.5  # tells the files apart
+    store.rollbacks = [(5, 4)]  # the swarm rolled back in epoch 5 to step 4; the frozen peer never heard of it
+    store.drop_after(0, 4), store.drop_after(1, 4)
+    frozen.save_stage(old)  # the late write, of timeline 0
+    store.save_stage(_payload(0, 8))  # timeline 5
+    assert store.latest_complete() == 4 and store.latest_for_stage(1) == 4
+    assert frozen.latest_complete() == 8  # what a reader unaware of the rollback would have taken
+    store.save_stage(_payload(1, 8))
+    assert store.latest_complete() == 8 and store.load_stage(8, 1).lr == 1e-3
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "step_00000008").iterdir()) == [
+        "stage_0.t5.pt",
+        "stage_1.pt",
+        "stage_1.t5.pt",
+    ]
+    assert store.drop_after(1, 4) == [8] and not (tmp_path / "ckpt" / "step_00000008" / "stage_1.pt").exists()
+
+
+def test_files_of_steps_up_to_the_rollback_stay_valid_in_later_timelines(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", num_stages=1)
+    for step in (4, 8):
+        store.save_stage(_payload(0, step))
+    store.rollbacks = [(3, 8), (7, 4)]  # back to 8 in epoch 3 (its files stay), later back to 4 in epoch 7
+    assert store.complete_steps() == [4] and store.timeline == 7
+
+
+def test_a_background_write_keeps_the_timeline_of_the_moment_it_was_asked(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", num_stages=1)
+    saver = ckpt_mod.AsyncSaver(store)
+    store.rollbacks = [(2, 0)]
+    saver.save(6, [(0, ckpt_mod.payload_bytes(_payload(0, 6)))])
+    store.rollbacks = [(2, 0), (9, 4)]  # a rollback the writer's process learns of before its write lands
+    saver.wait()
+    assert (tmp_path / "ckpt" / "step_00000006" / "stage_0.t2.pt").exists() and store.complete_steps() == []
