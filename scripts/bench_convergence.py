@@ -200,6 +200,11 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="trainings side by side (one torch thread each when > 1)")
     ap.add_argument("--swarm", action="store_true", help="run every strategy in the multi-process swarm")
     ap.add_argument("--out", default="runs/bench/convergence.json")
+    ap.add_argument(
+        "--analyse-only",
+        action="store_true",
+        help="train nothing: analyse the finished runs in --runs-dir as they are (a missing one is an error)",
+    )
     ns = ap.parse_args()
     files, overrides = split_args(ns.args)
     overrides = [*overrides, f"eval_every_steps={ns.eval_every}"]
@@ -233,7 +238,12 @@ def main() -> None:
                             runs[strategy, rate, seed],
                         )
                     )
-    _run_all(files, tasks, ns.jobs, ns.swarm)
+    if ns.analyse_only:
+        missing = [str(d) for _, d in tasks if not (d / "summary.json").is_file()]
+        if missing:
+            raise SystemExit(f"--analyse-only: {len(missing)} runs have no summary.json, e.g. {missing[:3]}")
+    else:
+        _run_all(files, tasks, ns.jobs, ns.swarm)
 
     rows = []
     for seed in ns.seeds:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,6 +166,11 @@ def test_convergence_script(tmp_path):
     assert (tmp_path / "bench_convergence_rate0.33.png").stat().st_size > 5000
     again = _script(*args, tmp_path=tmp_path)
     assert again["table"] == table  # every finished run was found and reused
+    analysed = _script(*args, "--analyse-only", tmp_path=tmp_path)
+    assert analysed["table"] == table and analysed["realised_q"] == result["realised_q"]
+    shutil.rmtree(tmp_path / result["run_dirs"] / "checkfree-r0.33-s1")
+    with pytest.raises(AssertionError, match="1 runs have no summary.json"):
+        _script(*args, "--analyse-only", tmp_path=tmp_path)
 
 
 @pytest.mark.slow
