@@ -70,14 +70,18 @@ def timeline(metrics: list[dict], events: list[dict]) -> tuple[list[int], list[i
     """(repeated, redone, skipped) steps of the run's final timeline.
 
     A swarm-wide rollback (a published epoch E with ``rollback_to`` r) abandons every commit of a step >= r
-    made in an epoch before E: those steps are *redone*, by design. The commits not abandoned form the final
-    timeline, on which every step must appear exactly once: a step on it twice was applied twice
-    (*repeated*), one missing from it was never applied (*skipped*), both bugs."""
-    rollbacks = [
-        (e["new_epoch"], e["rollback_to"])
-        for e in events
-        if e["event"] == "epoch_published" and e.get("rollback_to") is not None
-    ]
+    made in an epoch before E: those steps are *redone*, by design. A rollback that broke off half-way,
+    after which the swarm went on past every step committed before E, abandons nothing. The commits not
+    abandoned form the final timeline, on which every step must appear exactly once: a step on it twice was
+    applied twice (*repeated*), one missing from it was never applied (*skipped*), both bugs."""
+    rollbacks = []
+    for e in events:
+        if e["event"] == "epoch_published" and e.get("rollback_to") is not None:
+            epoch = e["new_epoch"]
+            before = [m["step"] for m in metrics if m["epoch"] < epoch]
+            later = [m["step"] for m in metrics if m["epoch"] >= epoch]
+            went_on = before and later and min(later) > max(before)
+            rollbacks.append((epoch, min(later) if went_on else e["rollback_to"]))
     kept: list[int] = []
     redone: set[int] = set()
     for m in metrics:

@@ -301,7 +301,13 @@ class CheckpointStore:
             RuntimeError: the file is missing, unreadable, not a stage checkpoint, or of another stage/step;
                 the message names the file.
         """
-        path = self._file(step, stage, self._timelines().get(step, {}).get(stage, 0))
+        timeline = self._timelines().get(step, {}).get(stage)
+        if timeline is None and any(x[:2] == (step, stage) for x in self._listing()):
+            raise RuntimeError(
+                f"the checkpoint of stage {stage} at step {step} in {self._where(self.path)} belongs to a timeline "
+                f"a rollback abandoned (rollbacks so far, epoch and step: {self.rollbacks})"
+            )
+        path = self._file(step, stage, timeline or 0)
         where = self._where(path)
         t0 = time.perf_counter()
         try:
@@ -316,12 +322,14 @@ class CheckpointStore:
         self._throttle(len(data), t0)
         return payload
 
-    def drop_after(self, stage: int, step: int) -> list[int]:
-        """Delete ``stage``'s files of steps after ``step``, of every timeline (a rollback to ``step`` abandons
-        them; ``_valid`` already ignores them, this frees their space). Returns the steps deleted."""
+    def drop_after(self, stage: int, step: int, before: int | None = None) -> list[int]:
+        """Delete ``stage``'s files of steps after ``step`` written in a timeline older than ``before`` (None:
+        every timeline): a rollback to ``step`` in epoch ``before`` abandons them (``_valid`` already ignores
+        them; this frees their space). A peer that runs this late, after waking from a freeze, never
+        deletes the newer timelines' files. Returns the steps deleted."""
         dropped = set()
         for s, i, timeline in sorted(self._listing()):
-            if s > step and i == stage:
+            if s > step and i == stage and (before is None or timeline < before):
                 try:
                     self.fs.rm_file(self._file(s, stage, timeline))
                     dropped.add(s)
@@ -383,9 +391,13 @@ class AsyncSaver:
         try:
             for stage, data in blobs:
                 self.store.save_bytes(step, stage, data, timeline)
-            self.store.prune()
         except BaseException as e:  # handed to the training thread by the next save or wait
             self.error = (step, e)
+            return
+        try:
+            self.store.prune()
+        except OSError as e:  # the step is saved; old steps stay until a later prune
+            logger.warning("cannot prune checkpoints in %s: %s", self.store.root, e)
 
     def wait(self) -> None:
         if self.thread is not None:

@@ -32,7 +32,7 @@ from checkfree.core.recovery import RecoveryPlan, edge_kind, edge_replicas_on, r
 from checkfree.core.redundancy import full_state_like, full_state_tensors, shadow_holder, shadow_of
 from checkfree.core.schedule import Schedule
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped
-from checkfree.swarm.membership import EpochRecord, Lineage, PlanRecord
+from checkfree.swarm.membership import EpochRecord, Lineage, PlanRecord, known_rollbacks
 from checkfree.swarm.shadow import HeldShadow
 from checkfree.swarm.transport import EpochGroup, StageLostError
 from checkfree.swarm.worker import StageWorker
@@ -147,7 +147,7 @@ class Handover:
         """
         stage = group.stage
         if self.ckpt is not None:  # which files are of this timeline; the files this peer writes join it
-            self.ckpt.rollbacks = [tuple(r) for r in rec.rollbacks]
+            self.ckpt.rollbacks = known_rollbacks(self.ckpt, rec)
         fresh = worker is None or worker.index != stage
         if fresh and rec.step > 0 and stage not in rec.lost and rec.rollback_to is None:
             # a peer with no trained weights for this stage (its own hand-over broke off) may start from the
@@ -209,7 +209,7 @@ class Handover:
         if self.ckpt is not None:
             # the steps after the rollback are redone: this stage's files of the old timeline go (no write of
             # this peer is in flight: it waited for it before reporting the broken epoch)
-            self.ckpt.drop_after(stage, rec.rollback_to)
+            self.ckpt.drop_after(stage, rec.rollback_to, before=rec.epoch)
         origin = Lineage(kind="restored" if restored is not None else "initial", step=rec.rollback_to, epoch=rec.epoch)
         if worker is None or worker.index != stage or restored is None:
             worker = self.new_worker(stage, restored, origin)

@@ -31,7 +31,7 @@ from checkfree.swarm.addressing import dial_host, listen
 from checkfree.swarm.config import parse_port_range
 from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, next_iteration, stage_holders
 from checkfree.swarm.gate import Gate
-from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
+from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership, known_rollbacks
 
 
 def probe(host: str, port: int, timeout_s: float = 0.3) -> str:
@@ -511,7 +511,7 @@ class Leader:
             plans=list(decision.plans),
             rollback_to=decision.rollback_to,
             rollbacks=[
-                *(current.rollbacks if current else []),
+                *(ckpt.rollbacks if ckpt else []),
                 *([(epoch, decision.rollback_to)] if decision.rollback_to is not None else []),
             ],
             probes=[(members[pid].host, members[pid].probe_port) for pid in decision.roster],
@@ -540,10 +540,12 @@ class Leader:
 
     @staticmethod
     def _latest_complete(ckpt: CheckpointStore | None, current: EpochRecord | None) -> int | None:
-        """The newest step every stage saved in the current timeline (the rollbacks ``current`` lists)."""
+        """The newest step every stage saved in the current timeline (the rollbacks ``current`` lists, and
+        any this peer learnt of before)."""
         if ckpt is None:
             return None
-        ckpt.rollbacks = [tuple(r) for r in current.rollbacks] if current else []
+        if current is not None:
+            ckpt.rollbacks = known_rollbacks(ckpt, current)
         return ckpt.latest_complete()
 
     def stop_swarm(self, current: EpochRecord | None, reason: str, step: int) -> None:

@@ -151,6 +151,15 @@ class EpochRecord(BaseModel):
     time: float = 0.0
 
 
+def known_rollbacks(ckpt, rec: EpochRecord) -> list[tuple[int, int]]:
+    """The rollbacks ``rec`` lists (its own included, should a record lack it) merged with those ``ckpt``
+    knew already: a record read from a lagging DHT never makes a peer forget one."""
+    known = {*ckpt.rollbacks, *(tuple(r) for r in rec.rollbacks)}
+    if rec.rollback_to is not None:
+        known.add((rec.epoch, rec.rollback_to))
+    return sorted(known)
+
+
 async def _watchdog(parent_pid: int, poll_s: float, dht, node) -> bool:
     """Runs inside the DHT process: starts a task that shuts the process (and its p2pd) down when the peer
     process that forked it is gone, and returns once that task runs, so that the caller can wait for it."""

@@ -248,3 +248,25 @@ def test_a_background_write_keeps_the_timeline_of_the_moment_it_was_asked(tmp_pa
     store.rollbacks = [(2, 0), (9, 4)]  # a rollback the writer's process learns of before its write lands
     saver.wait()
     assert (tmp_path / "ckpt" / "step_00000006" / "stage_0.t2.pt").exists() and store.complete_steps() == []
+
+
+def test_a_late_drop_after_a_rollback_spares_the_newer_timelines_files(tmp_path):
+    """A peer frozen inside its rollback of epoch 5 wakes after the swarm wrote step 8 in timeline 5 (and again
+    in timeline 9): its late drop deletes only the files older than the rollback it was in."""
+    store = CheckpointStore(tmp_path / "ckpt", num_stages=1)
+    store.save_stage(_payload(0, 8))  # timeline 0, abandoned by the rollback in epoch 5
+    store.rollbacks = [(5, 4)]
+    store.save_stage(_payload(0, 8))
+    store.rollbacks = [(5, 4), (9, 8)]
+    store.save_stage(_payload(0, 12))
+    assert store.drop_after(0, 4, before=5) == [8]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*/*.pt")) == ["stage_0.t5.pt", "stage_0.t9.pt"]
+    assert store.complete_steps() == [8, 12]
+
+
+def test_loading_a_file_a_rollback_abandoned_is_refused_saying_so(tmp_path):
+    store = CheckpointStore(tmp_path / "ckpt", num_stages=1)
+    store.save_stage(_payload(0, 8))
+    store.rollbacks = [(5, 4)]
+    with pytest.raises(RuntimeError, match="stage 0 at step 8 .* belongs to a timeline a rollback abandoned"):
+        store.load_stage(8, 0)

@@ -284,3 +284,11 @@ def test_commits_after_the_rollback_epoch_are_kept_and_a_later_rollback_abandons
         _published(9.5, 3, ROSTER, lost=[2, 3], rollback_to=5),
     ]
     assert timeline(metrics, events) == ([], [2, 3, 4, 5, 6, 7, 8], [])
+
+
+def test_a_rollback_that_broke_off_and_was_not_redone_abandons_nothing():
+    """Epoch 1 published a rollback to step 2 but broke off before anyone trained in it; epoch 2 went on from
+    step 6, where epoch 0 had stopped: no step was redone, none skipped."""
+    metrics = _commits((0, range(0, 6)), (2, range(6, 10)))
+    events = [_published(5.0, 1, ROSTER, lost=[0, 1], rollback_to=2), _published(6.0, 2, ROSTER, lost=[1])]
+    assert timeline(metrics, events) == ([], [], [])
