@@ -105,6 +105,21 @@ def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
     return None
 
 
+def lag_at_end(ref: list[tuple[int, float]], curve: list[tuple[int, float]]) -> int | None:
+    """Steps the arm is behind its reference at the end of the horizon: how long before the arm's last
+    evaluation the reference had first reached the arm's final best-so-far loss (negative: the arm got to the
+    reference's final best first, so it is ahead). None: the arm ends worse than the reference was right
+    after the loss, so it is behind by more than the horizon (a censored value, counted apart). Unlike q, it
+    needs no target, so it measures a lag where the arm never reaches one."""
+    end = curve[-1][0]
+    arm_best, ref_best = min(v for _, v in curve), min(v for _, v in ref)
+    if arm_best <= ref_best:
+        return -(end - steps_to(curve, ref_best))
+    if ref[0][1] < arm_best:  # the reference was past it already at its first evaluation after the loss
+        return None
+    return end - steps_to(ref, arm_best)
+
+
 def _config(files, overrides, seed: int, swap: bool, extra: list[str], out_dir: Path, name: str, ns):
     strategy = "checkfree_plus" if swap else "checkfree"
     return load_config(
@@ -325,6 +340,7 @@ def analyse(results: list[dict], methods: dict, stages: list[int], num_stages: i
                 "family": arm["family"],
                 "jump": arm_at[first] - ref_at[first],  # val loss right after the rebuild, over the reference's
                 "gap_end": curve[-1][1] - ref_at[curve[-1][0]],
+                "lag_end": lag_at_end(ref, curve),
                 "rebuilt": arm["rebuilt"],
             }
             for k in ns.target_after:
@@ -343,6 +359,8 @@ def analyse(results: list[dict], methods: dict, stages: list[int], num_stages: i
                 "label": stage_label(stage, num_stages),
                 "jump": bootstrap([x["jump"] for x in r]).as_dict(),
                 "gap_end": bootstrap([x["gap_end"] for x in r]).as_dict(),
+                "lag_end": bootstrap([x["lag_end"] for x in r if x["lag_end"] is not None]).as_dict(),
+                "lag_beyond_horizon": sum(x["lag_end"] is None for x in r),
                 "seeds": len(r),
             }
             for k in ns.target_after:
@@ -368,8 +386,8 @@ def markdown(analysis: dict, methods: dict, stages: list[int], ns, header: str) 
         "",
         "| method | stage | jump of val loss | "
         + " | ".join(f"q (target F+{k}) | reached" for k in ks)
-        + " | gap at the end |",
-        "|---|---|---|" + "---|---|" * len(ks) + "---|",
+        + " | gap at the end | steps behind at the end | behind by more than the horizon |",
+        "|---|---|---|" + "---|---|" * len(ks) + "---|---|---|",
     ]
     for name in methods:
         for stage in stages:
@@ -377,7 +395,10 @@ def markdown(analysis: dict, methods: dict, stages: list[int], ns, header: str) 
             if c is None:
                 continue
             cells = " | ".join(f"{_fmt(c[f'q@{k}'])} | {c[f'reached@{k}']}/{c['seeds']}" for k in ks)
-            lines.append(f"| {name} | {c['label']} | {_fmt(c['jump'], 3)} | {cells} | {_fmt(c['gap_end'], 3)} |")
+            lag = f"{_fmt(c['lag_end'])} | {c['lag_beyond_horizon']}/{c['seeds']}" if "lag_end" in c else "- | -"
+            lines.append(
+                f"| {name} | {c['label']} | {_fmt(c['jump'], 3)} | {cells} | {_fmt(c['gap_end'], 3)} | {lag} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -442,7 +463,9 @@ def main() -> None:
         f"{ns.horizon} steps after, seeds {ns.seeds}, validation every {ns.eval_every} step(s) on "
         f"{ns.val_batches} fixed batches. q = extra steps to the best validation loss the reference had "
         "reached k steps after the loss (best-so-far curves); 95% bootstrap intervals over seeds; "
-        "'reached' counts the seeds that got there within the horizon (q is over those only)."
+        "'reached' counts the seeds that got there within the horizon (q is over those only). Steps behind at "
+        "the end: how long before the end the reference had reached the arm's final best-so-far loss (negative: "
+        "ahead), over the seeds not behind by more than the horizon, which are counted apart."
     )
     out = {
         "args": ns.args,
