@@ -16,12 +16,15 @@ high ends are marked "not resolved". Defaults: the paper's medium model (~500M p
     python scripts/whatif.py --q-json docs/results/q_bench.json --q-key plus/2 --q-at 50 --from-run runs/bench
     python scripts/whatif.py --replay runs/a runs/b --step-s 91.3 --storage-mb-s 500 --downtime-s 30
     python scripts/whatif.py --validate runs/ckpt runs/cfplus --q 12 --target-loss 2.6
+    python scripts/whatif.py --fit-overlap runs/bench/overlap-fit-runs checkfree_plus --q 21 --q-full-step 300
 
 ``--replay`` re-times recorded engine runs (their own trajectory of commits, failures, saves and rollbacks)
 under the given step, save, restore and downtime costs (any left out: the run's own). ``--validate`` takes
 runs recorded with ``checkpoint.storage_mb_s`` emulation, one of them with ``recovery.strategy`` checkpoint
 or none (its steps to the target are the failure-free ones), and compares each run's measured time to the
 target loss, relative to the first run, with the model's prediction from the runs' own measurements.
+``--fit-overlap`` fits q and ``--q-overlap-iterations`` (losses that follow each other closely cost less than
+one q each) on a convergence sweep with failure-free runs, to be validated on another sweep.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from matplotlib.colors import ListedColormap
 
 from checkfree.core import costmodel as cm
 from checkfree.core.metrics import report
+from checkfree.core.stats import bootstrap
 from checkfree.plot import save_figure
 
 STRATEGIES = ("checkpoint", "checkfree", "hybrid")
@@ -96,6 +100,7 @@ def scenario(ns, base: dict, rate: float, mb_s: float, q: float) -> cm.Scenario:
         q=q,
         interrupt_fraction=ns.interrupt_fraction,
         q_full_step=ns.q_full_step,
+        q_overlap_iterations=ns.q_overlap_iterations,
     )
 
 
@@ -214,7 +219,9 @@ def draw_map(grid: dict, base: dict, ns, qs, path: Path) -> None:
     )
     ax.set_title(
         f"fastest to {ns.target_steps:g} steps; in each cell the runner-up's time over the winner's\n"
-        f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}], step {base['step_s']:.3g} s, "
+        f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]"
+        + (f" overlapping over {ns.q_overlap_iterations:g} iterations" if ns.q_overlap_iterations else "")
+        + f", step {base['step_s']:.3g} s, "
         f"state {base['payload_bytes'] / 1e9:.3g} GB, "
         f"{base['num_stages']} stages, downtime {base['downtime_s']:g} s",
         fontsize=9,
@@ -275,7 +282,7 @@ def validate_mode(ns) -> dict:
         raise SystemExit(f"--validate: the reference run {ref.run_dir} never reached validation loss {target}")
     rebuilding = any(r.config["recovery"]["strategy"] not in ("checkpoint", "none") for r in runs)
     qs = q_interval(ns) if rebuilding else (0.0, 0.0, 0.0)
-    rows = [_validate_row(run, reached[0], target, qs, ns.q_full_step) for run in runs]
+    rows = [_validate_row(run, reached[0], target, qs, ns.q_full_step, ns.q_overlap_iterations) for run in runs]
     first = rows[0]
     for row in rows:
         row["measured_ratio"] = _ratio(row["measured_s"], first["measured_s"])
@@ -359,6 +366,11 @@ def validate_sweep(ns) -> dict:
         f"a factor of {off:.2f} (geometric mean over the pairs)"
         + (f"; q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]" if (ns.q or ns.q_json) and (qs := q_interval(ns)) else "")
         + (f", growing to its value at step {ns.q_full_step:g}" if ns.q_full_step else ", the same at every step")
+        + (
+            f"; a loss J iterations after the previous one costs q (1 - exp(-J / {ns.q_overlap_iterations:g}))"
+            if ns.q_overlap_iterations
+            else "; every loss costs its whole q"
+        )
         + "."
     )
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
@@ -371,6 +383,105 @@ def validate_sweep(ns) -> dict:
             "inside": inside,
             "point_error_factor": off,
             "q_full_step": ns.q_full_step,
+            "q_overlap_iterations": ns.q_overlap_iterations,
+        }
+    }
+
+
+OVERLAP_GRID = np.concatenate([[0.0], np.geomspace(1.0, 3000.0, 160)])
+
+
+def fit_overlap(ns) -> dict:
+    """Fit q and tau (``q_overlap_iterations``) on a convergence sweep of OURS against the failure-free runs:
+    per (rate, seed), the measured extra committed steps to the pair's common target (the higher final
+    validation loss, as ``--validate-sweep`` compares) against the debt the model charges the run's own
+    losses (``recorded_debt``, with ``--q-full-step``'s ramp; losses after OURS reached the target left out).
+    The debt is linear in q, so for each tau on a grid q is least squares through the origin, and the pair
+    (q, tau) with the least squared error wins; bootstrap intervals over the pairs. Compared with the given
+    ``--q`` and no overlap, and with the best single q and no overlap. The fit is only as good as the runs:
+    fit on one sweep and validate on another."""
+    runs_dir, ours = Path(ns.fit_overlap[0]), ns.fit_overlap[1]
+    given = q_interval(ns)[0]
+    pairs, unit = [], []
+    for mine in sorted(runs_dir.glob(f"{ours.replace(':', 'K')}-r*-s*")):
+        tag = mine.name.split("-", 1)[1]  # rRATE-sSEED
+        ref_dir = runs_dir / f"none-{tag.split('-')[1]}"
+        if not (mine / "summary.json").is_file() or not (ref_dir / "summary.json").is_file():
+            continue
+        run, ref = cm.load_run(mine), cm.load_run(ref_dir)
+        target = max(run.summary["final_val_loss"], ref.summary["final_val_loss"])
+        got, base = cm.steps_to_target(run, target), cm.steps_to_target(ref, target)
+        if got is None or base is None:
+            continue
+        model = lambda t: cm.Scenario(1, 1, 0, 1, q=1.0, q_full_step=ns.q_full_step, q_overlap_iterations=t)
+        unit.append([cm.recorded_debt(run, model(t), got[0]) for t in OVERLAP_GRID])  # debt per unit q
+        pairs.append(
+            {
+                "pair": tag,
+                "rate": float(tag.split("-")[0][1:]),
+                "failures": sum(it.failures for it in run.iterations if it.step < got[0]),
+                "target_loss": target,
+                "measured_extra_steps": got[0] - base[0],
+            }
+        )
+    if len(pairs) < 3:
+        raise ValueError(f"--fit-overlap: {len(pairs)} none / {ours} pairs that reached their target in {runs_dir}")
+    d = np.array(unit)  # pairs x grid
+    m = np.array([p["measured_extra_steps"] for p in pairs], dtype=float)
+
+    def fit(idx) -> tuple[float, int]:
+        x, y = d[np.asarray(idx, dtype=int)], m[np.asarray(idx, dtype=int)]
+        q = np.where((x * x).sum(axis=0) > 0, (x * y[:, None]).sum(axis=0) / np.maximum((x * x).sum(axis=0), 1e-12), 0)
+        q = np.maximum(q, 0.0)
+        j = int(np.argmin(((q * x - y[:, None]) ** 2).sum(axis=0)))
+        return float(q[j]), j
+
+    q_fit, k = fit(range(len(pairs)))
+    q_iv = bootstrap(range(len(pairs)), lambda i: fit(i)[0], resamples=2000)
+    tau_iv = bootstrap(range(len(pairs)), lambda i: float(OVERLAP_GRID[fit(i)[1]]), resamples=2000)
+    q_add = float(max((d[:, 0] * m).sum() / (d[:, 0] ** 2).sum(), 0.0)) if (d[:, 0] ** 2).sum() else 0.0
+    rmse = lambda pred: float(np.sqrt(((pred - m) ** 2).mean()))
+    fits = {
+        "fitted": rmse(q_fit * d[:, k]),
+        "given_q_no_overlap": rmse(given * d[:, 0]),
+        "best_q_no_overlap": rmse(q_add * d[:, 0]),
+    }
+    for p, row in zip(pairs, d):
+        p["predicted_fitted"], p["predicted_given_q"] = float(q_fit * row[k]), float(given * row[0])
+    tau = float(OVERLAP_GRID[k])
+    lines = [
+        f"Overlap fit: {ours} against the failure-free run of each seed in {runs_dir} ({len(pairs)} pairs). "
+        "Measured extra committed steps to the pair's common target (the higher final validation loss) against "
+        "the model's debt for the run's own losses"
+        + (f", q growing to its value at step {ns.q_full_step:g}" if ns.q_full_step else "")
+        + f". Fitted: q = {q_fit:.3g} [{q_iv.low:.3g}, {q_iv.high:.3g}], tau = {tau:.3g} [{tau_iv.low:.3g}, "
+        f"{tau_iv.high:.3g}] iterations (bootstrap over the pairs). RMSE {fits['fitted']:.1f} steps fitted, "
+        f"{fits['given_q_no_overlap']:.1f} with q = {given:g} and no overlap, {fits['best_q_no_overlap']:.1f} with "
+        f"the best q and no overlap ({q_add:.3g}).\n",
+        f"| rate (/h) | pairs | failures before the target | measured extra steps | fitted model | q = {given:g}, "
+        "no overlap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rate in sorted({p["rate"] for p in pairs}):
+        at = [p for p in pairs if p["rate"] == rate]
+        mean = lambda key, at=at: bootstrap([p[key] for p in at]).fmt(1)
+        lines.append(
+            f"| {rate:g} | {len(at)} | {mean('failures')} | {mean('measured_extra_steps')} | "
+            f"{mean('predicted_fitted')} | {mean('predicted_given_q')} |"
+        )
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return {
+        "fit_overlap": {
+            "ours": ours,
+            "q_full_step": ns.q_full_step,
+            "q": q_iv.as_dict() | {"estimate": q_fit},
+            "tau": tau_iv.as_dict() | {"estimate": tau},
+            "given_q": given,
+            "best_q_no_overlap": q_add,
+            "rmse": fits,
+            "pairs": pairs,
         }
     }
 
@@ -379,14 +490,14 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
-def _validate_row(run: cm.RecordedRun, ref_steps: int, target: float, qs, q_full_step: float = 0.0) -> dict:
+def _validate_row(
+    run: cm.RecordedRun, ref_steps: int, target: float, qs, q_full_step: float = 0.0, overlap: float = 0.0
+) -> dict:
     got = cm.steps_to_target(run, target)
     pol = _policy_of(run)
-    predicted = {
-        name: cm.expected_time(cm.run_scenario(run, ref_steps, q, q_full_step=q_full_step), pol)
-        for name, q in zip(("", "_q_low", "_q_high"), qs)
-    }
-    sc = cm.run_scenario(run, ref_steps, qs[0], q_full_step=q_full_step)
+    model = lambda q: cm.run_scenario(run, ref_steps, q, q_full_step=q_full_step, q_overlap_iterations=overlap)
+    predicted = {name: cm.expected_time(model(q), pol) for name, q in zip(("", "_q_low", "_q_high"), qs)}
+    sc = model(qs[0])
     return {
         "run_dir": run.run_dir,
         "strategy": run.config["recovery"]["strategy"],
@@ -466,6 +577,14 @@ def parse_args(argv=None):
         help="the step at which q was measured (measure_q.py --fail-at): a loss at step s costs q min(1, s / F), "
         "as losses early in training cost less; 0 (default): q at every step",
     )
+    ap.add_argument(
+        "--q-overlap-iterations",
+        type=float,
+        default=0.0,
+        help="tau: an incident J iterations after the previous one costs q (1 - exp(-J / tau)) per lost stage, "
+        "as a model still recovering from a rebuild loses less to the next (fit it with --fit-overlap); "
+        "0 (default): every loss costs its whole q",
+    )
     ap.add_argument("--target-steps", type=float, default=10_000)
     ap.add_argument("--intervals", type=int, nargs="*", default=[50, 200])
     ap.add_argument("--p-unrecoverable", type=float, help="hybrid: share of incidents rolled back (default: adjacent)")
@@ -487,6 +606,13 @@ def parse_args(argv=None):
         help="validate every (rate, seed) pair of a bench_convergence.py --runs-dir: BASELINE (e.g. checkpoint:25) "
         "against OURS (e.g. checkfree_plus), and write a markdown table next to --out",
     )
+    ap.add_argument(
+        "--fit-overlap",
+        nargs=2,
+        metavar=("RUNS_DIR", "OURS"),
+        help="fit --q-overlap-iterations on a bench_convergence.py --runs-dir with a none strategy: OURS's extra "
+        "steps to target against the model's debt for its own losses, given --q (and --q-full-step)",
+    )
     ap.add_argument("--out", default="runs/whatif/whatif.json")
     return ap.parse_args(argv)
 
@@ -496,6 +622,8 @@ def main(argv=None) -> None:
     try:
         if ns.replay:
             result = replay_mode(ns)
+        elif ns.fit_overlap:
+            result = fit_overlap(ns)
         elif ns.validate_sweep:
             result = validate_sweep(ns)
         elif ns.validate:

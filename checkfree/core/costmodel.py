@@ -19,8 +19,9 @@ one iteration are replaced in parallel, so D is per incident), and then:
   every stage goes back to the last checkpoint and the steps since then are redone, exposed to failures
   again;
 - **CheckFree(+)**: the lost stages are rebuilt in place and training goes on; each lost stage adds q
-  committed steps to the target (the extra steps to the same loss, measured by ``scripts/measure_q.py``);
-  no saves, no rollback;
+  committed steps to the target (the extra steps to the same loss, measured by ``scripts/measure_q.py``),
+  less early in training (``q_full_step``) and less when it follows another loss closely
+  (``q_overlap_iterations``); no saves, no rollback;
 - **hybrid**: CheckFree for the incidents it can recover, plus asynchronous checkpoints every k_a steps
   that do not stall training; a fraction u (``p_unrecoverable``) of incidents (two neighbours lost at once,
   everything lost) rolls back to the last of them, at restore cost R (a save counts as complete when its
@@ -61,6 +62,10 @@ class Scenario:
     # F: 0, q is the same whenever a stage is lost; else q is what a loss at committed step F costs, and a
     # loss at step s costs q min(1, s / F) (early losses cost less: measure_q.py's regime scan)
     q_full_step: float = 0.0
+    # tau: 0, every loss costs its whole q; else an incident J iterations after the previous one costs
+    # q (1 - exp(-J / tau)) per lost stage: a model still recovering from one rebuild loses less to the next
+    # (the sweeps' realised q per failure falls as the rate rises). Fitted by whatif.py --fit-overlap.
+    q_overlap_iterations: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.target_steps > 0 or not self.step_s > 0:
@@ -78,6 +83,10 @@ class Scenario:
             raise ValueError(f"interrupt_fraction={self.interrupt_fraction} must be in [0, 1]")
         if not self.q_full_step >= 0:
             raise ValueError(f"q_full_step={self.q_full_step} must be >= 0 (0: q at every step)")
+        if not self.q_overlap_iterations >= 0:
+            raise ValueError(
+                f"q_overlap_iterations={self.q_overlap_iterations} must be >= 0 (0: every loss costs its whole q)"
+            )
 
     @property
     def failures_per_step(self) -> float:
@@ -88,6 +97,27 @@ class Scenario:
     def incident_prob(self) -> float:
         """h = 1 - (1 - p)^L: probability that an iteration loses at least one stage."""
         return -math.expm1(self.num_stages * math.log1p(-self.stage_fail_prob)) if self.stage_fail_prob < 1 else 1.0
+
+    @property
+    def overlap_factor(self) -> float:
+        """The mean share of q a loss costs when losses overlap (``q_overlap_iterations`` tau > 0): the
+        iterations J from one incident to the next are geometric, P(J = j) = h (1 - h)^(j - 1), so with
+        z = exp(-1 / tau), E[1 - z^J] = 1 - h z / (1 - (1 - h) z). About 1 / (1 + lambda tau) for small h.
+        The first incident of a run, which follows none and costs its whole q, is left out (stationary)."""
+        h = self.incident_prob
+        if not self.q_overlap_iterations or h <= 0.0:
+            return 1.0
+        z = math.exp(-1.0 / self.q_overlap_iterations)
+        return 1.0 - h * z / (1.0 - (1.0 - h) * z)
+
+    def loss_cost(self, committed_step, gap_iterations):
+        """q for one lost stage: the ramp of ``q_full_step`` at the committed step it was lost at, times the
+        overlap discount 1 - exp(-J / tau) for an incident J iterations after the previous one (inf: none
+        before it). Takes numbers or numpy arrays."""
+        q = self.q * np.minimum(1.0, np.asarray(committed_step) / self.q_full_step) if self.q_full_step else self.q
+        if self.q_overlap_iterations:
+            q = q * -np.expm1(-np.asarray(gap_iterations, dtype=float) / self.q_overlap_iterations)
+        return q
 
 
 @dataclass(frozen=True)
@@ -212,6 +242,33 @@ def _steps_needed(target: float, g: float, full_step: float) -> float:
     return target / (1.0 - g) if g < 1.0 else math.inf
 
 
+def _first_loss_extra(sc: Scenario, pol: Policy, steps: float) -> float:
+    """With overlap, an incident early in a run has fewer incidents before it to overlap with (the first
+    has none and costs its whole q), so it costs more than the stationary ``overlap_factor`` share of q.
+    An incident at iteration t follows the previous one by j <= t iterations with probability
+    h (1 - h)^(j - 1), and none with probability (1 - h)^t, so its expected share is exactly
+    phi + (1 - phi) y^t with y = (1 - h) z, z = exp(-1 / tau). Summed over the iterations of a run of
+    ``steps`` committed steps (T = steps / (1 - h)), each with an incident with probability h, at the ramp's
+    value min(1, a t) (a = (1 - h) / F: committed steps per iteration over F), the excess over phi is
+
+        q c (1 - phi) h [a sum_{t < M} t y^t + y^M - y^T],  M = min(T, 1 / a),
+
+    with c the stages lost per incident, times 1 - u for the hybrid."""
+    h = sc.incident_prob
+    if not sc.q_overlap_iterations or h <= 0.0 or h >= 1.0 or math.isinf(steps):
+        return 0.0
+    y = (1.0 - h) * math.exp(-1.0 / sc.q_overlap_iterations)
+    t_end = max(steps, 0.0) / (1.0 - h)
+    if sc.q_full_step:
+        a = (1.0 - h) / sc.q_full_step
+        m = min(t_end, 1.0 / a)
+        weight = a * y * (1.0 - m * y ** (m - 1.0) + (m - 1.0) * y**m) / (1.0 - y) ** 2 + y**m - y**t_end
+    else:
+        weight = (1.0 - y**t_end) / (1.0 - y)
+    per_incident = sc.failures_per_step / h  # stages lost per incident
+    return sc.q * (1.0 - sc.overlap_factor) * h * weight * per_incident * (1.0 - pol.p_unrecoverable)
+
+
 def expected_time(sc: Scenario, pol: Policy) -> float:
     """Expected wall-clock to reach ``sc.target_steps`` under ``pol`` (inf when it never gets there).
 
@@ -222,15 +279,17 @@ def expected_time(sc: Scenario, pol: Policy) -> float:
     with a save and a remainder that does not (``_segment``). For checkpointing (u = 1) N = S and the
     result is exact; for the hybrid, which rolls back steps whose debt it already counted, a close
     approximation (the tests bound it against ``simulate``). With ``q_full_step`` F the debt of a step s
-    is g min(1, s / F) (``_steps_needed``).
+    is g min(1, s / F) (``_steps_needed``). With ``q_overlap_iterations`` each loss costs the stationary
+    ``overlap_factor`` share of q, and the first its whole q (``_first_loss_extra``, an approximation the
+    tests bound against ``simulate``).
     """
     save_s = sc.save_s if pol.blocking_save else 0.0
     need = float(sc.target_steps)
     if pol.p_unrecoverable < 1.0 and sc.q > 0.0:
         k = pol.interval or need
         _, iters = _segment(sc, pol, k, 0.0)
-        g = sc.q * sc.failures_per_step * (1.0 - pol.p_unrecoverable) * iters / k
-        need = _steps_needed(need, g, sc.q_full_step)
+        g = sc.q * sc.overlap_factor * sc.failures_per_step * (1.0 - pol.p_unrecoverable) * iters / k
+        need = _steps_needed(need + _first_loss_extra(sc, pol, _steps_needed(need, g, 0.0)), g, sc.q_full_step)
         if math.isinf(need):
             return math.inf
     if pol.interval is None or pol.interval > need:  # never saves: one segment from the start
@@ -315,12 +374,13 @@ def simulate(
         return np.full(runs, math.inf)
     t, done = np.zeros(runs), np.zeros(runs, dtype=bool)
     committed, last_ckpt = np.zeros(runs, dtype=np.int64), np.zeros(runs, dtype=np.int64)
+    last_incident = np.full(runs, -np.inf)  # the iteration of each run's previous incident (overlap)
     target = np.full(runs, float(sc.target_steps))
     lost_s = sc.interrupt_fraction * sc.step_s + sc.downtime_s
     save_s = sc.save_s if pol.blocking_save else 0.0
     if max_iterations is None:
         max_iterations = int(min(20 * expected / sc.step_s + 100, 200_000))
-    for _ in range(max_iterations):
+    for i in range(max_iterations):
         idx = np.flatnonzero(~done)
         if idx.size == 0:
             break
@@ -328,8 +388,8 @@ def simulate(
         back = (count > 0) & (rng.random(idx.size) < pol.p_unrecoverable)
         rebuilt, ok = idx[(count > 0) & ~back], idx[count == 0]
         t[idx[count > 0]] += lost_s
-        q = sc.q * np.minimum(1.0, committed[rebuilt] / sc.q_full_step) if sc.q_full_step else sc.q
-        target[rebuilt] += q * count[(count > 0) & ~back]
+        target[rebuilt] += sc.loss_cost(committed[rebuilt], i - last_incident[rebuilt]) * count[(count > 0) & ~back]
+        last_incident[idx[count > 0]] = i
         t[idx[back]] += sc.restore_s
         committed[idx[back]] = last_ckpt[idx[back]]
         t[ok] += sc.step_s
@@ -519,8 +579,27 @@ def steps_to_target(run: RecordedRun, target: float, times: list[float] | None =
     return next(((s, t) for s, v, t in val_curve(run, times) if v <= target), None)
 
 
+def recorded_debt(run: RecordedRun, sc: Scenario, until_step: float = math.inf) -> float:
+    """The extra committed steps ``sc``'s q (its ramp and overlap included) charges a recorded run for its own
+    losses: every incident that interrupted a step before committed step ``until_step``, each lost stage
+    costing ``sc.loss_cost`` at the step it was lost and the iterations since the incident before it."""
+    debt, last = 0.0, -math.inf
+    for it in run.iterations:
+        if it.kind != "interrupted" or not it.failures:
+            continue
+        if it.step < until_step:
+            debt += it.failures * float(sc.loss_cost(it.step, it.index - last))
+        last = it.index
+    return debt
+
+
 def run_scenario(
-    run: RecordedRun, target_steps: float, q: float = 0.0, downtime_s: float | None = None, q_full_step: float = 0.0
+    run: RecordedRun,
+    target_steps: float,
+    q: float = 0.0,
+    downtime_s: float | None = None,
+    q_full_step: float = 0.0,
+    q_overlap_iterations: float = 0.0,
 ) -> Scenario:
     """The ``Scenario`` a recorded run measured: mean step, save and restore times, the mean point where
     failures interrupted a step, and its per-stage failure probability (the configured one for ``per_step``
@@ -548,4 +627,5 @@ def run_scenario(
         q=q,
         interrupt_fraction=mean([it.fraction for it in hit]) if hit else 0.5,
         q_full_step=q_full_step,
+        q_overlap_iterations=q_overlap_iterations,
     )

@@ -79,6 +79,61 @@ def test_q_that_grows_with_progress_agrees_with_the_simulation():
         scenario(q_full_step=-1.0)
 
 
+def test_the_overlap_factor_is_the_mean_discount_of_a_geometric_gap():
+    """q_overlap_iterations tau: an incident J iterations after the previous one costs q (1 - exp(-J / tau));
+    J is geometric, so the mean share is 1 - h z / (1 - (1 - h) z), about 1 / (1 + lambda tau) when rare."""
+    assert scenario().overlap_factor == 1.0  # off
+    sc = scenario(q_overlap_iterations=50.0, stage_fail_prob=0.001)
+    h, z = sc.incident_prob, math.exp(-1 / 50.0)
+    js = np.arange(1, 200_000)
+    by_sum = float((h * (1 - h) ** (js - 1) * -np.expm1(-js / 50.0)).sum())
+    assert sc.overlap_factor == pytest.approx(by_sum, rel=1e-9) == pytest.approx(1 - h * z / (1 - (1 - h) * z))
+    assert sc.overlap_factor == pytest.approx(1 / (1 + sc.failures_per_step * 50.0), rel=0.03)
+    assert sc.loss_cost(10, math.inf) == sc.q and sc.loss_cost(10, 50.0) == pytest.approx(sc.q * (1 - math.exp(-1)))
+    with pytest.raises(ValueError, match="q_overlap_iterations=-1"):
+        scenario(q_overlap_iterations=-1.0)
+
+
+@pytest.mark.parametrize(
+    "q, tau, full", [(4.0, 20.0, 0.0), (30.0, 100.0, 0.0), (12.0, 50.0, 0.0), (30.0, 100.0, 300.0)]
+)
+@pytest.mark.parametrize("p", [0.002, 0.02])
+def test_overlapping_losses_agree_with_the_simulation_and_cost_less(q, tau, full, p):
+    """Closed form (stationary share, and the excess of the early incidents with fewer before them) against
+    the Monte-Carlo of the same model, for CheckFree and the hybrid; overlap only ever lowers the time."""
+    for policy in (cm.checkfree(), cm.hybrid(5, 0.3)):
+        sc = scenario(q=q, q_overlap_iterations=tau, q_full_step=full, stage_fail_prob=p)
+        times = cm.simulate(sc, policy, runs=2000, seed=5)
+        assert np.isfinite(times).all()
+        sem, expected = times.std(ddof=1) / math.sqrt(times.size), cm.expected_time(sc, policy)
+        assert abs(times.mean() - expected) <= 4 * sem + 0.01 * expected, (policy.name, times.mean(), sem, expected)
+        assert expected < cm.expected_time(scenario(q=q, q_full_step=full, stage_fail_prob=p), policy)
+
+
+def test_large_overlapping_q_stays_within_three_percent_of_the_simulation():
+    """The regime a fit on the bench sweeps lands in (q ~ 100, tau ~ 170): the closed form's use of the mean
+    run length for the early incidents' excess leaves it a little pessimistic, within 3%."""
+    for full in (0.0, 300.0):
+        sc = scenario(q=100.0, q_overlap_iterations=170.0, q_full_step=full, stage_fail_prob=0.01)
+        times = cm.simulate(sc, cm.checkfree(), runs=2000, seed=6)
+        expected = cm.expected_time(sc, cm.checkfree())
+        assert 0.0 <= expected / times.mean() - 1.0 <= 0.03 + 4 * times.std(ddof=1) / math.sqrt(times.size) / expected
+
+
+def test_recorded_debt_charges_each_loss_its_discounted_q():
+    its = [cm.Iteration(i, i, "commit") for i in range(30)]
+    for index, step, lost in ((3, 3, 1), (5, 4, 2), (20, 18, 1)):
+        its[index] = cm.Iteration(index, step, "interrupted", failures=lost)
+    run = cm.RecordedRun("synthetic", {}, [], [], {}, its, 10)
+    sc = scenario(q=10.0, q_overlap_iterations=4.0)
+    first_two = 10.0 + 2 * 10.0 * (1 - math.exp(-2 / 4))
+    assert cm.recorded_debt(run, sc, until_step=10) == pytest.approx(first_two)
+    assert cm.recorded_debt(run, sc) == pytest.approx(first_two + 10.0 * (1 - math.exp(-15 / 4)))
+    assert cm.recorded_debt(run, scenario(q=10.0)) == pytest.approx(40.0)  # no overlap: q per lost stage
+    ramp = scenario(q=10.0, q_full_step=8.0)
+    assert cm.recorded_debt(run, ramp) == pytest.approx(10 * 3 / 8 + 2 * 10 * 4 / 8 + 10.0)
+
+
 def test_the_simulation_is_seeded():
     sc = scenario()
     a, b = cm.simulate(sc, cm.checkfree(), runs=50, seed=3), cm.simulate(sc, cm.checkfree(), runs=50, seed=3)
@@ -261,3 +316,30 @@ def test_whatif_replay_and_validate_modes(tmp_path, recorded):
     first, second = val["validate"]["runs"]
     assert first["measured_ratio"] == 1.0 and first["predicted_ratio"] == 1.0
     assert second["measured_ratio"] > 0 and second["predicted_ratio"] > 0
+
+
+def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
+    """--fit-overlap on a runs-dir laid out as bench_convergence.py writes it: the failure-free run of a seed
+    and CheckFree+ at three failure rates. The fitted (q, tau) family holds tau = 0 with the best q, so its
+    error is at most that one's; the measured extra steps are the runs' own."""
+    runs = tmp_path / "sweep"
+    common = ["num_steps=24", "eval_every_steps=2", "seed=0"]
+    Trainer(_named(tiny_config(runs, *common, "recovery.strategy=none"), "none-s0")).run()
+    for p in (0.02, 0.05, 0.1):
+        extra = ["recovery.strategy=checkfree_plus", "failures.mode=per_step", f"failures.per_step_prob={p}"]
+        Trainer(_named(tiny_config(runs, *common, *extra), f"checkfree_plus-r{p}-s0")).run()
+    fit = _whatif(tmp_path, "--fit-overlap", str(runs), "checkfree_plus", "--q", "2")["fit_overlap"]
+    assert len(fit["pairs"]) == 3 and fit["given_q"] == 2.0
+    assert fit["q"]["estimate"] >= 0 and fit["tau"]["estimate"] >= 0
+    assert fit["rmse"]["fitted"] <= fit["rmse"]["best_q_no_overlap"] + 1e-9
+    ref = cm.load_run(runs / "none-s0")
+    for pair in fit["pairs"]:
+        mine = cm.load_run(runs / f"checkfree_plus-{pair['pair']}")
+        want = cm.steps_to_target(mine, pair["target_loss"])[0] - cm.steps_to_target(ref, pair["target_loss"])[0]
+        assert pair["measured_extra_steps"] == want
+    assert "Overlap fit" in (tmp_path / "whatif.md").read_text()
+
+
+def _named(cfg, name: str):
+    cfg.run_name = name
+    return cfg
