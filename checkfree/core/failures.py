@@ -16,6 +16,11 @@ Failures are keyed by *iteration*, the count of step attempts executed (an inter
 redo are two iterations), not by optimizer step: a strategy that rolls back and redoes work stays
 exposed to failures while it does, as on a real cluster.
 
+``neighbour_prob`` (hourly and per_step) makes losses correlated: each neighbour of a drawn failure fails in
+the same iteration with that probability (a zone's spot capacity reclaimed at once), from a draw of its own,
+so the independent failures stay exactly those without it. Neighbours lost together are what CheckFree
+cannot rebuild from live neighbours and the hybrid rolls back for.
+
 Each failure lands in a phase: before the forward pass, in the middle of the forward pass or in the
 middle of the backward pass; ``at`` in [0, 1) picks the point among the failing stage's ops of that phase.
 """
@@ -47,6 +52,10 @@ class FailureConfig:
     stages: list[int] | None = None  # stages that may fail; None: all
     seed: int = 0  # seeds the failure draws, separately from the training seed
     max_failures: int | None = None  # stop injecting after this many failures; None: no limit
+    # hourly / per_step: when a stage fails, each pipeline neighbour (of those that may fail) fails in the
+    # same iteration with this probability: correlated losses, as when spot capacity is reclaimed in a zone
+    # that hosts neighbouring stages. 0: independent failures (the paper's model)
+    neighbour_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -69,6 +78,13 @@ class FailureConfig:
             raise ValueError(f"failures.phases={self.phases} must be a non-empty subset of {list(PHASES)}")
         if self.max_failures is not None and self.max_failures < 0:
             raise ValueError(f"failures.max_failures={self.max_failures} must be >= 0")
+        if not 0.0 <= self.neighbour_prob <= 1.0:
+            raise ValueError(f"failures.neighbour_prob={self.neighbour_prob} must be in [0, 1]")
+        if self.neighbour_prob and self.mode not in ("hourly", "per_step"):
+            raise ValueError(
+                f"failures.neighbour_prob={self.neighbour_prob} needs failures.mode hourly or per_step "
+                f"(got {self.mode!r}: a trace already lists every failure)"
+            )
 
 
 @dataclass(frozen=True)
@@ -151,6 +167,25 @@ class FailureInjector:
             return 0.0  # no measurement yet: the first iteration is never failed
         return hourly_to_per_iteration(self.cfg.hourly_rate, iteration_s * self.cfg.time_acceleration)
 
+    def _with_neighbours(self, iteration: int, drawn: list[Failure]) -> list[Failure]:
+        """``neighbour_prob``: each neighbour of an independently drawn failure fails with it, with its own
+        seeded draw (separate from the independent ones, so a trace with 0 is the trace without it)."""
+        if not self.cfg.neighbour_prob or not drawn:
+            return drawn
+        failing = {f.stage for f in drawn}
+        extra = []
+        for f in drawn:
+            for nb in (f.stage - 1, f.stage + 1):
+                if nb in failing or nb not in self.stages:
+                    continue
+                rng = np.random.default_rng(hash_seed(self.cfg.seed, iteration, f.stage, nb, 1))
+                draw, phase_draw, at = rng.random(3)
+                if draw < self.cfg.neighbour_prob:
+                    failing.add(nb)
+                    phase = self.cfg.phases[int(phase_draw * len(self.cfg.phases))]
+                    extra.append(Failure(iteration, nb, phase, float(at)))
+        return sorted(drawn + extra, key=lambda f: f.stage)
+
     def failures_at(self, iteration: int, measured_iteration_s: float | None = None) -> list[Failure]:
         """The failures that fire at ``iteration`` (each recorded in ``fired``)."""
         if self.cfg.max_failures is not None and len(self.fired) >= self.cfg.max_failures:
@@ -166,6 +201,7 @@ class FailureInjector:
                 if draw < p:
                     phase = self.cfg.phases[int(phase_draw * len(self.cfg.phases))]
                     out.append(Failure(iteration, stage, phase, float(at)))
+            out = self._with_neighbours(iteration, out)
         if self.cfg.max_failures is not None:
             out = out[: self.cfg.max_failures - len(self.fired)]
         self.fired += out

@@ -75,3 +75,36 @@ def test_bad_traces_are_refused(tmp_path):
         FailureConfig(mode="trace", trace_path=str(tmp_path / "missing.jsonl"))
     with pytest.raises(ValueError, match="failures.phases"):
         FailureConfig(phases=["sideways"])
+
+
+def test_neighbour_prob_adds_correlated_losses_on_top_of_the_independent_ones():
+    """failures.neighbour_prob c: each neighbour of an independently drawn failure fails in the same iteration
+    with probability c, from a draw of its own, so the independent failures are exactly those of c = 0."""
+    indep = FailureInjector(FailureConfig(mode="per_step", per_step_prob=0.02, seed=5), 6)
+    corr = FailureInjector(FailureConfig(mode="per_step", per_step_prob=0.02, seed=5, neighbour_prob=0.5), 6)
+    base = {i: {f.stage for f in indep.failures_at(i)} for i in range(5000)}
+    both = {i: {f.stage for f in corr.failures_at(i)} for i in range(5000)}
+    added = pairs = 0
+    for i, stages in base.items():
+        assert stages <= both[i]
+        extra = both[i] - stages
+        assert all(s - 1 in stages or s + 1 in stages for s in extra)  # only neighbours of a drawn failure
+        added += len(extra)
+        pairs += sum(1 for s in stages for nb in (s - 1, s + 1) if 0 <= nb < 6 and nb not in stages)
+    assert added / pairs == pytest.approx(0.5, abs=0.08)  # each eligible neighbour with probability c
+    # c = 1: every neighbour of a drawn failure fails with it (no cascade beyond), only among the stages
+    # allowed to fail
+    full = FailureInjector(FailureConfig(mode="per_step", per_step_prob=0.05, seed=1, neighbour_prob=1.0), 6)
+    alone = FailureInjector(FailureConfig(mode="per_step", per_step_prob=0.05, seed=1), 6)
+    for i in range(200):
+        drawn, stages = {f.stage for f in alone.failures_at(i)}, {f.stage for f in full.failures_at(i)}
+        assert stages == drawn | {nb for s in drawn for nb in (s - 1, s + 1) if 0 <= nb < 6}
+    mid = FailureInjector(FailureConfig(mode="per_step", per_step_prob=0.2, stages=[2, 3], neighbour_prob=1.0), 6)
+    assert {f.stage for i in range(50) for f in mid.failures_at(i)} == {2, 3}
+
+
+def test_bad_neighbour_prob_is_refused():
+    with pytest.raises(ValueError, match="neighbour_prob=1.5"):
+        FailureConfig(mode="per_step", per_step_prob=0.1, neighbour_prob=1.5)
+    with pytest.raises(ValueError, match="neighbour_prob=0.5 needs failures.mode hourly or per_step"):
+        FailureConfig(mode="none", neighbour_prob=0.5)

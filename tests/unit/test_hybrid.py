@@ -109,3 +109,18 @@ def test_the_swarm_refuses_a_hybrid_whose_stages_would_save_different_steps(tmp_
     assert (
         out.returncode == 2 and "checkpoint.every_steps=0" in out.stderr and "set checkpoint.every_steps" in out.stderr
     )
+
+
+def test_correlated_neighbour_losses_roll_the_hybrid_back(tmp_path):
+    """failures.neighbour_prob=1: every drawn loss takes a neighbour with it, which CheckFree+ cannot rebuild
+    from live neighbours, so the hybrid rolls back for each of them, and the trace it writes holds the pairs."""
+    draws = ["failures.mode=per_step", "failures.per_step_prob=0.03", "failures.neighbour_prob=1.0", "failures.seed=2"]
+    summary, events, _ = _run(tmp_path, [], "checkpoint.every_steps=4", *draws)
+    lost = [e for e in events if e["event"] == "failure"]
+    by_iteration = {}
+    for e in lost:
+        by_iteration.setdefault(e["iteration"], set()).add(e["stage"])
+    assert by_iteration and all(len(s) >= 2 for s in by_iteration.values())  # never a stage alone
+    rolled = [e for e in events if e["event"] == "rolled_back"]
+    assert len(rolled) == len(by_iteration) and not [e for e in events if e["event"] == "rebuilt"]
+    assert summary["steps"] == 24
