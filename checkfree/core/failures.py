@@ -80,10 +80,10 @@ class FailureConfig:
             raise ValueError(f"failures.max_failures={self.max_failures} must be >= 0")
         if not 0.0 <= self.neighbour_prob <= 1.0:
             raise ValueError(f"failures.neighbour_prob={self.neighbour_prob} must be in [0, 1]")
-        if self.neighbour_prob and self.mode not in ("hourly", "per_step"):
+        if self.neighbour_prob and self.mode == "trace":
             raise ValueError(
-                f"failures.neighbour_prob={self.neighbour_prob} needs failures.mode hourly or per_step "
-                f"(got {self.mode!r}: a trace already lists every failure)"
+                f"failures.neighbour_prob={self.neighbour_prob} does not apply to failures.mode='trace' (a trace "
+                "already lists every failure, correlated ones included); use hourly or per_step"
             )
 
 

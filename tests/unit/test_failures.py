@@ -103,8 +103,11 @@ def test_neighbour_prob_adds_correlated_losses_on_top_of_the_independent_ones():
     assert {f.stage for i in range(50) for f in mid.failures_at(i)} == {2, 3}
 
 
-def test_bad_neighbour_prob_is_refused():
+def test_bad_neighbour_prob_is_refused(tmp_path):
     with pytest.raises(ValueError, match="neighbour_prob=1.5"):
         FailureConfig(mode="per_step", per_step_prob=0.1, neighbour_prob=1.5)
-    with pytest.raises(ValueError, match="neighbour_prob=0.5 needs failures.mode hourly or per_step"):
-        FailureConfig(mode="none", neighbour_prob=0.5)
+    trace = tmp_path / "trace.jsonl"
+    write_trace(trace, [], 4)
+    with pytest.raises(ValueError, match="neighbour_prob=0.5 does not apply to failures.mode='trace'"):
+        FailureConfig(mode="trace", trace_path=str(trace), neighbour_prob=0.5)
+    FailureConfig(mode="none", neighbour_prob=0.5)  # nothing fails: accepted, as an hourly_rate would be
