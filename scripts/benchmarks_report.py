@@ -42,7 +42,7 @@ COMMANDS = {
     "q_deep": "python scripts/measure_q.py configs/deep.yaml --seeds 0 1 2 3 4 --fail-at 1000 --horizon 100 "
     "--target-after 25 50 --methods weighted copy random plus --stages 0 3 5 --eval-every 2 "
     "--runs-dir runs/q/deep-F1000 --out runs/bench/q_deep.json (seeds 0-1 trained every method; seeds 2-4 "
-    "--methods weighted copy random and seeds 2-3 --methods plus, in runs of their own moved into "
+    "--methods weighted copy random, seeds 2-3 and then seed 4 --methods plus, in runs of their own moved into "
     "runs/q/deep-F1000; the table is --analyse-only over all five)",
     "fig2_deep": "python scripts/bench_convergence.py configs/deep.yaml num_steps=500 'failures.stages=[1,2,3,4]' "
     "--rates 0.16 --seeds 0 1 2 3 4 --strategies none checkfree copy random --ours checkfree --baselines copy random "
@@ -139,7 +139,7 @@ def _issue11() -> list[str]:
         ("q_scan", "Where losing a stage hurts: the jump of a rebuild against training progress"),
         ("q_bench", "q: extra steps to the target per lost stage, per method and position (bench, 5 seeds)"),
         ("q_tiny", "q at the tiny default's scale (CheckFree+, 5 seeds)"),
-        ("q_deep", "q on 6 stages after 1000 steps (configs/deep.yaml; swap off 5 seeds, CheckFree+ 4 seeds)"),
+        ("q_deep", "q on 6 stages after 1000 steps (configs/deep.yaml; 5 seeds, swap off and CheckFree+)"),
         ("fig2_deep", "The paper's Fig. 2 setup on 6 stages: swap off, middle stages failing at 16%/h"),
         ("convergence_ci", "Convergence under failures, 5 seeds, paired intervals"),
         ("convergence_slow", "Convergence with slow checkpoint storage (the what-if validation points)"),
