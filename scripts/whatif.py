@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -397,15 +398,20 @@ def fit_overlap(ns) -> dict:
     validation loss, as ``--validate-sweep`` compares) against the debt the model charges the run's own
     losses (``recorded_debt``, with ``--q-full-step``'s ramp; losses after OURS reached the target left out).
     The debt is linear in q, so for each tau on a grid q is least squares through the origin, and the pair
-    (q, tau) with the least squared error wins; bootstrap intervals over the pairs. Compared with the given
+    (q, tau) with the least squared error wins (``cm.fit_q_overlap``); bootstrap intervals over the seeds
+    (a seed's pairs share its failure-free run, so they are resampled together). Compared with the given
     ``--q`` and no overlap, and with the best single q and no overlap. The fit is only as good as the runs:
     fit on one sweep and validate on another."""
     runs_dir, ours = Path(ns.fit_overlap[0]), ns.fit_overlap[1]
     given = q_interval(ns)[0]
     pairs, unit = [], []
-    for mine in sorted(runs_dir.glob(f"{ours.replace(':', 'K')}-r*-s*")):
-        tag = mine.name.split("-", 1)[1]  # rRATE-sSEED
-        ref_dir = runs_dir / f"none-{tag.split('-')[1]}"
+    prefix = ours.replace(":", "K")
+    for mine in sorted(runs_dir.glob(f"{prefix}-r*-s*")):
+        named = re.fullmatch(re.escape(prefix) + r"-r(.+)-s(\d+)", mine.name)  # bench_convergence's names
+        if named is None:
+            continue
+        tag, seed = mine.name[len(prefix) + 1 :], int(named.group(2))
+        ref_dir = runs_dir / f"none-s{seed}"
         if not (mine / "summary.json").is_file() or not (ref_dir / "summary.json").is_file():
             continue
         run, ref = cm.load_run(mine), cm.load_run(ref_dir)
@@ -418,7 +424,8 @@ def fit_overlap(ns) -> dict:
         pairs.append(
             {
                 "pair": tag,
-                "rate": float(tag.split("-")[0][1:]),
+                "seed": seed,
+                "rate": float(named.group(1)),
                 "failures": sum(it.failures for it in run.iterations if it.step < got[0]),
                 "target_loss": target,
                 "measured_extra_steps": got[0] - base[0],
@@ -429,16 +436,16 @@ def fit_overlap(ns) -> dict:
     d = np.array(unit)  # pairs x grid
     m = np.array([p["measured_extra_steps"] for p in pairs], dtype=float)
 
-    def fit(idx) -> tuple[float, int]:
-        x, y = d[np.asarray(idx, dtype=int)], m[np.asarray(idx, dtype=int)]
-        q = np.where((x * x).sum(axis=0) > 0, (x * y[:, None]).sum(axis=0) / np.maximum((x * x).sum(axis=0), 1e-12), 0)
-        q = np.maximum(q, 0.0)
-        j = int(np.argmin(((q * x - y[:, None]) ** 2).sum(axis=0)))
-        return float(q[j]), j
+    seeds = sorted({p["seed"] for p in pairs})
+    of_seed = [[i for i, p in enumerate(pairs) if p["seed"] == s] for s in seeds]
 
-    q_fit, k = fit(range(len(pairs)))
-    q_iv = bootstrap(range(len(pairs)), lambda i: fit(i)[0], resamples=2000)
-    tau_iv = bootstrap(range(len(pairs)), lambda i: float(OVERLAP_GRID[fit(i)[1]]), resamples=2000)
+    def fit(seed_idx) -> tuple[float, int]:
+        rows = [i for s in np.asarray(seed_idx, dtype=int) for i in of_seed[s]]
+        return cm.fit_q_overlap(d[rows], m[rows])
+
+    q_fit, k = fit(range(len(seeds)))
+    q_iv = bootstrap(range(len(seeds)), lambda i: fit(i)[0], resamples=2000)
+    tau_iv = bootstrap(range(len(seeds)), lambda i: float(OVERLAP_GRID[fit(i)[1]]), resamples=2000)
     q_add = float(max((d[:, 0] * m).sum() / (d[:, 0] ** 2).sum(), 0.0)) if (d[:, 0] ** 2).sum() else 0.0
     rmse = lambda pred: float(np.sqrt(((pred - m) ** 2).mean()))
     fits = {
@@ -455,7 +462,8 @@ def fit_overlap(ns) -> dict:
         "the model's debt for the run's own losses"
         + (f", q growing to its value at step {ns.q_full_step:g}" if ns.q_full_step else "")
         + f". Fitted: q = {q_fit:.3g} [{q_iv.low:.3g}, {q_iv.high:.3g}], tau = {tau:.3g} [{tau_iv.low:.3g}, "
-        f"{tau_iv.high:.3g}] iterations (bootstrap over the pairs). RMSE {fits['fitted']:.1f} steps fitted, "
+        f"{tau_iv.high:.3g}] iterations (bootstrap over the {len(seeds)} seeds). "
+        f"RMSE {fits['fitted']:.1f} steps fitted, "
         f"{fits['given_q_no_overlap']:.1f} with q = {given:g} and no overlap, {fits['best_q_no_overlap']:.1f} with "
         f"the best q and no overlap ({q_add:.3g}).\n",
         f"| rate (/h) | pairs | failures before the target | measured extra steps | fitted model | q = {given:g}, "

@@ -98,17 +98,18 @@ class Scenario:
         """h = 1 - (1 - p)^L: probability that an iteration loses at least one stage."""
         return -math.expm1(self.num_stages * math.log1p(-self.stage_fail_prob)) if self.stage_fail_prob < 1 else 1.0
 
-    @property
-    def overlap_factor(self) -> float:
-        """The mean share of q a loss costs when losses overlap (``q_overlap_iterations`` tau > 0): the
-        iterations J from one incident to the next are geometric, P(J = j) = h (1 - h)^(j - 1), so with
-        z = exp(-1 / tau), E[1 - z^J] = 1 - h z / (1 - (1 - h) z). About 1 / (1 + lambda tau) for small h.
-        The first incident of a run, which follows none and costs its whole q, is left out (stationary)."""
-        h = self.incident_prob
-        if not self.q_overlap_iterations or h <= 0.0:
+    def overlap_share(self, p_unrecoverable: float = 0.0) -> float:
+        """The mean share of q a loss costs when losses overlap (``q_overlap_iterations`` tau > 0). The gap
+        counts from the previous *rebuilt* incident (a rollback restores a checkpoint, which is not recovering
+        from a rebuild): rebuilt incidents come with probability r = h (1 - u) per iteration, so the
+        iterations J between them are geometric, P(J = j) = r (1 - r)^(j - 1), and with z = exp(-1 / tau),
+        E[1 - z^J] = 1 - r z / (1 - (1 - r) z), about 1 / (1 + lambda tau) for small r. The first rebuilt
+        incident of a run, which follows none and costs its whole q, is left out (``_first_loss_extra``)."""
+        r = self.incident_prob * (1.0 - p_unrecoverable)
+        if not self.q_overlap_iterations or r <= 0.0:
             return 1.0
         z = math.exp(-1.0 / self.q_overlap_iterations)
-        return 1.0 - h * z / (1.0 - (1.0 - h) * z)
+        return 1.0 - r * z / (1.0 - (1.0 - r) * z)
 
     def loss_cost(self, committed_step, gap_iterations):
         """q for one lost stage: the ramp of ``q_full_step`` at the committed step it was lost at, times the
@@ -243,30 +244,34 @@ def _steps_needed(target: float, g: float, full_step: float) -> float:
 
 
 def _first_loss_extra(sc: Scenario, pol: Policy, steps: float) -> float:
-    """With overlap, an incident early in a run has fewer incidents before it to overlap with (the first
-    has none and costs its whole q), so it costs more than the stationary ``overlap_factor`` share of q.
-    An incident at iteration t follows the previous one by j <= t iterations with probability
-    h (1 - h)^(j - 1), and none with probability (1 - h)^t, so its expected share is exactly
-    phi + (1 - phi) y^t with y = (1 - h) z, z = exp(-1 / tau). Summed over the iterations of a run of
-    ``steps`` committed steps (T = steps / (1 - h)), each with an incident with probability h, at the ramp's
-    value min(1, a t) (a = (1 - h) / F: committed steps per iteration over F), the excess over phi is
+    """With overlap, a rebuilt incident early in a run has fewer rebuilt incidents before it to overlap with
+    (the first has none and costs its whole q), so it costs more than the stationary ``overlap_share`` phi.
+    With r = h (1 - u) the probability of a rebuilt incident per iteration, one at iteration t follows the
+    previous one by j <= t iterations with probability r (1 - r)^(j - 1), and none with probability
+    (1 - r)^t, so its expected share is exactly phi + (1 - phi) y^t with y = (1 - r) z, z = exp(-1 / tau).
+    Summed over the iterations of a run of ``steps`` committed steps (T = steps / (1 - h) iterations), each
+    with a rebuilt incident with probability r, at the ramp's value min(1, a t) (a = (1 - h) / F: committed
+    steps per iteration over F; rollbacks' redone steps ignored), the excess over phi is
 
-        q c (1 - phi) h [a sum_{t < M} t y^t + y^M - y^T],  M = min(T, 1 / a),
+        q c (1 - phi) r [a sum_{t < M} t y^t + (y^M - y^T) / (1 - y)],  M = min(T, 1 / a),
 
-    with c the stages lost per incident, times 1 - u for the hybrid."""
+    with sum_{t < M} t y^t = y (1 - M y^(M - 1) + (M - 1) y^M) / (1 - y)^2 and c the stages lost per incident.
+    """
     h = sc.incident_prob
-    if not sc.q_overlap_iterations or h <= 0.0 or h >= 1.0 or math.isinf(steps):
+    r = h * (1.0 - pol.p_unrecoverable)
+    if not sc.q_overlap_iterations or r <= 0.0 or h >= 1.0 or math.isinf(steps):
         return 0.0
-    y = (1.0 - h) * math.exp(-1.0 / sc.q_overlap_iterations)
+    y = (1.0 - r) * math.exp(-1.0 / sc.q_overlap_iterations)
     t_end = max(steps, 0.0) / (1.0 - h)
     if sc.q_full_step:
         a = (1.0 - h) / sc.q_full_step
         m = min(t_end, 1.0 / a)
-        weight = a * y * (1.0 - m * y ** (m - 1.0) + (m - 1.0) * y**m) / (1.0 - y) ** 2 + y**m - y**t_end
+        weight = a * y * (1.0 - m * y ** (m - 1.0) + (m - 1.0) * y**m) / (1.0 - y) ** 2
+        weight += (y**m - y**t_end) / (1.0 - y)
     else:
         weight = (1.0 - y**t_end) / (1.0 - y)
     per_incident = sc.failures_per_step / h  # stages lost per incident
-    return sc.q * (1.0 - sc.overlap_factor) * h * weight * per_incident * (1.0 - pol.p_unrecoverable)
+    return sc.q * (1.0 - sc.overlap_share(pol.p_unrecoverable)) * r * weight * per_incident
 
 
 def expected_time(sc: Scenario, pol: Policy) -> float:
@@ -280,15 +285,16 @@ def expected_time(sc: Scenario, pol: Policy) -> float:
     result is exact; for the hybrid, which rolls back steps whose debt it already counted, a close
     approximation (the tests bound it against ``simulate``). With ``q_full_step`` F the debt of a step s
     is g min(1, s / F) (``_steps_needed``). With ``q_overlap_iterations`` each loss costs the stationary
-    ``overlap_factor`` share of q, and the first its whole q (``_first_loss_extra``, an approximation the
-    tests bound against ``simulate``).
+    ``overlap_share`` of q, and the early ones more (``_first_loss_extra``, an approximation the tests
+    bound against ``simulate``).
     """
     save_s = sc.save_s if pol.blocking_save else 0.0
     need = float(sc.target_steps)
     if pol.p_unrecoverable < 1.0 and sc.q > 0.0:
         k = pol.interval or need
         _, iters = _segment(sc, pol, k, 0.0)
-        g = sc.q * sc.overlap_factor * sc.failures_per_step * (1.0 - pol.p_unrecoverable) * iters / k
+        g = sc.q * sc.overlap_share(pol.p_unrecoverable) * sc.failures_per_step * (1.0 - pol.p_unrecoverable)
+        g *= iters / k
         need = _steps_needed(need + _first_loss_extra(sc, pol, _steps_needed(need, g, 0.0)), g, sc.q_full_step)
         if math.isinf(need):
             return math.inf
@@ -374,7 +380,7 @@ def simulate(
         return np.full(runs, math.inf)
     t, done = np.zeros(runs), np.zeros(runs, dtype=bool)
     committed, last_ckpt = np.zeros(runs, dtype=np.int64), np.zeros(runs, dtype=np.int64)
-    last_incident = np.full(runs, -np.inf)  # the iteration of each run's previous incident (overlap)
+    last_rebuilt = np.full(runs, -np.inf)  # the iteration of each run's previous rebuilt incident (overlap)
     target = np.full(runs, float(sc.target_steps))
     lost_s = sc.interrupt_fraction * sc.step_s + sc.downtime_s
     save_s = sc.save_s if pol.blocking_save else 0.0
@@ -388,8 +394,8 @@ def simulate(
         back = (count > 0) & (rng.random(idx.size) < pol.p_unrecoverable)
         rebuilt, ok = idx[(count > 0) & ~back], idx[count == 0]
         t[idx[count > 0]] += lost_s
-        target[rebuilt] += sc.loss_cost(committed[rebuilt], i - last_incident[rebuilt]) * count[(count > 0) & ~back]
-        last_incident[idx[count > 0]] = i
+        target[rebuilt] += sc.loss_cost(committed[rebuilt], i - last_rebuilt[rebuilt]) * count[(count > 0) & ~back]
+        last_rebuilt[rebuilt] = i
         t[idx[back]] += sc.restore_s
         committed[idx[back]] = last_ckpt[idx[back]]
         t[ok] += sc.step_s
@@ -581,16 +587,28 @@ def steps_to_target(run: RecordedRun, target: float, times: list[float] | None =
 
 def recorded_debt(run: RecordedRun, sc: Scenario, until_step: float = math.inf) -> float:
     """The extra committed steps ``sc``'s q (its ramp and overlap included) charges a recorded run for its own
-    losses: every incident that interrupted a step before committed step ``until_step``, each lost stage
-    costing ``sc.loss_cost`` at the step it was lost and the iterations since the incident before it."""
+    rebuilt losses: every incident rebuilt in place (not rolled back) before committed step ``until_step``,
+    each lost stage costing ``sc.loss_cost`` at the step it was lost and the iterations since the rebuilt
+    incident before it, as ``simulate`` charges them."""
     debt, last = 0.0, -math.inf
     for it in run.iterations:
-        if it.kind != "interrupted" or not it.failures:
+        if it.kind != "interrupted" or not it.failures or it.restore_s is not None:
             continue
         if it.step < until_step:
             debt += it.failures * float(sc.loss_cost(it.step, it.index - last))
         last = it.index
     return debt
+
+
+def fit_q_overlap(unit_debt: np.ndarray, measured: np.ndarray) -> tuple[float, int]:
+    """The (q, tau) that fit measured extra steps best: ``unit_debt[i, j]`` is the debt of pair i for q = 1 at
+    the j-th tau of a grid (``recorded_debt``), linear in q, so for each tau q is least squares through the
+    origin (clipped at 0), and the tau with the least squared error wins. Returns (q, index of tau)."""
+    x, y = np.asarray(unit_debt, dtype=float), np.asarray(measured, dtype=float)
+    xx = (x * x).sum(axis=0)
+    q = np.maximum(np.where(xx > 0, (x * y[:, None]).sum(axis=0) / np.maximum(xx, 1e-12), 0.0), 0.0)
+    j = int(np.argmin(((q * x - y[:, None]) ** 2).sum(axis=0)))
+    return float(q[j]), j
 
 
 def run_scenario(
@@ -603,16 +621,17 @@ def run_scenario(
 ) -> Scenario:
     """The ``Scenario`` a recorded run measured: mean step, save and restore times, the mean point where
     failures interrupted a step, and its per-stage failure probability (the configured one for ``per_step``
-    and ``hourly`` failures, else the realised failures per iteration and stage). ``downtime_s`` None: the
-    run's mean rebuild time per incident (the engine replaces a stage at once)."""
+    and ``hourly`` failures without ``neighbour_prob``, else the realised failures per iteration and stage).
+    ``downtime_s`` None: the run's mean rebuild time per incident (the engine replaces a stage at once)."""
     f, its = run.config["failures"], run.iterations
+    correlated = bool(f.get("neighbour_prob"))  # the configured p leaves out the neighbours lost with a failure
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
     step_s = mean([it.step_s for it in its if it.kind == "commit"])
     hit = [it for it in its if it.kind == "interrupted"]
     stages = len(f["stages"]) if f.get("stages") else run.config["model"]["num_stages"]
-    if f["mode"] == "per_step":
+    if f["mode"] == "per_step" and not correlated:
         p = f["per_step_prob"]
-    elif f["mode"] == "hourly":
+    elif f["mode"] == "hourly" and not correlated:
         p = per_step_probability(f["hourly_rate"], f.get("iteration_time_s") or step_s, f["time_acceleration"])
     else:
         p = sum(it.failures for it in hit) / (len(its) * stages) if its else 0.0

@@ -167,28 +167,30 @@ class FailureInjector:
             return 0.0  # no measurement yet: the first iteration is never failed
         return hourly_to_per_iteration(self.cfg.hourly_rate, iteration_s * self.cfg.time_acceleration)
 
-    def _with_neighbours(self, iteration: int, drawn: list[Failure]) -> list[Failure]:
-        """``neighbour_prob``: each neighbour of an independently drawn failure fails with it, with its own
-        seeded draw (separate from the independent ones, so a trace with 0 is the trace without it)."""
+    def _with_neighbours(self, iteration: int, drawn: list[Failure], room: float) -> list[Failure]:
+        """``neighbour_prob``: each stage next to an independently drawn failure (and allowed to fail) fails
+        with it, by one seeded draw of its own (one chance even between two drawn failures; separate from the
+        independent draws, so those stay exactly the draws without it), while ``room`` is left under
+        ``max_failures`` (the independent failures come first)."""
         if not self.cfg.neighbour_prob or not drawn:
             return drawn
         failing = {f.stage for f in drawn}
+        next_to = sorted({nb for f in drawn for nb in (f.stage - 1, f.stage + 1)} - failing)
         extra = []
-        for f in drawn:
-            for nb in (f.stage - 1, f.stage + 1):
-                if nb in failing or nb not in self.stages:
-                    continue
-                rng = np.random.default_rng(hash_seed(self.cfg.seed, iteration, f.stage, nb, 1))
-                draw, phase_draw, at = rng.random(3)
-                if draw < self.cfg.neighbour_prob:
-                    failing.add(nb)
-                    phase = self.cfg.phases[int(phase_draw * len(self.cfg.phases))]
-                    extra.append(Failure(iteration, nb, phase, float(at)))
+        for nb in next_to:
+            if nb not in self.stages or len(extra) >= room:
+                continue
+            rng = np.random.default_rng(hash_seed(self.cfg.seed, iteration, nb, 1))
+            draw, phase_draw, at = rng.random(3)
+            if draw < self.cfg.neighbour_prob:
+                phase = self.cfg.phases[int(phase_draw * len(self.cfg.phases))]
+                extra.append(Failure(iteration, nb, phase, float(at)))
         return sorted(drawn + extra, key=lambda f: f.stage)
 
     def failures_at(self, iteration: int, measured_iteration_s: float | None = None) -> list[Failure]:
         """The failures that fire at ``iteration`` (each recorded in ``fired``)."""
-        if self.cfg.max_failures is not None and len(self.fired) >= self.cfg.max_failures:
+        room = math.inf if self.cfg.max_failures is None else self.cfg.max_failures - len(self.fired)
+        if room <= 0:
             return []
         if self.cfg.mode == "trace":
             out = [f for f in self.replay if f.iteration == iteration]
@@ -201,8 +203,9 @@ class FailureInjector:
                 if draw < p:
                     phase = self.cfg.phases[int(phase_draw * len(self.cfg.phases))]
                     out.append(Failure(iteration, stage, phase, float(at)))
-            out = self._with_neighbours(iteration, out)
+            out = out[: int(min(room, len(out)))]
+            out = self._with_neighbours(iteration, out, room - len(out))
         if self.cfg.max_failures is not None:
-            out = out[: self.cfg.max_failures - len(self.fired)]
+            out = out[: int(room)]
         self.fired += out
         return out

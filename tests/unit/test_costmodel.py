@@ -79,19 +79,39 @@ def test_q_that_grows_with_progress_agrees_with_the_simulation():
         scenario(q_full_step=-1.0)
 
 
-def test_the_overlap_factor_is_the_mean_discount_of_a_geometric_gap():
-    """q_overlap_iterations tau: an incident J iterations after the previous one costs q (1 - exp(-J / tau));
-    J is geometric, so the mean share is 1 - h z / (1 - (1 - h) z), about 1 / (1 + lambda tau) when rare."""
-    assert scenario().overlap_factor == 1.0  # off
+def test_the_overlap_share_is_the_mean_discount_of_a_geometric_gap():
+    """q_overlap_iterations tau: a rebuilt incident J iterations after the previous rebuilt one costs
+    q (1 - exp(-J / tau)); J is geometric with r = h (1 - u), so the mean share is 1 - r z / (1 - (1 - r) z),
+    about 1 / (1 + lambda tau) when rare."""
+    assert scenario().overlap_share() == 1.0  # off
     sc = scenario(q_overlap_iterations=50.0, stage_fail_prob=0.001)
-    h, z = sc.incident_prob, math.exp(-1 / 50.0)
-    js = np.arange(1, 200_000)
-    by_sum = float((h * (1 - h) ** (js - 1) * -np.expm1(-js / 50.0)).sum())
-    assert sc.overlap_factor == pytest.approx(by_sum, rel=1e-9) == pytest.approx(1 - h * z / (1 - (1 - h) * z))
-    assert sc.overlap_factor == pytest.approx(1 / (1 + sc.failures_per_step * 50.0), rel=0.03)
+    for u in (0.0, 0.4):
+        r, z = sc.incident_prob * (1 - u), math.exp(-1 / 50.0)
+        js = np.arange(1, 200_000)
+        by_sum = float((r * (1 - r) ** (js - 1) * -np.expm1(-js / 50.0)).sum())
+        assert sc.overlap_share(u) == pytest.approx(by_sum, rel=1e-9)
+        assert sc.overlap_share(u) == pytest.approx(1 - r * z / (1 - (1 - r) * z))
+    assert sc.overlap_share() == pytest.approx(1 / (1 + sc.failures_per_step * 50.0), rel=0.03)
     assert sc.loss_cost(10, math.inf) == sc.q and sc.loss_cost(10, 50.0) == pytest.approx(sc.q * (1 - math.exp(-1)))
     with pytest.raises(ValueError, match="q_overlap_iterations=-1"):
         scenario(q_overlap_iterations=-1.0)
+
+
+@pytest.mark.parametrize("full", [0.0, 50.0, 300.0])
+@pytest.mark.parametrize("u", [0.0, 0.3])
+def test_the_early_incidents_excess_is_its_direct_sum(full, u):
+    """_first_loss_extra against the sum it stands for, iteration by iteration, including runs far longer
+    than the ramp: q c (1 - phi) sum_t r min(1, a t) y^t over the T iterations of the run."""
+    sc = scenario(q=30.0, q_overlap_iterations=100.0, q_full_step=full, stage_fail_prob=0.0005, target_steps=10_000)
+    pol = cm.hybrid(5, u) if u else cm.checkfree()
+    h = sc.incident_prob
+    r = h * (1 - u)
+    y = (1 - r) * math.exp(-1 / 100.0)
+    steps = 10_000.0
+    t = np.arange(int(round(steps / (1 - h))))
+    ramp = np.minimum(1.0, t * (1 - h) / full) if full else np.ones(t.size)
+    direct = sc.q * (sc.failures_per_step / h) * (1 - sc.overlap_share(u)) * r * float((ramp * y**t).sum())
+    assert cm._first_loss_extra(sc, pol, steps) == pytest.approx(direct, rel=0.01)
 
 
 @pytest.mark.parametrize(
@@ -124,6 +144,7 @@ def test_recorded_debt_charges_each_loss_its_discounted_q():
     its = [cm.Iteration(i, i, "commit") for i in range(30)]
     for index, step, lost in ((3, 3, 1), (5, 4, 2), (20, 18, 1)):
         its[index] = cm.Iteration(index, step, "interrupted", failures=lost)
+    its[12] = cm.Iteration(12, 11, "interrupted", failures=2, restore_s=1.0)  # rolled back: no debt, no gap
     run = cm.RecordedRun("synthetic", {}, [], [], {}, its, 10)
     sc = scenario(q=10.0, q_overlap_iterations=4.0)
     first_two = 10.0 + 2 * 10.0 * (1 - math.exp(-2 / 4))
@@ -132,6 +153,27 @@ def test_recorded_debt_charges_each_loss_its_discounted_q():
     assert cm.recorded_debt(run, scenario(q=10.0)) == pytest.approx(40.0)  # no overlap: q per lost stage
     ramp = scenario(q=10.0, q_full_step=8.0)
     assert cm.recorded_debt(run, ramp) == pytest.approx(10 * 3 / 8 + 2 * 10 * 4 / 8 + 10.0)
+
+
+def test_the_fit_recovers_the_q_and_tau_that_made_the_debts():
+    """Runs whose measured extra steps are exactly the model's debt for q = 40 and a tau on the grid, at
+    rates from rare to frequent: the fit finds both; with every loss costing its whole q it cannot fit them."""
+    grid = [0.0, 5.0, 20.0, 60.0, 200.0]
+    rng = np.random.default_rng(0)
+    runs = []
+    for p in (0.002, 0.01, 0.05):
+        for _ in range(4):
+            its = [
+                cm.Iteration(i, i, "interrupted", failures=1) if rng.random() < p else cm.Iteration(i, i, "commit")
+                for i in range(300)
+            ]
+            runs.append(cm.RecordedRun("synthetic", {}, [], [], {}, its, 10))
+    unit = np.array([[cm.recorded_debt(r, scenario(q=1.0, q_overlap_iterations=t)) for t in grid] for r in runs])
+    measured = np.array([cm.recorded_debt(r, scenario(q=40.0, q_overlap_iterations=20.0)) for r in runs])
+    q, j = cm.fit_q_overlap(unit, measured)
+    assert q == pytest.approx(40.0, rel=1e-6) and grid[j] == 20.0
+    q0, _ = cm.fit_q_overlap(unit[:, :1], measured)  # no overlap: the best single q
+    assert ((q0 * unit[:, 0] - measured) ** 2).sum() > 10.0
 
 
 def test_the_simulation_is_seeded():

@@ -84,14 +84,14 @@ def test_neighbour_prob_adds_correlated_losses_on_top_of_the_independent_ones():
     corr = FailureInjector(FailureConfig(mode="per_step", per_step_prob=0.02, seed=5, neighbour_prob=0.5), 6)
     base = {i: {f.stage for f in indep.failures_at(i)} for i in range(5000)}
     both = {i: {f.stage for f in corr.failures_at(i)} for i in range(5000)}
-    added = pairs = 0
+    added = eligible = 0
     for i, stages in base.items():
         assert stages <= both[i]
         extra = both[i] - stages
         assert all(s - 1 in stages or s + 1 in stages for s in extra)  # only neighbours of a drawn failure
         added += len(extra)
-        pairs += sum(1 for s in stages for nb in (s - 1, s + 1) if 0 <= nb < 6 and nb not in stages)
-    assert added / pairs == pytest.approx(0.5, abs=0.08)  # each eligible neighbour with probability c
+        eligible += len({nb for s in stages for nb in (s - 1, s + 1) if 0 <= nb < 6} - stages)
+    assert added / eligible == pytest.approx(0.5, abs=0.08)  # each eligible neighbour once, with probability c
     # c = 1: every neighbour of a drawn failure fails with it (no cascade beyond), only among the stages
     # allowed to fail
     full = FailureInjector(FailureConfig(mode="per_step", per_step_prob=0.05, seed=1, neighbour_prob=1.0), 6)
@@ -111,3 +111,19 @@ def test_bad_neighbour_prob_is_refused(tmp_path):
     with pytest.raises(ValueError, match="neighbour_prob=0.5 does not apply to failures.mode='trace'"):
         FailureConfig(mode="trace", trace_path=str(trace), neighbour_prob=0.5)
     FailureConfig(mode="none", neighbour_prob=0.5)  # nothing fails: accepted, as an hourly_rate would be
+
+
+def test_max_failures_keeps_the_independent_failures_first():
+    """A cap on failures never trades an independent failure for a neighbour's: the independent draws are
+    taken first, then neighbours while there is room."""
+    for cap in (1, 2, 3):
+        plain = FailureInjector(FailureConfig(mode="per_step", per_step_prob=0.05, seed=1, max_failures=cap), 6)
+        corr = FailureInjector(
+            FailureConfig(mode="per_step", per_step_prob=0.05, seed=1, max_failures=cap, neighbour_prob=1.0), 6
+        )
+        first = next(i for i in range(1000) if plain.failures_at(i))
+        for i in range(first):
+            corr.failures_at(i)
+        got = corr.failures_at(first)
+        assert {(f.iteration, f.stage) for f in plain.fired} <= {(f.iteration, f.stage) for f in got}
+        assert len(corr.fired) <= cap
