@@ -172,18 +172,31 @@ def strategy_map(ns, base: dict, qs: tuple[float, float, float]) -> dict:
     for rate in ys:
         w_row, m_row, r_row = [], [], []
         for mb_s in xs:
+            sc = scenario(ns, base, rate, mb_s, qs[0])
+            pols = policies(ns, sc)
+            ckpt = cm.expected_time(sc, pols["checkpoint"])  # does not depend on q
             winners = []
-            for q in qs:
-                sc = scenario(ns, base, rate, mb_s, q)
-                times = {n: cm.expected_time(sc, pol) for n, pol in policies(ns, sc).items()}
+            for q, tau in _q_variants(ns, qs):
+                s = cm.Scenario(**{**sc.__dict__, "q": q, "q_overlap_iterations": tau})
+                times = {"checkpoint": ckpt} | {n: cm.expected_time(s, pols[n]) for n in ("checkfree", "hybrid")}
                 winners.append(winner(times))
             w_row.append(winners[0][0])
             m_row.append(winners[0][1])
-            r_row.append(len({w for w, _ in winners}) == 1)
+            # resolved: q's ends agree, or (with --overlap-fit) the winner holds in >= 95% of the fit's samples
+            agree = sum(w == winners[0][0] for w, _ in winners[1:]) / max(len(winners) - 1, 1)
+            r_row.append(agree >= 0.95 if ns.fit_samples else agree == 1.0)
         win.append(w_row)
         margin.append(m_row)
         resolved.append(r_row)
     return {"storage_mb_s": xs, "hourly_rate": ys, "winner": win, "margin": margin, "resolved": resolved}
+
+
+def _q_variants(ns, qs) -> list[tuple[float, float]]:
+    """(q, tau) to decide a map cell with: the estimate first, then q's ends, or the fit's bootstrap samples."""
+    first = (qs[0], ns.q_overlap_iterations)
+    if ns.fit_samples:
+        return [first, *((q, tau) for q, tau in ns.fit_samples)]
+    return [first, (qs[1], ns.q_overlap_iterations), (qs[2], ns.q_overlap_iterations)]
 
 
 def draw_map(grid: dict, base: dict, ns, qs, path: Path) -> None:
@@ -213,7 +226,10 @@ def draw_map(grid: dict, base: dict, ns, qs, path: Path) -> None:
     handles.append(plt.Rectangle((0, 0), 1, 1, fill=False, hatch="//"))
     ax.legend(
         handles,
-        [*STRATEGIES, "not resolved over q's interval (?)"],
+        [
+            *STRATEGIES,
+            "not resolved over the fit's samples (?)" if ns.fit_samples else "not resolved over q's interval (?)",
+        ],
         loc="upper left",
         bbox_to_anchor=(1.01, 1),
         fontsize=8,
@@ -326,7 +342,9 @@ def validate_sweep(ns) -> dict:
                     "target_loss": row["target_loss"],
                     "measured_ratio": m["measured_ratio"],
                     "predicted_ratio": m["predicted_ratio"],
-                    "predicted_range": m["predicted_ratio_q_range"],
+                    "predicted_range": _sampled_range(b, m, ns.fit_samples)
+                    if ns.fit_samples
+                    else m["predicted_ratio_q_range"],
                     "baseline_s": b["measured_s"],
                     "ours_s": m["measured_s"],
                     "failures": [b["failures"], m["failures"]],
@@ -337,7 +355,12 @@ def validate_sweep(ns) -> dict:
     lines = [
         f"{ours} over {baseline}, time to the pair's common target (the higher final validation loss), measured vs "
         "predicted by the cost model from each run's own step, save, restore and rebuild times and failures; "
-        "the range is the prediction at q's low and high ends.\n",
+        + (
+            f"the range is the 2.5-97.5 percentiles of the prediction over the fit's {len(ns.fit_samples)} bootstrap "
+            "(q, tau) pairs.\n"
+            if ns.fit_samples
+            else "the range is the prediction at q's low and high ends.\n"
+        ),
         "| pair | measured ratio | predicted ratio | predicted range | inside | failures (baseline, ours) |",
         "|---|---|---|---|---|---|",
     ]
@@ -444,6 +467,8 @@ def fit_overlap(ns) -> dict:
         return cm.fit_q_overlap(d[rows], m[rows])
 
     q_fit, k = fit(range(len(seeds)))
+    draw = np.random.default_rng(0).integers(0, len(seeds), size=(200, len(seeds)))
+    samples = [[q, float(OVERLAP_GRID[j])] for q, j in (fit(i) for i in draw)]
     q_iv = bootstrap(range(len(seeds)), lambda i: fit(i)[0], resamples=2000)
     tau_iv = bootstrap(range(len(seeds)), lambda i: float(OVERLAP_GRID[fit(i)[1]]), resamples=2000)
     q_add = float(max((d[:, 0] * m).sum() / (d[:, 0] ** 2).sum(), 0.0)) if (d[:, 0] ** 2).sum() else 0.0
@@ -490,8 +515,48 @@ def fit_overlap(ns) -> dict:
             "best_q_no_overlap": q_add,
             "rmse": fits,
             "pairs": pairs,
+            "samples": samples,  # (q, tau) fitted on 200 bootstrap resamples of the seeds: --overlap-fit's ranges
         }
     }
+
+
+def _row_model(row: dict, q: float, tau: float) -> tuple[cm.Scenario, cm.Policy]:
+    """The scenario and policy a ``_validate_row`` predicted with, for another q and tau."""
+    model = {k: v for k, v in row["model"].items() if k != "interval"} | {"q": q, "q_overlap_iterations": tau}
+    interval = row["model"]["interval"]
+    strategy = row["strategy"]
+    pol = cm.checkpointing(interval) if strategy == "checkpoint" else cm.Policy(strategy, interval, True, 0.0)
+    return cm.Scenario(**model), pol
+
+
+def _sampled_range(base: dict, mine: dict, samples: list) -> list[float | None]:
+    """The predicted ratio mine / base over the fit's bootstrap (q, tau) samples: its 2.5 and 97.5 percentiles."""
+    ratios = []
+    for q, tau in samples:
+        b, m = (cm.expected_time(*_row_model(row, q, tau)) for row in (base, mine))
+        ratios.append(m / b if b and math.isfinite(b) else math.inf)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def apply_overlap_fit(ns) -> None:
+    """``--overlap-fit PATH``: q, tau and the ramp from a ``--fit-overlap`` JSON, and its bootstrap samples for
+    the predicted ranges (given with --q or --q-overlap-iterations as well: refused, they would disagree)."""
+    ns.fit_samples = None
+    if not ns.overlap_fit:
+        return
+    if ns.q or ns.q_json or ns.q_overlap_iterations:
+        raise SystemExit("--overlap-fit sets q and --q-overlap-iterations from the fit: give neither with it")
+    path = Path(ns.overlap_fit)
+    if not path.is_file():
+        raise SystemExit(f"--overlap-fit {path}: no such file (write it with --fit-overlap)")
+    fit = json.loads(path.read_text()).get("fit_overlap")
+    if fit is None:
+        raise SystemExit(f"--overlap-fit {path}: no fit_overlap result in it (written by --fit-overlap?)")
+    ns.q = [fit["q"]["estimate"]]
+    ns.q_overlap_iterations = fit["tau"]["estimate"]
+    ns.q_full_step = fit["q_full_step"]
+    ns.fit_samples = fit["samples"]
 
 
 def _ratio(a, b):
@@ -621,12 +686,19 @@ def parse_args(argv=None):
         help="fit --q-overlap-iterations on a bench_convergence.py --runs-dir with a none strategy: OURS's extra "
         "steps to target against the model's debt for its own losses, given --q (and --q-full-step)",
     )
+    ap.add_argument(
+        "--overlap-fit",
+        metavar="JSON",
+        help="q, --q-overlap-iterations and --q-full-step from a --fit-overlap result, whose bootstrap samples give "
+        "--validate-sweep's predicted ranges and the map's not-resolved cells",
+    )
     ap.add_argument("--out", default="runs/whatif/whatif.json")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> None:
     ns = parse_args(argv)
+    apply_overlap_fit(ns)
     try:
         if ns.replay:
             result = replay_mode(ns)

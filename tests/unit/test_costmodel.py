@@ -368,11 +368,15 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
     common = ["num_steps=24", "eval_every_steps=2", "seed=0"]
     Trainer(_named(tiny_config(runs, *common, "recovery.strategy=none"), "none-s0")).run()
     for p in (0.02, 0.05, 0.1):
-        extra = ["recovery.strategy=checkfree_plus", "failures.mode=per_step", f"failures.per_step_prob={p}"]
-        Trainer(_named(tiny_config(runs, *common, *extra), f"checkfree_plus-r{p}-s0")).run()
+        draws = ["failures.mode=per_step", f"failures.per_step_prob={p}"]
+        Trainer(
+            _named(tiny_config(runs, *common, *draws, "recovery.strategy=checkfree_plus"), f"checkfree_plus-r{p}-s0")
+        ).run()
+        ckpt = ["recovery.strategy=checkpoint", "checkpoint.every_steps=4"]
+        Trainer(_named(tiny_config(runs, *common, *draws, *ckpt), f"checkpointK4-r{p}-s0")).run()
     fit = _whatif(tmp_path, "--fit-overlap", str(runs), "checkfree_plus", "--q", "2")["fit_overlap"]
     assert len(fit["pairs"]) == 3 and fit["given_q"] == 2.0
-    assert fit["q"]["estimate"] >= 0 and fit["tau"]["estimate"] >= 0
+    assert fit["q"]["estimate"] >= 0 and fit["tau"]["estimate"] >= 0 and len(fit["samples"]) == 200
     assert fit["rmse"]["fitted"] <= fit["rmse"]["best_q_no_overlap"] + 1e-9
     ref = cm.load_run(runs / "none-s0")
     for pair in fit["pairs"]:
@@ -380,6 +384,27 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
         want = cm.steps_to_target(mine, pair["target_loss"])[0] - cm.steps_to_target(ref, pair["target_loss"])[0]
         assert pair["measured_extra_steps"] == want
     assert "Overlap fit" in (tmp_path / "whatif.md").read_text()
+    # the fit validated on a sweep: the ranges come from its bootstrap samples
+    (tmp_path / "fit.json").write_text((tmp_path / "whatif.json").read_text())
+    val = _whatif(
+        tmp_path, "--validate-sweep", str(runs), "checkpoint:4", "checkfree_plus", "--overlap-fit", "fit.json"
+    )
+    pairs = val["validate_sweep"]["pairs"]
+    assert len(pairs) == 3 and all(lo <= hi for lo, hi in (p["predicted_range"] for p in pairs))
+    assert val["validate_sweep"]["q_overlap_iterations"] == fit["tau"]["estimate"]
+    assert "bootstrap (q, tau) pairs" in (tmp_path / "whatif.md").read_text()
+    grid = ["--map-storage", "10", "1000", "2", "--map-rates", "0.05", "0.5", "2", "--mc-runs", "0"]
+    small = ["--model-bytes", "1e8", "--step-s", "1", "--num-stages", "4", "--target-steps", "200"]
+    mapped = _whatif(tmp_path, *small, *grid, "--storage-mb-s", "100", "--overlap-fit", "fit.json")
+    assert mapped["q"][0] == fit["q"]["estimate"] and len(mapped["map"]["resolved"]) == 2
+    both = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "whatif.py"), "--overlap-fit", "fit.json", "--q", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert both.returncode != 0 and "give neither with it" in both.stderr
 
 
 def _named(cfg, name: str):
