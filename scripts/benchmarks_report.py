@@ -62,6 +62,28 @@ COMMANDS = {
     "checkfree_plus --q 21 15 27 --q-full-step 300 --out runs/bench/whatif_validation_local.json",
     "whatif_validation_slow": "python scripts/whatif.py --validate-sweep runs/bench/convergence-slow-runs "
     "checkpoint:25 checkfree_plus --q 21 15 27 --q-full-step 300 --out runs/bench/whatif_validation_slow.json",
+    "overlap_fit": "OMP_NUM_THREADS=1 python scripts/bench_convergence.py configs/bench.yaml --rates 0.5 0.05 "
+    "--seeds 5 6 7 8 9 --strategies none checkfree_plus --out runs/bench/overlap_fit.json "
+    "--runs-dir runs/bench/overlap-fit-runs",
+    "whatif_overlap_fit": "python scripts/whatif.py --fit-overlap runs/bench/overlap-fit-runs checkfree_plus --q 21 "
+    "--q-full-step 300 --out runs/bench/whatif_overlap_fit.json",
+    "whatif_validation_local_overlap": "python scripts/whatif.py --validate-sweep runs/bench/convergence-ci-runs "
+    "checkpoint:5 checkfree_plus --overlap-fit runs/bench/whatif_overlap_fit.json "
+    "--out runs/bench/whatif_validation_local_overlap.json",
+    "whatif_validation_slow_overlap": "python scripts/whatif.py --validate-sweep runs/bench/convergence-slow-runs "
+    "checkpoint:25 checkfree_plus --overlap-fit runs/bench/whatif_overlap_fit.json "
+    "--out runs/bench/whatif_validation_slow_overlap.json",
+    "whatif_overlap": "python scripts/whatif.py --model-bytes 6697728 --step-s 0.1 --num-stages 4 --downtime-s 1.14 "
+    "--iteration-s 91.3 --hourly-rate 0.1 0.33 --storage-mb-s 5 100 --overlap-fit runs/bench/whatif_overlap_fit.json "
+    "--target-steps 300 --intervals 5 25 --map-storage 0.5 500 13 --map-rates 0.02 0.5 10 "
+    "--out runs/bench/whatif_overlap.json",
+    "convergence_neighbours": "OMP_NUM_THREADS=1 python scripts/bench_convergence.py configs/bench.yaml "
+    "failures.neighbour_prob=0.5 --rates 0.33 0.1 --seeds 0 1 2 3 4 --strategies none checkfree_plus hybrid "
+    "checkpoint:5 --out runs/bench/convergence_neighbours.json --runs-dir runs/bench/convergence-neighbours-runs",
+    "convergence_neighbours_hybrid": "python scripts/bench_convergence.py configs/bench.yaml "
+    "failures.neighbour_prob=0.5 --rates 0.33 0.1 --seeds 0 1 2 3 4 --strategies none checkfree_plus hybrid "
+    "checkpoint:5 --ours hybrid --baselines checkfree_plus --analyse-only "
+    "--out runs/bench/convergence_neighbours_hybrid.json --runs-dir runs/bench/convergence-neighbours-runs",
     "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm "
     "--rates 0.10 0.33 "
     "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant checkpoint:50 "
@@ -150,6 +172,12 @@ def _issue11() -> list[str]:
         ),
         ("whatif_validation_slow", "What-if validation: slow storage (5 MB/s), CheckFree+ against checkpointing"),
         ("whatif_validation_local", "What-if validation: local disk, CheckFree+ against checkpointing every 5 steps"),
+        ("whatif_overlap_fit", "What-if: q and the overlap of losses fitted on a sweep of their own (seeds 5-9)"),
+        ("whatif_validation_local_overlap", "What-if validation with the fitted overlap: local disk"),
+        ("whatif_validation_slow_overlap", "What-if validation with the fitted overlap: slow storage (5 MB/s)"),
+        ("whatif_overlap", "The what-if map at the bench scale with the fitted overlap"),
+        ("convergence_neighbours", "Convergence when neighbours are lost together (failures.neighbour_prob=0.5)"),
+        ("convergence_neighbours_hybrid", "The hybrid against CheckFree+ when neighbours are lost together"),
     ):
         r = _load(name)
         md = _file(f"{name}.md")
