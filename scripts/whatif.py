@@ -102,6 +102,7 @@ def scenario(ns, base: dict, rate: float, mb_s: float, q: float) -> cm.Scenario:
         interrupt_fraction=ns.interrupt_fraction,
         q_full_step=ns.q_full_step,
         q_overlap_iterations=ns.q_overlap_iterations,
+        swap_tax=ns.swap_tax,
     )
 
 
@@ -176,8 +177,8 @@ def strategy_map(ns, base: dict, qs: tuple[float, float, float]) -> dict:
             pols = policies(ns, sc)
             ckpt = cm.expected_time(sc, pols["checkpoint"])  # does not depend on q
             winners = []
-            for q, tau in _q_variants(ns, qs):
-                s = cm.Scenario(**{**sc.__dict__, "q": q, "q_overlap_iterations": tau})
+            for q, tau, sigma in _q_variants(ns, qs):
+                s = cm.Scenario(**{**sc.__dict__, "q": q, "q_overlap_iterations": tau, "swap_tax": sigma})
                 times = {"checkpoint": ckpt} | {n: cm.expected_time(s, pols[n]) for n in ("checkfree", "hybrid")}
                 winners.append(winner(times))
             w_row.append(winners[0][0])
@@ -192,11 +193,12 @@ def strategy_map(ns, base: dict, qs: tuple[float, float, float]) -> dict:
 
 
 def _q_variants(ns, qs) -> list[tuple[float, float]]:
-    """(q, tau) to decide a map cell with: the estimate first, then q's ends, or the fit's bootstrap samples."""
-    first = (qs[0], ns.q_overlap_iterations)
+    """(q, tau, sigma) to decide a map cell with: the estimate first, then q's ends, or the fit's bootstrap
+    samples."""
+    first = (qs[0], ns.q_overlap_iterations, ns.swap_tax)
     if ns.fit_samples:
-        return [first, *((q, tau) for q, tau in ns.fit_samples)]
-    return [first, (qs[1], ns.q_overlap_iterations), (qs[2], ns.q_overlap_iterations)]
+        return [first, *(tuple(x) for x in ns.fit_samples)]
+    return [first, (qs[1], ns.q_overlap_iterations, ns.swap_tax), (qs[2], ns.q_overlap_iterations, ns.swap_tax)]
 
 
 def draw_map(grid: dict, base: dict, ns, qs, path: Path) -> None:
@@ -238,6 +240,7 @@ def draw_map(grid: dict, base: dict, ns, qs, path: Path) -> None:
         f"fastest to {ns.target_steps:g} steps; in each cell the runner-up's time over the winner's\n"
         f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]"
         + (f" overlapping over {ns.q_overlap_iterations:g} iterations" if ns.q_overlap_iterations else "")
+        + (f", swap tax {ns.swap_tax:.3g}" if ns.swap_tax else "")
         + f", step {base['step_s']:.3g} s, "
         f"state {base['payload_bytes'] / 1e9:.3g} GB, "
         f"{base['num_stages']} stages, downtime {base['downtime_s']:g} s",
@@ -299,7 +302,9 @@ def validate_mode(ns) -> dict:
         raise SystemExit(f"--validate: the reference run {ref.run_dir} never reached validation loss {target}")
     rebuilding = any(r.config["recovery"]["strategy"] not in ("checkpoint", "none") for r in runs)
     qs = q_interval(ns) if rebuilding else (0.0, 0.0, 0.0)
-    rows = [_validate_row(run, reached[0], target, qs, ns.q_full_step, ns.q_overlap_iterations) for run in runs]
+    rows = [
+        _validate_row(run, reached[0], target, qs, ns.q_full_step, ns.q_overlap_iterations, ns.swap_tax) for run in runs
+    ]
     first = rows[0]
     for row in rows:
         row["measured_ratio"] = _ratio(row["measured_s"], first["measured_s"])
@@ -357,7 +362,7 @@ def validate_sweep(ns) -> dict:
         "predicted by the cost model from each run's own step, save, restore and rebuild times and failures; "
         + (
             f"the range is the 2.5-97.5 percentiles of the prediction over the fit's {len(ns.fit_samples)} bootstrap "
-            "(q, tau) pairs.\n"
+            "(q, tau, sigma) samples.\n"
             if ns.fit_samples
             else "the range is the prediction at q's low and high ends.\n"
         ),
@@ -395,6 +400,7 @@ def validate_sweep(ns) -> dict:
             if ns.q_overlap_iterations
             else "; every loss costs its whole q"
         )
+        + (f"; the swapped schedule costs {ns.swap_tax:.3g} extra steps per step" if ns.swap_tax else "")
         + "."
     )
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
@@ -408,6 +414,7 @@ def validate_sweep(ns) -> dict:
             "point_error_factor": off,
             "q_full_step": ns.q_full_step,
             "q_overlap_iterations": ns.q_overlap_iterations,
+            "swap_tax": ns.swap_tax,
         }
     }
 
@@ -416,15 +423,16 @@ OVERLAP_GRID = np.concatenate([[0.0], np.geomspace(1.0, 3000.0, 160)])
 
 
 def fit_overlap(ns) -> dict:
-    """Fit q and tau (``q_overlap_iterations``) on a convergence sweep of OURS against the failure-free runs:
-    per (rate, seed), the measured extra committed steps to the pair's common target (the higher final
-    validation loss, as ``--validate-sweep`` compares) against the debt the model charges the run's own
-    losses (``recorded_debt``, with ``--q-full-step``'s ramp; losses after OURS reached the target left out).
-    The debt is linear in q, so for each tau on a grid q is least squares through the origin, and the pair
-    (q, tau) with the least squared error wins (``cm.fit_q_overlap``); bootstrap intervals over the seeds
-    (a seed's pairs share its failure-free run, so they are resampled together). Compared with the given
-    ``--q`` and no overlap, and with the best single q and no overlap. The fit is only as good as the runs:
-    fit on one sweep and validate on another."""
+    """Fit q, tau (``q_overlap_iterations``) and the swap tax sigma on a convergence sweep of OURS against the
+    failure-free runs: per (rate, seed), the measured extra committed steps to the pair's common target (the
+    higher final validation loss, as ``--validate-sweep`` compares) against sigma times the failure-free
+    run's steps to it (paid only by a run on the swapped schedule) plus the debt the model charges the run's
+    own losses (``recorded_debt``, with ``--q-full-step``'s ramp; losses after OURS reached the target left
+    out). Both are linear, so for each tau on a grid (q, sigma) is non-negative least squares, and the tau with
+    the least squared error wins (``cm.fit_q_overlap``); bootstrap intervals over the seeds (a seed's pairs
+    share its failure-free run, so they are resampled together). Compared with the same fit without the tax,
+    with the given ``--q`` alone, and with the best single q. The fit is only as good as the runs: fit on one
+    sweep and validate on another."""
     runs_dir, ours = Path(ns.fit_overlap[0]), ns.fit_overlap[1]
     given = q_interval(ns)[0]
     pairs, unit = [], []
@@ -451,6 +459,8 @@ def fit_overlap(ns) -> dict:
                 "rate": float(named.group(1)),
                 "failures": sum(it.failures for it in run.iterations if it.step < got[0]),
                 "target_loss": target,
+                "base_steps": base[0],
+                "swap": run.swap,
                 "measured_extra_steps": got[0] - base[0],
             }
         )
@@ -458,49 +468,56 @@ def fit_overlap(ns) -> dict:
         raise ValueError(f"--fit-overlap: {len(pairs)} none / {ours} pairs that reached their target in {runs_dir}")
     d = np.array(unit)  # pairs x grid
     m = np.array([p["measured_extra_steps"] for p in pairs], dtype=float)
-
+    taxed = np.array([p["base_steps"] if p["swap"] else 0.0 for p in pairs], dtype=float)
     seeds = sorted({p["seed"] for p in pairs})
     of_seed = [[i for i, p in enumerate(pairs) if p["seed"] == s] for s in seeds]
 
-    def fit(seed_idx) -> tuple[float, int]:
+    def fit(seed_idx, tax: bool = True) -> tuple[float, int, float]:
         rows = [i for s in np.asarray(seed_idx, dtype=int) for i in of_seed[s]]
-        return cm.fit_q_overlap(d[rows], m[rows])
+        return cm.fit_q_overlap(d[rows], m[rows], taxed[rows] if tax and taxed.any() else None)
 
-    q_fit, k = fit(range(len(seeds)))
-    draw = np.random.default_rng(0).integers(0, len(seeds), size=(200, len(seeds)))
-    samples = [[q, float(OVERLAP_GRID[j])] for q, j in (fit(i) for i in draw)]
+    q_fit, k, sigma = fit(range(len(seeds)))
     q_iv = bootstrap(range(len(seeds)), lambda i: fit(i)[0], resamples=2000)
     tau_iv = bootstrap(range(len(seeds)), lambda i: float(OVERLAP_GRID[fit(i)[1]]), resamples=2000)
-    q_add = float(max((d[:, 0] * m).sum() / (d[:, 0] ** 2).sum(), 0.0)) if (d[:, 0] ** 2).sum() else 0.0
+    sigma_iv = bootstrap(range(len(seeds)), lambda i: fit(i)[2], resamples=2000)
+    draw = np.random.default_rng(0).integers(0, len(seeds), size=(200, len(seeds)))
+    samples = [[q, float(OVERLAP_GRID[j]), sg] for q, j, sg in (fit(i) for i in draw)]
+    q_nt, k_nt, _ = fit(range(len(seeds)), tax=False)
+    q_add, _, _ = cm.fit_q_overlap(d[:, :1], m)
     rmse = lambda pred: float(np.sqrt(((pred - m) ** 2).mean()))
     fits = {
-        "fitted": rmse(q_fit * d[:, k]),
+        "fitted": rmse(q_fit * d[:, k] + sigma * taxed),
+        "fitted_without_tax": rmse(q_nt * d[:, k_nt]),
         "given_q_no_overlap": rmse(given * d[:, 0]),
         "best_q_no_overlap": rmse(q_add * d[:, 0]),
     }
-    for p, row in zip(pairs, d):
-        p["predicted_fitted"], p["predicted_given_q"] = float(q_fit * row[k]), float(given * row[0])
+    for p, row, tx in zip(pairs, d, taxed):
+        p["predicted_fitted"] = float(q_fit * row[k] + sigma * tx)
+        p["predicted_tax_part"] = float(sigma * tx)
+        p["predicted_given_q"] = float(given * row[0])
     tau = float(OVERLAP_GRID[k])
     lines = [
         f"Overlap fit: {ours} against the failure-free run of each seed in {runs_dir} ({len(pairs)} pairs). "
         "Measured extra committed steps to the pair's common target (the higher final validation loss) against "
-        "the model's debt for the run's own losses"
+        "the swap tax (sigma times the failure-free run's steps to the target) plus the model's debt for the "
+        "run's own losses"
         + (f", q growing to its value at step {ns.q_full_step:g}" if ns.q_full_step else "")
-        + f". Fitted: q = {q_fit:.3g} [{q_iv.low:.3g}, {q_iv.high:.3g}], tau = {tau:.3g} [{tau_iv.low:.3g}, "
-        f"{tau_iv.high:.3g}] iterations (bootstrap over the {len(seeds)} seeds). "
-        f"RMSE {fits['fitted']:.1f} steps fitted, "
-        f"{fits['given_q_no_overlap']:.1f} with q = {given:g} and no overlap, {fits['best_q_no_overlap']:.1f} with "
-        f"the best q and no overlap ({q_add:.3g}).\n",
-        f"| rate (/h) | pairs | failures before the target | measured extra steps | fitted model | q = {given:g}, "
-        "no overlap |",
-        "|---|---|---|---|---|---|",
+        + f". Fitted: sigma = {sigma:.3g} [{sigma_iv.low:.3g}, {sigma_iv.high:.3g}], q = {q_fit:.3g} "
+        f"[{q_iv.low:.3g}, {q_iv.high:.3g}], tau = {tau:.3g} [{tau_iv.low:.3g}, {tau_iv.high:.3g}] iterations "
+        f"(bootstrap over the {len(seeds)} seeds). RMSE {fits['fitted']:.1f} steps fitted, "
+        f"{fits['fitted_without_tax']:.1f} fitted without the tax, "
+        f"{fits['given_q_no_overlap']:.1f} with q = {given:g} alone, {fits['best_q_no_overlap']:.1f} with "
+        f"the best single q ({q_add:.3g}).\n",
+        "| rate (/h) | pairs | failures before the target | measured extra steps | fitted model | of which the "
+        f"swap tax | q = {given:g} alone |",
+        "|---|---|---|---|---|---|---|",
     ]
     for rate in sorted({p["rate"] for p in pairs}):
         at = [p for p in pairs if p["rate"] == rate]
         mean = lambda key, at=at: bootstrap([p[key] for p in at]).fmt(1)
         lines.append(
             f"| {rate:g} | {len(at)} | {mean('failures')} | {mean('measured_extra_steps')} | "
-            f"{mean('predicted_fitted')} | {mean('predicted_given_q')} |"
+            f"{mean('predicted_fitted')} | {mean('predicted_tax_part')} | {mean('predicted_given_q')} |"
         )
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
     Path(ns.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -511,18 +528,21 @@ def fit_overlap(ns) -> dict:
             "q_full_step": ns.q_full_step,
             "q": q_iv.as_dict() | {"estimate": q_fit},
             "tau": tau_iv.as_dict() | {"estimate": tau},
+            "swap_tax": sigma_iv.as_dict() | {"estimate": sigma},
             "given_q": given,
             "best_q_no_overlap": q_add,
             "rmse": fits,
             "pairs": pairs,
-            "samples": samples,  # (q, tau) fitted on 200 bootstrap resamples of the seeds: --overlap-fit's ranges
+            "samples": samples,  # (q, tau, sigma) on 200 bootstrap resamples of the seeds: --overlap-fit's ranges
         }
     }
 
 
-def _row_model(row: dict, q: float, tau: float) -> tuple[cm.Scenario, cm.Policy]:
-    """The scenario and policy a ``_validate_row`` predicted with, for another q and tau."""
+def _row_model(row: dict, q: float, tau: float, sigma: float) -> tuple[cm.Scenario, cm.Policy]:
+    """The scenario and policy a ``_validate_row`` predicted with, for another q, tau and swap tax (which
+    only a run that paid one pays)."""
     model = {k: v for k, v in row["model"].items() if k != "interval"} | {"q": q, "q_overlap_iterations": tau}
+    model["swap_tax"] = sigma if row["model"].get("swap_tax") else 0.0
     interval = row["model"]["interval"]
     strategy = row["strategy"]
     pol = cm.checkpointing(interval) if strategy == "checkpoint" else cm.Policy(strategy, interval, True, 0.0)
@@ -532,8 +552,8 @@ def _row_model(row: dict, q: float, tau: float) -> tuple[cm.Scenario, cm.Policy]
 def _sampled_range(base: dict, mine: dict, samples: list) -> list[float | None]:
     """The predicted ratio mine / base over the fit's bootstrap (q, tau) samples: its 2.5 and 97.5 percentiles."""
     ratios = []
-    for q, tau in samples:
-        b, m = (cm.expected_time(*_row_model(row, q, tau)) for row in (base, mine))
+    for q, tau, sigma in samples:
+        b, m = (cm.expected_time(*_row_model(row, q, tau, sigma)) for row in (base, mine))
         ratios.append(m / b if b and math.isfinite(b) else math.inf)
     lo, hi = np.percentile(ratios, [2.5, 97.5])
     return [float(lo), float(hi)]
@@ -545,8 +565,10 @@ def apply_overlap_fit(ns) -> None:
     ns.fit_samples = None
     if not ns.overlap_fit:
         return
-    if ns.q or ns.q_json or ns.q_overlap_iterations:
-        raise SystemExit("--overlap-fit sets q and --q-overlap-iterations from the fit: give neither with it")
+    if ns.q or ns.q_json or ns.q_overlap_iterations or ns.swap_tax:
+        raise SystemExit(
+            "--overlap-fit sets q, --q-overlap-iterations and --swap-tax from the fit: give none of them with it"
+        )
     path = Path(ns.overlap_fit)
     if not path.is_file():
         raise SystemExit(f"--overlap-fit {path}: no such file (write it with --fit-overlap)")
@@ -556,6 +578,7 @@ def apply_overlap_fit(ns) -> None:
     ns.q = [fit["q"]["estimate"]]
     ns.q_overlap_iterations = fit["tau"]["estimate"]
     ns.q_full_step = fit["q_full_step"]
+    ns.swap_tax = fit["swap_tax"]["estimate"]
     ns.fit_samples = fit["samples"]
 
 
@@ -564,11 +587,20 @@ def _ratio(a, b):
 
 
 def _validate_row(
-    run: cm.RecordedRun, ref_steps: int, target: float, qs, q_full_step: float = 0.0, overlap: float = 0.0
+    run: cm.RecordedRun,
+    ref_steps: int,
+    target: float,
+    qs,
+    q_full_step: float = 0.0,
+    overlap: float = 0.0,
+    swap_tax: float = 0.0,
 ) -> dict:
     got = cm.steps_to_target(run, target)
     pol = _policy_of(run)
-    model = lambda q: cm.run_scenario(run, ref_steps, q, q_full_step=q_full_step, q_overlap_iterations=overlap)
+    tax = swap_tax if run.swap else 0.0  # only a run on the swapped schedule pays it
+    model = lambda q: cm.run_scenario(
+        run, ref_steps, q, q_full_step=q_full_step, q_overlap_iterations=overlap, swap_tax=tax
+    )
     predicted = {name: cm.expected_time(model(q), pol) for name, q in zip(("", "_q_low", "_q_high"), qs)}
     sc = model(qs[0])
     return {
@@ -657,6 +689,13 @@ def parse_args(argv=None):
         help="tau: an incident J iterations after the previous one costs q (1 - exp(-J / tau)) per lost stage, "
         "as a model still recovering from a rebuild loses less to the next (fit it with --fit-overlap); "
         "0 (default): every loss costs its whole q",
+    )
+    ap.add_argument(
+        "--swap-tax",
+        type=float,
+        default=0.0,
+        help="sigma: extra steps per step that CheckFree+'s swapped schedule costs without failures (its target is "
+        "S (1 + sigma); checkpointing does not pay it); fitted by --fit-overlap. Default 0",
     )
     ap.add_argument("--target-steps", type=float, default=10_000)
     ap.add_argument("--intervals", type=int, nargs="*", default=[50, 200])

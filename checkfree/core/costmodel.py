@@ -21,7 +21,8 @@ one iteration are replaced in parallel, so D is per incident), and then:
 - **CheckFree(+)**: the lost stages are rebuilt in place and training goes on; each lost stage adds q
   committed steps to the target (the extra steps to the same loss, measured by ``scripts/measure_q.py``),
   less early in training (``q_full_step``) and less when it follows another loss closely
-  (``q_overlap_iterations``); no saves, no rollback;
+  (``q_overlap_iterations``); CheckFree+'s swapped schedule trains less per step even without failures
+  (``swap_tax``); no saves, no rollback;
 - **hybrid**: CheckFree for the incidents it can recover, plus asynchronous checkpoints every k_a steps
   that do not stall training; a fraction u (``p_unrecoverable``) of incidents (two neighbours lost at once,
   everything lost) rolls back to the last of them, at restore cost R (a save counts as complete when its
@@ -66,6 +67,10 @@ class Scenario:
     # q (1 - exp(-J / tau)) per lost stage: a model still recovering from one rebuild loses less to the next
     # (the sweeps' realised q per failure falls as the rate rises). Fitted by whatif.py --fit-overlap.
     q_overlap_iterations: float = 0.0
+    # sigma: extra committed steps per step a rebuilding strategy pays even without failures (CheckFree+'s
+    # swapped microbatches train less per step than the plain schedule), so its target is S (1 + sigma);
+    # checkpointing runs the plain schedule and does not pay it. Fitted by whatif.py --fit-overlap.
+    swap_tax: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.target_steps > 0 or not self.step_s > 0:
@@ -83,6 +88,8 @@ class Scenario:
             raise ValueError(f"interrupt_fraction={self.interrupt_fraction} must be in [0, 1]")
         if not self.q_full_step >= 0:
             raise ValueError(f"q_full_step={self.q_full_step} must be >= 0 (0: q at every step)")
+        if not self.swap_tax >= 0:
+            raise ValueError(f"swap_tax={self.swap_tax} must be >= 0 (extra steps per step of the swapped schedule)")
         if not self.q_overlap_iterations >= 0:
             raise ValueError(
                 f"q_overlap_iterations={self.q_overlap_iterations} must be >= 0 (0: every loss costs its whole q)"
@@ -289,7 +296,7 @@ def expected_time(sc: Scenario, pol: Policy) -> float:
     bound against ``simulate``).
     """
     save_s = sc.save_s if pol.blocking_save else 0.0
-    need = float(sc.target_steps)
+    need = float(sc.target_steps) * (1.0 + (sc.swap_tax if pol.p_unrecoverable < 1.0 else 0.0))
     if pol.p_unrecoverable < 1.0 and sc.q > 0.0:
         k = pol.interval or need
         _, iters = _segment(sc, pol, k, 0.0)
@@ -381,7 +388,7 @@ def simulate(
     t, done = np.zeros(runs), np.zeros(runs, dtype=bool)
     committed, last_ckpt = np.zeros(runs, dtype=np.int64), np.zeros(runs, dtype=np.int64)
     last_rebuilt = np.full(runs, -np.inf)  # the iteration of each run's previous rebuilt incident (overlap)
-    target = np.full(runs, float(sc.target_steps))
+    target = np.full(runs, float(sc.target_steps) * (1.0 + (sc.swap_tax if pol.p_unrecoverable < 1.0 else 0.0)))
     lost_s = sc.interrupt_fraction * sc.step_s + sc.downtime_s
     save_s = sc.save_s if pol.blocking_save else 0.0
     if max_iterations is None:
@@ -437,6 +444,7 @@ class RecordedRun:
     summary: dict
     iterations: list[Iteration]
     timeline_ops: int  # ops in one step of its schedule (where an interrupted step stopped, as a fraction)
+    swap: bool = False  # trained with CheckFree+'s swapped schedule (pays ``Scenario.swap_tax``)
 
 
 def _read(path: Path, what: str):
@@ -464,7 +472,7 @@ def load_run(run_dir) -> RecordedRun:
     if not any(e["event"] == "run_started" for e in events):
         raise ValueError(f"{run_dir}: events.jsonl has no run_started event; replay reads engine runs only")
     swap = cfg["pipeline"].get("swap")
-    swap = cfg["recovery"]["strategy"] == "checkfree_plus" if swap is None else swap
+    swap = cfg["recovery"]["strategy"] in ("checkfree_plus", "hybrid") if swap is None else swap  # swap_enabled
     pipe = PipelineConfig(**cfg["pipeline"])
     ops = len(schedule_for(pipe, cfg["model"]["num_stages"], bool(swap)).timeline)
     its: dict[int, Iteration] = {}
@@ -487,7 +495,7 @@ def load_run(run_dir) -> RecordedRun:
     if missing:
         raise ValueError(f"{run_dir}: iterations {missing[:10]} are neither committed nor interrupted in the records")
     _attach_saves(run_dir, cfg, [its[i] for i in range(total)], events)
-    return RecordedRun(str(run_dir), cfg, rows, events, summary, [its[i] for i in range(total)], ops)
+    return RecordedRun(str(run_dir), cfg, rows, events, summary, [its[i] for i in range(total)], ops, bool(swap))
 
 
 def _attach_saves(run_dir, cfg: dict, its: list[Iteration], events: list[dict]) -> None:
@@ -600,15 +608,36 @@ def recorded_debt(run: RecordedRun, sc: Scenario, until_step: float = math.inf) 
     return debt
 
 
-def fit_q_overlap(unit_debt: np.ndarray, measured: np.ndarray) -> tuple[float, int]:
-    """The (q, tau) that fit measured extra steps best: ``unit_debt[i, j]`` is the debt of pair i for q = 1 at
-    the j-th tau of a grid (``recorded_debt``), linear in q, so for each tau q is least squares through the
-    origin (clipped at 0), and the tau with the least squared error wins. Returns (q, index of tau)."""
+def fit_q_overlap(
+    unit_debt: np.ndarray, measured: np.ndarray, base_steps: np.ndarray | None = None
+) -> tuple[float, int, float]:
+    """The (q, tau, sigma) that fit measured extra steps best: ``unit_debt[i, j]`` is the debt of pair i for
+    q = 1 at the j-th tau of a grid (``recorded_debt``); with ``base_steps`` (the failure-free run's steps to
+    pair i's target) the swap tax sigma adds sigma * base_steps[i]. Both are linear, so for each tau (q, sigma)
+    is non-negative least squares through the origin, and the tau with the least squared error wins.
+    Returns (q, index of tau, sigma); sigma is 0 without ``base_steps``."""
     x, y = np.asarray(unit_debt, dtype=float), np.asarray(measured, dtype=float)
-    xx = (x * x).sum(axis=0)
-    q = np.maximum(np.where(xx > 0, (x * y[:, None]).sum(axis=0) / np.maximum(xx, 1e-12), 0.0), 0.0)
-    j = int(np.argmin(((q * x - y[:, None]) ** 2).sum(axis=0)))
-    return float(q[j]), j
+    b = np.zeros_like(y) if base_steps is None else np.asarray(base_steps, dtype=float)
+    best = (math.inf, 0.0, 0, 0.0)
+    for j in range(x.shape[1]):
+        for q, sigma in _nonneg_lstsq2(x[:, j], b, y):
+            err = float(((q * x[:, j] + sigma * b - y) ** 2).sum())
+            if err < best[0] - 1e-12:
+                best = (err, q, j, sigma)
+    return best[1], best[2], best[3]
+
+
+def _nonneg_lstsq2(u: np.ndarray, v: np.ndarray, y: np.ndarray) -> list[tuple[float, float]]:
+    """Candidates for min |a u + c v - y|^2 over a, c >= 0: the unconstrained solution when it is feasible,
+    and each one-variable fit with the other at 0 (the constrained optimum is among them)."""
+    uu, vv, uv, uy, vy = (u @ u), (v @ v), (u @ v), (u @ y), (v @ y)
+    out = [(max(uy / uu, 0.0) if uu > 0 else 0.0, 0.0), (0.0, max(vy / vv, 0.0) if vv > 0 else 0.0)]
+    det = uu * vv - uv * uv
+    if det > 1e-12 * max(uu * vv, 1e-300):
+        a, c = (vv * uy - uv * vy) / det, (uu * vy - uv * uy) / det
+        if a >= 0 and c >= 0:
+            out.append((a, c))
+    return out
 
 
 def run_scenario(
@@ -618,6 +647,7 @@ def run_scenario(
     downtime_s: float | None = None,
     q_full_step: float = 0.0,
     q_overlap_iterations: float = 0.0,
+    swap_tax: float = 0.0,
 ) -> Scenario:
     """The ``Scenario`` a recorded run measured: mean step, save and restore times, the mean point where
     failures interrupted a step, and its per-stage failure probability (the configured one for ``per_step``
@@ -647,4 +677,5 @@ def run_scenario(
         interrupt_fraction=mean([it.fraction for it in hit]) if hit else 0.5,
         q_full_step=q_full_step,
         q_overlap_iterations=q_overlap_iterations,
+        swap_tax=swap_tax,
     )

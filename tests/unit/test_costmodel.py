@@ -155,12 +155,13 @@ def test_recorded_debt_charges_each_loss_its_discounted_q():
     assert cm.recorded_debt(run, ramp) == pytest.approx(10 * 3 / 8 + 2 * 10 * 4 / 8 + 10.0)
 
 
-def test_the_fit_recovers_the_q_and_tau_that_made_the_debts():
-    """Runs whose measured extra steps are exactly the model's debt for q = 40 and a tau on the grid, at
-    rates from rare to frequent: the fit finds both; with every loss costing its whole q it cannot fit them."""
+def test_the_fit_recovers_the_q_tau_and_swap_tax_that_made_the_debts():
+    """Runs whose measured extra steps are exactly the swap tax on their failure-free steps plus the model's
+    debt for q = 40 and a tau on the grid, at rates from rare to frequent: the fit finds all three; without
+    the tax, or with every loss costing its whole q, it cannot fit them."""
     grid = [0.0, 5.0, 20.0, 60.0, 200.0]
     rng = np.random.default_rng(0)
-    runs = []
+    runs, base = [], []
     for p in (0.002, 0.01, 0.05):
         for _ in range(4):
             its = [
@@ -168,12 +169,32 @@ def test_the_fit_recovers_the_q_and_tau_that_made_the_debts():
                 for i in range(300)
             ]
             runs.append(cm.RecordedRun("synthetic", {}, [], [], {}, its, 10))
+            base.append(float(rng.integers(150, 300)))
     unit = np.array([[cm.recorded_debt(r, scenario(q=1.0, q_overlap_iterations=t)) for t in grid] for r in runs])
-    measured = np.array([cm.recorded_debt(r, scenario(q=40.0, q_overlap_iterations=20.0)) for r in runs])
-    q, j = cm.fit_q_overlap(unit, measured)
-    assert q == pytest.approx(40.0, rel=1e-6) and grid[j] == 20.0
-    q0, _ = cm.fit_q_overlap(unit[:, :1], measured)  # no overlap: the best single q
-    assert ((q0 * unit[:, 0] - measured) ** 2).sum() > 10.0
+    debt = np.array([cm.recorded_debt(r, scenario(q=40.0, q_overlap_iterations=20.0)) for r in runs])
+    measured = debt + 0.25 * np.array(base)
+    q, j, sigma = cm.fit_q_overlap(unit, measured, np.array(base))
+    assert q == pytest.approx(40.0, rel=1e-6) and grid[j] == 20.0 and sigma == pytest.approx(0.25, rel=1e-6)
+    q_nt, j_nt, sigma_nt = cm.fit_q_overlap(unit, measured)
+    assert sigma_nt == 0.0 and ((q_nt * unit[:, j_nt] - measured) ** 2).sum() > 10.0
+    q0, _, _ = cm.fit_q_overlap(unit[:, :1], debt)  # no overlap: the best single q
+    assert ((q0 * unit[:, 0] - debt) ** 2).sum() > 10.0
+
+
+def test_the_swap_tax_lengthens_the_rebuilding_strategies_only():
+    """swap_tax sigma: CheckFree(+) and the hybrid need S (1 + sigma) steps (their swapped schedule trains
+    less per step), checkpointing S; the closed form still agrees with the simulation."""
+    plain, taxed = scenario(stage_fail_prob=0.0), scenario(stage_fail_prob=0.0, swap_tax=0.2)
+    assert cm.expected_time(taxed, cm.checkfree()) == pytest.approx(360.0)
+    assert cm.expected_time(taxed, cm.hybrid(7, 0.5)) == pytest.approx(360.0)
+    assert cm.expected_time(taxed, cm.checkpointing(7)) == cm.expected_time(plain, cm.checkpointing(7))
+    sc = scenario(q=6.0, q_overlap_iterations=20.0, swap_tax=0.25, stage_fail_prob=0.01)
+    for policy in (cm.checkfree(), cm.hybrid(5, 0.3)):
+        times = cm.simulate(sc, policy, runs=2000, seed=7)
+        sem, expected = times.std(ddof=1) / math.sqrt(times.size), cm.expected_time(sc, policy)
+        assert abs(times.mean() - expected) <= 4 * sem + 0.01 * expected, (policy.name, times.mean(), expected)
+    with pytest.raises(ValueError, match="swap_tax=-0.1"):
+        scenario(swap_tax=-0.1)
 
 
 def test_the_simulation_is_seeded():
@@ -376,7 +397,9 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
         Trainer(_named(tiny_config(runs, *common, *draws, *ckpt), f"checkpointK4-r{p}-s0")).run()
     fit = _whatif(tmp_path, "--fit-overlap", str(runs), "checkfree_plus", "--q", "2")["fit_overlap"]
     assert len(fit["pairs"]) == 3 and fit["given_q"] == 2.0
-    assert fit["q"]["estimate"] >= 0 and fit["tau"]["estimate"] >= 0 and len(fit["samples"]) == 200
+    assert fit["q"]["estimate"] >= 0 and fit["tau"]["estimate"] >= 0 and fit["swap_tax"]["estimate"] >= 0
+    assert len(fit["samples"]) == 200 and all(len(x) == 3 for x in fit["samples"])
+    assert all(p["swap"] for p in fit["pairs"])  # CheckFree+ trains on the swapped schedule
     assert fit["rmse"]["fitted"] <= fit["rmse"]["best_q_no_overlap"] + 1e-9
     ref = cm.load_run(runs / "none-s0")
     for pair in fit["pairs"]:
@@ -392,7 +415,7 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
     pairs = val["validate_sweep"]["pairs"]
     assert len(pairs) == 3 and all(lo <= hi for lo, hi in (p["predicted_range"] for p in pairs))
     assert val["validate_sweep"]["q_overlap_iterations"] == fit["tau"]["estimate"]
-    assert "bootstrap (q, tau) pairs" in (tmp_path / "whatif.md").read_text()
+    assert "bootstrap (q, tau, sigma) samples" in (tmp_path / "whatif.md").read_text()
     grid = ["--map-storage", "10", "1000", "2", "--map-rates", "0.05", "0.5", "2", "--mc-runs", "0"]
     small = ["--model-bytes", "1e8", "--step-s", "1", "--num-stages", "4", "--target-steps", "200"]
     mapped = _whatif(tmp_path, *small, *grid, "--storage-mb-s", "100", "--overlap-fit", "fit.json")
@@ -404,7 +427,7 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
         timeout=60,
         cwd=tmp_path,
     )
-    assert both.returncode != 0 and "give neither with it" in both.stderr
+    assert both.returncode != 0 and "give none of them with it" in both.stderr
 
 
 def _named(cfg, name: str):
