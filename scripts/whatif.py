@@ -393,10 +393,14 @@ def validate_sweep(ns) -> dict:
     lines.append(
         f"\n{inside} of {len(pairs)} measured ratios inside the predicted range; the point predictions are off by "
         f"a factor of {off:.2f} (geometric mean over the pairs)"
-        + (f"; q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]" if (ns.q or ns.q_json) and (qs := q_interval(ns)) else "")
+        + (
+            f"; q = {ns.q[0]:.3g} from the fit {ns.overlap_fit}"
+            if ns.fit_samples
+            else (f"; q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]" if (ns.q or ns.q_json) and (qs := q_interval(ns)) else "")
+        )
         + (f", growing to its value at step {ns.q_full_step:g}" if ns.q_full_step else ", the same at every step")
         + (
-            f"; a loss J iterations after the previous one costs q (1 - exp(-J / {ns.q_overlap_iterations:g}))"
+            f"; a loss J iterations after the previous one costs q (1 - exp(-J / {ns.q_overlap_iterations:.3g}))"
             if ns.q_overlap_iterations
             else "; every loss costs its whole q"
         )
