@@ -237,10 +237,11 @@ def draw_map(grid: dict, base: dict, ns, qs, path: Path) -> None:
         fontsize=8,
     )
     ax.set_title(
-        f"fastest to {ns.target_steps:g} steps; in each cell the runner-up's time over the winner's\n"
-        f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]"
-        + (f" overlapping over {ns.q_overlap_iterations:g} iterations" if ns.q_overlap_iterations else "")
-        + (f", swap tax {ns.swap_tax:.3g}" if ns.swap_tax else "")
+        f"fastest to {ns.target_steps:g} steps; in each cell the runner-up's time over the winner's\n"(
+            f"q = {qs[0]:.3g} (fitted)" if ns.fit_samples else f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]"
+        )
+        + (f" overlapping over {ns.q_overlap_iterations:.3g} iterations" if ns.q_overlap_iterations else "")
+        + (f", swap tax {ns.swap_tax:.3g} (checkfree and hybrid: CheckFree+)" if ns.swap_tax else "")
         + f", step {base['step_s']:.3g} s, "
         f"state {base['payload_bytes'] / 1e9:.3g} GB, "
         f"{base['num_stages']} stages, downtime {base['downtime_s']:g} s",
@@ -627,10 +628,18 @@ def _t(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.3g} s"
 
 
-def points_markdown(points: list[dict], qs) -> str:
+def points_markdown(points: list[dict], qs, ns=None) -> str:
     """The points' expected times as a table (for docs/BENCHMARKS.md)."""
+    fitted = ns is not None and ns.fit_samples
+    model = (
+        f"q = {qs[0]:.3g} extra steps per lost stage, a loss J iterations after the previous one costing "
+        f"q (1 - exp(-J / {ns.q_overlap_iterations:.3g})), and a swap tax of {ns.swap_tax:.3g} steps per step for "
+        f"checkfree and the hybrid (CheckFree+), fitted in {ns.overlap_fit}"
+        if fitted
+        else f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}] extra steps per lost stage"
+    )
     lines = [
-        f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}] extra steps per lost stage. Expected time to the target per strategy "
+        f"{model}. Expected time to the target per strategy "
         "(checkpointing at its optimal interval and at the given ones), the winner and its margin over the "
         "runner-up, and the break-even blocking save time (checkpointing is faster when a save takes less).\n",
         "| rate (/h/stage) | storage MB/s | save s | winner | margin | break-even save s | times |",
@@ -776,7 +785,7 @@ def whatif(ns) -> dict:
     grid = strategy_map(ns, base, qs)
     png = Path(ns.out).with_suffix(".png")
     draw_map(grid, base, ns, qs, png)
-    Path(ns.out).with_suffix(".md").write_text(points_markdown(points, qs))
+    Path(ns.out).with_suffix(".md").write_text(points_markdown(points, qs, ns))
     print_points(points)
     print(f"map: {png}")
     return {"base": base, "q": qs, "points": points, "map": grid, "png": str(png)}
