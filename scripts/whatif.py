@@ -237,9 +237,8 @@ def draw_map(grid: dict, base: dict, ns, qs, path: Path) -> None:
         fontsize=8,
     )
     ax.set_title(
-        f"fastest to {ns.target_steps:g} steps; in each cell the runner-up's time over the winner's\n"(
-            f"q = {qs[0]:.3g} (fitted)" if ns.fit_samples else f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]"
-        )
+        f"fastest to {ns.target_steps:g} steps; in each cell the runner-up's time over the winner's\n"
+        + (f"q = {qs[0]:.3g} (fitted)" if ns.fit_samples else f"q = {qs[0]:g} [{qs[1]:g}, {qs[2]:g}]")
         + (f" overlapping over {ns.q_overlap_iterations:.3g} iterations" if ns.q_overlap_iterations else "")
         + (f", swap tax {ns.swap_tax:.3g} (checkfree and hybrid: CheckFree+)" if ns.swap_tax else "")
         + f", step {base['step_s']:.3g} s, "
