@@ -62,7 +62,7 @@ COMMANDS = {
     "checkfree_plus --q 21 15 27 --q-full-step 300 --out runs/bench/whatif_validation_local.json",
     "whatif_validation_slow": "python scripts/whatif.py --validate-sweep runs/bench/convergence-slow-runs "
     "checkpoint:25 checkfree_plus --q 21 15 27 --q-full-step 300 --out runs/bench/whatif_validation_slow.json",
-    "overlap_fit": "OMP_NUM_THREADS=1 python scripts/bench_convergence.py configs/bench.yaml --rates 0.5 0.05 "
+    "overlap_fit": "OMP_NUM_THREADS=1 python scripts/bench_convergence.py configs/bench.yaml --rates 0.5 0.05 0.2 "
     "--seeds 5 6 7 8 9 --strategies none checkfree_plus --out runs/bench/overlap_fit.json "
     "--runs-dir runs/bench/overlap-fit-runs",
     "whatif_overlap_fit": "python scripts/whatif.py --fit-overlap runs/bench/overlap-fit-runs checkfree_plus --q 21 "
@@ -165,14 +165,14 @@ def _issue11() -> list[str]:
         ("fig2_deep", "The paper's Fig. 2 setup on 6 stages: swap off, middle stages failing at 16%/h"),
         ("convergence_ci", "Convergence under failures, 5 seeds, paired intervals"),
         ("convergence_slow", "Convergence with slow checkpoint storage (the what-if validation points)"),
-        ("whatif", "The what-if map at the bench scale (q measured here)"),
+        ("whatif", "The what-if map at the bench scale, first version (q measured here; no tax, no overlap)"),
         (
             "whatif_paper",
             "The what-if map at the paper's medium scale (q from the paper's Table 2 as read in issue #11)",
         ),
         ("whatif_validation_slow", "What-if validation: slow storage (5 MB/s), CheckFree+ against checkpointing"),
         ("whatif_validation_local", "What-if validation: local disk, CheckFree+ against checkpointing every 5 steps"),
-        ("whatif_overlap_fit", "What-if: q and the overlap of losses fitted on a sweep of their own (seeds 5-9)"),
+        ("whatif_overlap_fit", "What-if: swap tax, q and overlap fitted on a sweep of their own (seeds 5-9)"),
         ("whatif_validation_local_overlap", "What-if validation with the fitted overlap: local disk"),
         ("whatif_validation_slow_overlap", "What-if validation with the fitted overlap: slow storage (5 MB/s)"),
         ("whatif_overlap", "The what-if map at the bench scale with the fitted overlap"),
