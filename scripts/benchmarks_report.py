@@ -35,8 +35,9 @@ COMMANDS = {
     "q_bench": "python scripts/measure_q.py configs/bench.yaml --seeds 0 1 2 3 4 --fail-at 300 --horizon 100 "
     "--target-after 25 50 --methods weighted uniform copy random plus partner_copy "
     "warmup=weighted+recovery.warmup_steps=20 moments=weighted+recovery.optimizer_init=neighbours "
-    "--runs-dir runs/q/bench-F300 --out runs/bench/q_bench.json (seeds 0-1 ran with --stages 0 1 3 --eval-every 2, "
-    "seeds 2-4 with the defaults: stages 0-3, every step; the table is --analyse-only over all five)",
+    "--runs-dir runs/q/bench-F300 --out runs/bench/q_bench.json (seeds 0-1 ran with --stages 0 1 3 --eval-every 2 "
+    "and later --stages 2 --eval-every 2 in a runs dir of their own, moved in; seeds 2-4 with the defaults: "
+    "stages 0-3, every step; the table is --analyse-only over all five)",
     "q_tiny": "python scripts/measure_q.py configs/tiny.yaml --seeds 0 1 2 3 4 --fail-at 100 --horizon 30 "
     "--target-after 10 20 --methods plus --stages 0 1 3 --runs-dir runs/q/tiny-F100 --out runs/bench/q_tiny.json",
     "q_deep": "python scripts/measure_q.py configs/deep.yaml --seeds 0 1 2 3 4 --fail-at 1000 --horizon 100 "
