@@ -49,8 +49,9 @@ COMMANDS = {
     "--rates 0.16 --seeds 0 1 2 3 4 --strategies none checkfree copy random --ours checkfree --baselines copy random "
     "--eval-every 5 --jobs 2 --out runs/bench/fig2_deep.json --runs-dir runs/bench/fig2-deep-runs",
     "convergence_ci": "python scripts/bench_convergence.py configs/bench.yaml --rates 0.10 0.33 --seeds 0 1 2 3 4 "
-    "--strategies none checkfree_plus hybrid checkpoint:5 --jobs 2 --out runs/bench/convergence_ci.json "
-    "--runs-dir runs/bench/convergence-ci-runs",
+    "--strategies none checkfree_plus hybrid checkpoint:5 checkfree --jobs 2 --out runs/bench/convergence_ci.json "
+    "--runs-dir runs/bench/convergence-ci-runs (checkfree was added later: its runs trained with --strategies none "
+    "checkfree in runs/bench/convergence-ci-plain-runs and were copied in; the table is --analyse-only)",
     "convergence_slow": "python scripts/bench_convergence.py configs/bench.yaml checkpoint.storage_mb_s=5 "
     "--rates 0.10 0.33 --seeds 0 1 2 3 4 --strategies none checkfree_plus hybrid checkpoint:25 --compare-by seconds "
     "--jobs 2 "
