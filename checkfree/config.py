@@ -26,7 +26,7 @@ from checkfree.core.data import DataConfig
 from checkfree.core.failures import FailureConfig
 from checkfree.core.metrics import MetricsConfig
 from checkfree.core.model import ModelConfig
-from checkfree.core.recovery import RecoveryConfig
+from checkfree.core.recovery import SWAPPED, RecoveryConfig
 from checkfree.core.schedule import PipelineConfig, swapped_count
 from checkfree.core.stage_step import OptimConfig
 from checkfree.swarm.config import MembershipConfig, SwarmConfig, TransportConfig
@@ -74,14 +74,14 @@ class TrainConfig:
             raise ValueError(f"eval_every_steps={self.eval_every_steps} must be >= 0")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r} must be cpu, cuda or cuda:N")
-        if strategy in ("checkfree_plus", "hybrid") and L < 4:
+        if strategy in SWAPPED and L < 4:
             raise ValueError(
                 f"recovery.strategy={strategy} needs model.num_stages >= 4 (it swaps the first two and "
                 f"the last two stages), got model.num_stages={L}"
             )
         if self.pipeline.swap and L < 4:
             raise ValueError(f"pipeline.swap=true needs model.num_stages >= 4, got {L}")
-        if strategy in ("checkfree_plus", "hybrid") and self.pipeline.swap is False:
+        if strategy in SWAPPED and self.pipeline.swap is False:
             raise ValueError(
                 f"recovery.strategy={strategy} rebuilds the first and last stages from their swap partners, "
                 "but pipeline.swap=false trains no partner to stand in for them; use recovery.strategy=checkfree "
@@ -111,7 +111,7 @@ class TrainConfig:
     @property
     def swap_enabled(self) -> bool:
         if self.pipeline.swap is None:
-            return self.recovery.strategy in ("checkfree_plus", "hybrid")
+            return self.recovery.strategy in SWAPPED
         return self.pipeline.swap
 
     @property

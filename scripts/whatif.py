@@ -334,8 +334,7 @@ def validate_sweep(ns) -> dict:
     interval predicts."""
     runs_dir, baseline, ours = Path(ns.validate_sweep[0]), ns.validate_sweep[1], ns.validate_sweep[2]
     pairs = []
-    for base in sorted(runs_dir.glob(f"{baseline.replace(':', 'K')}-r*-s*")):
-        tag = base.name.split("-", 1)[1]  # rRATE-sSEED
+    for base, tag, _, _ in _sweep_runs(runs_dir, baseline):
         mine = runs_dir / f"{ours.replace(':', 'K')}-{tag}"
         if (base / "summary.json").is_file() and (mine / "summary.json").is_file():
             ns.validate = [str(base), str(mine)]
@@ -440,12 +439,7 @@ def fit_overlap(ns) -> dict:
     runs_dir, ours = Path(ns.fit_overlap[0]), ns.fit_overlap[1]
     given = q_interval(ns)[0]
     pairs, unit = [], []
-    prefix = ours.replace(":", "K")
-    for mine in sorted(runs_dir.glob(f"{prefix}-r*-s*")):
-        named = re.fullmatch(re.escape(prefix) + r"-r(.+)-s(\d+)", mine.name)  # bench_convergence's names
-        if named is None:
-            continue
-        tag, seed = mine.name[len(prefix) + 1 :], int(named.group(2))
+    for mine, tag, rate, seed in _sweep_runs(runs_dir, ours):
         ref_dir = runs_dir / f"none-s{seed}"
         if not (mine / "summary.json").is_file() or not (ref_dir / "summary.json").is_file():
             continue
@@ -460,7 +454,7 @@ def fit_overlap(ns) -> dict:
             {
                 "pair": tag,
                 "seed": seed,
-                "rate": float(named.group(1)),
+                "rate": rate,
                 "failures": sum(it.failures for it in run.iterations if it.step < got[0]),
                 "target_loss": target,
                 "base_steps": base[0],
@@ -540,6 +534,18 @@ def fit_overlap(ns) -> dict:
             "samples": samples,  # (q, tau, sigma) on 200 bootstrap resamples of the seeds: --overlap-fit's ranges
         }
     }
+
+
+def _sweep_runs(runs_dir: Path, strategy: str) -> list[tuple[Path, str, float, int]]:
+    """The runs of ``strategy`` in a ``bench_convergence.py --runs-dir``, named ``STRATEGY-rRATE-sSEED`` (":"
+    written "K"): (directory, "rRATE-sSEED", rate, seed), by name."""
+    prefix = strategy.replace(":", "K")
+    out = []
+    for d in sorted(runs_dir.glob(f"{prefix}-r*-s*")):
+        named = re.fullmatch(re.escape(prefix) + r"-r(.+)-s(\d+)", d.name)
+        if named is not None:
+            out.append((d, d.name[len(prefix) + 1 :], float(named.group(1)), int(named.group(2))))
+    return out
 
 
 def _row_model(row: dict, q: float, tau: float, sigma: float) -> tuple[cm.Scenario, cm.Policy]:

@@ -44,6 +44,7 @@ import yaml
 
 from checkfree.core.failures import hourly_to_per_iteration
 from checkfree.core.metrics import read_jsonl
+from checkfree.core.recovery import SWAPPED
 from checkfree.core.schedule import PipelineConfig, schedule_for
 
 
@@ -250,6 +251,12 @@ def _steps_needed(target: float, g: float, full_step: float) -> float:
     return target / (1.0 - g) if g < 1.0 else math.inf
 
 
+def _target(sc: Scenario, pol: Policy) -> float:
+    """Committed steps to the target before any failure: S, or S (1 + sigma) for a rebuilding policy, which
+    runs CheckFree+'s swapped schedule and pays its ``swap_tax``."""
+    return float(sc.target_steps) * (1.0 + (sc.swap_tax if pol.p_unrecoverable < 1.0 else 0.0))
+
+
 def _first_loss_extra(sc: Scenario, pol: Policy, steps: float) -> float:
     """With overlap, a rebuilt incident early in a run has fewer rebuilt incidents before it to overlap with
     (the first has none and costs its whole q), so it costs more than the stationary ``overlap_share`` phi.
@@ -296,7 +303,7 @@ def expected_time(sc: Scenario, pol: Policy) -> float:
     bound against ``simulate``).
     """
     save_s = sc.save_s if pol.blocking_save else 0.0
-    need = float(sc.target_steps) * (1.0 + (sc.swap_tax if pol.p_unrecoverable < 1.0 else 0.0))
+    need = _target(sc, pol)
     if pol.p_unrecoverable < 1.0 and sc.q > 0.0:
         k = pol.interval or need
         _, iters = _segment(sc, pol, k, 0.0)
@@ -388,7 +395,7 @@ def simulate(
     t, done = np.zeros(runs), np.zeros(runs, dtype=bool)
     committed, last_ckpt = np.zeros(runs, dtype=np.int64), np.zeros(runs, dtype=np.int64)
     last_rebuilt = np.full(runs, -np.inf)  # the iteration of each run's previous rebuilt incident (overlap)
-    target = np.full(runs, float(sc.target_steps) * (1.0 + (sc.swap_tax if pol.p_unrecoverable < 1.0 else 0.0)))
+    target = np.full(runs, _target(sc, pol))
     lost_s = sc.interrupt_fraction * sc.step_s + sc.downtime_s
     save_s = sc.save_s if pol.blocking_save else 0.0
     if max_iterations is None:
@@ -472,7 +479,7 @@ def load_run(run_dir) -> RecordedRun:
     if not any(e["event"] == "run_started" for e in events):
         raise ValueError(f"{run_dir}: events.jsonl has no run_started event; replay reads engine runs only")
     swap = cfg["pipeline"].get("swap")
-    swap = cfg["recovery"]["strategy"] in ("checkfree_plus", "hybrid") if swap is None else swap  # swap_enabled
+    swap = cfg["recovery"]["strategy"] in SWAPPED if swap is None else swap  # as TrainConfig.swap_enabled
     pipe = PipelineConfig(**cfg["pipeline"])
     ops = len(schedule_for(pipe, cfg["model"]["num_stages"], bool(swap)).timeline)
     its: dict[int, Iteration] = {}

@@ -42,6 +42,7 @@ import torch
 
 STRATEGIES = ("none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint", "redundant", "hybrid")
 FALLBACKS = ("checkpoint", "nearest", "random")
+SWAPPED = ("checkfree_plus", "hybrid")  # strategies whose pipeline swaps by default (pipeline.swap unset)
 NORM_SOURCES = ("raw", "smoothed", "post_clip")
 NORM_SCOPES = ("blocks", "stage")
 PARTNER_RULES = ("average", "copy")
