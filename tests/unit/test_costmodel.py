@@ -428,6 +428,15 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
         cwd=tmp_path,
     )
     assert both.returncode != 0 and "give none of them with it" in both.stderr
+    for bad, why in (("missing.json", "no such file"), ("whatif.json", "no fit_overlap result in it")):
+        refused = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "whatif.py"), "--overlap-fit", bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert refused.returncode != 0 and why in refused.stderr, refused.stderr
 
 
 def _named(cfg, name: str):
