@@ -1,98 +1,16 @@
 """
-Command line
-============
+``checkfree swarm``, ``checkfree peer`` and ``checkfree status``
+================================================================
 
-``checkfree train [CONFIG.yaml ...] [key=value ...]`` trains with the single-process engine;
-``checkfree plot RUN_DIR [RUN_DIR ...]`` draws their losses; ``checkfree swarm`` runs a multi-process
-swarm here, ``checkfree peer`` starts one peer anywhere, ``checkfree status`` prints a live swarm.
-``--help`` on each explains it.
+A whole swarm on this machine, one peer anywhere, and a look at a live swarm.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
 from checkfree.core.exit_codes import ExitCode, describe
-
-TRAIN_HELP = """\
-Train a pipeline-parallel LLaMa with every stage in this process, injecting stage failures and
-recovering from them with the configured strategy.
-
-Arguments are YAML config files (merged in order over the built-in defaults) and key=value overrides
-(applied last), e.g.
-
-  checkfree train                                   # the tiny default: 4 stages, CheckFree+, failures on
-  checkfree train configs/small.yaml num_steps=100
-  checkfree train recovery.strategy=checkfree failures.per_step_prob=0.01 failures.mode=per_step
-  checkfree train recovery.strategy=none failures.mode=none run_name=reference
-
-Strategies: none, checkfree, checkfree_plus, copy, uniform, random, checkpoint, redundant.
-The run directory (OUT_DIR/RUN_NAME, default runs/tiny) receives config.yaml, metrics.jsonl,
-events.jsonl, trace.jsonl (replay with failures.mode=trace failures.trace_path=...), summary.json and
-loss.png.
-"""
-
-PLOT_HELP = """\
-Plot loss against step and against training wall-clock for one or more run directories, overlaid,
-with failures marked. Writes a PNG (default: RUN_DIR/loss.png of the first run).
-"""
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def cmd_train(ns: argparse.Namespace) -> int:
-    from checkfree.config import ConfigError, load_config, split_args
-    from checkfree.core.data import DataError
-    from checkfree.engine.progress import Progress
-    from checkfree.engine.trainer import Trainer
-
-    files, overrides = split_args(ns.args)
-    try:
-        cfg = load_config(files, overrides)
-        trainer = Trainer(cfg)
-    except (ConfigError, DataError, FileExistsError, ValueError) as e:
-        print(f"checkfree train: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
-    from checkfree.core.stage_step import NonFiniteSteps
-
-    try:
-        with Progress(cfg.num_steps, enabled=cfg.progress) as progress:
-            summary = trainer.run(on_step=progress.update)
-    except NonFiniteSteps as e:
-        print(f"checkfree train: stopped: {e} (run directory {trainer.run_dir})", file=sys.stderr)
-        return ExitCode.DIVERGED
-    if cfg.plot:
-        from checkfree.plot import plot_runs
-
-        plot_runs([trainer.run_dir], trainer.run_dir / "loss.png")
-    print(
-        f"done: {summary['steps']} steps in {summary['train_s']:.1f} s, loss {summary['first_train_loss']:.3f} -> "
-        f"{summary['final_train_loss']:.3f} (val {summary['final_val_loss']:.3f}), "
-        f"{summary['failures']} failures, {summary['recoveries']} recoveries; run directory {trainer.run_dir}"
-    )
-    return ExitCode.OK
-
-
-def cmd_plot(ns: argparse.Namespace) -> int:
-    from checkfree.plot import plot_runs
-
-    out = ns.out or Path(ns.run_dirs[0]) / "loss.png"
-    try:
-        path = plot_runs(ns.run_dirs, out, ns.labels)
-    except FileNotFoundError as e:
-        print(f"checkfree plot: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
-    print(f"wrote {path}")
-    return ExitCode.OK
-
 
 SWARM_HELP = """\
 Start a whole swarm on this machine: one OS process per stage peer, swarm.num_spares spare peers and
@@ -339,31 +257,10 @@ def _address_towards(maddr: str) -> str:
             return "127.0.0.1"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="checkfree",
-        description="Pipeline-parallel training that survives "
-        "lost stages without checkpoints (CheckFree / CheckFree+).",
-        epilog=EXIT_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train",
-        help="train with the single-process engine",
-        description=TRAIN_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value")
-    train.set_defaults(func=cmd_train)
-    plot = sub.add_parser("plot", help="plot one or more runs", description=PLOT_HELP)
-    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    plot.add_argument("--out", help="PNG to write (default: RUN_DIR/loss.png of the first run)")
-    plot.add_argument("--labels", nargs="+", help="one legend label per run directory")
-    plot.set_defaults(func=cmd_plot)
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     swarm = sub.add_parser(
         "swarm",
+        parents=[common],
         help="run a whole swarm of peer processes on this machine",
         description=SWARM_HELP,
         epilog=EXIT_HELP,
@@ -373,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     swarm.set_defaults(func=cmd_swarm)
     peer = sub.add_parser(
         "peer",
+        parents=[common],
         help="start one peer (anywhere) that joins a swarm",
         description=PEER_HELP,
         epilog=EXIT_HELP,
@@ -414,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the process that started this peer (set by checkfree swarm): exit when it dies",
     )
     peer.set_defaults(func=cmd_peer)
-    status = sub.add_parser("status", help="print the live swarm", description=STATUS_HELP)
+    status = sub.add_parser("status", parents=[common], help="print the live swarm", description=STATUS_HELP)
     status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
     status.add_argument(
         "--host",
@@ -423,14 +321,3 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--run-id", default="tiny", help="the swarm's run id (swarm.run_id, default its run_name)")
     status.add_argument("--join-token", help="the swarm's secret (default: $CHECKFREE_JOIN_TOKEN)")
     status.set_defaults(func=cmd_status)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
-    _setup_logging(ns.verbose)
-    return ns.func(ns)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

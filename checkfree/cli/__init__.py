@@ -1,0 +1,70 @@
+"""
+Command line
+============
+
+``checkfree train [CONFIG.yaml ...] [key=value ...]`` trains with the single-process engine;
+``checkfree plot RUN_DIR [RUN_DIR ...]`` draws their losses; ``checkfree swarm`` runs a multi-process
+swarm here, ``checkfree peer`` starts one peer anywhere, ``checkfree status`` prints a live swarm.
+``--help`` on each explains it. Each subcommand lives in a module of this package with a
+``register(sub, common)`` that adds its parser; ``common`` holds the options every subcommand accepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from checkfree import __version__
+from checkfree.cli import swarm, train
+from checkfree.core.exit_codes import describe
+
+COMMANDS = (train, swarm)  # in the order --help lists them
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand (``checkfree -v train`` and ``checkfree train -v``).
+    The subcommands' copy has no defaults (SUPPRESS), so a value given before the subcommand survives."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = None if defaults else argparse.SUPPRESS
+    common.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+    common.add_argument(
+        "--log-level", choices=LOG_LEVELS, default=default, help="log level (default warning; -v means debug)"
+    )
+    return common
+
+
+def _setup_logging(ns: argparse.Namespace) -> None:
+    level = "debug" if ns.verbose else (ns.log_level or "warning")
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="checkfree",
+        description="Pipeline-parallel training that survives "
+        "lost stages without checkpoints (CheckFree / CheckFree+).",
+        epilog="exit codes (checkfree train, swarm and peer):\n" + describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_common_options(defaults=True)],
+    )
+    parser.add_argument("--version", action="version", version=f"checkfree {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = _common_options(defaults=False)
+    for module in COMMANDS:
+        module.register(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    _setup_logging(ns)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
