@@ -32,6 +32,9 @@ from checkfree.core.stage_step import OptimConfig
 from checkfree.swarm.config import MembershipConfig, SwarmConfig, TransportConfig
 
 
+RESUME_MODES = ("auto", "never")
+
+
 class ConfigError(ValueError):
     """A configuration that must not start a run."""
 
@@ -46,7 +49,10 @@ def _default_failures() -> FailureConfig:
 class TrainConfig:
     run_name: str = "tiny"  # run directory is OUT_DIR/RUN_NAME
     out_dir: str = "runs"
-    overwrite: bool = False  # replace an existing run directory instead of refusing
+    overwrite: bool = False  # start afresh in an existing run directory: its files and RUN_DIR/checkpoints are deleted
+    # what to do with a run directory that already holds this run: auto (resume from its newest complete
+    # checkpoint, or refuse when it has none), never (refuse; overwrite=true starts afresh instead)
+    resume: str = "auto"
     seed: int = 0  # model init and data order
     num_steps: int = 200  # optimizer steps to commit
     eval_every_steps: int = 25  # validation loss every k committed steps (and at the end); 0: only at the end
@@ -68,6 +74,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         L, strategy = self.model.num_stages, self.recovery.strategy
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"resume={self.resume!r} must be one of {', '.join(RESUME_MODES)}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps={self.num_steps} must be >= 1")
         if self.eval_every_steps < 0:

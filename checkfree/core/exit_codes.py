@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     LEFT = 6
     DIVERGED = 7
     INTERRUPTED = 130
+    TERMINATED = 143
 
 
 def describe() -> str:
@@ -38,5 +39,8 @@ _MEANING = {
     ExitCode.INCOMPLETE: "checkfree swarm: the peers exited before num_steps steps were committed",
     ExitCode.LEFT: "checkfree peer: it left because it holds no valid weights for the stage it was given",
     ExitCode.DIVERGED: "checkfree train: a step gave non-finite gradients optim.nonfinite_attempts times in a row",
-    ExitCode.INTERRUPTED: "interrupted (Ctrl-C / SIGTERM); peers ended, report written",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C, or SIGTERM on train/swarm) at a step boundary; the summary, weights "
+    "and resume state written: the same command continues",
+    ExitCode.TERMINATED: "checkfree peer: SIGTERM; it handed its stage to a spare (or saved it) and left the swarm, "
+    "which goes on: not finished",
 }
