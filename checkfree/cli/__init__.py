@@ -16,10 +16,10 @@ import logging
 import sys
 
 from checkfree import __version__
-from checkfree.cli import swarm, train
+from checkfree.cli import status, swarm, train
 from checkfree.core.exit_codes import describe
 
-COMMANDS = (train, swarm)  # in the order --help lists them
+COMMANDS = (train, swarm, status)  # in the order --help lists them
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
