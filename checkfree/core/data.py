@@ -11,7 +11,10 @@ Sources:
   (real, varied text; no download). Split by file, so no document is in both splits.
 - ``text``: a plain text file or a glob of files; split by file when there are several, else the last
   ``val_fraction`` of the bytes.
-- ``tokens``: nanoGPT-style ``train.bin`` / ``val.bin`` of ``uint16`` token ids in ``path``.
+- ``tokens``: nanoGPT-style ``train.bin`` / ``val.bin`` of token ids in ``path``, as ``checkfree prepare`` writes
+  them, with a ``meta.json`` that gives their ``dtype`` (``uint16`` or ``uint32``), the ``vocab_size`` and the
+  tokenizer (see :func:`token_meta`). A folder without ``meta.json`` is read as ``uint16`` ids, so older nanoGPT
+  folders (``prepare.py`` of its examples) work as they are; nothing then checks the vocabulary but the id range.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -30,6 +34,8 @@ import torch
 from checkfree.core.seeding import hash_seed
 
 SOURCES = ("stdlib", "text", "tokens")
+META_FILE = "meta.json"
+TOKEN_DTYPES = ("uint16", "uint32")
 
 
 @dataclass
@@ -92,17 +98,64 @@ def stdlib_files() -> tuple[Path, tuple[Path, ...]]:
     return root, paths
 
 
+def token_meta(path: str | Path) -> dict | None:
+    """The ``meta.json`` of a token folder, checked; None when the folder has none (an old nanoGPT folder).
+
+    Keys read here: ``vocab_size`` (int >= 1) and ``dtype`` (``uint16`` or ``uint32``); ``checkfree prepare``
+    also writes the tokenizer, token and document counts, an input hash and its settings.
+
+    Raises:
+        DataError: the file is unreadable, not valid JSON, not an object, or lacks or misstates a key.
+    """
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{f} is not a readable JSON file: {e}") from e
+    if not isinstance(meta, dict):
+        raise DataError(f"{f} must hold a JSON object, not {type(meta).__name__}")
+    for key in ("vocab_size", "dtype"):
+        if key not in meta:
+            raise DataError(f"{f} lacks the key {key!r}")
+    if meta["dtype"] not in TOKEN_DTYPES:
+        raise DataError(f"{f}: dtype={meta['dtype']!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    if isinstance(meta["vocab_size"], bool) or not isinstance(meta["vocab_size"], int) or meta["vocab_size"] < 1:
+        raise DataError(f"{f}: vocab_size={meta['vocab_size']!r} must be a positive integer")
+    return meta
+
+
+def vocab_size_from_meta(cfg: DataConfig) -> int | None:
+    """The vocabulary size the data was prepared with (``meta.json``), or None: not a token folder, or no meta."""
+    if cfg.source != "tokens" or not cfg.path:
+        return None
+    meta = token_meta(cfg.path)
+    return None if meta is None else meta["vocab_size"]
+
+
+def _token_file(f: Path, dtype: np.dtype, path: str) -> np.ndarray:
+    if not f.is_file():
+        raise DataError(f"data.path={path!r}: expected a token file {f} ({dtype.name}), not found")
+    size = f.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(
+            f"token file {f} has {size} bytes, not a multiple of {dtype.itemsize} ({dtype.name} ids): "
+            "truncated, or written with another dtype than meta.json says"
+        )
+    if size == 0:  # np.memmap refuses an empty file; the length check in Batches names the problem
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(f, dtype=dtype, mode="r")
+
+
 def load_splits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, str]:
     """Train and validation token arrays and a short description of where they came from."""
     if cfg.source == "tokens":
         folder = Path(cfg.path)
-        arrays = []
-        for split in ("train", "val"):
-            f = folder / f"{split}.bin"
-            if not f.is_file():
-                raise DataError(f"data.path={cfg.path!r}: expected a token file {f} (uint16), not found")
-            arrays.append(np.memmap(f, dtype=np.uint16, mode="r"))
-        return arrays[0], arrays[1], f"tokens:{folder}"
+        meta = token_meta(folder)
+        dtype = np.dtype(meta["dtype"] if meta else "uint16")
+        train, val = (_token_file(folder / f"{split}.bin", dtype, cfg.path) for split in ("train", "val"))
+        return train, val, f"tokens:{folder}"
     if cfg.source == "stdlib":
         root, paths = stdlib_files()
         if not paths:
@@ -137,6 +190,12 @@ class Batches:
                     f"{split} split of {self.description} has {len(arr)} tokens; "
                     f"need at least model.seq_len + 2 = {seq_len + 2}"
                 )
+        prepared = vocab_size_from_meta(cfg)
+        if prepared is not None and prepared != vocab_size:
+            raise DataError(
+                f"data.path={cfg.path} was prepared with vocab_size {prepared} ({META_FILE}) "
+                f"but model.vocab_size={vocab_size}"
+            )
         top = max(int(self.train.max()), int(self.val.max()))
         if top >= vocab_size:
             raise DataError(f"data holds token id {top} but model.vocab_size={vocab_size}")
