@@ -98,6 +98,18 @@ EVENTS: dict[str, EventType] = {
         # the engine's run
         EventType("run_started", ("num_stages", "strategy"), "engine", "training starts"),
         EventType("run_finished", ("steps", "failures", "recoveries"), "engine", "training ended; the summary"),
+        EventType(
+            "run_resumed",
+            ("step", "iteration"),
+            "engine, swarm",
+            "the run continued from the state saved at a step (resume=auto), after an interruption or on a new machine",
+        ),
+        EventType(
+            "run_stopped",
+            ("step", "signal"),
+            "engine, swarm",
+            "Ctrl-C or SIGTERM: the run stopped at a step boundary and saved what a resume needs",
+        ),
         # a swarm peer
         EventType("peer_started", ("role", "pid"), "swarm", "a peer process is up and heartbeating"),
         EventType("became_spare", ("reason",), "swarm", "a peer that asked for a stage waits as a spare"),
