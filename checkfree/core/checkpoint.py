@@ -266,21 +266,47 @@ class CheckpointStore:
     def save_bytes(self, step: int, stage: int, data: bytes, timeline: int | None = None) -> None:
         """Write one stage's serialised payload (``payload_bytes``) as the checkpoint of ``step``, in
         ``timeline`` (None: the current one; a background write passes the one of the moment it was asked)."""
+        self._put(step, self._file(step, stage, self.timeline if timeline is None else timeline), data)
+
+    def save_extra(self, step: int, name: str, data: bytes) -> None:
+        """Write a file of the executor's own beside the stages of ``step`` (the engine's resume state): it does
+        not count towards completeness, and ``prune`` deletes it with its step."""
+        if not re.fullmatch(r"[a-z_]+\.pt", name) or _STAGE_FILE.fullmatch(f"step_00000000/{name}"):
+            raise ValueError(f"extra checkpoint file name {name!r}: expected lowercase letters and _ then .pt")
+        self._put(step, f"{self._step_dir(step)}/{name}", data)
+
+    def load_extra(self, step: int, name: str) -> bytes | None:
+        """The bytes ``save_extra`` wrote for ``step`` under ``name``, or None when there are none."""
+        try:
+            return self.fs.cat_file(f"{self._step_dir(step)}/{name}")
+        except FileNotFoundError:
+            return None
+
+    def _put(self, step: int, final: str, data: bytes) -> None:
+        """Write ``data`` at ``final`` whole or not at all: on a local filesystem through a temporary file that
+        is renamed (and removed when the write fails, e.g. on a full disk), on object storage with one PUT."""
         t0 = time.perf_counter()
-        final = self._file(step, stage, self.timeline if timeline is None else timeline)
+        tmp = None
         try:
             if self._local:
                 self.fs.makedirs(self._step_dir(step), exist_ok=True)
                 # unique per writer: two peers saving the same stage never write into one temporary file
-                tmp = f"{self._step_dir(step)}/.stage_{stage}.pt.{uuid.uuid4().hex}.tmp"
+                tmp = f"{self._step_dir(step)}/.{final.rsplit('/', 1)[-1]}.{uuid.uuid4().hex}.tmp"
                 self.fs.pipe_file(tmp, data)
                 self._throttle(len(data), t0)
                 os.replace(tmp, final)
+                tmp = None
             else:
                 self.fs.pipe_file(final, data)
                 self._throttle(len(data), t0)
-        except OSError as e:  # e.g. a missing bucket or a refused write: say which file
+        except OSError as e:  # e.g. a full disk, a missing bucket or a refused write: say which file
             raise OSError(e.errno, f"cannot save checkpoint {self._where(final)}: {e}") from e
+        finally:
+            if tmp is not None:
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
 
     def complete_steps(self) -> list[int]:
         every = set(range(self.num_stages))
@@ -338,21 +364,43 @@ class CheckpointStore:
         return sorted(dropped)
 
     def prune(self) -> None:
-        """Delete all but the newest ``keep`` complete steps; another peer pruning the same ones is fine."""
-        for step in self.complete_steps()[: -self.keep]:
-            d = self._step_dir(step)
+        """Delete all but the newest ``keep`` complete steps; another peer pruning the same ones is fine. Any
+        failure is a warning: a failed delete costs space, not correctness, and the next prune retries (object
+        stores raise more than OSError, e.g. NotImplementedError from a filesystem without deletes)."""
+        try:
+            old = self.complete_steps()[: -self.keep]
+        except Exception as e:
+            logger.warning("cannot list checkpoints in %s to prune them: %s", self._where(self.path), e)
+            return
+        for step in old:
             try:
-                if self._local:
-                    shutil.rmtree(d)
-                else:
-                    # file by file, never fs.rm(d, recursive=True): that expands d as a glob pattern, and a root
-                    # such as s3://b/run[1] would then match, and delete, another run's steps
-                    for f in self.fs.find(d):
-                        self.fs.rm_file(f)
+                self._delete_step(step)
             except FileNotFoundError:
                 pass
-            except OSError as e:  # a failed delete costs space, not correctness: the next prune retries
-                logger.warning("cannot delete checkpoint %s: %s", self._where(d), e)
+            except Exception as e:
+                logger.warning("cannot delete checkpoint %s: %s", self._where(self._step_dir(step)), e)
+
+    def clear(self) -> list[int]:
+        """Delete every step's files (``overwrite=true`` starting a run afresh in this store); returns the steps
+        that had files. Raises what the filesystem raises: a store that cannot be cleared must not be mixed
+        with a new run's files."""
+        steps = sorted({step for step, _, _ in self._listing()})
+        for step in steps:
+            try:
+                self._delete_step(step)
+            except FileNotFoundError:
+                pass
+        return steps
+
+    def _delete_step(self, step: int) -> None:
+        d = self._step_dir(step)
+        if self._local:
+            shutil.rmtree(d)
+        else:
+            # file by file, never fs.rm(d, recursive=True): that expands d as a glob pattern, and a root
+            # such as s3://b/run[1] would then match, and delete, another run's steps
+            for f in self.fs.find(d):
+                self.fs.rm_file(f)
 
 
 class AsyncSaver:
@@ -376,28 +424,34 @@ class AsyncSaver:
     def busy(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
-    def save(self, step: int, blobs: list[tuple[int, bytes]]) -> None:
-        """Start writing ``(stage, payload_bytes)`` of ``step`` (after the previous write has finished).
+    def save(self, step: int, blobs: list[tuple[int, bytes]], extras: list[tuple[str, bytes]] = ()) -> None:
+        """Start writing ``(stage, payload_bytes)`` of ``step`` (after the previous write has finished), then
+        ``(name, bytes)`` extras (``CheckpointStore.save_extra``: written last, so their presence means the
+        stages' files are there too).
 
         Raises:
             OSError: the previous background write failed and there is no ``on_error``.
         """
         self.wait()
-        args = (step, blobs, self.store.timeline)  # the timeline now: a late write must not join a later one
+        args = (
+            step,
+            blobs,
+            list(extras),
+            self.store.timeline,
+        )  # the timeline now: a late write must not join a later one
         self.thread = threading.Thread(target=self._write, args=args, name=f"ckpt-{step}", daemon=True)
         self.thread.start()
 
-    def _write(self, step: int, blobs: list[tuple[int, bytes]], timeline: int) -> None:
+    def _write(self, step: int, blobs: list[tuple[int, bytes]], extras: list[tuple[str, bytes]], timeline: int) -> None:
         try:
             for stage, data in blobs:
                 self.store.save_bytes(step, stage, data, timeline)
+            for name, data in extras:
+                self.store.save_extra(step, name, data)
         except BaseException as e:  # handed to the training thread by the next save or wait
             self.error = (step, e)
             return
-        try:
-            self.store.prune()
-        except OSError as e:  # the step is saved; old steps stay until a later prune
-            logger.warning("cannot prune checkpoints in %s: %s", self.store.root, e)
+        self.store.prune()  # failures are warnings: the step is saved; old steps stay until a later prune
 
     def wait(self) -> None:
         if self.thread is not None:
