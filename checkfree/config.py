@@ -13,16 +13,20 @@ on the Python standard library's source, CheckFree+ recovery, failures injected 
 
 from __future__ import annotations
 
+import ast
 import difflib
-from dataclasses import dataclass, field, fields, is_dataclass
+import functools
+import inspect
+import textwrap
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from checkfree.core.checkpoint import CheckpointConfig
-from checkfree.core.data import DataConfig
+from checkfree.core.data import DataConfig, vocab_size_from_meta
 from checkfree.core.failures import FailureConfig
 from checkfree.core.metrics import MetricsConfig
 from checkfree.core.model import ModelConfig
@@ -30,7 +34,6 @@ from checkfree.core.recovery import SWAPPED, RecoveryConfig
 from checkfree.core.schedule import PipelineConfig, swapped_count
 from checkfree.core.stage_step import OptimConfig
 from checkfree.swarm.config import MembershipConfig, SwarmConfig, TransportConfig
-
 
 RESUME_MODES = ("auto", "never")
 
@@ -48,7 +51,7 @@ def _default_failures() -> FailureConfig:
 @dataclass
 class TrainConfig:
     run_name: str = "tiny"  # run directory is OUT_DIR/RUN_NAME
-    out_dir: str = "runs"
+    out_dir: str = "runs"  # folder that holds the run directories
     overwrite: bool = False  # start afresh in an existing run directory: its files and RUN_DIR/checkpoints are deleted
     # what to do with a run directory that already holds this run: auto (resume from its newest complete
     # checkpoint, or refuse when it has none), never (refuse; overwrite=true starts afresh instead)
@@ -144,7 +147,9 @@ def _explain(e: OmegaConfBaseException, source: str) -> ConfigError:
         *section, name = key.split(".")
         allowed = _section_keys(section)
         close = difflib.get_close_matches(name, allowed, n=1)
-        hint = f" Did you mean {'.'.join([*section, close[0]])!r}?" if close else ""
+        suggestion = ".".join([*section, close[0]]) if close else None
+        doc = config_docs().get(suggestion, ("", ""))[1] if suggestion else ""
+        hint = f" Did you mean {suggestion!r}{f' ({doc})' if doc else ''}?" if close else ""
         where = ".".join(section) or "the top level"
         return ConfigError(f"{source}: unknown config key {key!r}.{hint} Keys allowed in {where}: {', '.join(allowed)}")
     if isinstance(e, MissingMandatoryValue):
@@ -161,20 +166,18 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> TrainConfig:
-    """Merge defaults < YAML ``files`` < ``overrides`` (``key=value``) into a checked ``TrainConfig``.
+    """Merge defaults < YAML ``files`` < ``overrides`` (``key=value``) into a checked ``TrainConfig``. With
+    ``data.source=tokens``, ``model.vocab_size`` follows the data's ``meta.json`` unless a file or an override
+    sets it (a value that disagrees with the data is then refused when the data is opened).
 
     Raises:
         ConfigError: naming the offending key, value and source.
     """
     merged = OmegaConf.structured(TrainConfig)
+    vocab_set = any(o.split("=", 1)[0].strip() == "model.vocab_size" for o in overrides)
     for path in files:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = OmegaConf.load(p)
-        except (yaml.YAMLError, OSError) as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        loaded = _load_file(path)
+        vocab_set = vocab_set or OmegaConf.select(loaded, "model.vocab_size", default=None) is not None
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
@@ -184,6 +187,10 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Trai
         raise ConfigError(f"overrides must be key=value, got {bad}")
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        if not vocab_set and merged.data.source == "tokens" and merged.data.path:
+            vocab = vocab_size_from_meta(DataConfig(source="tokens", path=merged.data.path))
+            if vocab is not None:
+                merged.model.vocab_size = vocab
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _explain(e, "command line" if overrides else "config") from e
@@ -193,5 +200,145 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Trai
     return cfg
 
 
+def _load_file(path: str | Path) -> DictConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = OmegaConf.load(p)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(
+            f"config file {str(path)!r} holds a YAML {type(loaded).__name__.removesuffix('Config').lower()} at its "
+            "top level; expected a mapping of config keys (e.g. 'num_steps: 100' and sections such as 'model:')"
+        )
+    return loaded
+
+
+# keys a resumed run may change: how long and how it runs, not what it trains (the swarm's sections are the
+# engine's to ignore; a swarm checks its own)
+RESUME_MAY_CHANGE = (
+    "num_steps",
+    "eval_every_steps",
+    "device",
+    "num_threads",
+    "progress",
+    "plot",
+    "overwrite",
+    "resume",
+    "out_dir",
+    "run_name",
+    "checkpoint.every_steps",
+    "checkpoint.keep",
+    "checkpoint.dir",
+    "checkpoint.storage_options",
+    "metrics.",
+    "membership.",
+    "transport.",
+    "swarm.",
+)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v and not k.endswith("storage_options"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_mismatch(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """The keys, with both values, on which ``cfg`` differs from the config a run was saved with, except those
+    a resume may change (``RESUME_MAY_CHANGE``). Empty: ``cfg`` may continue that run."""
+    a = _flat(OmegaConf.to_container(OmegaConf.structured(saved)))
+    b = _flat(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    free = lambda k: any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)
+    return [
+        f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if not free(k) and a.get(k) != b.get(k)
+    ]
+
+
+def config_from_yaml(text: str, where: str) -> TrainConfig:
+    """A ``TrainConfig`` from the YAML ``to_yaml`` wrote (a run directory's config.yaml, a resume state)."""
+    try:
+        loaded = OmegaConf.create(text)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), loaded))
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as e:
+        raise ConfigError(f"{where} does not hold a config of this checkfree version: {str(e).splitlines()[0]}") from e
+
+
 def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ---- the reference: one line of doc per key, read from the comments beside the dataclass fields ------------
+def _field_comments(cls: type) -> dict[str, str]:
+    """field name -> its comment in ``cls``'s source: the comment at the end of its line, else the comment
+    lines right above it. The comments are the one source of the keys' docs (``checkfree config show --docs``,
+    the unknown-key hint)."""
+    try:
+        lines, _ = inspect.getsourcelines(cls)
+    except (OSError, TypeError):
+        return {}
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    out = {}
+    for node in tree.body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            line = lines[node.lineno - 1]
+            doc = line.split("  # ", 1)[1].strip() if "  # " in line else ""
+            if not doc:
+                above, i = [], node.lineno - 2
+                while i >= 0 and lines[i].strip().startswith("#"):
+                    above.insert(0, lines[i].strip().lstrip("#").strip())
+                    i -= 1
+                doc = " ".join(above)
+            out[node.target.id] = doc
+    return out
+
+
+@functools.cache
+def config_docs() -> dict[str, tuple[str, str]]:
+    """Every config key (dotted) -> (its type, its one-line doc), in declaration order."""
+    out: dict[str, tuple[str, str]] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        comments = _field_comments(cls)
+        for f in fields(cls):
+            factory = f.default_factory if f.default_factory is not MISSING else None
+            if factory is not None and is_dataclass(default := factory()):
+                walk(type(default), f"{prefix}{f.name}.")
+                continue
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            out[f"{prefix}{f.name}"] = (kind, comments.get(f.name, ""))
+
+    walk(TrainConfig, "")
+    return out
+
+
+def show(cfg: TrainConfig, docs: bool = False) -> str:
+    """The resolved config as YAML; with ``docs``, each key followed by its type, default and doc as a comment."""
+    text = to_yaml(cfg)
+    if not docs:
+        return text
+    defaults = _flat(OmegaConf.to_container(OmegaConf.structured(TrainConfig)))
+    table = config_docs()
+    out, path = [], []
+    for line in text.splitlines():
+        stripped = line.lstrip()
+        depth = (len(line) - len(stripped)) // 2
+        key = stripped.split(":", 1)[0]
+        if not stripped or stripped.startswith("-") or ":" not in stripped:
+            out.append(line)
+            continue
+        path = [*path[:depth], key]
+        dotted = ".".join(path)
+        if dotted in table:
+            kind, doc = table[dotted]
+            line = f"{line}  # {doc} [{kind}, default {defaults.get(dotted)!r}]" if doc else line
+        out.append(line)
+    return "\n".join(out) + "\n"

@@ -32,8 +32,8 @@ class ModelConfig:
     ffn_hidden: int = 0  # SwiGLU hidden width; 0 means 4 * d_model (the paper's setting)
     seq_len: int = 128  # context length in tokens
     init_std: float = 0.02  # std of the normal init of every linear and embedding weight
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5  # epsilon of every RMSNorm
+    rope_theta: float = 10000.0  # RoPE base of the rotary frequencies
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "num_stages", "seq_len"):

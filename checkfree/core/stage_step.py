@@ -29,10 +29,10 @@ from checkfree.core.schedule import Op, Schedule
 @dataclass
 class OptimConfig:
     lr: float = 6e-4  # Adam learning rate, constant (paper: no decay)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    beta1: float = 0.9  # Adam first-moment decay
+    beta2: float = 0.999  # Adam second-moment decay
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.0  # L2 penalty added to the gradient (torch.optim.Adam's weight_decay); 0: none
     grad_clip: float = 1.0  # per-stage clip of the gradient's L2 norm; 0: no clipping
     nonfinite_attempts: int = 3  # runs of one step that may all give non-finite gradients before the run stops
     skip_nonfinite_steps: bool = False  # skip such a step (recorded: step_skipped) instead of stopping

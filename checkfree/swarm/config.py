@@ -112,7 +112,7 @@ class TransportConfig:
     # loses its data plane (its group's connections are cut, no group forms) while it keeps heartbeating and
     # answering its probe, as a host whose firewall starts dropping the gloo ports would
     fault_cut_peer: str | None = None  # a peer's id or name (the NAME of NAME.HASH)
-    fault_cut_at_step: int = 0
+    fault_cut_at_step: int = 0  # the step from which fault_cut_peer loses its data plane
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.rendezvous_timeout_s <= 0:
@@ -144,7 +144,7 @@ class ChaosConfig:
     replaces the failure trace). The same seed draws the same sequence of kinds, gaps and choices."""
 
     events: int = 0  # how many to inject (0: chaos off)
-    seed: int = 0
+    seed: int = 0  # seeds the kinds, gaps and choices of the events
     mean_gap_s: float = 2.0  # mean of the exponential gap between two events (at least 0.2 s)
     kinds: list[str] = field(default_factory=lambda: list(CHAOS_KINDS))  # drawn with equal weight
     trigger_timeout_s: float = 15.0  # a triggered kind that does not fire in time is dropped
