@@ -63,7 +63,8 @@ class DataError(ValueError):
     """Missing, unreadable or too-small data."""
 
 
-def _is_val(name: str, val_fraction: float) -> bool:
+def is_val(name: str, val_fraction: float) -> bool:
+    """Whether the document called ``name`` is held out: a stable hash, the same on every machine and run."""
     digest = hashlib.sha1(name.encode()).digest()
     return int.from_bytes(digest[:4], "little") / 2**32 < val_fraction
 
@@ -71,7 +72,7 @@ def _is_val(name: str, val_fraction: float) -> bool:
 def _split_files(files: list[tuple[str, bytes]], val_fraction: float) -> tuple[bytes, bytes]:
     train, val = [], []
     for name, content in files:
-        (val if _is_val(name, val_fraction) else train).append(content)
+        (val if is_val(name, val_fraction) else train).append(content)
     if not val:  # tiny file sets: hold out the last file rather than nothing
         val.append(train.pop())
     return b"\n".join(train), b"\n".join(val)
