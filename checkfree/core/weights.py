@@ -53,7 +53,7 @@ class WeightsError(ValueError):
     """A weights file or part that is missing, unreadable or does not fit the model it claims to hold."""
 
 
-def _version() -> str:
+def checkfree_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -167,7 +167,7 @@ def config_hash(cfg: ModelConfig) -> str:
     return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _atomic_write(final: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(final: Path, write: Callable[[Path], None]) -> Path:
     """Write ``final`` through ``write(tmp)`` to a temporary name in its folder, then rename it into place.
 
     Raises:
@@ -193,17 +193,17 @@ def _atomic_write(final: Path, write: Callable[[Path], None]) -> Path:
 
 def _write_tensors(final: Path, state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    return _atomic_write(final, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_write(final, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _write_json(final: Path, obj: dict) -> Path:
-    return _atomic_write(final, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    return atomic_write(final, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def _header(cfg: ModelConfig, step: int, meta: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
-        "checkfree_version": _version(),
+        "checkfree_version": checkfree_version(),
         "step": step,
         "model": asdict(cfg),
         "meta": dict(meta),
