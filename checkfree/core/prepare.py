@@ -64,12 +64,44 @@ class Source:
 
 @dataclass(frozen=True)
 class Piece:
-    """A run of one document's text. ``last``: the document ends here. ``split``: fixed (a cut file), else None."""
+    """A run of one document's text. ``last``: the document ends here. ``split``: "train" or "val"."""
 
     doc: str
     text: str
     last: bool
-    split: str | None = None
+    split: str
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What ``checkfree prepare`` was asked to do (recorded in meta.json)."""
+
+    inputs: tuple[str, ...]
+    out_dir: str
+    tokenizer: str | None = None  # "bytes" or a tokenizer.json (file or folder); None: bytes unless train_bpe
+    train_bpe: int | None = None  # train a byte-level BPE with at most this many tokens on the training documents
+    jsonl_field: str | None = None  # every input is JSONL with the text under this field (.jsonl files: "text")
+    val_fraction: float = 0.05  # share of documents held out (of bytes, for a single text file)
+    seed: int = 0  # changes which documents are held out
+    min_split_tokens: int = 1024  # a split with fewer tokens is an error (training needs model.seq_len + 2)
+    batch_size: int = 256  # pieces of text encoded at once
+    piece_bytes: int = 1 << 20  # files are read in pieces of about this many bytes
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is not None and self.train_bpe is not None:
+            raise PrepareError(f"give either a tokenizer ({self.tokenizer!r}) or train_bpe={self.train_bpe}, not both")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise PrepareError(f"val_fraction={self.val_fraction} must be in (0, 1)")
+        for name in ("min_split_tokens", "batch_size", "piece_bytes"):
+            if getattr(self, name) < 1:
+                raise PrepareError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.jsonl_field is not None and not self.jsonl_field:
+            raise PrepareError("jsonl_field must name a field, not be empty")
+
+
+def is_val_document(doc: str, s: PrepareSettings) -> bool:
+    """Whether the document named ``doc`` is held out (a stable hash of the name and the seed)."""
+    return is_val(f"{s.seed}:{doc}", s.val_fraction)
 
 
 def _fixed_prefix(pattern: str) -> Path:
@@ -147,8 +179,8 @@ def _texts(f, start: int, end: int, piece_bytes: int, hasher, on_bytes: Callable
         yield text
 
 
-def _text_pieces(src: Source, cut: int | None, piece_bytes: int, hasher, on_bytes) -> Iterator[Piece]:
-    ranges = [(0, src.size, None)] if cut is None else [(0, cut, "train"), (cut, src.size, "val")]
+def _text_pieces(src: Source, ranges: list[tuple[int, int, str]], piece_bytes: int, hasher, on_bytes):
+    """The pieces of a text file's byte ranges, each range one document of the split it names."""
     try:
         with open(src.path, "rb") as f:
             for start, end, split in ranges:
@@ -163,7 +195,8 @@ def _text_pieces(src: Source, cut: int | None, piece_bytes: int, hasher, on_byte
         raise PrepareError(f"cannot read input file {src.path}: {e}") from e
 
 
-def _jsonl_pieces(src: Source, field: str, hasher, on_bytes) -> Iterator[Piece]:
+def _jsonl_pieces(src: Source, s: PrepareSettings, hasher, on_bytes) -> Iterator[Piece]:
+    field = s.jsonl_field or "text"
     try:
         with open(src.path, "rb") as f:
             for number, line in enumerate(f, start=1):
@@ -173,7 +206,8 @@ def _jsonl_pieces(src: Source, field: str, hasher, on_bytes) -> Iterator[Piece]:
                     continue
                 text = _jsonl_text(src.path, number, line, field)
                 if text:
-                    yield Piece(f"{src.key}:{number}", text, True)
+                    doc = f"{src.key}:{number}"
+                    yield Piece(doc, text, True, "val" if is_val_document(doc, s) else "train")
     except OSError as e:
         raise PrepareError(f"cannot read input file {src.path}: {e}") from e
 
@@ -190,18 +224,27 @@ def _jsonl_text(path: Path, number: int, line: bytes, field: str) -> str:
     return record[field]
 
 
-def read_pieces(
-    sources: list[Source], jsonl_field: str | None, val_fraction: float, piece_bytes: int, hasher, on_bytes
-) -> Iterator[Piece]:
+def read_pieces(sources: list[Source], s: PrepareSettings, hasher, on_bytes: Callable[[int], None]) -> Iterator[Piece]:
     """Every document of every source, in order, as pieces; the raw bytes (and names) go into ``hasher``."""
-    single = _single_file(sources)
+    single, held_out = _single_file(sources), _held_out_file(sources, s)
     for src in sources:
         hasher.update(src.key.encode() + b"\0")
         if src.jsonl:
-            yield from _jsonl_pieces(src, jsonl_field or "text", hasher, on_bytes)
+            yield from _jsonl_pieces(src, s, hasher, on_bytes)
+        elif src.size and single:
+            cut = _cut_point(src.path, src.size, s.val_fraction)
+            yield from _text_pieces(src, [(0, cut, "train"), (cut, src.size, "val")], s.piece_bytes, hasher, on_bytes)
         elif src.size:
-            cut = _cut_point(src.path, src.size, val_fraction) if single else None
-            yield from _text_pieces(src, cut, piece_bytes, hasher, on_bytes)
+            split = "val" if src.key == held_out or is_val_document(src.key, s) else "train"
+            yield from _text_pieces(src, [(0, src.size, split)], s.piece_bytes, hasher, on_bytes)
+
+
+def _held_out_file(sources: list[Source], s: PrepareSettings) -> str | None:
+    """The text file held out when the hash holds out none of a few (as data.py's text source does)."""
+    texts = [src.key for src in sources if src.size and not src.jsonl]
+    if len(texts) < 2 or any(src.jsonl for src in sources) or any(is_val_document(k, s) for k in texts):
+        return None
+    return texts[-1]
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -254,33 +297,6 @@ class ShardWriter:
             self.tmp(f"{s}.bin").unlink(missing_ok=True)
 
 
-@dataclass(frozen=True)
-class PrepareSettings:
-    """What ``checkfree prepare`` was asked to do (recorded in meta.json)."""
-
-    inputs: tuple[str, ...]
-    out_dir: str
-    tokenizer: str | None = None  # "bytes" or a tokenizer.json (file or folder); None: bytes unless train_bpe
-    train_bpe: int | None = None  # train a byte-level BPE with at most this many tokens on the training documents
-    jsonl_field: str | None = None  # every input is JSONL with the text under this field (.jsonl files: "text")
-    val_fraction: float = 0.05  # share of documents held out (of bytes, for a single text file)
-    seed: int = 0  # changes which documents are held out
-    min_split_tokens: int = 1024  # a split with fewer tokens is an error (training needs model.seq_len + 2)
-    batch_size: int = 256  # pieces of text encoded at once
-    piece_bytes: int = 1 << 20  # files are read in pieces of about this many bytes
-
-    def __post_init__(self) -> None:
-        if self.tokenizer is not None and self.train_bpe is not None:
-            raise PrepareError(f"give either a tokenizer ({self.tokenizer!r}) or train_bpe={self.train_bpe}, not both")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise PrepareError(f"val_fraction={self.val_fraction} must be in (0, 1)")
-        for name in ("min_split_tokens", "batch_size", "piece_bytes"):
-            if getattr(self, name) < 1:
-                raise PrepareError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.jsonl_field is not None and not self.jsonl_field:
-            raise PrepareError("jsonl_field must name a field, not be empty")
-
-
 class _Progress:
     """A bytes progress bar on stderr (a no-op when disabled)."""
 
@@ -299,19 +315,12 @@ class _Progress:
         self.bar.close()
 
 
-def _split_of(piece: Piece, s: PrepareSettings) -> str:
-    if piece.split is not None:
-        return piece.split
-    return "val" if is_val(f"{s.seed}:{piece.doc}", s.val_fraction) else "train"
-
-
 def _train_tokenizer(sources: list[Source], s: PrepareSettings, path: Path, progress: bool) -> tuple[HFTokenizer, str]:
     """Pass one: a BPE trained on the training documents; returns it and the inputs' hash as this pass saw them."""
     hasher = hashlib.sha256()
     total = sum(src.size for src in sources)
     with _Progress(total, "train BPE", progress) as bar:
-        pieces = read_pieces(sources, s.jsonl_field, s.val_fraction, s.piece_bytes, hasher, bar)
-        texts = (p.text for p in pieces if _split_of(p, s) == "train")
+        texts = (p.text for p in read_pieces(sources, s, hasher, bar) if p.split == "train")
         tok = train_bpe(texts, s.train_bpe, path)
     return tok, hasher.hexdigest()
 
@@ -322,7 +331,7 @@ def _encode(sources: list[Source], tok: Tokenizer, s: PrepareSettings, writer: S
     separator = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
     with _Progress(sum(src.size for src in sources), "encode", progress) as bar:
         batch: list[Piece] = []
-        for piece in read_pieces(sources, s.jsonl_field, s.val_fraction, s.piece_bytes, hasher, bar):
+        for piece in read_pieces(sources, s, hasher, bar):
             batch.append(piece)
             if len(batch) >= s.batch_size:
                 _write_batch(batch, tok, s, writer, separator)
@@ -337,11 +346,10 @@ def _write_batch(batch: list[Piece], tok: Tokenizer, s: PrepareSettings, writer:
     ids = {split: [] for split in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
     for piece, piece_ids in zip(batch, tok.encode_batch([p.text for p in batch])):
-        split = _split_of(piece, s)
-        ids[split] += piece_ids
+        ids[piece.split] += piece_ids
         if piece.last:
-            ids[split] += separator
-            documents[split] += 1
+            ids[piece.split] += separator
+            documents[piece.split] += 1
     for split in SPLITS:
         writer.append(split, ids[split], documents[split])
 
@@ -384,8 +392,8 @@ def prepare(s: PrepareSettings, *, version: str | None = None, progress: bool = 
         TokenizerError: a tokenizer file that cannot be loaded, a BPE vocabulary below 257.
     """
     sources = find_inputs(list(s.inputs), s.jsonl_field)
-    out = _out_dir(s.out_dir)
     tok = None if s.train_bpe is not None else load_tokenizer(s.tokenizer or "bytes")
+    out = _out_dir(s.out_dir)
     writer = ShardWriter(out)  # its temporary files made now: an unwritable folder fails before any training
     try:
         extra: dict[str, bytes | Path] = {}

@@ -1,8 +1,10 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from checkfree.core.data import Batches, DataConfig, DataError, load_splits
+from checkfree.core.data import Batches, DataConfig, DataError, load_splits, token_meta, vocab_size_from_meta
 
 
 def test_batches_are_a_pure_function_of_seed_step_microbatch():
@@ -58,3 +60,51 @@ def test_missing_data_is_a_clear_error(tmp_path):
         Batches(DataConfig(source="text", path=str(tmp_path / "short.txt")), 64, 256, seed=0)
     with pytest.raises(ValueError, match="data.path is required"):
         DataConfig(source="text")
+
+
+def _token_folder(path, dtype="uint16", vocab_size=1024, n=(1000, 500), **meta):
+    path.mkdir(parents=True, exist_ok=True)
+    for split, count in zip(("train", "val"), n):
+        np.arange(count, dtype=dtype).tofile(path / f"{split}.bin")
+    (path / "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "dtype": dtype, **meta}))
+    return DataConfig(source="tokens", path=str(path), microbatch_size=2)
+
+
+def test_token_meta_gives_the_dtype_and_vocab_size(tmp_path):
+    cfg = _token_folder(tmp_path / "u32", dtype="uint32", vocab_size=70_000, n=(70_000, 600))
+    assert token_meta(cfg.path)["dtype"] == "uint32" and vocab_size_from_meta(cfg) == 70_000
+    train, val, _ = load_splits(cfg)
+    assert train.dtype == np.uint32 and len(train) == 70_000 and int(train[-1]) == 69_999
+    assert Batches(cfg, 16, 70_000, seed=0).inputs(0, 0).shape == (2, 16)
+    assert vocab_size_from_meta(DataConfig()) is None
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "train.bin")  # an old nanoGPT folder: no meta.json
+    old = DataConfig(source="tokens", path=str(tmp_path))
+    assert token_meta(tmp_path) is None and vocab_size_from_meta(old) is None
+
+
+def test_a_model_vocab_other_than_the_prepared_one_is_refused(tmp_path):
+    cfg = _token_folder(tmp_path, vocab_size=4096)
+    with pytest.raises(DataError, match=r"prepared with vocab_size 4096 \(meta.json\) but model.vocab_size=256"):
+        Batches(cfg, 16, 256, seed=0)
+    assert Batches(cfg, 16, 4096, seed=0).inputs(0, 0).shape == (2, 16)
+
+
+def test_bad_meta_json_and_token_files_are_named(tmp_path):
+    cfg = _token_folder(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"meta.json is not a readable JSON file"):
+        load_splits(cfg)
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 300}))
+    with pytest.raises(DataError, match=r"meta.json lacks the key 'dtype'"):
+        load_splits(cfg)
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 300, "dtype": "int8"}))
+    with pytest.raises(DataError, match=r"dtype='int8' is not one of uint16, uint32"):
+        load_splits(cfg)
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": "300", "dtype": "uint16"}))
+    with pytest.raises(DataError, match=r"vocab_size='300' must be a positive integer"):
+        vocab_size_from_meta(cfg)
+    _token_folder(tmp_path, dtype="uint32")
+    with open(tmp_path / "val.bin", "ab") as f:
+        f.write(b"\x00\x00")  # half an id: truncated, or written as uint16
+    with pytest.raises(DataError, match=r"val.bin has 2002 bytes, not a multiple of 4 \(uint32 ids\)"):
+        load_splits(cfg)
