@@ -3,8 +3,9 @@ Command line
 ============
 
 ``checkfree train [CONFIG.yaml ...] [key=value ...]`` trains with the single-process engine;
-``checkfree plot RUN_DIR [RUN_DIR ...]`` draws their losses; ``checkfree swarm`` runs a multi-process
-swarm here, ``checkfree peer`` starts one peer anywhere, ``checkfree status`` prints a live swarm.
+``checkfree plot RUN_DIR [RUN_DIR ...]`` draws their losses; ``checkfree config show`` prints the resolved
+config and every key's doc; ``checkfree swarm`` runs a multi-process swarm here, ``checkfree peer`` starts
+one peer anywhere, ``checkfree status`` prints a live swarm.
 ``--help`` on each explains it. Each subcommand lives in a module of this package with a
 ``register(sub, common)`` that adds its parser; ``common`` holds the options every subcommand accepts.
 """
@@ -16,10 +17,10 @@ import logging
 import sys
 
 from checkfree import __version__
-from checkfree.cli import status, swarm, train
+from checkfree.cli import config, status, swarm, train
 from checkfree.core.exit_codes import describe
 
-COMMANDS = (train, swarm, status)  # in the order --help lists them
+COMMANDS = (train, config, swarm, status)  # in the order --help lists them
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 

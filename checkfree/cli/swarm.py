@@ -105,12 +105,13 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     from checkfree.config import ConfigError, load_config, split_args
     from checkfree.core.data import DataError
 
-    def on_term(signum, frame):  # a clean exit: the peer tombstones its record
-        raise SystemExit(0)
+    def on_term(signum, frame):  # before the peer exists there is nothing to hand over or save
+        raise SystemExit(ExitCode.TERMINATED)
 
     signal.signal(signal.SIGTERM, on_term)
     if ns.parent_pid is not None:
         _exit_with_parent(ns.parent_pid)
+    ns.args, ns.initial_peers = split_peer_args(ns.args, ns.initial_peers)
     files, overrides = split_args(ns.args)
     from checkfree.swarm.membership import DHTUnavailable
 
@@ -133,7 +134,30 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     except DHTUnavailable as e:  # e.g. no initial peer answered: nothing started, say so
         print(f"checkfree peer: {e}; are the --initial-peers live peers of the swarm?", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    return peer.run()
+
+    def on_signal(signum, frame):
+        # Ctrl-C: stop at the next step boundary and save; SIGTERM: leave the swarm (hand the stage to a spare,
+        # else save), exit 143, never 0 (a managed-job system reads 0 as finished); a second Ctrl-C aborts
+        if signum == signal.SIGINT and peer.stopping:
+            raise KeyboardInterrupt
+        peer.request_stop("interrupt" if signum == signal.SIGINT else "terminate")
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return peer.run()
+    except KeyboardInterrupt:
+        print("checkfree peer: interrupted twice: aborted without saving", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+
+
+def split_peer_args(args: list[str], initial_peers: list[str]) -> tuple[list[str], list[str]]:
+    """(config files and overrides, addresses): ``--initial-peers`` takes every word after it, so a
+    ``key=value`` or a config file written after the addresses lands among them; a multiaddress starts
+    with ``/`` and is not a YAML file, so those words are moved back to the config's (in their order, after
+    the words before ``--initial-peers``: later overrides win, as on the command line)."""
+    moved = [a for a in initial_peers if not a.startswith("/") or a.endswith((".yaml", ".yml"))]
+    return [*args, *moved], [a for a in initial_peers if a not in moved]
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from checkfree.core.exit_codes import ExitCode
+from checkfree.core.recovery import STRATEGIES
 
 TRAIN_HELP = """\
 Train a pipeline-parallel LLaMa with every stage in this process, injecting stage failures and
@@ -25,11 +26,17 @@ Arguments are YAML config files (merged in order over the built-in defaults) and
   checkfree train recovery.strategy=checkfree failures.per_step_prob=0.01 failures.mode=per_step
   checkfree train recovery.strategy=none failures.mode=none run_name=reference
 
-Strategies: none, checkfree, checkfree_plus, copy, uniform, random, checkpoint, redundant.
+Strategies: {strategies}.
 The run directory (OUT_DIR/RUN_NAME, default runs/tiny) receives config.yaml, metrics.jsonl,
-events.jsonl, trace.jsonl (replay with failures.mode=trace failures.trace_path=...), summary.json and
-loss.png.
-"""
+events.jsonl, trace.jsonl (replay with failures.mode=trace failures.trace_path=...), summary.json,
+model.safetensors (the trained weights; checkfree export / generate use them) and loss.png.
+
+Resume: run the same command again. Ctrl-C or SIGTERM stops at the next step boundary and saves what a
+resume needs (exit 130; Ctrl-C twice aborts at once); with checkpoint.every_steps=N the state is also
+saved every N steps in the background, so even a killed run continues from its newest save. resume=never
+refuses an existing run directory; overwrite=true deletes it and its checkpoints (and says which).
+Every key: checkfree config show --docs.
+""".format(strategies=", ".join(STRATEGIES))
 
 PLOT_HELP = """\
 Plot loss against step and against training wall-clock for one or more run directories, overlaid,
@@ -38,6 +45,7 @@ with failures marked. Writes a PNG (default: RUN_DIR/loss.png of the first run).
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from checkfree.cli.stopping import GracefulStop
     from checkfree.config import ConfigError, load_config, split_args
     from checkfree.core.data import DataError
     from checkfree.engine.progress import Progress
@@ -50,24 +58,54 @@ def cmd_train(ns: argparse.Namespace) -> int:
     except (ConfigError, DataError, FileExistsError, ValueError) as e:
         print(f"checkfree train: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    except RuntimeError as e:  # an unreadable checkpoint or resume state, named in the message
+        print(f"checkfree train: {e}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     from checkfree.core.stage_step import NonFiniteSteps
 
     try:
-        with Progress(cfg.num_steps, enabled=cfg.progress) as progress:
+        with GracefulStop(trainer.request_stop), Progress(cfg.num_steps, enabled=cfg.progress) as progress:
             summary = trainer.run(on_step=progress.update)
     except NonFiniteSteps as e:
         print(f"checkfree train: stopped: {e} (run directory {trainer.run_dir})", file=sys.stderr)
         return ExitCode.DIVERGED
+    except KeyboardInterrupt:
+        print(
+            f"checkfree train: aborted at step {trainer.state.step}; the newest saved state in {trainer.ckpt_root} "
+            "is kept: run the same command to continue from it",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERRUPTED
+    except OSError as e:  # a full disk or a refused write while saving: what was saved before is intact
+        print(
+            f"checkfree train: {e}; stopped at step {trainer.state.step}. Saved states and weights written before "
+            "are intact: free space (or fix the storage) and run the same command to continue",
+            file=sys.stderr,
+        )
+        return ExitCode.BAD_INPUT
     if cfg.plot:
         from checkfree.plot import plot_runs
 
         plot_runs([trainer.run_dir], trainer.run_dir / "loss.png")
-    print(
-        f"done: {summary['steps']} steps in {summary['train_s']:.1f} s, loss {summary['first_train_loss']:.3f} -> "
-        f"{summary['final_train_loss']:.3f} (val {summary['final_val_loss']:.3f}), "
-        f"{summary['failures']} failures, {summary['recoveries']} recoveries; run directory {trainer.run_dir}"
-    )
+    print(_done_line(summary, trainer.run_dir))
+    if summary["stopped"]:
+        print(
+            f"stopped by {summary['stopped']} at step {summary['steps']}: run the same command to continue",
+            file=sys.stderr,
+        )
+        return ExitCode.INTERRUPTED
     return ExitCode.OK
+
+
+def _done_line(summary: dict, run_dir: Path) -> str:
+    num = lambda x: "-" if x is None else f"{x:.3f}"
+    resumed = f" (resumed at step {summary['resumed_from']})" if summary.get("resumed_from") is not None else ""
+    return (
+        f"{'stopped' if summary['stopped'] else 'done'}: {summary['steps']} steps{resumed} in "
+        f"{summary['train_s']:.1f} s, loss {num(summary['first_train_loss'])} -> {num(summary['final_train_loss'])} "
+        f"(val {num(summary['final_val_loss'])}), {summary['failures']} failures, {summary['recoveries']} recoveries; "
+        f"weights {summary['weights']}; run directory {run_dir}"
+    )
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:

@@ -374,7 +374,7 @@ class CheckpointStore:
             return
         for step in old:
             try:
-                self._delete_step(step)
+                self.delete_step(step)
             except FileNotFoundError:
                 pass
             except Exception as e:
@@ -387,12 +387,13 @@ class CheckpointStore:
         steps = sorted({step for step, _, _ in self._listing()})
         for step in steps:
             try:
-                self._delete_step(step)
+                self.delete_step(step)
             except FileNotFoundError:
                 pass
         return steps
 
-    def _delete_step(self, step: int) -> None:
+    def delete_step(self, step: int) -> None:
+        """Delete every file of ``step`` (FileNotFoundError when there are none)."""
         d = self._step_dir(step)
         if self._local:
             shutil.rmtree(d)

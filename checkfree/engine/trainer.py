@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from checkfree import __version__
-from checkfree.config import TrainConfig, to_yaml
+from checkfree.config import ConfigError, TrainConfig, config_from_yaml, resume_mismatch, to_yaml
 from checkfree.core.checkpoint import AsyncSaver, CheckpointStore, payload_bytes
 from checkfree.core.data import Batches
 from checkfree.core.events import EventLog
@@ -39,10 +39,19 @@ from checkfree.core.recovery import (
 from checkfree.core.redundancy import param_bytes
 from checkfree.core.schedule import schedule_for
 from checkfree.core.stage_step import NonFiniteGuard
+from checkfree.core.weights import save_weights
+from checkfree.engine import resume
 from checkfree.engine.pipeline import PipelineEngine, StepInterrupted, interrupt_index
 from checkfree.engine.shadows import Shadows
 
 logger = logging.getLogger(__name__)
+
+STOP_STORE = "resume"  # the sub-folder of the checkpoint store that a clean stop saves into
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked: it holds a run that cannot be resumed, holds another
+    config's run, or cannot be written. Nothing in it was changed."""
 
 
 @dataclass
@@ -72,7 +81,9 @@ class Trainer:
         self.injector = FailureInjector(cfg.failures, L)
         self.nonfinite = NonFiniteGuard(cfg.optim)
         self.batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
-        self._prepare_run_dir()  # only once the inputs are known to be good
+        self.config_yaml = to_yaml(cfg)
+        self.ckpt_root = cfg.checkpoint.dir or self.run_dir / "checkpoints"
+        resume_from = self._prepare_run_dir()  # only once the inputs are known to be good
         self.schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
         self.engine = PipelineEngine(
             build_stages(cfg.model, cfg.seed),
@@ -89,34 +100,114 @@ class Trainer:
                 eng.stages, eng.optimizers, eng.lrs, self.schedule, self.batches, cfg.optim, eng.device
             )
         self.ckpt = None
-        self.saver = None  # hybrid: checkpoints written in the background
+        # written in the background: the hybrid's checkpoints, and every strategy's periodic resume state but the
+        # checkpoint strategy's (whose synchronous saves are part of what it costs)
+        self.saver = None
         if cfg.checkpoint.every_steps or cfg.recovery.strategy == "hybrid":
-            self.ckpt = CheckpointStore(
-                cfg.checkpoint.dir or self.run_dir / "checkpoints",
-                L,
-                cfg.checkpoint.keep,
-                cfg.checkpoint.storage_mb_s,
-                storage_options=cfg.checkpoint.storage_options,
-            )
-            if cfg.recovery.strategy == "hybrid":
+            self.ckpt = self._store()
+            if cfg.recovery.strategy != "checkpoint":
                 self.saver = AsyncSaver(self.ckpt, on_error=self._write_failed)
+        self.stop_requested: str | None = None  # why the run stops at the next step boundary (request_stop)
+        self.stopped_at: int | None = None
         self.replicas_on = edge_replicas_on(cfg.recovery)
         tb_dir = (cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None
+        if resume_from is not None:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", resume_from[0])
         self.metrics = MetricLogger(self.run_dir / "metrics.jsonl", tb_dir)
         self.events = EventLog(self.run_dir / "events.jsonl")
         self.state = RunState()
         self.spec = RebuildSpec.of(cfg)
         self.tokens_per_step = self.batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
+        self.resumed_from: int | None = None
+        if resume_from is not None:
+            self._resume(*resume_from)
 
-    def _prepare_run_dir(self) -> None:
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            if not self.cfg.overwrite:
-                raise FileExistsError(
-                    f"run directory {self.run_dir} already holds a run; pass overwrite=true or another run_name"
-                )
-            shutil.rmtree(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+    def _store(self, sub: str | None = None) -> CheckpointStore:
+        """The run's checkpoint store (``checkpoint.dir``, default RUN_DIR/checkpoints), or its sub-folder."""
+        root = self.ckpt_root if sub is None else f"{str(self.ckpt_root).rstrip('/')}/{sub}"
+        c = self.cfg.checkpoint
+        return CheckpointStore(root, self.cfg.model.num_stages, c.keep, c.storage_mb_s, c.storage_options)
+
+    def _prepare_run_dir(self) -> tuple[int, CheckpointStore, dict] | None:
+        """Make the run directory ready; returns where to resume from (step, store, resume state), or None for a
+        fresh start. resume=auto continues a run whose state was saved (a periodic save or a clean stop), in
+        the run directory's checkpoints or in ``checkpoint.dir`` (a new machine with the old run's bucket)."""
+        cfg = self.cfg
+        holds = self.run_dir.exists() and any(self.run_dir.iterdir())
+        if cfg.overwrite:
+            self._start_afresh(holds)
+            found = None
+        else:
+            found = self._find_resume() if cfg.resume == "auto" and (holds or cfg.checkpoint.dir) else None
+        if found is None and holds and not cfg.overwrite:
+            why = (
+                "resume=never"
+                if cfg.resume == "never"
+                else f"it holds no saved state to resume from in {self.ckpt_root} (set checkpoint.every_steps to save "
+                "it periodically; Ctrl-C and SIGTERM always save it)"
+            )
+            raise RunDirError(
+                f"run directory {self.run_dir} already holds a run and {why}; pass overwrite=true to start afresh "
+                "(deletes that directory and its checkpoints) or another run_name"
+            )
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.config_yaml)
+        except OSError as e:
+            raise RunDirError(f"cannot write the run directory {self.run_dir}: {e.strerror or e}") from e
+        return found
+
+    def _start_afresh(self, holds: bool) -> None:
+        """overwrite=true: delete the run directory and the checkpoints, saying what goes."""
+        if self.cfg.checkpoint.dir:  # outside the run directory: its steps would mix with the new run's
+            for store in (self._store(), self._store(STOP_STORE)):
+                steps = store.clear()
+                if steps:
+                    logger.warning("overwrite=true: deleted the checkpoints of steps %s in %s", steps, store.root)
+        if holds:
+            inside = self.run_dir / "checkpoints"
+            steps = sorted(p.name for p in inside.rglob("step_*")) if inside.is_dir() else []
+            logger.warning(
+                "overwrite=true: deleting run directory %s%s",
+                self.run_dir,
+                f" with its checkpoints ({', '.join(steps)})" if steps else "",
+            )
+            try:
+                shutil.rmtree(self.run_dir)
+            except OSError as e:
+                raise RunDirError(f"overwrite=true cannot delete the run directory {self.run_dir}: {e}") from e
+
+    def _find_resume(self) -> tuple[int, CheckpointStore, dict] | None:
+        """The newest saved state (periodic or a clean stop's), checked against this run's config."""
+        candidates = []
+        for store in (self._store(), self._store(STOP_STORE)):
+            step = resume.resumable_step(store)
+            if step is not None:
+                candidates.append((step, store))
+        if not candidates:
+            return None
+        step, store = max(candidates, key=lambda c: c[0])
+        where = f"{store.root} (step {step})"
+        state = resume.read(store.load_extra(step, resume.ENGINE_FILE), where)
+        try:
+            saved = config_from_yaml(state["config"], where)
+        except ConfigError as e:
+            raise RunDirError(str(e)) from e
+        diff = resume_mismatch(saved, self.cfg)
+        if diff:
+            raise RunDirError(
+                f"the run saved in {where} was trained with another config ({'; '.join(diff)}); resume it with the "
+                f"same config, or pass overwrite=true to start afresh or another run_name"
+            )
+        return step, store, state
+
+    def _resume(self, step: int, store: CheckpointStore, state: dict) -> None:
+        for i in range(self.engine.num_stages):
+            self.engine.install(i, restore_stage(self.spec, i, store.load_stage(step, i)))
+        resume.restore(self, state)
+        assert self.state.step == step, (self.state.step, step)
+        self.resumed_from = step
+        logger.warning("resuming run %s from step %d (%s)", self.run_dir, step, store.root)
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self, on_step=None) -> dict:
@@ -124,21 +215,55 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self.start()
         try:
-            while st.step < cfg.num_steps:
+            while st.step < cfg.num_steps and self.stop_requested is None:
                 self._one_iteration(on_step)
             if self.saver is not None:
                 self.saver.wait()  # no write outlives the run (and a failed one is reported)
+            if self.stop_requested is not None:
+                self._save_for_stop()
+            elif self.ckpt is not None and self.ckpt.latest_complete() != st.step:
+                self._save_checkpoint()  # the end is resumable too: a longer num_steps continues from here
         finally:
             self.close()
             write_trace(self.run_dir / "trace.jsonl", self.injector.fired, cfg.model.num_stages)
             self.metrics.close()
         if st.last_val_loss is None or st.val_history[-1][0] != st.step:
             self._evaluate()
+        self.weights_path = save_weights(
+            self.run_dir,
+            self.engine.stages,
+            cfg.model,
+            st.step,
+            {"run_name": cfg.run_name, "strategy": cfg.recovery.strategy, "data": self.batches.description},
+        )
         summary = self._summary()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.events.emit("run_finished", **summary)
         self.events.close()
         return summary
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next step boundary (a signal handler may call this): the run saves what a resume needs,
+        writes its summary and weights, and ``run`` returns with ``summary['stopped']`` set."""
+        self.stop_requested = reason
+
+    def _save_for_stop(self) -> None:
+        """A clean stop's save: every stage and the resume state at the current step, synchronously, into the
+        store's ``resume`` folder (a rollback never takes it for a periodic checkpoint, so a resumed run rolls
+        back exactly as the uninterrupted one would). Only the newest such save is kept."""
+        st = self.state
+        store = self._store(STOP_STORE)
+        t0 = time.perf_counter()
+        for i in range(self.engine.num_stages):
+            store.save_stage(self.engine.payload(i, st.step))
+        store.save_extra(st.step, resume.ENGINE_FILE, resume.capture(self))
+        for old in store.complete_steps():
+            if old != st.step:
+                store.delete_step(old)
+        self.stopped_at = st.step
+        self.events.emit(
+            "run_stopped", step=st.step, signal=self.stop_requested, save_s=time.perf_counter() - t0, dir=store.root
+        )
 
     def close(self) -> None:
         """Wait for a background checkpoint write (hybrid) even when the run ends with an error; a failed
@@ -160,6 +285,9 @@ class Trainer:
             schedule=cfg.pipeline.schedule,
             swap=cfg.swap_enabled,
         )
+        if self.resumed_from is not None:
+            self.events.emit("run_resumed", step=self.state.step, iteration=self.state.iteration)
+            return
         if self.replicas_on:
             self.engine.refresh_replicas(0)
         if self.ckpt:
@@ -275,12 +403,18 @@ class Trainer:
         L = eng.num_stages
         live_kinds = {k for k in eng.replicas if replica_holder(k, L) not in lost}
         ckpt = self.ckpt
+
+        def has_checkpoint(s: int) -> bool:
+            if self.saver is not None:
+                self.saver.wait()  # a write in flight is the newest checkpoint
+            return ckpt is not None and ckpt.latest_for_stage(s) is not None
+
         plans = plan_recovery(
             lost,
             L,
             cfg.strategy,
             cfg.adjacent_fallback,
-            has_checkpoint=lambda s: ckpt is not None and ckpt.latest_for_stage(s) is not None,
+            has_checkpoint=has_checkpoint,
             edge_replicas=live_kinds,
             partner_rule=cfg.partner_rule,
         )
@@ -327,13 +461,14 @@ class Trainer:
         t0 = time.perf_counter()
         step = self.state.step
         blobs = [(i, payload_bytes(self.engine.payload(i, step))) for i in range(self.engine.num_stages)]
-        self.saver.save(step, blobs)
+        self.saver.save(step, blobs, [(resume.ENGINE_FILE, resume.capture(self))])
         self.events.emit("checkpoint_save", step=step, save_s=time.perf_counter() - t0, background=True)
 
     def _save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         for i in range(self.engine.num_stages):
             self.ckpt.save_stage(self.engine.payload(i, self.state.step))
+        self.ckpt.save_extra(self.state.step, resume.ENGINE_FILE, resume.capture(self))
         self.ckpt.prune()
         self.events.emit("checkpoint_save", step=self.state.step, save_s=time.perf_counter() - t0)
 
@@ -376,4 +511,16 @@ class Trainer:
             "checkfree_version": __version__,
             "memory/param_bytes": sum(param_bytes(s) for s in self.engine.stages),
             "memory/shadow_param_bytes": self.engine.shadows.shadow_bytes() if self.engine.shadows else 0,
+            "resumed_from": self.resumed_from,
+            "stopped": self.stop_requested,
+            "weights": str(self.weights_path),
         }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records of steps ``step`` and later (a resumed run writes them again, as they were)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
+    path.write_text("".join(kept))
