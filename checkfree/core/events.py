@@ -9,6 +9,9 @@ so plots and reports read engine and swarm runs alike. ``EventLog.emit`` refuses
 missing field, so the schema cannot drift silently. Swarm peers add ``peer``, ``stage_held`` and
 ``epoch`` to every event they write.
 
+An ``EventLog`` may be given a tracker (a ``MetricLogger``): every event is also handed to its
+``track_event``, which turns failures, recoveries and their durations into TensorBoard / W&B counters.
+
 The table of events and fields is in docs/ARCHITECTURE.md (generated from ``EVENTS`` by
 ``schema_table``; a test keeps the two equal).
 """
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from checkfree.core.metrics import JsonLines
 
@@ -171,8 +176,17 @@ EVENTS: dict[str, EventType] = {
 }
 
 
+class EventTracker(Protocol):
+    def track_event(self, event: dict) -> None: ...
+
+
 class EventLog(JsonLines):
-    """``events.jsonl``: one schema-checked event per line, flushed as written."""
+    """``events.jsonl``: one schema-checked event per line, flushed as written; each also handed to
+    ``tracker`` (e.g. the run's ``MetricLogger``), if given."""
+
+    def __init__(self, path: str | Path, tracker: EventTracker | None = None):
+        super().__init__(path)
+        self.tracker = tracker
 
     def emit(self, event: str, **fields) -> dict:
         """Write one event.
@@ -189,6 +203,8 @@ class EventLog(JsonLines):
             raise ValueError(f"event {event!r} is missing required fields {missing}")
         record = {"event": event, "time": time.time(), **fields}
         self.write(record)
+        if self.tracker is not None:
+            self.tracker.track_event(record)
         return record
 
 

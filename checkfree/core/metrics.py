@@ -5,22 +5,45 @@ Metrics
 ``metrics.jsonl`` in the run directory: one record per committed step, keys namespaced like
 ``loss/train``, ``throughput/tokens_per_s``, ``stage/2/grad_norm_raw`` (the event stream is
 ``checkfree.core.events``). Every line is flushed as it is written, so a crashed run keeps everything up
-to its last step. With ``metrics.tensorboard=true`` every numeric field also goes to TensorBoard, written
-with torch's standard ``SummaryWriter`` (the optional ``tensorboard`` extra), at the record's step.
+to its last step.
+
+Trackers: with ``metrics.tensorboard=true`` every numeric field also goes to TensorBoard, written with
+torch's standard ``SummaryWriter`` (the optional ``tensorboard`` extra), at the record's step; with
+``metrics.wandb=true`` to a Weights & Biases run (the ``wandb`` package), against the same step (W&B's
+``step`` metric, so that steps redone after a rollback are drawn where they belong). An ``EventLog`` given
+the logger as its tracker also turns each event into counters at the event's step (``event_scalars``):
+``events/failures``, ``events/recoveries``, ``recovery/duration_s`` and so on, which a dashboard draws
+beside the loss.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
 class MetricsConfig:
     tensorboard: bool = False  # also write every numeric metric as a TensorBoard scalar (needs the tensorboard extra)
     tensorboard_dir: str | None = None  # where; None: RUN_DIR/tensorboard (a swarm peer: RUN_DIR/tensorboard/PEER)
+    wandb: bool = False  # also log every numeric metric and the event counters to Weights & Biases (needs wandb)
+    wandb_project: str = "checkfree"  # the W&B project
+    wandb_entity: str | None = None  # the W&B team or user; None: the default of the logged-in account
+    wandb_name: str | None = None  # the W&B run's name; None: run_name (a swarm peer: RUN_NAME/PEER, grouped by run)
+    # online; offline (files under RUN_DIR/wandb, uploaded later by `wandb sync`); disabled; None: $WANDB_MODE or online
+    wandb_mode: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"metrics.wandb_mode={self.wandb_mode!r}: expected one of {', '.join(WANDB_MODES)}")
 
 
 def peak_rss_mb() -> float:
@@ -63,12 +86,71 @@ class JsonLines:
         self._f.close()
 
 
-class MetricLogger(JsonLines):
-    """``metrics.jsonl``, and TensorBoard scalars when ``tensorboard_dir`` is given."""
+def event_scalars(event: dict, counts: Counter) -> dict[str, float]:
+    """The tracker scalars of one event (see ``checkfree.core.events``), updating ``counts``, the running
+    totals by counter name: ``events/failures`` (stages lost), ``events/recoveries`` (stages rebuilt or
+    restored), ``events/rollbacks``, ``events/steps_discarded``, ``events/steps_aborted`` and
+    ``events/stage_losses`` (a swarm leader's published losses) as cumulative counts; the durations of
+    what the event timed (``recovery/duration_s``, ``recovery/restore_s``, ``recovery/join_s``,
+    ``checkpoint/save_s``). An event that counts nothing gives ``{}``."""
+    name = event["event"]
+    out: dict[str, float] = {}
 
-    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None):
-        super().__init__(path)
+    def bump(counter: str, by: int = 1) -> None:
+        counts[counter] += by
+        out[f"events/{counter}"] = counts[counter]
+
+    if name == "failure":
+        bump("failures")
+    elif name == "rebuilt":
+        bump("recoveries")
+        out["recovery/duration_s"] = event["duration_s"]
+    elif name == "rolled_back":
+        bump("rollbacks")
+        if event.get("stages"):  # the engine names the stages lost; each swarm peer logs its own rollback
+            bump("recoveries", len(event["stages"]))
+        out["recovery/restore_s"] = event["restore_s"]
+        if "lost_steps" in event:
+            out["recovery/lost_steps"] = event["lost_steps"]
+    elif name == "step_discarded":
+        bump("steps_discarded")
+    elif name == "step_skipped":
+        bump("steps_skipped")
+    elif name == "step_aborted":
+        bump("steps_aborted")
+    elif name == "epoch_published" and event["lost"]:
+        bump("stage_losses", len(event["lost"]))
+    elif name == "epoch_joined":
+        out["recovery/join_s"] = event["join_s"]
+    elif name == "checkpoint_save":
+        out["checkpoint/save_s"] = event["save_s"]
+    elif name == "checkpoint_failed":
+        bump("checkpoint_failures")
+    return out
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class MetricLogger(JsonLines):
+    """``metrics.jsonl`` (none when ``path`` is None: trackers only), and the trackers: TensorBoard
+    scalars when ``tensorboard_dir`` is given, a W&B run when ``wandb`` (keyword arguments of
+    ``wandb.init``) is. ``track_event`` makes it an ``EventLog``'s tracker.
+
+    Raises:
+        ValueError: a tracker's package is missing, or W&B could not start a run (no account online).
+    """
+
+    def __init__(self, path: str | Path | None, tensorboard_dir: str | Path | None = None, wandb: dict | None = None):
+        if path is not None:
+            super().__init__(path)
+        else:
+            self.path, self._f = None, None
         self.tb = None
+        self.wandb = None
+        self.counts: Counter = Counter()  # running totals of the event counters (event_scalars)
+        self.last_step = 0  # where an event without a step of its own is drawn
         if tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -77,18 +159,92 @@ class MetricLogger(JsonLines):
                     "metrics.tensorboard=true needs the tensorboard package: pip install 'checkfree[tensorboard]'"
                 ) from e
             self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
+        if wandb is not None:
+            self.wandb = _start_wandb(wandb)
+
+    @classmethod
+    def from_config(
+        cls,
+        path: str | Path | None,
+        cfg: MetricsConfig,
+        run_dir: str | Path,
+        run_name: str,
+        peer: str | None = None,
+        run_config: dict | None = None,
+    ) -> MetricLogger:
+        """The logger a run's ``metrics`` section asks for. ``peer``: a swarm peer's (or the launcher's)
+        id: its TensorBoard folder and W&B run are its own, in the run's group; ``run_config``: the
+        resolved config, shown by W&B."""
+        run_dir = Path(run_dir)
+        tb_dir = None
+        if cfg.tensorboard:
+            tb_dir = Path(cfg.tensorboard_dir or run_dir / "tensorboard")
+            tb_dir = tb_dir / peer if peer else tb_dir
+        wandb = None
+        if cfg.wandb:
+            name = cfg.wandb_name or run_name
+            wandb = {
+                "project": cfg.wandb_project,
+                "entity": cfg.wandb_entity,
+                "name": f"{name}/{peer}" if peer else name,
+                "group": name if peer else None,
+                "mode": cfg.wandb_mode,
+                "dir": str(run_dir),
+                "config": run_config,
+            }
+            run_dir.mkdir(parents=True, exist_ok=True)
+        return cls(path, tb_dir, wandb)
 
     def write(self, record: dict) -> None:
-        super().write(record)
-        if self.tb is not None and "step" in record:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(key, value, global_step=record["step"])
+        if self.path is not None:
+            super().write(record)
+        if "step" in record:
+            self.last_step = record["step"]
+            self._track({k: v for k, v in record.items() if k != "step" and _numeric(v)}, record["step"])
+
+    def track_event(self, event: dict) -> None:
+        """Send ``event``'s counters (``event_scalars``) to the trackers, at its step (else the last
+        metrics step)."""
+        scalars = event_scalars(event, self.counts)
+        if scalars:
+            step = event["step"] if _numeric(event.get("step")) else self.last_step
+            self._track(scalars, step)
+
+    def _track(self, scalars: dict, step: int) -> None:
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, global_step=step)
+        if self.wandb is not None and scalars:
+            self.wandb.log({**scalars, "step": step})
 
     def close(self) -> None:
-        super().close()
+        """Close the file, flush TensorBoard and finish the W&B run (the file reopens on a later write;
+        the W&B run does not: later values go to the file and TensorBoard only)."""
+        if self.path is not None:
+            super().close()
         if self.tb is not None:
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(init: dict):
+    try:
+        import wandb
+    except ImportError as e:
+        raise ValueError("metrics.wandb=true needs the wandb package: pip install wandb") from e
+    try:
+        run = wandb.init(**init, settings=wandb.Settings(silent=True, console="off"))
+    except Exception as e:  # wandb's errors (no API key, no network) share no base class with ours
+        raise ValueError(
+            f"metrics.wandb=true could not start a W&B run of project {init['project']!r}: {e}; log in with "
+            "`wandb login`, or log offline with metrics.wandb_mode=offline (upload later with `wandb sync`)"
+        ) from e
+    # every value is drawn against the training step, which goes back after a rollback (W&B's own step may not)
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def report(result: dict, out: str | Path) -> None:

@@ -23,6 +23,25 @@ def test_engine_writes_its_metrics_to_tensorboard(tmp_path):
     assert "stage/3/grad_norm_raw" in acc.Tags()["scalars"]
 
 
+@pytest.mark.xfail(
+    strict=True, reason="until Trainer hands its MetricLogger to its EventLog as tracker (issue 19 wiring)"
+)
+def test_engine_failures_and_recoveries_land_in_tensorboard_at_their_steps(tmp_path):
+    cfg = tiny_config(
+        tmp_path, "num_steps=6", "failures.mode=per_step", "failures.per_step_prob=0.3", "metrics.tensorboard=true"
+    )
+    summary = Trainer(cfg).run()
+    acc = EventAccumulator(str(cfg.run_dir / "tensorboard"))
+    acc.Reload()
+    failures = [e for e in read_jsonl(cfg.run_dir / "events.jsonl") if e["event"] == "failure"]
+    assert summary["failures"] == len(failures) >= 1
+    assert [(e.step, e.value) for e in acc.Scalars("events/failures")] == [
+        (f["step"], n) for n, f in enumerate(failures, 1)
+    ]
+    assert acc.Scalars("events/recoveries")[-1].value == summary["recoveries"]
+    assert "recovery/duration_s" in acc.Tags()["scalars"]
+
+
 def test_without_the_package_the_error_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now fails
     with pytest.raises(ValueError, match=r"pip install 'checkfree\[tensorboard\]'"):
