@@ -2,96 +2,290 @@
 ``checkfree status``
 ====================
 
-Join a swarm's DHT read-only and print what it is doing.
+Join a swarm's DHT read-only and print what it is doing: once, as a table or (``--json``) as one
+machine-readable snapshot, or again every few seconds (``--watch``) until Ctrl-C.
+
+Where the swarm is comes from its run directory (``checkfree status RUN_DIR``): the run id from
+``config.yaml`` (``swarm.run_id``, else ``run_name``), the join token from ``join_token`` and the addresses
+to join through from ``maddrs.txt``, the files ``checkfree swarm`` and a swarm's first ``checkfree peer``
+write. ``--run-id``, ``--join-token`` (or ``$CHECKFREE_JOIN_TOKEN``) and ``--initial-peers`` override
+them, and without a run directory they say it all. ``resolve_target`` (the files) and ``snapshot`` (the
+records) are pure functions; the rest joins the DHT and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from checkfree.core.exit_codes import ExitCode
 
 STATUS_HELP = """\
 Join the DHT read-only and print the live swarm: the current epoch, which peer holds which stage,
-each peer's step, state and heartbeat age, and the spares.
+each peer's step, state, loss and heartbeat age, the spares, what peers wait for, and the addresses
+other peers join through.
+
+  checkfree status runs/tiny                    # the run directory of checkfree swarm (or of a first peer)
+  checkfree status runs/tiny --watch 2          # refresh every 2 s until Ctrl-C
+  checkfree status runs/tiny --json             # one snapshot as JSON
+  checkfree status --run-id tiny --initial-peers /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW...  # no run directory
 """
+
+DEFAULT_RUN_ID = "tiny"  # run_name's default, for a swarm named by --initial-peers alone
+DEFAULT_WATCH_S = 2.0
+
+
+class StatusInputError(ValueError):
+    """A run directory, file or flag ``checkfree status`` cannot use (the message says what it expected)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which swarm to look at: its run id, join token and the addresses to join through."""
+
+    run_id: str
+    token: str
+    initial_peers: list[str]
+
+
+def resolve_target(
+    run_dir: str | Path | None,
+    initial_peers: list[str] | None = None,
+    run_id: str | None = None,
+    join_token: str | None = None,
+) -> Target:
+    """The swarm to look at, from ``run_dir``'s files and the flags (a flag wins over a file; the token
+    from ``join_token``, else ``$CHECKFREE_JOIN_TOKEN``, else ``RUN_DIR/join_token``).
+
+    Raises:
+        StatusInputError: the run directory or one of its files is missing, unreadable or malformed,
+            or, without a run directory, no address or token was given.
+    """
+    from checkfree.swarm.admission import TOKEN_ENV, TOKEN_FILE, find_token
+
+    folder = Path(run_dir) if run_dir is not None else None
+    if folder is not None and not folder.is_dir():
+        raise StatusInputError(f"run directory {str(folder)!r} does not exist (or is not a directory)")
+    if run_id is None:
+        run_id = _run_id_of(folder) if folder is not None else DEFAULT_RUN_ID
+    if not initial_peers:
+        if folder is None:
+            raise StatusInputError("say which swarm: pass its RUN_DIR, or --initial-peers MULTIADDR ...")
+        initial_peers = _read(folder / "maddrs.txt", "the addresses to join through").split()
+        if not initial_peers:
+            raise StatusInputError(f"{folder / 'maddrs.txt'} is empty: expected the swarm's multiaddresses")
+    try:
+        token = find_token(join_token, folder)
+    except OSError as e:
+        raise StatusInputError(f"cannot read the join token in {folder / TOKEN_FILE}: {e.strerror}") from e
+    if token is None:
+        where = (
+            f", or keep it in {folder / TOKEN_FILE}" if folder is not None else " (or pass the RUN_DIR that holds it)"
+        )
+        raise StatusInputError(
+            f"the swarm's records are sealed with its join token: pass --join-token or ${TOKEN_ENV}{where}"
+        )
+    return Target(run_id, token, list(initial_peers))
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise StatusInputError(
+            f"{path} not found: it holds {what} (checkfree swarm and a swarm's first peer write it); "
+            "is this a swarm's run directory?"
+        ) from None
+    except OSError as e:
+        raise StatusInputError(f"cannot read {path} ({what}): {e.strerror}") from e
+
+
+def _run_id_of(folder: Path) -> str:
+    """``swarm.run_id``, else ``run_name``, of ``RUN_DIR/config.yaml``."""
+    import yaml
+
+    path = folder / "config.yaml"
+    text = _read(path, "the swarm's run id (or pass --run-id)")
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise StatusInputError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(cfg, dict):
+        raise StatusInputError(f"{path} holds no config (a YAML mapping expected); pass --run-id")
+    swarm = cfg.get("swarm") if isinstance(cfg.get("swarm"), dict) else {}
+    return str(swarm.get("run_id") or cfg.get("run_name") or DEFAULT_RUN_ID)
+
+
+LOST_FIELDS = ("step", "epoch", "loss", "heartbeat_age_s", "weights", "weights_valid")
+
+
+def snapshot(run_id: str, members: dict, current, now: float, fingerprints: list[str] | None = None) -> dict:
+    """What ``--json`` prints (and the table shows): the epoch and its roster, each stage's holder with
+    its state, step, loss, heartbeat age and weights, the spares and other peers, what peers wait for,
+    and every peer's first address (to join through).
+
+    Args:
+        members: peer id -> ``MemberRecord``, as read from the DHT.
+        current: the newest ``EpochRecord`` (None: no epoch yet).
+        now: the DHT's clock (heartbeat ages are ``now - record.time``).
+        fingerprints: the config fingerprints seen, when several peers disagree.
+    """
+    roster = current.roster if current is not None else []
+    stages = []
+    for s, pid in enumerate(roster):
+        r = members.get(pid)
+        row = {"stage": s, "peer": pid, "state": "lost"} | dict.fromkeys(LOST_FIELDS)  # gone from the DHT
+        if r is not None:
+            row |= {
+                "state": r.state,
+                "step": r.step,
+                "epoch": r.epoch,
+                # JSON has no NaN: a diverged loss stays visible as a string
+                "loss": r.loss if r.loss is None or math.isfinite(r.loss) else str(r.loss),
+                "heartbeat_age_s": round(now - r.time, 3),
+                "weights": r.lineage.describe(r.step),
+                "weights_valid": r.valid_for(current.step) or r.step > current.step,
+            }
+        stages.append(row)
+
+    def other(r) -> dict:
+        return {
+            "peer": r.peer_id,
+            "state": r.state,
+            "stage": r.stage,
+            "step": r.step,
+            "epoch": r.epoch,
+            "heartbeat_age_s": round(now - r.time, 3),
+        }
+
+    outside = [r for pid, r in sorted(members.items()) if pid not in roster]
+    steps = [members[p].step for p in roster if p in members]
+    return {
+        "run_id": run_id,
+        "epoch": current.epoch if current is not None else None,
+        "leader": current.leader if current is not None else None,
+        "step": max(steps, default=current.step) if current is not None else None,
+        "resumed_at": current.step if current is not None else None,
+        "stopped": current.stop if current is not None else None,
+        "finished": bool(current is not None and current.finished),
+        "roster": stages,
+        "spares": [other(r) for r in outside if r.state == "spare"],
+        "others": [other(r) for r in outside if r.state != "spare"],
+        "notes": [
+            {"peer": r.peer_id, "note": r.note} for r in sorted(members.values(), key=lambda r: r.peer_id) if r.note
+        ],
+        "addresses": sorted(a for r in members.values() for a in r.maddrs[:1]),
+        "fingerprints": fingerprints or [],
+    }
+
+
+def render(snap: dict) -> str:
+    """The snapshot as the text table."""
+    lines = []
+    if len(snap["fingerprints"]) > 1:
+        lines.append(
+            f"warning: peers with {len(snap['fingerprints'])} different config fingerprints share run "
+            f"{snap['run_id']}: {snap['fingerprints']}; showing the one with a published epoch and the most peers"
+        )
+    head = f"run {snap['run_id']}: "
+    if snap["epoch"] is None:
+        head += "no epoch yet"
+    else:
+        head += f"epoch {snap['epoch']}, leader {snap['leader']}, resumed at step {snap['resumed_at']}"
+        head += f", step {snap['step']}" + (", finished" if snap["finished"] else "")
+    lines.append(head + (f", STOPPED: {snap['stopped']}" if snap["stopped"] else ""))
+    lines.append("stage  peer                    state       step  epoch  heartbeat_age_s  loss    weights")
+    for row in snap["roster"]:
+        if row["state"] == "lost":
+            lines.append(f"{row['stage']:5d}  {row['peer']:22s}  LOST")
+            continue
+        loss = "-" if row["loss"] is None else row["loss"] if isinstance(row["loss"], str) else f"{row['loss']:.4f}"
+        valid = "" if row["weights_valid"] else "NOT VALID: "
+        lines.append(
+            f"{row['stage']:5d}  {row['peer']:22s}  {row['state']:10s} {row['step']:5d}  {row['epoch']:5d}  "
+            f"{row['heartbeat_age_s']:15.1f}  {loss:6s}  {valid}{row['weights']}"
+        )
+    for row in snap["spares"] + snap["others"]:
+        lines.append(
+            f"{'spare' if row['state'] == 'spare' else '  -  '}  {row['peer']:22s}  {row['state']:10s} "
+            f"{row['step']:5d}  {row['epoch']:5d}  {row['heartbeat_age_s']:15.1f}"
+        )
+    lines += [f"{n['peer']} waits: {n['note']}" for n in snap["notes"]]
+    if snap["addresses"]:
+        lines.append("join with --initial-peers " + " ".join(snap["addresses"]))
+    return "\n".join(lines)
+
+
+def _observe(m, run_id: str) -> dict:
+    """One snapshot read from the DHT through ``m`` (an observer's ``Membership``)."""
+    members = m.members()
+    fingerprints = sorted({r.fingerprint for r in members.values()})
+    epochs = {f: m.current_epoch(f) for f in fingerprints}
+
+    def weight(f: str) -> tuple[bool, int]:  # a stray peer of another config never hides the swarm's epoch
+        return epochs[f] is not None, sum(r.fingerprint == f for r in members.values())
+
+    common = max(fingerprints, key=weight, default=None)
+    current = epochs[common] if common else None
+    return snapshot(run_id, members, current, m.now, fingerprints if len(fingerprints) > 1 else None)
+
+
+def _show(snap: dict, as_json: bool, clear: bool) -> None:
+    if as_json:
+        print(json.dumps(snap), flush=True)
+        return
+    print(("\x1b[H\x1b[2J" if clear else "") + render(snap), flush=True)
 
 
 def cmd_status(ns: argparse.Namespace) -> int:
-    from checkfree.swarm.admission import TOKEN_ENV, Admission, Identity, find_token
+    from checkfree.swarm.admission import Admission, Identity
     from checkfree.swarm.config import MembershipConfig
-    from checkfree.swarm.membership import Membership
+    from checkfree.swarm.membership import DHTUnavailable, Membership
 
-    host = ns.host or _address_towards(ns.initial_peers[0])
     try:
+        target = resolve_target(ns.run_dir, ns.initial_peers, ns.run_id, ns.join_token)
+        host = ns.host or _address_towards(target.initial_peers[0])
         cfg = MembershipConfig(host=host)
-        token = find_token(ns.join_token)
-        if token is None:
-            raise ValueError(f"the swarm's records are sealed with its join token: pass --join-token or ${TOKEN_ENV}")
+        if ns.watch is not None and ns.watch <= 0:
+            raise StatusInputError(f"--watch {ns.watch}: expected a positive number of seconds")
     except ValueError as e:
         print(f"checkfree status: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     try:
         m = Membership(
-            cfg, ns.run_id, None, ns.initial_peers, client_mode=True, admission=Admission(token, Identity("status"))
+            cfg,
+            target.run_id,
+            None,
+            target.initial_peers,
+            client_mode=True,
+            admission=Admission(target.token, Identity("status")),
         )
     except Exception as e:  # hivemind's bootstrap errors have no common base class
-        print(f"checkfree status: cannot join the DHT through {ns.initial_peers} from {host}: {e}", file=sys.stderr)
+        print(
+            f"checkfree status: cannot join the DHT through {' '.join(target.initial_peers)} from {host}: {e}",
+            file=sys.stderr,
+        )
         return ExitCode.CRASHED
     try:
-        members = m.members()
-        fingerprints = sorted({r.fingerprint for r in members.values()})
-        epochs = {f: m.current_epoch(f) for f in fingerprints}
-        if len(fingerprints) > 1:
-            print(
-                f"warning: peers with {len(fingerprints)} different config fingerprints share run {ns.run_id}: "
-                f"{fingerprints}; showing the one with a published epoch and the most peers"
-            )
-
-        def weight(f: str) -> tuple[bool, int]:  # a stray peer of another config never hides the swarm's epoch
-            return epochs[f] is not None, sum(r.fingerprint == f for r in members.values())
-
-        common = max(fingerprints, key=weight, default=None)
-        current = epochs[common] if common else None
-        now = m.now
+        if ns.watch is None:
+            _show(_observe(m, target.run_id), ns.json, clear=False)
+            return ExitCode.OK
+        clear = not ns.json and sys.stdout.isatty()
+        while True:
+            try:
+                _show(_observe(m, target.run_id), ns.json, clear)
+            except DHTUnavailable as e:  # transient: look again at the next refresh
+                print(f"checkfree status: DHT read failed: {e}", file=sys.stderr)
+            time.sleep(ns.watch)
+    except KeyboardInterrupt:  # how --watch ends
+        return ExitCode.OK
     finally:
         m.shutdown()
-    print(
-        f"run {ns.run_id}: "
-        + (
-            f"epoch {current.epoch}, leader {current.leader}, resumed at step {current.step}"
-            if current
-            else "no epoch yet"
-        )
-        + (f", STOPPED: {current.stop}" if current and current.stop else "")
-    )
-    roster = current.roster if current else []
-    print("stage  peer                    state       step  epoch  heartbeat_age_s  loss    weights")
-    for s, pid in enumerate(roster):
-        r = members.get(pid)
-        if r is None:
-            print(f"{s:5d}  {pid:22s}  LOST")
-            continue
-        valid = "" if current is None or r.valid_for(current.step) or r.step > current.step else "  NOT VALID: "
-        loss = f"{r.loss:.4f}" if r.loss is not None else "-"
-        print(
-            f"{s:5d}  {pid:22s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  {now - r.time:15.1f}  {loss:6s}  "
-            f"{valid}{r.lineage.describe(r.step)}"
-        )
-    others = [r for pid, r in sorted(members.items()) if pid not in roster]
-    for r in others:
-        print(
-            f"{'spare' if r.state == 'spare' else '  -  '}  {r.peer_id:22s}  {r.state:10s} {r.step:5d}  {r.epoch:5d}  "
-            f"{now - r.time:15.1f}"
-        )
-    for r in sorted(members.values(), key=lambda r: r.peer_id):
-        if r.note:  # what a peer waits for, e.g. the minority side of a partition
-            print(f"{r.peer_id} waits: {r.note}")
-    bootstrap = [a for r in members.values() for a in r.maddrs[:1]]
-    if bootstrap:
-        print("join with --initial-peers " + " ".join(sorted(bootstrap)))
-    return ExitCode.OK
 
 
 def _address_towards(maddr: str) -> str:
@@ -112,12 +306,44 @@ def _address_towards(maddr: str) -> str:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    status = sub.add_parser("status", parents=[common], help="print the live swarm", description=STATUS_HELP)
-    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MULTIADDR")
+    status = sub.add_parser(
+        "status",
+        parents=[common],
+        help="print the live swarm",
+        description=STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument(
+        "run_dir",
+        nargs="?",
+        metavar="RUN_DIR",
+        help="the swarm's run directory: run id from config.yaml, token from join_token, addresses from maddrs.txt",
+    )
+    status.add_argument(
+        "--initial-peers",
+        nargs="+",
+        metavar="MULTIADDR",
+        help="addresses to join through (default: RUN_DIR/maddrs.txt)",
+    )
     status.add_argument(
         "--host",
         help="this host's address to use (default: the one that routes to the first initial peer)",
     )
-    status.add_argument("--run-id", default="tiny", help="the swarm's run id (swarm.run_id, default its run_name)")
-    status.add_argument("--join-token", help="the swarm's secret (default: $CHECKFREE_JOIN_TOKEN)")
+    status.add_argument(
+        "--run-id",
+        help=f"the swarm's run id (swarm.run_id, default its run_name; default: RUN_DIR/config.yaml's, else "
+        f"{DEFAULT_RUN_ID!r})",
+    )
+    status.add_argument(
+        "--join-token", help="the swarm's secret (default: $CHECKFREE_JOIN_TOKEN, else RUN_DIR/join_token)"
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=DEFAULT_WATCH_S,
+        metavar="SECONDS",
+        help=f"refresh every SECONDS (default {DEFAULT_WATCH_S:g}) until Ctrl-C",
+    )
+    status.add_argument("--json", action="store_true", help="print a JSON snapshot (with --watch: one per line)")
     status.set_defaults(func=cmd_status)

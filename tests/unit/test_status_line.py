@@ -1,8 +1,14 @@
-"""The live status line of ``checkfree swarm`` (launcher.status), from member and epoch records."""
+"""The live status line of ``checkfree swarm`` (launcher.status), and what ``checkfree status`` reads from a
+run directory and prints (checkfree.cli.status), from member and epoch records."""
 
+import json
 import math
 
-from checkfree.swarm.membership import EpochRecord, MemberRecord
+import pytest
+
+from checkfree.cli.status import StatusInputError, render, resolve_target, snapshot
+from checkfree.swarm.admission import TOKEN_ENV, new_token, write_token
+from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
 from launcher.status import LiveStatus, short_names, status_line
 
 IDS = [f"s{s}-0{s + 1}.{'abcdef0123456789'[s] * 16}" for s in range(4)]
@@ -103,3 +109,116 @@ def test_short_names_keep_a_bit_of_the_hash_where_two_peers_share_a_name():
     assert names == {"spare.aaaa1111": "spare.aaaa", "spare.bbbb2222": "spare.bbbb", "s0-01.cccc3333": "s0-01"} | {
         "plain": "plain"
     }
+
+
+# ---- checkfree status RUN_DIR ----------------------------------------------------------------------
+MADDRS = ["/ip4/127.0.0.1/tcp/4001/p2p/QmA", "/ip4/127.0.0.1/tcp/4002/p2p/QmB"]
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    run = tmp_path / "run"
+    (run / "peers").mkdir(parents=True)
+    (run / "config.yaml").write_text("run_name: exp\nswarm:\n  run_id: null\n  num_spares: 1\n")
+    (run / "maddrs.txt").write_text(" ".join(MADDRS) + "\n")
+    token = new_token()
+    write_token(run, token)
+    return run, token
+
+
+def test_a_run_directory_says_which_swarm_to_look_at(run_dir):
+    run, token = run_dir
+    assert resolve_target(run) == resolve_target(str(run), [], None, None)
+    target = resolve_target(run)
+    assert (target.run_id, target.token, target.initial_peers) == ("exp", token, MADDRS)
+    (run / "config.yaml").write_text("run_name: exp\nswarm:\n  run_id: shared-id\n")
+    assert resolve_target(run).run_id == "shared-id"
+
+
+def test_flags_and_the_environment_override_the_run_directory(run_dir, monkeypatch):
+    run, _ = run_dir
+    other, env = new_token(), new_token()
+    monkeypatch.setenv(TOKEN_ENV, env)
+    assert resolve_target(run).token == env
+    target = resolve_target(run, ["/ip4/10.0.0.5/tcp/1/p2p/QmC"], "given", other)
+    assert (target.run_id, target.token, target.initial_peers) == ("given", other, ["/ip4/10.0.0.5/tcp/1/p2p/QmC"])
+    (run / "config.yaml").unlink()  # not needed when --run-id is given
+    assert resolve_target(run, run_id="given").run_id == "given"
+
+
+def test_without_a_run_directory_the_old_flags_say_it_all(monkeypatch):
+    token = new_token()
+    target = resolve_target(None, MADDRS[:1], None, token)
+    assert (target.run_id, target.initial_peers) == ("tiny", MADDRS[:1])
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(StatusInputError, match="sealed with its join token: pass --join-token or \\$CHECKFREE"):
+        resolve_target(None, MADDRS[:1])
+    with pytest.raises(StatusInputError, match="pass its RUN_DIR, or --initial-peers"):
+        resolve_target(None, None, "tiny", token)
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda run: (run / "maddrs.txt").unlink(), r"run/maddrs.txt not found: it holds the addresses to join"),
+        (lambda run: (run / "maddrs.txt").write_text("\n"), r"maddrs.txt is empty: expected the swarm's multiaddr"),
+        (lambda run: (run / "config.yaml").unlink(), r"config.yaml not found: it holds the swarm's run id \(or pass"),
+        (lambda run: (run / "config.yaml").write_text("run_name: [a\n"), r"config.yaml is not valid YAML"),
+        (lambda run: (run / "config.yaml").write_text("just text\n"), r"holds no config \(a YAML mapping"),
+        (lambda run: (run / "join_token").unlink(), r"pass --join-token or \$CHECKFREE_JOIN_TOKEN, or keep it in"),
+        (lambda run: (run / "join_token").write_text("nope\n"), r"the join token is not valid \(4 characters\)"),
+        (
+            lambda run: ((run / "config.yaml").unlink(), (run / "config.yaml").mkdir()),
+            r"cannot read .*config.yaml \(the swarm's run id",
+        ),
+    ],
+)
+def test_a_missing_or_unreadable_run_directory_file_is_a_clear_error(run_dir, breakage, message):
+    run, _ = run_dir
+    breakage(run)
+    with pytest.raises(ValueError, match=message):
+        resolve_target(run)
+
+
+def test_a_run_directory_that_does_not_exist_is_named(tmp_path):
+    with pytest.raises(StatusInputError, match=r"run directory '.*nowhere' does not exist"):
+        resolve_target(tmp_path / "nowhere")
+
+
+def test_the_snapshot_holds_each_stage_the_spares_the_notes_and_the_addresses():
+    members = running()
+    members[IDS[0]] = member(IDS[0], 0, note="waiting for stages [1] to abort step").model_copy(
+        update={"time": 90.0, "maddrs": [MADDRS[0]], "lineage": Lineage(kind="initial")}
+    )
+    del members[IDS[1]]
+    members[IDS[3]] = members[IDS[3]].model_copy(update={"loss": math.nan, "time": 99.5})
+    spare = member("spare-05.eeee", -1, state="spare", step=0, epoch=-1).model_copy(update={"time": 99.0})
+    members[spare.peer_id] = spare
+    snap = snapshot("exp", members, epoch(step=12), now=100.0)
+    assert json.loads(json.dumps(snap)) == snap  # JSON as it is: no NaN
+    assert (snap["epoch"], snap["leader"], snap["step"], snap["resumed_at"]) == (1, IDS[0], 14, 12)
+    assert [(r["stage"], r["state"]) for r in snap["roster"]] == [
+        (0, "running"),
+        (1, "lost"),
+        (2, "running"),
+        (3, "running"),
+    ]
+    assert snap["roster"][0]["heartbeat_age_s"] == 10.0 and snap["roster"][0]["weights"].startswith("initial weights")
+    assert snap["roster"][1]["step"] is None and snap["roster"][3]["loss"] == "nan"
+    assert snap["spares"] == [
+        {"peer": "spare-05.eeee", "state": "spare", "stage": -1, "step": 0, "epoch": -1, "heartbeat_age_s": 1.0}
+    ]
+    assert snap["notes"] == [{"peer": IDS[0], "note": "waiting for stages [1] to abort step"}]
+    assert snap["addresses"] == [MADDRS[0]]
+    text = render(snap)
+    assert text.startswith("run exp: epoch 1, leader " + IDS[0] + ", resumed at step 12, step 14\n")
+    assert f"    1  {IDS[1]}  LOST" in text and f"{IDS[0]} waits: waiting for stages [1]" in text
+    assert "spare  spare-05.eeee" in text and text.endswith("join with --initial-peers " + MADDRS[0])
+
+
+def test_before_the_first_epoch_the_snapshot_says_so():
+    members = {IDS[0]: member(IDS[0], 0, state="waiting", epoch=-1, step=0)}
+    snap = snapshot("exp", members, None, now=5.0)
+    assert snap["epoch"] is None and snap["roster"] == [] and snap["others"][0]["state"] == "waiting"
+    assert render(snap).startswith("run exp: no epoch yet\n")
