@@ -385,6 +385,7 @@ def load_weights(run_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     """The model config, the state (global names) and the file's header (step, versions, ``meta``) of a run.
 
     Reads ``RUN_DIR/model.safetensors``; where only stage parts exist, joins them in memory (writing nothing).
+    ``model.safetensors`` wins over parts; parts at a newer step than it are logged as a warning.
 
     Raises:
         WeightsError: no such directory, no weights in it, or a file that is not a checkfree model.
@@ -404,4 +405,13 @@ def load_weights(run_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     cfg = _model_config(header, path)
     state = _read_tensors(path)
     check_state(cfg, state, str(path))
+    newer = {i: h["step"] for i, p in _parts(run_dir).items() if (h := _read_header(p))["step"] > header["step"]}
+    if newer:  # e.g. a resumed swarm whose launcher stopped before it joined the new parts
+        logger.warning(
+            "%s is at step %d but the stage parts %s are newer (steps %s): assemble_parts joins them",
+            path,
+            header["step"],
+            sorted(newer),
+            sorted(set(newer.values())),
+        )
     return cfg, state, {**header, "path": str(path)}

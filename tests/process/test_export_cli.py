@@ -102,3 +102,27 @@ def test_generate_in_process_matches_the_trained_stages(tmp_path, checkfree, cap
         for _ in range(3):
             ids.append(int(model.run_head(model.run_blocks(model.run_embed(torch.tensor([ids]))))[0, -1].argmax()))
     assert capsys.readouterr().out == "ab" + bytes(ids[2:]).decode("utf-8", errors="replace") + "\n"
+
+
+def test_a_bpe_run_exports_its_tokenizer_and_generates_with_it(tmp_path):
+    from checkfree.core.prepare import PrepareSettings, prepare
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(60):
+        (docs / f"d{i}.py").write_text("".join(f"def f{j}(x):\n    return x * {j} + {i}\n" for j in range(20)))
+    data = tmp_path / "data"
+    prepare(PrepareSettings(inputs=(str(docs / "*.py"),), out_dir=str(data), train_bpe=300, min_split_tokens=64))
+    train = [*TINY, "num_steps=2", "num_threads=1", "failures.mode=none", "recovery.strategy=none", "run_name=b"]
+    out = _cli("train", *train, "data.source=tokens", f"data.path={data}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "runs" / "b"
+
+    out = _cli("export", str(run), "--out", str(tmp_path / "hf"), cwd=tmp_path)
+    assert out.returncode == 0 and "tokenizer bpe-" in out.stdout, out.stderr
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] is not None and config["vocab_size"] <= 300
+
+    out = _cli("generate", str(run), "--prompt", "", "--max-new-tokens", "5", "--seed", "1", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr  # from the end-of-text token

@@ -7,6 +7,7 @@ import pytest
 import tokenizers
 import torch
 
+from checkfree.core.generate import generate
 from checkfree.core.hf_export import byte_tokenizer_json, export_hf, hf_config, hf_state, interleaved_to_halves
 from checkfree.core.model import ModelConfig, apply_rope, build_stages, rope_tables
 from checkfree.core.tokenizer import ByteTokenizer, train_bpe
@@ -63,6 +64,9 @@ def test_the_exported_llama_computes_checkfree_logits(run, tmp_path):
         ours = _forward(stages, tokens)
         diff = (model(tokens).logits - ours).abs().max().item()
         assert diff <= 1e-4, diff
+        prompt = [5, 17, 3]
+        hf_greedy = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, 3:].tolist()
+        assert hf_greedy == generate(CFG, model_state(stages), prompt, 8, temperature=0, top_k=0, seed=0)
         # the same weights without the RoPE permutation: a different function, so the match is not by tolerance
         model.load_state_dict(hf_state(CFG, model_state(stages), permute_rope=False))
         unpermuted = (model(tokens).logits - ours).abs().max().item()

@@ -126,6 +126,15 @@ def test_parts_assemble_into_the_model(tmp_path):
     assert all(torch.equal(state[k], want[k]) for k in want)
 
 
+def test_parts_newer_than_the_model_file_are_reported(tmp_path, caplog):
+    _write_parts(tmp_path, steps=(4, 4, 4, 4))
+    assemble_parts(tmp_path)
+    _write_parts(tmp_path, steps=(9, 9, 9, 9), seed=1)
+    with caplog.at_level("WARNING"):
+        assert load_weights(tmp_path)[2]["step"] == 4  # the file wins; the newer parts are said
+    assert "is at step 4 but the stage parts [0, 1, 2, 3] are newer (steps [9])" in caplog.text
+
+
 def test_a_missing_part_is_refused_naming_the_files(tmp_path):
     _write_parts(tmp_path, steps=(4, None, 4, 4))
     want = r"4 stages, missing the parts of stages \[1\].*stage_0.safetensors \(step 4"
