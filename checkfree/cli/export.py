@@ -15,6 +15,7 @@ from pathlib import Path
 from checkfree.core.exit_codes import ExitCode
 
 FORMATS = ("hf",)
+TOKENIZER_OPTION = "instead of the run's: bytes, a tokenizer.json, or a folder holding one (e.g. a moved token folder)"
 
 EXPORT_HELP = """\
 Write a run's trained weights (RUN_DIR/model.safetensors, written at the end of every run, or the
@@ -56,9 +57,23 @@ def _run_config(run_dir: Path):
     return load_config([path])
 
 
+def _tokenizer(run_dir: Path, spec: str | None):
+    """``--tokenizer`` where given, else the one the run's data was made with. Raises ValueError."""
+    from checkfree.core.tokenizer import load_tokenizer, tokenizer_for_data
+
+    if spec is not None:
+        return load_tokenizer(spec)
+    data = _run_config(run_dir).data
+    if data.source == "tokens" and not Path(data.path).is_dir():
+        raise ValueError(
+            f"the run's data.path={data.path!r} (its token folder, which holds the tokenizer) is not a folder seen "
+            f"from {Path.cwd()}: run from where training ran, or name the tokenizer with --tokenizer"
+        )
+    return tokenizer_for_data(data)
+
+
 def cmd_export(ns: argparse.Namespace) -> int:
     from checkfree.core.hf_export import export_hf
-    from checkfree.core.tokenizer import tokenizer_for_data
 
     run_dir = Path(ns.run_dir)
     out = Path(ns.out) if ns.out else run_dir / "hf"
@@ -66,9 +81,11 @@ def cmd_export(ns: argparse.Namespace) -> int:
         return _fail("export", f"run directory {run_dir} does not exist")
     tokenizer, no_tokenizer = None, None
     try:
-        tokenizer = tokenizer_for_data(_run_config(run_dir).data)
-    except ValueError as e:  # the weights are still worth exporting: said after they are
-        no_tokenizer = e
+        tokenizer = _tokenizer(run_dir, ns.tokenizer)
+    except ValueError as e:
+        if ns.tokenizer is not None:
+            return _fail("export", e)
+        no_tokenizer = e  # the weights are still worth exporting: said after they are
     try:
         export_hf(run_dir, out, tokenizer)
     except (ValueError, OSError) as e:
@@ -82,12 +99,11 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from checkfree.core.generate import generate
-    from checkfree.core.tokenizer import tokenizer_for_data
     from checkfree.core.weights import load_weights
 
     run_dir = Path(ns.run_dir)
     try:
-        tokenizer = tokenizer_for_data(_run_config(run_dir).data)
+        tokenizer = _tokenizer(run_dir, ns.tokenizer)
         model_cfg, state, _ = load_weights(run_dir)
     except ValueError as e:
         return _fail("generate", e)
@@ -116,6 +132,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--format", choices=FORMATS, default="hf", help="output format (default hf)")
     export.add_argument("--out", metavar="DIR", help="folder to write (default RUN_DIR/hf)")
+    export.add_argument("--tokenizer", metavar="SPEC", help=f"tokenizer files to write {TOKENIZER_OPTION}")
     export.set_defaults(func=cmd_export)
     gen = sub.add_parser(
         "generate",
@@ -130,4 +147,5 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy (default 0.8)")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: all (default 50)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampler (default 0)")
+    gen.add_argument("--tokenizer", metavar="SPEC", help=f"tokenizer {TOKENIZER_OPTION}")
     gen.set_defaults(func=cmd_generate)

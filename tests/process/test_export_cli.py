@@ -51,7 +51,7 @@ def test_train_then_export_and_generate(tmp_path):
 
 @pytest.fixture
 def checkfree(monkeypatch, capsys):
-    """The command line in this process: (exit code, stderr) of ``checkfree ARGS``."""
+    """The command line in this process: (exit code, stdout, stderr) of ``checkfree ARGS``."""
     if export not in cli.COMMANDS:
         monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, export))
 
@@ -60,32 +60,49 @@ def checkfree(monkeypatch, capsys):
             code = cli.main(list(args))
         except SystemExit as e:  # argparse's own errors
             code = e.code
-        return code, capsys.readouterr().err
+        out, err = capsys.readouterr()
+        return code, out, err
 
     return run
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path, checkfree):
-    code, err = checkfree("generate", str(tmp_path / "nope"), "--prompt", "x")
+    code, _, err = checkfree("generate", str(tmp_path / "nope"), "--prompt", "x")
     assert code == 2 and f"run directory {tmp_path / 'nope'} does not exist" in err
-    code, err = checkfree("export", str(tmp_path / "nope"))
+    code, _, err = checkfree("export", str(tmp_path / "nope"))
     assert code == 2 and "does not exist" in err
-    code, err = checkfree("export", str(tmp_path), "--format", "onnx")
+    code, _, err = checkfree("export", str(tmp_path), "--format", "onnx")
     assert code == 2 and "invalid choice: 'onnx'" in err
 
     cfg = load_config([], [*TINY, "model.vocab_size=97", f"out_dir={tmp_path}", "run_name=r"])
     cfg.run_dir.mkdir()
     (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
-    code, err = checkfree("generate", str(cfg.run_dir), "--prompt", "x")
+    code, _, err = checkfree("generate", str(cfg.run_dir), "--prompt", "x")
     assert code == 2 and "holds no weights: expected model.safetensors" in err
-    code, err = checkfree("export", str(cfg.run_dir))
+    code, _, err = checkfree("export", str(cfg.run_dir))
     assert code == 2 and "holds no weights" in err
 
     save_weights(cfg.run_dir, build_stages(cfg.model, 0), cfg.model, step=1)
-    code, err = checkfree("generate", str(cfg.run_dir), "--prompt", "é")  # byte 195 is past a 97-token vocabulary
+    code, _, err = checkfree("generate", str(cfg.run_dir), "--prompt", "é")  # byte 195 is past a 97-token vocabulary
     assert code == 2 and "prompt token id 195 is outside the model's vocabulary 0..96" in err and "bytes" in err
-    code, err = checkfree("export", str(cfg.run_dir), "--out", str(tmp_path / "hf"))
+    code, _, err = checkfree("export", str(cfg.run_dir), "--out", str(tmp_path / "hf"))
     assert code == 2 and "tokenizer 'bytes' has 256 tokens but the model's vocab_size is 97" in err
+    code, _, err = checkfree("export", str(cfg.run_dir), "--tokenizer", str(tmp_path / "no.json"))
+    assert code == 2 and "expected 'bytes' or a tokenizer.json file" in err
+
+
+def test_a_token_folder_moved_away_is_named_and_tokenizer_overrides(tmp_path, checkfree):
+    cfg = load_config([], [*TINY, f"out_dir={tmp_path}", "run_name=m", "data.source=tokens", "data.path=moved"])
+    cfg.run_dir.mkdir()
+    (cfg.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    save_weights(cfg.run_dir, build_stages(cfg.model, 0), cfg.model, step=1)
+    code, _, err = checkfree("generate", str(cfg.run_dir), "--prompt", "x")
+    assert code == 2 and "data.path='moved' (its token folder, which holds the tokenizer) is not a folder" in err
+    code, _, err = checkfree("export", str(cfg.run_dir), "--out", str(tmp_path / "hf"))
+    assert code == 0 and "warning: no tokenizer files written" in err
+    assert not (tmp_path / "hf" / "tokenizer.json").exists() and (tmp_path / "hf" / "model.safetensors").is_file()
+    code, out, _ = checkfree("generate", str(cfg.run_dir), "--prompt=x", "--tokenizer=bytes", "--max-new-tokens=2")
+    assert code == 0 and out.startswith("x")
 
 
 def test_generate_in_process_matches_the_trained_stages(tmp_path, checkfree, capsys):
