@@ -36,7 +36,8 @@ from checkfree.swarm.injection import LINK_DOWN, read_marker
 from checkfree.swarm.membership import DHTUnavailable, Membership
 from launcher.chaos import Chaos
 from launcher.netns import Host, Hosts
-from launcher.report import merge_run
+from launcher.report import count_recoveries, merge_run
+from launcher.status import LiveStatus
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ class LocalSwarm:
         self.iteration = -1  # the last iteration failures were drawn for
         self.kill_epoch = -1
         self.counter = 0
-        self.seen_epochs: set[int] = set()
-        self.recoveries = 0
+        self.live_status = LiveStatus(cfg.num_steps)
+        self.stop_signal: str | None = None  # the signal that asked the swarm to stop (``request_stop``)
         self.chaos = (
             Chaos(cfg.swarm.chaos, cfg.model.num_stages, self.run_dir / "peers") if cfg.swarm.chaos.events else None
         )
@@ -168,6 +169,11 @@ class LocalSwarm:
         self.events.emit("peer_spawned", peer=peer_id, stage=stage, pid=self.procs[peer_id].pid)
         return peer_id
 
+    def request_stop(self, signal_name: str) -> None:
+        """From a signal handler (Ctrl-C, SIGTERM): every peer stops at a step boundary and saves its stage, then
+        the report and the weights are written; the same command continues the run (``resume=auto``)."""
+        self.stop_signal = self.stop_signal or signal_name
+
     def run(self) -> ExitCode:
         cfg = self.cfg
         t0, started = time.time(), time.monotonic()
@@ -193,6 +199,11 @@ class LocalSwarm:
                         logger.warning("launcher: DHT read failed: %s", e)
                         continue
                 now = time.time()
+                if self.stop_signal is not None:
+                    print(f"\n{self.stop_signal}: every peer stops at a step boundary and saves", file=sys.stderr)
+                    code = ExitCode.INTERRUPTED
+                    self._stop_peers()
+                    break
                 if current is not None and current.stop:
                     print(f"\nswarm stopped: {current.stop}", file=sys.stderr)
                     code = ExitCode.SWARM_STOPPED
@@ -228,8 +239,8 @@ class LocalSwarm:
                 if self.show_status and now - last_status >= cfg.swarm.status_interval_s:
                     last_status = now
                     self._status(members, current, now - t0)
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping every peer", file=sys.stderr)
+        except KeyboardInterrupt:  # a second signal, or one not routed to ``request_stop``: no waiting
+            print("\ninterrupted: ending every peer at once", file=sys.stderr)
             code = ExitCode.INTERRUPTED
         finally:
             self._shutdown()
@@ -415,26 +426,27 @@ class LocalSwarm:
                 self.events.emit("reaped", peer=pid)
 
     def _status(self, members, current, elapsed: float) -> None:
-        roster = current.roster if current else []
-        holders = " ".join(f"{s}:{pid}" for s, pid in enumerate(roster))
-        steps = [members[p].step for p in roster if p in members]
-        losses = [members[p].loss for p in roster if p in members and members[p].loss is not None]
-        rates = [members[p].tokens_per_s for p in roster if p in members and members[p].tokens_per_s]
-        states = {members[p].state for p in roster if p in members}
-        spares = sum(1 for r in members.values() if r.state == "spare")
         kills = sum(1 for e in read_jsonl(self.events.path) if e["event"] == "failure")
-        if current is not None and current.epoch not in self.seen_epochs:
-            self.seen_epochs.add(current.epoch)
-            self.recoveries += len(current.lost)
-        notes = sorted({r.note for r in members.values() if r.note and r.note != "epoch healthy"})
-        line = (
-            f"[{elapsed:6.1f}s] epoch {current.epoch if current else '-'} step {max(steps, default=0)}/"
-            f"{self.cfg.num_steps} loss {losses[-1] if losses else float('nan'):.3f} "
-            f"tok/s {min(rates) if rates else 0:,.0f} state {','.join(sorted(states)) or '-'} | {holders} | "
-            f"spares {spares} | failures {kills} recoveries {self.recoveries}"
-            + (f" | {'; '.join(notes)}" if notes else "")
-        )
-        print("\r" + line[:240].ljust(120), end="", file=sys.stderr, flush=True)
+        # counted as summary.json counts them (losses whose new peer resumed training), so both agree
+        line = self.live_status(members, current, elapsed, len(self.procs), kills, count_recoveries(self.run_dir))
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+
+    def _stop_peers(self) -> None:
+        """Ask every live peer to stop at a step boundary and save its stage (SIGINT, as a Ctrl-C on
+        ``checkfree peer``), and wait for them; ``_shutdown`` ends whatever is left."""
+        for pid, p in self.procs.items():
+            if p.poll() is None and pid not in self.stopped:
+                try:
+                    os.kill(p.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+        # a step boundary comes within a step, a stalled step within the transport's timeout
+        deadline = time.monotonic() + self.cfg.transport.timeout_s + 10
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen) -> None:
@@ -486,9 +498,24 @@ class LocalSwarm:
             failures_not_injected=len(self.queued) + len(self.dropped),
             failures_delayed=sum(1 for d in delays if d),
             failure_delay_iterations_max=max(delays, default=0),
+            **self._weights(),
         )
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _weights(self) -> dict:
+        """Join the stage parts the peers wrote (at the end of the run, or when they stopped on a signal) into
+        ``RUN_DIR/model.safetensors``. Parts missing or at different steps (a stage lost since its holder
+        wrote, a peer killed) are said in the summary instead: ``weights`` None and ``weights_note`` why."""
+        from checkfree.core.weights import INFO_FILE, WeightsError, assemble_parts
+
+        try:
+            path = assemble_parts(self.run_dir)
+        except (WeightsError, OSError) as e:
+            print(f"\nno model.safetensors: {e}", file=sys.stderr)
+            return {"weights": None, "weights_note": str(e)}
+        info = json.loads(path.with_name(INFO_FILE).read_text())
+        return {"weights": str(path), "weights_step": info["step"], "weights_note": None}
 
 
 def run_local_swarm(cfg: TrainConfig, run_dir: Path, status: bool = True) -> tuple[int, dict]:

@@ -37,14 +37,25 @@ from collections import Counter
 from pathlib import Path
 
 from checkfree import __version__
-from checkfree.core.metrics import read_jsonl
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """A JSON-lines file, without a line that does not parse: the last line of a file still being written,
+    or of a peer killed while writing it."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def _events(run_dir: Path) -> list[dict]:
     events = []
     for f in [run_dir / "launcher-events.jsonl", *sorted((run_dir / "peers").glob("*/events.jsonl"))]:
         if f.is_file():
-            events += read_jsonl(f)
+            events += _read_lines(f)
     return sorted(events, key=lambda e: e["time"])
 
 
@@ -54,7 +65,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     by_commit: dict[tuple[int, int], dict] = {}
     vals: dict[tuple[int, int], float] = {}
     for f in sorted((run_dir / "peers").glob("*/metrics.jsonl")):
-        for r in read_jsonl(f):
+        for r in _read_lines(f):
             key = (r["epoch"], r["step"])
             if "loss/val" in r:
                 vals[key] = r["loss/val"]
@@ -290,6 +301,17 @@ def recovery_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def completed_recoveries(rows: list[dict]) -> int:
+    """The recoveries of ``recoveries``' rows: the losses whose new peer resumed training (what summary.json
+    and the launcher's status line both count)."""
+    return sum(1 for r in rows if r["completed"] and r["new_peer"])
+
+
+def count_recoveries(run_dir: str | Path) -> int:
+    """``completed_recoveries`` of a run directory's events as they are now (the run may go on)."""
+    return completed_recoveries(recoveries(_events(Path(run_dir))))
+
+
 def merge_run(run_dir: str | Path, cfg) -> dict:
     run_dir = Path(run_dir)
     events = _events(run_dir)
@@ -319,7 +341,7 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
         "final_train_loss": metrics[-1]["loss/train"] if metrics else None,
         "final_val_loss": next((m["loss/val"] for m in reversed(metrics) if "loss/val" in m), None),
         "failures": len(rows),  # stage losses, and launcher kills no published epoch lists
-        "recoveries": sum(1 for r in rows if r["completed"] and r["new_peer"]),
+        "recoveries": completed_recoveries(rows),
         "injected_failures": sum(1 for e in events if e["event"] == "failure"),
         "stage_losses": sum(1 for r in rows if r["epoch"] is not None),
         "detect_s": _stats([r["detect_s"] for r in rows]),

@@ -8,7 +8,9 @@ A whole swarm on this machine, one peer anywhere, and a look at a live swarm.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from checkfree.core.exit_codes import ExitCode, describe
 
@@ -61,29 +63,30 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
         print(f"checkfree swarm: {NOT_DETERMINISTIC}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     run_dir = cfg.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.overwrite:
-            print(
-                f"checkfree swarm: run directory {run_dir} already holds a run; pass overwrite=true or another "
-                "run_name",
-                file=sys.stderr,
-            )
-            return ExitCode.BAD_INPUT
-        import shutil
-
-        shutil.rmtree(run_dir)
+    try:
+        refused = prepare_run_dir(cfg)
+    except ValueError as e:  # a checkpoint.dir that cannot be opened
+        refused = str(e)
+    if refused is not None:
+        print(f"checkfree swarm: {refused}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     run_dir.mkdir(parents=True, exist_ok=True)
     import signal
 
-    from launcher.local import run_local_swarm
+    from launcher.local import LocalSwarm
     from launcher.report import recovery_table
 
-    def on_term(signum, frame):  # stop like Ctrl-C: every peer is ended and the report still written
-        raise KeyboardInterrupt
+    swarm = LocalSwarm(cfg, run_dir, status=cfg.progress)
 
-    signal.signal(signal.SIGTERM, on_term)
+    def on_signal(signum, frame):  # the first stops every peer at a step boundary; a second aborts at once
+        if swarm.stop_signal is not None:
+            raise KeyboardInterrupt
+        swarm.request_stop(signal.Signals(signum).name)
 
-    code, summary = run_local_swarm(cfg, run_dir, status=cfg.progress)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = swarm.run()
+    summary = json.loads((run_dir / "summary.json").read_text())
     if cfg.plot and summary["steps"]:
         from checkfree.plot import plot_runs
 
@@ -96,7 +99,84 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
         f"repeated steps {summary['repeated_steps']}, skipped steps {summary['skipped_steps']}, "
         f"redone after a rollback {len(summary['redone_steps'])}; run directory {run_dir}"
     )
+    if summary.get("weights"):
+        print(f"weights of step {summary['weights_step']}: {summary['weights']}")
+    else:
+        print(f"no weights: {summary.get('weights_note')}")
+    if code == ExitCode.INTERRUPTED:
+        print(f"stopped: the same command goes on from the newest complete checkpoint ({_ckpt_dir(cfg)})")
     return code
+
+
+def _ckpt_dir(cfg) -> str:
+    return str(cfg.checkpoint.dir or cfg.run_dir / "checkpoints")
+
+
+def _inside(cfg) -> bool:
+    """Whether ``checkpoint.dir`` lies inside the run directory (deleted with it by ``overwrite=true``)."""
+    where = cfg.checkpoint.dir
+    if where is None:
+        return True
+    if "://" in where and not where.startswith("file://"):
+        return False
+    path = Path(where.removeprefix("file://")).resolve()
+    return path.is_relative_to(cfg.run_dir.resolve())
+
+
+def prepare_run_dir(cfg) -> str | None:
+    """Decide what to do with a run directory that already holds a run; returns why the swarm is refused, or
+    None to go on (saying on stderr what it keeps, deletes or resumes from).
+
+    - ``overwrite=true``: the run directory is deleted, with the checkpoints in it (named); a
+      ``checkpoint.dir`` outside it is kept, and resumed from (``resume=auto``) or refused (``resume=never``:
+      its old steps would pass for this run's);
+    - ``resume=auto``: the newest complete checkpoint in ``checkpoint.dir`` is resumed from (the peers do
+      it, see ``checkfree.swarm.restart``); without one the run directory is refused;
+    - ``resume=never``: refused.
+    """
+    from checkfree.swarm.restart import checkpoint_store, resume_step
+
+    run_dir = cfg.run_dir
+    held = run_dir.exists() and any(run_dir.iterdir())
+    if held and cfg.overwrite:
+        local = run_dir / "checkpoints"
+        steps = sorted(p.name for p in local.glob("step_*")) if local.is_dir() else []
+        what = f", with the checkpoints in {local} ({', '.join(steps)})" if steps else ""
+        print(f"checkfree swarm: overwrite=true: deleting {run_dir}{what}", file=sys.stderr)
+        import shutil
+
+        shutil.rmtree(run_dir)
+        held = False
+    ckpt = checkpoint_store(cfg, run_dir)
+    steps = ckpt.complete_steps() if ckpt is not None else []
+    if not held:
+        if steps and cfg.resume == "never":
+            return (
+                f"checkpoint.dir {_ckpt_dir(cfg)} holds the complete checkpoints of steps {steps} (kept: it is "
+                "outside the run directory); with resume=never a new run would take them for its own: delete "
+                "them, choose another checkpoint.dir, or resume=auto to go on from them"
+            )
+        if steps:
+            print(f"checkfree swarm: resuming from step {steps[-1]}, in {_ckpt_dir(cfg)}", file=sys.stderr)
+        return None
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("exit_code") == ExitCode.OK:
+        return f"run directory {run_dir} holds a finished run; pass overwrite=true or another run_name"
+    if cfg.resume == "never":
+        return f"run directory {run_dir} already holds a run and resume=never; pass overwrite=true or another run_name"
+    step = resume_step(cfg, ckpt)
+    if step is None:
+        saves = "checkpoint.every_steps=0 saves none" if ckpt is None else f"{_ckpt_dir(cfg)} holds none"
+        return (
+            f"run directory {run_dir} already holds a run with no complete checkpoint to resume from ({saves}); "
+            "pass overwrite=true to start afresh, or another run_name"
+        )
+    print(
+        f"checkfree swarm: resuming the run in {run_dir} from step {step}, the newest complete checkpoint in "
+        f"{_ckpt_dir(cfg)}",
+        file=sys.stderr,
+    )
+    return None
 
 
 def cmd_peer(ns: argparse.Namespace) -> int:

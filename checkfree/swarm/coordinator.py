@@ -120,6 +120,7 @@ def decide_epoch(
     replicas_on: bool = True,
     spares_for_first_epoch: bool = False,
     partner_rule: str = "average",
+    resume_step: int | None = None,
 ) -> Decision:
     """The next epoch, from the leader's view of the live members.
 
@@ -137,6 +138,8 @@ def decide_epoch(
         partner_rule: ``recovery.partner_rule`` (checkfree_plus: how stages 1 and L-2 are rebuilt).
         spares_for_first_epoch: let spares fill stages that no stage peer asked for (after a grace time,
             so that stage peers that are still starting are not pre-empted).
+        resume_step: the newest complete checkpoint of a swarm whose every peer was gone (``resume=auto``):
+            the first epoch restores every stage from it and goes on from there (None: start at step 0).
     """
     holders = stage_holders(members, current)
     if current is None:
@@ -148,6 +151,17 @@ def decide_epoch(
         missing = [s for s in range(num_stages) if s not in roster]
         if missing:
             return Decision(None, reason=f"waiting for peers for stages {missing}", needs_peers=True)
+        if resume_step:
+            # a restart: a rollback of every stage to the checkpoint, no stage lost (no peer of this swarm
+            # lost one); the redundant shadows are the initial ones, stale: each is sent anew
+            stale = tuple(range(num_stages)) if strategy == "redundant" else ()
+            return Decision(
+                [roster[s] for s in range(num_stages)],
+                step=resume_step,
+                rollback_to=resume_step,
+                stale_shadows=stale,
+                reason="resume",
+            )
         return Decision([roster[s] for s in range(num_stages)], step=0)
 
     alive = {s: members[pid] for s, pid in holders.items()}

@@ -186,7 +186,7 @@ class Handover:
                 worker = self.new_worker(stage, rebuilt, origin)
                 adopt(worker, step)
         assert worker is not None, f"stage {stage} is lost in epoch {rec.epoch} but no plan rebuilt it"
-        if self.redundant and rec.epoch > 0:
+        if self.redundant and (rec.epoch > 0 or rec.rollback_to is not None):  # a restart's shadows are stale
             self._refresh_shadows(group, worker, rec)
         if self.replicas_on:
             self.exchange_replicas(group, worker, rec.step)

@@ -32,6 +32,7 @@ from checkfree.swarm.config import parse_port_range
 from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, next_iteration, stage_holders
 from checkfree.swarm.gate import Gate
 from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership, known_rollbacks
+from checkfree.swarm.restart import resume_step
 
 
 def probe(host: str, port: int, timeout_s: float = 0.3) -> str:
@@ -340,6 +341,8 @@ class Leader:
         self.waiting_since: float | None = None  # monotonic time the leader started waiting for peers
         self.started = time.monotonic()
         self.excluded: set[str] = set()  # peers declared lost although alive (see ``blamed``)
+        # the number of the first epoch: after the epochs of an earlier swarm of this run (see ``restart``)
+        self.first_epoch = 0
 
     def step(
         self, members: dict[str, MemberRecord], current: EpochRecord | None, step: int, view: View | None = None
@@ -408,6 +411,7 @@ class Leader:
             replicas_on=self.replicas_on,
             spares_for_first_epoch=time.monotonic() - self.started > cfg.swarm.first_epoch_grace_s,
             partner_rule=cfg.recovery.partner_rule,
+            resume_step=resume_step(cfg, ckpt) if current is None else None,
         )
         if (
             decision.fatal
@@ -434,7 +438,7 @@ class Leader:
                     )
             return
         self.waiting_since = None
-        epoch = 0 if current is None else current.epoch + 1
+        epoch = self.first_epoch if current is None else current.epoch + 1
         reforms = 0
         own = current is not None and all(decision.roster[s] == current.roster[s] for s in decision.lost)
         if current is not None and own and decision.step == current.step:

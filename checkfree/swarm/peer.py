@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from checkfree.config import TrainConfig
-from checkfree.core.checkpoint import CheckpointStore, StagePayload
+from checkfree.core.checkpoint import StagePayload
 from checkfree.core.data import Batches
 from checkfree.core.events import EventLog
 from checkfree.core.exit_codes import ExitCode
@@ -74,6 +74,7 @@ from checkfree.swarm.membership import (
     PlanRecord,
 )
 from checkfree.swarm.preemption import HandoffServer, NoticeWatcher, Preempted, fetch_handoff
+from checkfree.swarm.restart import checkpoint_store, previous_epoch
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 from checkfree.swarm.worker import StageWorker
@@ -168,18 +169,13 @@ class Peer:
         schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
         self.device = torch.device(cfg.device)
         replicas_on = edge_replicas_on(cfg.recovery)
-        ckpt = None
-        if cfg.checkpoint.every_steps:
-            ckpt = CheckpointStore(
-                cfg.checkpoint.dir or self.run_dir / "checkpoints",
-                L,
-                keep=1 << 30,
-                storage_mb_s=cfg.checkpoint.storage_mb_s,
-                storage_options=cfg.checkpoint.storage_options,
-            )
+        # a rollback may need any step of the timeline; the other strategies keep state for a restart only
+        rolls_back = cfg.recovery.strategy in ("checkpoint", "hybrid")
+        ckpt = checkpoint_store(cfg, self.run_dir, keep=1 << 30 if rolls_back else cfg.checkpoint.keep)
         self.leader = Leader(
             cfg, self.peer_id, self.run_id, self.fingerprint, self.membership, ckpt, replicas_on, self.emit
         )
+        self.leader.first_epoch = previous_epoch(self.run_dir) + 1
         self.handover = Handover(
             cfg,
             schedule,
@@ -204,6 +200,9 @@ class Peer:
         # a preemption notice (off unless swarm.preemption.provider is set): hand the stage over and leave
         self.notice = NoticeWatcher(cfg.swarm.preemption, identity.name)
         self._spare_in_view = False  # after a notice: the DHT thread saw a spare that can take the stage
+        # a signal asked this peer to stop (``request_stop``): "interrupt" (SIGINT) or "terminate" (SIGTERM)
+        self._stop_kind: str | None = None
+        self._stop_at = 0.0  # monotonic time of that signal
         self._handoff_port = 0
         self._prefetched: tuple[int, StagePayload | None] = (-1, None)  # (epoch, state) fetched in _join
         self.asked_stage = -1 if stage is None else stage
@@ -481,7 +480,7 @@ class Peer:
             while True:
                 rec = self._wait_for_epoch()
                 if rec is None:
-                    return ExitCode.OK
+                    return self._stop_code()
                 try:
                     resumed = self._join(rec)
                     self.training.run(self.group, self.worker, self.status, resumed)
@@ -531,6 +530,9 @@ class Peer:
         self.leader.waiting_since = None  # swarm.spare_wait_s counts from the start of this wait
         failures = 0
         while True:
+            if self._stop_kind is not None:
+                # between epochs there is no epoch to hand a stage over in: a stage held is saved (``_leave``)
+                raise Preempted("interrupted (SIGINT)" if self._stop_kind == "interrupt" else "terminated (SIGTERM)")
             pushed = self._pushed
             if pushed is not None and pushed.epoch > self.status.epoch and self.peer_id in pushed.roster:
                 return pushed  # knocked with it by its leader: no DHT round trip before joining
@@ -732,18 +734,89 @@ class Peer:
         if self.training.saver is not None:
             self.training.saver.wait()
 
-    # ---- preemption ----------------------------------------------------------------------------
+    # ---- clean stops and preemption --------------------------------------------------------------
+    def request_stop(self, kind: str) -> None:
+        """From a signal handler: ``interrupt`` (SIGINT, Ctrl-C): stop at the next step boundary and save this
+        stage's state; ``terminate`` (SIGTERM): leave the swarm, handing the stage to a spare in view as on a
+        preemption notice, else saving it as on an interrupt. The first signal decides."""
+        if self._stop_kind is not None:
+            return
+        self._stop_kind, self._stop_at = kind, time.monotonic()
+        if kind == "terminate":
+            self.notice.notify("SIGTERM")  # the DHT thread looks for a spare that can take the stage
+        self._wake.set()
+
+    @property
+    def stopping(self) -> bool:
+        """A signal asked this peer to stop (``request_stop``)."""
+        return self._stop_kind is not None
+
     def _should_leave(self) -> str | None:
-        """After a commit: why this peer stops training now (a preemption notice, and a spare to take its
-        stage or no time left), else None."""
+        """After a commit: why this peer stops training now (a signal; a preemption notice, and a spare to take
+        its stage or no time left), else None."""
+        if self._stop_kind == "interrupt":
+            return "interrupted (SIGINT)"
         n = self.notice
-        if n.noticed is None or not (self._spare_in_view or n.deadline_passed()):
+        if n.noticed is None:
             return None
-        return f"preemption notice: {n.text}"
+        if self._spare_in_view or n.deadline_passed():
+            return f"preemption notice: {n.text}"
+        if self._stop_kind == "terminate" and time.monotonic() - self._stop_at > 2 * self.cfg.membership.period_s:
+            return "terminated (SIGTERM) with no spare in view"  # the DHT thread has looked twice
+        return None
+
+    def _stop_code(self) -> ExitCode:
+        """The exit code of a peer that stops now: what its signal asked for, else the run is done (OK)."""
+        return {"interrupt": ExitCode.INTERRUPTED, "terminate": ExitCode.TERMINATED}.get(self._stop_kind, ExitCode.OK)
 
     def _leave(self, reason: str) -> ExitCode:
+        """Leave the swarm at a step boundary: hand the stage over (a preemption notice, or SIGTERM with a spare
+        in view and an epoch to hand it in), else save it (a signal)."""
+        handing = self._stop_kind is None or (self._stop_kind == "terminate" and self._spare_in_view)
+        if handing and self.worker is not None and self.joined is not None:
+            if self._hand_over(reason) or self._stop_kind is None:
+                return self._stop_code()
+        return self._stop_and_save(reason)
+
+    def _stop_and_save(self, reason: str) -> ExitCode:
+        """Stop for a signal: write this stage's state as of its last committed step (a checkpoint payload
+        into ``checkpoint.dir`` when one is configured, and its weights part), so that the run can go on
+        from it, and return the signal's exit code."""
+        w, step = self.worker, self.status.step
+        self._settle_writes()
+        with self._epoch_lock:
+            rec, self.joined = self.joined, None
+        if self.group is not None:
+            self.group.abort(f"stage {w.index if w else None} stops: {reason[:100]}")  # the others stop waiting
+            self.group.close()
+            self.group = None
+        if rec is not None:
+            knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
+        saved = ""
+        if w is not None and w.lineage.kind != "none":
+            try:
+                self.training.save_now(w, step)
+                self._save_part(step)
+                saved = f"; stage {w.index} saved at step {step}"
+            except (OSError, RuntimeError, ValueError) as e:
+                saved = f"; saving stage {w.index} at step {step} failed: {e}"
+        self.emit("left", reason=f"{reason[:200]}{saved}", step=step)
+        logger.warning("[peer %s] %s%s", self.peer_id, reason, saved)
+        return self._stop_code()
+
+    def _save_part(self, step: int) -> None:
+        """Write this stage's weights as the run's part of the model (``RUN_DIR/weights``; ``checkfree swarm``
+        joins the parts into ``model.safetensors``)."""
+        from checkfree.core.weights import save_stage_part
+
+        w = self.worker
+        lineage = f"swarm run {self.run_id}, peer {self.peer_id}: {w.lineage.describe(step)}"
+        meta = {"run_id": self.run_id, "peer": self.peer_id, "epoch": self.status.epoch, "run_name": self.cfg.run_name}
+        save_stage_part(self.run_dir, w.index, w.stage.state_dict(), self.cfg.model, step, lineage, meta)
+
+    def _hand_over(self, reason: str) -> bool:
         """Serve this stage's exact state (as of the last committed step) until the spare that the next epoch
-        names has it and trains, or the notice's time is up; then leave."""
+        names has it and trains, or the notice's time is up; returns whether a spare took it."""
         w, cfg, step = self.worker, self.cfg, self.status.step
         self.emit("preempted", reason=reason[:300], step=step, spare_in_view=self._spare_in_view)
         self._settle_writes()  # a save started at this step would otherwise die with the process
@@ -755,7 +828,7 @@ class Peer:
             self.group = None
         if self.notice.deadline_passed():
             self.emit("left", reason=f"{reason[:200]}; no spare took stage {w.index} in time")
-            return ExitCode.OK
+            return False
         m = cfg.membership
         limit = cfg.swarm.preemption.handoff_timeout_s
         server = HandoffServer(m.host, m.port_range, self.membership.admission, w.payload(step), limit)
@@ -780,12 +853,13 @@ class Peer:
                     successor = pid
         finally:
             server.close()
+        self._handoff_port = 0
         if successor is not None:
             self.emit("handed_over", to=successor, step=step, stage=w.index)
-            logger.warning("[peer %s] preempted: stage %d handed over to %s", self.peer_id, w.index, successor)
-        else:
-            self.emit("left", reason=f"{reason[:200]}; the hand-over of stage {w.index} did not finish in time")
-        return ExitCode.OK
+            logger.warning("[peer %s] %s: stage %d handed over to %s", self.peer_id, reason, w.index, successor)
+            return True
+        self.emit("left", reason=f"{reason[:200]}; the hand-over of stage {w.index} did not finish in time")
+        return False
 
     def _fetch_handoff(self, plan: PlanRecord, step: int) -> StagePayload:
         """For ``Handover``: the state fetched for this epoch before its group formed (see ``_join``)."""
@@ -802,6 +876,10 @@ class Peer:
 
     def _finish(self) -> None:
         self.status.state = "done"
+        try:
+            self._save_part(self.status.step)
+        except (OSError, ValueError) as e:  # the run is done all the same; the launcher says the part is missing
+            logger.error("[peer %s] cannot write the weights of stage %d: %s", self.peer_id, self.worker.index, e)
         self.emit("done", step=self.status.step, loss=self.status.loss)
         (self.dir / "done").write_text(f"{self.status.step}\n")  # for a launcher that polls the disk
         try:

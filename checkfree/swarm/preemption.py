@@ -16,6 +16,8 @@ end need not be: its peer hands its exact state over and the swarm trains on as 
   peer would have run.
 - The peer leaves when its successor trains, or ``leave_within_s`` after the notice whatever happened (the
   swarm then rebuilds the stage as after any loss).
+- SIGTERM on ``checkfree peer`` is a notice too (``NoticeWatcher.notify``): a scheduler that takes the
+  machine back sends it. With no spare in view the peer saves its stage instead (``Peer.request_stop``).
 """
 
 from __future__ import annotations
@@ -102,6 +104,12 @@ class NoticeWatcher:
                 logger.warning("preemption notice from %s: %s", self.url, self.text)
                 return
             self._stop.wait(self.cfg.poll_s)
+
+    def notify(self, text: str) -> None:
+        """A notice from elsewhere than the URL (SIGTERM: a managed job's scheduler takes the machine back)."""
+        if self.noticed is None:
+            self.text, self.noticed = text[:300], time.monotonic()
+            self._stop.set()
 
     def deadline_passed(self) -> bool:
         return self.noticed is not None and time.monotonic() - self.noticed >= self.cfg.leave_within_s

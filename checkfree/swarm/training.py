@@ -3,8 +3,11 @@ Training loop (swarm)
 =====================
 
 A stage peer's loop inside one epoch: run this stage's ops of the step, commit it with every other stage
-(or not at all), log the committed step, refresh the edge replicas, save this stage's checkpoint (in the
-background for ``recovery.strategy=hybrid``) and evaluate at the configured cadences. The loop keeps
+(or not at all), log the committed step, refresh the edge replicas, save this stage's checkpoint and evaluate at the
+configured cadences. With ``checkpoint.every_steps`` set every strategy saves, so that a swarm whose every
+peer is gone can restart from the newest complete step; the file is written in the background (the training
+thread only copies the state to memory) except under ``recovery.strategy=checkpoint``, whose rollback rule
+counts on the last save being whole when a peer is lost (``coordinator.decide_epoch``). The loop keeps
 ``PeerStatus`` current, which the peer heartbeats. It needs only an ``EpochGroup`` and a worker, no DHT,
 so tests run it on thread ranks.
 """
@@ -57,10 +60,23 @@ class TrainingLoop:
         self.emit, self.exchange_replicas, self.should_leave = emit, exchange_replicas, should_leave
         self.inject = inject
         self.nonfinite = NonFiniteGuard(cfg.optim)
-        # hybrid: this stage's file of a step is written in the background while training goes on; the step
-        # is a checkpoint once every stage's file is there (``CheckpointStore.latest_complete``)
-        hybrid = ckpt is not None and cfg.recovery.strategy == "hybrid"
-        self.saver = AsyncSaver(ckpt, on_error=self._write_failed) if hybrid else None
+        # this stage's file of a step is written in the background while training goes on; the step is a
+        # checkpoint once every stage's file is there (``CheckpointStore.latest_complete``)
+        background = ckpt is not None and cfg.recovery.strategy != "checkpoint"
+        self.saver = AsyncSaver(ckpt, on_error=self._write_failed) if background else None
+
+    def save_now(self, worker: StageWorker, step: int) -> None:
+        """Write this stage's state after ``step`` committed steps now and wait for it (a clean stop): the
+        background write in flight first, so that the files of one stage land in step order."""
+        if self.ckpt is None:
+            return
+        if self.saver is not None:
+            self.saver.wait()
+        if step % self.cfg.checkpoint.every_steps == 0 and self.ckpt.latest_for_stage(worker.index) == step:
+            return  # saved at this step already (its cadence)
+        ts = time.monotonic()
+        self.ckpt.save_stage(worker.payload(step))
+        self.emit("checkpoint_save", step=step, save_s=time.monotonic() - ts, on_stop=True)
 
     def _write_failed(self, step: int, error: OSError) -> None:
         """A background write of this stage's checkpoint failed: that step stays incomplete (a rollback takes
