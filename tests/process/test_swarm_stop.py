@@ -1,0 +1,151 @@
+"""Clean stops of real swarms: Ctrl-C on ``checkfree swarm`` stops every peer at a step boundary with its state
+saved (exit 130) and the same command goes on; SIGTERM on one ``checkfree peer`` hands its stage to a spare
+and exits 143 (never 0: a managed-job system reads 0 as finished); Ctrl-C on one peer saves its stage and
+exits 130. And ``checkfree peer``'s command line: ``key=value`` after ``--initial-peers``."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from checkfree.core.checkpoint import CheckpointStore
+from checkfree.core.metrics import read_jsonl
+from checkfree.core.weights import load_weights
+from checkfree.swarm.admission import TOKEN_ENV, new_token
+from tests.helpers import check_every_step_once, kill_groups, run_swarm, spawned_pids, tiny_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _committed(run_dir) -> int:
+    """The newest step any peer logged as committed (-1: none yet)."""
+    steps = [-1]
+    for path in (run_dir / "peers").glob("*/metrics.jsonl"):
+        lines = path.read_text().splitlines()
+        steps += [json.loads(line)["step"] for line in lines[-3:] if line.endswith("}")]
+    return max(steps)
+
+
+def _wait_for_step(proc, run_dir, step, timeout_s=120):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "peers").is_dir() and _committed(run_dir) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the swarm never reached step {step}")
+
+
+def _peer_pid(run_dir, name):
+    (pid,) = [
+        e["pid"]
+        for e in read_jsonl(run_dir / "launcher-events.jsonl")
+        if e["event"] == "peer_spawned" and e["peer"].startswith(f"{name}.")
+    ]
+    return pid
+
+
+def _finish(proc, run_dir, timeout_s=200):
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        kill_groups(spawned_pids(run_dir))
+    return proc.returncode, out
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_swarm_saves_every_stage_and_the_same_command_goes_on(tmp_path):
+    args = ("num_steps=60", "checkpoint.every_steps=7", "swarm.num_spares=1")
+    proc = run_swarm(tmp_path, "stop", *args, background=True)
+    run_dir = tmp_path / "stop"
+    _wait_for_step(proc, run_dir, 10)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the launcher's whole process group
+    code, out = _finish(proc, run_dir)
+    assert code == 130, out
+    assert "Traceback" not in out, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["exit_code"] == 130
+    assert set(summary["exit_codes"].values()) == {130}, summary["exit_codes"]  # every peer stopped cleanly
+    # every stage saved the same step boundary: a complete checkpoint there, and the model of that step
+    stopped_at = CheckpointStore(run_dir / "checkpoints", 4).latest_complete()
+    assert 10 <= stopped_at < 60
+    left = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "left"]
+    saved = [e for e in left if "saved at step" in e["reason"]]
+    assert len(saved) == 4 and {e["step"] for e in saved} == {stopped_at}, left
+    assert summary["weights_step"] == stopped_at, summary["weights_note"]
+    _, state, header = load_weights(run_dir)
+    assert header["step"] == stopped_at and state
+    # the same command continues the run from there and finishes it
+    code, out, _ = run_swarm(tmp_path, "stop", *args)
+    assert code == 0, out
+    assert f"resuming the run in {run_dir} from step {stopped_at}" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["repeated_steps"] == [] and summary["skipped_steps"] == []
+    assert summary["weights_step"] == 60
+
+
+@pytest.mark.slow
+def test_sigterm_on_a_peer_hands_its_stage_to_a_spare_and_exits_143(tmp_path):
+    from checkfree.engine.trainer import Trainer
+
+    steps = 40
+    proc = run_swarm(tmp_path, "term", f"num_steps={steps}", "swarm.num_spares=1", background=True)
+    run_dir = tmp_path / "term"
+    _wait_for_step(proc, run_dir, 8)
+    victim = _peer_pid(run_dir, "s1-02")
+    os.kill(victim, signal.SIGTERM)
+    code, out = _finish(proc, run_dir)
+    assert code == 0, out
+    summary, metrics = check_every_step_once(run_dir, steps)
+    codes = {pid.partition(".")[0]: c for pid, c in summary["exit_codes"].items()}
+    assert codes["s1-02"] == 143, codes
+    events = read_jsonl(run_dir / "events.jsonl")
+    (handed,) = [e for e in events if e["event"] == "handed_over"]
+    assert handed["peer"].startswith("s1-02.") and handed["stage"] == 1
+    (rebuilt,) = [e for e in events if e["event"] == "rebuilt"]
+    assert rebuilt["method"] == "handoff" and rebuilt["peer"] == handed["to"]
+    # the exact state went over: the engine's failure-free losses, step for step
+    reference = Trainer(tiny_config(tmp_path, f"num_steps={steps}", "run_name=reference"))
+    reference.run()
+    expected = [m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")]
+    assert [m["loss/train"] for m in metrics] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_peer_saves_its_stage_and_exits_130(tmp_path):
+    """No spare: the peer stops at a step boundary, writes its stage's checkpoint and weights part, exits 130;
+    the launcher brings a new machine and the swarm rebuilds the stage and finishes."""
+    steps = 40
+    args = (f"num_steps={steps}", "checkpoint.every_steps=50", "swarm.num_spares=0")
+    proc = run_swarm(tmp_path, "int", *args, background=True)
+    run_dir = tmp_path / "int"
+    _wait_for_step(proc, run_dir, 8)
+    os.kill(_peer_pid(run_dir, "s2-03"), signal.SIGINT)
+    code, out = _finish(proc, run_dir)
+    assert code == 0, out
+    summary, _ = check_every_step_once(run_dir, steps)
+    codes = {pid.partition(".")[0]: c for pid, c in summary["exit_codes"].items()}
+    assert codes["s2-03"] == 130, codes
+    events = read_jsonl(run_dir / "events.jsonl")
+    (left,) = [e for e in events if e["event"] == "left" and e["peer"].startswith("s2-03.")]
+    step = left["step"]
+    assert f"stage 2 saved at step {step}" in left["reason"]
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "stage_2.pt").is_file()  # off its cadence of 50
+    assert [r["stage"] for r in summary["recovery_rows"] if r["completed"]] == [2]
+
+
+def test_key_value_after_initial_peers_is_an_override_not_an_address(tmp_path):
+    """``--initial-peers`` takes every word after it: a ``key=value`` there is the config's (here a bad one,
+    refused by the config before any DHT starts), never dialled as an address."""
+    cmd = [sys.executable, "-m", "checkfree", "peer", "--spare", "--run-dir", str(tmp_path), "--initial-peers"]
+    cmd += ["/ip4/127.0.0.1/tcp/9/p2p/QmNotDialled", "model.num_stages=0"]
+    env = {**os.environ, TOKEN_ENV: new_token()}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "num_stages" in done.stderr and "multiaddr" not in done.stderr.lower(), done.stderr
