@@ -220,9 +220,9 @@ class Trainer:
             if self.saver is not None:
                 self.saver.wait()  # no write outlives the run (and a failed one is reported)
             if self.stop_requested is not None:
-                self._save_for_stop()
-            elif self.ckpt is not None and self.ckpt.latest_complete() != st.step:
-                self._save_checkpoint()  # the end is resumable too: a longer num_steps continues from here
+                self._save_resume_point()
+            elif self.ckpt is not None and resume.resumable_step(self.ckpt) != st.step:
+                self._save_resume_point()  # the end is resumable too: a longer num_steps continues from here
         finally:
             self.close()
             write_trace(self.run_dir / "trace.jsonl", self.injector.fired, cfg.model.num_stages)
@@ -247,10 +247,11 @@ class Trainer:
         writes its summary and weights, and ``run`` returns with ``summary['stopped']`` set."""
         self.stop_requested = reason
 
-    def _save_for_stop(self) -> None:
-        """A clean stop's save: every stage and the resume state at the current step, synchronously, into the
-        store's ``resume`` folder (a rollback never takes it for a periodic checkpoint, so a resumed run rolls
-        back exactly as the uninterrupted one would). Only the newest such save is kept."""
+    def _save_resume_point(self) -> None:
+        """Save every stage and the resume state at the current step, synchronously, off the periodic schedule (a
+        clean stop, or the end of a run that saves periodically), into the store's ``resume`` folder: a rollback
+        never takes it for a periodic checkpoint, so a resumed run rolls back exactly as an uninterrupted one
+        would. Only the newest such save is kept."""
         st = self.state
         store = self._store(STOP_STORE)
         t0 = time.perf_counter()
@@ -260,10 +261,15 @@ class Trainer:
         for old in store.complete_steps():
             if old != st.step:
                 store.delete_step(old)
-        self.stopped_at = st.step
-        self.events.emit(
-            "run_stopped", step=st.step, signal=self.stop_requested, save_s=time.perf_counter() - t0, dir=store.root
-        )
+        if self.stop_requested is not None:
+            self.stopped_at = st.step
+            self.events.emit(
+                "run_stopped",
+                step=st.step,
+                signal=self.stop_requested,
+                save_s=time.perf_counter() - t0,
+                dir=store.root,
+            )
 
     def close(self) -> None:
         """Wait for a background checkpoint write (hybrid) even when the run ends with an error; a failed

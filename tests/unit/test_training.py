@@ -10,7 +10,7 @@ import torch
 
 from checkfree.core.failures import Failure, write_trace
 from checkfree.core.metrics import read_jsonl
-from checkfree.engine.trainer import Trainer
+from checkfree.engine.trainer import RunDirError, Trainer
 from tests.helpers import tiny_config
 
 
@@ -216,7 +216,7 @@ def test_run_directory_contents(tmp_path):
         "stage/0/lr",
     ):
         assert key in rec
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="already holds a run"):
         Trainer(tiny_config(tmp_path, "run_name=run"))
 
 
