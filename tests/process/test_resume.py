@@ -1,7 +1,8 @@
 """Resume and clean stops of ``checkfree train``, for real: a SIGKILL at a random step and the same command
 run again, Ctrl-C and SIGTERM at a step boundary, a second signal that aborts, an unwritable run directory
-and a disk that fills up during a save (the refusals are tested in process, tests/unit/test_resume.py). The resumed runs' losses must equal the
-uninterrupted run's, step for step (the engine is deterministic and failures are keyed by iteration)."""
+and a disk that fills up during a save (the refusals are tested in process, tests/unit/test_resume.py).
+The resumed runs' losses must equal the uninterrupted run's, step for step (the engine is deterministic and
+failures are keyed by iteration)."""
 
 from __future__ import annotations
 
