@@ -131,3 +131,38 @@ def test_a_half_saved_step_on_s3_is_not_complete(storage_options):
     store.save_stage(_trained_payload(2, 5, seed=2))
     assert store.complete_steps() == [] and store.latest_complete() is None
     assert (store.latest_for_stage(0), store.latest_for_stage(1)) == (5, None)
+
+
+def test_checkfree_train_saves_to_s3_and_a_new_machine_resumes_from_it(storage_options, tmp_path):
+    """The command line, as a user runs it: ``checkpoint.dir=s3://...`` with the endpoint in a config file, the
+    credentials in the environment; the saves and prunes work, and the same command on another machine (an empty
+    working folder) continues from the bucket."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.helpers import TINY
+
+    options = {"client_kwargs": storage_options["client_kwargs"], "skip_instance_cache": True}
+    cfg_file = tmp_path / "s3.yaml"
+    cfg_file.write_text(yaml.safe_dump({"checkpoint": {"dir": f"s3://{BUCKET}/cli", "storage_options": options}}))
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    args = [*TINY, "num_threads=1", "failures.mode=none", "checkpoint.every_steps=2", "checkpoint.keep=1"]
+
+    def train(where, *more):
+        where.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "checkfree", "train", str(cfg_file), *args, *more]
+        return subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True, timeout=240)
+
+    first = train(tmp_path / "vm1", "num_steps=6")
+    assert first.returncode == 0, first.stderr
+    assert "cannot delete" not in first.stderr and "Traceback" not in first.stderr
+    fs = s3fs.S3FileSystem(**storage_options)
+    fs.invalidate_cache()
+    steps = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{BUCKET}/cli") if "step_" in p)
+    assert steps == ["step_00000006"]  # keep=1: the older steps were pruned
+    second = train(tmp_path / "vm2", "num_steps=8")
+    assert second.returncode == 0, second.stderr
+    assert "resumed at step 6" in second.stdout
