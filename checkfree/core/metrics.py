@@ -18,6 +18,7 @@ beside the loss.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -170,11 +171,11 @@ class MetricLogger(JsonLines):
         run_dir: str | Path,
         run_name: str,
         peer: str | None = None,
-        run_config: dict | None = None,
+        run_config=None,
     ) -> MetricLogger:
         """The logger a run's ``metrics`` section asks for. ``peer``: a swarm peer's (or the launcher's)
         id: its TensorBoard folder and W&B run are its own, in the run's group; ``run_config``: the
-        resolved config, shown by W&B."""
+        resolved config (a dataclass or a dict), shown by W&B."""
         run_dir = Path(run_dir)
         tb_dir = None
         if cfg.tensorboard:
@@ -190,7 +191,7 @@ class MetricLogger(JsonLines):
                 "group": name if peer else None,
                 "mode": cfg.wandb_mode,
                 "dir": str(run_dir),
-                "config": run_config,
+                "config": _plain(run_config),
             }
             run_dir.mkdir(parents=True, exist_ok=True)
         return cls(path, tb_dir, wandb)
@@ -227,6 +228,15 @@ class MetricLogger(JsonLines):
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def _plain(config) -> dict | None:
+    """A config as W&B stores it: nested dicts of JSON values (paths and the like as strings)."""
+    if config is None:
+        return None
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    return json.loads(json.dumps(_clean(config), default=str))
 
 
 def _start_wandb(init: dict):

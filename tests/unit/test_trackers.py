@@ -91,22 +91,26 @@ def test_an_event_without_a_step_is_drawn_at_the_last_metrics_step(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "tb"]
 
 
-def _offline_history(run_dir) -> list[dict]:
-    """The rows a W&B offline run logged, read from its run-*.wandb file."""
+def _offline_run(run_dir) -> tuple[list[dict], dict]:
+    """(the rows a W&B offline run logged, its config), read from its run-*.wandb file."""
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal.datastore import DataStore
 
     [path] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     store = DataStore()
     store.open_for_scan(str(path))
-    rows = []
+    rows, config = [], {}
     while (data := store.scan_data()) is not None:
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
             items = record.history.item  # a key with "/" is stored split into nested_key
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
-    return rows
+        elif kind in ("run", "config"):  # the config given to init comes with the run record
+            updates = record.run.config.update if kind == "run" else record.config.update
+            config |= {item.key: json.loads(item.value_json) for item in updates}
+    return rows, config
 
 
 def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, monkeypatch):
@@ -115,7 +119,8 @@ def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, 
     monkeypatch.setenv("WANDB_MODE", "offline")  # metrics.wandb_mode unset: wandb's own setting applies
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # the run directory wins
     cfg = MetricsConfig(wandb=True, wandb_project="cf-test")
-    metrics = MetricLogger.from_config(tmp_path / "metrics.jsonl", cfg, tmp_path, "tiny", run_config={"num_steps": 4})
+    run_config = load_config([], ["num_steps=4"])
+    metrics = MetricLogger.from_config(tmp_path / "metrics.jsonl", cfg, tmp_path, "tiny", run_config=run_config)
     events = EventLog(tmp_path / "events.jsonl", tracker=metrics)
     try:
         for step in range(3):
@@ -127,7 +132,8 @@ def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, 
     finally:
         events.close()
         wandb.teardown()  # its service process ends with it
-    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in _offline_history(tmp_path)]
+    history, config = _offline_run(tmp_path)
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in history]
     assert rows == [
         {"loss/train": 5, "throughput/tokens_per_s": 100, "step": 0},
         {"loss/train": 4, "throughput/tokens_per_s": 100, "step": 1},
@@ -137,6 +143,7 @@ def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, 
         {"loss/train": 1.5, "step": 3},
     ]
     assert not (tmp_path / "elsewhere").exists()
+    assert config["num_steps"] == 4 and config["metrics"]["wandb"] is False  # the run's resolved config
     metrics.write({"step": 4, "loss/train": 1.0})  # after close: the file reopens, W&B is finished
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 5
 
