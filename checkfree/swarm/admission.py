@@ -60,6 +60,10 @@ class AdmissionError(ValueError):
     """A join token or peer name that cannot be used (the message says what was expected)."""
 
 
+class ForeignToken(ValueError):
+    """A sealed record whose MAC is not this swarm's: it was sealed with another join token."""
+
+
 def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
@@ -175,7 +179,7 @@ class Admission:
             raise ValueError("malformed signer")
         message = _message(context, body, signer, public)
         if not hmac.compare_digest(hmac.new(self._mac_key, message, hashlib.sha256).digest(), mac):
-            raise ValueError("not sealed with this swarm's join token")
+            raise ForeignToken("not sealed with this swarm's join token")
         if not id_matches_key(signer, public):
             raise ValueError(f"signer id {signer!r} does not belong to the key that signed")
         try:

@@ -38,7 +38,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from checkfree.swarm.addressing import free_port
-from checkfree.swarm.admission import Admission, RateLimitedLog, dht_context
+from checkfree.swarm.admission import Admission, ForeignToken, RateLimitedLog, dht_context
 from checkfree.swarm.config import EPOCH_TTL_CAP_S, MEMBER_TTL_CAP_S, MembershipConfig, parse_port_range
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,30 @@ CLOCK_SKEW_S = 60.0  # how far ahead of this node's clock a record's expiration 
 _EPOCH_SUBKEY = re.compile(r"^[0-9]{8}$")
 
 
+class RecordTally:
+    """What this node's validator saw, counted in memory shared with hivemind's DHT process (forked after
+    this is made, where records are validated): records refused as sealed with another join token, and
+    records of other peers admitted. A peer that sees only the former holds a token other than the swarm's
+    (``foreign_token_only``)."""
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        # one writer (the DHT process's validator), one reader (the peer): no lock needed for a count
+        self._foreign = mp.RawValue("q", 0)
+        self._admitted = mp.RawValue("q", 0)
+
+    def foreign(self) -> None:
+        self._foreign.value += 1
+
+    def admitted(self) -> None:
+        self._admitted.value += 1
+
+    def counts(self) -> tuple[int, int]:
+        """(records refused for another join token, records of other peers admitted)."""
+        return self._foreign.value, self._admitted.value
+
+
 def make_validator(admission: Admission, run_id: str, fingerprint: str | None):
     """The hivemind record validator of this swarm's DHT nodes (see the module doc); ``fingerprint`` None:
     an observer's node, which accepts this run's sealed epoch records of any fingerprint."""
@@ -192,6 +216,7 @@ def make_validator(admission: Admission, run_id: str, fingerprint: str | None):
     members_key = DHTID.generate(source=f"{run_id}/members").to_bytes()
     epoch_key = DHTID.generate(source=f"{run_id}/{fingerprint}/epoch").to_bytes() if fingerprint else None
     refused = RateLimitedLog()
+    tally = RecordTally()
 
     class SwarmValidator(RecordValidatorBase):
         def sign_value(self, record) -> bytes:
@@ -203,13 +228,20 @@ def make_validator(admission: Admission, run_id: str, fingerprint: str | None):
 
         def validate(self, record) -> bool:
             try:
-                self._check(record)
+                signer = self._check(record)
+            except ForeignToken as e:
+                tally.foreign()
+                refused(str(e))
+                return False
             except ValueError as e:
                 refused(str(e))
                 return False
+            if signer != admission.peer_id:
+                tally.admitted()
             return True
 
-        def _check(self, record) -> None:
+        def _check(self, record) -> str:
+            """The signer of a record this swarm admits; ``ValueError`` saying why it does not."""
             context = dht_context(record.key, record.subkey, record.expiration_time)
             signer, body = admission.open(context, record.value)
             ttl_s = MEMBER_TTL_CAP_S if record.key == members_key else EPOCH_TTL_CAP_S
@@ -231,7 +263,7 @@ def make_validator(admission: Admission, run_id: str, fingerprint: str | None):
                 if subkey == FINISHED:
                     if not isinstance(value, int):
                         raise ValueError(f"finish mark of {signer!r} is not an epoch number")
-                    return
+                    return signer
                 if not isinstance(subkey, str) or not _EPOCH_SUBKEY.match(subkey):
                     raise ValueError(f"epoch record of {signer!r} under subkey {str(subkey)[:40]!r}")
                 rec = _schema(EpochRecord, value, signer)
@@ -242,8 +274,11 @@ def make_validator(admission: Admission, run_id: str, fingerprint: str | None):
                 _check_epoch_signer(rec, signer)
             else:
                 raise ValueError(f"record of {signer!r} under a key this swarm does not use")
+            return signer
 
-    return SwarmValidator()
+    validator = SwarmValidator()
+    validator.tally = tally
+    return validator
 
 
 def msgpack_body(blob: bytes) -> bytes:
@@ -299,6 +334,7 @@ class Membership:
         if self.admission is None:
             raise ValueError("Membership needs the swarm's admission (its join token and this node's identity)")
         validator = make_validator(self.admission, self.run_id, self.fingerprint)
+        self.tally: RecordTally = validator.tally
         # an explicit port: hivemind refuses announce addresses without one, and a firewall needs to know it
         port = free_port(self.cfg.host, parse_port_range(self.cfg.port_range))
         self.dht = hivemind.DHT(

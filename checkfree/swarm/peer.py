@@ -103,6 +103,9 @@ def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:
     return buf
 
 
+# a peer joining a swarm that reads only records sealed with another join token for this many heartbeat TTLs
+# (every live member stores its record every membership.period_s) holds the wrong token: it says so and exits
+FOREIGN_TOKEN_TTLS = 3
 PROBE_REQUEST_WAIT_S = 0.1  # how long the probe port waits for a client's request byte (clients send it at once)
 PUSH_READ_LIMIT_S = 0.3  # how long it reads a pushed epoch record in all (a leader sends it at once)
 
@@ -206,6 +209,8 @@ class Peer:
         self._handoff_port = 0
         self._prefetched: tuple[int, StagePayload | None] = (-1, None)  # (epoch, state) fetched in _join
         self.asked_stage = -1 if stage is None else stage
+        self._joining = bool(initial_peers)  # joins a swarm (not a new one): its token is checked against it
+        self._initial_peers = initial_peers
         self.worker: StageWorker | None = None
         self.group: EpochGroup | None = None
         self.status = PeerStatus(state="waiting" if stage is not None else "spare")
@@ -494,6 +499,10 @@ class Peer:
             self.emit("left", reason=str(e))
             logger.error("[peer %s] leaving: %s", self.peer_id, e)
             return ExitCode.LEFT
+        except AdmissionError as e:  # its join token is not the swarm's
+            self.emit("left", reason=str(e))
+            logger.error("[peer %s] %s", self.peer_id, e)
+            return ExitCode.BAD_INPUT
         except NonFiniteSteps as e:  # every stage reaches this verdict at the same step
             self.emit("swarm_stopped", reason=str(e))
             logger.error("[peer %s] %s", self.peer_id, e)
@@ -546,6 +555,7 @@ class Peer:
                 time.sleep(min(cfg.membership.period_s * 2**failures, 5.0))
                 continue
             failures = 0
+            self._check_token()
             members[self.peer_id] = self.record()  # our own view is fresher than the DHT's
             self._fill(members, current)
             if current is not None and current.stop:
@@ -588,6 +598,24 @@ class Peer:
             wait = cfg.membership.period_s if self.status.state == "spare" else cfg.membership.poll_s
             self._wake.wait(wait)  # or until knocked: a new epoch, a member's report
             self._wake.clear()
+
+    def _check_token(self) -> None:
+        """A peer joining a swarm whose DHT gives it only records sealed with another join token (its own node
+        refuses them all) holds the wrong token: it would wait forever as a spare nobody sees.
+
+        Raises:
+            AdmissionError: ``FOREIGN_TOKEN_TTLS`` heartbeat TTLs went by with such records and no admitted one.
+        """
+        foreign, admitted = self.membership.tally.counts()
+        waited = time.monotonic() - self.view.started
+        if not self._joining or admitted or not foreign or waited < FOREIGN_TOKEN_TTLS * self.cfg.membership.ttl_s:
+            return
+        raise AdmissionError(
+            f"this peer's join token does not match the swarm's: in {waited:.0f} s every record read from the swarm "
+            f"at {' '.join(self._initial_peers)} ({foreign}) was sealed with another token and none with its own; "
+            f"pass the swarm's token with ${TOKEN_ENV} or --join-token (the peer that started the swarm wrote it to "
+            f"its RUN_DIR/{TOKEN_FILE})"
+        )
 
     def _own_failures(self, schedule) -> OwnFailures | None:
         """swarm.inject=peer: this peer draws the run's failures and dies at its own (``injection``)."""

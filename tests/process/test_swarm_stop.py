@@ -149,3 +149,29 @@ def test_key_value_after_initial_peers_is_an_override_not_an_address(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2, done.stderr
     assert "num_stages" in done.stderr and "multiaddr" not in done.stderr.lower(), done.stderr
+
+
+@pytest.mark.slow
+def test_a_peer_with_another_join_token_says_so_and_exits_2(tmp_path):
+    """Every record it reads from the swarm is refused (sealed with the swarm's token, not its own): instead of
+    waiting forever as a spare nobody sees, it exits 2 saying its token does not match the swarm's."""
+    proc = run_swarm(tmp_path, "token", "num_steps=100000", "swarm.num_spares=0", background=True)
+    run_dir = tmp_path / "token"
+    stranger = None
+    try:
+        _wait_for_step(proc, run_dir, 1)
+        maddrs = (run_dir / "maddrs.txt").read_text().split()
+        cmd = [sys.executable, "-m", "checkfree", "peer", str(run_dir / "config.yaml"), "--spare"]
+        cmd += ["--run-dir", str(tmp_path / "stranger"), "--initial-peers", *maddrs]
+        env = {**os.environ, TOKEN_ENV: new_token()}
+        stranger = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
+        _, err = stranger.communicate(timeout=90)
+    finally:
+        if stranger is not None and stranger.poll() is None:
+            os.killpg(stranger.pid, signal.SIGKILL)
+            stranger.wait(timeout=10)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        kill_groups(spawned_pids(run_dir))
+    assert stranger.returncode == 2, err[-3000:]
+    assert "join token does not match the swarm's" in err, err[-3000:]
