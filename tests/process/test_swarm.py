@@ -23,10 +23,20 @@ def test_crashes_of_middle_first_and_last_stage_are_recovered(tmp_path):
     # enough steps after the last kill: the launcher waits swarm.min_gap_s after each resume, and toy steps
     # take milliseconds (with 20 steps the run could end before the third kill landed)
     code, out, run_dir = run_swarm(
-        tmp_path, "crash", "num_steps=80", "swarm.num_spares=2", "metrics.tensorboard=true", failures=fails
+        tmp_path,
+        "crash",
+        "num_steps=80",
+        "swarm.num_spares=2",
+        "metrics.tensorboard=true",
+        "progress=true",
+        "swarm.status_interval_s=0.2",
+        failures=fails,
     )
     assert code == 0, out
     summary, _ = check_every_step_once(run_dir, 80)
+    # the live status line counts recoveries as summary.json does (it once said 3 against 2)
+    shown = re.findall(r"recoveries (\d+)", out)
+    assert shown and int(shown[-1]) == summary["recoveries"] == 3, shown[-5:]
     # every peer that trained wrote its own TensorBoard run, at the steps it committed
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

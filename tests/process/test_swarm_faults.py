@@ -200,7 +200,7 @@ def test_dht_timeouts_everywhere_are_retried_and_a_failure_still_recovers(tmp_pa
     assert code == 0, out
     summary, _ = _check_run(run_dir, STEPS)
     assert any(r["completed"] and r["stage"] == 2 for r in summary["recovery_rows"])
-    assert set(summary["exit_codes"].values()) <= {0, -9}  # nobody crashed
+    assert set(summary["exit_codes"].values()) <= {0, -9, 143}  # nobody crashed (143: a spare ended at the end)
 
 
 @pytest.mark.long
