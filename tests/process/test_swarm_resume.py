@@ -2,6 +2,7 @@
 with the same command: with ``resume=auto`` its first epoch restores every stage from the newest complete
 checkpoint and the run finishes, its losses after the restart those of the engine's uninterrupted run."""
 
+import json
 import os
 import signal
 import time
@@ -12,7 +13,7 @@ from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.metrics import read_jsonl
 from tests.helpers import kill_groups, left_behind, run_swarm, spawned_pids, tiny_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 STEPS = 40
 EVERY = 4
@@ -49,6 +50,7 @@ def _kill_everything_after_a_checkpoint(tmp_path, name, at_least):
     return run_dir, store
 
 
+@pytest.mark.slow
 def test_a_swarm_killed_entirely_resumes_from_its_newest_complete_checkpoint(tmp_path):
     from checkfree.engine.trainer import Trainer
 
@@ -69,8 +71,6 @@ def test_a_swarm_killed_entirely_resumes_from_its_newest_complete_checkpoint(tmp
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     after = [m for m in metrics if m["epoch"] >= first["new_epoch"]]
     assert [m["step"] for m in after] == list(range(resumed_at, STEPS))  # the metrics go on from the checkpoint
-    import json
-
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["repeated_steps"] == [] and summary["skipped_steps"] == []
     assert summary["weights_step"] == STEPS and (run_dir / "model.safetensors").is_file()
@@ -79,3 +79,44 @@ def test_a_swarm_killed_entirely_resumes_from_its_newest_complete_checkpoint(tmp
     reference.run()
     expected = {m["step"]: m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")}
     assert [m["loss/train"] for m in after] == pytest.approx([expected[m["step"]] for m in after], abs=1e-5)
+
+
+def _complete(root, step, num_stages=4):
+    """Files of every stage at ``step`` (their content is never read by the decisions below)."""
+    store = CheckpointStore(root, num_stages)
+    for stage in range(num_stages):
+        store.save_bytes(step, stage, b"state")
+
+
+def test_what_checkfree_swarm_does_with_a_run_directory_that_holds_a_run(tmp_path, capsys):
+    from checkfree.cli.swarm import prepare_run_dir
+
+    cfg = lambda *o: tiny_config(tmp_path, "run_name=r", "checkpoint.every_steps=4", *o)
+    run_dir = cfg().run_dir
+    assert prepare_run_dir(cfg()) is None  # no run there: go
+    (run_dir / "peers").mkdir(parents=True)
+    assert "resume=never" in prepare_run_dir(cfg("resume=never"))
+    assert "no complete checkpoint to resume from" in prepare_run_dir(cfg())
+    assert "checkpoint.every_steps=0 saves none" in prepare_run_dir(cfg("checkpoint.every_steps=0"))
+    _complete(run_dir / "checkpoints", 8)
+    capsys.readouterr()
+    assert prepare_run_dir(cfg()) is None
+    assert f"resuming the run in {run_dir} from step 8" in capsys.readouterr().err
+    assert prepare_run_dir(cfg("resume=never")) is not None  # never: refused whatever it holds
+    (run_dir / "summary.json").write_text(json.dumps({"exit_code": 0}))
+    assert "holds a finished run" in prepare_run_dir(cfg())
+    (run_dir / "summary.json").write_text(json.dumps({"exit_code": 130}))  # stopped: goes on
+    assert prepare_run_dir(cfg()) is None
+    # overwrite: the run directory goes, and stderr names the checkpoints that go with it
+    capsys.readouterr()
+    assert prepare_run_dir(cfg("overwrite=true")) is None
+    assert "step_00000008" in capsys.readouterr().err
+    assert not (run_dir / "checkpoints" / "step_00000008").exists() and not (run_dir / "peers").exists()
+    # a checkpoint.dir outside the run directory is kept: resumed from, or refused with resume=never
+    outside = tmp_path / "shared-checkpoints"
+    _complete(outside, 12)
+    (run_dir / "peers").mkdir(parents=True)
+    assert prepare_run_dir(cfg(f"checkpoint.dir={outside}", "overwrite=true")) is None
+    assert "resuming from step 12" in capsys.readouterr().err and (outside / "step_00000012").is_dir()
+    refused = prepare_run_dir(cfg(f"checkpoint.dir={outside}", "overwrite=true", "resume=never"))
+    assert "holds the complete checkpoints of steps [12]" in refused
