@@ -118,20 +118,22 @@ def test_sigterm_on_a_peer_hands_its_stage_to_a_spare_and_exits_143(tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_a_peer_saves_its_stage_and_exits_130(tmp_path):
-    """No spare: the peer stops at a step boundary, writes its stage's checkpoint and weights part, exits 130;
-    the launcher brings a new machine and the swarm rebuilds the stage and finishes."""
+@pytest.mark.parametrize(("sig", "exit_code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_on_a_peer_without_a_spare_saves_its_stage(tmp_path, sig, exit_code):
+    """No spare in view: on Ctrl-C (or SIGTERM, which finds no spare to hand the stage to) the peer stops at a
+    step boundary, writes its stage's checkpoint and weights part, and exits 130 (143); the launcher brings a
+    new machine and the swarm rebuilds the stage and finishes."""
     steps = 40
     args = (f"num_steps={steps}", "checkpoint.every_steps=50", "swarm.num_spares=0")
     proc = run_swarm(tmp_path, "int", *args, background=True)
     run_dir = tmp_path / "int"
     _wait_for_step(proc, run_dir, 8)
-    os.kill(_peer_pid(run_dir, "s2-03"), signal.SIGINT)
+    os.kill(_peer_pid(run_dir, "s2-03"), sig)
     code, out = _finish(proc, run_dir)
     assert code == 0, out
     summary, _ = check_every_step_once(run_dir, steps)
     codes = {pid.partition(".")[0]: c for pid, c in summary["exit_codes"].items()}
-    assert codes["s2-03"] == 130, codes
+    assert codes["s2-03"] == exit_code, codes
     events = read_jsonl(run_dir / "events.jsonl")
     (left,) = [e for e in events if e["event"] == "left" and e["peer"].startswith("s2-03.")]
     step = left["step"]
