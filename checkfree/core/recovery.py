@@ -59,7 +59,9 @@ PER_STAGE_STRATEGIES = (
 
 @dataclass
 class RecoveryConfig:
-    strategy: str = "checkfree_plus"  # one of STRATEGIES
+    # how a lost stage is recovered: none, checkfree, checkfree_plus, copy, uniform, random, checkpoint,
+    # redundant, hybrid
+    strategy: str = "checkfree_plus"
     lr_factor: float = 1.1  # learning-rate multiplier of a rebuilt stage (paper: 1.1)
     eps: float = 1e-4  # added to each neighbour's gradient norm before weighting
     norm_source: str = "raw"  # weight by the last pre-clip norm (raw), its EMA (smoothed) or the post-clip norm

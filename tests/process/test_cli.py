@@ -121,3 +121,21 @@ def test_joining_without_the_token_or_with_a_bad_one_exits_2_saying_what_is_expe
     out = cli(*join[:-1], dead, extra_env={"CHECKFREE_JOIN_TOKEN": new_token()})
     assert out.returncode == 2 and "could not join the DHT through " + dead in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_version_logging_options_after_the_subcommand_and_config_show(tmp_path):
+    from checkfree import __version__
+
+    out = _cli("--version", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == f"checkfree {__version__}"
+    out = _cli("config", "show", "-v", "--log-level", "info", "model.d_model=48", "--docs", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "d_model: 48  # residual width" in out.stdout
+    out = _cli("config", "show", "model.d_mdel=48", cwd=tmp_path)
+    assert out.returncode == 2 and "Did you mean 'model.d_model'" in out.stderr
+    (tmp_path / "list.yaml").write_text("- a\n")
+    out = _cli("train", str(tmp_path / "list.yaml"), cwd=tmp_path)
+    assert out.returncode == 2 and "top level" in out.stderr and "Traceback" not in out.stderr
+    from checkfree.core.recovery import STRATEGIES
+
+    assert ", ".join(STRATEGIES) in _cli("train", "--help", cwd=tmp_path).stdout

@@ -9,8 +9,8 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["model.d_modle=64"], "unknown config key 'model.d_modle'. Did you mean 'model.d_model'?"),
-        (["recovery.stratgy=copy"], "Did you mean 'recovery.strategy'?"),
+        (["model.d_modle=64"], "unknown config key 'model.d_modle'. Did you mean 'model.d_model' (residual width)?"),
+        (["recovery.stratgy=copy"], "Did you mean 'recovery.strategy' (how a lost stage is recovered: none, checkfree"),
         (["num_step=3"], "unknown config key 'num_step'"),
         (["optim.lr=fast"], "bad value for config key 'optim.lr': Value 'fast'"),
         (["model.num_stages=many"], "bad value for config key 'model.num_stages'"),
@@ -83,3 +83,60 @@ def test_resolved_yaml_round_trips(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text(to_yaml(cfg))
     assert load_config([p]) == cfg
+
+
+def test_every_key_has_a_one_line_doc_from_its_field():
+    from checkfree.config import config_docs
+
+    docs = config_docs()
+    assert len(docs) > 100
+    assert [k for k, (_, doc) in docs.items() if not doc] == []
+    assert docs["model.d_model"] == ("int", "residual width")
+
+
+def test_show_with_docs_is_the_resolved_yaml_with_each_key_explained():
+    import yaml
+
+    from checkfree.config import load_config, show
+
+    cfg = load_config([], ["model.d_model=64"])
+    plain, documented = show(cfg), show(cfg, docs=True)
+    assert yaml.safe_load(plain) == yaml.safe_load(documented)  # the docs are comments only
+    line = next(line for line in documented.splitlines() if line.strip().startswith("d_model:"))
+    assert line.strip() == "d_model: 64  # residual width [int, default 128]"
+
+
+def test_a_yaml_file_that_is_not_a_mapping_is_refused_by_name(tmp_path):
+    from checkfree.config import ConfigError, load_config
+
+    f = tmp_path / "list.yaml"
+    f.write_text("- model\n- data\n")
+    with pytest.raises(ConfigError, match=r"holds a YAML list at its top level; expected a mapping"):
+        load_config([f])
+
+
+def test_an_unknown_key_hint_quotes_the_suggested_keys_doc():
+    from checkfree.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"Did you mean 'model.num_layers' \(transformer blocks in the whole model\)"):
+        load_config([], ["model.num_layer=3"])
+
+
+def test_resume_mismatch_names_what_a_resume_may_not_change():
+    from checkfree.config import load_config, resume_mismatch
+
+    saved = load_config()
+    assert (
+        resume_mismatch(saved, load_config([], ["num_steps=999", "progress=false", "checkpoint.every_steps=5"])) == []
+    )
+    assert resume_mismatch(saved, load_config([], ["optim.lr=0.1", "seed=3"])) == [
+        "optim.lr: saved 0.0006, now 0.1",
+        "seed: saved 0, now 3",
+    ]
+
+
+def test_the_strategy_doc_lists_every_strategy():
+    from checkfree.config import config_docs
+    from checkfree.core.recovery import STRATEGIES
+
+    assert ", ".join(STRATEGIES) in config_docs()["recovery.strategy"][1]
