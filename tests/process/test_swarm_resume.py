@@ -5,12 +5,15 @@ checkpoint and the run finishes, its losses after the restart those of the engin
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
 from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.metrics import read_jsonl
+from checkfree.swarm.admission import TOKEN_ENV
 from tests.helpers import kill_groups, left_behind, run_swarm, spawned_pids, tiny_config
 
 pytestmark = pytest.mark.timeout(300)
@@ -120,3 +123,39 @@ def test_what_checkfree_swarm_does_with_a_run_directory_that_holds_a_run(tmp_pat
     assert "resuming from step 12" in capsys.readouterr().err and (outside / "step_00000012").is_dir()
     refused = prepare_run_dir(cfg(f"checkpoint.dir={outside}", "overwrite=true", "resume=never"))
     assert "holds the complete checkpoints of steps [12]" in refused
+
+
+@pytest.mark.slow
+def test_peers_started_by_hand_on_a_killed_run_resume_it(tmp_path):
+    """The same restart without the launcher: ``checkfree peer`` per stage, by hand, on the run directory."""
+    run_dir, store = _kill_everything_after_a_checkpoint(tmp_path, "by-hand", at_least=EVERY)
+    saved = store.latest_complete()
+    config = run_dir / "config.yaml"
+    (run_dir / "maddrs.txt").unlink()  # the killed launcher's address: the first peer writes its own
+    env = {**os.environ, TOKEN_ENV: (run_dir / "join_token").read_text().strip()}
+    peer = [sys.executable, "-m", "checkfree", "peer", str(config), "--run-dir", str(run_dir)]
+    procs = []
+    try:
+        procs.append(subprocess.Popen([*peer, "--stage", "0"], env=env, start_new_session=True))
+        deadline = time.monotonic() + 60
+        while not (run_dir / "maddrs.txt").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        maddrs = (run_dir / "maddrs.txt").read_text().split()
+        for stage in (1, 2, 3):
+            cmd = [*peer, "--stage", str(stage), "--initial-peers", *maddrs]
+            procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+        codes = [p.wait(timeout=150) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+    assert codes == [0, 0, 0, 0]
+    events = [e for path in run_dir.glob("peers/*/events.jsonl") for e in read_jsonl(path)]
+    (first,) = [e for e in events if e["event"] == "epoch_published" and e["reason"] == "resume"]
+    assert first["step"] >= saved
+    rows = [r for path in run_dir.glob("peers/*/metrics.jsonl") for r in read_jsonl(path)]
+    after = sorted({r["step"] for r in rows if r["epoch"] >= first["new_epoch"] and "loss/train" in r})
+    assert after == list(range(first["step"], STEPS))
+    done = [e for e in events if e["event"] == "done" and e["epoch"] >= first["new_epoch"]]
+    assert sorted(e["stage_held"] for e in done) == [0, 1, 2, 3]
