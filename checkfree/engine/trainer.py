@@ -110,11 +110,12 @@ class Trainer:
         self.stop_requested: str | None = None  # why the run stops at the next step boundary (request_stop)
         self.stopped_at: int | None = None
         self.replicas_on = edge_replicas_on(cfg.recovery)
-        tb_dir = (cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") if cfg.metrics.tensorboard else None
         if resume_from is not None:
             _truncate_metrics(self.run_dir / "metrics.jsonl", resume_from[0])
-        self.metrics = MetricLogger(self.run_dir / "metrics.jsonl", tb_dir)
-        self.events = EventLog(self.run_dir / "events.jsonl")
+        self.metrics = MetricLogger.from_config(
+            self.run_dir / "metrics.jsonl", cfg.metrics, self.run_dir, cfg.run_name, run_config=cfg
+        )
+        self.events = EventLog(self.run_dir / "events.jsonl", tracker=self.metrics)  # failures reach the trackers
         self.state = RunState()
         self.spec = RebuildSpec.of(cfg)
         self.tokens_per_step = self.batches.tokens_per_microbatch() * cfg.pipeline.num_microbatches
@@ -315,7 +316,7 @@ class Trainer:
             loss = self.engine.run_step(st.step, interrupt)
         except StepInterrupted as e:
             st.iteration += 1
-            self._handle_failures(failures, e)
+            self._handle_failures(failures, e, st.train_s + time.perf_counter() - t0)
             st.train_s += time.perf_counter() - t0
             return
         st.iteration += 1
@@ -375,7 +376,7 @@ class Trainer:
         return val
 
     # ---- failures and recovery -----------------------------------------------------------------
-    def _handle_failures(self, failures: list[Failure], interrupted: StepInterrupted) -> None:
+    def _handle_failures(self, failures: list[Failure], interrupted: StepInterrupted, lost_at_s: float) -> None:
         st = self.state
         lost = sorted({f.stage for f in failures})
         for f in failures:
@@ -388,6 +389,7 @@ class Trainer:
                 phase=f.phase,
                 at=f.at,
                 op_index=interrupted.op_index,
+                train_s=lost_at_s,  # training wall-clock at the loss: the loss plot marks it there
             )
             logger.info("stage %d lost at step %d (%s)", f.stage, st.step, f.phase)
         self.engine.discard()

@@ -23,9 +23,6 @@ def test_engine_writes_its_metrics_to_tensorboard(tmp_path):
     assert "stage/3/grad_norm_raw" in acc.Tags()["scalars"]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="until Trainer hands its MetricLogger to its EventLog as tracker (issue 19 wiring)"
-)
 def test_engine_failures_and_recoveries_land_in_tensorboard_at_their_steps(tmp_path):
     cfg = tiny_config(
         tmp_path, "num_steps=6", "failures.mode=per_step", "failures.per_step_prob=0.3", "metrics.tensorboard=true"
