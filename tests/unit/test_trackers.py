@@ -117,6 +117,8 @@ def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, 
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")  # metrics.wandb_mode unset: wandb's own setting applies
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no crash reports sent anywhere from a test
+    monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # the run directory wins
     cfg = MetricsConfig(wandb=True, wandb_project="cf-test")
     run_config = load_config([], ["num_steps=4"])
