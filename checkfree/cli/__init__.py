@@ -2,11 +2,12 @@
 Command line
 ============
 
-``checkfree train [CONFIG.yaml ...] [key=value ...]`` trains with the single-process engine;
-``checkfree plot RUN_DIR [RUN_DIR ...]`` draws their losses; ``checkfree config show`` prints the resolved
-config and every key's doc; ``checkfree export`` writes a Hugging Face model and ``checkfree generate``
-samples from a trained one; ``checkfree swarm`` runs a multi-process swarm here, ``checkfree peer`` starts
-one peer anywhere, ``checkfree status`` prints a live swarm.
+- ``checkfree prepare INPUT ... --out DIR``: text or JSONL to token shards.
+- ``checkfree train [CONFIG.yaml ...] [key=value ...]``: train with the single-process engine (resumes).
+- ``checkfree plot RUN_DIR ...``: their losses; ``checkfree config show``: the resolved config and each key's doc.
+- ``checkfree export RUN_DIR``: a Hugging Face model; ``checkfree generate RUN_DIR``: sample from it.
+- ``checkfree swarm``: a multi-process swarm here; ``checkfree peer``: one peer anywhere; ``checkfree status``.
+
 ``--help`` on each explains it. Each subcommand lives in a module of this package with a
 ``register(sub, common)`` that adds its parser; ``common`` holds the options every subcommand accepts.
 """
@@ -18,10 +19,10 @@ import logging
 import sys
 
 from checkfree import __version__
-from checkfree.cli import config, export, status, swarm, train
+from checkfree.cli import config, export, prepare, status, swarm, train
 from checkfree.core.exit_codes import describe
 
-COMMANDS = (train, config, export, swarm, status)  # in the order --help lists them
+COMMANDS = (prepare, train, config, export, swarm, status)  # in the order --help lists them
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
