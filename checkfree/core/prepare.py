@@ -17,7 +17,7 @@ line start) is the validation split. An end-of-text token follows every document
 one, else a newline does.
 
 Memory stays bounded on a corpus larger than RAM: files are read in pieces of about ``piece_bytes`` (cut
-after a newline, so a cut rarely changes a token), encoded ``batch_size`` pieces at a time and appended to
+after a newline, so a cut rarely changes a token), encoded a bounded batch of pieces at a time and appended to
 the shards. The shards are written under temporary names and renamed at the end, ``meta.json`` last: an
 interrupted or failed prepare leaves no ``train.bin`` that looks complete. ``train_bpe`` trains the
 tokenizer in a first pass over the training documents, then encodes in a second.
@@ -84,7 +84,8 @@ class PrepareSettings:
     val_fraction: float = 0.05  # share of documents held out (of bytes, for a single text file)
     seed: int = 0  # changes which documents are held out
     min_split_tokens: int = 1024  # a split with fewer tokens is an error (training needs model.seq_len + 2)
-    batch_size: int = 256  # pieces of text encoded at once
+    batch_size: int = 256  # pieces of text encoded at once, at most
+    batch_chars: int = 1 << 20  # characters encoded at once, at most (bounds the ids held in memory)
     piece_bytes: int = 1 << 20  # files are read in pieces of about this many bytes
 
     def __post_init__(self) -> None:
@@ -92,7 +93,7 @@ class PrepareSettings:
             raise PrepareError(f"give either a tokenizer ({self.tokenizer!r}) or train_bpe={self.train_bpe}, not both")
         if not 0.0 < self.val_fraction < 1.0:
             raise PrepareError(f"val_fraction={self.val_fraction} must be in (0, 1)")
-        for name in ("min_split_tokens", "batch_size", "piece_bytes"):
+        for name in ("min_split_tokens", "batch_size", "batch_chars", "piece_bytes"):
             if getattr(self, name) < 1:
                 raise PrepareError(f"{name}={getattr(self, name)} must be >= 1")
         if self.jsonl_field is not None and not self.jsonl_field:
@@ -331,11 +332,13 @@ def _encode(sources: list[Source], tok: Tokenizer, s: PrepareSettings, writer: S
     separator = [tok.eot_id] if tok.eot_id is not None else tok.encode("\n")
     with _Progress(sum(src.size for src in sources), "encode", progress) as bar:
         batch: list[Piece] = []
+        chars = 0
         for piece in read_pieces(sources, s, hasher, bar):
             batch.append(piece)
-            if len(batch) >= s.batch_size:
+            chars += len(piece.text)
+            if len(batch) >= s.batch_size or chars >= s.batch_chars:
                 _write_batch(batch, tok, s, writer, separator)
-                batch = []
+                batch, chars = [], 0
         _write_batch(batch, tok, s, writer, separator)
     return hasher.hexdigest()
 
