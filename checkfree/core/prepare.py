@@ -215,14 +215,19 @@ def _jsonl_pieces(src: Source, s: PrepareSettings, hasher, on_bytes) -> Iterator
 
 def _jsonl_text(path: Path, number: int, line: bytes, field: str) -> str:
     try:
-        record = json.loads(line)
-    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+        record = json.loads(line.decode("utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
         raise PrepareError(f"{path}:{number}: not a valid JSON line ({e})") from e
     if not isinstance(record, dict) or field not in record:
         raise PrepareError(f"{path}:{number}: no field {field!r} in this JSON line (choose one with --jsonl-field)")
-    if not isinstance(record[field], str):
-        raise PrepareError(f"{path}:{number}: field {field!r} holds {type(record[field]).__name__}, not text")
-    return record[field]
+    text = record[field]
+    if not isinstance(text, str):
+        raise PrepareError(f"{path}:{number}: field {field!r} holds {type(text).__name__}, not text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escaped in the JSON ("\ud800"): no tokenizer takes it
+        text = text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
 
 
 def read_pieces(sources: list[Source], s: PrepareSettings, hasher, on_bytes: Callable[[int], None]) -> Iterator[Piece]:

@@ -173,6 +173,11 @@ def test_jsonl_holds_one_document_per_line(tmp_path):
     (tmp_path / "docs.json").write_text("\n".join(lines[:15]) + "\n\n" + "\n".join(lines[15:]) + "\n")
     meta = prepare(_settings([str(tmp_path / "docs.json")], tmp_path / "out", jsonl_field="body", val_fraction=0.3))
     assert meta["documents"]["train"] + meta["documents"]["val"] == 30 and meta["documents"]["val"] > 0
+    (tmp_path / "odd.jsonl").write_bytes(b'{"text": "a lone \\ud800 surrogate, a bad byte \xff"}\n' * 400)
+    meta = prepare(_settings([str(tmp_path / "odd.jsonl")], tmp_path / "odd", train_bpe=300, val_fraction=0.5))
+    ids = np.fromfile(tmp_path / "odd" / "val.bin", np.uint16).tolist()
+    text = HFTokenizer(tmp_path / "odd" / "tokenizer.json").decode(ids)
+    assert text.startswith("a lone ? surrogate, a bad byte \ufffd<|endoftext|>") and meta["documents"]["val"] > 100
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": 3}\n')
     with pytest.raises(PrepareError, match=r"bad\.jsonl:2: field 'text' holds int, not text"):
         prepare(_settings([str(tmp_path / "bad.jsonl")], tmp_path / "x"))
