@@ -7,25 +7,11 @@ import sys
 
 from tests.helpers import TINY
 
-# Until `prepare` is in checkfree.cli.COMMANDS, the same parser is built around its register().
-_REGISTER = """\
-import argparse, sys
-from checkfree.cli import _common_options, prepare
-parser = argparse.ArgumentParser(prog="checkfree")
-prepare.register(parser.add_subparsers(dest="command", required=True), _common_options(defaults=False))
-ns = parser.parse_args(sys.argv[1:])
-sys.exit(ns.func(ns))
-"""
-
 
 def _checkfree(*args, cwd):
-    from checkfree.cli import COMMANDS, prepare
-
-    if args[0] == "prepare" and prepare not in COMMANDS:
-        cmd = [sys.executable, "-c", _REGISTER]
-    else:
-        cmd = [sys.executable, "-m", "checkfree"]
-    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "checkfree", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_prepare_with_a_trained_bpe_then_train_on_it(tmp_path):
@@ -40,7 +26,7 @@ def test_prepare_with_a_trained_bpe_then_train_on_it(tmp_path):
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     assert f"vocab_size {meta['vocab_size']}, uint16, in data" in out.stdout
     assert "train on it: checkfree train data.source=tokens data.path=data" in out.stdout
-    train = [*TINY, "data.source=tokens", "data.path=data", f"model.vocab_size={meta['vocab_size']}", "num_steps=3"]
+    train = [*TINY, "data.source=tokens", "data.path=data", "num_steps=3"]  # model.vocab_size follows meta.json
     train += ["failures.mode=none", "recovery.strategy=none", "progress=false", "plot=false", "num_threads=1"]
     out = _checkfree("train", *train, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
