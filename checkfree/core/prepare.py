@@ -10,8 +10,8 @@ its command line.
 Inputs are files or globs. A text file (``.txt``, ``.py``, ``.md``, anything, read as UTF-8 with undecodable
 bytes replaced) is one document; a JSONL file (``.jsonl``/``.ndjson``, or every input when ``jsonl_field`` is
 given) holds one document per line, its text under ``jsonl_field`` (default ``text``). The split is by
-document: a stable hash of the document's name (the file's path below its glob's fixed prefix, plus
-``:LINE`` for JSONL) and the seed decides, so no document is in both splits and a rerun gives the same
+document: a stable hash of the document's name (the file's path below the corpus folder, plus ``:LINE``
+for JSONL) and the seed decides, so no document is in both splits and a rerun gives the same
 split. A single text file is one document and is cut instead: its last ``val_fraction`` of bytes (from a
 line start) is the validation split. An end-of-text token follows every document when the tokenizer has
 one, else a newline does.
@@ -54,7 +54,7 @@ class PrepareError(ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """One input file. ``key`` names it stably: its path below the glob's fixed prefix (its name, if given plainly)."""
+    """One input file. ``key`` names it stably, wherever the corpus lies (see :func:`find_inputs`)."""
 
     path: Path
     key: str
@@ -114,11 +114,17 @@ def _fixed_prefix(pattern: str) -> Path:
 def find_inputs(inputs: list[str], jsonl_field: str | None) -> list[Source]:
     """The files the inputs name, in order, each once.
 
+    A file's key (which decides its split) does not depend on where the corpus lies or on who expanded a
+    glob: a quoted ``'corpus/**/*.py'`` keys ``corpus/a/x.py`` as ``a/x.py`` (below the glob's fixed prefix),
+    and so does the shell's expansion of it (below the folder the named files share).
+
     Raises:
         PrepareError: an input that matches no file, or names a folder.
     """
     if not inputs:
         raise PrepareError("no input given: name text or JSONL files, or globs such as 'corpus/**/*.txt'")
+    named = [os.path.abspath(os.path.expanduser(spec)) for spec in inputs if not glob.has_magic(spec)]
+    common = os.path.commonpath([os.path.dirname(p) for p in named]) if named else ""
     sources, seen = [], set()
     for spec in inputs:
         pattern = os.path.expanduser(spec)
@@ -129,7 +135,8 @@ def find_inputs(inputs: list[str], jsonl_field: str | None) -> list[Source]:
         elif os.path.isdir(pattern):
             raise PrepareError(f"input {spec!r} is a folder: give its files, or a glob such as '{spec}/**/*.txt'")
         else:
-            paths, keys = ([Path(pattern)], [Path(pattern).name]) if os.path.isfile(pattern) else ([], [])
+            paths = [Path(pattern)] if os.path.isfile(pattern) else []
+            keys = [Path(os.path.relpath(os.path.abspath(pattern), common)).as_posix()]
         if not paths:
             raise PrepareError(f"input {spec!r} matches no file")
         for path, key in zip(paths, keys):

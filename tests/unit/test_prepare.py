@@ -116,6 +116,9 @@ def test_split_is_by_document_and_the_seed_changes_it(tmp_path):
     assert meta["tokens"]["val"] == len(val) and meta["split"] == "documents"
     prepare(_settings([pattern], tmp_path / "seed1", val_fraction=0.2, seed=1))
     assert _bytes_shard(tmp_path / "seed1" / "val.bin") != val.encode()
+    names = sorted(str(p) for p in (tmp_path / "in").glob("*.txt"))  # the shell's expansion of the glob
+    prepare(_settings(names, tmp_path / "named", val_fraction=0.2))
+    assert _bytes_shard(tmp_path / "named" / "val.bin") == val.encode()
     few = _write_docs(tmp_path / "few", texts[:3])  # the hash holds out none of three: the last one is held out
     meta = prepare(_settings([few], tmp_path / "few_out", val_fraction=0.01))
     assert meta["documents"] == {"train": 2, "val": 1}
