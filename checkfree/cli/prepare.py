@@ -38,6 +38,7 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
             tokenizer=ns.tokenizer,
             train_bpe=ns.train_bpe,
             jsonl_field=ns.jsonl_field,
+            exclude=tuple(ns.exclude),
             val_fraction=ns.val_fraction,
             seed=ns.seed,
             min_split_tokens=ns.min_split_tokens,
@@ -87,6 +88,13 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         type=_positive_int,
         metavar="VOCAB_SIZE",
         help="train a byte-level BPE of at most this many tokens on the training documents",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files whose absolute path matches (repeatable; '*' crosses folders): '*/site-packages/*'",
     )
     p.add_argument("--jsonl-field", metavar="FIELD", help="read every input as JSONL, the text under FIELD")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")

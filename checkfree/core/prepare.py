@@ -26,6 +26,7 @@ tokenizer in a first pass over the training documents, then encodes in a second.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import hashlib
 import itertools
@@ -81,6 +82,7 @@ class PrepareSettings:
     tokenizer: str | None = None  # "bytes" or a tokenizer.json (file or folder); None: bytes unless train_bpe
     train_bpe: int | None = None  # train a byte-level BPE with at most this many tokens on the training documents
     jsonl_field: str | None = None  # every input is JSONL with the text under this field (.jsonl files: "text")
+    exclude: tuple[str, ...] = ()  # glob patterns of paths to leave out ('*/site-packages/*'), matched on full paths
     val_fraction: float = 0.05  # share of documents held out (of bytes, for a single text file)
     seed: int = 0  # changes which documents are held out
     min_split_tokens: int = 1024  # a split with fewer tokens is an error (training needs model.seq_len + 2)
@@ -111,12 +113,13 @@ def _fixed_prefix(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def find_inputs(inputs: list[str], jsonl_field: str | None) -> list[Source]:
+def find_inputs(inputs: list[str], jsonl_field: str | None, exclude: tuple[str, ...] = ()) -> list[Source]:
     """The files the inputs name, in order, each once.
 
     A file's key (which decides its split) does not depend on where the corpus lies or on who expanded a
     glob: a quoted ``'corpus/**/*.py'`` keys ``corpus/a/x.py`` as ``a/x.py`` (below the glob's fixed prefix),
-    and so does the shell's expansion of it (below the folder the named files share).
+    and so does the shell's expansion of it (below the folder the named files share). A file whose absolute
+    path matches one of ``exclude`` (``fnmatch``: ``*`` crosses folders) is left out.
 
     Raises:
         PrepareError: an input that matches no file, or names a folder.
@@ -137,9 +140,11 @@ def find_inputs(inputs: list[str], jsonl_field: str | None) -> list[Source]:
         else:
             paths = [Path(pattern)] if os.path.isfile(pattern) else []
             keys = [Path(os.path.relpath(os.path.abspath(pattern), common)).as_posix()]
-        if not paths:
-            raise PrepareError(f"input {spec!r} matches no file")
-        for path, key in zip(paths, keys):
+        kept = [(p, k) for p, k in zip(paths, keys) if not any(fnmatch.fnmatch(str(p.resolve()), x) for x in exclude)]
+        if not kept:
+            left_out = f" once {list(exclude)} are left out" if paths else ""
+            raise PrepareError(f"input {spec!r} matches no file{left_out}")
+        for path, key in kept:
             if path.resolve() not in seen:
                 seen.add(path.resolve())
                 jsonl = jsonl_field is not None or path.suffix.lower() in JSONL_SUFFIXES
@@ -406,7 +411,7 @@ def prepare(s: PrepareSettings, *, version: str | None = None, progress: bool = 
             the passes.
         TokenizerError: a tokenizer file that cannot be loaded, a BPE vocabulary below 257.
     """
-    sources = find_inputs(list(s.inputs), s.jsonl_field)
+    sources = find_inputs(list(s.inputs), s.jsonl_field, s.exclude)
     tok = None if s.train_bpe is not None else load_tokenizer(s.tokenizer or "bytes")
     out = _out_dir(s.out_dir)
     writer = ShardWriter(out)  # its temporary files made now: an unwritable folder fails before any training
@@ -445,5 +450,5 @@ def _meta(s: PrepareSettings, tok: Tokenizer, writer: ShardWriter, sources, inpu
         "split": "bytes of one file" if _single_file(sources) else "documents",
         "inputs": {"files": len(sources), "bytes": sum(src.size for src in sources), "sha256": inputs_hash},
         "checkfree_version": version,
-        "settings": {**vars(s), "inputs": list(s.inputs)},
+        "settings": {**vars(s), "inputs": list(s.inputs), "exclude": list(s.exclude)},
     }

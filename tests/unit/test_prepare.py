@@ -243,3 +243,15 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(TokenizerError, match="cannot load tokenizer file"):
         prepare(_settings([pattern], tmp_path / "out", tokenizer=str(tmp_path / "file")))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_exclude_leaves_out_matching_paths_and_says_when_nothing_is_left(tmp_path):
+    from checkfree.core.prepare import PrepareError, find_inputs
+
+    for rel in ("a/x.py", "a/site-packages/pkg/y.py", "b/z.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("print(1)\n")
+    found = find_inputs([f"{tmp_path}/**/*.py"], None, ("*/site-packages/*",))
+    assert sorted(src.key for src in found) == ["a/x.py", "b/z.py"]
+    with pytest.raises(PrepareError, match=r"matches no file once \['\*'\] are left out"):
+        find_inputs([f"{tmp_path}/**/*.py"], None, ("*",))
