@@ -23,6 +23,13 @@ rebuild / resume seconds per failure), summary.json and every peer's log under p
 
   checkfree swarm                                       # the tiny default, failures as configured
   checkfree swarm failures.mode=per_step failures.per_step_prob=0.02 swarm.num_spares=2
+
+Each stage's holder writes its weights part (RUN_DIR/weights) at the end, joined into RUN_DIR/model.safetensors.
+Ctrl-C (or SIGTERM) stops every peer at a step boundary with its stage saved (its checkpoint and weights part)
+and exits 130; a second one aborts at once. With checkpoint.every_steps set every peer also saves its stage
+every k steps, and the same command on the same run (resume=auto) goes on from the newest complete checkpoint
+in checkpoint.dir, after a stop or after every process was killed; resume=never refuses a run directory that
+holds a run, overwrite=true deletes it (a checkpoint.dir outside it is kept).
 """
 
 PEER_HELP = """\
@@ -36,7 +43,13 @@ address for a multi-host swarm, or 0.0.0.0 with membership.announce_host, the ad
 dial); membership.port_range=LOW-HIGH keeps the DHT, probe and rendezvous ports in a range. gloo's
 data plane needs the hosts to reach each other's addresses directly (no NAT). Every peer must use the
 same config (model, data, schedule, optimizer, recovery, seed): a peer with another fingerprint is
-refused.
+refused, and a peer with another join token exits 2 saying so.
+
+Ctrl-C: stop at the next step boundary, save the stage (a checkpoint into checkpoint.dir when
+checkpoint.every_steps is set, and its weights part in RUN_DIR/weights), exit 130; a second Ctrl-C aborts
+at once. SIGTERM: leave the swarm, handing the stage to a spare in view (as on a preemption notice), else
+saving it as on Ctrl-C; exit 143. Peers started on a run whose checkpoint.dir holds a complete checkpoint
+resume from it (resume=auto).
 """
 
 EXIT_HELP = "exit codes (checkfree train, swarm and peer):\n" + describe()
@@ -289,7 +302,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         default=[],
         metavar="MULTIADDR",
         help="multiaddresses of any live peers of the swarm, e.g. /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW... "
-        "(checkfree status lists every peer's); none: this peer starts a new swarm and logs its own",
+        "(checkfree status lists every peer's); none: this peer starts a new swarm and logs its own. Words after it "
+        "that are not multiaddresses (key=value, a .yaml file) are the config's",
     )
     role = peer.add_mutually_exclusive_group(required=True)
     role.add_argument("--stage", type=int, help="ask for this stage (0-based)")

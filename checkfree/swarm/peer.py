@@ -818,6 +818,9 @@ class Peer:
             self.group.abort(f"stage {w.index if w else None} stops: {reason[:100]}")  # the others stop waiting
             self.group.close()
             self.group = None
+        # the leader counts a leaving member's stage as lost at once, without waiting for it to abort a step
+        self.status.state = "leaving"
+        self._serve_now()
         if rec is not None:
             knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
         saved = ""
