@@ -498,24 +498,25 @@ class LocalSwarm:
             failures_not_injected=len(self.queued) + len(self.dropped),
             failures_delayed=sum(1 for d in delays if d),
             failure_delay_iterations_max=max(delays, default=0),
-            **self._weights(),
+            **weights_summary(self.run_dir),
         )
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
-    def _weights(self) -> dict:
-        """Join the stage parts the peers wrote (at the end of the run, or when they stopped on a signal) into
-        ``RUN_DIR/model.safetensors``. Parts missing or at different steps (a stage lost since its holder
-        wrote, a peer killed) are said in the summary instead: ``weights`` None and ``weights_note`` why."""
-        from checkfree.core.weights import INFO_FILE, WeightsError, assemble_parts
 
-        try:
-            path = assemble_parts(self.run_dir)
-        except (WeightsError, OSError) as e:
-            print(f"\nno model.safetensors: {e}", file=sys.stderr)
-            return {"weights": None, "weights_note": str(e)}
-        info = json.loads(path.with_name(INFO_FILE).read_text())
-        return {"weights": str(path), "weights_step": info["step"], "weights_note": None}
+def weights_summary(run_dir: Path) -> dict:
+    """Join the stage parts the peers wrote (at the end of the run, or when they stopped on a signal) into
+    ``RUN_DIR/model.safetensors``; the summary's fields about it. Parts missing or at different steps (a stage
+    lost since its holder wrote, a peer killed) are said instead: ``weights`` None and ``weights_note`` why."""
+    from checkfree.core.weights import INFO_FILE, WeightsError, assemble_parts
+
+    try:
+        path = assemble_parts(run_dir)
+    except (WeightsError, OSError) as e:
+        print(f"\nno model.safetensors: {e}", file=sys.stderr)
+        return {"weights": None, "weights_step": None, "weights_note": str(e)}
+    info = json.loads(path.with_name(INFO_FILE).read_text())
+    return {"weights": str(path), "weights_step": info["step"], "weights_note": None}
 
 
 def run_local_swarm(cfg: TrainConfig, run_dir: Path, status: bool = True) -> tuple[int, dict]:

@@ -14,7 +14,7 @@ import pytest
 
 from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.metrics import read_jsonl
-from checkfree.core.weights import load_weights
+from checkfree.core.weights import load_weights, save_stage_part
 from checkfree.swarm.admission import TOKEN_ENV, new_token
 from tests.helpers import check_every_step_once, kill_groups, run_swarm, spawned_pids, tiny_config
 
@@ -177,3 +177,20 @@ def test_a_peer_with_another_join_token_says_so_and_exits_2(tmp_path):
         kill_groups(spawned_pids(run_dir))
     assert stranger.returncode == 2, err[-3000:]
     assert "join token does not match the swarm's" in err, err[-3000:]
+
+
+def test_parts_at_different_steps_are_said_in_the_summary_not_assembled(tmp_path):
+    """A swarm that stopped while a stage's holder could not save (killed, or lost since it wrote) leaves parts
+    at different steps: the launcher says so in the summary instead of failing; parts at one step are joined."""
+    from checkfree.core.model import Stage
+    from launcher.local import weights_summary
+
+    cfg = tiny_config(tmp_path).model
+    for i in range(cfg.num_stages):
+        save_stage_part(tmp_path, i, Stage(cfg, i).state_dict(), cfg, 3 if i == 2 else 5, f"test stage {i}")
+    mixed = weights_summary(tmp_path)
+    assert mixed["weights"] is None and "different steps" in mixed["weights_note"]
+    assert not (tmp_path / "model.safetensors").exists()
+    save_stage_part(tmp_path, 2, Stage(cfg, 2).state_dict(), cfg, 5, "test stage 2")
+    joined = weights_summary(tmp_path)
+    assert joined["weights_step"] == 5 and joined["weights"] == str(tmp_path / "model.safetensors")
