@@ -17,24 +17,84 @@ synchronous save), so a step that has it is complete.
 from __future__ import annotations
 
 import io
+import logging
 import pickle
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, fields
+from pathlib import Path
 
 import torch
 
+from checkfree.config import ConfigError, TrainConfig, config_from_yaml, resume_mismatch
 from checkfree.core.checkpoint import CheckpointStore
 from checkfree.core.failures import Failure
+from checkfree.core.run_dir import FRESH, REFUSE, RunDirState, inside, plan_run_dir
+
+logger = logging.getLogger(__name__)
 
 ENGINE_FILE = "engine.pt"
 FORMAT = 1
+STOP_STORE = "resume"  # the sub-folder of the checkpoint store that a clean stop (or a run's end) saves into
 
 
-def resumable_step(store: CheckpointStore) -> int | None:
-    """The newest complete step of ``store`` that also holds the engine's resume state (None: none)."""
-    for step in reversed(store.complete_steps()):
-        if store.load_extra(step, ENGINE_FILE) is not None:
-            return step
-    return None
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked: it holds a run that cannot be resumed, holds another
+    config's run, or cannot be written. Nothing in it was changed."""
+
+
+def resumable_steps(store: CheckpointStore) -> list[int]:
+    """The complete steps of ``store`` that also hold the engine's resume state, oldest first."""
+    return [step for step in store.complete_steps() if store.load_extra(step, ENGINE_FILE) is not None]
+
+
+def open_run_dir(
+    cfg: TrainConfig, run_dir: Path, store: Callable[[str | None], CheckpointStore]
+) -> tuple[int, CheckpointStore, dict] | None:
+    """Carry out ``plan_run_dir`` for the engine: returns (step, store, resume state) to resume from, or None
+    for a fresh start (after deleting what ``overwrite=true`` deletes, said as a warning).
+
+    Args:
+        store: opens the run's checkpoint store (None) or its ``STOP_STORE`` sub-folder.
+
+    Raises:
+        RunDirError: refused, or the saved run was trained with another config (the keys named).
+    """
+    holds = run_dir.exists() and any(run_dir.iterdir())
+    root = str(cfg.checkpoint.dir or run_dir / "checkpoints")
+    outside = not inside(root, str(run_dir))
+    stores = [store(None), store(STOP_STORE)] if holds or outside else []
+    steps = {s: st for st in reversed(stores) for s in resumable_steps(st)}  # the periodic store wins a tie
+    state = RunDirState(str(run_dir), root, holds, outside, tuple(sorted(steps)))
+    plan = plan_run_dir(state, cfg.resume, cfg.overwrite, cfg.num_steps)
+    if plan.action == REFUSE:
+        raise RunDirError(plan.message)
+    if plan.action == FRESH:
+        if plan.message:
+            logger.warning("%s", plan.message)
+        if plan.clear_store:
+            for st in stores:
+                st.clear()
+        if plan.delete_run_dir:
+            try:
+                shutil.rmtree(run_dir)
+            except OSError as e:
+                raise RunDirError(f"overwrite=true cannot delete the run directory {run_dir}: {e}") from e
+        return None
+    where = steps[plan.step]
+    label = f"{where.root} (step {plan.step})"
+    saved = read(where.load_extra(plan.step, ENGINE_FILE), label)
+    try:
+        saved_cfg = config_from_yaml(saved["config"], label)
+    except ConfigError as e:
+        raise RunDirError(str(e)) from e
+    diff = resume_mismatch(saved_cfg, cfg)
+    if diff:
+        raise RunDirError(
+            f"the run saved in {label} was trained with another config ({'; '.join(diff)}); resume it with the "
+            "same config, or pass overwrite=true to start afresh or another run_name"
+        )
+    return plan.step, where, saved
 
 
 def capture(trainer) -> bytes:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from checkfree import __version__
-from checkfree.config import ConfigError, TrainConfig, config_from_yaml, resume_mismatch, to_yaml
+from checkfree.config import TrainConfig, to_yaml
 from checkfree.core.checkpoint import AsyncSaver, CheckpointStore, payload_bytes
 from checkfree.core.data import Batches
 from checkfree.core.events import EventLog
@@ -46,12 +45,8 @@ from checkfree.engine.shadows import Shadows
 
 logger = logging.getLogger(__name__)
 
-STOP_STORE = "resume"  # the sub-folder of the checkpoint store that a clean stop saves into
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be used as asked: it holds a run that cannot be resumed, holds another
-    config's run, or cannot be written. Nothing in it was changed."""
+STOP_STORE = resume.STOP_STORE
+RunDirError = resume.RunDirError
 
 
 @dataclass
@@ -130,77 +125,15 @@ class Trainer:
         return CheckpointStore(root, self.cfg.model.num_stages, c.keep, c.storage_mb_s, c.storage_options)
 
     def _prepare_run_dir(self) -> tuple[int, CheckpointStore, dict] | None:
-        """Make the run directory ready; returns where to resume from (step, store, resume state), or None for a
-        fresh start. resume=auto continues a run whose state was saved (a periodic save or a clean stop), in
-        the run directory's checkpoints or in ``checkpoint.dir`` (a new machine with the old run's bucket)."""
-        cfg = self.cfg
-        holds = self.run_dir.exists() and any(self.run_dir.iterdir())
-        if cfg.overwrite:
-            self._start_afresh(holds)
-            found = None
-        else:
-            found = self._find_resume() if cfg.resume == "auto" and (holds or cfg.checkpoint.dir) else None
-        if found is None and holds and not cfg.overwrite:
-            why = (
-                "resume=never"
-                if cfg.resume == "never"
-                else f"it holds no saved state to resume from in {self.ckpt_root} (set checkpoint.every_steps to save "
-                "it periodically; Ctrl-C and SIGTERM always save it)"
-            )
-            raise RunDirError(
-                f"run directory {self.run_dir} already holds a run and {why}; pass overwrite=true to start afresh "
-                "(deletes that directory and its checkpoints) or another run_name"
-            )
+        """Make the run directory ready by the one rule of both executors (``checkfree.core.run_dir``); returns
+        where to resume from (step, store, resume state), or None for a fresh start."""
+        found = resume.open_run_dir(self.cfg, self.run_dir, self._store)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.config_yaml)
         except OSError as e:
             raise RunDirError(f"cannot write the run directory {self.run_dir}: {e.strerror or e}") from e
         return found
-
-    def _start_afresh(self, holds: bool) -> None:
-        """overwrite=true: delete the run directory and the checkpoints, saying what goes."""
-        if self.cfg.checkpoint.dir:  # outside the run directory: its steps would mix with the new run's
-            for store in (self._store(), self._store(STOP_STORE)):
-                steps = store.clear()
-                if steps:
-                    logger.warning("overwrite=true: deleted the checkpoints of steps %s in %s", steps, store.root)
-        if holds:
-            inside = self.run_dir / "checkpoints"
-            steps = sorted(p.name for p in inside.rglob("step_*")) if inside.is_dir() else []
-            logger.warning(
-                "overwrite=true: deleting run directory %s%s",
-                self.run_dir,
-                f" with its checkpoints ({', '.join(steps)})" if steps else "",
-            )
-            try:
-                shutil.rmtree(self.run_dir)
-            except OSError as e:
-                raise RunDirError(f"overwrite=true cannot delete the run directory {self.run_dir}: {e}") from e
-
-    def _find_resume(self) -> tuple[int, CheckpointStore, dict] | None:
-        """The newest saved state (periodic or a clean stop's), checked against this run's config."""
-        candidates = []
-        for store in (self._store(), self._store(STOP_STORE)):
-            step = resume.resumable_step(store)
-            if step is not None:
-                candidates.append((step, store))
-        if not candidates:
-            return None
-        step, store = max(candidates, key=lambda c: c[0])
-        where = f"{store.root} (step {step})"
-        state = resume.read(store.load_extra(step, resume.ENGINE_FILE), where)
-        try:
-            saved = config_from_yaml(state["config"], where)
-        except ConfigError as e:
-            raise RunDirError(str(e)) from e
-        diff = resume_mismatch(saved, self.cfg)
-        if diff:
-            raise RunDirError(
-                f"the run saved in {where} was trained with another config ({'; '.join(diff)}); resume it with the "
-                f"same config, or pass overwrite=true to start afresh or another run_name"
-            )
-        return step, store, state
 
     def _resume(self, step: int, store: CheckpointStore, state: dict) -> None:
         for i in range(self.engine.num_stages):
@@ -222,7 +155,7 @@ class Trainer:
                 self.saver.wait()  # no write outlives the run (and a failed one is reported)
             if self.stop_requested is not None:
                 self._save_resume_point()
-            elif self.ckpt is not None and resume.resumable_step(self.ckpt) != st.step:
+            elif self.ckpt is None or st.step not in resume.resumable_steps(self.ckpt):
                 self._save_resume_point()  # the end is resumable too: a longer num_steps continues from here
         finally:
             self.close()

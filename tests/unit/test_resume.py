@@ -57,13 +57,15 @@ def test_a_new_machine_resumes_from_checkpoint_dir(tmp_path):
 def test_refusals_name_what_is_wrong(tmp_path, caplog):
     Trainer(tiny_config(tmp_path, "num_steps=4", "checkpoint.every_steps=2")).run()
     with pytest.raises(RunDirError, match=r"model.d_model: saved 32, now 64"):
-        Trainer(tiny_config(tmp_path, "num_steps=4", "model.d_model=64"))
+        Trainer(tiny_config(tmp_path, "num_steps=6", "model.d_model=64"))
     with pytest.raises(RunDirError, match="resume=never"):
         Trainer(tiny_config(tmp_path, "num_steps=4", "resume=never"))
+    with pytest.raises(RunDirError, match=r"already reached step 4 \(num_steps=4\): raise num_steps"):
+        Trainer(tiny_config(tmp_path, "num_steps=4"))
     with caplog.at_level(logging.WARNING):
         t = Trainer(tiny_config(tmp_path, "num_steps=4", "overwrite=true"))
-    assert t.resumed_from is None and "step_00000004" in caplog.text and "deleting run directory" in caplog.text
-    t.run()
+    assert t.resumed_from is None and "deleting the run directory" in caplog.text and "[2, 4]" in caplog.text
+    (t.run_dir / "summary.json").write_text("{}")  # a run that saved nothing yet (killed before its end)
     with pytest.raises(RunDirError, match="no saved state to resume from.*checkpoint.every_steps"):
         Trainer(tiny_config(tmp_path, "num_steps=4"))
 
@@ -74,7 +76,7 @@ def test_overwrite_clears_an_external_checkpoint_dir_and_says_so(tmp_path, caplo
     Trainer(tiny_config(tmp_path, *args)).run()
     with caplog.at_level(logging.WARNING):
         t = Trainer(tiny_config(tmp_path, *args, "overwrite=true"))
-    assert t.resumed_from is None and f"deleted the checkpoints of steps [2, 4] in {store}" in caplog.text
+    assert t.resumed_from is None and f"the saved steps [2, 4] in {store}" in caplog.text
     assert not list(store.glob("step_*"))
 
 

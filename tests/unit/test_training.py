@@ -216,7 +216,7 @@ def test_run_directory_contents(tmp_path):
         "stage/0/lr",
     ):
         assert key in rec
-    with pytest.raises(RunDirError, match="already holds a run"):
+    with pytest.raises(RunDirError, match="the run saved in .* was trained with another config"):
         Trainer(tiny_config(tmp_path, "run_name=run"))
 
 
