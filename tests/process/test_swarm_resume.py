@@ -23,10 +23,10 @@ EVERY = 4
 ARGS = (f"num_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "swarm.num_spares=0")
 
 
-def _kill_everything_after_a_checkpoint(tmp_path, name, at_least):
+def _kill_everything_after_a_checkpoint(tmp_path, name, at_least, overrides=()):
     """Start the swarm, wait for a complete checkpoint of step >= ``at_least``, SIGKILL the launcher's process
     group and wait until every peer it spawned is gone (they follow their launcher: PR_SET_PDEATHSIG)."""
-    proc = run_swarm(tmp_path, name, *ARGS, background=True)
+    proc = run_swarm(tmp_path, name, *ARGS, *overrides, background=True)
     run_dir = tmp_path / name
     store = None  # opened once the launcher made the directory (an open store creates it: a run directory in use)
     try:
@@ -54,13 +54,23 @@ def _kill_everything_after_a_checkpoint(tmp_path, name, at_least):
 
 
 @pytest.mark.slow
-def test_a_swarm_killed_entirely_resumes_from_its_newest_complete_checkpoint(tmp_path):
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        (),
+        # redundant: the restored stages' shadows are sent anew; checkpoint: writes in the foreground
+        pytest.param(("recovery.strategy=redundant", "pipeline.swap=false"), marks=pytest.mark.long),
+        pytest.param(("recovery.strategy=checkpoint",), marks=pytest.mark.long),
+    ],
+    ids=["default", "redundant", "checkpoint"],
+)
+def test_a_swarm_killed_entirely_resumes_from_its_newest_complete_checkpoint(tmp_path, strategy):
     from checkfree.engine.trainer import Trainer
 
-    run_dir, store = _kill_everything_after_a_checkpoint(tmp_path, "resume", at_least=2 * EVERY)
+    run_dir, store = _kill_everything_after_a_checkpoint(tmp_path, "resume", 2 * EVERY, strategy)
     saved = store.latest_complete()
     assert saved < STEPS, "the run finished before it was killed"
-    code, out, _ = run_swarm(tmp_path, "resume", *ARGS)
+    code, out, _ = run_swarm(tmp_path, "resume", *ARGS, *strategy)
     assert code == 0, out
     events = read_jsonl(run_dir / "events.jsonl")
     (first,) = [e for e in events if e["event"] == "epoch_published" and e["reason"] == "resume"]
@@ -71,6 +81,9 @@ def test_a_swarm_killed_entirely_resumes_from_its_newest_complete_checkpoint(tmp
     old_epochs = [e["epoch"] for e in events if e.get("epoch", -1) >= 0 and e["time"] < first["time"]]
     assert first["new_epoch"] > max(old_epochs)
     assert sorted(e["stage_held"] for e in events if e["event"] == "rolled_back") == [0, 1, 2, 3]
+    if "recovery.strategy=redundant" in strategy:  # every restored stage's shadow was sent to its holder anew
+        refreshed = [e["shadow_of"] for e in events if e["event"] == "shadow_refreshed"]
+        assert sorted(refreshed) == [0, 1, 2, 3]
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     after = [m for m in metrics if m["epoch"] >= first["new_epoch"]]
     assert [m["step"] for m in after] == list(range(resumed_at, STEPS))  # the metrics go on from the checkpoint
@@ -78,7 +91,7 @@ def test_a_swarm_killed_entirely_resumes_from_its_newest_complete_checkpoint(tmp
     assert summary["steps"] == STEPS and summary["repeated_steps"] == [] and summary["skipped_steps"] == []
     assert summary["weights_step"] == STEPS and (run_dir / "model.safetensors").is_file()
     # the restored swarm trains as the uninterrupted run: the engine's losses, step for step
-    reference = Trainer(tiny_config(tmp_path, *ARGS, "run_name=reference"))
+    reference = Trainer(tiny_config(tmp_path, *ARGS, *strategy, "run_name=reference"))
     reference.run()
     expected = {m["step"]: m["loss/train"] for m in read_jsonl(reference.run_dir / "metrics.jsonl")}
     assert [m["loss/train"] for m in after] == pytest.approx([expected[m["step"]] for m in after], abs=1e-5)
@@ -128,7 +141,7 @@ def test_what_checkfree_swarm_does_with_a_run_directory_that_holds_a_run(tmp_pat
 @pytest.mark.slow
 def test_peers_started_by_hand_on_a_killed_run_resume_it(tmp_path):
     """The same restart without the launcher: ``checkfree peer`` per stage, by hand, on the run directory."""
-    run_dir, store = _kill_everything_after_a_checkpoint(tmp_path, "by-hand", at_least=EVERY)
+    run_dir, store = _kill_everything_after_a_checkpoint(tmp_path, "by-hand", EVERY)
     saved = store.latest_complete()
     config = run_dir / "config.yaml"
     (run_dir / "maddrs.txt").unlink()  # the killed launcher's address: the first peer writes its own
@@ -159,3 +172,23 @@ def test_peers_started_by_hand_on_a_killed_run_resume_it(tmp_path):
     assert after == list(range(first["step"], STEPS))
     done = [e for e in events if e["event"] == "done" and e["epoch"] >= first["new_epoch"]]
     assert sorted(e["stage_held"] for e in done) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("strategy", "stale"), [("checkfree_plus", ()), ("redundant", (0, 1, 2, 3))])
+def test_the_first_epoch_of_a_restart_rolls_every_stage_back_to_the_checkpoint(strategy, stale):
+    """The rule itself (``decide_epoch``, pure): no stage lost (no peer of this swarm lost one), every stage
+    restored from the checkpoint, the redundant shadows sent anew; without a checkpoint, step 0 as ever."""
+    from checkfree.swarm.coordinator import decide_epoch
+    from checkfree.swarm.membership import MemberRecord
+
+    members = {
+        pid: MemberRecord(run_id="r", fingerprint="f", peer_id=pid, stage=s, epoch=-1, state="waiting", step=0)
+        for s, pid in enumerate("abcd")
+    }
+    d = decide_epoch(members, None, 4, strategy, "nearest", resume_step=12)
+    assert (d.roster, d.step, d.rollback_to, d.lost, d.plans) == (list("abcd"), 12, 12, (), ())
+    assert d.reason == "resume" and d.stale_shadows == stale
+    d = decide_epoch(members, None, 4, strategy, "nearest", resume_step=None)
+    assert (d.step, d.rollback_to, d.reason) == (0, None, "")
+    waiting = decide_epoch({p: r for p, r in members.items() if p != "c"}, None, 4, strategy, "nearest", resume_step=12)
+    assert waiting.roster is None and waiting.needs_peers  # a restart still waits for every stage
