@@ -518,6 +518,7 @@ class Peer:
         except SwarmStopped as e:
             self.emit("swarm_stopped", reason=str(e))
             logger.error("[peer %s] %s", self.peer_id, e)
+            self._try_save_part()  # the run's last committed weights, as far as this stage goes
             return ExitCode.SWARM_STOPPED
         finally:
             self._stop.set()
@@ -905,12 +906,20 @@ class Peer:
         timeout_s = self.cfg.swarm.preemption.handoff_timeout_s
         return fetch_handoff(host, port, self.membership.admission, plan.peer, plan.stage, timeout_s)
 
-    def _finish(self) -> None:
-        self.status.state = "done"
+    def _try_save_part(self) -> None:
+        """``_save_part`` of the committed weights this peer holds, if any; a failure is logged (the launcher
+        says in its summary that the part is missing or old)."""
+        w = self.worker
+        if w is None or w.lineage.kind == "none":
+            return
         try:
             self._save_part(self.status.step)
-        except (OSError, ValueError) as e:  # the run is done all the same; the launcher says the part is missing
-            logger.error("[peer %s] cannot write the weights of stage %d: %s", self.peer_id, self.worker.index, e)
+        except (OSError, ValueError) as e:
+            logger.error("[peer %s] cannot write the weights of stage %d: %s", self.peer_id, w.index, e)
+
+    def _finish(self) -> None:
+        self.status.state = "done"
+        self._try_save_part()
         self.emit("done", step=self.status.step, loss=self.status.loss)
         (self.dir / "done").write_text(f"{self.status.step}\n")  # for a launcher that polls the disk
         try:
