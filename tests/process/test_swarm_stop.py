@@ -156,7 +156,8 @@ def test_key_value_after_initial_peers_is_an_override_not_an_address(tmp_path):
 @pytest.mark.slow
 def test_a_peer_with_another_join_token_says_so_and_exits_2(tmp_path):
     """Every record it reads from the swarm is refused (sealed with the swarm's token, not its own): instead of
-    waiting forever as a spare nobody sees, it exits 2 saying its token does not match the swarm's."""
+    waiting forever as a spare nobody sees, it exits 2 saying its token does not match the swarm's. (The swarm
+    is then ended with two Ctrl-C: the second aborts the stop at once.)"""
     proc = run_swarm(tmp_path, "token", "num_steps=100000", "swarm.num_spares=0", background=True)
     run_dir = tmp_path / "token"
     stranger = None
@@ -168,15 +169,23 @@ def test_a_peer_with_another_join_token_says_so_and_exits_2(tmp_path):
         env = {**os.environ, TOKEN_ENV: new_token()}
         stranger = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
         _, err = stranger.communicate(timeout=90)
+        # then Ctrl-C twice on the swarm: the second aborts at once, still without a traceback
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        code, out = _finish(proc, run_dir, timeout_s=60)
     finally:
         if stranger is not None and stranger.poll() is None:
             os.killpg(stranger.pid, signal.SIGKILL)
             stranger.wait(timeout=10)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
         kill_groups(spawned_pids(run_dir))
     assert stranger.returncode == 2, err[-3000:]
     assert "join token does not match the swarm's" in err, err[-3000:]
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert "ending every peer at once" in out, out[-3000:]
 
 
 def test_parts_at_different_steps_are_said_in_the_summary_not_assembled(tmp_path):
