@@ -93,6 +93,7 @@ class LocalSwarm:
         self.counter = 0
         self.live_status = LiveStatus(cfg.num_steps)
         self.stop_signal: str | None = None  # the signal that asked the swarm to stop (``request_stop``)
+        self.signalled: set[str] = set()  # peers sent SIGINT to stop (each once)
         self.chaos = (
             Chaos(cfg.swarm.chaos, cfg.model.num_stages, self.run_dir / "peers") if cfg.swarm.chaos.events else None
         )
@@ -172,7 +173,9 @@ class LocalSwarm:
     def request_stop(self, signal_name: str) -> None:
         """From a signal handler (Ctrl-C, SIGTERM): every peer stops at a step boundary and saves its stage, then
         the report and the weights are written; the same command continues the run (``resume=auto``)."""
-        self.stop_signal = self.stop_signal or signal_name
+        if self.stop_signal is None:
+            self.stop_signal = signal_name
+            self._signal_peers(signal.SIGINT)  # at once: a toy swarm runs hundreds of steps in the main loop's poll
 
     def run(self) -> ExitCode:
         cfg = self.cfg
@@ -188,6 +191,11 @@ class LocalSwarm:
                 # an armed chaos trigger watches the peers' events closely; the DHT is read every 0.5 s at most
                 # (the members' records change no faster than membership.period_s)
                 time.sleep(0.02 if self.chaos is not None and self.chaos.armed else 0.2)
+                if self.stop_signal is not None:  # before any DHT read: a terminal's Ctrl-C may have ended our DHT
+                    print(f"\n{self.stop_signal}: every peer stops at a step boundary and saves", file=sys.stderr)
+                    code = ExitCode.INTERRUPTED
+                    self._stop_peers()
+                    break
                 if time.monotonic() - last_read >= min(cfg.membership.period_s, 0.5):
                     try:
                         members, newest = self.membership.members_and_epoch()
@@ -199,11 +207,6 @@ class LocalSwarm:
                         logger.warning("launcher: DHT read failed: %s", e)
                         continue
                 now = time.time()
-                if self.stop_signal is not None:
-                    print(f"\n{self.stop_signal}: every peer stops at a step boundary and saves", file=sys.stderr)
-                    code = ExitCode.INTERRUPTED
-                    self._stop_peers()
-                    break
                 if current is not None and current.stop:
                     print(f"\nswarm stopped: {current.stop}", file=sys.stderr)
                     code = ExitCode.SWARM_STOPPED
@@ -431,15 +434,20 @@ class LocalSwarm:
         line = self.live_status(members, current, elapsed, len(self.procs), kills, count_recoveries(self.run_dir))
         print("\r" + line, end="", file=sys.stderr, flush=True)
 
+    def _signal_peers(self, sig: signal.Signals) -> None:
+        """Send ``sig`` once to every live peer not signalled yet (a second SIGINT would abort a peer's stop)."""
+        for pid, p in list(self.procs.items()):
+            if p.poll() is None and pid not in self.stopped and pid not in self.signalled:
+                self.signalled.add(pid)
+                try:
+                    os.kill(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+
     def _stop_peers(self) -> None:
         """Ask every live peer to stop at a step boundary and save its stage (SIGINT, as a Ctrl-C on
         ``checkfree peer``), and wait for them; ``_shutdown`` ends whatever is left."""
-        for pid, p in self.procs.items():
-            if p.poll() is None and pid not in self.stopped:
-                try:
-                    os.kill(p.pid, signal.SIGINT)
-                except ProcessLookupError:
-                    pass
+        self._signal_peers(signal.SIGINT)  # the peers started since (a spare arriving)
         # a step boundary comes within a step, a stalled step within the transport's timeout
         deadline = time.monotonic() + self.cfg.transport.timeout_s + 10
         for p in self.procs.values():

@@ -240,10 +240,13 @@ def cmd_peer(ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        return peer.run()
+        code = peer.run()
     except KeyboardInterrupt:
+        code = ExitCode.INTERRUPTED
         print("checkfree peer: interrupted twice: aborted without saving", file=sys.stderr)
-        return ExitCode.INTERRUPTED
+    for s in (signal.SIGINT, signal.SIGTERM):  # the peer is done: a late signal must not replace its exit code
+        signal.signal(s, signal.SIG_IGN)
+    return code
 
 
 def split_peer_args(args: list[str], initial_peers: list[str]) -> tuple[list[str], list[str]]:

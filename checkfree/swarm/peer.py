@@ -6,8 +6,9 @@ One process of the swarm: a stage peer (holds a stage) or a spare (waits to be g
 the peer's lifecycle: its heartbeat thread, the main loop (wait for an epoch that names it, join the
 epoch's process group, hand over weights, train until the run is done or a stage is lost, then report and
 wait again) and its exit. The other jobs live in their own modules: ``leader`` (deciding and publishing
-epochs while this peer leads), ``handover`` (the weight transfers and rebuilds between epochs) and
-``training`` (the training loop inside an epoch).
+epochs while this peer leads), ``handover`` (the weight transfers and rebuilds between epochs),
+``training`` (the training loop inside an epoch) and ``leaving`` (clean stops on a signal, and the hand-over
+of a stage on a preemption notice).
 
 Commit semantics: a step is applied by every stage or by none (``StageWorker.commit``). If the commit
 all-reduce breaks after some stage completed it, the stages that did not keep their finished gradients
@@ -64,6 +65,7 @@ from checkfree.swarm.leader import (
     knock,
     read_probe,
 )
+from checkfree.swarm.leaving import Leaving
 from checkfree.swarm.membership import (
     DHTGone,
     DHTUnavailable,
@@ -73,7 +75,7 @@ from checkfree.swarm.membership import (
     Membership,
     PlanRecord,
 )
-from checkfree.swarm.preemption import HandoffServer, NoticeWatcher, Preempted, fetch_handoff
+from checkfree.swarm.preemption import NoticeWatcher, Preempted, fetch_handoff
 from checkfree.swarm.restart import checkpoint_store, previous_epoch
 from checkfree.swarm.training import PeerStatus, TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
@@ -110,7 +112,7 @@ PROBE_REQUEST_WAIT_S = 0.1  # how long the probe port waits for a client's reque
 PUSH_READ_LIMIT_S = 0.3  # how long it reads a pushed epoch record in all (a leader sends it at once)
 
 
-class Peer:
+class Peer(Leaving):
     def __init__(
         self,
         cfg: TrainConfig,
@@ -763,136 +765,7 @@ class Peer:
         if self.training.saver is not None:
             self.training.saver.wait()
 
-    # ---- clean stops and preemption --------------------------------------------------------------
-    def request_stop(self, kind: str) -> None:
-        """From a signal handler: ``interrupt`` (SIGINT, Ctrl-C): stop at the next step boundary and save this
-        stage's state; ``terminate`` (SIGTERM): leave the swarm, handing the stage to a spare in view as on a
-        preemption notice, else saving it as on an interrupt. The first signal decides."""
-        if self._stop_kind is not None:
-            return
-        self._stop_kind, self._stop_at = kind, time.monotonic()
-        if kind == "terminate":
-            self.notice.notify("SIGTERM")  # the DHT thread looks for a spare that can take the stage
-        self._wake.set()
-
-    @property
-    def stopping(self) -> bool:
-        """A signal asked this peer to stop (``request_stop``)."""
-        return self._stop_kind is not None
-
-    def _should_leave(self) -> str | None:
-        """After a commit: why this peer stops training now (a signal; a preemption notice, and a spare to take
-        its stage or no time left), else None."""
-        if self._stop_kind == "interrupt":
-            return "interrupted (SIGINT)"
-        n = self.notice
-        if n.noticed is None:
-            return None
-        if self._spare_in_view or n.deadline_passed():
-            return f"preemption notice: {n.text}"
-        if self._stop_kind == "terminate" and time.monotonic() - self._stop_at > 2 * self.cfg.membership.period_s:
-            return "terminated (SIGTERM) with no spare in view"  # the DHT thread has looked twice
-        return None
-
-    def _stop_code(self) -> ExitCode:
-        """The exit code of a peer that stops now: what its signal asked for, else the run is done (OK)."""
-        return {"interrupt": ExitCode.INTERRUPTED, "terminate": ExitCode.TERMINATED}.get(self._stop_kind, ExitCode.OK)
-
-    def _leave(self, reason: str) -> ExitCode:
-        """Leave the swarm at a step boundary: hand the stage over (a preemption notice, or SIGTERM with a spare
-        in view and an epoch to hand it in), else save it (a signal)."""
-        handing = self._stop_kind is None or (self._stop_kind == "terminate" and self._spare_in_view)
-        if handing and self.worker is not None and self.joined is not None:
-            if self._hand_over(reason) or self._stop_kind is None:
-                return self._stop_code()
-        return self._stop_and_save(reason)
-
-    def _stop_and_save(self, reason: str) -> ExitCode:
-        """Stop for a signal: write this stage's state as of its last committed step (a checkpoint payload
-        into ``checkpoint.dir`` when one is configured, and its weights part), so that the run can go on
-        from it, and return the signal's exit code."""
-        w, step = self.worker, self.status.step
-        self._settle_writes()
-        with self._epoch_lock:
-            rec, self.joined = self.joined, None
-        if self.group is not None:
-            self.group.abort(f"stage {w.index if w else None} stops: {reason[:100]}")  # the others stop waiting
-            self.group.close()
-            self.group = None
-        # the leader counts a leaving member's stage as lost at once, without waiting for it to abort a step
-        self.status.state = "leaving"
-        self._serve_now()
-        if rec is not None:
-            knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
-        saved = ""
-        if w is not None and w.lineage.kind != "none":
-            try:
-                self.training.save_now(w, step)
-                self._save_part(step)
-                saved = f"; stage {w.index} saved at step {step}"
-            except (OSError, RuntimeError, ValueError) as e:
-                saved = f"; saving stage {w.index} at step {step} failed: {e}"
-        self.emit("left", reason=f"{reason[:200]}{saved}", step=step)
-        logger.warning("[peer %s] %s%s", self.peer_id, reason, saved)
-        return self._stop_code()
-
-    def _save_part(self, step: int) -> None:
-        """Write this stage's weights as the run's part of the model (``RUN_DIR/weights``; ``checkfree swarm``
-        joins the parts into ``model.safetensors``)."""
-        from checkfree.core.weights import save_stage_part
-
-        w = self.worker
-        lineage = f"swarm run {self.run_id}, peer {self.peer_id}: {w.lineage.describe(step)}"
-        meta = {"run_id": self.run_id, "peer": self.peer_id, "epoch": self.status.epoch, "run_name": self.cfg.run_name}
-        save_stage_part(self.run_dir, w.index, w.stage.state_dict(), self.cfg.model, step, lineage, meta)
-
-    def _hand_over(self, reason: str) -> bool:
-        """Serve this stage's exact state (as of the last committed step) until the spare that the next epoch
-        names has it and trains, or the notice's time is up; returns whether a spare took it."""
-        w, cfg, step = self.worker, self.cfg, self.status.step
-        self.emit("preempted", reason=reason[:300], step=step, spare_in_view=self._spare_in_view)
-        self._settle_writes()  # a save started at this step would otherwise die with the process
-        with self._epoch_lock:
-            rec, self.joined = self.joined, None
-        if self.group is not None:
-            self.group.abort(f"stage {w.index} leaves: {reason[:100]}")  # the others stop waiting on it now
-            self.group.close()
-            self.group = None
-        if self.notice.deadline_passed():
-            self.emit("left", reason=f"{reason[:200]}; no spare took stage {w.index} in time")
-            return False
-        m = cfg.membership
-        limit = cfg.swarm.preemption.handoff_timeout_s
-        server = HandoffServer(m.host, m.port_range, self.membership.admission, w.payload(step), limit)
-        self._handoff_port, self.status.state = server.port, "leaving"
-        self._serve_now()
-        if rec is not None:
-            knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
-        self._store_now.set()
-        successor = None
-        try:
-            while successor is None and not self.notice.deadline_passed():
-                time.sleep(m.poll_s)
-                try:
-                    members, current = self.membership.members_and_epoch()
-                except DHTUnavailable:
-                    continue
-                if current is None or current.epoch <= self.status.epoch or w.index >= len(current.roster):
-                    continue
-                pid = current.roster[w.index]
-                r = members.get(pid)
-                if pid in server.served and r is not None and r.epoch >= current.epoch and r.state == "running":
-                    successor = pid
-        finally:
-            server.close()
-        self._handoff_port = 0
-        if successor is not None:
-            self.emit("handed_over", to=successor, step=step, stage=w.index)
-            logger.warning("[peer %s] %s: stage %d handed over to %s", self.peer_id, reason, w.index, successor)
-            return True
-        self.emit("left", reason=f"{reason[:200]}; the hand-over of stage {w.index} did not finish in time")
-        return False
-
+    # ---- receiving a hand-over (leaving: see ``leaving``) -------------------------------------------
     def _fetch_handoff(self, plan: PlanRecord, step: int) -> StagePayload:
         """For ``Handover``: the state fetched for this epoch before its group formed (see ``_join``)."""
         epoch, payload = self._prefetched
@@ -905,17 +778,6 @@ class Peer:
         host, port = plan.address
         timeout_s = self.cfg.swarm.preemption.handoff_timeout_s
         return fetch_handoff(host, port, self.membership.admission, plan.peer, plan.stage, timeout_s)
-
-    def _try_save_part(self) -> None:
-        """``_save_part`` of the committed weights this peer holds, if any; a failure is logged (the launcher
-        says in its summary that the part is missing or old)."""
-        w = self.worker
-        if w is None or w.lineage.kind == "none":
-            return
-        try:
-            self._save_part(self.status.step)
-        except (OSError, ValueError) as e:
-            logger.error("[peer %s] cannot write the weights of stage %d: %s", self.peer_id, w.index, e)
 
     def _finish(self) -> None:
         self.status.state = "done"
