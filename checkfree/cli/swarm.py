@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from checkfree.core.exit_codes import ExitCode, describe
 
@@ -29,7 +28,7 @@ Ctrl-C (or SIGTERM) stops every peer at a step boundary with its stage saved (it
 and exits 130; a second one aborts at once. With checkpoint.every_steps set every peer also saves its stage
 every k steps, and the same command on the same run (resume=auto) goes on from the newest complete checkpoint
 in checkpoint.dir, after a stop or after every process was killed; resume=never refuses a run directory that
-holds a run, overwrite=true deletes it (a checkpoint.dir outside it is kept).
+holds a run, overwrite=true deletes it (with the saved steps of a checkpoint.dir outside it).
 """
 
 PEER_HELP = """\
@@ -127,70 +126,35 @@ def _ckpt_dir(cfg) -> str:
     return str(cfg.checkpoint.dir or cfg.run_dir / "checkpoints")
 
 
-def _inside(cfg) -> bool:
-    """Whether ``checkpoint.dir`` lies inside the run directory (deleted with it by ``overwrite=true``)."""
-    where = cfg.checkpoint.dir
-    if where is None:
-        return True
-    if "://" in where and not where.startswith("file://"):
-        return False
-    path = Path(where.removeprefix("file://")).resolve()
-    return path.is_relative_to(cfg.run_dir.resolve())
-
-
 def prepare_run_dir(cfg) -> str | None:
-    """Decide what to do with a run directory that already holds a run; returns why the swarm is refused, or
-    None to go on (saying on stderr what it keeps, deletes or resumes from).
+    """Carry out ``core.run_dir.plan_run_dir`` (the rule ``checkfree train`` follows too) for a swarm; returns
+    why the swarm is refused, or None to go on, having said on stderr what it deleted or resumes from. The
+    saved steps of a swarm are its complete checkpoints (every stage's file of a step); its peers resume
+    from the newest themselves (``checkfree.swarm.restart``), this only decides whether they may."""
+    from checkfree.core.run_dir import FRESH, REFUSE, RunDirState, inside, plan_run_dir
+    from checkfree.swarm.restart import checkpoint_store
 
-    - ``overwrite=true``: the run directory is deleted, with the checkpoints in it (named); a
-      ``checkpoint.dir`` outside it is kept, and resumed from (``resume=auto``) or refused (``resume=never``:
-      its old steps would pass for this run's);
-    - ``resume=auto``: the newest complete checkpoint in ``checkpoint.dir`` is resumed from (the peers do
-      it, see ``checkfree.swarm.restart``); without one the run directory is refused;
-    - ``resume=never``: refused.
-    """
-    from checkfree.swarm.restart import checkpoint_store, resume_step
+    run_dir, root = cfg.run_dir, _ckpt_dir(cfg)
+    holds = run_dir.exists() and any(run_dir.iterdir())
+    outside = not inside(root, str(run_dir))
+    store = checkpoint_store(cfg, run_dir) if holds or outside else None
+    steps = tuple(store.complete_steps()) if store is not None else ()
+    state = RunDirState(str(run_dir), root, holds, outside, steps)
+    plan = plan_run_dir(state, cfg.resume, cfg.overwrite, cfg.num_steps)
+    if plan.action == REFUSE:
+        return plan.message
+    if plan.message:
+        print(f"checkfree swarm: {plan.message}", file=sys.stderr)
+    if plan.action == FRESH:
+        try:
+            if plan.clear_store:
+                store.clear()
+            if plan.delete_run_dir:
+                import shutil
 
-    run_dir = cfg.run_dir
-    held = run_dir.exists() and any(run_dir.iterdir())
-    if held and cfg.overwrite:
-        local = run_dir / "checkpoints"
-        steps = sorted(p.name for p in local.glob("step_*")) if local.is_dir() else []
-        what = f", with the checkpoints in {local} ({', '.join(steps)})" if steps else ""
-        print(f"checkfree swarm: overwrite=true: deleting {run_dir}{what}", file=sys.stderr)
-        import shutil
-
-        shutil.rmtree(run_dir)
-        held = False
-    ckpt = checkpoint_store(cfg, run_dir)
-    steps = ckpt.complete_steps() if ckpt is not None else []
-    if not held:
-        if steps and cfg.resume == "never":
-            return (
-                f"checkpoint.dir {_ckpt_dir(cfg)} holds the complete checkpoints of steps {steps} (kept: it is "
-                "outside the run directory); with resume=never a new run would take them for its own: delete "
-                "them, choose another checkpoint.dir, or resume=auto to go on from them"
-            )
-        if steps:
-            print(f"checkfree swarm: resuming from step {steps[-1]}, in {_ckpt_dir(cfg)}", file=sys.stderr)
-        return None
-    summary = run_dir / "summary.json"
-    if summary.is_file() and json.loads(summary.read_text()).get("exit_code") == ExitCode.OK:
-        return f"run directory {run_dir} holds a finished run; pass overwrite=true or another run_name"
-    if cfg.resume == "never":
-        return f"run directory {run_dir} already holds a run and resume=never; pass overwrite=true or another run_name"
-    step = resume_step(cfg, ckpt)
-    if step is None:
-        saves = "checkpoint.every_steps=0 saves none" if ckpt is None else f"{_ckpt_dir(cfg)} holds none"
-        return (
-            f"run directory {run_dir} already holds a run with no complete checkpoint to resume from ({saves}); "
-            "pass overwrite=true to start afresh, or another run_name"
-        )
-    print(
-        f"checkfree swarm: resuming the run in {run_dir} from step {step}, the newest complete checkpoint in "
-        f"{_ckpt_dir(cfg)}",
-        file=sys.stderr,
-    )
+                shutil.rmtree(run_dir)
+        except OSError as e:
+            return f"overwrite=true cannot delete what it must: {e}"
     return None
 
 

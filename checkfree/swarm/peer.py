@@ -782,6 +782,10 @@ class Peer(Leaving):
     def _finish(self) -> None:
         self.status.state = "done"
         self._try_save_part()
+        try:  # the end is a saved step too: a finished run is known as one, and raising num_steps extends it
+            self.training.save_now(self.worker, self.status.step)
+        except (OSError, RuntimeError) as e:
+            logger.error("[peer %s] cannot save stage %d at the end: %s", self.peer_id, self.worker.index, e)
         self.emit("done", step=self.status.step, loss=self.status.loss)
         (self.dir / "done").write_text(f"{self.status.step}\n")  # for a launcher that polls the disk
         try:

@@ -105,37 +105,38 @@ def _complete(root, step, num_stages=4):
 
 
 def test_what_checkfree_swarm_does_with_a_run_directory_that_holds_a_run(tmp_path, capsys):
+    """``core.run_dir.plan_run_dir`` carried out for a swarm, whose saved steps are its complete checkpoints."""
     from checkfree.cli.swarm import prepare_run_dir
 
-    cfg = lambda *o: tiny_config(tmp_path, "run_name=r", "checkpoint.every_steps=4", *o)
+    cfg = lambda *o: tiny_config(tmp_path, "run_name=r", "checkpoint.every_steps=4", "num_steps=20", *o)
     run_dir = cfg().run_dir
     assert prepare_run_dir(cfg()) is None  # no run there: go
     (run_dir / "peers").mkdir(parents=True)
     assert "resume=never" in prepare_run_dir(cfg("resume=never"))
-    assert "no complete checkpoint to resume from" in prepare_run_dir(cfg())
-    assert "checkpoint.every_steps=0 saves none" in prepare_run_dir(cfg("checkpoint.every_steps=0"))
+    assert "no saved state to resume from" in prepare_run_dir(cfg())
+    assert "no saved state to resume from" in prepare_run_dir(cfg("checkpoint.every_steps=0"))
+    CheckpointStore(run_dir / "checkpoints", 4).save_bytes(12, 0, b"state")  # one stage's file: not a saved step
+    assert "no saved state to resume from" in prepare_run_dir(cfg())
     _complete(run_dir / "checkpoints", 8)
     capsys.readouterr()
     assert prepare_run_dir(cfg()) is None
-    assert f"resuming the run in {run_dir} from step 8" in capsys.readouterr().err
+    assert f"resuming from step 8 saved in {run_dir / 'checkpoints'}" in capsys.readouterr().err
     assert prepare_run_dir(cfg("resume=never")) is not None  # never: refused whatever it holds
-    (run_dir / "summary.json").write_text(json.dumps({"exit_code": 0}))
-    assert "holds a finished run" in prepare_run_dir(cfg())
-    (run_dir / "summary.json").write_text(json.dumps({"exit_code": 130}))  # stopped: goes on
-    assert prepare_run_dir(cfg()) is None
-    # overwrite: the run directory goes, and stderr names the checkpoints that go with it
+    _complete(run_dir / "checkpoints", 20)  # every peer saves the end: a finished run is refused
+    assert "already reached step 20" in prepare_run_dir(cfg())
+    assert prepare_run_dir(cfg("num_steps=30")) is None  # and extended
+    # overwrite: the run directory goes, and stderr names the saved steps that go with it
     capsys.readouterr()
     assert prepare_run_dir(cfg("overwrite=true")) is None
-    assert "step_00000008" in capsys.readouterr().err
-    assert not (run_dir / "checkpoints" / "step_00000008").exists() and not (run_dir / "peers").exists()
-    # a checkpoint.dir outside the run directory is kept: resumed from, or refused with resume=never
+    assert "[8, 20]" in capsys.readouterr().err and not run_dir.exists()
+    # a checkpoint.dir outside the run directory: refused with resume=never, resumed from, or cleared by overwrite
     outside = tmp_path / "shared-checkpoints"
     _complete(outside, 12)
-    (run_dir / "peers").mkdir(parents=True)
+    assert "holds the saved steps [12]" in prepare_run_dir(cfg(f"checkpoint.dir={outside}", "resume=never"))
+    assert prepare_run_dir(cfg(f"checkpoint.dir={outside}")) is None
+    assert "resuming from step 12" in capsys.readouterr().err
     assert prepare_run_dir(cfg(f"checkpoint.dir={outside}", "overwrite=true")) is None
-    assert "resuming from step 12" in capsys.readouterr().err and (outside / "step_00000012").is_dir()
-    refused = prepare_run_dir(cfg(f"checkpoint.dir={outside}", "overwrite=true", "resume=never"))
-    assert "holds the complete checkpoints of steps [12]" in refused
+    assert str(outside) in capsys.readouterr().err and CheckpointStore(outside, 4).complete_steps() == []
 
 
 @pytest.mark.slow

@@ -84,7 +84,7 @@ def test_ctrl_c_on_the_swarm_saves_every_stage_and_the_same_command_goes_on(tmp_
     # the same command continues the run from there and finishes it
     code, out, _ = run_swarm(tmp_path, "stop", *args)
     assert code == 0, out
-    assert f"resuming the run in {run_dir} from step {stopped_at}" in out
+    assert f"resuming from step {stopped_at} saved in {run_dir / 'checkpoints'}" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["repeated_steps"] == [] and summary["skipped_steps"] == []
     assert summary["weights_step"] == 60
