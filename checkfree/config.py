@@ -77,6 +77,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         L, strategy = self.model.num_stages, self.recovery.strategy
+        if not self.run_name or self.run_name in (".", "..") or "/" in self.run_name or "\\" in self.run_name:
+            raise ValueError(
+                f"run_name={self.run_name!r} must be a plain folder name (not empty, no '/', not '.' or '..'): "
+                "the run directory is OUT_DIR/RUN_NAME, and overwrite=true deletes it"
+            )
         if self.resume not in RESUME_MODES:
             raise ValueError(f"resume={self.resume!r} must be one of {', '.join(RESUME_MODES)}")
         if self.num_steps < 1:

@@ -47,6 +47,12 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     except (PrepareError, TokenizerError) as e:
         print(f"checkfree prepare: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    except OSError as e:  # a full disk, an unreadable file: the shards' temporaries are removed
+        print(f"checkfree prepare: {e}; no shard of this run was kept in {ns.out}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"checkfree prepare: interrupted; no shard of this run was kept in {ns.out}", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     print(summary(meta, ns.out))
     return ExitCode.OK
 

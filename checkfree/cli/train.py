@@ -58,7 +58,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     except (ConfigError, DataError, FileExistsError, ValueError) as e:
         print(f"checkfree train: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    except RuntimeError as e:  # an unreadable checkpoint or resume state, named in the message
+    except (RuntimeError, OSError) as e:  # an unreadable checkpoint or resume state, unusable storage: named
         print(f"checkfree train: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     from checkfree.core.stage_step import NonFiniteSteps

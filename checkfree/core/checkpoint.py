@@ -197,9 +197,7 @@ class CheckpointStore:
         self.root, self.num_stages, self.keep, self.storage_mb_s = str(root), num_stages, keep, storage_mb_s
         self.fs, self.path = _open_storage(root, storage_options)
         # a rename within a local filesystem is atomic; on object stores it is a copy, and one PUT is atomic
-        self._local = isinstance(self.fs, LocalFileSystem)
-        if self._local:
-            self.fs.makedirs(self.path, exist_ok=True)
+        self._local = isinstance(self.fs, LocalFileSystem)  # folders are made by the first save
         # the swarm's rollbacks so far, (epoch, to_step) each (``EpochRecord.rollbacks``); set by its peers
         self.rollbacks: list[tuple[int, int]] = []
 
@@ -379,6 +377,21 @@ class CheckpointStore:
                 pass
             except Exception as e:
                 logger.warning("cannot delete checkpoint %s: %s", self._where(self._step_dir(step)), e)
+
+    def steps_present(self) -> list[int]:
+        """Every step with at least one stage file, valid or not."""
+        return sorted({step for step, _, _ in self._listing()})
+
+    def delete_after(self, step: int) -> list[int]:
+        """Delete every file of the steps after ``step`` (a run resumed at ``step`` must never roll back into a
+        later step a killed run left); returns those steps."""
+        later = [s for s in self.steps_present() if s > step]
+        for s in later:
+            try:
+                self.delete_step(s)
+            except FileNotFoundError:
+                pass
+        return later
 
     def clear(self) -> list[int]:
         """Delete every step's files (``overwrite=true`` starting a run afresh in this store); returns the steps

@@ -29,7 +29,7 @@ def _check(cfg: ModelConfig, prompt_ids: list[int], max_new_tokens: int, tempera
         )
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
+    if not 0 <= temperature < float("inf"):  # NaN fails too
         raise ValueError(f"temperature={temperature} must be >= 0 (0: greedy)")
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0 (0: no limit)")

@@ -24,7 +24,6 @@ value as id (a byte-level BPE with no merges), so ``AutoTokenizer`` encodes text
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -36,7 +35,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from checkfree.core.model import ModelConfig
 from checkfree.core.tokenizer import TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer
-from checkfree.core.weights import atomic_write, checkfree_version, load_weights
+from checkfree.core.weights import INFO_FILE, atomic_write, checkfree_version, load_weights
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -129,7 +128,10 @@ def _write_tokenizer(out_dir: Path, tokenizer: Tokenizer, seq_len: int) -> dict:
     """The tokenizer files for ``tokenizer``; returns what the export info records about it."""
     target = out_dir / TOKENIZER_FILE
     if isinstance(tokenizer, HFTokenizer):
-        atomic_write(target, lambda tmp: shutil.copyfile(tokenizer.path, tmp))
+        # without its post-processor: checkfree encodes with no special tokens added, and so must AutoTokenizer
+        spec = json.loads(Path(tokenizer.path).read_text())
+        spec["post_processor"] = None
+        atomic_write(target, lambda tmp: tmp.write_text(json.dumps(spec, ensure_ascii=False)))
         source = str(tokenizer.path)
     else:
         assert isinstance(tokenizer, ByteTokenizer), type(tokenizer)
@@ -169,6 +171,15 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, tokenizer: Tokenizer | N
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OSError(f"cannot export to {out_dir}: it is a file, not a folder")
+    if (
+        out_dir.resolve() == Path(run_dir).resolve()
+        or (out_dir / "config.yaml").exists()
+        or (out_dir / INFO_FILE).exists()
+    ):
+        raise ValueError(
+            f"cannot export to {out_dir}: it holds a checkfree run (its model.safetensors would be overwritten); "
+            "choose another --out, e.g. RUN_DIR/hf"
+        )
     eot = tokenizer.eot_id if tokenizer is not None else None
     tensors = hf_state(cfg, state)
     atomic_write(out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))

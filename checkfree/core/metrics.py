@@ -130,6 +130,18 @@ def event_scalars(event: dict, counts: Counter) -> dict[str, float]:
     return out
 
 
+def check_trackers(cfg: MetricsConfig) -> None:
+    """Raise ``ValueError`` now, before a run touches its directory, when a tracker ``cfg`` asks for is not
+    installed (``MetricLogger`` would raise it only once the run directory is made)."""
+    import importlib.util
+
+    needs = [("tensorboard", "tensorboard", "checkfree[tensorboard]")] if cfg.tensorboard else []
+    needs += [("wandb", "wandb", "wandb")] if cfg.wandb else []
+    for key, module, package in needs:
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"metrics.{key}=true needs the {module} package: pip install '{package}'")
+
+
 def _numeric(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

@@ -237,7 +237,7 @@ def _jsonl_text(path: Path, number: int, line: bytes, field: str) -> str:
         raise PrepareError(f"{path}:{number}: field {field!r} holds {type(text).__name__}, not text")
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate escaped in the JSON ("\ud800"): no tokenizer takes it
+    except UnicodeEncodeError:  # a lone surrogate escaped in the JSON ("\ud800"): no tokenizer takes it; it becomes "?"
         text = text.encode("utf-8", errors="replace").decode("utf-8")
     return text
 
@@ -301,6 +301,8 @@ class ShardWriter:
         """Rename the shards and ``extra`` files (name -> content, or a temporary file to move) into place."""
         self._close()
         (self.out_dir / META_FILE).unlink(missing_ok=True)  # an old meta.json must not describe new shards
+        if TOKENIZER_FILE not in extra:  # nor an old tokenizer.json stand beside shards of another tokenizer
+            (self.out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
         for s in SPLITS:
             os.replace(self.tmp(f"{s}.bin"), self.out_dir / f"{s}.bin")
         for name, content in extra.items():  # meta.json comes last in ``extra``: it marks the folder complete

@@ -38,16 +38,19 @@ class RunDirState:
     holds_run: bool  # the run directory exists and is not empty
     store_outside: bool  # the store is not inside the run directory
     saved_steps: tuple[int, ...] = ()  # steps with everything a resume needs, oldest first
+    stray_steps: tuple[int, ...] = ()  # steps with files but not all a resume needs (a killed or older run's)
 
 
 def plan_run_dir(state: RunDirState, resume: str, overwrite: bool, num_steps: int) -> RunDirPlan:
     """The rule of the module docstring."""
     newest = state.saved_steps[-1] if state.saved_steps else None
+    steps = sorted(state.saved_steps + state.stray_steps)
+    stray_outside = state.store_outside and bool(state.stray_steps)
     if overwrite:
-        clear = state.store_outside and bool(state.saved_steps)
+        clear = state.store_outside and bool(steps)
         gone = [f"the run directory {state.run_dir}"] if state.holds_run else []
-        if clear or (state.saved_steps and state.holds_run):
-            gone.append(f"the saved steps {list(state.saved_steps)} in {state.store}")
+        if clear or (steps and state.holds_run):
+            gone.append(f"the saved steps {steps} in {state.store}")
         return RunDirPlan(
             FRESH,
             delete_run_dir=state.holds_run,
@@ -61,10 +64,10 @@ def plan_run_dir(state: RunDirState, resume: str, overwrite: bool, num_steps: in
                 message=f"run directory {state.run_dir} already holds a run and resume=never; pass overwrite=true "
                 "to start afresh (deletes it and its checkpoints) or another run_name",
             )
-        if state.saved_steps:
+        if state.saved_steps or stray_outside:
             return RunDirPlan(
                 REFUSE,
-                message=f"{state.store} holds the saved steps {list(state.saved_steps)} of an earlier run; with "
+                message=f"{state.store} holds the saved steps {steps} of an earlier run; with "
                 "resume=never a new run would take them for its own: resume=auto goes on from them, overwrite=true "
                 "deletes them, or choose another checkpoint.dir",
             )
@@ -77,6 +80,13 @@ def plan_run_dir(state: RunDirState, resume: str, overwrite: bool, num_steps: in
         )
     if newest is not None:
         return RunDirPlan(RESUME, step=newest, message=f"resuming from step {newest} saved in {state.store}")
+    if stray_outside:
+        return RunDirPlan(
+            REFUSE,
+            message=f"{state.store} holds files of steps {list(state.stray_steps)} without what a resume needs (a "
+            "killed or older run's); a new run would roll back into them: overwrite=true deletes them, or choose "
+            "another checkpoint.dir",
+        )
     if state.holds_run:
         return RunDirPlan(
             REFUSE,

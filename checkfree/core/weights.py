@@ -182,9 +182,14 @@ def atomic_write(final: Path, write: Callable[[Path], None]) -> Path:
             os.fsync(fd)  # the data reaches the disk before the rename makes it the real file
         finally:
             os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as any file written here (safetensors makes its files owner-only)
         os.replace(tmp, final)
     except OSError as e:
         raise OSError(e.errno, f"cannot write {final}: {e.strerror or e}") from e
+    except SafetensorError as e:  # safetensors reports its I/O errors (a full disk) as its own type
+        raise OSError(f"cannot write {final}: {e}") from e
     finally:
         with contextlib.suppress(OSError):  # gone after the rename; never there when the folder is not
             tmp.unlink(missing_ok=True)
@@ -405,7 +410,15 @@ def load_weights(run_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     cfg = _model_config(header, path)
     state = _read_tensors(path)
     check_state(cfg, state, str(path))
-    newer = {i: h["step"] for i, p in _parts(run_dir).items() if (h := _read_header(p))["step"] > header["step"]}
+    newer = {}
+    for i, p in _parts(run_dir).items():
+        try:
+            step = _read_header(p)["step"]
+        except WeightsError as e:  # a torn part must not hide good weights: it is only a hint here
+            logger.warning("ignoring an unreadable stage part: %s", e)
+            continue
+        if step > header["step"]:
+            newer[i] = step
     if newer:  # e.g. a resumed swarm whose launcher stopped before it joined the new parts
         logger.warning(
             "%s is at step %d but the stage parts %s are newer (steps %s): assemble_parts joins them",

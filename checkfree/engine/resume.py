@@ -17,7 +17,9 @@ synchronous save), so a step that has it is complete.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import pickle
 import shutil
 from collections.abc import Callable
@@ -60,12 +62,19 @@ def open_run_dir(
     Raises:
         RunDirError: refused, or the saved run was trained with another config (the keys named).
     """
-    holds = run_dir.exists() and any(run_dir.iterdir())
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"the run directory {run_dir} is a file, not a folder; choose another out_dir or run_name")
+    holds = run_dir.is_dir() and any(run_dir.iterdir())
     root = str(cfg.checkpoint.dir or run_dir / "checkpoints")
     outside = not inside(root, str(run_dir))
-    stores = [store(None), store(STOP_STORE)] if holds or outside else []
-    steps = {s: st for st in reversed(stores) for s in resumable_steps(st)}  # the periodic store wins a tie
-    state = RunDirState(str(run_dir), root, holds, outside, tuple(sorted(steps)))
+    try:
+        stores = [store(None), store(STOP_STORE)] if holds or outside else []
+        steps = {s: st for st in reversed(stores) for s in resumable_steps(st)}  # the periodic store wins a tie
+        present = sorted({s for st in stores for s in st.steps_present()})
+    except OSError as e:
+        raise RunDirError(f"cannot read the checkpoint store {root}: {e}") from e
+    stray = tuple(s for s in present if s not in steps)
+    state = RunDirState(str(run_dir), root, holds, outside, tuple(sorted(steps)), stray)
     plan = plan_run_dir(state, cfg.resume, cfg.overwrite, cfg.num_steps)
     if plan.action == REFUSE:
         raise RunDirError(plan.message)
@@ -81,6 +90,8 @@ def open_run_dir(
             except OSError as e:
                 raise RunDirError(f"overwrite=true cannot delete the run directory {run_dir}: {e}") from e
         return None
+    for st in stores:  # files a killed run wrote after the resumed step must never serve a rollback
+        st.delete_after(plan.step)
     where = steps[plan.step]
     label = f"{where.root} (step {plan.step})"
     saved = read(where.load_extra(plan.step, ENGINE_FILE), label)
@@ -151,3 +162,44 @@ def restore(trainer, state: dict) -> None:
             eng.shadows.stages[t].load_state_dict(saved["model"])
             eng.shadows.optimizers[t].load_state_dict(saved["optim"])
             eng.shadows.lrs[t] = saved["lr"]
+
+
+def truncate_logs(run_dir: Path, step: int) -> list[dict]:
+    """Cut ``metrics.jsonl`` and ``events.jsonl`` back to the resumed ``step`` (a resumed run writes what came
+    after again, as it was); returns the events kept. Metrics: the records of steps before ``step``. Events:
+    those up to the save of ``step`` (its last ``checkpoint_save`` or ``run_stopped``, or the
+    ``run_finished`` of a run that ended there). A line torn by a kill is dropped; each file is rewritten
+    whole or not at all."""
+    metrics = _read_lines(run_dir / "metrics.jsonl")
+    _rewrite(run_dir / "metrics.jsonl", [r for r in metrics if isinstance(r.get("step"), int) and r["step"] < step])
+    events = _read_lines(run_dir / "events.jsonl")
+    cut = len(events)
+    for i, e in enumerate(events):
+        saved = e.get("event") in ("checkpoint_save", "run_stopped") and e.get("step") == step
+        if saved or (e.get("event") == "run_finished" and e.get("steps") == step):
+            cut = i + 1
+    kept = events[:cut]
+    _rewrite(run_dir / "events.jsonl", kept)
+    return kept
+
+
+def _read_lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # torn by a kill or a full disk
+        if isinstance(record, dict):
+            out.append(record)
+    return out
+
+
+def _rewrite(path: Path, records: list[dict]) -> None:
+    if not path.is_file():
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)

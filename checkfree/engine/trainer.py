@@ -25,7 +25,7 @@ from checkfree.core.checkpoint import AsyncSaver, CheckpointStore, payload_bytes
 from checkfree.core.data import Batches
 from checkfree.core.events import EventLog
 from checkfree.core.failures import Failure, FailureInjector, write_trace
-from checkfree.core.metrics import MetricLogger
+from checkfree.core.metrics import MetricLogger, check_trackers, event_scalars
 from checkfree.core.model import block_state, build_stages
 from checkfree.core.rebuild import RebuildInputs, RebuildSpec, rebuild_stage, restore_stage
 from checkfree.core.recovery import (
@@ -78,6 +78,7 @@ class Trainer:
         self.batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
         self.config_yaml = to_yaml(cfg)
         self.ckpt_root = cfg.checkpoint.dir or self.run_dir / "checkpoints"
+        check_trackers(cfg.metrics)  # a missing tracker package fails before overwrite=true deletes anything
         resume_from = self._prepare_run_dir()  # only once the inputs are known to be good
         self.schedule = schedule_for(cfg.pipeline, L, cfg.swap_enabled)
         self.engine = PipelineEngine(
@@ -105,11 +106,12 @@ class Trainer:
         self.stop_requested: str | None = None  # why the run stops at the next step boundary (request_stop)
         self.stopped_at: int | None = None
         self.replicas_on = edge_replicas_on(cfg.recovery)
-        if resume_from is not None:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", resume_from[0])
+        kept_events = resume.truncate_logs(self.run_dir, resume_from[0]) if resume_from is not None else []
         self.metrics = MetricLogger.from_config(
             self.run_dir / "metrics.jsonl", cfg.metrics, self.run_dir, cfg.run_name, run_config=cfg
         )
+        for event in kept_events:  # the trackers' running counts go on from the resumed step's
+            event_scalars(event, self.metrics.counts)
         self.events = EventLog(self.run_dir / "events.jsonl", tracker=self.metrics)  # failures reach the trackers
         self.state = RunState()
         self.spec = RebuildSpec.of(cfg)
@@ -153,16 +155,12 @@ class Trainer:
                 self._one_iteration(on_step)
             if self.saver is not None:
                 self.saver.wait()  # no write outlives the run (and a failed one is reported)
-            if self.stop_requested is not None:
-                self._save_resume_point()
-            elif self.ckpt is None or st.step not in resume.resumable_steps(self.ckpt):
-                self._save_resume_point()  # the end is resumable too: a longer num_steps continues from here
         finally:
             self.close()
             write_trace(self.run_dir / "trace.jsonl", self.injector.fired, cfg.model.num_stages)
-            self.metrics.close()
         if st.last_val_loss is None or st.val_history[-1][0] != st.step:
             self._evaluate()
+        # the weights first: a save that fails after them (a full disk) loses no trained step
         self.weights_path = save_weights(
             self.run_dir,
             self.engine.stages,
@@ -170,6 +168,16 @@ class Trainer:
             st.step,
             {"run_name": cfg.run_name, "strategy": cfg.recovery.strategy, "data": self.batches.description},
         )
+        try:
+            if self.stop_requested is not None:
+                self._save_resume_point()  # a failure is raised: the stop promised a resume
+            elif self.ckpt is None or st.step not in resume.resumable_steps(self.ckpt):
+                try:
+                    self._save_resume_point()  # the end is resumable too: a longer num_steps continues from here
+                except OSError as e:
+                    logger.warning("the run finished but its end could not be saved for a longer run: %s", e)
+        finally:
+            self.metrics.close()
         summary = self._summary()
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self.events.emit("run_finished", **summary)
@@ -456,12 +464,3 @@ class Trainer:
             "stopped": self.stop_requested,
             "weights": str(self.weights_path),
         }
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records of steps ``step`` and later (a resumed run writes them again, as they were)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
-    path.write_text("".join(kept))

@@ -137,7 +137,8 @@ def test_a_bpe_run_exports_its_tokenizer_and_generates_with_it(tmp_path):
 
     out = _cli("export", str(run), "--out", str(tmp_path / "hf"), cwd=tmp_path)
     assert out.returncode == 0 and "tokenizer bpe-" in out.stdout, out.stderr
-    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    source = json.loads((data / "tokenizer.json").read_text())  # the same, less any post-processor
+    assert json.loads((tmp_path / "hf" / "tokenizer.json").read_text()) == {**source, "post_processor": None}
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] is not None and config["vocab_size"] <= 300
 

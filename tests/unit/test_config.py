@@ -140,3 +140,10 @@ def test_the_strategy_doc_lists_every_strategy():
     from checkfree.core.recovery import STRATEGIES
 
     assert ", ".join(STRATEGIES) in config_docs()["recovery.strategy"][1]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/abs"])
+def test_a_run_name_that_is_no_plain_folder_name_is_refused(name):
+    # overwrite=true deletes OUT_DIR/RUN_NAME: an empty name would delete every run in OUT_DIR
+    with pytest.raises(ConfigError, match="must be a plain folder name"):
+        load_config([], [f"run_name='{name}'"])

@@ -66,3 +66,9 @@ def test_stop_id_ends_the_text():
 def test_bad_arguments_are_refused(prompt, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(CFG, STATE, prompt, **{"max_new_tokens": 2, **kwargs})
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_no_number_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        generate(CFG, STATE, [1, 2], 3, temperature=temperature)

@@ -88,7 +88,8 @@ def test_a_prepared_tokenizer_is_copied_with_its_end_of_text_id(tmp_path):
     cfg = ModelConfig(vocab_size=bpe.vocab_size, d_model=16, num_heads=2, num_layers=2, num_stages=1, seq_len=16)
     save_weights(tmp_path / "run", build_stages(cfg, 0), cfg, step=1)
     out = export_hf(tmp_path / "run", tmp_path / "hf", bpe)
-    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tokenizer.json").read_bytes()
+    source = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert json.loads((out / "tokenizer.json").read_text()) == {**source, "post_processor": None}
     config = json.loads((out / "config.json").read_text())
     assert config["bos_token_id"] == config["eos_token_id"] == bpe.eot_id is not None
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -113,3 +114,24 @@ def test_bad_exports_are_refused(run, tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(OSError, match="afile: it is a file, not a folder"):
         export_hf(run[0], tmp_path / "afile")
+    with pytest.raises(ValueError, match="holds a checkfree run"):  # its model.safetensors would be replaced
+        export_hf(run[0], run[0])
+
+
+def test_a_tokenizer_that_adds_special_tokens_is_exported_without_them(tmp_path):
+    """checkfree encodes without special tokens; a post-processor (BOS added, as LLaMA's) must not make the
+    exported tokenizer encode otherwise."""
+    transformers = pytest.importorskip("transformers", reason=SKIP)
+    docs = [f"def f{i}(x):\n    return x * {i}\n" for i in range(100)]
+    bpe = train_bpe(docs, 300, tmp_path / "tokenizer.json")
+    raw = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    eot = raw.id_to_token(bpe.eot_id)
+    raw.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{eot} $A", special_tokens=[(eot, bpe.eot_id)]
+    )
+    raw.save(str(tmp_path / "tokenizer.json"))
+    cfg = ModelConfig(vocab_size=bpe.vocab_size, d_model=16, num_heads=2, num_layers=2, num_stages=1, seq_len=16)
+    save_weights(tmp_path / "run", build_stages(cfg, 0), cfg, step=1)
+    out = export_hf(tmp_path / "run", tmp_path / "hf", bpe)
+    text = "def g(y): return y"
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == bpe.encode(text)

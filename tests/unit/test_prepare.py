@@ -255,3 +255,11 @@ def test_exclude_leaves_out_matching_paths_and_says_when_nothing_is_left(tmp_pat
     assert sorted(src.key for src in found) == ["a/x.py", "b/z.py"]
     with pytest.raises(PrepareError, match=r"matches no file once \['\*'\] are left out"):
         find_inputs([f"{tmp_path}/**/*.py"], None, ("*",))
+
+
+def test_a_new_prepare_leaves_no_tokenizer_of_the_last_one(tmp_path):
+    pattern = _write_docs(tmp_path / "in", _corpus(30))
+    prepare(_settings([pattern], tmp_path / "out", train_bpe=300))
+    assert (tmp_path / "out" / "tokenizer.json").exists()
+    prepare(_settings([pattern], tmp_path / "out"))  # bytes now
+    assert not (tmp_path / "out" / "tokenizer.json").exists()

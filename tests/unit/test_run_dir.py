@@ -5,8 +5,9 @@ import pytest
 from checkfree.core.run_dir import FRESH, REFUSE, RESUME, RunDirState, inside, plan_run_dir
 
 
-def _state(holds=False, outside=False, steps=()):
-    return RunDirState("runs/r", "s3://b/r" if outside else "runs/r/checkpoints", holds, outside, tuple(steps))
+def _state(holds=False, outside=False, steps=(), stray=()):
+    where = "s3://b/r" if outside else "runs/r/checkpoints"
+    return RunDirState("runs/r", where, holds, outside, tuple(steps), tuple(stray))
 
 
 @pytest.mark.parametrize(
@@ -23,6 +24,11 @@ def _state(holds=False, outside=False, steps=()):
         (_state(holds=True, steps=[10]), "auto", True, (FRESH, None, True, False)),
         (_state(holds=True, outside=True, steps=[10]), "never", True, (FRESH, None, True, True)),
         (_state(outside=True, steps=[10]), "auto", True, (FRESH, None, False, True)),
+        # files without a resume state (a killed or older run) in a checkpoint.dir outside: never mixed in
+        (_state(outside=True, stray=[6]), "auto", False, (REFUSE, None, False, False)),
+        (_state(outside=True, stray=[6]), "never", False, (REFUSE, None, False, False)),
+        (_state(outside=True, stray=[6]), "auto", True, (FRESH, None, False, True)),
+        (_state(holds=True, steps=[4], stray=[6]), "auto", False, (RESUME, 4, False, False)),
     ],
 )
 def test_plan(state, resume, overwrite, want):

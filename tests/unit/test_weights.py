@@ -178,3 +178,22 @@ def test_no_weights_is_a_clear_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(WeightsError, match="cannot read weights file"):
         load_weights(tmp_path)
+
+
+def test_a_torn_stage_part_does_not_hide_good_weights(tmp_path, caplog):
+    _write_parts(tmp_path, steps=(4, 4, 4, 4))
+    assemble_parts(tmp_path)
+    (tmp_path / "weights" / "stage_0.safetensors").write_bytes(b"torn")
+    with caplog.at_level("WARNING"):
+        assert load_weights(tmp_path)[2]["step"] == 4
+    assert "ignoring an unreadable stage part" in caplog.text
+
+
+def test_weights_files_are_readable_as_any_file_written_here(tmp_path):
+    import os
+
+    _write_parts(tmp_path, steps=(4, 4, 4, 4))
+    path = assemble_parts(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
