@@ -93,7 +93,12 @@ EVENTS: dict[str, EventType] = {
             "engine, swarm",
             "every stage went back to the checkpoint of to_step (strategy checkpoint, hybrid beyond rebuild)",
         ),
-        EventType("checkpoint_save", ("step", "save_s"), "engine, swarm", "checkpoints of step written"),
+        EventType(
+            "checkpoint_save",
+            ("step", "save_s"),
+            "engine, swarm",
+            "checkpoints of step written (background: started in the background; on_stop: a stop's save)",
+        ),
         EventType(
             "checkpoint_failed",
             ("step", "error"),
@@ -159,7 +164,8 @@ EVENTS: dict[str, EventType] = {
             ("reason",),
             "swarm",
             "this peer left: it holds no valid weights for the stage it was given (its hand-over broke off), "
-            "or a preemption notice's time ran out before a spare took its stage",
+            "a preemption notice's time ran out before a spare took its stage, or it stopped on a signal "
+            "(SIGINT/SIGTERM) after saving its stage (the reason says at which step)",
         ),
         EventType(
             "preempted",
