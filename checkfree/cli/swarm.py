@@ -115,10 +115,8 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
         print(f"weights of step {summary['weights_step']}: {summary['weights']}")
     else:
         print(f"no weights: {summary.get('weights_note')}")
-    if code == ExitCode.INTERRUPTED and cfg.checkpoint.every_steps:
+    if code == ExitCode.INTERRUPTED:
         print(f"stopped: the same command goes on from the newest complete checkpoint in {_ckpt_dir(cfg)}")
-    elif code == ExitCode.INTERRUPTED:
-        print("stopped: checkpoint.every_steps=0, so no training state was saved to go on from (only the weights)")
     return code
 
 

@@ -7,7 +7,8 @@ SIGTERM to ``request_stop``) or a preemption notice, acted on at a step boundary
 ``_should_leave`` after every commit; a peer between epochs stops at once).
 
 - Ctrl-C (SIGINT): save this stage's state as of its last committed step (a checkpoint payload into
-  ``checkpoint.dir`` when ``checkpoint.every_steps`` is set, and its weights part), exit 130.
+  ``checkpoint.dir``, default RUN_DIR/checkpoints, also with ``checkpoint.every_steps=0``, and its weights
+  part), exit 130.
 - SIGTERM: a preemption notice (``NoticeWatcher.notify``): hand the stage's exact state to a spare in view
   (``preemption``), else save it as on Ctrl-C; exit 143, never 0 (a managed-job system reads 0 as finished).
 - A preemption notice: hand the stage over; exit 0 (the swarm goes on; the machine goes away).

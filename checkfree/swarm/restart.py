@@ -25,11 +25,10 @@ from checkfree.core.checkpoint import CheckpointStore
 EPOCH_FIELDS = ("epoch", "new_epoch", "joined_epoch")
 
 
-def checkpoint_store(cfg, run_dir: str | Path, keep: int = 1 << 30) -> CheckpointStore | None:
-    """The run's checkpoint store (``checkpoint.dir``, default ``RUN_DIR/checkpoints``), or None when this run
-    saves none (``checkpoint.every_steps=0``)."""
-    if not cfg.checkpoint.every_steps:
-        return None
+def checkpoint_store(cfg, run_dir: str | Path, keep: int = 1 << 30) -> CheckpointStore:
+    """The run's checkpoint store (``checkpoint.dir``, default ``RUN_DIR/checkpoints``). Every run has one, even
+    with ``checkpoint.every_steps=0``: a clean stop saves every stage there, so that the same command goes on
+    (opening it writes nothing)."""
     return CheckpointStore(
         cfg.checkpoint.dir or Path(run_dir) / "checkpoints",
         cfg.model.num_stages,

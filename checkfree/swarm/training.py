@@ -62,7 +62,7 @@ class TrainingLoop:
         self.nonfinite = NonFiniteGuard(cfg.optim)
         # this stage's file of a step is written in the background while training goes on; the step is a
         # checkpoint once every stage's file is there (``CheckpointStore.latest_complete``)
-        background = ckpt is not None and cfg.recovery.strategy != "checkpoint"
+        background = ckpt is not None and cfg.checkpoint.every_steps and cfg.recovery.strategy != "checkpoint"
         self.saver = AsyncSaver(ckpt, on_error=self._write_failed) if background else None
 
     def save_now(self, worker: StageWorker, step: int) -> None:
@@ -72,7 +72,8 @@ class TrainingLoop:
             return
         if self.saver is not None:
             self.saver.wait()
-        if step % self.cfg.checkpoint.every_steps == 0 and self.ckpt.latest_for_stage(worker.index) == step:
+        every = self.cfg.checkpoint.every_steps
+        if every and step % every == 0 and self.ckpt.latest_for_stage(worker.index) == step:
             return  # saved at this step already (its cadence)
         ts = time.monotonic()
         self.ckpt.save_stage(worker.payload(step))
@@ -146,7 +147,7 @@ class TrainingLoop:
         cfg, step = self.cfg, status.step
         if self.exchange_replicas is not None and step % cfg.recovery.edge_replica_every_steps == 0:
             self.exchange_replicas(group, worker, step)
-        if self.ckpt and step % cfg.checkpoint.every_steps == 0:
+        if self.ckpt and cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
             ts = time.monotonic()
             if self.saver is not None:  # the stall is the copy to memory (a failed last write: an event)
                 self.saver.save(step, [(worker.index, payload_bytes(worker.payload(step)))])

@@ -30,7 +30,7 @@ def test_a_run_directory_without_its_files_exits_2_saying_which(tmp_path):
     assert "config.yaml not found" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.long  # a live peer for a minute: run with -m long
 def test_status_of_a_live_first_peer_from_its_run_directory(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

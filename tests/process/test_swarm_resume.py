@@ -139,7 +139,7 @@ def test_what_checkfree_swarm_does_with_a_run_directory_that_holds_a_run(tmp_pat
     assert str(outside) in capsys.readouterr().err and CheckpointStore(outside, 4).complete_steps() == []
 
 
-@pytest.mark.slow
+@pytest.mark.long  # the default suite restarts a killed swarm with checkfree swarm (the test above)
 def test_peers_started_by_hand_on_a_killed_run_resume_it(tmp_path):
     """The same restart without the launcher: ``checkfree peer`` per stage, by hand, on the run directory."""
     run_dir, store = _kill_everything_after_a_checkpoint(tmp_path, "by-hand", EVERY)
