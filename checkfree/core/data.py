@@ -195,7 +195,8 @@ class Batches:
         if prepared is not None and prepared != vocab_size:
             raise DataError(
                 f"data.path={cfg.path} was prepared with vocab_size {prepared} ({META_FILE}) "
-                f"but model.vocab_size={vocab_size}"
+                f"but model.vocab_size={vocab_size}; set model.vocab_size={prepared}, or leave it unset in the "
+                "config files and overrides (it then follows meta.json)"
             )
         top = max(int(self.train.max()), int(self.val.max()))
         if top >= vocab_size:
