@@ -14,21 +14,24 @@ import sys
 from checkfree.core.exit_codes import ExitCode, describe
 
 SWARM_HELP = """\
-Start a whole swarm on this machine: one OS process per stage peer, swarm.num_spares spare peers and
-a failure injector (SIGKILL, or SIGSTOP for swarm.hang_fraction of failures) driven by the failures
-section, which starts a fresh spare swarm.spare_delay_s after each kill. Shows a live status line and
-leaves the run directory with merged metrics.jsonl and events.jsonl, recoveries.jsonl (detect /
-rebuild / resume seconds per failure), summary.json and every peer's log under peers/.
+Start a whole swarm on this machine: one OS process per stage peer and swarm.num_spares spare peers,
+plus this launcher, which shows a live status line and starts a fresh spare swarm.spare_delay_s after each
+loss. Failures follow the failures section: by default (swarm.inject=peer) every peer draws the run's
+failures itself and dies (SIGKILL, or SIGSTOP for swarm.hang_fraction of them) where the engine's timeline
+would stop; swarm.inject=launcher kills from outside; swarm.chaos.events=N lands N events at any moment,
+recoveries included. The run directory gets merged metrics.jsonl and events.jsonl, recoveries.jsonl
+(detect / rebuild / resume seconds per loss), summary.json and every peer's log under peers/.
 
   checkfree swarm                                       # the tiny default, failures as configured
   checkfree swarm failures.mode=per_step failures.per_step_prob=0.02 swarm.num_spares=2
 
 Each stage's holder writes its weights part (RUN_DIR/weights) at the end, joined into RUN_DIR/model.safetensors.
-Ctrl-C (or SIGTERM) stops every peer at a step boundary with its stage saved (its checkpoint and weights part)
-and exits 130; a second one aborts at once. With checkpoint.every_steps set every peer also saves its stage
-every k steps, and the same command on the same run (resume=auto) goes on from the newest complete checkpoint
-in checkpoint.dir, after a stop or after every process was killed; resume=never refuses a run directory that
-holds a run, overwrite=true deletes it (with the saved steps of a checkpoint.dir outside it).
+Ctrl-C (or SIGTERM) stops every peer at a step boundary with its stage saved (its checkpoint in checkpoint.dir,
+default RUN_DIR/checkpoints, and its weights part) and exits 130; a second one aborts at once. The same command
+on the same run (resume=auto) goes on from the newest complete checkpoint. With checkpoint.every_steps set every
+peer also saves its stage every k steps in the background, so that a swarm whose every process was killed goes
+on too. resume=never refuses a run directory that holds a run; overwrite=true deletes it (with the saved steps
+of a checkpoint.dir outside it).
 """
 
 PEER_HELP = """\
@@ -44,8 +47,8 @@ data plane needs the hosts to reach each other's addresses directly (no NAT). Ev
 same config (model, data, schedule, optimizer, recovery, seed): a peer with another fingerprint is
 refused, and a peer with another join token exits 2 saying so.
 
-Ctrl-C: stop at the next step boundary, save the stage (a checkpoint into checkpoint.dir when
-checkpoint.every_steps is set, and its weights part in RUN_DIR/weights), exit 130; a second Ctrl-C aborts
+Ctrl-C: stop at the next step boundary, save the stage (a checkpoint into checkpoint.dir, default
+RUN_DIR/checkpoints, and its weights part in RUN_DIR/weights), exit 130; a second Ctrl-C aborts
 at once. SIGTERM: leave the swarm, handing the stage to a spare in view (as on a preemption notice), else
 saving it as on Ctrl-C; exit 143. Peers started on a run whose checkpoint.dir holds a complete checkpoint
 resume from it (resume=auto).
