@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from checkfree.swarm.config import ChaosConfig
-from checkfree.swarm.membership import EpochRecord, MemberRecord
+from checkfree.swarm.records import EpochRecord, MemberRecord
 
 TRIGGERED = ("leader_after_publish", "source_during_transfer", "spare_during_join", "rebuilt_before_first_step")
 

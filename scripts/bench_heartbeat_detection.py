@@ -19,7 +19,8 @@ import time
 from checkfree.config import load_config
 from checkfree.core.metrics import report
 from checkfree.swarm.admission import Admission, Identity, new_token
-from checkfree.swarm.membership import MemberRecord, Membership
+from checkfree.swarm.membership import Membership
+from checkfree.swarm.records import MemberRecord
 
 
 def _beat(cfg, maddrs, token, name, seed, ready):

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from checkfree.core.recovery import beyond_rebuild, plan_recovery, replica_holder
-from checkfree.swarm.membership import EpochRecord, MemberRecord, PlanRecord
+from checkfree.swarm.records import EpochRecord, MemberRecord, PlanRecord
 
 
 class SwarmStopped(RuntimeError):

@@ -32,7 +32,7 @@ from checkfree.core.recovery import RecoveryPlan, edge_kind, edge_replicas_on, r
 from checkfree.core.redundancy import full_state_like, full_state_tensors, shadow_holder, shadow_of
 from checkfree.core.schedule import Schedule
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped
-from checkfree.swarm.membership import EpochRecord, Lineage, PlanRecord, known_rollbacks
+from checkfree.swarm.records import EpochRecord, Lineage, PlanRecord, known_rollbacks
 from checkfree.swarm.shadow import HeldShadow
 from checkfree.swarm.transport import EpochGroup, StageLostError
 from checkfree.swarm.worker import StageWorker

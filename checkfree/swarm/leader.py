@@ -31,7 +31,8 @@ from checkfree.swarm.addressing import dial_host, listen
 from checkfree.swarm.config import parse_port_range
 from checkfree.swarm.coordinator import Decision, SwarmStopped, decide_epoch, next_iteration, stage_holders
 from checkfree.swarm.gate import Gate
-from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership, known_rollbacks
+from checkfree.swarm.membership import Membership
+from checkfree.swarm.records import EpochRecord, MemberRecord, known_rollbacks
 from checkfree.swarm.restart import resume_step
 
 

@@ -27,6 +27,7 @@ from checkfree.core.exit_codes import ExitCode
 from checkfree.swarm.leader import knock
 from checkfree.swarm.membership import DHTUnavailable
 from checkfree.swarm.preemption import HandoffServer
+from checkfree.swarm.states import PeerState
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class Leaving:
             self.group.close()
             self.group = None
         # the leader counts a leaving member's stage as lost at once, without waiting for it to abort a step
-        self.status.state = "leaving"
+        self.status.move(PeerState.LEAVING)
         self._serve_now()
         if rec is not None:
             knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
@@ -132,7 +133,8 @@ class Leaving:
         m = cfg.membership
         limit = cfg.swarm.preemption.handoff_timeout_s
         server = HandoffServer(m.host, m.port_range, self.membership.admission, w.payload(step), limit)
-        self._handoff_port, self.status.state = server.port, "leaving"
+        self._handoff_port = server.port
+        self.status.move(PeerState.LEAVING)
         self._serve_now()
         if rec is not None:
             knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])

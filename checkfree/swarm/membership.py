@@ -33,13 +33,13 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from checkfree.swarm.addressing import free_port
 from checkfree.swarm.admission import Admission, ForeignToken, RateLimitedLog, dht_context
 from checkfree.swarm.config import EPOCH_TTL_CAP_S, MEMBER_TTL_CAP_S, MembershipConfig, parse_port_range
+from checkfree.swarm.records import EpochRecord, MemberRecord
 
 logger = logging.getLogger(__name__)
 # what one store may carry through hivemind's pipe to its DHT process (see ``Membership._store``); below
@@ -47,117 +47,6 @@ logger = logging.getLogger(__name__)
 MAX_STORE_BYTES = 60_000
 
 FINISHED = "finished"  # the subkey, beside the epochs' zero-padded numbers, that marks the run finished
-STATES = ("waiting", "joining", "running", "recovering", "spare", "leaving", "done")
-
-
-class Lineage(BaseModel):
-    """Where a holder's weights come from: what makes them valid (or not) for the step the swarm resumes at.
-
-    kind: ``none`` (no weights for the stage: a spare, or a rebuild that broke off), ``initial`` (the seed's
-    initial state, valid at step 0), ``rebuilt`` (assembled at ``step`` from ``sources`` by ``method``),
-    ``restored`` (a checkpoint of ``step``). Training since then is the record's ``step`` and ``epoch``.
-    """
-
-    kind: Literal["none", "initial", "rebuilt", "restored"] = "none"
-    step: int = 0  # the step the weights were made for
-    epoch: int = -1  # the epoch in which they were made
-    method: str | None = None
-    sources: list[int] = []
-
-    def describe(self, trained_to: int | None = None) -> str:
-        if self.kind == "none":
-            return "no weights"
-        what = {
-            "initial": "initial weights",
-            "rebuilt": f"rebuilt at step {self.step} by {self.method} from stages {self.sources}",
-            "restored": f"restored from the checkpoint of step {self.step}",
-        }[self.kind]
-        if self.epoch >= 0:
-            what += f" (epoch {self.epoch})"
-        if trained_to is not None and trained_to > self.step:
-            what += f", trained through step {trained_to - 1}"
-        return what
-
-
-class MemberRecord(BaseModel):
-    run_id: str
-    fingerprint: str
-    peer_id: str
-    stage: int  # stage held (or asked for, before the first epoch); -1: spare
-    epoch: int  # latest epoch this peer joined; -1: none yet
-    state: Literal["waiting", "joining", "running", "recovering", "spare", "leaving", "done"]
-    step: int  # committed steps
-    iteration: int = 0  # step attempts the swarm made before this peer's next one (see EpochRecord.iteration)
-    pending: bool = False  # holds finished, uncommitted gradients of step ``step``
-    grad_norm: float = 0.0  # pre-clip gradient norm of the last committed step
-    host: str = "127.0.0.1"
-    loss: float | None = None
-    tokens_per_s: float | None = None
-    pid: int = 0
-    note: str = ""  # what the peer is waiting for, when it is (shown by status)
-    time: float = 0.0
-    lineage: Lineage = Lineage()  # where the weights of the stage held come from
-    error: str = ""  # why this peer's last epoch broke (its last step_aborted cause, shortened)
-    blame: list[int] = []  # the stages its last epoch broke on, as far as this peer knows
-    shadow_ok: bool = True  # redundant: the shadow held is up to date (False until a new peer's is sent)
-    probe_port: int = 0  # a TCP port that refuses connections once this peer's process is gone
-    maddrs: list[str] = []  # this peer's DHT addresses: any live peer bootstraps a new one (see status)
-    handoff_port: int = 0  # state "leaving" (a preemption notice): where it serves its stage's exact state
-
-    def valid_for(self, step: int) -> bool:
-        """Whether this holder's weights are the stage's weights for ``step`` (a finished, uncommitted step
-        that another stage committed counts: the holder applies it when the next epoch names the step done)."""
-        if self.lineage.kind == "none":
-            return False
-        return self.step == step or (self.pending and self.step + 1 == step)
-
-
-class PlanRecord(BaseModel):
-    stage: int
-    method: str
-    sources: list[int]
-    path: str
-    edge: str | None
-    peer: str | None = None  # method handoff: the leaving peer that serves the stage's state ...
-    address: tuple[str, int] | None = None  # ... at this address
-
-
-class EpochRecord(BaseModel):
-    run_id: str
-    fingerprint: str
-    epoch: int
-    roster: list[str]  # peer id per stage
-    store_host: str
-    store_port: int
-    step: int  # the step every stage runs next
-    # step attempts the swarm made before this epoch's first one, counted as the engine counts iterations
-    # (every committed or interrupted attempt): a peer injecting its own failures (swarm.inject=peer) draws
-    # them by it, so the swarm meets the failures of the engine's trace
-    iteration: int = 0
-    leader: str
-    lost: list[int] = []  # stages whose peer was replaced in this epoch
-    plans: list[PlanRecord] = []  # how each lost stage is rebuilt
-    rollback_to: int | None = None  # checkpoint strategy: every stage restores this step
-    # every rollback of the run so far, (epoch, rollback_to), this one's included: which checkpoint files
-    # belong to the current timeline (``CheckpointStore.rollbacks``)
-    rollbacks: list[tuple[int, int]] = []
-    stop: str | None = None  # set when the swarm gives up: every peer exits with this reason
-    finished: bool = False  # set by the stages that ran the last step: the run is done, spares may leave
-    probes: list[tuple[str, int]] = []  # each roster member's probe address (host, port)
-    spares: list[str] = []  # the spares in the leader's view: with the roster, the voters of the next split
-    spare_probes: list[tuple[str, int]] = []  # their probe addresses
-    reforms: int = 0  # epochs in a row re-formed at this step with nothing lost (see swarm.max_reforms)
-    stale_shadows: list[int] = []  # redundant: stages whose shadow must be sent anew to its holder
-    time: float = 0.0
-
-
-def known_rollbacks(ckpt, rec: EpochRecord) -> list[tuple[int, int]]:
-    """The rollbacks ``rec`` lists (its own included, should a record lack it) merged with those ``ckpt``
-    knew already: a record read from a lagging DHT never makes a peer forget one."""
-    known = {*ckpt.rollbacks, *(tuple(r) for r in rec.rollbacks)}
-    if rec.rollback_to is not None:
-        known.add((rec.epoch, rec.rollback_to))
-    return sorted(known)
 
 
 async def _watchdog(parent_pid: int, poll_s: float, dht, node) -> bool:

@@ -66,18 +66,12 @@ from checkfree.swarm.leader import (
     read_probe,
 )
 from checkfree.swarm.leaving import Leaving
-from checkfree.swarm.membership import (
-    DHTGone,
-    DHTUnavailable,
-    EpochRecord,
-    Lineage,
-    MemberRecord,
-    Membership,
-    PlanRecord,
-)
+from checkfree.swarm.membership import DHTGone, DHTUnavailable, Membership
 from checkfree.swarm.preemption import NoticeWatcher, Preempted, fetch_handoff
+from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord, PlanRecord
 from checkfree.swarm.restart import checkpoint_store, previous_epoch
-from checkfree.swarm.training import PeerStatus, TrainingLoop
+from checkfree.swarm.states import PeerState, PeerStatus
+from checkfree.swarm.training import TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 from checkfree.swarm.worker import StageWorker
 
@@ -215,7 +209,7 @@ class Peer(Leaving):
         self._initial_peers = initial_peers
         self.worker: StageWorker | None = None
         self.group: EpochGroup | None = None
-        self.status = PeerStatus(state="waiting" if stage is not None else "spare")
+        self.status = PeerStatus(initial=PeerState.WAITING if stage is not None else PeerState.SPARE)
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         self._dht_thread = threading.Thread(target=self._dht_loop, name="dht", daemon=True)
@@ -576,7 +570,8 @@ class Peer(Leaving):
                 if self.worker is None and self.status.state != "spare":
                     # arrived after the roster was set, or its own rebuild broke off and the stage went to
                     # another peer: it holds no weights, so it stands by as a spare
-                    self.asked_stage, self.status.state = -1, "spare"
+                    self.asked_stage = -1
+                    self.status.move(PeerState.SPARE)
                     self.emit("became_spare", reason=f"no stage for this peer in epoch {current.epoch}")
                 if self.worker is not None:
                     self.emit("replaced", by_epoch=current.epoch)
@@ -633,7 +628,8 @@ class Peer(Leaving):
         t0 = time.monotonic()
         stage = rec.roster.index(self.peer_id)
         fresh = self.worker is None or self.worker.index != stage
-        self.status.epoch, self.status.state, self.leader.reason = rec.epoch, "joining", ""
+        self.status.epoch, self.leader.reason = rec.epoch, ""
+        self.status.move(PeerState.JOINING)
         with self._epoch_lock:
             self.joined, self.epoch_over, self._over_stages = rec, None, []
         if fresh:  # heartbeat the stage and step being joined, also if this join breaks off
@@ -654,7 +650,8 @@ class Peer(Leaving):
         worker = self.worker if not fresh else None
         self.worker, self.status.step = self.handover.run(self.group, worker, rec, self.status.step, adopt=self._adopt)
         self.group.all_reduce(torch.zeros(1, dtype=torch.float64), rec.step)  # everyone is ready
-        self.status.step, self.status.state, self.status.iteration = rec.step, "running", rec.iteration
+        self.status.step, self.status.iteration = rec.step, rec.iteration
+        self.status.move(PeerState.RUNNING)
         self.emit(
             "epoch_joined",
             joined_epoch=rec.epoch,
@@ -750,7 +747,7 @@ class Peer(Leaving):
         self._settle_writes()  # the leader decides on a store that no write of this peer changes any more
         with self._epoch_lock:
             rec, self.joined = self.joined, None
-        self.status.state = "recovering"
+        self.status.move(PeerState.RECOVERING)
         # report at once, where the members read first: the probe port; knock them (the leader among them) to
         # read it now; the heartbeat thread stores it in the DHT next (for spares, the launcher, ``status``)
         self._serve_now()
@@ -780,7 +777,7 @@ class Peer(Leaving):
         return fetch_handoff(host, port, self.membership.admission, plan.peer, plan.stage, timeout_s)
 
     def _finish(self) -> None:
-        self.status.state = "done"
+        self.status.move(PeerState.DONE)
         self._try_save_part()
         try:  # the end is a saved step too: a finished run is known as one, and raising num_steps extends it
             self.training.save_now(self.worker, self.status.step)

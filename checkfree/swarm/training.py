@@ -17,28 +17,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from checkfree.core.checkpoint import AsyncSaver, CheckpointStore, payload_bytes
 from checkfree.core.metrics import JsonLines, peak_rss_mb
 from checkfree.core.stage_step import NonFiniteGuard
 from checkfree.swarm.preemption import Preempted
+from checkfree.swarm.states import PeerStatus
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
 from checkfree.swarm.worker import StageWorker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PeerStatus:
-    """What a peer reports in its heartbeat about its progress."""
-
-    epoch: int = -1
-    step: int = 0  # next step to run (= committed steps)
-    iteration: int = 0  # step attempts the swarm made before the next one (the epoch's, plus this peer's since)
-    state: str = "waiting"  # one of membership.STATES
-    loss: float | None = None
-    tokens_per_s: float | None = None
 
 
 class TrainingLoop:

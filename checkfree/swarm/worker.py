@@ -38,7 +38,7 @@ from checkfree.core.stage_step import (
     recovery_norm,
     smooth,
 )
-from checkfree.swarm.membership import Lineage
+from checkfree.swarm.records import Lineage
 from checkfree.swarm.shadow import HeldShadow
 from checkfree.swarm.transport import EpochGroup
 

@@ -11,7 +11,7 @@ from checkfree.core.model import build_stages
 from checkfree.engine.trainer import Trainer
 from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped
 from checkfree.swarm.handover import Handover
-from checkfree.swarm.membership import EpochRecord
+from checkfree.swarm.records import EpochRecord
 from tests.helpers import run_ranks, tiny_config
 
 

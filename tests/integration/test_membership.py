@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from checkfree.swarm.config import MembershipConfig
-from checkfree.swarm.membership import DHTUnavailable, EpochRecord, MemberRecord, Membership
+from checkfree.swarm.membership import DHTUnavailable, Membership
+from checkfree.swarm.records import EpochRecord, MemberRecord
 from tests.helpers import admission, descendants, kill_and_reap, poll, sigkill_dht_process
 
 CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)

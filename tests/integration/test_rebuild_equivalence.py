@@ -19,8 +19,9 @@ from checkfree.core.recovery import edge_replicas_on
 from checkfree.engine.trainer import Trainer
 from checkfree.swarm.coordinator import decide_epoch
 from checkfree.swarm.handover import Handover
-from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
-from checkfree.swarm.training import PeerStatus, TrainingLoop
+from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
+from checkfree.swarm.states import PeerStatus
+from checkfree.swarm.training import TrainingLoop
 from tests.helpers import run_ranks, tiny_config
 
 STEPS = 3  # trained before the loss; replicas refreshed at 0 and 2, checkpoints (where on) at 2
@@ -121,7 +122,7 @@ def _swarm(tmp_path, strategy, lost, overrides):
         worker, step = h.run(group, None, rec0, 0)
         metrics = JsonLines(cfg.run_dir / f"metrics-{group.rank}.jsonl")
         loop = TrainingLoop(cfg, tokens, metrics, ckpt, h.emit, h.exchange_replicas if h.replicas_on else None)
-        loop.run(group, worker, PeerStatus(epoch=0, step=step, state="running"), resumed=False)
+        loop.run(group, worker, PeerStatus(epoch=0, step=step, initial="running"), resumed=False)
         return worker
 
     workers = run_ranks(L, epoch0, timeout_s=10)

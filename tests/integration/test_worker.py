@@ -178,7 +178,8 @@ def test_a_step_that_keeps_giving_non_finite_gradients_is_never_redone_forever(t
     import math
 
     from checkfree.core.stage_step import NonFiniteSteps
-    from checkfree.swarm.training import PeerStatus, TrainingLoop
+    from checkfree.swarm.states import PeerStatus
+    from checkfree.swarm.training import TrainingLoop
 
     cfg = tiny_config(tmp_path, "num_steps=3", "optim.nonfinite_attempts=2", f"optim.skip_nonfinite_steps={skip}")
     workers = _workers(cfg, Trainer(cfg))
@@ -193,7 +194,7 @@ def test_a_step_that_keeps_giving_non_finite_gradients_is_never_redone_forever(t
     def fn(group):
         log = lambda event, **f: events[group.rank].append((event, f))
         loop = TrainingLoop(cfg, 1, Rows(), None, log, None)
-        status = PeerStatus(epoch=0, step=0, state="running")
+        status = PeerStatus(epoch=0, step=0, initial="running")
         loop.run(group, workers[group.rank], status, resumed=False)
         return status.step
 

@@ -40,7 +40,8 @@ def main() -> None:
     from checkfree.swarm.config import MembershipConfig
     from checkfree.swarm.gate import GateRefused, handshake
     from checkfree.swarm.leader import PROBE_EPOCH
-    from checkfree.swarm.membership import EpochRecord, MemberRecord, Membership
+    from checkfree.swarm.membership import Membership
+    from checkfree.swarm.records import EpochRecord, MemberRecord
 
     cfg = MembershipConfig(period_s=0.25, ttl_s=1.5)
     plain = hivemind.DHT(initial_peers=maddrs, start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])

@@ -180,7 +180,7 @@ def test_the_first_epoch_of_a_restart_rolls_every_stage_back_to_the_checkpoint(s
     """The rule itself (``decide_epoch``, pure): no stage lost (no peer of this swarm lost one), every stage
     restored from the checkpoint, the redundant shadows sent anew; without a checkpoint, step 0 as ever."""
     from checkfree.swarm.coordinator import decide_epoch
-    from checkfree.swarm.membership import MemberRecord
+    from checkfree.swarm.records import MemberRecord
 
     members = {
         pid: MemberRecord(run_id="r", fingerprint="f", peer_id=pid, stage=s, epoch=-1, state="waiting", step=0)

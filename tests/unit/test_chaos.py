@@ -4,7 +4,7 @@ import json
 import signal
 
 from checkfree.swarm.config import ChaosConfig
-from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
+from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
 from launcher.chaos import Chaos
 
 

@@ -1,5 +1,5 @@
 from checkfree.swarm.coordinator import decide_epoch, leader_of
-from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
+from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
 
 
 def rec(pid, stage, state="running", epoch=0, step=5, pending=False, lineage=None):

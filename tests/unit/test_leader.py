@@ -7,7 +7,7 @@ import pytest
 
 from checkfree.swarm.coordinator import SwarmStopped
 from checkfree.swarm.leader import Leader
-from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
+from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
 from tests.helpers import tiny_config
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from checkfree.cli.status import StatusInputError, render, resolve_target, snapshot
 from checkfree.swarm.admission import TOKEN_ENV, new_token, write_token
-from checkfree.swarm.membership import EpochRecord, Lineage, MemberRecord
+from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
 from launcher.status import LiveStatus, short_names, status_line
 
 IDS = [f"s{s}-0{s + 1}.{'abcdef0123456789'[s] * 16}" for s in range(4)]
