@@ -126,6 +126,13 @@ EVENTS: dict[str, EventType] = {
         EventType("replaced", ("by_epoch",), "swarm", "this peer's stage was given to another peer; it leaves"),
         EventType("leader_waiting", ("reason",), "swarm", "the leader cannot publish the next epoch yet"),
         EventType(
+            "peer_counters",
+            ("counters",),
+            "swarm",
+            "at a peer's exit: what reached its open ports (probes, knocks, connections shed or timed out, "
+            "records and handshakes refused), to tell attacks from faults",
+        ),
+        EventType(
             "peer_excluded",
             ("excluded", "stage", "blamed_by", "voters", "reforms", "reason"),
             "swarm",

@@ -77,3 +77,11 @@ def test_the_documented_event_schema_is_the_one_in_the_code():
     doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
     documented = doc.split("<!-- schema:begin -->")[1].split("<!-- schema:end -->")[0].strip()
     assert documented == schema_table()
+
+
+def test_the_documented_state_diagram_is_the_transition_table():
+    from checkfree.swarm.states import diagram
+
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    documented = doc.split("<!-- states:begin -->")[1].split("<!-- states:end -->")[0].strip()
+    assert documented == "```mermaid\n" + diagram() + "```"
