@@ -1,7 +1,10 @@
 """Regenerate docs/BENCHMARKS.md from the benchmark results in runs/bench/ (``--run`` first reruns every
 benchmark at the documented scale, about 2 hours on 2 cores).
 
-    python scripts/benchmarks_report.py [--run] [--quick]
+    python scripts/benchmarks_report.py [--run] [--quick] [--timeout-s SECONDS]
+
+Every benchmark's command is an argument list run without a shell; how a recorded result was actually made,
+where that differs from its command (runs trained apart and moved in), is its ``note``, shown after it.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,81 +27,154 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "runs" / "bench"
 DOCS = ROOT / "docs"
 
-COMMANDS = {
-    "engine_overhead": "python scripts/bench_engine_overhead.py --steps 10 --rounds 3",
-    "overhead": "python scripts/bench_overhead.py --steps 30 --rounds 2",
-    "heartbeat_detection": "python scripts/bench_heartbeat_detection.py",
-    "heartbeat_detection_hang": "python scripts/bench_heartbeat_detection.py --hang "
-    "--out runs/bench/heartbeat_detection_hang.json",
-    "recovery_ablation": "python scripts/bench_recovery_ablation.py configs/bench.yaml",
-    "recovery_latency": "python scripts/bench_recovery_latency.py",
-    "scaling": "python scripts/bench_scaling.py --microbatches 1 4",
-    "q_scan": "python scripts/measure_q.py configs/bench.yaml --scan 50 150 300 600 1000 1500 --scan-train 20 "
-    "--seeds 0 1 --methods random weighted copy --stages 0 1 3 --out runs/bench/q_scan.json",
-    "q_bench": "python scripts/measure_q.py configs/bench.yaml --seeds 0 1 2 3 4 --fail-at 300 --horizon 100 "
-    "--target-after 25 50 --methods weighted uniform copy random plus partner_copy "
-    "warmup=weighted+recovery.warmup_steps=20 moments=weighted+recovery.optimizer_init=neighbours "
-    "--runs-dir runs/q/bench-F300 --out runs/bench/q_bench.json (seeds 0-1 ran with --stages 0 1 3 --eval-every 2 "
-    "and later --stages 2 --eval-every 2 in a runs dir of their own, moved in; seeds 2-4 with the defaults: "
-    "stages 0-3, every step; the table is --analyse-only over all five)",
-    "q_tiny": "python scripts/measure_q.py configs/tiny.yaml --seeds 0 1 2 3 4 --fail-at 100 --horizon 30 "
-    "--target-after 10 20 --methods plus --stages 0 1 3 --runs-dir runs/q/tiny-F100 --out runs/bench/q_tiny.json",
-    "q_deep": "python scripts/measure_q.py configs/deep.yaml --seeds 0 1 2 3 4 --fail-at 1000 --horizon 100 "
-    "--target-after 25 50 --methods weighted copy random plus --stages 0 3 5 --eval-every 2 "
-    "--runs-dir runs/q/deep-F1000 --out runs/bench/q_deep.json (seeds 0-1 trained every method; seeds 2-4 "
-    "--methods weighted copy random, seeds 2-3 and then seed 4 --methods plus, in runs of their own moved into "
-    "runs/q/deep-F1000; the table is --analyse-only over all five)",
-    "fig2_deep": "python scripts/bench_convergence.py configs/deep.yaml num_steps=500 'failures.stages=[1,2,3,4]' "
-    "--rates 0.16 --seeds 0 1 2 3 4 --strategies none checkfree copy random --ours checkfree --baselines copy random "
-    "--eval-every 5 --jobs 2 --out runs/bench/fig2_deep.json --runs-dir runs/bench/fig2-deep-runs",
-    "convergence_ci": "python scripts/bench_convergence.py configs/bench.yaml --rates 0.10 0.33 --seeds 0 1 2 3 4 "
-    "--strategies none checkfree_plus hybrid checkpoint:5 checkfree --jobs 2 --out runs/bench/convergence_ci.json "
-    "--runs-dir runs/bench/convergence-ci-runs (checkfree was added later: its runs trained with --strategies none "
-    "checkfree in runs/bench/convergence-ci-plain-runs and were copied in; the table is --analyse-only)",
-    "convergence_slow": "python scripts/bench_convergence.py configs/bench.yaml checkpoint.storage_mb_s=5 "
-    "--rates 0.10 0.33 --seeds 0 1 2 3 4 --strategies none checkfree_plus hybrid checkpoint:25 --compare-by seconds "
-    "--jobs 2 "
-    "--out runs/bench/convergence_slow.json --runs-dir runs/bench/convergence-slow-runs",
-    "whatif": "python scripts/whatif.py --model-bytes 6697728 --step-s 0.1 --num-stages 4 --downtime-s 1.14 "
-    "--iteration-s 91.3 --hourly-rate 0.1 0.33 --storage-mb-s 5 100 --q 21 15 27 --q-full-step 300 "
-    "--target-steps 300 --intervals 5 25 --map-storage 0.5 500 13 --map-rates 0.02 0.5 10 --out runs/bench/whatif.json",
-    "whatif_paper": "python scripts/whatif.py --q 40 20 60 --out runs/bench/whatif_paper.json",
-    "whatif_validation_local": "python scripts/whatif.py --validate-sweep runs/bench/convergence-ci-runs checkpoint:5 "
-    "checkfree_plus --q 21 15 27 --q-full-step 300 --out runs/bench/whatif_validation_local.json",
-    "whatif_validation_slow": "python scripts/whatif.py --validate-sweep runs/bench/convergence-slow-runs "
-    "checkpoint:25 checkfree_plus --q 21 15 27 --q-full-step 300 --out runs/bench/whatif_validation_slow.json",
-    "overlap_fit": "OMP_NUM_THREADS=1 python scripts/bench_convergence.py configs/bench.yaml --rates 0.5 0.05 0.2 "
-    "--seeds 5 6 7 8 9 --strategies none checkfree_plus --out runs/bench/overlap_fit.json "
-    "--runs-dir runs/bench/overlap-fit-runs",
-    "whatif_overlap_fit": "python scripts/whatif.py --fit-overlap runs/bench/overlap-fit-runs checkfree_plus --q 21 "
-    "--q-full-step 300 --out runs/bench/whatif_overlap_fit.json",
-    "whatif_validation_local_overlap": "python scripts/whatif.py --validate-sweep runs/bench/convergence-ci-runs "
-    "checkpoint:5 checkfree_plus --overlap-fit runs/bench/whatif_overlap_fit.json "
-    "--out runs/bench/whatif_validation_local_overlap.json",
-    "whatif_validation_slow_overlap": "python scripts/whatif.py --validate-sweep runs/bench/convergence-slow-runs "
-    "checkpoint:25 checkfree_plus --overlap-fit runs/bench/whatif_overlap_fit.json "
-    "--out runs/bench/whatif_validation_slow_overlap.json",
-    "whatif_overlap": "python scripts/whatif.py --model-bytes 6697728 --step-s 0.1 --num-stages 4 --downtime-s 1.14 "
-    "--iteration-s 91.3 --hourly-rate 0.1 0.33 --storage-mb-s 5 100 --overlap-fit runs/bench/whatif_overlap_fit.json "
-    "--target-steps 300 --intervals 5 25 --map-storage 0.5 500 13 --map-rates 0.02 0.5 10 "
-    "--out runs/bench/whatif_overlap.json",
-    "convergence_neighbours": "OMP_NUM_THREADS=1 python scripts/bench_convergence.py configs/bench.yaml "
-    "failures.neighbour_prob=0.5 --rates 0.33 0.1 --seeds 0 1 2 3 4 --strategies none checkfree_plus hybrid "
-    "checkpoint:5 --out runs/bench/convergence_neighbours.json --runs-dir runs/bench/convergence-neighbours-runs",
-    "convergence_neighbours_hybrid": "python scripts/bench_convergence.py configs/bench.yaml "
-    "failures.neighbour_prob=0.5 --rates 0.33 0.1 --seeds 0 1 2 3 4 --strategies none checkfree_plus hybrid "
-    "checkpoint:5 --ours hybrid --baselines checkfree_plus --analyse-only "
-    "--out runs/bench/convergence_neighbours_hybrid.json --runs-dir runs/bench/convergence-neighbours-runs",
-    "convergence_swarm": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --swarm "
-    "--rates 0.10 0.33 "
-    "--seeds 0 --strategies none checkfree checkfree_plus checkpoint:10 redundant checkpoint:50 "
-    "--out runs/bench/convergence_swarm.json --runs-dir runs/bench/convergence-swarm-runs",
+
+@dataclass(frozen=True)
+class Command:
+    """One benchmark's command line, run without a shell (``--run``) and shown on the page."""
+
+    argv: list[str]  # "python" first: --run puts this interpreter in its place
+    env: dict[str, str] = field(default_factory=dict)  # set for the run on top of the inherited environment
+    note: str = ""  # how the recorded result was made, where that differs from argv (runs moved in by hand)
+
+    def shown(self) -> str:
+        """The command as a shell would take it (with the note, if any, after it: not part of the command)."""
+        return " ".join([*(f"{k}={v}" for k, v in self.env.items()), shlex.join(self.argv)])
+
+
+# Wrapped by hand: the formatter would give each argument a line of its own.
+# fmt: off
+COMMANDS: dict[str, Command] = {
+    "engine_overhead": Command(["python", "scripts/bench_engine_overhead.py", "--steps", "10", "--rounds", "3"]),
+    "overhead": Command(["python", "scripts/bench_overhead.py", "--steps", "30", "--rounds", "2"]),
+    "heartbeat_detection": Command(["python", "scripts/bench_heartbeat_detection.py"]),
+    "heartbeat_detection_hang": Command(
+        ["python", "scripts/bench_heartbeat_detection.py", "--hang", "--out",
+         "runs/bench/heartbeat_detection_hang.json"],
+    ),
+    "recovery_ablation": Command(["python", "scripts/bench_recovery_ablation.py", "configs/bench.yaml"]),
+    "recovery_latency": Command(["python", "scripts/bench_recovery_latency.py"]),
+    "scaling": Command(["python", "scripts/bench_scaling.py", "--microbatches", "1", "4"]),
+    "q_scan": Command(
+        ["python", "scripts/measure_q.py", "configs/bench.yaml", "--scan", "50", "150", "300", "600", "1000", "1500",
+         "--scan-train", "20", "--seeds", "0", "1", "--methods", "random", "weighted", "copy", "--stages", "0", "1",
+         "3", "--out", "runs/bench/q_scan.json"],
+    ),
+    "q_bench": Command(
+        ["python", "scripts/measure_q.py", "configs/bench.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "300",
+         "--horizon", "100", "--target-after", "25", "50", "--methods", "weighted", "uniform", "copy", "random", "plus",
+         "partner_copy", "warmup=weighted+recovery.warmup_steps=20",
+         "moments=weighted+recovery.optimizer_init=neighbours", "--runs-dir", "runs/q/bench-F300", "--out",
+         "runs/bench/q_bench.json"],
+        note="seeds 0-1 ran with --stages 0 1 3 --eval-every 2 and later --stages 2 --eval-every 2 in a runs dir of "
+        "their own, moved in; seeds 2-4 with the defaults: stages 0-3, every step; the table is --analyse-only over "
+        "all five",
+    ),
+    "q_tiny": Command(
+        ["python", "scripts/measure_q.py", "configs/tiny.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "100",
+         "--horizon", "30", "--target-after", "10", "20", "--methods", "plus", "--stages", "0", "1", "3", "--runs-dir",
+         "runs/q/tiny-F100", "--out", "runs/bench/q_tiny.json"],
+    ),
+    "q_deep": Command(
+        ["python", "scripts/measure_q.py", "configs/deep.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "1000",
+         "--horizon", "100", "--target-after", "25", "50", "--methods", "weighted", "copy", "random", "plus",
+         "--stages", "0", "3", "5", "--eval-every", "2", "--runs-dir", "runs/q/deep-F1000", "--out",
+         "runs/bench/q_deep.json"],
+        note="seeds 0-1 trained every method; seeds 2-4 --methods weighted copy random, seeds 2-3 and then seed 4 "
+        "--methods plus, in runs of their own moved into runs/q/deep-F1000; the table is --analyse-only over all five",
+    ),
+    "fig2_deep": Command(
+        ["python", "scripts/bench_convergence.py", "configs/deep.yaml", "num_steps=500", "failures.stages=[1,2,3,4]",
+         "--rates", "0.16", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree", "copy", "random",
+         "--ours", "checkfree", "--baselines", "copy", "random", "--eval-every", "5", "--jobs", "2", "--out",
+         "runs/bench/fig2_deep.json", "--runs-dir", "runs/bench/fig2-deep-runs"],
+    ),
+    "convergence_ci": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "--rates", "0.10", "0.33", "--seeds", "0", "1",
+         "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5", "checkfree", "--jobs", "2",
+         "--out", "runs/bench/convergence_ci.json", "--runs-dir", "runs/bench/convergence-ci-runs"],
+        note="checkfree was added later: its runs trained with --strategies none checkfree in "
+        "runs/bench/convergence-ci-plain-runs and were copied in; the table is --analyse-only",
+    ),
+    "convergence_slow": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "checkpoint.storage_mb_s=5", "--rates", "0.10",
+         "0.33", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
+         "checkpoint:25", "--compare-by", "seconds", "--jobs", "2", "--out", "runs/bench/convergence_slow.json",
+         "--runs-dir", "runs/bench/convergence-slow-runs"],
+    ),
+    "whatif": Command(
+        ["python", "scripts/whatif.py", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
+         "--downtime-s", "1.14", "--iteration-s", "91.3", "--hourly-rate", "0.1", "0.33", "--storage-mb-s", "5", "100",
+         "--q", "21", "15", "27", "--q-full-step", "300", "--target-steps", "300", "--intervals", "5", "25",
+         "--map-storage", "0.5", "500", "13", "--map-rates", "0.02", "0.5", "10", "--out", "runs/bench/whatif.json"],
+    ),
+    "whatif_paper": Command(
+        ["python", "scripts/whatif.py", "--q", "40", "20", "60", "--out", "runs/bench/whatif_paper.json"],
+    ),
+    "whatif_validation_local": Command(
+        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
+         "checkfree_plus", "--q", "21", "15", "27", "--q-full-step", "300", "--out",
+         "runs/bench/whatif_validation_local.json"],
+    ),
+    "whatif_validation_slow": Command(
+        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
+         "checkfree_plus", "--q", "21", "15", "27", "--q-full-step", "300", "--out",
+         "runs/bench/whatif_validation_slow.json"],
+    ),
+    "overlap_fit": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "--rates", "0.5", "0.05", "0.2", "--seeds",
+         "5", "6", "7", "8", "9", "--strategies", "none", "checkfree_plus", "--out", "runs/bench/overlap_fit.json",
+         "--runs-dir", "runs/bench/overlap-fit-runs"],
+        env={"OMP_NUM_THREADS": "1"},
+    ),
+    "whatif_overlap_fit": Command(
+        ["python", "scripts/whatif.py", "--fit-overlap", "runs/bench/overlap-fit-runs", "checkfree_plus", "--q", "21",
+         "--q-full-step", "300", "--out", "runs/bench/whatif_overlap_fit.json"],
+    ),
+    "whatif_validation_local_overlap": Command(
+        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
+         "checkfree_plus", "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--out",
+         "runs/bench/whatif_validation_local_overlap.json"],
+    ),
+    "whatif_validation_slow_overlap": Command(
+        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
+         "checkfree_plus", "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--out",
+         "runs/bench/whatif_validation_slow_overlap.json"],
+    ),
+    "whatif_overlap": Command(
+        ["python", "scripts/whatif.py", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
+         "--downtime-s", "1.14", "--iteration-s", "91.3", "--hourly-rate", "0.1", "0.33", "--storage-mb-s", "5", "100",
+         "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--target-steps", "300", "--intervals", "5", "25",
+         "--map-storage", "0.5", "500", "13", "--map-rates", "0.02", "0.5", "10", "--out",
+         "runs/bench/whatif_overlap.json"],
+    ),
+    "convergence_neighbours": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "failures.neighbour_prob=0.5", "--rates",
+         "0.33", "0.1", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
+         "checkpoint:5", "--out", "runs/bench/convergence_neighbours.json", "--runs-dir",
+         "runs/bench/convergence-neighbours-runs"],
+        env={"OMP_NUM_THREADS": "1"},
+    ),
+    "convergence_neighbours_hybrid": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "failures.neighbour_prob=0.5", "--rates",
+         "0.33", "0.1", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
+         "checkpoint:5", "--ours", "hybrid", "--baselines", "checkfree_plus", "--analyse-only", "--out",
+         "runs/bench/convergence_neighbours_hybrid.json", "--runs-dir", "runs/bench/convergence-neighbours-runs"],
+    ),
+    "convergence_swarm": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=200", "--swarm", "--rates", "0.10",
+         "0.33", "--seeds", "0", "--strategies", "none", "checkfree", "checkfree_plus", "checkpoint:10", "redundant",
+         "checkpoint:50", "--out", "runs/bench/convergence_swarm.json", "--runs-dir",
+         "runs/bench/convergence-swarm-runs"],
+    ),
 }
-QUICK = {
-    "convergence_ci": "python scripts/bench_convergence.py configs/bench.yaml num_steps=200 --rates 0.33 --seeds 0 1 "
-    "--strategies none checkfree_plus hybrid checkpoint:5 --jobs 2 --out runs/bench/convergence_ci.json "
-    "--runs-dir runs/bench/convergence-ci-runs"
+QUICK: dict[str, Command] = {
+    "convergence_ci": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=200", "--rates", "0.33", "--seeds",
+         "0", "1", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5", "--jobs", "2", "--out",
+         "runs/bench/convergence_ci.json", "--runs-dir", "runs/bench/convergence-ci-runs"],
+    ),
 }
+# fmt: on
 
 
 def _file(name: str) -> Path:
@@ -135,8 +214,12 @@ def _machine() -> str:
     )
 
 
-def _section(title: str, name: str, body: str, command: str | None = None) -> list[str]:
-    return [f"## {title}", "", f"Command: `{command or COMMANDS.get(name, '?')}`", "", body, ""]
+def _section(title: str, name: str, body: str, command: Command | None = None) -> list[str]:
+    command = command or COMMANDS.get(name)
+    line = "Command: `?`" if command is None else f"Command: `{command.shown()}`"
+    if command is not None and command.note:
+        line += f" ({command.note})"
+    return [f"## {title}", "", line, "", body, ""]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -151,6 +234,16 @@ SUPERSEDED = (
     "failure traces were shorter than the runs, the swarm dropped failures during recoveries, validation ran "
     "every 20 steps, and no interval was computed. The section above replaces it."
 )
+
+
+def first_convergence_command(r: dict) -> Command:
+    """The command behind docs/results/convergence.json, from what it recorded (it predates the table above)."""
+    return Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", f"num_steps={r['num_steps']}"]
+        + (["--swarm"] if r.get("swarm") else [])
+        + (["--jobs", str(r["jobs"])] if r.get("jobs", 1) > 1 else [])
+        + ["--rates", *map(str, r["rates"]), "--seeds", *map(str, r["seeds"])]
+    )
 
 
 def _issue11() -> list[str]:
@@ -402,7 +495,6 @@ def build() -> str:
         for png in pngs:
             _copy_png(png.name, f"bench_{png.name}")
         where = "in the multi-process swarm" if r.get("swarm") else "in the single-process engine"
-        flags = (" --swarm" if r.get("swarm") else "") + (f" --jobs {r['jobs']}" if r.get("jobs", 1) > 1 else "")
         out += _section(
             f"Convergence under failures {where} at {', '.join(f'{x:.0%}' for x in r['rates'])} per hour "
             "(nominal), superseded",
@@ -413,11 +505,7 @@ def build() -> str:
             + md.read_text()
             + "\n"
             + "\n".join(f"![{p.stem}](bench_{p.name})" for p in pngs),
-            command=COMMANDS.get(res.stem)
-            if res.stem != "convergence"
-            else f"python scripts/bench_convergence.py configs/bench.yaml num_steps={r['num_steps']}{flags} "
-            f"--rates {' '.join(map(str, r['rates']))} --seeds {' '.join(map(str, r['seeds']))}"
-            + (f" --out runs/bench/{res.name} --runs-dir {r['run_dirs']}" if res.name != "convergence.json" else ""),
+            command=first_convergence_command(r) if res.stem == "convergence" else COMMANDS.get(res.stem),
         )
     reading = DOCS / "BENCHMARKS-reading.md"  # hand-written: what the figures mean, revised with them
     if reading.is_file():
@@ -425,16 +513,33 @@ def build() -> str:
     return "\n".join(out) + "\n"
 
 
+def rerun(commands: dict[str, Command], timeout_s: float, runner: Callable[..., object] = subprocess.run) -> None:
+    """Run each command from the repository root, with this interpreter for "python" and no shell.
+
+    Raises:
+        subprocess.CalledProcessError: a benchmark failed (the rest are not run).
+        subprocess.TimeoutExpired: a benchmark ran past ``timeout_s``.
+    """
+    for command in commands.values():
+        print(f"$ {command.shown()}", flush=True)
+        argv = [sys.executable if command.argv[0] == "python" else command.argv[0], *command.argv[1:]]
+        env = {**os.environ, **command.env} if command.env else None  # None: this process's own
+        runner(argv, check=True, cwd=ROOT, env=env, timeout=timeout_s)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", action="store_true", help="rerun every benchmark first")
     ap.add_argument("--quick", action="store_true", help="with --run: the reduced convergence sweep")
+    ap.add_argument(
+        "--timeout-s",
+        type=float,
+        default=6 * 3600.0,  # all of them take about 2 hours on 2 cores: a hung benchmark must not hold --run forever
+        help="with --run: give up on a benchmark that runs longer than this (seconds)",
+    )
     ns = ap.parse_args()
     if ns.run:
-        for name, cmd in COMMANDS.items():
-            cmd = QUICK.get(name, cmd) if ns.quick else cmd
-            print(f"$ {cmd}", flush=True)
-            subprocess.run(cmd.replace("python ", f"{sys.executable} ", 1), shell=True, check=True, cwd=ROOT)
+        rerun({name: QUICK.get(name, c) if ns.quick else c for name, c in COMMANDS.items()}, ns.timeout_s)
     DOCS.mkdir(exist_ok=True)
     (DOCS / "BENCHMARKS.md").write_text(build())
     results = DOCS / "results"  # the raw figures behind every table, versioned with the page
