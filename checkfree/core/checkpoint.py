@@ -22,7 +22,10 @@ the new timeline's files (``CheckpointStore.rollbacks``, from ``EpochRecord.roll
 
 Both executors save the same ``StagePayload`` (weights, Adam state, learning rate, tracked gradient
 norms, step) and load it with ``torch.load(weights_only=True)``: a checkpoint holds tensors and plain
-values only, never pickled objects that could run code when read.
+values only, never pickled objects that could run code when read. A loaded payload is restored only if its
+weights and optimizer state are finite and its learning rate is a positive number, at most ``max_lr`` when
+the caller gives one (``max_restored_lr`` of the run's config): a corrupt or diverged file is refused by
+name (``CheckpointRejected``) instead of poisoning the stages trained from it.
 
 ``storage_mb_s`` emulates slower storage than the local disk (a network file system, object storage):
 each save and each load then takes at least its file size divided by that throughput, the remainder
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import pickle
 import re
@@ -128,6 +132,77 @@ class StagePayload:
         return cls(**d)
 
 
+class CheckpointRejected(RuntimeError, ValueError):
+    """A stage payload that loads but must not be restored: a non-finite weight or optimizer state, or a
+    learning rate out of range. A RuntimeError as every refused load is (callers that stop on an unloadable
+    checkpoint stop on this one too), and a ValueError: what the file holds is a bad value."""
+
+
+# slack over the configured lr: a float32 round trip, or a product computed in another order, is not a corruption
+_LR_SLACK = 1e-4
+
+
+def max_restored_lr(optim_lr: float, lr_factor: float) -> float:
+    """The highest learning rate a stage restored under a config may carry: ``optim.lr``, or that times
+    ``recovery.lr_factor`` for a stage rebuilt by averaging (its lr is always ``optim.lr * lr_factor``, never
+    compounded), plus a relative slack of 1e-4."""
+    return optim_lr * max(lr_factor, 1.0) * (1 + _LR_SLACK)
+
+
+def check_restorable(payload: StagePayload, where: str, max_lr: float | None = None) -> None:
+    """Refuse a payload whose restore would poison training.
+
+    Args:
+        payload: as loaded.
+        where: what the message calls its source (``checkpoint PATH``).
+        max_lr: the highest learning rate the run's config allows (``max_restored_lr``); None: any positive
+            finite one.
+
+    Raises:
+        CheckpointRejected: a weight or optimizer-state tensor (or value) is NaN or infinite, or the lr is not
+            a finite number in (0, ``max_lr``]; the message names ``where``, the key and what was expected.
+    """
+    lr = payload.lr
+    if isinstance(lr, bool) or not isinstance(lr, int | float):
+        raise CheckpointRejected(f"{where}: lr is a {type(lr).__name__}, expected a number")
+    if not (math.isfinite(lr) and lr > 0 and (max_lr is None or lr <= max_lr)):
+        expected = (
+            "a finite lr > 0"
+            if max_lr is None
+            else f"0 < lr <= {max_lr:.6g} (the config's optim.lr, times recovery.lr_factor for a rebuilt stage)"
+        )
+        raise CheckpointRejected(f"{where}: lr={lr!r}, expected {expected}")
+    for part, what in (("model", "weights"), ("optim", "optimizer state")):
+        found = _first_nonfinite(getattr(payload, part))
+        if found is not None:
+            key, detail = found
+            raise CheckpointRejected(
+                f"{where}: {part} {key!r} holds {detail}, expected finite {what} (the stage diverged before it "
+                f"was saved, or the file is corrupt)"
+            )
+
+
+def _first_nonfinite(tree: object) -> tuple[str, str] | None:
+    """(dotted key, what is wrong) of the first NaN/inf tensor or float in nested dicts, lists and tuples; None
+    when all are finite. Walked with a stack, not recursion: a crafted file may nest without limit."""
+    stack: list[tuple[str, object]] = [("", tree)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() or value.is_complex():
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    return key, f"{bad} NaN/inf of {value.numel()} values"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return key, repr(value)
+        elif isinstance(value, dict | list | tuple):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            children = [(f"{key}.{k}" if key else str(k), v) for k, v in items]
+            stack.extend(reversed(children))  # in order: the first bad key is the one reported
+    return None
+
+
 def payload_bytes(payload: StagePayload) -> bytes:
     """A stage's payload as bytes (what a checkpoint file and a preemption hand-over hold)."""
     buf = io.BytesIO()
@@ -135,15 +210,19 @@ def payload_bytes(payload: StagePayload) -> bytes:
     return buf.getvalue()
 
 
-def payload_from_bytes(data: bytes, where: str) -> StagePayload:
-    """Read ``payload_bytes`` back with ``weights_only=True`` (no code runs); RuntimeError names ``where``."""
+def payload_from_bytes(data: bytes, where: str, max_lr: float | None = None) -> StagePayload:
+    """Read ``payload_bytes`` back with ``weights_only=True`` (no code runs) and check it can be restored
+    (``check_restorable``, with ``max_lr``). RuntimeError (``CheckpointRejected`` for a bad value) names
+    ``where``."""
     try:
         raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         lines = str(e).splitlines() or [type(e).__name__]
         detail = next((line.strip() for line in lines if "GLOBAL" in line), lines[0])
         raise RuntimeError(f"cannot load {where}: {detail}") from e
-    return StagePayload.from_dict(raw, where)
+    payload = StagePayload.from_dict(raw, where)
+    check_restorable(payload, where, max_lr)
+    return payload
 
 
 def _open_storage(
@@ -310,20 +389,34 @@ class CheckpointStore:
         every = set(range(self.num_stages))
         return sorted(step for step, stages in self._stages_by_step().items() if every <= stages)
 
-    def latest_complete(self) -> int | None:
-        steps = self.complete_steps()
+    def latest_complete(self, at_most: int | None = None) -> int | None:
+        """The newest complete step, no later than ``at_most`` when given (a rollback never goes forward: a
+        complete step beyond the swarm's own, left by another run or planted, is not one to roll back to)."""
+        steps = [step for step in self.complete_steps() if at_most is None or step <= at_most]
         return steps[-1] if steps else None
 
-    def latest_for_stage(self, stage: int) -> int | None:
-        steps = [step for step, stages in self._stages_by_step().items() if stage in stages]
+    def latest_for_stage(self, stage: int, at_most: int | None = None) -> int | None:
+        """The newest step with a valid file of ``stage``, no later than ``at_most`` when given."""
+        steps = [
+            step
+            for step, stages in self._stages_by_step().items()
+            if stage in stages and (at_most is None or step <= at_most)
+        ]
         return max(steps) if steps else None
 
-    def load_stage(self, step: int, stage: int) -> StagePayload:
-        """The payload stage ``stage`` saved at ``step``.
+    def load_stage(self, step: int, stage: int, max_lr: float | None = None) -> StagePayload:
+        """The payload stage ``stage`` saved at ``step``, checked before it is restored (``check_restorable``).
+
+        Args:
+            step: the checkpoint's step.
+            stage: the stage to load.
+            max_lr: the highest learning rate the run's config allows (``max_restored_lr``); None: any positive
+                finite one.
 
         Raises:
             RuntimeError: the file is missing, unreadable, not a stage checkpoint, or of another stage/step;
-                the message names the file.
+                ``CheckpointRejected`` (a RuntimeError) when it holds a NaN/inf weight or optimizer state or
+                an lr out of range. The message names the file.
         """
         timeline = self._timelines().get(step, {}).get(stage)
         if timeline is None and any(x[:2] == (step, stage) for x in self._listing()):
@@ -338,7 +431,7 @@ class CheckpointStore:
             data = self.fs.cat_file(path)
         except OSError as e:
             raise RuntimeError(f"cannot load checkpoint {where}: {str(e).splitlines()[0] if str(e) else e}") from e
-        payload = payload_from_bytes(data, f"checkpoint {where}")
+        payload = payload_from_bytes(data, f"checkpoint {where}", max_lr)
         if (payload.stage, payload.step) != (stage, step):
             raise RuntimeError(
                 f"{where} holds stage {payload.stage} at step {payload.step}, expected stage {stage} at step {step}"

@@ -6,7 +6,10 @@ Who may take part in a swarm, and how every record proves where it comes from.
 
 - **The join token** is the swarm's secret. ``checkfree swarm`` (or the first ``checkfree peer``) creates it and
   writes it to ``RUN_DIR/join_token`` (mode 0600); every other peer gets it by ``--join-token`` or the
-  ``CHECKFREE_JOIN_TOKEN`` environment variable. It is never logged, nor written into a run's config.
+  ``CHECKFREE_JOIN_TOKEN`` environment variable. It is never logged, nor written into a run's config. The file
+  is created, never overwritten nor written through a symlink, and read back only from a regular file of the
+  reader's own that no other user can reach (``read_token``). ``scrub_secrets`` removes the token and the peer's
+  key from the environment once read, so that no process started afterwards (p2pd) inherits them.
 - **A peer's identity** is an Ed25519 key pair; its peer id is ``NAME.HASH``, where HASH is the first 8 bytes
   (hex) of the SHA-256 of its public key. Only the holder of the private key can speak under that id.
 - **A sealed record** carries the body, the signer's id and public key, the signer's Ed25519 signature and
@@ -32,6 +35,7 @@ import hashlib
 import hmac
 import logging
 import os
+import pwd
 import re
 import secrets
 import stat
@@ -82,22 +86,105 @@ def check_token(token: str) -> str:
 
 
 def find_token(flag: str | None = None, run_dir: str | Path | None = None) -> str | None:
-    """The join token from ``--join-token``, else ``$CHECKFREE_JOIN_TOKEN``, else ``RUN_DIR/join_token``."""
+    """The join token from ``--join-token``, else ``$CHECKFREE_JOIN_TOKEN``, else ``RUN_DIR/join_token``.
+
+    Raises:
+        AdmissionError: the token is malformed, or ``RUN_DIR/join_token`` is not safe to trust (``read_token``).
+    """
     token = flag or os.environ.get(TOKEN_ENV)
-    if not token and run_dir is not None and (Path(run_dir) / TOKEN_FILE).is_file():
-        token = (Path(run_dir) / TOKEN_FILE).read_text()
+    if not token and run_dir is not None:
+        token = read_token(Path(run_dir) / TOKEN_FILE)
     return check_token(token) if token else None
 
 
+def read_token(path: str | Path) -> str | None:
+    """The token saved at ``path`` (None when there is no file), read only from a regular file of this user's
+    that no other user may read or write: through a symlink or a file another user can reach, the secret could
+    be someone else's choice, or no longer a secret.
+
+    Raises:
+        AdmissionError: ``path`` is a symlink, not a regular file, not this user's, or open to other users; the
+            message names the path, its mode and owner, and the fix.
+    """
+    try:
+        # O_NOFOLLOW: a symlink fails to open (ELOOP) instead of being read through; fstat then checks the very
+        # file that was opened, not whatever the path names a moment later. O_NONBLOCK: a FIFO does not hang.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            raise AdmissionError(f"cannot read the join token {path}: {e.strerror or e}") from e
+        if stat.S_ISLNK(st.st_mode):
+            raise AdmissionError(
+                f"{path} is a symlink: the join token is read from a regular file only; remove it, then pass the "
+                f"token with --join-token or ${TOKEN_ENV} (or let the first peer write a new one)"
+            ) from e
+        raise AdmissionError(f"cannot read the join token {path} ({_mode_and_owner(st)}): {e.strerror or e}") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise AdmissionError(f"{path} is not a regular file: the join token is read from a regular file only")
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise AdmissionError(
+                f"{path} ({_mode_and_owner(st)}) must belong to this user ({_user(os.getuid())}) and be open to "
+                f"it alone: run `chmod 600 {path}` as its owner, or remove it and pass the token with "
+                f"--join-token or ${TOKEN_ENV}"
+            )
+        return f.read(4096).decode("utf-8", errors="replace")  # a token is 48 characters: never read a huge file
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _mode_and_owner(st: os.stat_result) -> str:
+    return f"mode {stat.S_IMODE(st.st_mode):#o}, owner {_user(st.st_uid)}"
+
+
 def write_token(run_dir: str | Path, token: str) -> Path:
-    """Save the token where the run's owner finds it, readable by that user only."""
+    """Save the token as ``RUN_DIR/join_token``, readable by this user only. The file is created, never
+    replaced nor written through a symlink: one already there is left as it is, and accepted only when it
+    holds this very token and passes ``read_token`` (a restart that read it back).
+
+    Raises:
+        AdmissionError: a file (or symlink) is already there holding another token, or cannot be trusted
+            (``read_token``); the message names the path and says to remove it or pass its token.
+    """
     path = Path(run_dir) / TOKEN_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, stat.S_IRUSR | stat.S_IWUSR)
+    except FileExistsError:
+        held = read_token(path)
+        if held is not None and hmac.compare_digest(held.strip().encode(), token.encode()):
+            return path
+        raise AdmissionError(
+            f"{path} already exists and holds another join token: remove it to start a new swarm there, or pass "
+            f"its token with --join-token or ${TOKEN_ENV}"
+        ) from None
     with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        try:
+            os.fchmod(f.fileno(), stat.S_IRUSR | stat.S_IWUSR)  # exactly 0600, whatever the umask left
+            f.write(token + "\n")
+            f.flush()
+        except BaseException:
+            os.unlink(path)  # never a torn token file, which a restart would then refuse
+            raise
     return path
+
+
+def scrub_secrets() -> None:
+    """Remove ``$CHECKFREE_JOIN_TOKEN`` and ``$CHECKFREE_PEER_KEY`` from this process's environment, once their
+    values are read (``find_token``, ``Identity.from_env``): every process started afterwards (the DHT's
+    p2pd daemon, a shell a hook runs) inherits the environment, and none of them needs the secrets."""
+    for name in (TOKEN_ENV, KEY_ENV):
+        os.environ.pop(name, None)
 
 
 def _key_hash(public: bytes) -> str:

@@ -1,8 +1,25 @@
-"""The seal every node checks before it stores or returns a record: size bound, token and signer."""
+"""The seal every node checks before it stores or returns a record: size bound, token and signer; the token
+file, created and read only as its owner's alone; the secrets taken out of the environment once read."""
+
+import os
+import stat
 
 import pytest
 
-from checkfree.swarm.admission import MAX_SEALED_BYTES, dht_context, new_token
+import checkfree.swarm.admission as admission_mod
+from checkfree.swarm.admission import (
+    KEY_ENV,
+    MAX_SEALED_BYTES,
+    TOKEN_ENV,
+    TOKEN_FILE,
+    AdmissionError,
+    Identity,
+    dht_context,
+    find_token,
+    new_token,
+    scrub_secrets,
+    write_token,
+)
 from tests.helpers import admission
 
 
@@ -25,3 +42,79 @@ def test_a_record_sealed_with_another_token_or_for_another_key_is_refused():
     stranger = admission("stranger", token=new_token())
     with pytest.raises(ValueError, match="join token"):
         node.open(context, stranger.seal(context, b"body"))
+
+
+# ---- the token file: created, never written through a symlink; read only when this user's alone ----------
+
+
+def test_the_token_file_is_created_for_its_owner_alone_and_a_restart_reads_it_back(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    old_umask = os.umask(0)  # a permissive umask must not widen the file's mode
+    try:
+        token = new_token()
+        path = write_token(tmp_path / "run", token)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+    assert find_token(None, tmp_path / "run") == token
+    assert write_token(tmp_path / "run", token) == path  # a restart that read it back and writes it again
+    with pytest.raises(AdmissionError, match=f"{path} already exists and holds another join token: remove it"):
+        write_token(tmp_path / "run", new_token())
+    assert path.read_text() == token + "\n"
+
+
+def test_the_token_is_never_written_through_a_symlink(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not yours\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / TOKEN_FILE).symlink_to(elsewhere)
+    with pytest.raises(AdmissionError, match=f"{run / TOKEN_FILE} is a symlink"):
+        write_token(run, new_token())
+    (run / TOKEN_FILE).unlink()
+    (run / TOKEN_FILE).symlink_to(tmp_path / "dangling")  # a symlink to nothing is not followed either
+    with pytest.raises(AdmissionError, match="is a symlink"):
+        write_token(run, new_token())
+    assert elsewhere.read_text() == "not yours\n" and not (tmp_path / "dangling").exists()
+
+
+def test_a_token_file_that_is_a_symlink_open_to_others_or_not_ours_is_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    token = new_token()
+    path = write_token(tmp_path, token)
+    path.chmod(0o644)
+    with pytest.raises(AdmissionError, match=rf"{path} \(mode 0o644, owner .*uid {os.getuid()}\).*`chmod 600 {path}`"):
+        find_token(None, tmp_path)
+    path.chmod(0o600)
+    real_uid = os.getuid()
+    monkeypatch.setattr(admission_mod.os, "getuid", lambda: real_uid + 1)  # as another user would read it
+    with pytest.raises(AdmissionError, match=f"must belong to this user .*uid {real_uid + 1}"):
+        find_token(None, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    link_dir = tmp_path / "linked"
+    link_dir.mkdir()
+    (link_dir / TOKEN_FILE).symlink_to(path)  # a good file, through a symlink
+    with pytest.raises(AdmissionError, match=f"{link_dir / TOKEN_FILE} is a symlink"):
+        find_token(None, link_dir)
+    assert find_token(None, tmp_path) == token
+    assert find_token(None, tmp_path / "nothing-here") is None
+
+
+def test_the_flag_and_the_variable_still_come_before_the_file(tmp_path, monkeypatch):
+    path = write_token(tmp_path, new_token())
+    path.chmod(0o666)  # never read while a token is given otherwise
+    given, env = new_token(), new_token()
+    monkeypatch.setenv(TOKEN_ENV, env)
+    assert find_token(given, tmp_path) == given
+    assert find_token(None, tmp_path) == env
+
+
+def test_scrub_secrets_takes_the_token_and_the_key_out_of_the_environment(monkeypatch):
+    token, seed = new_token(), "11" * 32
+    monkeypatch.setenv(TOKEN_ENV, token)
+    monkeypatch.setenv(KEY_ENV, seed)
+    assert find_token() == token and Identity.from_env("p").seed_hex() == seed
+    scrub_secrets()
+    assert TOKEN_ENV not in os.environ and KEY_ENV not in os.environ
+    scrub_secrets()  # twice is fine

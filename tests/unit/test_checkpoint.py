@@ -270,3 +270,16 @@ def test_loading_a_file_a_rollback_abandoned_is_refused_saying_so(tmp_path):
     store.rollbacks = [(5, 4)]
     with pytest.raises(RuntimeError, match="stage 0 at step 8 .* belongs to a timeline a rollback abandoned"):
         store.load_stage(8, 0)
+
+
+def test_a_complete_step_beyond_the_bound_is_never_the_one_rolled_back_to(tmp_path):
+    """A rollback never goes forward: a complete step newer than the swarm's (planted, or left by another run)
+    is passed over when the caller bounds the search."""
+    store = CheckpointStore(tmp_path, num_stages=2)
+    for step in (40, 99_999_999):
+        for stage in range(2):
+            store.save_stage(_payload(stage, step))
+    assert store.latest_complete() == 99_999_999
+    assert store.latest_complete(at_most=50) == 40
+    assert store.latest_complete(at_most=39) is None
+    assert store.latest_for_stage(1, at_most=50) == 40 and store.latest_for_stage(1) == 99_999_999
