@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MAX_STATE_BYTES = 1 << 40
 CHUNK_BYTES = 1 << 20
+MAX_TRANSFERS = 4  # transfers of the state at once (a spare fetches it once; more are retries)
 
 
 class Preempted(Exception):
@@ -119,7 +120,9 @@ class NoticeWatcher:
 
 
 class HandoffServer(Acceptor):
-    """Serves one stage's exact state to members of the swarm (checked like the rendezvous gate)."""
+    """Serves one stage's exact state to members of the swarm (checked like the rendezvous gate, and bounded
+    like it: see ``gate``; at most ``MAX_TRANSFERS`` transfers at once). ``served`` is appended to by the
+    connections' threads."""
 
     def __init__(
         self, host: str, port_range: str | None, admission: Admission, payload: StagePayload, timeout_s: float = 60.0
@@ -128,26 +131,28 @@ class HandoffServer(Acceptor):
         self.admission, self.payload, self.timeout_s = admission, payload, timeout_s
         self.blob = payload_bytes(payload)
         self.served: list[str] = []  # the peers that fetched the state
-        super().__init__(listen(host, parse_port_range(port_range)), "handoff")
+        name = f"handoff-{payload.stage}"
+        super().__init__(listen(host, parse_port_range(port_range)), name, max_sessions=MAX_TRANSFERS)
 
-    def on_connection(self, conn: socket.socket) -> None:
-        try:
-            who = admit(conn, self.admission, lambda _: True, f"the hand-over of stage {self.payload.stage}")
-            deadline = time.monotonic() + self.timeout_s
-            data = memoryview(struct.pack("!Q", len(self.blob)) + self.blob)
-            for i in range(0, len(data), CHUNK_BYTES):  # a limit per chunk (sendall's is for the whole call)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"the receiver took more than {self.timeout_s} s")
-                conn.settimeout(min(left, 10.0))
-                conn.sendall(data[i : i + CHUNK_BYTES])
-            conn.settimeout(max(deadline - time.monotonic(), 1.0))
-            if conn.recv(1) == b"k":  # the receiver read it all
-                self.served.append(who)
-        except (OSError, GateRefused) as e:
-            logger.warning("hand-over of stage %d: %s", self.payload.stage, e)
-        finally:
-            conn.close()
+    def admit_connection(self, conn: socket.socket, deadline: float) -> str:
+        return admit(conn, self.admission, lambda _: True, f"the hand-over of stage {self.payload.stage}", deadline)
+
+    def serve(self, conn: socket.socket, who: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        blob = memoryview(self.blob)  # shared by the transfers, never copied
+        conn.settimeout(min(self.timeout_s, 10.0))
+        conn.sendall(struct.pack("!Q", len(blob)))
+        for i in range(0, len(blob), CHUNK_BYTES):  # a limit per chunk (sendall's is for the whole call)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"hand-over of stage {self.payload.stage}: the receiver took more than {self.timeout_s} s"
+                )
+            conn.settimeout(min(left, 10.0))
+            conn.sendall(blob[i : i + CHUNK_BYTES])
+        conn.settimeout(max(deadline - time.monotonic(), 1.0))
+        if conn.recv(1) == b"k":  # the receiver read it all
+            self.served.append(who)
 
 
 def fetch_handoff(

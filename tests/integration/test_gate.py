@@ -1,6 +1,8 @@
 """The rendezvous gate: a real TCPStore on loopback behind a Gate; members reach it through Tunnels."""
 
 import socket
+import struct
+import threading
 import time
 from datetime import timedelta
 
@@ -9,8 +11,8 @@ import torch.distributed as dist
 
 from checkfree.swarm.addressing import listen
 from checkfree.swarm.admission import new_token
-from checkfree.swarm.gate import Gate, GateRefused, Tunnel, handshake
-from tests.helpers import admission
+from checkfree.swarm.gate import Gate, GateBusy, GateRefused, ThrottledLog, Tunnel, dial, handshake
+from tests.helpers import admission, poll
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +99,85 @@ def test_a_member_refuses_a_gate_run_by_someone_else(gated):
     finally:
         tunnel.close()
         impostor.close()
+
+
+def test_one_deadline_for_the_whole_handshake(gated):
+    """A client that sends a byte every 0.2 s never lets one read wait long, and is dropped all the same when the
+    handshake's single deadline passes."""
+    store, gate, *_ = gated
+    gate.handshake_timeout_s = 1.0  # the instance's own, to keep the test short (HANDSHAKE_TIMEOUT_S: 3 s)
+    with socket.create_connection(("127.0.0.1", gate.port), timeout=2) as s:
+        t0 = time.monotonic()
+        s.recv(64)  # the challenge
+        s.settimeout(0.2)
+        got = None
+        for byte in struct.pack("!I", 4000) + b"x" * 30:
+            try:
+                s.sendall(bytes([byte]))
+                got = s.recv(1)
+            except TimeoutError:
+                continue
+            except OSError:
+                got = b""
+            break
+        took = time.monotonic() - t0
+    assert got == b"" and 0.9 < took < 2.0, (got, took)
+    assert poll(lambda: gate.counters()["timeouts"] == 1)
+
+
+def test_connections_over_the_cap_are_closed_at_once_and_counted(gated):
+    store, gate, *_ = gated
+    gate.max_handshakes = 2
+    held = [socket.create_connection(("127.0.0.1", gate.port), timeout=2) for _ in range(2)]
+    try:
+        assert all(len(s.recv(64)) > 4 for s in held)  # their handshakes began: each got a challenge
+        with socket.create_connection(("127.0.0.1", gate.port), timeout=2) as third:
+            assert third.recv(64) == b""  # closed before a byte was sent: the client can tell "busy"
+        assert gate.counters()["shed"] == 1 and gate.counters()["handshaking"] == 2
+    finally:
+        for s in held:
+            s.close()
+    assert poll(lambda: gate.counters()["refused"] == 2 and gate.counters()["handshaking"] == 0)
+
+
+def test_a_member_shed_by_a_busy_gate_tries_again(gated):
+    store, gate, leader, member, _ = gated
+    gate.max_handshakes = 1
+    blocker = socket.create_connection(("127.0.0.1", gate.port), timeout=2)
+    blocker.recv(64)
+    with pytest.raises(GateBusy):
+        handshake("127.0.0.1", gate.port, member)
+    threading.Timer(0.5, blocker.close).start()  # the slot frees while the member's dial waits
+    up, signer = dial("127.0.0.1", gate.port, member, timeout_s=5.0)
+    up.close()
+    assert signer == leader.peer_id and gate.counters()["shed"] >= 2
+
+
+def test_admitted_connections_over_the_session_cap_are_closed(gated):
+    store, gate, leader, member, _ = gated
+    assert gate.max_sessions == 4 * 2 + 8  # 4 per member of the roster, and room for reconnects
+    gate.max_sessions = 1
+    first, _ = dial("127.0.0.1", gate.port, member)
+    second, _ = dial("127.0.0.1", gate.port, member)
+    try:
+        second.settimeout(2)
+        assert second.recv(1) == b""
+        assert poll(lambda: gate.counters()["sessions_shed"] == 1)
+        assert gate.counters()["sessions"] == 1 and gate.counters()["admitted"] == 2
+    finally:
+        first.close()
+        second.close()
+
+
+def test_refusals_are_logged_once_a_minute_per_kind_with_how_many_were_left_out(caplog):
+    log = ThrottledLog("gate-9", every_s=0.3)
+    assert log("refused", "refused one") and log("timeouts", "dropped one")
+    assert not any(log("refused", f"refused {i}") for i in range(50))
+    time.sleep(0.35)
+    assert log("refused", "refused again")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "[gate-9] refused one",
+        "[gate-9] dropped one",
+        "[gate-9] refused again (50 more of kind 'refused' since the last such line, not logged)",
+    ]
