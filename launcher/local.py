@@ -106,7 +106,7 @@ class LocalSwarm:
             membership_cfg = dataclasses.replace(cfg.membership, host=self.hosts.gateway, announce_host=None)
         # the swarm's secret: from $CHECKFREE_JOIN_TOKEN, else new; handed to every peer through its environment,
         # never on a command line (other users can read those) nor in a log
-        self.token = find_token() or new_token()
+        self.token = find_token(None, self.run_dir) or new_token()
         self.token_path = write_token(self.run_dir, self.token)
         try:
             self.membership = Membership(

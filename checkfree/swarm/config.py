@@ -58,6 +58,10 @@ class MembershipConfig:
     # 0.98x at 2 s, measured side by side on 2 cores)
     period_s: float = 2.0
     watch_s: float = 0.5  # how often the members of an epoch read each other's records from their probe ports
+    # a member is found frozen only after its heartbeat stalled and fresh probes went unanswered this long on
+    # end: a process stopped for less (a GC pause, a starved CPU, a SIGSTOP pulse) is never declared lost;
+    # a real hang is detected in about hang_s + watch_s
+    hang_s: float = 1.5
     ttl_s: float = 8.0  # a record expires this long after it was stored; keep >= ~4x period_s
     dht_timeout_s: float = 5.0  # limit of every DHT store/get
     # limit of one DHT node's request to another (hivemind's wait_timeout, 3 s by default): a node whose host
@@ -83,6 +87,8 @@ class MembershipConfig:
         for name in ("dht_timeout_s", "startup_timeout_s", "poll_s", "epoch_ttl_s", "watch_s", "rpc_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"membership.{name}={getattr(self, name)} must be > 0")
+        if self.hang_s < 0.5:
+            raise ValueError(f"membership.hang_s={self.hang_s} must be >= 0.5 (one probe timeout)")
         # every node of a swarm refuses records that expire further ahead than these caps (whatever its own
         # settings, so that peers and observers configured differently still accept each other's records)
         if self.ttl_s > MEMBER_TTL_CAP_S or self.epoch_ttl_s > EPOCH_TTL_CAP_S:

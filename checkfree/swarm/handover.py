@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from checkfree.core.checkpoint import CheckpointStore, StagePayload
+from checkfree.core.checkpoint import CheckpointStore, StagePayload, max_restored_lr
 from checkfree.core.data import Batches
 from checkfree.core.model import Stage, block_state, edge_state, initial_edge_state
 from checkfree.core.rebuild import RebuildInputs, RebuildSpec, RebuiltStage, initial_stage, rebuild_stage, restore_stage
@@ -74,6 +74,8 @@ class Handover:
         self.replicas_on = edge_replicas_on(cfg.recovery)
         self.redundant = cfg.recovery.strategy == "redundant"
         self.layouts = _layouts(self.spec)
+        # a restore refuses a saved lr above what this config can produce (and non-finite weights)
+        self._max_lr = max_restored_lr(cfg.optim.lr, cfg.recovery.lr_factor)
 
     def _skeleton(self, index: int) -> dict[str, torch.Tensor]:
         """Stage ``index``'s state dict as empty tensors of the right shapes and dtypes (receive buffers)."""
@@ -200,7 +202,8 @@ class Handover:
             restored = None
         else:
             try:
-                restored = restore_stage(self.spec, stage, self.ckpt.load_stage(rec.rollback_to, stage))
+                saved = self.ckpt.load_stage(rec.rollback_to, stage, max_lr=self._max_lr)
+                restored = restore_stage(self.spec, stage, saved)
             except RuntimeError as e:
                 reason = f"stage {stage} cannot roll back to step {rec.rollback_to}: {e}"
                 if self.stop_swarm is not None:
@@ -303,7 +306,9 @@ class Handover:
             *tensors, taken_at = group.recv_state([*edge.values(), _NORM], holder, rec.step)
             inputs.edge = (int(taken_at.item()), dict(zip(edge, tensors)))
         if plan.method == "checkpoint":
-            inputs.checkpoint = self.ckpt.load_stage(self.ckpt.latest_for_stage(plan.stage), plan.stage)
+            inputs.checkpoint = self.ckpt.load_stage(
+                self.ckpt.latest_for_stage(plan.stage, at_most=rec.step), plan.stage, max_lr=self._max_lr
+            )
         rebuilt = rebuild_stage(self.spec, plan, rec.step, inputs)
         fields = rebuilt.event_fields(plan, rec.step, self.cfg.recovery.strategy, duration_s=time.monotonic() - t0)
         self.emit("rebuilt", **fields, lost_epoch_time=rec.time)

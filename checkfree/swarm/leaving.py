@@ -24,7 +24,6 @@ import logging
 import time
 
 from checkfree.core.exit_codes import ExitCode
-from checkfree.swarm.leader import knock
 from checkfree.swarm.membership import DHTUnavailable
 from checkfree.swarm.preemption import HandoffServer
 from checkfree.swarm.states import PeerState
@@ -92,7 +91,7 @@ class Leaving:
         self.status.move(PeerState.LEAVING)
         self._serve_now()
         if rec is not None:
-            knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
+            self.prober.knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
         saved = ""
         if w is not None and w.lineage.kind != "none":
             try:
@@ -137,7 +136,7 @@ class Leaving:
         self.status.move(PeerState.LEAVING)
         self._serve_now()
         if rec is not None:
-            knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
+            self.prober.knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
         self._store_now.set()
         successor = None
         try:

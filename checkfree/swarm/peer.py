@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import struct
 import threading
 import time
 from datetime import timedelta
@@ -47,6 +45,7 @@ from checkfree.swarm.admission import (
     Identity,
     find_token,
     new_token,
+    scrub_secrets,
     write_token,
 )
 from checkfree.swarm.config import check_swarm_config, config_fingerprint, parse_port_range
@@ -54,25 +53,18 @@ from checkfree.swarm.coordinator import PeerCannotServe, SwarmStopped, leader_of
 from checkfree.swarm.gate import Tunnel
 from checkfree.swarm.handover import Handover
 from checkfree.swarm.injection import OwnFailures
-from checkfree.swarm.leader import (
-    MAX_RECORD_BYTES,
-    NO_ANSWER,
-    PROBE_EPOCH,
-    PROBE_KNOCK,
-    PROBE_REPLY,
-    Leader,
-    View,
-    knock,
-    read_probe,
-)
+from checkfree.swarm.leader import Leader
 from checkfree.swarm.leaving import Leaving
+from checkfree.swarm.limits import raise_file_limit
 from checkfree.swarm.membership import DHTGone, DHTUnavailable, Membership
 from checkfree.swarm.preemption import NoticeWatcher, Preempted, fetch_handoff
+from checkfree.swarm.probe import NO_ANSWER, ProbeClient, ProbeServer
 from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord, PlanRecord
 from checkfree.swarm.restart import checkpoint_store, previous_epoch
 from checkfree.swarm.states import PeerState, PeerStatus
 from checkfree.swarm.training import TrainingLoop
 from checkfree.swarm.transport import EpochGroup, PeerProtocolError, StageLostError
+from checkfree.swarm.view import View
 from checkfree.swarm.worker import StageWorker
 
 logger = logging.getLogger(__name__)
@@ -80,30 +72,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["Peer", "SwarmStopped"]
 
 
-def _recv_exact(conn: socket.socket, n: int, deadline: float) -> bytes:
-    """Up to ``n`` bytes, read until the client closes or the monotonic ``deadline`` passes (a client that
-    trickles bytes must not hold the probe port, which answers every other prober in turn)."""
-    buf = b""
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        conn.settimeout(left)
-        try:
-            chunk = conn.recv(n - len(buf))
-        except TimeoutError:
-            break
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
 # a peer joining a swarm that reads only records sealed with another join token for this many heartbeat TTLs
 # (every live member stores its record every membership.period_s) holds the wrong token: it says so and exits
 FOREIGN_TOKEN_TTLS = 3
-PROBE_REQUEST_WAIT_S = 0.1  # how long the probe port waits for a client's request byte (clients send it at once)
-PUSH_READ_LIMIT_S = 0.3  # how long it reads a pushed epoch record in all (a leader sends it at once)
 
 
 class Peer(Leaving):
@@ -140,6 +111,8 @@ class Peer(Leaving):
             token = new_token()
             token_path = write_token(self.run_dir, token)
         identity = Identity.from_env(peer_id)
+        scrub_secrets()  # read: no child (the DHT's p2pd, a shell) inherits the token or the key
+        raise_file_limit()  # gloo keeps a descriptor per connection its listener ever accepted
         self.peer_id = identity.peer_id
         self.run_id = cfg.swarm.run_id or cfg.run_name
         self.fingerprint = config_fingerprint(cfg)
@@ -217,8 +190,9 @@ class Peer(Leaving):
         # leader can confirm a crash at once instead of waiting for the heartbeat to expire
         # a long backlog: a frozen process accepts no connection, and its probe must still be told "frozen"
         # (accepted by the kernel, unanswered) from "silent" (unreachable) for a long while (see leader.probe)
-        self._probe = listen(cfg.membership.host, parse_port_range(cfg.membership.port_range), backlog=4096)
-        threading.Thread(target=self._serve_probe, name="probe", daemon=True).start()
+        sock = listen(cfg.membership.host, parse_port_range(cfg.membership.port_range), backlog=4096)
+        self.probes = ProbeServer(sock, self.membership.admission, self._on_knock, self._take_pushed)
+        self.prober = ProbeClient(self.membership.admission)
         # the epoch this peer is joining or training in, and why it is over (set by the heartbeat thread when
         # a member of it is lost, or a newer epoch exists); the main thread and the transport stop waiting
         self.last_error = ""  # why this peer's last epoch broke (heartbeated)
@@ -228,11 +202,10 @@ class Peer(Leaving):
         self._over_stages: list[int] = []  # the stages the heartbeat thread ended the epoch for
         self.blame: list[int] = []  # the stages this peer's last epoch broke on, as far as it knows (heartbeated)
         m = cfg.membership
-        self.view = View(m.ttl_s, cfg.swarm.spare_wait_s, min(m.watch_s, m.period_s), m.period_s)
+        self.view = View(m.ttl_s, cfg.swarm.spare_wait_s, min(m.watch_s, m.period_s), m.period_s, self.prober, m.hang_s)
         self._stored = -1e9  # monotonic time of the last DHT heartbeat
         self._cut = False  # transport.fault_cut_peer: this peer's data plane is cut off (fault injection)
-        self._served = b""  # the record of the last heartbeat, served on the probe port after its reply byte
-        self._wake = threading.Event()  # set by a knock on the probe port (see ``leader.knock``): main thread
+        self._wake = threading.Event()  # set by a knock on the probe port (see ``probe``): main thread
         self._knocked = threading.Event()  # the same knock, for the heartbeat thread: watch the members now
         self._store_now = threading.Event()  # for the DHT thread: store this peer's record now
         self._pushed: EpochRecord | None = None  # the newest epoch record pushed with a leader's knock
@@ -264,7 +237,8 @@ class Peer(Leaving):
             error=self.last_error,
             blame=self.blame,
             shadow_ok=w.shadow_ok if w is not None else True,
-            probe_port=self._probe.getsockname()[1],
+            probe_port=self.probes.port,
+            counters=self.counters(),
             maddrs=self._maddrs,
             handoff_port=self._handoff_port,
         )
@@ -274,7 +248,7 @@ class Peer(Leaving):
         see that it lives)."""
         rec = self.record()
         rec.time = self.membership.now
-        self._served = self.membership.seal_member(rec)
+        self.probes.served = self.membership.seal_member(rec)
         return rec
 
     def _beat_now(self) -> None:
@@ -309,7 +283,7 @@ class Peer(Leaving):
                 continue
             when, rec = self._fetched.get(pid, (-1e9, None))
             if now - when >= max_age:
-                _, value = read_probe(*address)
+                _, value = self.prober.ask(*address, pid)
                 rec = self.membership.open_member(value, pid) if value is not None else None
                 self._fetched[pid] = (time.monotonic(), rec)
             if rec is not None and (pid not in members or rec.time > members[pid].time):
@@ -326,44 +300,33 @@ class Peer(Leaving):
         if group is not None and group.epoch == rec.epoch:
             group.abort(reason)
 
-    def _serve_probe(self) -> None:
-        while True:
-            try:
-                conn, _ = self._probe.accept()
-            except OSError:
-                return  # closed at exit
-            try:
-                conn.settimeout(PROBE_REQUEST_WAIT_S)
-                try:
-                    request = conn.recv(1)  # read before closing: unread data would turn the close into a reset
-                except OSError:
-                    request = b""
-                if request == PROBE_EPOCH:
-                    self._take_pushed(conn)
-                if request in (PROBE_KNOCK, PROBE_EPOCH):
-                    self._wake.set()
-                    self._knocked.set()
-                conn.settimeout(PROBE_REQUEST_WAIT_S)
-                conn.sendall(PROBE_REPLY + self._served)
-            except OSError:
-                pass
-            finally:
-                conn.close()
+    def _on_knock(self) -> None:
+        """A knock on the probe port (rate-limited by the server, see ``probe``): wake the main thread (a new
+        epoch, a member's report) and the watch."""
+        self._wake.set()
+        self._knocked.set()
 
-    def _take_pushed(self, conn: socket.socket) -> None:
-        """Read the epoch record a leader pushed with its knock (its length, then the sealed record), checked
-        like one read from the DHT; a malformed, oversized or unsealed one is dropped (the DHT still has the
-        real one)."""
-        deadline = time.monotonic() + PUSH_READ_LIMIT_S
-        head = _recv_exact(conn, 4, deadline)
-        n = struct.unpack("!I", head)[0] if len(head) == 4 else MAX_RECORD_BYTES + 1
-        if n > MAX_RECORD_BYTES:
-            return
-        body = _recv_exact(conn, n, deadline)
-        rec = self.membership.open_epoch(body) if len(body) == n else None
+    def _take_pushed(self, sealed: bytes) -> bool:
+        """The epoch record a leader pushed with its knock, checked like one read from the DHT; a malformed or
+        unsealed one is refused (the DHT still has the real one)."""
+        rec = self.membership.open_epoch(sealed)
+        if rec is None:
+            return False
         with self._epoch_lock:
-            if rec is not None and (self._pushed is None or rec.epoch > self._pushed.epoch):
+            if self._pushed is None or rec.epoch > self._pushed.epoch:
                 self._pushed = rec
+        return True
+
+    def counters(self) -> dict[str, int]:
+        """What reached this peer's open ports (heartbeated, and written at exit: see ``peer_counters``)."""
+        out = dict(self.probes.counts)
+        foreign, _ = self.membership.tally.counts()
+        out["records_foreign"] = foreign
+        out["revived"] = self.view.revived
+        for gate in list(self.leader.gates.values()):
+            for k, v in getattr(gate, "counts", {}).items():
+                out[f"gate_{k}"] = out.get(f"gate_{k}", 0) + v
+        return out
 
     def _heartbeat_loop(self) -> None:
         """Every ``membership.watch_s``, or at once when knocked: serve a fresh record on the probe port and
@@ -427,8 +390,9 @@ class Peer(Leaving):
         for stage, pid in enumerate(rec.roster):
             if pid == self.peer_id or stage >= len(rec.probes):
                 continue
-            answer, value = read_probe(*rec.probes[stage])
-            self.view.heard(pid, answer)
+            sent = time.monotonic()
+            answer, value = self.prober.ask(*rec.probes[stage], pid)
+            self.view.heard(pid, answer, sent)
             r = self.membership.open_member(value, pid) if value is not None else None
             if answer == "refused":
                 gone.append(stage)
@@ -436,13 +400,15 @@ class Peer(Leaving):
                 self.view.note({pid: r})
                 if r.epoch == rec.epoch and r.state in ("recovering", "leaving"):
                     broke.append(stage)  # it will not join or answer in this epoch any more
-            elif answer in NO_ANSWER and self.view.stalled(pid):
-                frozen.append(stage)
-                self.view.dead.add(pid)
+            elif answer in NO_ANSWER and self.view.frozen(pid, *rec.probes[stage]):
+                frozen.append(stage)  # stalled, and unanswered for membership.hang_s on end
         if gone:
             self._end_epoch(rec, f"stages {gone} of epoch {rec.epoch} lost: probe refused (process gone)", gone)
         elif frozen:
-            reason = f"stages {frozen} of epoch {rec.epoch} lost: heartbeat stalled and probe silent (frozen)"
+            reason = (
+                f"stages {frozen} of epoch {rec.epoch} lost: heartbeat stalled and probes unanswered for "
+                f"membership.hang_s={self.cfg.membership.hang_s} s (frozen)"
+            )
             self._end_epoch(rec, reason, frozen)
         elif broke:
             self._end_epoch(rec, f"stages {broke} of epoch {rec.epoch} reported it broken", broke)
@@ -522,7 +488,8 @@ class Peer(Leaving):
             self._store_now.set()
             self._beat.join(timeout=5)
             self._dht_thread.join(timeout=5)
-            self._probe.close()
+            self.emit("peer_counters", counters=self.counters())
+            self.probes.close()
             self.notice.close()
             for tunnel in list(self._tunnels.values()):
                 tunnel.close()
@@ -752,7 +719,7 @@ class Peer(Leaving):
         # read it now; the heartbeat thread stores it in the DHT next (for spares, the launcher, ``status``)
         self._serve_now()
         if rec is not None:
-            knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
+            self.prober.knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
         self._store_now.set()
         self._knocked.set()
 

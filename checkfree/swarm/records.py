@@ -72,6 +72,7 @@ class MemberRecord(BaseModel):
     probe_port: int = 0  # a TCP port that refuses connections once this peer's process is gone
     maddrs: list[str] = []  # this peer's DHT addresses: any live peer bootstraps a new one (see status)
     handoff_port: int = 0  # state "leaving" (a preemption notice): where it serves its stage's exact state
+    counters: dict[str, int] = {}  # what reached its open ports (probes, knocks, refusals: see probe)
 
     def valid_for(self, step: int) -> bool:
         """Whether this holder's weights are the stage's weights for ``step`` (a finished, uncommitted step

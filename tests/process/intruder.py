@@ -39,8 +39,9 @@ def main() -> None:
     from checkfree.swarm.admission import Admission, Identity, new_token
     from checkfree.swarm.config import MembershipConfig
     from checkfree.swarm.gate import GateRefused, handshake
-    from checkfree.swarm.leader import PROBE_EPOCH
     from checkfree.swarm.membership import Membership
+    from checkfree.swarm.probe import EPOCH as PROBE_EPOCH
+    from checkfree.swarm.probe import NONCE_BYTES
     from checkfree.swarm.records import EpochRecord, MemberRecord
 
     cfg = MembershipConfig(period_s=0.25, ttl_s=1.5)
@@ -99,7 +100,7 @@ def main() -> None:
             for blob in (stop.model_dump_json().encode(), own.seal(b"epoch", stop.model_dump_json().encode())):
                 try:
                     with socket.create_connection((rec.get("host", "127.0.0.1"), port), timeout=0.5) as c:
-                        c.sendall(PROBE_EPOCH + struct.pack("!I", len(blob)) + blob)
+                        c.sendall(PROBE_EPOCH + b"n" * NONCE_BYTES + struct.pack("!I", len(blob)) + blob)
                         c.settimeout(0.5)
                         c.recv(1)
                     report["probe_pushes"] += 1
