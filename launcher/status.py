@@ -5,14 +5,17 @@ Status line
 The one line ``checkfree swarm`` rewrites while the swarm runs, made by a pure function of what the
 launcher reads from the DHT (member records and the newest epoch record) and what it counted itself.
 It reads left to right in the order an operator asks: what is the swarm doing and what is it waiting
-for, how far is it, how many failures and recoveries, who holds which stage::
+for, how far is it, how many failures and recoveries, what reached the peers that no fault explains
+(the non-zero ``ATTACK_COUNTERS`` summed over the peers; absent when all are 0), who holds which stage::
 
     [   42s] running | step 14/60 loss 5.21 tok/s 1234 | failures 1 recoveries 1 | spares 0 | 0:s0-01 1:s1-02 ...
+    [ 2m10s] running | step 51/60 loss 4.02 | failures 0 recoveries 0 | attacks shed=40 gate_refused=3 | ...
     [ 1m01s] stage lost: waiting for a spare for stages [2] (0 available) | step 14/60 loss 5.21 | ...
     [    3s] starting: 3 of 5 peers up | failures 0 recoveries 0 | spares 0 | 0:s0-01 1:s1-02
 
-It fits the terminal by shortening the holders list (then dropping throughput and spares), never by
-cutting the state or what the swarm waits for. Peer ids (``NAME.HASH``) are shown by their NAME.
+It fits the terminal by shortening the holders list (then dropping throughput, then spares, then the
+attacks), never by cutting the state or what the swarm waits for. Peer ids (``NAME.HASH``) are shown
+by their NAME.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import math
 import shutil
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from checkfree.cli.status import attack_text, attack_totals
 
 MAX_WIDTH = 150  # a wider line is hard to read at a glance, even on a wide terminal
 
@@ -98,6 +103,7 @@ def status_line(
     recoveries: int,
     width: int | None = None,
     last_loss: float | None = None,
+    attacks: Mapping[str, int] | None = None,
 ) -> str:
     """The live status line of a swarm.
 
@@ -111,6 +117,8 @@ def status_line(
         width: the most characters the line may take (default: ``terminal_width()``).
         last_loss: the loss to show when no holder reports one any more (the run's end): the caller keeps
             the last ``roster_loss`` it saw (``LiveStatus`` does).
+        attacks: the swarm's attack counts to show (default: ``attack_totals`` of the members' records; a
+            peer gone from the DHT takes its counts with it, so ``LiveStatus`` keeps each peer's last ones).
 
     Returns:
         The line, no wider than ``width`` unless the state and what the swarm waits for alone are wider.
@@ -131,11 +139,15 @@ def status_line(
         rate = f"tok/s {_rate(min(rates))}" if rates else ""
     counts = f"failures {failures} recoveries {recoveries}"
     spares = f"spares {sum(1 for r in members.values() if r.state == 'spare')}"
+    attacks = attack_totals(r.counters for r in members.values()) if attacks is None else attacks
+    attacked = f"attacks {attack_text(attacks)}" if attacks else ""
     holders = _holders(members, current)
-    # the parts that may go, least needed first: holders (shortened one at a time), then throughput, then spares
+    # the parts that may go, least needed first: holders (shortened one at a time), then throughput, then
+    # spares, then the attacks
     for parts in (
-        [head, " ".join([*progress, rate]).strip(), counts, spares],
-        [head, " ".join(progress), counts, spares],
+        [head, " ".join([*progress, rate]).strip(), counts, attacked, spares],
+        [head, " ".join(progress), counts, attacked, spares],
+        [head, " ".join(progress), counts, attacked],
         [head, " ".join(progress), counts],
     ):
         fixed = " | ".join(p for p in parts if p)
@@ -173,10 +185,12 @@ def _fit_holders(holders: list[str], room: int) -> str | None:
 @dataclass
 class LiveStatus:
     """``status_line`` with the memory a line needs across calls: the last finite loss, so that the line
-    keeps it once the holders have exited at the end of the run."""
+    keeps it once the holders have exited at the end of the run, and each peer's last counters, so that the
+    attacks a peer counted stay in the total once it is gone from the DHT."""
 
     num_steps: int
     last_loss: float | None = None
+    counters: dict[str, Mapping[str, int]] = field(default_factory=dict)  # peer id -> its last counters
 
     def __call__(
         self,
@@ -192,7 +206,18 @@ class LiveStatus:
         width = terminal_width() if width is None else width
         loss = roster_loss(members, current)
         self.last_loss = loss if loss is not None else self.last_loss
+        self.counters |= {pid: r.counters for pid, r in members.items() if r.counters}
+        attacks = attack_totals(self.counters.values())
         line = status_line(
-            members, current, elapsed_s, self.num_steps, num_started, failures, recoveries, width, self.last_loss
+            members,
+            current,
+            elapsed_s,
+            self.num_steps,
+            num_started,
+            failures,
+            recoveries,
+            width,
+            self.last_loss,
+            attacks=attacks,
         )
         return line.ljust(width)

@@ -11,6 +11,9 @@ to join through from ``maddrs.txt``, the files ``checkfree swarm`` and a swarm's
 write. ``--run-id``, ``--join-token`` (or ``$CHECKFREE_JOIN_TOKEN``) and ``--initial-peers`` override
 them, and without a run directory they say it all. ``resolve_target`` (the files) and ``snapshot`` (the
 records) are pure functions; the rest joins the DHT and prints.
+
+Each peer's row ends with the counters of its record that tell an attack from a fault (``ATTACK_COUNTERS``,
+the non-zero ones), and a line totals them over every peer in the DHT.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 import math
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +40,39 @@ other peers join through.
   checkfree status runs/tiny --json             # one snapshot as JSON
   checkfree status --run-id tiny --initial-peers /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW...  # no run directory
 """
+
+# the counters of a peer's record (``MemberRecord.counters``) that a fault leaves at 0 and an attack or an
+# overload does not: connections shed or timed out at its probe port or its gate, knocks over the rate
+# limit, pushed epochs and gate handshakes refused, DHT records sealed with another join token
+ATTACK_COUNTERS = (
+    "shed",
+    "timeouts",
+    "knocks_limited",
+    "pushes_refused",
+    "records_foreign",
+    "gate_refused",
+    "gate_shed",
+)
+
+
+def attack_counts(counters: Mapping[str, int] | None) -> dict[str, int]:
+    """The non-zero ``ATTACK_COUNTERS`` of one peer's counters, in that order."""
+    counters = counters or {}
+    return {k: counters[k] for k in ATTACK_COUNTERS if counters.get(k)}
+
+
+def attack_totals(counters: Iterable[Mapping[str, int] | None]) -> dict[str, int]:
+    """``attack_counts`` summed over several peers' counters."""
+    total: Counter[str] = Counter()
+    for c in counters:
+        total.update(attack_counts(c))
+    return attack_counts(total)
+
+
+def attack_text(counts: Mapping[str, int]) -> str:
+    """``shed=3 gate_refused=1``: compact, and the names are the keys of summary.json's counters."""
+    return " ".join(f"{k}={v}" for k, v in counts.items())
+
 
 DEFAULT_RUN_ID = "tiny"  # run_name's default, for a swarm named by --initial-peers alone
 DEFAULT_WATCH_S = 2.0
@@ -121,13 +159,14 @@ def _run_id_of(folder: Path) -> str:
     return str(swarm.get("run_id") or cfg.get("run_name") or DEFAULT_RUN_ID)
 
 
-LOST_FIELDS = ("step", "epoch", "loss", "heartbeat_age_s", "weights", "weights_valid")
+LOST_FIELDS = ("step", "epoch", "loss", "heartbeat_age_s", "weights", "weights_valid", "attacks")
 
 
 def snapshot(run_id: str, members: dict, current, now: float, fingerprints: list[str] | None = None) -> dict:
     """What ``--json`` prints (and the table shows): the epoch and its roster, each stage's holder with
     its state, step, loss, heartbeat age and weights, the spares and other peers, what peers wait for,
-    and every peer's first address (to join through).
+    and every peer's first address (to join through). Each peer's ``attacks`` are its non-zero
+    ``ATTACK_COUNTERS``; ``attacks`` at the top sums them over every peer in the DHT.
 
     Args:
         members: peer id -> ``MemberRecord``, as read from the DHT.
@@ -150,6 +189,7 @@ def snapshot(run_id: str, members: dict, current, now: float, fingerprints: list
                 "heartbeat_age_s": round(now - r.time, 3),
                 "weights": r.lineage.describe(r.step),
                 "weights_valid": r.valid_for(current.step) or r.step > current.step,
+                "attacks": attack_counts(r.counters),
             }
         stages.append(row)
 
@@ -161,6 +201,7 @@ def snapshot(run_id: str, members: dict, current, now: float, fingerprints: list
             "step": r.step,
             "epoch": r.epoch,
             "heartbeat_age_s": round(now - r.time, 3),
+            "attacks": attack_counts(r.counters),
         }
 
     outside = [r for pid, r in sorted(members.items()) if pid not in roster]
@@ -181,6 +222,7 @@ def snapshot(run_id: str, members: dict, current, now: float, fingerprints: list
         ],
         "addresses": sorted(a for r in members.values() for a in r.maddrs[:1]),
         "fingerprints": fingerprints or [],
+        "attacks": attack_totals(r.counters for r in members.values()),
     }
 
 
@@ -208,17 +250,22 @@ def render(snap: dict) -> str:
         valid = "" if row["weights_valid"] else "NOT VALID: "
         lines.append(
             f"{row['stage']:5d}  {row['peer']:22s}  {row['state']:10s} {row['step']:5d}  {row['epoch']:5d}  "
-            f"{row['heartbeat_age_s']:15.1f}  {loss:6s}  {valid}{row['weights']}"
+            f"{row['heartbeat_age_s']:15.1f}  {loss:6s}  {valid}{row['weights']}{_attacks_suffix(row)}"
         )
     for row in snap["spares"] + snap["others"]:
         lines.append(
             f"{'spare' if row['state'] == 'spare' else '  -  '}  {row['peer']:22s}  {row['state']:10s} "
-            f"{row['step']:5d}  {row['epoch']:5d}  {row['heartbeat_age_s']:15.1f}"
+            f"{row['step']:5d}  {row['epoch']:5d}  {row['heartbeat_age_s']:15.1f}{_attacks_suffix(row)}"
         )
+    lines.append(f"attacks (all peers): {attack_text(snap['attacks']) or 'none'}")
     lines += [f"{n['peer']} waits: {n['note']}" for n in snap["notes"]]
     if snap["addresses"]:
         lines.append("join with --initial-peers " + " ".join(snap["addresses"]))
     return "\n".join(lines)
+
+
+def _attacks_suffix(row: dict) -> str:
+    return f"  attacks: {attack_text(row['attacks'])}" if row.get("attacks") else ""
 
 
 def _observe(m, run_id: str) -> dict:

@@ -207,7 +207,15 @@ def test_the_snapshot_holds_each_stage_the_spares_the_notes_and_the_addresses():
     assert snap["roster"][0]["heartbeat_age_s"] == 10.0 and snap["roster"][0]["weights"].startswith("initial weights")
     assert snap["roster"][1]["step"] is None and snap["roster"][3]["loss"] == "nan"
     assert snap["spares"] == [
-        {"peer": "spare-05.eeee", "state": "spare", "stage": -1, "step": 0, "epoch": -1, "heartbeat_age_s": 1.0}
+        {
+            "peer": "spare-05.eeee",
+            "state": "spare",
+            "stage": -1,
+            "step": 0,
+            "epoch": -1,
+            "heartbeat_age_s": 1.0,
+            "attacks": {},
+        }
     ]
     assert snap["notes"] == [{"peer": IDS[0], "note": "waiting for stages [1] to abort step"}]
     assert snap["addresses"] == [MADDRS[0]]
@@ -215,6 +223,7 @@ def test_the_snapshot_holds_each_stage_the_spares_the_notes_and_the_addresses():
     assert text.startswith("run exp: epoch 1, leader " + IDS[0] + ", resumed at step 12, step 14\n")
     assert f"    1  {IDS[1]}  LOST" in text and f"{IDS[0]} waits: waiting for stages [1]" in text
     assert "spare  spare-05.eeee" in text and text.endswith("join with --initial-peers " + MADDRS[0])
+    assert snap["attacks"] == {} and "attacks (all peers): none\n" in text and "attacks:" not in text
 
 
 def test_before_the_first_epoch_the_snapshot_says_so():
@@ -222,3 +231,49 @@ def test_before_the_first_epoch_the_snapshot_says_so():
     snap = snapshot("exp", members, None, now=5.0)
     assert snap["epoch"] is None and snap["roster"] == [] and snap["others"][0]["state"] == "waiting"
     assert render(snap).startswith("run exp: no epoch yet\n")
+
+
+# ---- what tells an attack from a fault -------------------------------------------------------------
+def attacked(counters_by_stage: dict[int, dict]) -> dict:
+    members = running()
+    for stage, counters in counters_by_stage.items():
+        members[IDS[stage]] = members[IDS[stage]].model_copy(update={"counters": counters})
+    return members
+
+
+def test_the_line_totals_the_non_zero_attack_counters_and_drops_them_last():
+    members = attacked({0: {"shed": 2, "asks": 40, "gate_refused": 0}, 2: {"shed": 1, "records_foreign": 3}})
+    line = status_line(members, epoch(), 42.0, 60, 4, 0, 0, width=150)
+    assert "| failures 0 recoveries 0 | attacks shed=3 records_foreign=3 | spares 0 |" in line
+    assert "asks" not in line and "gate_refused" not in line  # not attacks; zero
+    narrow = status_line(members, epoch(), 42.0, 60, 4, 0, 0, width=115)
+    assert "| failures 0 recoveries 0 | attacks shed=3 records_foreign=3 | 0:s0-01" in narrow and len(narrow) <= 115
+    assert "tok/s" not in narrow and "spares" not in narrow  # gone before the attacks
+    narrower = status_line(members, epoch(), 42.0, 60, 4, 0, 0, width=95)
+    assert "attacks" not in narrower and len(narrower) <= 95
+    quiet = attacked({0: {"asks": 40, "conns": 41, "revived": 1}})
+    assert "attacks" not in status_line(quiet, epoch(), 42.0, 60, 4, 0, 0, width=150)
+
+
+def test_the_live_line_keeps_the_counts_of_a_peer_gone_from_the_dht():
+    live = LiveStatus(num_steps=60)
+    members = attacked({1: {"timeouts": 4}, 3: {"knocks_limited": 2}})
+    assert "attacks timeouts=4 knocks_limited=2 |" in live(members, epoch(), 10.0, 4, 0, 0, width=150)
+    del members[IDS[1]]
+    members[IDS[3]] = members[IDS[3]].model_copy(update={"counters": {"knocks_limited": 5, "gate_shed": 1}})
+    assert "attacks timeouts=4 knocks_limited=5 gate_shed=1 |" in live(members, epoch(), 11.0, 4, 1, 0, width=200)
+
+
+def test_status_shows_each_peers_attack_counters_and_a_swarm_total():
+    members = attacked({1: {"pushes_refused": 1, "gate_shed": 2, "conns": 9}})
+    spare = member("spare-05.eeee", -1, state="spare", step=0, epoch=-1)
+    members[spare.peer_id] = spare.model_copy(update={"counters": {"gate_shed": 5, "gate_admitted": 1}})
+    snap = snapshot("exp", members, epoch(), now=100.0)
+    assert snap["roster"][1]["attacks"] == {"pushes_refused": 1, "gate_shed": 2}
+    assert snap["roster"][0]["attacks"] == {} and snap["spares"][0]["attacks"] == {"gate_shed": 5}
+    assert snap["attacks"] == {"pushes_refused": 1, "gate_shed": 7}
+    lines = render(snap).splitlines()
+    assert lines[3].startswith(f"    1  {IDS[1]}") and lines[3].endswith("  attacks: pushes_refused=1 gate_shed=2")
+    assert "attacks" not in lines[2]
+    assert next(x for x in lines if x.startswith("spare")).endswith("  attacks: gate_shed=5")
+    assert "attacks (all peers): pushes_refused=1 gate_shed=7" in lines
