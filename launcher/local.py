@@ -34,7 +34,7 @@ from checkfree.swarm.admission import KEY_ENV, TOKEN_ENV, Admission, Identity, f
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.injection import LINK_DOWN, read_marker
 from checkfree.swarm.membership import DHTUnavailable, Membership
-from launcher.chaos import Chaos
+from launcher.chaos import Chaos, Effects
 from launcher.netns import Host, Hosts
 from launcher.report import count_recoveries, merge_run
 from launcher.status import LiveStatus
@@ -95,8 +95,11 @@ class LocalSwarm:
         self.stop_signal: str | None = None  # the signal that asked the swarm to stop (``request_stop``)
         self.signalled: set[str] = set()  # peers sent SIGINT to stop (each once)
         self.chaos = (
-            Chaos(cfg.swarm.chaos, cfg.model.num_stages, self.run_dir / "peers") if cfg.swarm.chaos.events else None
+            Chaos(cfg.swarm.chaos, cfg.model.num_stages, self.run_dir / "peers", cfg.membership.hang_s)
+            if cfg.swarm.chaos.events
+            else None
         )
+        self.effects = Effects(cfg.swarm.chaos)  # chaos's benign kinds under way (floods, starvations)
         self.hosts: Hosts | None = None
         self.host_of: dict[str, Host] = {}  # peer id -> the emulated host it runs on (swarm.hosts=netns)
         membership_cfg = cfg.membership
@@ -369,6 +372,9 @@ class LocalSwarm:
         action = self.chaos.poll(time.monotonic(), members, current, live)
         if action is None:
             return
+        if action.benign:
+            self._benign(action)
+            return
         # spares: live peers outside the roster (the launcher's own count; its DHT view may be partial)
         roster = set(current.roster) if current is not None else set()
         waiting = sum(1 for pid in live if pid not in roster)
@@ -380,6 +386,7 @@ class LocalSwarm:
         )
         for pid in action.victims:
             proc = self.procs[pid]
+            self.effects.hold(proc)  # a pulse under way never continues a peer hung (nor signals one killed)
             os.kill(proc.pid, action.sig)
             self.killed.add(pid)
             if action.sig == signal.SIGSTOP:
@@ -400,6 +407,27 @@ class LocalSwarm:
         for _ in action.victims:
             self._replace(now)  # a new machine for each lost one, up to the fleet's size
         self.events.emit("chaos", kind=action.kind, peers=action.victims, signal=action.sig.name, spares=started)
+
+    def _benign(self, action) -> None:
+        """A probe flood or a starvation: no failure, nothing to replace; carried out in the background."""
+        nets = [self.hosts.net] if self.hosts is not None else []
+        try:
+            self.effects.start(action, [self.procs[pid] for pid in action.victims], nets)
+        except ValueError as e:  # an address chaos may not flood
+            logger.warning("launcher: chaos %s skipped: %s", action.kind, e)
+            return
+        self.events.emit(
+            "chaos",
+            kind=action.kind,
+            peers=action.victims,
+            signal=action.sig.name if action.sig else "none",
+            spares=0,
+            benign=True,
+            duration_s=action.duration_s,
+            target=action.target,
+            pulses=action.pulses,
+            busy_s=action.busy_s,
+        )
 
     def _replace_crashed(self, now: float) -> str | None:
         """A peer that died on its own (not by the injector) is a lost machine too: a new one arrives. A peer
@@ -465,6 +493,7 @@ class LocalSwarm:
         proc.wait(timeout=10)
 
     def _shutdown(self) -> None:
+        self.effects.close()  # floods close their sockets, starved peers are continued, busy loops end
         for pid, p in self.procs.items():
             if p.poll() is None:
                 if pid in self.stopped:

@@ -4,8 +4,9 @@ Chaos soak
 
 One local swarm through ``--events`` chaos events (``swarm.chaos``: kills, bursts, waves, hangs, spares
 killed or arriving, and kills timed to land inside a recovery: the leader right after it publishes, a source
-during the transfer, the spare during its join, the rebuilt stage before its first step), then the same run
-failure-free for the reference loss.
+during the transfer, the spare during its join, the rebuilt stage before its first step; and the benign
+kinds, which fail nothing: probe floods, and starvation by SIGSTOP pulses shorter than ``membership.hang_s``
+and busy loops), then the same run failure-free for the reference loss.
 
 1. Calibrate: a short failure-free swarm gives the step time (median gap between commits, warm-up left out).
 2. Length: ``num_steps`` = events x budget x ``--safety`` / step time, so that training alone outlasts the
@@ -23,10 +24,13 @@ steps that a rollback of the ``checkpoint`` or ``hybrid`` strategy abandoned are
 apart: launcher/report.py ``timeline``); every stage's
 lineage valid (each peer that trained a stage either held it from epoch 0 or was rebuilt for it, or rolled
 back, in an epoch no later than the first it trained in); no process left in any spawned peer's process
-group; the final validation loss of both runs reported (difference and ratio; no bound).
-Reports the events of each kind, stage losses, completed recoveries and the median / max / n of each
-recovery phase, split into crash (SIGKILL) and hang (SIGSTOP). Saves ``soak.json`` and ``soak.md`` under
-``--out`` beside the three run directories; exits 1 if a check fails.
+group; no healthy eviction: no peer that chaos only flooded or starved (never killed nor hung) was declared
+lost, and no peer chaos never failed learnt that its stage was given to another (``launcher.chaos.
+healthy_evictions``, each listed with the benign events that hit it); the final validation loss of both runs
+reported (difference and ratio; no bound).
+Reports the events of each kind (the benign ones counted apart), stage losses, completed recoveries and the
+median / max / n of each recovery phase, split into crash (SIGKILL) and hang (SIGSTOP). Saves ``soak.json``
+and ``soak.md`` under ``--out`` beside the three run directories; exits 1 if a check fails.
 
 Swarm settings for a 2-core machine (``tests/helpers.py`` SWARM, which the real-swarm tests run with): one
 torch thread a peer (stage peers and spares share the cores), heartbeats every 0.25 s expiring after 1.5 s
@@ -57,7 +61,7 @@ from checkfree.config import load_config, split_args
 from checkfree.core.exit_codes import ExitCode
 from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.config import ChaosConfig
-from launcher.chaos import TRIGGERED
+from launcher.chaos import BENIGN, TRIGGERED, healthy_evictions
 from launcher.local import run_local_swarm
 
 SWARM_2CORE = [
@@ -223,12 +227,19 @@ def checks(res: dict, left: dict[str, list]) -> list[dict]:
     if finite:
         losses += f" ({res['loss_diff']:+.4f}, x{res['loss_ratio']:.4f})"
     n_left = sum(len(v) for v in left.values())
+    evicted = res["healthy_evictions"]
+    names = ", ".join(f"{r['peer']} ({r['how']}, epoch {r['epoch']})" for r in evicted[:5])
     return [
         _check("exit code 0", res["exit_code"] == 0, f"exit {res['exit_code']}"),
         _check("events injected >= requested", res["events_injected"] >= want, f"{res['events_injected']}/{want}"),
         _check("every step committed once", once, commits),
         _check("lineage valid", pairs and not bad, f"{len(bad)} of {pairs} (peer, stage) pairs invalid"),
         _check("no process left", n_left == 0, ", ".join(f"{k} {len(v)}" for k, v in left.items())),
+        _check(
+            "no healthy eviction (benign kinds)",
+            not evicted,
+            f"{len(evicted)} after {res['events_benign']} benign events" + (f": {names}" if names else ""),
+        ),
         _check("final val loss vs failure-free", finite and res["reference_exit_code"] == 0, losses),
     ]
 
@@ -255,7 +266,9 @@ def render(res: dict) -> str:
         "",
         "| kind | events |",
         "|---|---|",
-        *(f"| {k} | {v} |" for k, v in res["events_by_kind"].items()),
+        *(f"| {k}{' (benign)' if k in BENIGN else ''} | {v} |" for k, v in res["events_by_kind"].items()),
+        f"| **failures** | {res['events_injected'] - res['events_benign']} |",
+        f"| **benign** | {res['events_benign']} |",
         f"| **total** | {res['events_injected']} |",
         "",
         f"Stage losses {s['stage_losses']}, failures {s['failures']} (launcher `failure` events "
@@ -307,7 +320,8 @@ def soak(ns: argparse.Namespace) -> dict:
         f"swarm.chaos.mean_gap_s={ns.mean_gap_s}",
         f"swarm.chaos.trigger_timeout_s={ns.trigger_timeout_s}",
     ]
-    event_s = event_budget_s(load_config(files, [*runs.overrides, *chaos]).swarm.chaos)
+    chaos_cfg = load_config(files, [*runs.overrides, *chaos])
+    event_s = event_budget_s(chaos_cfg.swarm.chaos)
     code, _, cal_dir = runs.run("calibrate", f"num_steps={CALIBRATE_STEPS}", "swarm.chaos.events=0")
     if code != 0:
         raise SystemExit(f"the failure-free calibration run exited {code}; see {cal_dir}")
@@ -324,6 +338,7 @@ def soak(ns: argparse.Namespace) -> dict:
     code, summary, chaos_dir = runs.run("chaos", f"num_steps={num_steps}", timeout, *chaos)
     ref_code, ref, _ = runs.run("reference", f"num_steps={num_steps}", timeout, "swarm.chaos.events=0")
     plan = {"step_s": step_s, "event_budget_s": event_s, "num_steps": num_steps, "sizing": sizing}
+    plan["hang_s"] = chaos_cfg.membership.hang_s  # what the healthy-eviction check allows a benign hit to last
     return collect(ns, runs, plan, (code, summary, chaos_dir), (ref_code, ref))
 
 
@@ -351,7 +366,9 @@ def collect(ns: argparse.Namespace, runs: Soak, plan: dict, chaos: tuple, refere
         "chaos_wall_s": summary.get("wall_s"),
         "reference_wall_s": ref.get("wall_s"),
         "events_injected": sum(kinds.values()),
+        "events_benign": sum(n for k, n in kinds.items() if k in BENIGN),
         "events_by_kind": dict(sorted(kinds.items())),
+        "healthy_evictions": healthy_evictions(read_jsonl(run_dir / "events.jsonl"), plan["hang_s"]),
         "lineage_pairs": pairs,
         "lineage_violations": bad,
         "processes_left": runs.left,

@@ -141,7 +141,11 @@ CHAOS_KINDS = (
     "rebuilt_before_first_step",  # SIGKILL the next rebuilt stage's peer before its first step
     "spare_kill",  # SIGKILL a waiting spare
     "spare_arrival",  # start one more spare now
+    # benign kinds: stress that is no failure (no stage may be lost to it; the soak checks that none is)
+    "probe_flood",  # idle and trickling connections plus a knock flood at one live stage peer's probe port
+    "starve",  # SIGSTOP pulses shorter than membership.hang_s, and busy loops beside, on live stage peers
 )
+BENIGN_CHAOS_KINDS = ("probe_flood", "starve")
 
 
 @dataclass
@@ -154,6 +158,16 @@ class ChaosConfig:
     mean_gap_s: float = 2.0  # mean of the exponential gap between two events (at least 0.2 s)
     kinds: list[str] = field(default_factory=lambda: list(CHAOS_KINDS))  # drawn with equal weight
     trigger_timeout_s: float = 15.0  # a triggered kind that does not fire in time is dropped
+    # probe_flood: what an attacker without the token can do to a probe port from the same network
+    flood_s: float = 3.0  # how long one flood lasts
+    num_flood_conns: int = 500  # idle or trickling connections held open at once (reopened as the peer drops them)
+    flood_knocks_per_s: float = 200.0  # knocks a second beside them (connect, b"!" and a random nonce, read, close)
+    # starve: each pulse stops the peer for a share of membership.hang_s drawn in [pulse_min_frac, pulse_max_frac]
+    # (below 1: a pulse is never a hang), then lets it run for hang_s, so its watchers see it answer in between
+    num_pulses: int = 3  # SIGSTOP pulses in a row on each starved peer
+    pulse_min_frac: float = 0.3  # shortest pulse, a share of membership.hang_s
+    pulse_max_frac: float = 0.8  # longest pulse, a share of membership.hang_s (< 1)
+    busy_s: float = 3.0  # a busy loop (another tenant's process) runs beside each starved peer this long; 0: none
 
     def __post_init__(self) -> None:
         bad = [k for k in self.kinds if k not in CHAOS_KINDS]
@@ -163,6 +177,17 @@ class ChaosConfig:
             raise ValueError(
                 f"swarm.chaos: events={self.events} must be >= 0, mean_gap_s={self.mean_gap_s} and "
                 f"trigger_timeout_s={self.trigger_timeout_s} > 0"
+            )
+        if self.flood_s <= 0 or self.num_flood_conns < 0 or self.flood_knocks_per_s < 0:
+            raise ValueError(
+                f"swarm.chaos: flood_s={self.flood_s} must be > 0, num_flood_conns={self.num_flood_conns} and "
+                f"flood_knocks_per_s={self.flood_knocks_per_s} >= 0"
+            )
+        if self.num_pulses < 1 or self.busy_s < 0 or not 0 < self.pulse_min_frac <= self.pulse_max_frac < 1:
+            raise ValueError(
+                f"swarm.chaos: num_pulses={self.num_pulses} must be >= 1, busy_s={self.busy_s} >= 0 and "
+                f"0 < pulse_min_frac={self.pulse_min_frac} <= pulse_max_frac={self.pulse_max_frac} < 1 "
+                "(a pulse as long as membership.hang_s is a hang, not starvation)"
             )
 
 
