@@ -211,6 +211,7 @@ class Swarm:
         )
         cfg = config(self.strategy, self.num_stages)
         peer.leader = Leader(cfg, pid, "model", "fp", _Membership(self, peer), None, True, _ignore, clock=self.clock)
+        peer.leader.prober = SimpleNamespace(knock=_ignore)  # no knock over real sockets
         self.peers[pid] = peer
         self.by_port[port] = peer
         self.store(peer)

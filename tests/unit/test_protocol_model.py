@@ -8,6 +8,7 @@ epoch's step, no peer that answers its probes declared lost; and a calm network 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -21,6 +22,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from checkfree.swarm.records import EpochRecord, MemberRecord
 from tests.model_sim import Swarm, quiet_leader
 
 MAX_SPARES = 3
@@ -42,6 +44,7 @@ class ProtocolModel(RuleBasedStateMachine):
         self._quiet = quiet_leader()
         self._quiet.__enter__()
         self.swarm = Swarm(self.num_stages, self.strategy)
+        self.stale_used = False
         STATS["examples"] += 1
 
     @initialize(n=st.integers(0, 2))
@@ -159,12 +162,14 @@ class ProtocolModel(RuleBasedStateMachine):
         self._after()
 
     # a record missing from the view together with a late probe answer of that peer is the known bug of
-    # test_a_member_missing_from_the_view_is_declared_lost_on_one_late_probe: kept apart here
-    @precondition(lambda self: not any(p.late for p in self.swarm.peers.values()))
+    # test_a_member_missing_from_the_view_is_declared_lost_on_one_late_probe, and a second gap in one view
+    # that of test_a_member_missing_again_long_after_an_old_gap_is_still_hidden: kept apart here (one gap)
+    @precondition(lambda self: not self.stale_used and not any(p.late for p in self.swarm.peers.values()))
     @rule(data=st.data())
     def stale_dht_view(self, data):
         pids = sorted(self.swarm.peers)
         self.swarm.drop = data.draw(st.sets(st.sampled_from(pids), min_size=1, max_size=2))
+        self.stale_used = True
         self._after()
 
     @precondition(lambda self: self.replays and len(self.swarm.published) >= 2)
@@ -249,7 +254,7 @@ def _report(capsys, label: str, t0: float) -> None:
 
 @pytest.mark.parametrize(
     "strategy, num_stages, examples",
-    [("checkfree_plus", 4, 300), ("checkfree", 3, 100), ("hybrid", 4, 100)],
+    [("checkfree_plus", 4, 200), ("checkfree", 3, 80), ("hybrid", 4, 80)],
 )
 def test_protocol_model(strategy, num_stages, examples, capsys):
     STATS.update(examples=0, steps=0, commits=0, epochs=0, recoveries=0)
@@ -370,3 +375,40 @@ def test_a_split_before_the_first_epoch_forms_two_epochs_0():
             swarm.leader_round(1)
             swarm.sync()
         assert not swarm.violations, "\n".join(swarm.violations)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="View.hidden keeps a member's first 'missing since' time after it reappears (cleared only by a "
+    "hidden() call that sees it): a later, momentary gap counts as 3 TTLs missing and a live holder is lost",
+)
+def test_a_member_missing_again_long_after_an_old_gap_is_still_hidden():
+    """Found by the long run (checkfree, 4 stages): a peer that rarely leads (here s0's view) saw p0 missing
+    once; p0's record came back and others led meanwhile; 10 s later p0 is missing from s0's view for a
+    moment while it answers its probe: ``hidden`` dates the gap from the old one and s0 declares p0 lost."""
+    from checkfree.swarm.view import View
+    from tests.model_sim import Clock
+
+    clock = Clock()
+    view = View(ttl_s=2.0, spare_wait_s=20.0, period_s=0.5, prober=SimpleNamespace(probe=_alive), clock=clock)
+    current = EpochRecord(
+        run_id="model",
+        fingerprint="fp",
+        epoch=0,
+        roster=["p0", "p1"],
+        store_host="",
+        store_port=0,
+        step=0,
+        leader="p0",
+        probes=[("127.0.0.1", 1), ("127.0.0.1", 2)],
+    )
+    p1 = MemberRecord(run_id="model", fingerprint="fp", peer_id="p1", stage=1, epoch=0, state="recovering", step=0)
+    assert view.hidden({"p1": p1}, current) == [0]  # p0 missing, answering: hidden
+    clock.t += 5.0
+    view.observe({"p0": p1.model_copy(update={"peer_id": "p0", "stage": 0}), "p1": p1}, current)  # p0 is back
+    clock.t += 5.0  # this view decided nothing meanwhile (another peer led)
+    assert view.hidden({"p1": p1}, current) == [0], "p0 missing for a moment only, answering, yet not hidden"
+
+
+def _alive(host, port, peer_id=None, timeout_s=0.5):
+    return "alive"
