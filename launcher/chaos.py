@@ -531,9 +531,10 @@ class Effects:
 # ---- the soak's check of the benign kinds ---------------------------------------------------------------
 def healthy_evictions(events: list[dict], hang_s: float, grace_s: float = 5.0) -> list[dict]:
     """Peers evicted though chaos never killed nor hung them: the holder of each stage lost in a published epoch
-    (after the first) that a benign kind hit while it lasted or up to ``hang_s`` + ``grace_s`` after, and each peer
-    that logged ``replaced``; in both cases without a ``failure`` of the peer (or a failing chaos event naming
-    it) before.
+    (after the first) and given to another peer, that a benign kind hit while it lasted or up to ``hang_s`` +
+    ``grace_s`` after, and each peer that logged ``replaced``; in both cases without a ``failure`` of the peer (or
+    a failing chaos event naming it) before. A stage lost whose holder stays (a live holder without valid weights,
+    whose rebuild broke off when another peer died, rebuilds its own stage again) is no eviction.
 
     Args:
         events: the run's merged events (``RUN_DIR/events.jsonl``: the launcher's and every peer's), by time.
@@ -568,7 +569,9 @@ def healthy_evictions(events: list[dict], hang_s: float, grace_s: float = 5.0) -
     for prev, pub in zip(published, published[1:]):
         for stage in pub["lost"]:
             holder = prev["roster"][stage] if stage < len(prev["roster"]) else None
-            if holder is not None and not failing(holder, pub["time"]) and recent(holder, pub["time"]):
+            if holder is None or holder == pub["roster"][stage]:  # it keeps the stage: it was not declared lost
+                continue
+            if not failing(holder, pub["time"]) and recent(holder, pub["time"]):
                 row = {"peer": holder, "how": "lost", "stage": stage, "epoch": pub["new_epoch"], "time": pub["time"]}
                 out.setdefault(holder, {**row, "hits": recent(holder, pub["time"])})
     for e in events:

@@ -332,6 +332,9 @@ def test_healthy_evictions_are_the_flooded_or_starved_peers_lost_and_any_unfaile
         {"event": "replaced", "time": 70.0, "peer": "d", "by_epoch": 4, "stage_held": 3},  # never failed: healthy
         {"event": "chaos", "time": 80.0, "kind": "starve", "peers": ["e"], "signal": "SIGSTOP", "duration_s": 3.0},
         _published(4, 100.0, [1], ("g", "h", "f", "d")),  # e lost long after its starvation ended
+        {"event": "chaos", "time": 110.0, "kind": "probe_flood", "peers": ["h"], "signal": "none", "duration_s": 3.0},
+        # h's rebuild broke off (another peer died): its stage is lost again, and h rebuilds it again
+        _published(5, 111.0, [1, 2], ("g", "h", "i", "d")),
     ]
     found = healthy_evictions(events, hang_s=1.5, grace_s=5.0)
     assert [(r["peer"], r["how"], r["stage"], r["epoch"]) for r in found] == [
