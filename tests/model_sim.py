@@ -5,11 +5,15 @@ Protocol model
 A small simulated swarm that drives the real, pure protocol code (``Leader.step`` with its ``View``,
 ``coordinator.decide_epoch``) without a socket or a sleep: every peer is a record plus a few flags
 (crashed, frozen, which side of a partition), time is one shared clock, each side of a partition has its
-own DHT (member records that expire after ``ttl_s``, epoch records), and a probe is answered from the flags.
+own DHT (member records that expire after ``ttl_s``, epoch records), and a probe is answered from the flags:
+refused by a crashed peer, unanswered by a frozen one (or a late answer), silent across a split, alive
+otherwise. ``Leader.gather`` probes every member it may name in a roster through the same ``Prober``.
 
-Only the leader's I/O is replaced: the rendezvous store, its gate socket and the knock (``quiet_leader``).
-What the peers do with a published epoch (join, apply a pending step, take a rebuilt stage's lineage, leave
-when replaced) is modelled here, after ``peer.Peer``; the checks that matter are made as it happens and
+Only the leader's I/O is replaced: the rendezvous store, its gate socket and the knock (``quiet_leader``);
+the knock's push is modelled: every roster member with a process on the leader's side gets the record
+(``SimPeer.pushed``) and, as ``Waiting._read_swarm``, prefers it to an older DHT read. What the peers do with
+a published epoch (join, apply a pending step, take a rebuilt stage's lineage, leave when replaced) is
+modelled here, after ``peer.Peer``; the checks that matter are made as it happens and
 collected in ``violations`` (the test asserts it stays empty, so the message says what broke).
 """
 
@@ -114,6 +118,7 @@ class SimPeer:
     frozen_since: float = 0.0
     side: int = 0  # which side of a partition (0 when none)
     late: int = 0  # how many of the next probes of it are answered only after their timeout
+    pushed: EpochRecord | None = None  # the newest epoch record a leader's knock pushed to it
     leader: Leader | None = None
     view: View | None = None
 
@@ -273,6 +278,8 @@ class Swarm:
             if not peer.up or peer.side != side or peer.rec.state in ("running", "joining"):
                 continue
             current = replay or newest  # a lagging DHT read: its newest epoch subkey is an older one
+            if peer.pushed is not None and (current is None or peer.pushed.epoch > current.epoch):
+                current = peer.pushed  # as ``Waiting._read_swarm``: a pushed record newer than the read wins
             if current is not None and current.epoch > peer.rec.epoch and peer.pid in current.roster:
                 continue  # it joins that epoch instead (see sync)
             peer.view.observe(members, current)
@@ -299,6 +306,14 @@ class Swarm:
         self.epochs[peer.side][rec.epoch] = rec
         if rec.stop:
             return
+        for pid in rec.roster:  # the knock reaches every roster member on the leader's side that has a process
+            member = self.peers[pid]
+            if (
+                member.side == peer.side
+                and not member.crashed
+                and (member.pushed is None or member.pushed.epoch < rec.epoch)
+            ):
+                member.pushed = rec
         previous = self.epochs[peer.side].get(rec.epoch - 1)
         for s in rec.lost:
             old = previous.roster[s] if previous is not None else None
