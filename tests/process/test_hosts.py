@@ -149,3 +149,91 @@ def test_a_partition_leaves_the_minority_waiting_and_one_lineage_goes_on(tmp_pat
     assert published and not any(by(e) in ("s3", "spareB") for e in published)
     assert [(by(e), e["stage"]) for e in events if e["event"] == "rebuilt"] == [("spareA", 3)]
     assert any(by(e) == "s3" and e["event"] == "replaced" for e in events)
+
+
+# what the healed-partition test prints: the protocol's story, who did what and when
+_STORY = ("epoch_published", "leader_waiting", "standing_by", "replaced", "became_spare", "rebuilt", "resumed")
+_STORY += ("peer_excluded", "swarm_stopped", "left")
+
+
+@pytest.mark.long  # 3-6 minutes on 2 busy cores: 1000 tiny steps, a 25 s split and the heal
+@pytest.mark.timeout(900)
+def test_a_healed_partition_leaves_the_swarm_training(tmp_path):
+    """The network splits 3/2 between the last epoch's five voters (its roster and the spare its record
+    lists): {stages 0, 1, 2} against {stage 3, that spare, a later spare that is no voter but in every DHT
+    view}. The majority has no spare on its side: it must not give stage 3 to one across the split (nobody
+    there answers a probe), so no epoch forms while the split holds and the minority waits too. After the
+    heal stage 3's old holder, whose weights are valid, takes its stage back (it is not 'replaced' by an
+    epoch that never trained), the spares are counted again, and the swarm trains to the end: every step
+    committed once, no stop (before the fix: an epoch naming the far spare, then exit 3 after
+    swarm.spare_wait_s)."""
+    import time
+
+    from launcher.netns import Hosts
+    from tests.helpers import poll
+
+    num_steps, hold_s = 1000, 25.0
+    names = ("s0", "s1", "s2", "s3", "spareA", "spareB")
+    with Hosts("cfhp") as hosts:
+        # spare_wait_s: the majority waits out the split for a spare instead of stopping the swarm;
+        # first_epoch_grace_s: spareA, up first, must not take a stage whose peer is still starting
+        cfg = [f"num_steps={num_steps}", "swarm.spare_wait_s=120", "swarm.first_epoch_grace_s=600"]
+        peers = HostPeers(hosts, tmp_path, "healed", *cfg)
+        try:
+            peers.start("s0", ["--stage", "0"], [])
+            # generous deadlines: on 2 busy cores a peer took over 70 s to start
+            assert poll(lambda: peers.maddr("s0") is not None, timeout_s=180), "the first peer never started"
+            # spareA is up before the first epoch: epoch 0's record lists it as a voter
+            peers.start("spareA", ["--spare"], [peers.maddr("s0")])
+            assert poll(lambda: peers.maddr("spareA") is not None, timeout_s=180), peers.logs()
+            for s in (1, 2, 3):
+                peers.start(f"s{s}", ["--stage", str(s)], [peers.maddr("s0")])
+            first = lambda: [e for e in peers.events() if e["event"] == "epoch_published"]
+            assert poll(first, timeout_s=240), "no first epoch: " + peers.logs()
+            # spareB comes after epoch 0: no voter, but in the DHT view of both sides before the split
+            peers.start("spareB", ["--spare"], [peers.maddr("s0")])
+            assert poll(lambda: peers.maddr("spareB") is not None, timeout_s=180), peers.logs()
+            assert poll(lambda: peers.committed("s3") >= 20, timeout_s=120), "the swarm never trained"
+            status = peers.status(hosts.add(), via="s0", run_id="healed")
+            assert status.returncode == 0 and "spareB" in status.stdout, status.stdout + status.stderr
+            side_a = [peers.host_of[n] for n in ("s0", "s1", "s2")]
+            side_b = [peers.host_of[n] for n in ("s3", "spareA", "spareB")]
+            hosts.partition(side_a, side_b)
+            cut_t, cut_at = time.time(), peers.committed("s0")
+            assert cut_at < num_steps - 100, f"split at step {cut_at}: too late to see the swarm go on after it"
+            time.sleep(hold_s)  # the split's length is the scenario: nothing to poll for
+            hosts.heal()
+            heal_t = time.time()
+            for name in names:
+                peers.procs[name].wait(timeout=300)
+            codes = {p: peers.procs[p].returncode for p in names}
+            assert codes == dict.fromkeys(codes, 0), peers.logs()
+        finally:
+            peers.end()
+    summary = peers.merged()
+    by = lambda e: e["peer"].rpartition(".")[0]
+    events = sorted(peers.events(), key=lambda e: e["time"])
+    for e in events:
+        if e["event"] in _STORY:
+            fields = {k: e[k] for k in ("new_epoch", "roster", "step", "lost", "reason", "by_epoch") if k in e}
+            print(f"{e['time'] - cut_t:+8.1f} s {by(e):7s} {e['event']:15s} {fields}")
+    metrics = [m for p in (peers.run_dir / "peers").glob("*/metrics.jsonl") for m in read_jsonl(p)]
+    commits = [m["time/wall"] for m in metrics if "time/wall" in m]
+    during = [t for t in commits if cut_t + 5 < t < heal_t]
+    after = [t for t in commits if t >= heal_t]
+    print(f"split at step {cut_at}; commits during the split (after its first 5 s): {len(during)}")
+    print(f"heal to the next commit: {min(after) - heal_t:.1f} s" if after else "no commit after the heal")
+    assert summary["steps"] == num_steps and summary["repeated_steps"] == [] and summary["skipped_steps"] == []
+    assert not [e for e in events if e["event"] == "swarm_stopped"]
+    # the minority saw five voters (spareA counted) and waited instead of rebuilding stages 0-2
+    waited = [e["reason"] for e in events if e["event"] == "leader_waiting" and by(e) in ("s3", "spareA", "spareB")]
+    assert any("possible network partition" in r and "of its 5 voters" in r for r in waited), waited
+    # while split, no epoch named a peer of the other side (nobody there answered the leader's probe)
+    split = [e for e in events if e["event"] == "epoch_published" and cut_t < e["time"] < heal_t]
+    side = lambda e: {"s0", "s1", "s2"} if by(e) in ("s0", "s1", "s2") else {"s3", "spareA", "spareB"}
+    across = [e for e in split if any(pid.rpartition(".")[0] not in side(e) for pid in e["roster"])]
+    assert not across, [(by(e), e["new_epoch"], e["roster"]) for e in across]
+    # no holder with valid weights left as "replaced" by an epoch that never trained (the bug: s3 did)
+    assert not [by(e) for e in events if e["event"] == "replaced"]
+    # stage 3 ends on its old holder or on a spare of its side
+    assert peers.holder(3) in ("s3", "spareA", "spareB")
