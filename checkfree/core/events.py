@@ -124,6 +124,13 @@ EVENTS: dict[str, EventType] = {
         EventType("peer_started", ("role", "pid"), "swarm", "a peer process is up and heartbeating"),
         EventType("became_spare", ("reason",), "swarm", "a peer that asked for a stage waits as a spare"),
         EventType("replaced", ("by_epoch",), "swarm", "this peer's stage was given to another peer; it leaves"),
+        EventType(
+            "standing_by",
+            ("by_epoch", "step"),
+            "swarm",
+            "this peer's stage was given to another peer whose epoch has not committed a step yet: it stays a valid "
+            "holder (and a possible source) until then, and takes the stage back if that epoch cannot form",
+        ),
         EventType("leader_waiting", ("reason",), "swarm", "the leader cannot publish the next epoch yet"),
         EventType(
             "peer_counters",

@@ -13,9 +13,9 @@ SIGTERM to ``request_stop``) or a preemption notice, acted on at a step boundary
   (``preemption``), else save it as on Ctrl-C; exit 143, never 0 (a managed-job system reads 0 as finished).
 - A preemption notice: hand the stage over; exit 0 (the swarm goes on; the machine goes away).
 
-``Leaving`` is a part of ``Peer`` (a mixin over its state: ``worker``, ``status``, ``joined`` and ``group``
-under ``_epoch_lock``, ``notice``, ``training``, ``membership``, ``cfg``), kept apart so that the peer's
-lifecycle module stays about the lifecycle.
+``Leaving`` is a part of ``Peer`` (a mixin over its state: ``worker``, ``status``, the epoch ``slot``,
+``notice``, ``training``, ``membership``, ``cfg``), kept apart so that the peer's lifecycle module stays
+about the lifecycle.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Leaving:
         """Leave the swarm at a step boundary: hand the stage over (a preemption notice, or SIGTERM with a spare
         in view and an epoch to hand it in), else save it (a signal)."""
         handing = self._stop_kind is None or (self._stop_kind == "terminate" and self._spare_in_view)
-        if handing and self.worker is not None and self.joined is not None:
+        if handing and self.worker is not None and self.slot.joined is not None:
             if self._hand_over(reason) or self._stop_kind is None:
                 return self._stop_code()
         return self._stop_and_save(reason)
@@ -81,12 +81,8 @@ class Leaving:
         from it, and return the signal's exit code."""
         w, step = self.worker, self.status.step
         self._settle_writes()
-        with self._epoch_lock:
-            rec, self.joined = self.joined, None
-        if self.group is not None:
-            self.group.abort(f"stage {w.index if w else None} stops: {reason[:100]}")  # the others stop waiting
-            self.group.close()
-            self.group = None
+        rec = self.slot.leave()
+        self.slot.close_group(f"stage {w.index if w else None} stops: {reason[:100]}")  # the others stop waiting
         # the leader counts a leaving member's stage as lost at once, without waiting for it to abort a step
         self.status.move(PeerState.LEAVING)
         self._serve_now()
@@ -120,12 +116,8 @@ class Leaving:
         w, cfg, step = self.worker, self.cfg, self.status.step
         self.emit("preempted", reason=reason[:300], step=step, spare_in_view=self._spare_in_view)
         self._settle_writes()  # a save started at this step would otherwise die with the process
-        with self._epoch_lock:
-            rec, self.joined = self.joined, None
-        if self.group is not None:
-            self.group.abort(f"stage {w.index} leaves: {reason[:100]}")  # the others stop waiting on it now
-            self.group.close()
-            self.group = None
+        rec = self.slot.leave()
+        self.slot.close_group(f"stage {w.index} leaves: {reason[:100]}")  # the others stop waiting on it now
         if self.notice.deadline_passed():
             self.emit("left", reason=f"{reason[:200]}; no spare took stage {w.index} in time")
             return False
@@ -137,7 +129,7 @@ class Leaving:
         self._serve_now()
         if rec is not None:
             self.prober.knock([a for pid, a in zip(rec.roster, rec.probes) if pid != self.peer_id])
-        self._store_now.set()
+        self.dht.store_now.set()
         successor = None
         try:
             while successor is None and not self.notice.deadline_passed():

@@ -39,7 +39,7 @@ from pydantic import ValidationError
 from checkfree.swarm.addressing import free_port
 from checkfree.swarm.admission import Admission, ForeignToken, RateLimitedLog, dht_context
 from checkfree.swarm.config import EPOCH_TTL_CAP_S, MEMBER_TTL_CAP_S, MembershipConfig, parse_port_range
-from checkfree.swarm.records import EpochRecord, MemberRecord
+from checkfree.swarm.records import EpochRecord, MemberRecord, chain_head
 
 logger = logging.getLogger(__name__)
 # what one store may carry through hivemind's pipe to its DHT process (see ``Membership._store``); below
@@ -150,8 +150,10 @@ def make_validator(admission: Admission, run_id: str, fingerprint: str | None):
                         raise ValueError(f"member record of {signer!r} names {rec.peer_id!r} of run {rec.run_id!r}")
             elif record.key == epoch_key or (epoch_key is None and isinstance(subkey, str)):
                 if subkey == FINISHED:
-                    if not isinstance(value, int):
-                        raise ValueError(f"finish mark of {signer!r} is not an epoch number")
+                    if not (isinstance(value, list | tuple) and len(value) == 2 and isinstance(value[0], int)):
+                        raise ValueError(f"finish mark of {signer!r} is not [epoch, peer]")
+                    if value[1] != signer:
+                        raise ValueError(f"finish mark of {signer!r} names {str(value[1])[:40]!r}")
                     return signer
                 if not isinstance(subkey, str) or not _EPOCH_SUBKEY.match(subkey):
                     raise ValueError(f"epoch record of {signer!r} under subkey {str(subkey)[:40]!r}")
@@ -220,6 +222,7 @@ class Membership:
         self._lock = threading.Lock()
         self._rng = random.Random()
         self._blind_until = time.monotonic() + self.cfg.fault_blind_s
+        self.known_epoch: EpochRecord | None = None  # the newest epoch accepted: the chain goes on from it
         if self.admission is None:
             raise ValueError("Membership needs the swarm's admission (its join token and this node's identity)")
         validator = make_validator(self.admission, self.run_id, self.fingerprint)
@@ -455,22 +458,30 @@ class Membership:
         return self._newest_epoch(self._get(key))
 
     def _newest_epoch(self, raw: dict) -> EpochRecord | None:
-        best, finished = None, None
+        """The swarm's current epoch: the head of the chain of records (``records.chain_head``: each from a
+        leader the epoch before allows, from the newest this node accepted on), marked finished when a member
+        of the finished epoch's roster said so."""
+        records, mark = {}, None
         for name, value in raw.items():
             if name == FINISHED:
-                finished = value if isinstance(value, int) else None
+                mark = value if isinstance(value, list | tuple) and len(value) == 2 else None
                 continue
             rec = self._validate(EpochRecord, value, f"epoch {name}") if value is not None else None
-            if rec is not None and (best is None or rec.epoch > best.epoch):
-                best = rec
-        if best is not None and finished is not None and finished >= best.epoch:
-            best = best.model_copy(update={"finished": True})
+            if rec is not None:
+                records[rec.epoch] = rec
+        best = chain_head(records, self.known_epoch)
+        if best is not None and (self.known_epoch is None or best.epoch > self.known_epoch.epoch):
+            self.known_epoch = best.model_copy(update={"finished": False})
+        if best is not None and mark is not None:
+            done = records.get(mark[0]) or (best if best.epoch == mark[0] else None)
+            if done is not None and mark[0] >= best.epoch and mark[1] in done.roster:
+                best = best.model_copy(update={"finished": True})
         return best
 
     def mark_finished(self, epoch: int) -> bool:
         """Record that the run finished in ``epoch``: a subkey of its own, so that a member re-storing the
         epoch record at that moment (to extend its expiry) cannot erase the mark."""
-        return self._store(self._epoch_key(), FINISHED, epoch, self.cfg.epoch_ttl_s)
+        return self._store(self._epoch_key(), FINISHED, [epoch, self.admission.peer_id], self.cfg.epoch_ttl_s)
 
     def shutdown(self) -> None:
         try:

@@ -149,7 +149,7 @@ class _Conn:
         self.inbox, self.outbox = b"", b""
 
 
-COUNTERS = ("conns", "asks", "knocks", "knocks_limited", "pushes", "pushes_refused", "shed", "timeouts")
+COUNTERS = ("conns", "asks", "knocks", "knocks_limited", "pushes", "pushes_refused", "shed", "timeouts", "errors")
 
 
 class ProbeServer:
@@ -175,6 +175,7 @@ class ProbeServer:
         self.served = b""  # the sealed record answered with (set by the peer at every watch round)
         self.counts = dict.fromkeys(COUNTERS, 0)
         self._closed = threading.Event()
+        self._logged = -1e9
         self._sel = selectors.DefaultSelector()
         sock.setblocking(False)
         self._sel.register(sock, selectors.EVENT_READ, None)
@@ -199,18 +200,24 @@ class ProbeServer:
         try:
             while not self._closed.is_set():
                 for key, events in self._sel.select(timeout=0.1):
-                    if key.data is None:
-                        self._accept(conns)
-                    elif events & selectors.EVENT_READ and not key.data.outbox:
-                        self._read(conns, key.data)
-                    elif events & selectors.EVENT_WRITE:
-                        self._write(conns, key.data)
+                    try:
+                        if key.data is None:
+                            self._accept(conns)
+                        elif events & selectors.EVENT_READ and not key.data.outbox:
+                            self._read(conns, key.data)
+                        elif events & selectors.EVENT_WRITE:
+                            self._write(conns, key.data)
+                    except Exception:  # one bad connection must never take the probe port down with it
+                        self.counts["errors"] += 1
+                        if time.monotonic() - self._logged > 60:
+                            self._logged = time.monotonic()
+                            logger.exception("probe server: a connection failed (%d so far)", self.counts["errors"])
+                        if key.data is not None:
+                            self._drop(conns, key.data)
                 now = time.monotonic()
                 for c in [c for c in conns.values() if c.deadline < now]:
                     self.counts["timeouts"] += 1
                     self._drop(conns, c)
-        except Exception:  # the probe port must never die while the process lives: log, keep the socket
-            logger.exception("probe server failed")
         finally:
             for c in list(conns.values()):
                 self._drop(conns, c)

@@ -128,3 +128,35 @@ def known_rollbacks(ckpt, rec: EpochRecord) -> list[tuple[int, int]]:
     if rec.rollback_to is not None:
         known.add((rec.epoch, rec.rollback_to))
     return sorted(known)
+
+
+MAX_EPOCH_JUMP = 16  # epochs a record may lie past the newest valid one (its predecessors lost from the DHT)
+
+
+def follows(prev: EpochRecord, rec: EpochRecord) -> bool:
+    """Whether epoch ``rec`` may follow epoch ``prev``: a later number, at most ``MAX_EPOCH_JUMP`` ahead, from a
+    leader that ``prev`` allows (a member of its roster, its leader, or, unless ``rec`` stops the swarm, a spare
+    it listed: a spare leads when every holder is lost). A stop record counts only from the roster or the
+    leader; nothing follows a stop."""
+    if not prev.epoch < rec.epoch <= prev.epoch + MAX_EPOCH_JUMP or prev.stop:
+        return False
+    allowed = {*prev.roster, prev.leader} if rec.stop else {*prev.roster, prev.leader, *prev.spares}
+    return rec.leader in allowed
+
+
+def chain_head(records: dict[int, EpochRecord], known: EpochRecord | None = None) -> EpochRecord | None:
+    """The newest epoch reachable through ``follows`` from ``known`` (the newest this peer accepted before),
+    else from the oldest one held. A record that does not follow (planted far ahead, like epoch 99999999, or
+    published by a peer the epoch before does not allow, like a spare's stop record) is skipped: it stays in
+    the DHT, ignored, and the swarm's real epochs go on past it. Records at or below ``known`` are history."""
+    if known is not None:
+        records = {n: r for n, r in records.items() if n > known.epoch}
+        head = known
+    elif records:
+        head = records[min(records)]
+    else:
+        return None
+    for n in sorted(records):
+        if follows(head, records[n]):
+            head = records[n]
+    return head

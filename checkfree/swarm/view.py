@@ -113,6 +113,7 @@ class View:
         now, fresh = self.clock(), []
         with self._lock:
             for pid, r in members.items():
+                self._missing_since.pop(pid, None)  # seen: a later gap counts from its own start
                 seen = self._beats.get(pid)
                 if seen is None or seen[0] != r.time:
                     if seen is not None and seen[0] is not None and r.time > seen[0]:
@@ -179,6 +180,8 @@ class View:
                 since = self._missing_since.setdefault(pid, now)
                 if not bounded or now - since < 3 * self.ttl_s:
                     out.append(stage)
+            elif answer in NO_ANSWER and not self.frozen(pid, *current.probes[stage]):
+                out.append(stage)  # unanswered, but not for hang_s on end yet: not known to be lost
         return out
 
     def unreachable(self, members: dict[str, MemberRecord], current: EpochRecord) -> tuple[list[str], int]:

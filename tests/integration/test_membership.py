@@ -224,3 +224,48 @@ def test_timeouts_are_retried_and_a_dead_dht_process_is_told_apart():
     finally:
         m.shutdown()
         kill_and_reap(daemons, keep=descendants(os.getpid()) - daemons)
+
+
+@pytest.fixture
+def trio():
+    """Three nodes of a swarm of their own (no epochs of other tests)."""
+    run = "t-" + uuid.uuid4().hex[:6]
+    a = Membership(CFG, run, "fp1", admission=admission("a"))
+    nodes = [a] + [Membership(CFG, run, "fp1", a.visible_maddrs(), admission=admission(n)) for n in "bc"]
+    yield nodes
+    for m in nodes:
+        m.shutdown()
+
+
+def test_a_token_holder_cannot_stop_the_swarm_with_a_record_of_its_own(trio):
+    """A spare holds the token: it may store a stop record naming itself leader (its seal is valid), at epoch
+    99999999 or at the next epoch. Neither is the swarm's current epoch: the first lies past any gap the chain
+    allows, the second comes from a peer the epoch before does not allow to stop it. The real next epoch,
+    from a member, still goes on past it; a finish mark counts only from the finished epoch's roster."""
+    a, b, third = trio
+    me, spare = a.admission.peer_id, third.admission.peer_id
+    base = EpochRecord(
+        run_id=a.run_id,
+        fingerprint="fp1",
+        epoch=20,
+        roster=[me, "y"],
+        store_host="h",
+        store_port=1,
+        step=7,
+        leader=me,
+        spares=[spare],
+    )
+    assert a.publish_epoch(base)
+    assert poll(lambda: (e := b.current_epoch()) and e.epoch == 20)
+    for n in (99999999, 21):
+        stop = base.model_copy(update={"epoch": n, "roster": [], "leader": spare, "stop": "hijack", "spares": []})
+        assert third.publish_epoch(stop)  # sealed by its named leader: stored
+    time.sleep(0.5)
+    assert b.current_epoch().epoch == 20 and b.current_epoch().stop is None
+    assert third.mark_finished(20)  # a spare is not in epoch 20's roster
+    time.sleep(0.5)
+    assert not b.current_epoch().finished
+    assert a.publish_epoch(base.model_copy(update={"epoch": 22, "step": 9}))  # the real next epoch
+    assert poll(lambda: (e := b.current_epoch()) and e.epoch == 22)
+    assert a.mark_finished(22)
+    assert poll(lambda: b.current_epoch().finished)

@@ -174,9 +174,12 @@ def test_a_side_without_a_majority_of_the_roster_waits_and_says_so(tmp_path):
         leader = _leader(tmp_path, membership)
         view = View(ttl_s=0.05, spare_wait_s=0.0, period_s=0.01, prober=Prober(clock, _answers()), clock=clock)
         clock.t += 0.06  # watched long enough to decide
+        leader.step(members, rec, 3, view)  # silent ones are not known lost before hang_s without an answer
         leader.step(members, rec, 3, view)
         assert expect in leader.reason and not membership.published, leader.reason
-    spare = MemberRecord(run_id="l", fingerprint="fp", peer_id="s", stage=-1, epoch=-1, state="spare", step=0)
+    spare = MemberRecord(
+        run_id="l", fingerprint="fp", peer_id="s", stage=-1, epoch=-1, state="spare", step=0, probe_port=ALIVE
+    )
     rec = current.model_copy(
         update={
             "probes": [("127.0.0.1", p) for p in (ALIVE, ALIVE, SILENT, SILENT)],
@@ -188,6 +191,7 @@ def test_a_side_without_a_majority_of_the_roster_waits_and_says_so(tmp_path):
     leader = _leader(tmp_path, _Membership())
     view = View(ttl_s=0.05, spare_wait_s=0.0, period_s=0.01, prober=Prober(clock, _answers()), clock=clock)
     clock.t += 0.06
+    leader.step({**members, "s": spare}, rec, 3, view)
     leader.step({**members, "s": spare}, rec, 3, view)
     assert "waiting for a spare for stages [2, 3] (1 available)" in leader.reason, leader.reason
 
