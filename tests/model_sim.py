@@ -117,7 +117,7 @@ class SimPeer:
     frozen: bool = False  # SIGSTOP-like: no heartbeat, probes time out
     frozen_since: float = 0.0
     side: int = 0  # which side of a partition (0 when none)
-    late: int = 0  # how many of the next probes of it are answered only after their timeout
+    late: int = 0  # how many of the next probes of it are answered late (LATE_S after they were sent)
     pushed: EpochRecord | None = None  # the newest epoch record a leader's knock pushed to it
     leader: Leader | None = None
     view: View | None = None
@@ -125,6 +125,9 @@ class SimPeer:
     @property
     def up(self) -> bool:
         return not self.crashed and not self.frozen
+
+
+LATE_S = 0.6  # a late answer: past a plain probe's timeout (0.5 s), well within hang_s
 
 
 class Prober:
@@ -141,10 +144,15 @@ class Prober:
             return "silent"
         if target.crashed:
             return "refused"
-        if target.frozen or target.late:
-            target.late = max(0, target.late - 1)
+        if target.frozen:
             swarm.clock.t += timeout_s
             return "frozen"
+        if target.late:  # a delay spike: the answer comes LATE_S after the probe, past a plain probe's timeout
+            target.late -= 1
+            if timeout_s < LATE_S:
+                swarm.clock.t += timeout_s
+                return "frozen"
+            swarm.clock.t += LATE_S  # a longer (confirming) probe still gets it: a live peer is no hang
         return "alive"
 
 

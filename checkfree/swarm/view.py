@@ -54,6 +54,7 @@ class View:
         self._missing_since: dict[str, float] = {}  # roster peers missing from the view, answering probes
         self._beats: dict[str, tuple[float | None, float]] = {}  # peer -> (its record's time, when first seen)
         self._unanswered_since: dict[str, float] = {}  # peer -> when the first of its unanswered probes was sent
+        self._last_unanswered: dict[str, float] = {}  # peer -> when its last unanswered probe ended
         self._lock = threading.Lock()
 
     # ---- probing -------------------------------------------------------------------------------
@@ -80,7 +81,13 @@ class View:
             if answer == "alive":
                 self._unanswered_since.pop(pid, None)
             elif answer in NO_ANSWER:
-                self._unanswered_since.setdefault(pid, now - PROBE_TIMEOUT_S if sent is None else sent)
+                start = now - PROBE_TIMEOUT_S if sent is None else sent
+                last = self._last_unanswered.get(pid)
+                if last is None or start - last > self.hang_s:  # not one stretch with the earlier ones: anew
+                    self._unanswered_since[pid] = start
+                else:
+                    self._unanswered_since.setdefault(pid, start)
+                self._last_unanswered[pid] = now
         if answer == "refused":
             self._mark(pid, "refused")
         elif answer == "alive":
@@ -150,6 +157,8 @@ class View:
         sent = self.clock()
         if self.heard(pid, self._probe(pid, host, port, wait), sent) not in NO_ANSWER:
             return False
+        with self._lock:  # an old unanswered probe is no part of this stretch (``heard`` started it anew)
+            since = self._unanswered_since.get(pid, sent)
         if self.clock() - since < self.hang_s or not self.stalled(pid):
             return False
         self._mark(pid, "frozen")

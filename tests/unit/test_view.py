@@ -206,3 +206,17 @@ def test_nothing_is_confirmed_while_no_member_reports_the_epoch_broken():
     clock.t += 5.0
     assert sorted(view.confirmed(members, current)) == ["a", "b", "c", "d"]  # nobody probed: training goes on
     assert not prober.asked
+
+
+def test_two_late_probes_far_apart_are_no_stretch_of_silence():
+    """Found by the protocol model: two isolated late answers of a live peer, long apart, once counted as
+    hang_s of unanswered probes, and a live holder missing from a stale view was declared lost."""
+    clock = Clock()
+    prober = Prober(clock, _answers())
+    view = _view(clock, prober)
+    view.note({"c": _record("c", 2, ALIVE)})
+    view.heard("c", "frozen", clock.t)  # one late answer
+    clock.t += 60.0
+    view.heard("c", "frozen", clock.t)  # another, a minute later
+    assert not view.frozen("c", "127.0.0.1", ALIVE)  # it answers the confirming probe
+    assert "c" not in view.dead
