@@ -272,6 +272,8 @@ class Leader:
                 store_port=0,
                 step=step,
                 leader=self.peer_id,
+                # a peer outside the roster leads only when every holder is lost: its stop says so (see follows)
+                lost=list(range(len(current.roster))) if current and self.peer_id not in current.roster else [],
                 stop=reason,
                 time=time.time(),
             )

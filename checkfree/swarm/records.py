@@ -135,13 +135,15 @@ MAX_EPOCH_JUMP = 16  # epochs a record may lie past the newest valid one (its pr
 
 def follows(prev: EpochRecord, rec: EpochRecord) -> bool:
     """Whether epoch ``rec`` may follow epoch ``prev``: a later number, at most ``MAX_EPOCH_JUMP`` ahead, from a
-    leader that ``prev`` allows (a member of its roster, its leader, or, unless ``rec`` stops the swarm, a spare
-    it listed: a spare leads when every holder is lost). A stop record counts only from the roster or the
-    leader; nothing follows a stop."""
+    leader that ``prev`` allows: a member of its roster or its leader; a spare it listed, unless ``rec`` stops
+    the swarm; or any spare whose record says every stage of ``prev`` is lost (a spare leads then: its roster
+    holds none of ``prev``'s holders). Nothing follows a stop."""
     if not prev.epoch < rec.epoch <= prev.epoch + MAX_EPOCH_JUMP or prev.stop:
         return False
-    allowed = {*prev.roster, prev.leader} if rec.stop else {*prev.roster, prev.leader, *prev.spares}
-    return rec.leader in allowed
+    if rec.leader in {*prev.roster, prev.leader} or (rec.leader in prev.spares and not rec.stop):
+        return True
+    every_stage_lost = set(rec.lost) >= set(range(len(prev.roster))) and not set(rec.roster) & set(prev.roster)
+    return bool(prev.roster) and every_stage_lost
 
 
 def chain_head(records: dict[int, EpochRecord], known: EpochRecord | None = None) -> EpochRecord | None:

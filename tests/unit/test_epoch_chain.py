@@ -37,9 +37,20 @@ def test_a_stop_counts_only_from_the_roster_or_the_leader_and_nothing_follows_it
     base = rec(5, spares=("s",))
     assert not follows(base, rec(6, leader="s", stop="a spare stops the swarm"))
     assert follows(base, rec(6, leader="b", stop="a member stops it"))
-    assert follows(base, rec(6, leader="s"))  # a listed spare may lead (every holder lost)
+    assert follows(base, rec(6, leader="s"))  # a listed spare may lead
     assert not follows(base, rec(6, leader="x"))  # a peer the epoch does not know may not
     assert not follows(rec(6, leader="b", stop="stopped"), rec(7))
+
+
+def test_a_spare_leads_or_stops_when_its_record_says_every_stage_is_lost():
+    """Every holder lost at once: the lowest spare leads (a restart from checkpoints, or a stop). Its record
+    must say so: every stage lost, none of the old holders in its roster."""
+    base = rec(5)
+    restart = rec(6, leader="x", roster=("x", "y", "z")).model_copy(update={"lost": [0, 1, 2]})
+    assert follows(base, restart)
+    assert not follows(base, restart.model_copy(update={"roster": ["x", "b", "z"]}))  # b still holds stage 1
+    stop = rec(6, leader="x", stop="every stage lost")
+    assert not follows(base, stop) and follows(base, stop.model_copy(update={"lost": [0, 1, 2]}))
 
 
 def test_a_planted_record_is_skipped_and_the_real_epochs_go_on_past_it():
