@@ -74,6 +74,7 @@ def _wait_for_peers(run_dir, n: int, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"the launcher did not start {n} peers in {timeout_s} s")
 
 
+@pytest.mark.long  # ~70-110 s; the chaos soak's probe floods and starvation pulses cover it too
 def test_starved_and_flooded_peers_are_never_evicted(tmp_path):
     """For the whole run (one to two minutes on 2 cores) a busy loop runs beside every peer, and every ~3 s chaos
     either pulses random stage peers (two SIGSTOPs of 0.5-1.0 s, hang_s apart) or floods one stage peer's probe
