@@ -1,5 +1,5 @@
-"""The leader's waiting: it stops the swarm (publishing why) only after waiting swarm.spare_wait_s for a
-spare in one wait, and a new wait starts the clock anew."""
+"""The leader's waiting, on an injected clock (no sleeping): it stops the swarm (publishing why) only after
+waiting swarm.spare_wait_s for a spare in one wait, and a new wait starts the clock anew."""
 
 import time
 
@@ -55,20 +55,32 @@ def _view():
     return members, current
 
 
+class _Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
 def _waiting_leader(tmp_path):
-    """A leader that has just started waiting for a spare (swarm.spare_wait_s=0.3)."""
+    """A leader, on an injected clock, that has just started waiting for a spare (swarm.spare_wait_s=0.3)."""
     cfg = tiny_config(tmp_path, "swarm.spare_wait_s=0.3")
     membership = _Membership()
-    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
+    clock = _Clock()
+    leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None, clock=clock)
     members, current = _view()
     leader.step(members, current, 3)
-    return leader, membership, members, current
+    return leader, membership, members, current, clock
 
 
 def test_no_spare_for_longer_than_spare_wait_s_stops_the_swarm_with_a_stop_record(tmp_path):
-    leader, membership, members, current = _waiting_leader(tmp_path)
+    leader, membership, members, current, clock = _waiting_leader(tmp_path)
     assert "waiting for a spare for stages [3]" in leader.reason and not membership.published
-    time.sleep(0.35)
+    clock.t += 0.25
+    leader.step(members, current, 3)
+    assert not membership.published  # not yet
+    clock.t += 0.1
     with pytest.raises(SwarmStopped, match="for more than swarm.spare_wait_s=0.3 s"):
         leader.step(members, current, 3)
     (stop,) = membership.published
@@ -76,8 +88,8 @@ def test_no_spare_for_longer_than_spare_wait_s_stops_the_swarm_with_a_stop_recor
 
 
 def test_a_new_wait_starts_the_clock_anew(tmp_path):
-    leader, membership, members, current = _waiting_leader(tmp_path)
-    time.sleep(0.35)
+    leader, membership, members, current, clock = _waiting_leader(tmp_path)
+    clock.t += 0.35
     leader.waiting_since = None  # what the peer does at the start of each wait for an epoch
     leader.step(members, current, 3)
     assert not membership.published
