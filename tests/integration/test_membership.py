@@ -197,7 +197,7 @@ def test_a_dht_process_that_never_becomes_ready_is_ended_and_reported():
         Membership(cfg, "t-stuck", "fp", admission=admission())
     assert 3.5 < time.monotonic() - t0 < 30
     kill_and_reap(set(), keep=before)
-    assert poll(lambda: not (descendants(os.getpid()) - before), timeout_s=5)
+    assert poll(lambda: not (descendants(os.getpid()) - before), timeout_s=30)  # slow to exit on a loaded machine
 
 
 def test_timeouts_are_retried_and_a_dead_dht_process_is_told_apart():

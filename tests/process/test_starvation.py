@@ -136,6 +136,7 @@ def test_starved_and_flooded_peers_are_never_evicted(tmp_path):
     assert healthy_evictions(events, HANG_S) == []
 
 
+@pytest.mark.long  # ~70-155 s; the soak's hangs land beside floods and starvation too
 def test_a_real_hang_under_starvation_is_detected_and_recovered(tmp_path):
     """A busy loop beside every peer, and stage 2's peer frozen (SIGSTOP held) at iteration 15: its loss is
     detected through the probe port (the transport's backstop is 60 s), a spare rebuilds the stage, and the run
