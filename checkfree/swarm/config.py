@@ -54,8 +54,8 @@ def check_hosts(host: str, announce_host: str | None) -> None:
 class MembershipConfig:
     # how often a peer stores its record in the DHT (what spares, leaders, the launcher and status read). Losses
     # are detected through the probe ports, not the DHT, so this can be slow: every DHT node handles every
-    # store, which is most of what the failure-free swarm pays (0.90x the static pipeline's tokens/s at 0.5 s,
-    # 0.98x at 2 s, measured side by side on 2 cores)
+    # store, which is most of what the failure-free swarm pays (0.91x the static pipeline's tokens/s at 0.5 s,
+    # 0.96x at 2 s, measured side by side on 2 cores: docs/results/overhead*.json)
     period_s: float = 2.0
     watch_s: float = 0.5  # how often the members of an epoch read each other's records from their probe ports
     # a member is found frozen only after its heartbeat stalled and fresh probes went unanswered this long on
