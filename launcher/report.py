@@ -40,6 +40,7 @@ import signal
 import statistics
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 from checkfree import __version__
 
@@ -82,14 +83,53 @@ def _metrics(run_dir: Path) -> list[dict]:
     return sorted(by_commit.values(), key=lambda r: (r["time/wall"], r["step"]))
 
 
-def timeline(metrics: list[dict], events: list[dict]) -> tuple[list[int], list[int], list[int]]:
-    """(repeated, redone, skipped) steps of the run's final timeline.
+class Timeline(NamedTuple):
+    repeated: list[int]
+    redone: list[int]
+    skipped: list[int]
+    lost: list[int]
+
+
+def committers(run_dir: Path) -> dict[tuple[int, int], set[str]]:
+    """The peers that applied each (epoch, step): a peer's metrics rows are written as it commits."""
+    out: dict[tuple[int, int], set[str]] = {}
+    for f in sorted((run_dir / "peers").glob("*/metrics.jsonl")):
+        for r in _read_lines(f):
+            if "loss/val" not in r:
+                out.setdefault((r["epoch"], r["step"]), set()).add(f.parent.name)
+    return out
+
+
+def _lost_with_their_peers(m: dict, events: list[dict], applied_by: dict[tuple[int, int], set[str]] | None) -> bool:
+    """A commit whose every applier was gone when a later epoch resumed at or before its step: the weights
+    that held it were lost with those peers (the survivors had not applied it), so the swarm redid it. A
+    commit that one of its appliers carried into such an epoch is no such case: that peer would apply the
+    step twice."""
+    if applied_by is None:
+        return False
+    peers = applied_by.get((m["epoch"], m["step"]), set())
+    return any(
+        e["event"] == "epoch_published"
+        and e["new_epoch"] > m["epoch"]
+        and e.get("roster")
+        and e.get("step", m["step"] + 1) <= m["step"]
+        and not peers & set(e["roster"])
+        for e in events
+    )
+
+
+def timeline(
+    metrics: list[dict], events: list[dict], applied_by: dict[tuple[int, int], set[str]] | None = None
+) -> Timeline:
+    """(repeated, redone, skipped, lost) steps of the run's final timeline.
 
     A swarm-wide rollback (a published epoch E with ``rollback_to`` r) abandons every commit of a step >= r
     made in an epoch before E: those steps are *redone*, by design. A rollback that broke off half-way,
-    after which the swarm went on past every step committed before E, abandons nothing. The commits not
-    abandoned form the final timeline, on which every step must appear exactly once: a step on it twice was
-    applied twice (*repeated*), one missing from it was never applied (*skipped*), both bugs."""
+    after which the swarm went on past every step committed before E, abandons nothing. Given who applied
+    each commit (``applied_by``), a commit whose appliers were all lost before a later epoch resumed at or
+    before its step is *lost* with them and redone, by design (see ``_lost_with_their_peers``). The commits
+    not abandoned form the final timeline, on which every step must appear exactly once: a step on it twice
+    was applied twice (*repeated*), one missing from it was never applied (*skipped*), both bugs."""
     rollbacks = []
     for e in events:
         if e["event"] == "epoch_published" and e.get("rollback_to") is not None:
@@ -100,15 +140,18 @@ def timeline(metrics: list[dict], events: list[dict]) -> tuple[list[int], list[i
             rollbacks.append((epoch, min(later) if went_on else e["rollback_to"]))
     kept: list[int] = []
     redone: set[int] = set()
+    lost: set[int] = set()
     for m in metrics:
         if any(m["epoch"] < epoch and m["step"] >= to for epoch, to in rollbacks):
             redone.add(m["step"])
+        elif _lost_with_their_peers(m, events, applied_by):
+            lost.add(m["step"])
         else:
             kept.append(m["step"])
     counts = Counter(kept)
     repeated = sorted(s for s, n in counts.items() if n > 1)
     skipped = sorted(set(range(max(kept, default=-1) + 1)) - set(kept))
-    return repeated, sorted(redone), skipped
+    return Timeline(repeated, sorted(redone), skipped, sorted(lost))
 
 
 def recoveries(events: list[dict]) -> list[dict]:
@@ -418,7 +461,7 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
         for m in metrics:
             f.write(json.dumps({**m, "time/train_s": m["time/wall"] - t0}) + "\n")
     steps = [m["step"] for m in metrics]
-    repeated, redone, skipped = timeline(metrics, events)
+    repeated, redone, skipped, lost = timeline(metrics, events, committers(run_dir))
     rows = recoveries(events)
     with open(run_dir / "recoveries.jsonl", "w") as f:
         for r in rows:
@@ -430,6 +473,7 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
         "repeated_steps": repeated,
         "redone_steps": redone,
         "skipped_steps": skipped,
+        "lost_steps": lost,  # applied only by peers lost before the swarm went on; redone
         "rollback_strategy": rollback,
         "first_train_loss": metrics[0]["loss/train"] if metrics else None,
         "final_train_loss": metrics[-1]["loss/train"] if metrics else None,

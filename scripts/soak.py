@@ -20,8 +20,9 @@ and busy loops), then the same run failure-free for the reference loss.
 Checks (PASS/FAIL, each with its number): the launcher exited 0; at least ``--events`` events injected
 (``chaos`` events in ``launcher-events.jsonl``: a triggered kind that never fires is dropped, not counted);
 every step committed exactly once on the final timeline (``steps == num_steps``, none repeated, none skipped;
-steps that a rollback of the ``checkpoint`` or ``hybrid`` strategy abandoned are redone, by design, and counted
-apart: launcher/report.py ``timeline``); every stage's
+steps that a rollback of the ``checkpoint`` or ``hybrid`` strategy abandoned, and steps applied only by peers that
+were all lost before the swarm resumed at or before them, are redone, by design, and counted apart:
+launcher/report.py ``timeline``); every stage's
 lineage valid (each peer that trained a stage either held it from epoch 0 or was rebuilt for it, or rolled
 back, in an epoch no later than the first it trained in); no process left in any spawned peer's process
 group; no healthy eviction: no peer that chaos only flooded or starved (never killed nor hung) was declared
@@ -220,6 +221,8 @@ def checks(res: dict, left: dict[str, list]) -> list[dict]:
     commits = f"steps {s['steps']}/{n}, repeated {repeated[:10]}, skipped {skipped[:10]}"
     if redone:
         commits += f"; {len(redone)} redone after rollbacks"
+    if s.get("lost_steps"):
+        commits += f"; redone as lost with every peer that applied them: {s['lost_steps'][:10]}"
     pairs, bad = res["lineage_pairs"], res["lineage_violations"]
     chaos_loss, ref_loss = res["final_val_loss"]["chaos"], res["final_val_loss"]["failure_free"]
     finite = all(isinstance(v, float) and math.isfinite(v) for v in (chaos_loss, ref_loss))

@@ -259,13 +259,13 @@ def test_steps_redone_after_a_rollback_are_not_repeated_on_the_final_timeline():
     """Epoch 1 rolls back to step 4: the old epoch's commits of steps 4-6 are abandoned and redone."""
     metrics = _commits((0, range(0, 7)), (1, range(4, 10)))
     events = [_published(1.0, 0, ROSTER), _published(5.0, 1, ROSTER, lost=[0, 1], rollback_to=4)]
-    assert timeline(metrics, events) == ([], [4, 5, 6], [])
+    assert timeline(metrics, events) == ([], [4, 5, 6], [], [])
 
 
 def test_a_step_applied_in_two_epochs_without_a_rollback_is_repeated():
     metrics = _commits((0, range(0, 7)), (1, range(6, 10)))
     events = [_published(1.0, 0, ROSTER), _published(5.0, 1, ROSTER, lost=[2])]
-    assert timeline(metrics, events) == ([6], [], [])
+    assert timeline(metrics, events) == ([6], [], [], [])
 
 
 def test_a_step_the_final_timeline_lacks_is_skipped_even_if_an_abandoned_epoch_had_it():
@@ -273,7 +273,7 @@ def test_a_step_the_final_timeline_lacks_is_skipped_even_if_an_abandoned_epoch_h
     never applied on the final timeline."""
     metrics = _commits((0, range(0, 6)), (2, range(4, 8)))
     events = [_published(5.0, 1, ROSTER, lost=[0, 1], rollback_to=2)]
-    assert timeline(metrics, events) == ([], [2, 3, 4, 5], [2, 3])
+    assert timeline(metrics, events) == ([], [2, 3, 4, 5], [2, 3], [])
 
 
 def test_commits_after_the_rollback_epoch_are_kept_and_a_later_rollback_abandons_them_in_turn():
@@ -283,7 +283,7 @@ def test_commits_after_the_rollback_epoch_are_kept_and_a_later_rollback_abandons
         _published(9.0, 2, ROSTER, lost=[3]),
         _published(9.5, 3, ROSTER, lost=[2, 3], rollback_to=5),
     ]
-    assert timeline(metrics, events) == ([], [2, 3, 4, 5, 6, 7, 8], [])
+    assert timeline(metrics, events) == ([], [2, 3, 4, 5, 6, 7, 8], [], [])
 
 
 def test_a_rollback_that_broke_off_and_was_not_redone_abandons_nothing():
@@ -291,4 +291,23 @@ def test_a_rollback_that_broke_off_and_was_not_redone_abandons_nothing():
     step 6, where epoch 0 had stopped: no step was redone, none skipped."""
     metrics = _commits((0, range(0, 6)), (2, range(6, 10)))
     events = [_published(5.0, 1, ROSTER, lost=[0, 1], rollback_to=2), _published(6.0, 2, ROSTER, lost=[1])]
-    assert timeline(metrics, events) == ([], [], [])
+    assert timeline(metrics, events) == ([], [], [], [])
+
+
+def test_a_step_applied_only_by_peers_lost_before_the_swarm_resumed_at_it_is_lost_not_repeated():
+    """Stages 1 and 2 applied step 6 and died; the survivors held it pending and epoch 1 resumed at 6 without
+    them (as a soak found at step 680): the weights that held 6 are gone, so 6 is redone once."""
+    metrics = _commits((0, range(0, 7)), (1, range(6, 10)))
+    applied = {(0, s): {"p0", "p1", "p2", "p3"} for s in range(6)} | {(0, 6): {"p1", "p2"}}
+    applied |= {(1, s): {"p0", "p3", "s4", "s5"} for s in range(6, 10)}
+    events = [_published(1.0, 0, ROSTER), {**_published(5.0, 1, ["p0", "s4", "s5", "p3"], lost=[1, 2]), "step": 6}]
+    assert timeline(metrics, events, applied) == ([], [], [], [6])
+
+
+def test_a_step_whose_applier_survived_into_an_epoch_that_resumed_at_it_is_repeated():
+    """p1 applied step 6 and is in epoch 1's roster, which resumes at 6: p1 applies it twice."""
+    metrics = _commits((0, range(0, 7)), (1, range(6, 10)))
+    applied = {(0, s): {"p0", "p1", "p2", "p3"} for s in range(6)} | {(0, 6): {"p1"}}
+    applied |= {(1, s): {"p0", "p1", "s5", "p3"} for s in range(6, 10)}
+    events = [_published(1.0, 0, ROSTER), {**_published(5.0, 1, ["p0", "p1", "s5", "p3"], lost=[2]), "step": 6}]
+    assert timeline(metrics, events, applied) == ([6], [], [], [])
