@@ -28,7 +28,8 @@ class PeersOnHosts:
 
     def start(self, name: str, role: list[str], initial: list[str], host: Host | None = None) -> Host:
         """Start peer ``name`` (``--stage K`` or ``--spare``) bootstrapping from ``initial`` (none: a new
-        swarm) on ``host`` (default: a new one). A joining peer reads the join token from the run dir."""
+        swarm) on ``host`` (default: a new one). A joining peer reads the join token and the swarm id from the
+        run dir."""
         host = host or self.hosts.add()
         self.host_of[name] = host
         cmd = [*host.exec_prefix(), sys.executable, "-m", "checkfree", "peer", *self.cfg_args]
@@ -71,13 +72,14 @@ class PeersOnHosts:
     def status(self, host: Host, via: str, run_id: str) -> subprocess.CompletedProcess:
         """``checkfree status`` run on ``host``, bootstrapping from peer ``via``."""
         token = (self.run_dir / "join_token").read_text().strip()
+        swarm_id = (self.run_dir / "swarm_id").read_text().strip()
         return subprocess.run(
             [*host.exec_prefix(), sys.executable, "-m", "checkfree", "status", "--run-id", run_id]
             + ["--initial-peers", self.maddr(via)],
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, "CHECKFREE_JOIN_TOKEN": token},
+            env={**os.environ, "CHECKFREE_JOIN_TOKEN": token, "CHECKFREE_SWARM_ID": swarm_id},
         )
 
     def logs(self, tail: int = 2000) -> str:

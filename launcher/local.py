@@ -30,7 +30,18 @@ from checkfree.core.events import EventLog
 from checkfree.core.exit_codes import ExitCode
 from checkfree.core.failures import Failure, FailureInjector, write_trace
 from checkfree.core.metrics import read_jsonl
-from checkfree.swarm.admission import KEY_ENV, TOKEN_ENV, Admission, Identity, find_token, new_token, write_token
+from checkfree.swarm.admission import (
+    KEY_ENV,
+    SWARM_ENV,
+    TOKEN_ENV,
+    Admission,
+    Identity,
+    find_token,
+    new_swarm_id,
+    new_token,
+    write_swarm_id,
+    write_token,
+)
 from checkfree.swarm.config import config_fingerprint
 from checkfree.swarm.injection import LINK_DOWN, read_marker
 from checkfree.swarm.membership import DHTUnavailable, Membership
@@ -111,12 +122,15 @@ class LocalSwarm:
         # never on a command line (other users can read those) nor in a log
         self.token = find_token(None, self.run_dir) or new_token()
         self.token_path = write_token(self.run_dir, self.token)
+        # a new swarm, a new id (whatever swarm ran in this directory before): no record of another run passes
+        self.swarm_id = new_swarm_id()
+        write_swarm_id(self.run_dir, self.swarm_id)
         try:
             self.membership = Membership(
                 membership_cfg,
                 self.run_id,
                 config_fingerprint(cfg),
-                admission=Admission(self.token, Identity("launcher")),
+                admission=Admission(self.token, Identity("launcher"), self.swarm_id),
             )
         except BaseException:
             if self.hosts is not None:
@@ -129,7 +143,8 @@ class LocalSwarm:
             # the token itself only on a terminal: a redirected stderr is a log, and logs never hold it
             shown = self.token if sys.stderr.isatty() else f"in {self.token_path} (mode 0600)"
             print(
-                f"join token: {shown}\nother hosts join with: {TOKEN_ENV}=... checkfree peer {self.config_path} "
+                f"join token: {shown}\nswarm id: {self.swarm_id}\nother hosts join with: {TOKEN_ENV}=... "
+                f"{SWARM_ENV}={self.swarm_id} checkfree peer {self.config_path} "
                 f"--initial-peers $(cat {self.run_dir / 'maddrs.txt'}) --spare",
                 file=sys.stderr,
             )
@@ -165,7 +180,7 @@ class LocalSwarm:
         (self.run_dir / "peers").mkdir(parents=True, exist_ok=True)
         log = open(self.run_dir / "peers" / f"{peer_id}.log", "w")
         # its own session: the launcher can end the peer's whole process group (DHT, p2pd) by PID
-        env = {**os.environ, TOKEN_ENV: self.token, KEY_ENV: identity.seed_hex()}
+        env = {**os.environ, TOKEN_ENV: self.token, SWARM_ENV: self.swarm_id, KEY_ENV: identity.seed_hex()}
         self.procs[peer_id] = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )

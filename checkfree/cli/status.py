@@ -6,9 +6,11 @@ Join a swarm's DHT read-only and print what it is doing: once, as a table or (``
 machine-readable snapshot, or again every few seconds (``--watch``) until Ctrl-C.
 
 Where the swarm is comes from its run directory (``checkfree status RUN_DIR``): the run id from
-``config.yaml`` (``swarm.run_id``, else ``run_name``), the join token from ``join_token`` and the addresses
+``config.yaml`` (``swarm.run_id``, else ``run_name``), the join token from ``join_token``, the swarm's id
+from ``swarm_id``, and the addresses
 to join through from ``maddrs.txt``, the files ``checkfree swarm`` and a swarm's first ``checkfree peer``
-write. ``--run-id``, ``--join-token`` (or ``$CHECKFREE_JOIN_TOKEN``) and ``--initial-peers`` override
+write. ``--run-id``, ``--join-token`` (or ``$CHECKFREE_JOIN_TOKEN``), ``--swarm-id`` (or
+``$CHECKFREE_SWARM_ID``) and ``--initial-peers`` override
 them, and without a run directory they say it all. ``resolve_target`` (the files) and ``snapshot`` (the
 records) are pure functions; the rest joins the DHT and prints.
 
@@ -89,6 +91,7 @@ class Target:
     run_id: str
     token: str
     initial_peers: list[str]
+    swarm_id: str | None = None
 
 
 def resolve_target(
@@ -96,15 +99,17 @@ def resolve_target(
     initial_peers: list[str] | None = None,
     run_id: str | None = None,
     join_token: str | None = None,
+    swarm_id: str | None = None,
 ) -> Target:
     """The swarm to look at, from ``run_dir``'s files and the flags (a flag wins over a file; the token
-    from ``join_token``, else ``$CHECKFREE_JOIN_TOKEN``, else ``RUN_DIR/join_token``).
+    from ``join_token``, else ``$CHECKFREE_JOIN_TOKEN``, else ``RUN_DIR/join_token``; the swarm id likewise
+    from ``swarm_id``, ``$CHECKFREE_SWARM_ID``, ``RUN_DIR/swarm_id``).
 
     Raises:
         StatusInputError: the run directory or one of its files is missing, unreadable or malformed,
             or, without a run directory, no address or token was given.
     """
-    from checkfree.swarm.admission import TOKEN_ENV, TOKEN_FILE, find_token
+    from checkfree.swarm.admission import SWARM_ENV, SWARM_FILE, TOKEN_ENV, TOKEN_FILE, find_swarm_id, find_token
 
     folder = Path(run_dir) if run_dir is not None else None
     if folder is not None and not folder.is_dir():
@@ -128,7 +133,11 @@ def resolve_target(
         raise StatusInputError(
             f"the swarm's records are sealed with its join token: pass --join-token or ${TOKEN_ENV}{where}"
         )
-    return Target(run_id, token, list(initial_peers))
+    found = find_swarm_id(swarm_id, folder)
+    if found is None:
+        where = f", or keep it in {folder / SWARM_FILE}" if folder is not None else ""
+        raise StatusInputError(f"the swarm's records are sealed with its id: pass --swarm-id or ${SWARM_ENV}{where}")
+    return Target(run_id, token, list(initial_peers), found)
 
 
 def _read(path: Path, what: str) -> str:
@@ -295,7 +304,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
     from checkfree.swarm.membership import DHTUnavailable, Membership
 
     try:
-        target = resolve_target(ns.run_dir, ns.initial_peers, ns.run_id, ns.join_token)
+        target = resolve_target(ns.run_dir, ns.initial_peers, ns.run_id, ns.join_token, ns.swarm_id)
         host = ns.host or _address_towards(target.initial_peers[0])
         cfg = MembershipConfig(host=host)
         if ns.watch is not None and ns.watch <= 0:
@@ -310,7 +319,7 @@ def cmd_status(ns: argparse.Namespace) -> int:
             None,
             target.initial_peers,
             client_mode=True,
-            admission=Admission(target.token, Identity("status")),
+            admission=Admission(target.token, Identity("status"), target.swarm_id),
         )
     except Exception as e:  # hivemind's bootstrap errors have no common base class
         print(
@@ -384,6 +393,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     status.add_argument(
         "--join-token", help="the swarm's secret (default: $CHECKFREE_JOIN_TOKEN, else RUN_DIR/join_token)"
     )
+    status.add_argument("--swarm-id", help="the swarm's id (default: $CHECKFREE_SWARM_ID, else RUN_DIR/swarm_id)")
     status.add_argument(
         "--watch",
         nargs="?",

@@ -187,6 +187,7 @@ def cmd_peer(ns: argparse.Namespace) -> int:
             ns.peer_id,
             ns.join_token,
             inject_failures=ns.inject_failures,
+            swarm_id=ns.swarm_id,
         )
     except (ConfigError, DataError, ValueError) as e:
         print(f"checkfree peer: {e}", file=sys.stderr)
@@ -288,6 +289,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--join-token",
         help="the swarm's secret (default: $CHECKFREE_JOIN_TOKEN, else RUN_DIR/join_token; prefer the variable: "
         "a command line is visible to other users); without it and without --initial-peers a new one is made",
+    )
+    peer.add_argument(
+        "--swarm-id",
+        help="the id of the swarm to join (default: $CHECKFREE_SWARM_ID, else RUN_DIR/swarm_id); a peer without "
+        "--initial-peers starts a new swarm and draws a new id",
     )
     peer.add_argument(
         "--inject-failures",

@@ -10,6 +10,12 @@ Who may take part in a swarm, and how every record proves where it comes from.
   is created, never overwritten nor written through a symlink, and read back only from a regular file of the
   reader's own that no other user can reach (``read_token``). ``scrub_secrets`` removes the token and the peer's
   key from the environment once read, so that no process started afterwards (p2pd) inherits them.
+- **The swarm's id** (32 hex characters) is created with each new swarm, never derived from the token: the peer
+  that starts a swarm (or ``checkfree swarm``) draws a new one every time and writes it to ``RUN_DIR/swarm_id``;
+  every joiner gets it by ``--swarm-id``, ``$CHECKFREE_SWARM_ID`` or that file. It is not a secret, but it is
+  bound into every seal's MAC, so a record of another run, even one with the same token and run id (the same
+  exported ``$CHECKFREE_JOIN_TOKEN``, or a swarm restarted in the same run directory), is refused like one of
+  another token.
 - **A peer's identity** is an Ed25519 key pair; its peer id is ``NAME.HASH``, where HASH is the first 8 bytes
   (hex) of the SHA-256 of its public key. Only the holder of the private key can speak under that id.
 - **A sealed record** carries the body, the signer's id and public key, the signer's Ed25519 signature and
@@ -53,6 +59,9 @@ TOKEN_ENV = "CHECKFREE_JOIN_TOKEN"
 KEY_ENV = "CHECKFREE_PEER_KEY"  # a launcher that names its peers hands each its private key (hex seed) this way
 TOKEN_FILE = "join_token"
 TOKEN_PREFIX = "cfj1_"
+SWARM_ENV = "CHECKFREE_SWARM_ID"
+SWARM_FILE = "swarm_id"
+_SWARM_RE = re.compile(r"^[0-9a-f]{32}$")
 _TOKEN_RE = re.compile(r"^cfj1_[A-Za-z0-9_-]{43}$")  # 32 random bytes, base64url without padding
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 ID_HASH_BYTES = 8
@@ -83,6 +92,51 @@ def check_token(token: str) -> str:
             f"RUN_DIR/{TOKEN_FILE})"
         )
     return token
+
+
+def new_swarm_id() -> str:
+    return secrets.token_hex(16)
+
+
+def check_swarm_id(swarm_id: str) -> str:
+    swarm_id = swarm_id.strip()
+    if not _SWARM_RE.match(swarm_id):
+        raise AdmissionError(
+            f"the swarm id {swarm_id[:40]!r} is not valid: expected 32 characters of 0-9 a-f (as written to "
+            f"RUN_DIR/{SWARM_FILE} by the peer that started the swarm, or by `checkfree swarm`)"
+        )
+    return swarm_id
+
+
+def find_swarm_id(flag: str | None = None, run_dir: str | Path | None = None) -> str | None:
+    """The swarm's id from ``--swarm-id``, else ``$CHECKFREE_SWARM_ID``, else ``RUN_DIR/swarm_id`` (None: none).
+
+    Raises:
+        AdmissionError: the id found is malformed (the message says where it came from).
+    """
+    found, where = flag, "--swarm-id"
+    if not found and os.environ.get(SWARM_ENV):
+        found, where = os.environ[SWARM_ENV], f"${SWARM_ENV}"
+    path = Path(run_dir) / SWARM_FILE if run_dir is not None else None
+    if not found and path is not None and path.is_file():
+        found, where = path.read_text(errors="replace")[:100], str(path)
+    if not found:
+        return None
+    try:
+        return check_swarm_id(found)
+    except AdmissionError as e:
+        raise AdmissionError(f"{e} (from {where})") from None
+
+
+def write_swarm_id(run_dir: str | Path, swarm_id: str) -> Path:
+    """Save a new swarm's id as ``RUN_DIR/swarm_id`` for the peers that join it from this run directory
+    (replacing the file of an earlier swarm there, atomically: a reader sees the old id or the new one)."""
+    path = Path(run_dir) / SWARM_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{SWARM_FILE}.{os.getpid()}")
+    tmp.write_text(check_swarm_id(swarm_id) + "\n")
+    os.replace(tmp, path)  # replaces a symlink itself, never writes through it
+    return path
 
 
 def find_token(flag: str | None = None, run_dir: str | Path | None = None) -> str | None:
@@ -236,11 +290,16 @@ class Identity:
 
 
 class Admission:
-    """Seals and opens records with the swarm's token and this peer's identity."""
+    """Seals and opens records with the swarm's token and id and this peer's identity. ``swarm_id`` None: no
+    swarm id in the seals (a tool reading records of a single test swarm; every peer has one)."""
 
-    def __init__(self, token: str, identity: Identity | None = None):
-        self._mac_key = hashlib.sha256(b"checkfree join token v1|" + check_token(token).encode()).digest()
+    def __init__(self, token: str, identity: Identity | None = None, swarm_id: str | None = None):
+        key = b"checkfree join token v1|" + check_token(token).encode()
+        if swarm_id is not None:
+            key += b"|swarm|" + check_swarm_id(swarm_id).encode()
+        self._mac_key = hashlib.sha256(key).digest()
         self.identity = identity or Identity()
+        self.swarm_id = swarm_id
 
     @property
     def peer_id(self) -> str:
@@ -266,7 +325,7 @@ class Admission:
             raise ValueError("malformed signer")
         message = _message(context, body, signer, public)
         if not hmac.compare_digest(hmac.new(self._mac_key, message, hashlib.sha256).digest(), mac):
-            raise ForeignToken("not sealed with this swarm's join token")
+            raise ForeignToken("not sealed with this swarm's join token and id")
         if not id_matches_key(signer, public):
             raise ValueError(f"signer id {signer!r} does not belong to the key that signed")
         try:

@@ -38,14 +38,20 @@ from checkfree.core.schedule import schedule_for
 from checkfree.core.stage_step import NonFiniteSteps
 from checkfree.swarm.addressing import listen
 from checkfree.swarm.admission import (
+    SWARM_ENV,
+    SWARM_FILE,
     TOKEN_ENV,
     TOKEN_FILE,
     Admission,
     AdmissionError,
     Identity,
+    check_swarm_id,
+    find_swarm_id,
     find_token,
+    new_swarm_id,
     new_token,
     scrub_secrets,
+    write_swarm_id,
     write_token,
 )
 from checkfree.swarm.config import check_swarm_config, config_fingerprint, parse_port_range
@@ -76,32 +82,46 @@ __all__ = ["Peer", "SwarmStopped"]
 
 
 def admission_for(
-    run_dir: Path, join_token: str | None, initial_peers: list[str], peer_id: str | None
+    run_dir: Path, join_token: str | None, initial_peers: list[str], peer_id: str | None, swarm_id: str | None = None
 ) -> tuple[Admission, Path | None]:
-    """This peer's admission (the swarm's join token and its own identity) and the token file it created,
-    if it starts a new swarm. The secrets leave the environment once read: no child process inherits them."""
+    """This peer's admission (the swarm's join token and id, its own identity) and the token file it created,
+    if it starts a new swarm. A peer that starts a swarm draws a new swarm id (never the one of an earlier swarm
+    in its run directory) and writes it to ``RUN_DIR/swarm_id``; a joiner must be given the swarm's. The
+    secrets leave the environment once read: no child process inherits them."""
     token = find_token(join_token, run_dir)
-    if token is None and initial_peers:
-        raise AdmissionError(
-            f"joining the swarm at {initial_peers[0]} needs its join token: pass --join-token or set "
-            f"${TOKEN_ENV} (the first peer wrote it to its RUN_DIR/{TOKEN_FILE})"
-        )
+    if initial_peers:
+        if token is None:
+            raise AdmissionError(
+                f"joining the swarm at {initial_peers[0]} needs its join token: pass --join-token or set "
+                f"${TOKEN_ENV} (the first peer wrote it to its RUN_DIR/{TOKEN_FILE})"
+            )
+        swarm_id = find_swarm_id(swarm_id, run_dir)
+        if swarm_id is None:
+            raise AdmissionError(
+                f"joining the swarm at {initial_peers[0]} needs its swarm id: pass --swarm-id or set ${SWARM_ENV} "
+                f"(the first peer wrote it to its RUN_DIR/{SWARM_FILE} and logged it)"
+            )
+    else:
+        swarm_id = check_swarm_id(swarm_id) if swarm_id else new_swarm_id()
+        write_swarm_id(run_dir, swarm_id)
     token_path = None
     if token is None:
         token = new_token()
         token_path = write_token(run_dir, token)
     identity = Identity.from_env(peer_id)
     scrub_secrets()  # read: no child (the DHT's p2pd, a shell) inherits the token or the key
-    return Admission(token, identity), token_path
+    return Admission(token, identity, swarm_id), token_path
 
 
-def announce(run_dir: Path, maddrs: list[str], peer_id: str, token_path: Path | None) -> None:
+def announce(run_dir: Path, maddrs: list[str], peer_id: str, token_path: Path | None, swarm_id: str) -> None:
     """A peer that started a new swarm says how others join it (``checkfree swarm`` writes the same file)."""
     (run_dir / "maddrs.txt").write_text(" ".join(maddrs) + "\n")
     logger.warning(
-        "[peer %s] started a new swarm: other peers join it with --initial-peers %s and the join token%s",
+        "[peer %s] started a new swarm: other peers join it with --initial-peers %s, %s=%s and the join token%s",
         peer_id,
         " ".join(maddrs),
+        SWARM_ENV,
+        swarm_id,
         f" in {token_path} (mode 0600)" if token_path else "",
     )
 
@@ -123,10 +143,13 @@ class Peer(Reporting, Waiting, Leaving):
         peer_id: str | None = None,
         join_token: str | None = None,
         inject_failures: bool = False,
+        swarm_id: str | None = None,
     ):
         """``peer_id``: this peer's name (its id is ``NAME.HASH`` of its key, see ``admission``; default: random);
         ``join_token``: the swarm's secret (None: from ``$CHECKFREE_JOIN_TOKEN`` or ``RUN_DIR/join_token``;
-        a peer that starts a new swarm creates one and writes it there); ``inject_failures``: draw the
+        a peer that starts a new swarm creates one and writes it there); ``swarm_id``: the id of the swarm it
+        joins (None: from ``$CHECKFREE_SWARM_ID`` or ``RUN_DIR/swarm_id``; a peer that starts a swarm draws a new
+        one); ``inject_failures``: draw the
         config's failures and die at this peer's own (``swarm.inject=peer``; the launcher asks for it)."""
         L = cfg.model.num_stages
         check_swarm_config(cfg)
@@ -135,7 +158,7 @@ class Peer(Reporting, Waiting, Leaving):
         self.cfg, self.run_dir, self.inject_failures = cfg, Path(run_dir), inject_failures
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        admission, token_path = admission_for(self.run_dir, join_token, initial_peers, peer_id)
+        admission, token_path = admission_for(self.run_dir, join_token, initial_peers, peer_id, swarm_id)
         raise_file_limit()  # gloo keeps a descriptor per connection its listener ever accepted
         self.peer_id = admission.peer_id
         self.run_id = cfg.swarm.run_id or cfg.run_name
@@ -144,7 +167,7 @@ class Peer(Reporting, Waiting, Leaving):
         self.membership = Membership(cfg.membership, self.run_id, self.fingerprint, initial_peers, admission=admission)
         self._maddrs = self.membership.visible_maddrs()
         if not initial_peers:
-            announce(self.run_dir, self._maddrs, self.peer_id, token_path)
+            announce(self.run_dir, self._maddrs, self.peer_id, token_path, admission.swarm_id)
         self._open_logs()
         self.asked_stage = -1 if stage is None else stage
         self._joining = bool(initial_peers)  # joins a swarm (not a new one): its token is checked against it

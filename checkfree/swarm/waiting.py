@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from checkfree.swarm.admission import TOKEN_ENV, TOKEN_FILE, AdmissionError
+from checkfree.swarm.admission import SWARM_ENV, SWARM_FILE, TOKEN_ENV, TOKEN_FILE, AdmissionError
 from checkfree.swarm.coordinator import SwarmStopped, leader_of, replacement_committed
 from checkfree.swarm.membership import DHTGone, DHTUnavailable
 from checkfree.swarm.preemption import Preempted
@@ -139,8 +139,9 @@ class Waiting:
         if not self._joining or admitted or not foreign or waited < FOREIGN_TOKEN_TTLS * self.cfg.membership.ttl_s:
             return
         raise AdmissionError(
-            f"this peer's join token does not match the swarm's: in {waited:.0f} s every record read from the swarm "
-            f"at {' '.join(self._initial_peers)} ({foreign}) was sealed with another token and none with its own; "
-            f"pass the swarm's token with ${TOKEN_ENV} or --join-token (the peer that started the swarm wrote it to "
-            f"its RUN_DIR/{TOKEN_FILE})"
+            f"this peer's join token or swarm id does not match the swarm's: in {waited:.0f} s every record read "
+            f"from the swarm at {' '.join(self._initial_peers)} ({foreign}) was sealed with another token or swarm "
+            f"id and none with its own; pass the swarm's token with ${TOKEN_ENV} or --join-token and its id with "
+            f"${SWARM_ENV} or --swarm-id (the peer that started the swarm wrote them to its RUN_DIR/{TOKEN_FILE} "
+            f"and RUN_DIR/{SWARM_FILE})"
         )

@@ -9,7 +9,7 @@ import pytest
 from checkfree.swarm.config import MembershipConfig
 from checkfree.swarm.membership import DHTUnavailable, Membership
 from checkfree.swarm.records import EpochRecord, MemberRecord
-from tests.helpers import admission, descendants, kill_and_reap, poll, sigkill_dht_process
+from tests.helpers import TEST_TOKEN, admission, descendants, kill_and_reap, poll, sigkill_dht_process
 
 CFG = MembershipConfig(period_s=0.2, ttl_s=1.0, dht_timeout_s=3.0)
 
@@ -134,6 +134,34 @@ def test_a_node_without_the_token_can_neither_plant_nor_serve_records(pair):
         # a record sealed by one member is not accepted as another's probe answer
         assert b.open_member(a.seal_member(record(a)), me) is None
         assert b.open_member(a.seal_member(record(a)), a.admission.peer_id) is not None
+    finally:
+        outsider.shutdown()
+
+
+def test_a_node_of_another_swarm_with_the_same_token_and_run_id_can_neither_plant_nor_serve_records(pair):
+    """A second swarm started with the same token and run id (an exported token reused, a restart in one run
+    directory) has another swarm id: its records, a stop among them, are refused by this swarm's nodes."""
+    from checkfree.swarm.admission import Admission, Identity
+
+    a, b = pair
+    assert a.admission.swarm_id is None  # the pair seals without an id; the other swarm with one
+    other = Admission(TEST_TOKEN, Identity("o"), "f" * 32)
+    outsider = Membership(CFG, a.run_id, "fp1", a.visible_maddrs(), admission=other)
+    try:
+        me = outsider.admission.peer_id
+        outsider.heartbeat(record(outsider))
+        stop = EpochRecord(
+            run_id=a.run_id, fingerprint="fp1", epoch=99, roster=[], store_host="", store_port=0, step=0, leader=me
+        ).model_copy(update={"stop": "replayed"})
+        outsider.publish_epoch(stop)
+        assert me in outsider.members()
+        for _ in range(10):
+            assert me not in b.members() and me not in a.members()
+            current = b.current_epoch()
+            assert current is None or current.stop is None
+            time.sleep(0.1)
+        assert b.open_epoch(outsider.seal_epoch(stop)) is None
+        assert b.tally.counts()[0] > 0  # counted as foreign, like another token's: a joiner is told why
     finally:
         outsider.shutdown()
 

@@ -83,7 +83,7 @@ def test_joining_without_the_token_or_with_a_bad_one_exits_2_saying_what_is_expe
     """Nothing starts (no DHT, no run dir files but the peer's folder) and the token is never echoed."""
     import os
 
-    env = {k: v for k, v in os.environ.items() if k != "CHECKFREE_JOIN_TOKEN"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CHECKFREE_JOIN_TOKEN", "CHECKFREE_SWARM_ID")}
     join = [
         "peer",
         *TINY,
@@ -112,13 +112,18 @@ def test_joining_without_the_token_or_with_a_bad_one_exits_2_saying_what_is_expe
     assert secret not in out.stderr
     from checkfree.swarm.admission import new_token
 
-    out = cli(*join, "--peer-id", "a.b", extra_env={"CHECKFREE_JOIN_TOKEN": new_token()})
+    out = cli(*join, extra_env={"CHECKFREE_JOIN_TOKEN": new_token()})
+    assert out.returncode == 2 and "needs its swarm id: pass --swarm-id or set $CHECKFREE_SWARM_ID" in out.stderr
+    out = cli(*join, extra_env={"CHECKFREE_JOIN_TOKEN": new_token(), "CHECKFREE_SWARM_ID": "xyz"})
+    assert out.returncode == 2 and "swarm id 'xyz' is not valid" in out.stderr
+    swarm = {"CHECKFREE_SWARM_ID": "0" * 32}
+    out = cli(*join, "--peer-id", "a.b", extra_env={"CHECKFREE_JOIN_TOKEN": new_token(), **swarm})
     assert out.returncode == 2 and "peer name 'a.b' is not valid" in out.stderr
     out = cli("status", "--initial-peers", "/ip4/127.0.0.1/tcp/9/p2p/x")
     assert out.returncode == 2 and "sealed with its join token" in out.stderr
     # a valid token, but no live peer at the address: nothing starts, and it says so (no traceback)
     dead = "/ip4/127.0.0.1/tcp/9/p2p/QmSoLnSGccFuZQJzRadHn95W2CrSFmZuTdDWP8HXaHca9z"
-    out = cli(*join[:-1], dead, extra_env={"CHECKFREE_JOIN_TOKEN": new_token()})
+    out = cli(*join[:-1], dead, extra_env={"CHECKFREE_JOIN_TOKEN": new_token(), **swarm})
     assert out.returncode == 2 and "could not join the DHT through " + dead in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 

@@ -54,13 +54,15 @@ def test_the_tasks_run_commands_start_a_swarm_on_emulated_hosts(tmp_path):
     run_dir = tmp_path / "run"
     procs = []
 
-    def launch(host, name, role, initial, token=None):
+    def launch(host, name, role, initial, token=None, swarm_id=None):
         env = {**os.environ, **{k: str(v) for k, v in spec["envs"].items()}}
         env.update(HOME=str(home), PATH=f"{tools}:{os.environ['PATH']}", CONFIG=str(config), ROLE=role)
         env.update(INITIAL_PEERS=" ".join(initial), PREEMPTION="none", RUN_DIR=str(run_dir), PEER_NAME=name)
         env.pop("CHECKFREE_JOIN_TOKEN", None)
         if token:
             env["CHECKFREE_JOIN_TOKEN"] = token
+        if swarm_id:
+            env["CHECKFREE_SWARM_ID"] = swarm_id
         log = open(tmp_path / f"{name}.log", "w")
         procs.append(
             subprocess.Popen(
@@ -93,9 +95,14 @@ def test_the_tasks_run_commands_start_a_swarm_on_emulated_hosts(tmp_path):
             procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
             assert poll(lambda: maddr("s0") is not None, timeout_s=60), "the first peer never started"
             token = (run_dir / "join_token").read_text().strip()
+            swarm_id = (run_dir / "swarm_id").read_text().strip()
+            refused = launch(hosts.add(), "noid", "--spare", [maddr("s0")], token)  # without the swarm's id
+            assert refused.wait(timeout=30) == 2
+            assert "pass the swarm's id: --env CHECKFREE_SWARM_ID" in (tmp_path / "noid.log").read_text()
+            procs.remove(refused)
             for s in (1, 2, 3):
-                launch(hosts.add(), f"s{s}", f"--stage {s}", [maddr("s0")], token)
-            launch(hosts.add(), "spare1", "--spare", [maddr("s0")], token)
+                launch(hosts.add(), f"s{s}", f"--stage {s}", [maddr("s0")], token, swarm_id)
+            launch(hosts.add(), "spare1", "--spare", [maddr("s0")], token, swarm_id)
             for p in procs[1:]:
                 p.wait(timeout=240)
             assert [p.returncode for p in procs[1:]] == [0] * 5, "\n".join(

@@ -253,6 +253,7 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
         maddrs = (run_dir / "maddrs.txt").read_text().split()
         # a peer holding the swarm's token but with another config (seed): admitted to the DHT, refused as a member
         env = {**os.environ, "CHECKFREE_JOIN_TOKEN": (run_dir / "join_token").read_text().strip()}
+        env["CHECKFREE_SWARM_ID"] = (run_dir / "swarm_id").read_text().strip()
         foreign = subprocess.Popen(
             [
                 sys.executable,

@@ -167,7 +167,7 @@ def test_a_peer_with_another_join_token_says_so_and_exits_2(tmp_path):
         maddrs = (run_dir / "maddrs.txt").read_text().split()
         cmd = [sys.executable, "-m", "checkfree", "peer", str(run_dir / "config.yaml"), "--spare"]
         cmd += ["--run-dir", str(tmp_path / "stranger"), "--initial-peers", *maddrs]
-        env = {**os.environ, TOKEN_ENV: new_token()}
+        env = {**os.environ, TOKEN_ENV: new_token(), "CHECKFREE_SWARM_ID": (run_dir / "swarm_id").read_text().strip()}
         stranger = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
         _, err = stranger.communicate(timeout=90)
         # then Ctrl-C twice on the swarm: the second aborts at once, still without a traceback
@@ -184,7 +184,7 @@ def test_a_peer_with_another_join_token_says_so_and_exits_2(tmp_path):
             proc.wait(timeout=10)
         kill_groups(spawned_pids(run_dir))
     assert stranger.returncode == 2, err[-3000:]
-    assert "join token does not match the swarm's" in err, err[-3000:]
+    assert "join token or swarm id does not match the swarm's" in err, err[-3000:]
     assert code == 130 and "Traceback" not in out, out[-3000:]
     assert "ending every peer at once" in out, out[-3000:]
 

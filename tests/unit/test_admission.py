@@ -10,16 +10,24 @@ import checkfree.swarm.admission as admission_mod
 from checkfree.swarm.admission import (
     KEY_ENV,
     MAX_SEALED_BYTES,
+    SWARM_ENV,
+    SWARM_FILE,
     TOKEN_ENV,
     TOKEN_FILE,
+    Admission,
     AdmissionError,
+    ForeignToken,
     Identity,
     dht_context,
+    find_swarm_id,
     find_token,
+    new_swarm_id,
     new_token,
     scrub_secrets,
+    write_swarm_id,
     write_token,
 )
+from checkfree.swarm.peer import admission_for
 from tests.helpers import admission
 
 
@@ -42,6 +50,48 @@ def test_a_record_sealed_with_another_token_or_for_another_key_is_refused():
     stranger = admission("stranger", token=new_token())
     with pytest.raises(ValueError, match="join token"):
         node.open(context, stranger.seal(context, b"body"))
+
+
+def test_a_record_of_another_swarm_with_the_same_token_is_refused():
+    """Two runs with one token (an exported $CHECKFREE_JOIN_TOKEN, a restart in the same run directory) are
+    two swarms: a record sealed in one, captured and replayed into the other, is refused there."""
+    token = new_token()
+    one, other = new_swarm_id(), new_swarm_id()
+    assert one != other
+    writer, node = Admission(token, Identity("writer"), one), Admission(token, Identity("node"), one)
+    context = dht_context(b"run/epoch", b"", 123.0)
+    assert node.open(context, writer.seal(context, b"stop"))[1] == b"stop"
+    elsewhere = Admission(token, Identity("node"), other)
+    with pytest.raises(ForeignToken, match="join token and id"):
+        elsewhere.open(context, writer.seal(context, b"stop"))
+    with pytest.raises(ForeignToken):  # nor does a record without a swarm id pass
+        node.open(context, Admission(token, Identity("old")).seal(context, b"stop"))
+
+
+def test_a_peer_that_starts_a_swarm_draws_a_new_id_and_a_joiner_must_be_given_it(tmp_path, monkeypatch):
+    monkeypatch.delenv(SWARM_ENV, raising=False)
+    monkeypatch.setenv(TOKEN_ENV, new_token())
+    first, _ = admission_for(tmp_path, None, [], "first")
+    again, _ = admission_for(tmp_path, None, [], "first")  # a restart starts another swarm: another id
+    assert first.swarm_id != again.swarm_id
+    assert (tmp_path / SWARM_FILE).read_text().strip() == again.swarm_id
+    monkeypatch.setenv(TOKEN_ENV, new_token())
+    joiner, _ = admission_for(tmp_path, None, ["/ip4/127.0.0.1/tcp/1"], "joiner")  # from the run directory
+    assert joiner.swarm_id == again.swarm_id
+    monkeypatch.setenv(TOKEN_ENV, new_token())
+    with pytest.raises(AdmissionError, match=r"needs its swarm id: pass --swarm-id or set \$CHECKFREE_SWARM_ID"):
+        admission_for(tmp_path / "elsewhere", None, ["/ip4/127.0.0.1/tcp/1"], "joiner")
+
+
+def test_a_malformed_swarm_id_is_named_with_where_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setenv(SWARM_ENV, "not-an-id")
+    with pytest.raises(AdmissionError, match=r"swarm id 'not-an-id' is not valid: expected 32 .*\$CHECKFREE_SWARM_ID"):
+        find_swarm_id(None, tmp_path)
+    monkeypatch.delenv(SWARM_ENV)
+    assert find_swarm_id(None, tmp_path) is None
+    write_swarm_id(tmp_path, "ab" * 16)
+    assert find_swarm_id(None, tmp_path) == "ab" * 16
+    assert find_swarm_id("cd" * 16, tmp_path) == "cd" * 16
 
 
 # ---- the token file: created, never written through a symlink; read only when this user's alone ----------

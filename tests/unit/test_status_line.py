@@ -7,7 +7,7 @@ import math
 import pytest
 
 from checkfree.cli.status import StatusInputError, render, resolve_target, snapshot
-from checkfree.swarm.admission import TOKEN_ENV, new_token, write_token
+from checkfree.swarm.admission import SWARM_ENV, TOKEN_ENV, new_token, write_swarm_id, write_token
 from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
 from launcher.status import LiveStatus, short_names, status_line
 
@@ -113,17 +113,20 @@ def test_short_names_keep_a_bit_of_the_hash_where_two_peers_share_a_name():
 
 # ---- checkfree status RUN_DIR ----------------------------------------------------------------------
 MADDRS = ["/ip4/127.0.0.1/tcp/4001/p2p/QmA", "/ip4/127.0.0.1/tcp/4002/p2p/QmB"]
+SWARM_ID = "a" * 32
 
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     monkeypatch.delenv(TOKEN_ENV, raising=False)
+    monkeypatch.delenv(SWARM_ENV, raising=False)
     run = tmp_path / "run"
     (run / "peers").mkdir(parents=True)
     (run / "config.yaml").write_text("run_name: exp\nswarm:\n  run_id: null\n  num_spares: 1\n")
     (run / "maddrs.txt").write_text(" ".join(MADDRS) + "\n")
     token = new_token()
     write_token(run, token)
+    write_swarm_id(run, SWARM_ID)
     return run, token
 
 
@@ -131,7 +134,7 @@ def test_a_run_directory_says_which_swarm_to_look_at(run_dir):
     run, token = run_dir
     assert resolve_target(run) == resolve_target(str(run), [], None, None)
     target = resolve_target(run)
-    assert (target.run_id, target.token, target.initial_peers) == ("exp", token, MADDRS)
+    assert (target.run_id, target.token, target.initial_peers, target.swarm_id) == ("exp", token, MADDRS, SWARM_ID)
     (run / "config.yaml").write_text("run_name: exp\nswarm:\n  run_id: shared-id\n")
     assert resolve_target(run).run_id == "shared-id"
 
@@ -143,14 +146,20 @@ def test_flags_and_the_environment_override_the_run_directory(run_dir, monkeypat
     assert resolve_target(run).token == env
     target = resolve_target(run, ["/ip4/10.0.0.5/tcp/1/p2p/QmC"], "given", other)
     assert (target.run_id, target.token, target.initial_peers) == ("given", other, ["/ip4/10.0.0.5/tcp/1/p2p/QmC"])
+    monkeypatch.setenv(SWARM_ENV, "b" * 32)
+    assert resolve_target(run).swarm_id == "b" * 32
+    assert resolve_target(run, swarm_id="c" * 32).swarm_id == "c" * 32
     (run / "config.yaml").unlink()  # not needed when --run-id is given
     assert resolve_target(run, run_id="given").run_id == "given"
 
 
 def test_without_a_run_directory_the_old_flags_say_it_all(monkeypatch):
     token = new_token()
-    target = resolve_target(None, MADDRS[:1], None, token)
-    assert (target.run_id, target.initial_peers) == ("tiny", MADDRS[:1])
+    monkeypatch.delenv(SWARM_ENV, raising=False)
+    target = resolve_target(None, MADDRS[:1], None, token, SWARM_ID)
+    assert (target.run_id, target.initial_peers, target.swarm_id) == ("tiny", MADDRS[:1], SWARM_ID)
+    with pytest.raises(StatusInputError, match="sealed with its id: pass --swarm-id or \\$CHECKFREE_SWARM_ID"):
+        resolve_target(None, MADDRS[:1], None, token)
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     with pytest.raises(StatusInputError, match="sealed with its join token: pass --join-token or \\$CHECKFREE"):
         resolve_target(None, MADDRS[:1])
@@ -168,6 +177,11 @@ def test_without_a_run_directory_the_old_flags_say_it_all(monkeypatch):
         (lambda run: (run / "config.yaml").write_text("just text\n"), r"holds no config \(a YAML mapping"),
         (lambda run: (run / "join_token").unlink(), r"pass --join-token or \$CHECKFREE_JOIN_TOKEN, or keep it in"),
         (lambda run: (run / "join_token").write_text("nope\n"), r"the join token is not valid \(4 characters\)"),
+        (lambda run: (run / "swarm_id").unlink(), r"pass --swarm-id or \$CHECKFREE_SWARM_ID, or keep it in .*swarm_id"),
+        (
+            lambda run: (run / "swarm_id").write_text("xyz\n"),
+            r"swarm id 'xyz' is not valid: expected 32 .* \(from .*swarm_id\)",
+        ),
         (
             lambda run: ((run / "config.yaml").unlink(), (run / "config.yaml").mkdir()),
             r"cannot read .*config.yaml \(the swarm's run id",
