@@ -135,15 +135,17 @@ MAX_EPOCH_JUMP = 16  # epochs a record may lie past the newest valid one (its pr
 
 def follows(prev: EpochRecord, rec: EpochRecord) -> bool:
     """Whether epoch ``rec`` may follow epoch ``prev``: a later number, at most ``MAX_EPOCH_JUMP`` ahead, from a
-    leader that ``prev`` allows: a member of its roster or its leader; a spare it listed, unless ``rec`` stops
-    the swarm; or any spare whose record says every stage of ``prev`` is lost (a spare leads then: its roster
-    holds none of ``prev``'s holders). Nothing follows a stop."""
+    leader that ``prev`` allows. ``leader_of`` elects a holder of ``prev``'s roster while one lives, and a spare
+    only when none does: so a member of the roster (or ``prev``'s leader) may publish any next epoch, and a
+    spare, listed or not, only one whose record says every stage of ``prev`` is lost or handed over and whose
+    roster holds none of ``prev``'s holders. Nothing follows a stop."""
     if not prev.epoch < rec.epoch <= prev.epoch + MAX_EPOCH_JUMP or prev.stop:
         return False
-    if rec.leader in {*prev.roster, prev.leader} or (rec.leader in prev.spares and not rec.stop):
+    if rec.leader in {*prev.roster, prev.leader}:
         return True
-    every_stage_lost = set(rec.lost) >= set(range(len(prev.roster))) and not set(rec.roster) & set(prev.roster)
-    return bool(prev.roster) and every_stage_lost
+    gone = set(rec.lost) | {p.stage for p in rec.plans if p.method == "handoff"}
+    every_stage_gone = gone >= set(range(len(prev.roster))) and not set(rec.roster) & set(prev.roster)
+    return bool(prev.roster) and every_stage_gone
 
 
 def chain_head(records: dict[int, EpochRecord], known: EpochRecord | None = None) -> EpochRecord | None:

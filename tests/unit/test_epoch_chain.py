@@ -37,7 +37,7 @@ def test_a_stop_counts_only_from_the_roster_or_the_leader_and_nothing_follows_it
     base = rec(5, spares=("s",))
     assert not follows(base, rec(6, leader="s", stop="a spare stops the swarm"))
     assert follows(base, rec(6, leader="b", stop="a member stops it"))
-    assert follows(base, rec(6, leader="s"))  # a listed spare may lead
+    assert not follows(base, rec(6, leader="s"))  # a listed spare may not name a roster while holders live
     assert not follows(base, rec(6, leader="x"))  # a peer the epoch does not know may not
     assert not follows(rec(6, leader="b", stop="stopped"), rec(7))
 
@@ -51,6 +51,19 @@ def test_a_spare_leads_or_stops_when_its_record_says_every_stage_is_lost():
     assert not follows(base, restart.model_copy(update={"roster": ["x", "b", "z"]}))  # b still holds stage 1
     stop = rec(6, leader="x", stop="every stage lost")
     assert not follows(base, stop) and follows(base, stop.model_copy(update={"lost": [0, 1, 2]}))
+
+
+def test_a_spare_leads_when_every_holder_left_or_was_lost_and_names_none_of_them():
+    """Holders that left on a preemption notice hand their stage over: a spare leads the epoch that takes the
+    hand-overs, and that counts like a lost stage; a listed spare's roster that keeps an old holder does not."""
+    from checkfree.swarm.records import PlanRecord
+
+    base = rec(5, spares=("s", "t", "u"))
+    handed = [PlanRecord(stage=i, method="handoff", sources=[i], path="preempted", edge=None) for i in (1, 2)]
+    takeover = rec(6, leader="s", roster=("s", "t", "u")).model_copy(update={"lost": [0], "plans": handed})
+    assert follows(base, takeover)
+    assert not follows(base, takeover.model_copy(update={"plans": handed[:1]}))  # stage 2 neither lost nor handed
+    assert not follows(base, takeover.model_copy(update={"roster": ["s", "t", "c"]}))
 
 
 def test_a_planted_record_is_skipped_and_the_real_epochs_go_on_past_it():
