@@ -32,6 +32,7 @@ from checkfree.swarm.leader import Leader
 from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
 from checkfree.swarm.states import transition
 from checkfree.swarm.view import View
+from tests.fakes import Clock
 from tests.helpers import admission, tiny_config
 
 TTL_S = 2.0  # membership.ttl_s of the model: a record not stored for this long is gone from a side's DHT
@@ -98,14 +99,6 @@ def quiet_leader():
         mock.patch.object(leader_module, "Gate", _Gate),
     ):
         yield
-
-
-class Clock:
-    def __init__(self):
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass

@@ -1,75 +1,22 @@
 """The leader's waiting, on an injected clock (no sleeping): it stops the swarm (publishing why) only after
 waiting swarm.spare_wait_s for a spare in one wait, and a new wait starts the clock anew."""
 
-import time
-
 import pytest
 
 from checkfree.swarm.coordinator import SwarmStopped
 from checkfree.swarm.leader import Leader
-from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
+from checkfree.swarm.records import Lineage, MemberRecord
+from tests.fakes import Clock, Membership, lost_stage_3
 from tests.helpers import tiny_config
-
-
-class _Membership:
-    """What a leader needs of ``Membership``: publishing, sealing what it pushes, the node's admission."""
-
-    def __init__(self):
-        from tests.helpers import admission
-
-        self.published: list[EpochRecord] = []
-        self.admission = admission("a")
-
-    def publish_epoch(self, rec):
-        self.published.append(rec)
-
-    def seal_epoch(self, rec):
-        return self.admission.seal(b"epoch", rec.model_dump_json().encode())
-
-
-def _view():
-    current = EpochRecord(
-        run_id="l",
-        fingerprint="fp",
-        epoch=0,
-        roster=["a", "b", "c", "d"],
-        store_host="",
-        store_port=0,
-        step=3,
-        leader="a",
-        time=time.time(),
-    )
-    members = {
-        p: MemberRecord(
-            run_id="l",
-            fingerprint="fp",
-            peer_id=p,
-            stage=s,
-            epoch=0,
-            state="recovering",
-            step=3,
-            lineage=Lineage(kind="initial"),
-        )
-        for s, p in enumerate("abc")
-    }  # stage 3's peer is gone, no spare
-    return members, current
-
-
-class _Clock:
-    def __init__(self):
-        self.t = 100.0
-
-    def __call__(self):
-        return self.t
 
 
 def _waiting_leader(tmp_path):
     """A leader, on an injected clock, that has just started waiting for a spare (swarm.spare_wait_s=0.3)."""
     cfg = tiny_config(tmp_path, "swarm.spare_wait_s=0.3")
-    membership = _Membership()
-    clock = _Clock()
+    membership = Membership()
+    clock = Clock()
     leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None, clock=clock)
-    members, current = _view()
+    members, current = lost_stage_3()
     leader.step(members, current, 3)
     return leader, membership, members, current, clock
 
@@ -99,9 +46,9 @@ def test_re_formations_at_one_step_with_nobody_lost_are_bounded(tmp_path):
     """Every member alive and valid, every epoch breaking before its first commit (say, a member whose data
     plane nobody can reach): the leader re-forms swarm.max_reforms times, then stops the swarm saying why."""
     cfg = tiny_config(tmp_path, "swarm.max_reforms=2")
-    membership = _Membership()
+    membership = Membership()
     leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
-    members, current = _view()
+    members, current = lost_stage_3()
     members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3, "error": "rendezvous timed out"})
     for n in (1, 2):
         leader.hosted.clear()
@@ -119,10 +66,10 @@ def test_a_peer_every_other_member_blames_is_declared_lost_instead_of_stopping(t
     its probe, but nobody reaches its data plane): the leader declares that peer lost and the next epoch
     rebuilds stage 3 on a spare, instead of stopping the swarm."""
     cfg = tiny_config(tmp_path, "swarm.max_reforms=1")
-    membership = _Membership()
+    membership = Membership()
     events = []
     leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda name, **f: events.append((name, f)))
-    members, current = _view()
+    members, current = lost_stage_3()
     members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3})
     members["e"] = members["c"].model_copy(update={"peer_id": "e", "stage": -1, "state": "spare", "epoch": -1})
     leader.step(members, current, 3)
@@ -143,7 +90,7 @@ def test_a_peer_every_other_member_blames_is_declared_lost_instead_of_stopping(t
 def test_no_peer_is_singled_out_without_a_majority():
     from checkfree.swarm.leader import blamed
 
-    members, current = _view()
+    members, current = lost_stage_3()
     members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3})
     assert blamed(members, current) is None  # nobody blames anyone
     members["a"] = members["a"].model_copy(update={"blame": [3]})
@@ -157,9 +104,9 @@ def test_no_peer_is_singled_out_without_a_majority():
 
 def test_a_committed_step_resets_the_count(tmp_path):
     cfg = tiny_config(tmp_path, "swarm.max_reforms=2")
-    membership = _Membership()
+    membership = Membership()
     leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
-    members, current = _view()
+    members, current = lost_stage_3()
     members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3})
     current = current.model_copy(update={"reforms": 2})
     members = {p: r.model_copy(update={"step": 4}) for p, r in members.items()}  # step 3 was committed
@@ -171,9 +118,9 @@ def test_a_peer_that_keeps_failing_to_rebuild_its_own_stage_is_bounded_too(tmp_p
     """Stage 3's peer holds no weights (its rebuild keeps breaking off, e.g. its source sends a state the
     transport refuses): every epoch re-plans stage 3 on the same peer at the same step; that is counted."""
     cfg = tiny_config(tmp_path, "swarm.max_reforms=1")
-    membership = _Membership()
+    membership = Membership()
     leader = Leader(cfg, "a", "l", "fp", membership, None, True, lambda *a, **k: None)
-    members, current = _view()
+    members, current = lost_stage_3()
     members["d"] = members["c"].model_copy(update={"peer_id": "d", "stage": 3, "lineage": Lineage(kind="none")})
     leader.step(members, current, 3)
     current = membership.published[-1]
@@ -212,9 +159,9 @@ def test_a_checkpoint_store_that_is_not_shared_stops_the_swarm_instead_of_restar
 
     cfg = tiny_config(tmp_path, "recovery.strategy=checkpoint", "checkpoint.every_steps=2")
     store = CheckpointStore(tmp_path / "leader-only", cfg.model.num_stages)
-    membership = _Membership()
+    membership = Membership()
     leader = Leader(cfg, "a", "l", "fp", membership, store, False, lambda *a, **k: None)
-    members, current = _view()
+    members, current = lost_stage_3()
     members["s"] = MemberRecord(run_id="l", fingerprint="fp", peer_id="s", stage=-1, epoch=-1, state="spare", step=0)
     with pytest.raises(
         SwarmStopped, match=r"no complete checkpoint .* saved one by step 2.*Not restarting from step 0"

@@ -3,17 +3,10 @@ confirmed at once, a freeze only after ``hang_s`` of unanswered probes, a pause 
 and a peer found frozen that answers again is a candidate again."""
 
 from checkfree.swarm.leader import Leader
-from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
+from checkfree.swarm.records import MemberRecord
 from checkfree.swarm.view import View
+from tests.fakes import Clock, Membership, epoch_record, lost_stage_3, member
 from tests.helpers import tiny_config
-
-
-class Clock:
-    def __init__(self):
-        self.t = 100.0
-
-    def __call__(self):
-        return self.t
 
 
 class Prober:
@@ -38,33 +31,8 @@ class Prober:
 ALIVE, FROZEN, REFUSED, SILENT = 1, 2, 3, 4
 
 
-def _record(pid, stage, port, state="running", beat=1.0):
-    return MemberRecord(
-        run_id="l",
-        fingerprint="fp",
-        peer_id=pid,
-        stage=stage,
-        epoch=0,
-        state=state,
-        step=3,
-        lineage=Lineage(kind="initial"),
-        probe_port=port,
-        time=beat,
-    )
-
-
 def _epoch(ports):
-    return EpochRecord(
-        run_id="l",
-        fingerprint="fp",
-        epoch=0,
-        roster=["a", "b", "c", "d"],
-        store_host="",
-        store_port=0,
-        step=3,
-        leader="a",
-        probes=[("127.0.0.1", p) for p in ports],
-    )
+    return epoch_record(probes=[("127.0.0.1", p) for p in ports])
 
 
 def _view(clock, prober, **kw):
@@ -81,10 +49,10 @@ def test_a_crash_is_confirmed_at_once_a_hang_only_after_hang_s_and_a_slow_heartb
     view = _view(clock, prober)
     current = _epoch([ALIVE, ALIVE, FROZEN, REFUSED])
     members = {
-        "a": _record("a", 0, ALIVE, state="recovering"),
-        "b": _record("b", 1, ALIVE),  # slow heartbeat, answers its probe
-        "c": _record("c", 2, FROZEN),
-        "d": _record("d", 3, REFUSED),
+        "a": member("a", 0, "recovering", port=ALIVE),
+        "b": member("b", 1, port=ALIVE),  # slow heartbeat, answers its probe
+        "c": member("c", 2, port=FROZEN),
+        "d": member("d", 3, port=REFUSED),
     }
     view.observe(members, current)
     assert sorted(view.confirmed(members, current)) == ["a", "b", "c"]  # the crash at once
@@ -101,7 +69,7 @@ def test_the_confirming_probe_stays_in_flight_until_the_window_closes():
     clock = Clock()
     prober = Prober(clock, _answers())
     view = _view(clock, prober)
-    view.note({"c": _record("c", 2, FROZEN)})
+    view.note({"c": member("c", 2, port=FROZEN)})
     clock.t += 1.0  # stalled: no new heartbeat of c since
     assert view.frozen("c", "127.0.0.1", FROZEN)
     assert prober.asked == [("c", 0.5), ("c", 1.0)]  # 0.5 unanswered, then one probe open until hang_s
@@ -115,7 +83,7 @@ def test_a_pause_shorter_than_hang_s_is_never_a_loss():
     view = _view(clock, prober)
     current = _epoch([ALIVE, ALIVE, FROZEN, ALIVE])
     members = {
-        p: _record(p, s, current.probes[s][1], state="recovering" if p == "a" else "running")
+        p: member(p, s, "recovering" if p == "a" else "running", port=current.probes[s][1])
         for s, p in enumerate("abcd")
     }
     view.observe(members, current)
@@ -132,8 +100,8 @@ def test_a_frozen_peer_that_heartbeats_again_is_a_candidate_again():
     assert not view.frozen("c", "127.0.0.1", FROZEN)  # never seen: counts from now, not stalled yet
     clock.t += 1.0
     assert view.frozen("c", "127.0.0.1", FROZEN) and "c" in view.dead
-    view.note({"c": _record("c", 2, FROZEN, beat=5.0)})  # first beat seen: nothing to compare with
-    view.note({"c": _record("c", 2, FROZEN, beat=6.0)})  # a newer heartbeat, sealed by c itself
+    view.note({"c": member("c", 2, port=FROZEN, beat=5.0)})  # first beat seen: nothing to compare with
+    view.note({"c": member("c", 2, port=FROZEN, beat=6.0)})  # a newer heartbeat, sealed by c itself
     assert "c" not in view.dead and view.revived == 1
     # a crash stays a crash, an exclusion an exclusion
     view.heard("d", "refused")
@@ -146,7 +114,7 @@ def test_a_frozen_peer_that_heartbeats_again_is_a_candidate_again():
 def test_a_peer_found_frozen_that_answers_a_probe_leaves_the_dead_list():
     clock = Clock()
     view = _view(clock, Prober(clock, _answers()))
-    view.note({"c": _record("c", 2, FROZEN)})
+    view.note({"c": member("c", 2, port=FROZEN)})
     clock.t += 1.0
     assert view.frozen("c", "127.0.0.1", FROZEN)
     view.heard("c", "alive")
@@ -162,15 +130,12 @@ def test_a_side_without_a_majority_of_the_roster_waits_and_says_so(tmp_path):
     be the minority, so it rebuilds nothing and says why. The same two seen crashed (refused) are surely
     lost on this side: the leader goes on (here, to waiting for spares). An even split is broken by the
     spares the epoch recorded as voters."""
-    from tests.unit.test_leader import _Membership
-    from tests.unit.test_leader import _view as _members
-
-    members, current = _members()
+    members, current = lost_stage_3()
     del members["c"]
     for far, expect in ((SILENT, "possible network partition"), (REFUSED, "waiting for a spare for stages [2, 3]")):
         clock = Clock()
         rec = current.model_copy(update={"probes": [("127.0.0.1", p) for p in (ALIVE, ALIVE, far, far)]})
-        membership = _Membership()
+        membership = Membership()
         leader = _leader(tmp_path, membership)
         view = View(ttl_s=0.05, spare_wait_s=0.0, period_s=0.01, prober=Prober(clock, _answers()), clock=clock)
         clock.t += 0.06  # watched long enough to decide
@@ -188,7 +153,7 @@ def test_a_side_without_a_majority_of_the_roster_waits_and_says_so(tmp_path):
         }
     )
     clock = Clock()
-    leader = _leader(tmp_path, _Membership())
+    leader = _leader(tmp_path, Membership())
     view = View(ttl_s=0.05, spare_wait_s=0.0, period_s=0.01, prober=Prober(clock, _answers()), clock=clock)
     clock.t += 0.06
     leader.step({**members, "s": spare}, rec, 3, view)
@@ -201,7 +166,7 @@ def test_nothing_is_confirmed_while_no_member_reports_the_epoch_broken():
     prober = Prober(clock, _answers())
     view = _view(clock, prober)
     current = _epoch([FROZEN] * 4)
-    members = {p: _record(p, s, FROZEN) for s, p in enumerate("abcd")}
+    members = {p: member(p, s, port=FROZEN) for s, p in enumerate("abcd")}
     view.observe(members, current)
     clock.t += 5.0
     assert sorted(view.confirmed(members, current)) == ["a", "b", "c", "d"]  # nobody probed: training goes on
@@ -214,7 +179,7 @@ def test_two_late_probes_far_apart_are_no_stretch_of_silence():
     clock = Clock()
     prober = Prober(clock, _answers())
     view = _view(clock, prober)
-    view.note({"c": _record("c", 2, ALIVE)})
+    view.note({"c": member("c", 2, port=ALIVE)})
     view.heard("c", "frozen", clock.t)  # one late answer
     clock.t += 60.0
     view.heard("c", "frozen", clock.t)  # another, a minute later
