@@ -30,7 +30,7 @@ Under the checkpoint strategy the rebuild is the new peer's rollback (``rolled_b
 Attacks are told from faults in ``attacks`` (see ``attacks``): what reached the peers' open ports (the sums
 of their ``peer_counters``) and the *healthy evictions*, peers whose stage was given away (``replaced``)
 although no failure was injected on them: a peer that was answering, declared lost. In a run nobody
-attacked, the healthy evictions and the counters of ``checkfree.cli.status.ATTACK_COUNTERS`` are 0.
+attacked, the healthy evictions and the counters of ``checkfree.swarm.probe.ATTACK_COUNTERS`` are 0.
 """
 
 from __future__ import annotations

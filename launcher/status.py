@@ -5,8 +5,9 @@ Status line
 The one line ``checkfree swarm`` rewrites while the swarm runs, made by a pure function of what the
 launcher reads from the DHT (member records and the newest epoch record) and what it counted itself.
 It reads left to right in the order an operator asks: what is the swarm doing and what is it waiting
-for, how far is it, how many failures and recoveries, what reached the peers that no fault explains
-(the non-zero ``ATTACK_COUNTERS`` summed over the peers; absent when all are 0), who holds which stage::
+for, how far is it, how many failures and recoveries, what reached the peers that no fault explains (the
+non-zero ``checkfree.swarm.probe.ATTACK_COUNTERS`` summed over the peers; absent when all are 0), who holds
+which stage::
 
     [   42s] running | step 14/60 loss 5.21 tok/s 1234 | failures 1 recoveries 1 | spares 0 | 0:s0-01 1:s1-02 ...
     [ 2m10s] running | step 51/60 loss 4.02 | failures 0 recoveries 0 | attacks shed=40 gate_refused=3 | ...

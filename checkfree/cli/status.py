@@ -14,8 +14,8 @@ write. ``--run-id``, ``--join-token`` (or ``$CHECKFREE_JOIN_TOKEN``), ``--swarm-
 them, and without a run directory they say it all. ``resolve_target`` (the files) and ``snapshot`` (the
 records) are pure functions; the rest joins the DHT and prints.
 
-Each peer's row ends with the counters of its record that tell an attack from a fault (``ATTACK_COUNTERS``,
-the non-zero ones), and a line totals them over every peer in the DHT.
+Each peer's row ends with the counters of its record that tell an attack from a fault (the non-zero
+``checkfree.swarm.probe.ATTACK_COUNTERS``), and a line totals them over every peer in the DHT.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from checkfree.core.exit_codes import ExitCode
+from checkfree.swarm.probe import ATTACK_COUNTERS
 
 STATUS_HELP = """\
 Join the DHT read-only and print the live swarm: the current epoch, which peer holds which stage,
@@ -42,19 +43,6 @@ other peers join through.
   checkfree status runs/tiny --json             # one snapshot as JSON
   checkfree status --run-id tiny --initial-peers /ip4/10.0.0.5/tcp/40123/p2p/12D3KooW...  # no run directory
 """
-
-# the counters of a peer's record (``MemberRecord.counters``) that a fault leaves at 0 and an attack or an
-# overload does not: connections shed or timed out at its probe port or its gate, knocks over the rate
-# limit, pushed epochs and gate handshakes refused, DHT records sealed with another join token
-ATTACK_COUNTERS = (
-    "shed",
-    "timeouts",
-    "knocks_limited",
-    "pushes_refused",
-    "records_foreign",
-    "gate_refused",
-    "gate_shed",
-)
 
 
 def attack_counts(counters: Mapping[str, int] | None) -> dict[str, int]:

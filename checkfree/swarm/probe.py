@@ -151,6 +151,19 @@ class _Conn:
 
 COUNTERS = ("conns", "asks", "knocks", "knocks_limited", "pushes", "pushes_refused", "shed", "timeouts", "errors")
 
+# the counters of a peer's record (``MemberRecord.counters``) that a fault leaves at 0 and an attack or an
+# overload does not: connections shed or timed out at its probe port or its gate, knocks over the rate
+# limit, pushed epochs and gate handshakes refused, DHT records sealed with another join token
+ATTACK_COUNTERS = (
+    "shed",
+    "timeouts",
+    "knocks_limited",
+    "pushes_refused",
+    "records_foreign",
+    "gate_refused",
+    "gate_shed",
+)
+
 
 class ProbeServer:
     """The peer's side: serves ``served`` (its sealed record) on ``sock`` until ``close``.
