@@ -268,6 +268,32 @@ def floodable(host: str, nets: list[ipaddress.IPv4Network] = ()) -> bool:
     return address.is_loopback or any(address in net for net in nets)
 
 
+class _Effect:
+    """A benign effect in a thread of its own, ``_run``, which ends by itself or soon after ``stop``."""
+
+    def __init__(self, name: str):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> _Effect:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout_s: float | None = None) -> bool:
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
 class _FloodConn:
     __slots__ = ("sock", "knock", "trickle", "sent", "opened")
 
@@ -275,7 +301,7 @@ class _FloodConn:
         self.sock, self.knock, self.trickle, self.sent, self.opened = sock, knock, trickle, 0, opened
 
 
-class ProbeFlood:
+class ProbeFlood(_Effect):
     """One probe flood, in a thread of its own: for ``duration_s`` it holds ``num_conns`` connections open at a
     probe port, half idle and half trickling a request that never completes (those the peer drops are opened
     anew), and knocks ``knocks_per_s`` times a second (connect, ``!`` and a random nonce, read, close): what an
@@ -302,23 +328,7 @@ class ProbeFlood:
         self.counts = dict.fromkeys(
             ("opened", "dropped", "refused", "knocks", "answered", "knocks_skipped", "max_open", "open"), 0
         )
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="probe-flood", daemon=True)
-
-    def start(self) -> ProbeFlood:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout_s: float | None = None) -> bool:
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+        super().__init__("probe-flood")
 
     def _run(self) -> None:
         sel, conns = selectors.DefaultSelector(), {}
@@ -413,7 +423,7 @@ class ProbeFlood:
         c.sock.close()
 
 
-class Starve:
+class Starve(_Effect):
     """One starvation, in a thread of its own: SIGSTOP / SIGCONT pulses on peers' processes (``pulses``: each
     (stopped_s, running_s)), and a busy loop beside each peer for ``busy_s`` (a process of its own session, as
     another tenant's would be; it ends by itself after busy_s should the launcher die first, and is ended by PID).
@@ -426,23 +436,7 @@ class Starve:
         self.effects, self.procs, self.pulses, self.busy_s = effects, procs, pulses, busy_s
         self.stopped_s: list[float] = []
         self.busy_pids: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="starve", daemon=True)
-
-    def start(self) -> Starve:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout_s: float | None = None) -> bool:
-        self._thread.join(timeout_s)
-        return not self._thread.is_alive()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+        super().__init__("starve")
 
     def _run(self) -> None:
         busy: list[subprocess.Popen] = []
@@ -487,7 +481,7 @@ class Effects:
         self.cfg = cfg
         self.lock = threading.Lock()
         self.held: set[int] = set()
-        self.running: list[ProbeFlood | Starve] = []
+        self.running: list[_Effect] = []
 
     def hold(self, proc: subprocess.Popen) -> None:
         """Chaos hangs or kills this peer: pulses leave it alone from now on."""
