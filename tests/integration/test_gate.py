@@ -17,24 +17,6 @@ from tests.helpers import admission, poll
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def gated():
-    leader, member, bystander = admission("leader"), admission("member"), admission("bystander")
-    inner = listen("127.0.0.1", None)
-    store = dist.TCPStore(
-        "127.0.0.1",
-        inner.getsockname()[1],
-        2,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=5),
-        master_listen_fd=inner.detach(),
-    )
-    gate = Gate(listen("127.0.0.1", None), store.port, leader, [leader.peer_id, member.peer_id], epoch=7)
-    yield store, gate, leader, member, bystander
-    gate.close()
-
-
 def client(port: int, timeout_s: float = 3.0) -> dist.TCPStore:
     return dist.TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=timeout_s))
 

@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 
 from checkfree.core.checkpoint import StagePayload
-from checkfree.swarm.addressing import listen
-from checkfree.swarm.gate import HANDSHAKE_TIMEOUT_S, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_HOST, Gate, Tunnel
+from checkfree.swarm.gate import HANDSHAKE_TIMEOUT_S, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_HOST, Tunnel
 from checkfree.swarm.preemption import HandoffServer, fetch_handoff
 from tests.helpers import admission, poll
 
@@ -136,28 +135,10 @@ class SlowClients:
             self.peak_threads = max(self.peak_threads, threading.active_count())
 
 
-@pytest.fixture
-def gated():
-    leader, member = admission("leader"), admission("member")
-    inner = listen("127.0.0.1", None)
-    store = dist.TCPStore(
-        "127.0.0.1",
-        inner.getsockname()[1],
-        2,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=10),
-        master_listen_fd=inner.detach(),
-    )
-    gate = Gate(listen("127.0.0.1", None), store.port, leader, [leader.peer_id, member.peer_id], epoch=3)
-    yield store, gate, leader, member
-    gate.close()
-
-
 def through_tunnel(store, gate, leader, member, key: str) -> float:
     """Seconds for a member to set a key in the store through its tunnel and the gate."""
     t0 = time.monotonic()
-    tunnel = Tunnel("127.0.0.1", gate.port, member, leader.peer_id, epoch=3)
+    tunnel = Tunnel("127.0.0.1", gate.port, member, leader.peer_id, epoch=gate.epoch)
     try:
         c = dist.TCPStore("127.0.0.1", tunnel.port, 2, is_master=False, timeout=timedelta(seconds=15))
         c.set(key, b"member")
@@ -184,7 +165,7 @@ def test_a_sustained_flood_from_other_addresses_leaves_room_for_the_members(gate
     """500 slow connections from three other loopback addresses, each reopened a second after the gate closes
     it: they hold at most 3 x MAX_HANDSHAKES_PER_HOST handshakes, so a member gets through at once."""
     caplog.set_level(logging.WARNING, logger="checkfree.swarm.gate")
-    store, gate, leader, member = gated
+    store, gate, leader, member, _ = gated
     base = threading.active_count()
     with SlowClients(gate.port, 500, ["127.0.0.2", "127.0.0.3", "127.0.0.4"], keep_open=True) as flood:
         assert poll(lambda: flood.opened >= 500, timeout_s=5)
@@ -205,7 +186,7 @@ def test_a_flood_from_the_members_own_address_delays_it_by_about_one_deadline(ga
     """500 slow connections from the member's own address, held once: they fill its address's handshakes,
     the rest are shed; the member's tunnel, shed too, tries again and is through once the deadline frees them."""
     caplog.set_level(logging.WARNING, logger="checkfree.swarm.gate")
-    store, gate, leader, member = gated
+    store, gate, leader, member, _ = gated
     base = threading.active_count()
     with SlowClients(gate.port, 500, ["127.0.0.1"]) as flood:
         assert poll(lambda: flood.opened >= 500, timeout_s=5)
