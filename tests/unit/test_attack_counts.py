@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from checkfree.core.events import EVENTS
-from launcher.report import attacks, counter_totals, healthy_evictions, merge_run
+from launcher.attacks import attacks, counter_totals, healthy_evictions
+from launcher.report import merge_run
 
 
 def _ev(t: float, event: str, **fields) -> dict:

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from checkfree.core.events import EVENTS
-from launcher.report import merge_run, recoveries, recovery_table, timeline
+from launcher.recoveries import recoveries, recovery_table
+from launcher.report import merge_run, timeline
 
 ROSTER = ["p0", "p1", "p2", "p3"]
 
