@@ -29,7 +29,7 @@ from unittest import mock
 from checkfree.swarm import leader as leader_module
 from checkfree.swarm.coordinator import SwarmStopped
 from checkfree.swarm.leader import Leader
-from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
+from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord, newest_of
 from checkfree.swarm.states import transition
 from checkfree.swarm.view import View
 from tests.fakes import Clock
@@ -278,9 +278,9 @@ class Swarm:
         for peer in sorted(self.peers.values(), key=lambda p: p.pid):
             if not peer.up or peer.side != side or peer.rec.state in ("running", "joining"):
                 continue
-            current = replay or newest  # a lagging DHT read: its newest epoch subkey is an older one
-            if peer.pushed is not None and (current is None or peer.pushed.epoch > current.epoch):
-                current = peer.pushed  # as ``Waiting._read_swarm``: a pushed record newer than the read wins
+            # replay: a lagging DHT read (its newest epoch subkey is an older one); as ``Waiting._read_swarm``, a
+            # pushed record newer than the read wins
+            current = newest_of(replay or newest, peer.pushed)
             if current is not None and current.epoch > peer.rec.epoch and peer.pid in current.roster:
                 continue  # it joins that epoch instead (see sync)
             peer.view.observe(members, current)
@@ -333,7 +333,7 @@ class Swarm:
     def stopped_by(self, peer: SimPeer, current: EpochRecord | None) -> None:
         """A stop is final: never while a holder of the newest epoch on the leader's side answers."""
         rosters = [r for r, _, side in self.published if side == peer.side and not r.stop]
-        rec = max(rosters, key=lambda r: r.epoch, default=None)
+        rec = newest_of(*rosters)
         for pid in rec.roster if rec is not None else []:
             holder = self.peers[pid]
             if holder.up and holder.side == peer.side and holder.rec.lineage.kind != "none":

@@ -164,3 +164,11 @@ def chain_head(records: dict[int, EpochRecord], known: EpochRecord | None = None
         if follows(head, records[n]):
             head = records[n]
     return head
+
+
+def newest_of(*records: EpochRecord | None) -> EpochRecord | None:
+    """The record of the highest epoch among ``records`` (None: none of them; Nones are skipped), the first one
+    given on a tie. A peer weighs the epoch it read from the DHT (the ``chain_head`` of what it held) against
+    the ones it accepted otherwise (a leader's push, checked by ``follows`` as it came in; the last epoch it
+    published itself): either is newer than a lagging read."""
+    return max((r for r in records if r is not None), key=lambda r: r.epoch, default=None)

@@ -18,7 +18,7 @@ from checkfree.swarm.admission import SWARM_ENV, SWARM_FILE, TOKEN_ENV, TOKEN_FI
 from checkfree.swarm.coordinator import SwarmStopped, leader_of, replacement_committed
 from checkfree.swarm.membership import DHTGone, DHTUnavailable
 from checkfree.swarm.preemption import Preempted
-from checkfree.swarm.records import EpochRecord, MemberRecord
+from checkfree.swarm.records import EpochRecord, MemberRecord, newest_of
 from checkfree.swarm.states import PeerState
 
 logger = logging.getLogger(__name__)
@@ -76,9 +76,7 @@ class Waiting:
         self._check_token()
         # pushed by its leader (sealed, checked like the DHT's) or published by this peer: newer than a lagging
         # read, or than a DHT subkey a token holder occupies with a record of its own
-        for known in (self.slot.pushed, self.leader.published):
-            if known is not None and (current is None or known.epoch > current.epoch):
-                current = known
+        current = newest_of(current, self.slot.pushed, self.leader.published)
         members[self.peer_id] = self.record()  # our own view is fresher than the DHT's
         # a spare reuses records read from probe ports for half a watch interval; a member reads them anew
         self.reader.fill(members, current, self.view.period_s / 2 if self.status.state == "spare" else 0.0)

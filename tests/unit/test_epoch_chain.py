@@ -78,3 +78,15 @@ def test_an_epoch_older_than_the_one_accepted_never_becomes_current():
     planted = {0: rec(0, leader="x", roster=("x",)), 3: rec(3)}
     assert chain_head(planted, known) == known
     assert chain_head({**planted, 9: rec(9, leader="c")}, known).epoch == 9
+
+
+def test_a_record_known_otherwise_is_current_only_when_newer_than_the_read():
+    """What a waiting peer (and the protocol model) does with the epoch it read and those pushed to it or
+    published by itself: the highest epoch wins, the read on a tie."""
+    from checkfree.swarm.records import newest_of
+
+    read, pushed = rec(3), rec(4, leader="b")
+    assert newest_of(read, pushed, None) is pushed
+    assert newest_of(read, rec(2), rec(1)) is read  # a stale push never takes a peer back
+    assert newest_of(read, rec(3, leader="b")) is read
+    assert newest_of(None, pushed) is pushed and newest_of(None, None) is None and newest_of() is None
