@@ -11,7 +11,11 @@ stage was given away although no failure was injected on them: a peer that was a
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+
+from checkfree.swarm.config import BENIGN_CHAOS_KINDS
+from launcher.recoveries import published_epochs
 
 
 def counter_totals(events: list[dict]) -> tuple[dict[str, int], int, int]:
@@ -44,47 +48,103 @@ def counter_totals(events: list[dict]) -> tuple[dict[str, int], int, int]:
     return dict(sorted(totals.items())), with_counters, len(counts) - with_counters
 
 
-def healthy_evictions(events: list[dict]) -> list[dict]:
-    """The peers that emitted ``replaced`` (a live peer learning its stage went to another) although no
-    failure was injected on them before it: no launcher ``failure`` (killed, frozen or cut off by the
-    launcher, by chaos, or at its own drawn failure with ``swarm.inject=peer``) and no ``chaos`` event
-    naming it but a benign one (``benign``: a probe flood, a starvation; it fails nothing, so no stage may be
-    lost to it). Every such fault is final (the peer never serves again), so any one before the ``replaced``
-    explains it; one after it does not (chaos may hit a peer that is leaving).
+# the launcher logs a kill just after sending it: the leader may publish the loss in between
+KILL_LOG_LAG_S = 0.5
+
+
+def healthy_evictions(events: list[dict], hang_s: float, grace_s: float = 5.0) -> list[dict]:
+    """Peers evicted though no fault explains it. An eviction is either of:
+
+    - ``lost``: a published epoch (after the first) lists the stage of the previous epoch's holder and gives it
+      to another peer, while a benign chaos kind hit the holder or up to ``hang_s`` + ``grace_s`` after (a
+      loss nothing hit is the peer's own crash; one whose holder keeps the stage, a live holder without valid
+      weights rebuilding it again after its rebuild broke off, is no eviction);
+    - ``replaced``: the peer logged that its stage was given to another (a live peer learning it).
+
+    A fault before the eviction explains it: a launcher ``failure`` (killed, frozen or cut off by the launcher,
+    by chaos, or at its own drawn failure with ``swarm.inject=peer``) or a ``chaos`` event naming the peer that
+    is not benign (a probe flood, a starvation: they fail nothing, so no stage may be lost to them). Every such
+    fault is final (the peer never serves again); one after the eviction explains nothing (chaos may hit a peer
+    that is leaving), except up to ``KILL_LOG_LAG_S`` after a ``lost`` (a peer cannot log ``replaced`` once a
+    kill or a hang reached it).
+
+    Args:
+        events: the run's merged events (``RUN_DIR/events.jsonl``: the launcher's and every peer's), by time.
+        hang_s: the swarm's ``membership.hang_s``.
+        grace_s: how much longer than ``hang_s`` after a benign hit a loss is still put down to it.
 
     Returns:
-        One row per ``replaced`` event, in time order: ``peer``, ``by_epoch`` (the epoch that gave its stage
-        away), ``stage`` (the stage it held), ``excluded`` (the leader excluded it on its neighbours' blame,
-        ``peer_excluded``: answering probes while its data plane failed them) and ``benign_chaos`` (the
-        benign chaos kinds that named it before, in order: what it was under).
+        One row a peer, its first eviction, in time order: ``peer``, ``how`` (``lost`` or ``replaced``),
+        ``stage`` (the stage it held), ``epoch`` (the epoch that gave the stage away; ``by_epoch`` repeats it
+        under summary.json's first name for it), ``time``, ``excluded`` (the leader excluded it on its
+        neighbours' blame, ``peer_excluded``: answering probes while its data plane failed them),
+        ``benign_chaos`` (the kinds of the benign chaos events that named it before, in order: what it was
+        under) and ``hits`` (those of them recent enough to have caused it: kind, start, end).
     """
-    faults: dict[str, list[float]] = {}
-    benign: dict[str, list[tuple[float, str]]] = {}
-    for e in events:
-        if e["event"] == "failure" and e.get("peer") is not None:
-            faults.setdefault(e["peer"], []).append(e["time"])
-        elif e["event"] == "chaos":
-            for pid in e["peers"]:
-                if e.get("benign"):
-                    benign.setdefault(pid, []).append((e["time"], e["kind"]))
-                else:
-                    faults.setdefault(pid, []).append(e["time"])
+    first_fault, hits = _faults_and_hits(events)
+    recent = lambda pid, t: [h for h in hits.get(pid, []) if h["start"] <= t <= h["end"] + hang_s + grace_s]
     excluded = {e["excluded"] for e in events if e["event"] == "peer_excluded"}
-    return [
-        {
-            "peer": e["peer"],
-            "by_epoch": e["by_epoch"],
-            "stage": e.get("stage_held"),
-            "excluded": e["peer"] in excluded,
-            "benign_chaos": [kind for t, kind in benign.get(e["peer"], []) if t <= e["time"]],
-        }
+    found = [row for row in _lost(events, first_fault) if recent(row["peer"], row["time"])]
+    found += [
+        {"peer": e["peer"], "how": "replaced", "stage": e.get("stage_held"), "epoch": e["by_epoch"], "time": e["time"]}
         for e in events
-        if e["event"] == "replaced" and not any(t <= e["time"] for t in faults.get(e["peer"], []))
+        if e["event"] == "replaced" and first_fault.get(e["peer"], math.inf) > e["time"]
     ]
+    out: dict[str, dict] = {}
+    for row in sorted(found, key=lambda r: r["time"]):
+        peer, t = row["peer"], row["time"]
+        out.setdefault(
+            peer,
+            {
+                **row,
+                "by_epoch": row["epoch"],
+                "excluded": peer in excluded,
+                "benign_chaos": [h["kind"] for h in hits.get(peer, []) if h["start"] <= t],
+                "hits": recent(peer, t),
+            },
+        )
+    return list(out.values())
 
 
-def attacks(events: list[dict]) -> dict:
+def _faults_and_hits(events: list[dict]) -> tuple[dict[str, float], dict[str, list[dict]]]:
+    """(each peer's first fault time, the benign chaos events that named each peer: kind, start, end)."""
+    first_fault: dict[str, float] = {}
+    hits: dict[str, list[dict]] = {}
+    for e in events:
+        if e["event"] == "failure" and e.get("peer"):
+            first_fault[e["peer"]] = min(first_fault.get(e["peer"], math.inf), e["time"])
+        elif e["event"] == "chaos" and (e.get("benign") or e["kind"] in BENIGN_CHAOS_KINDS):
+            for pid in e["peers"]:
+                end = e["time"] + e.get("duration_s", 0.0)
+                hits.setdefault(pid, []).append({"kind": e["kind"], "start": e["time"], "end": end})
+        elif e["event"] == "chaos" and e["kind"] != "spare_arrival":
+            for pid in e["peers"]:
+                first_fault[pid] = min(first_fault.get(pid, math.inf), e["time"])
+    return first_fault, hits
+
+
+def _lost(events: list[dict], first_fault: dict[str, float]) -> list[dict]:
+    """The holders of the stages each published epoch lists lost and gives to another peer, no fault before."""
+    published = published_epochs(events)
+    out = []
+    for prev, pub in zip(published, published[1:]):
+        for stage in pub["lost"]:
+            holder = prev["roster"][stage] if stage < len(prev["roster"]) else None
+            if holder is None or holder == pub["roster"][stage]:  # it keeps the stage: it was not declared lost
+                continue
+            if first_fault.get(holder, math.inf) > pub["time"] + KILL_LOG_LAG_S:
+                out.append(
+                    {"peer": holder, "how": "lost", "stage": stage, "epoch": pub["new_epoch"], "time": pub["time"]}
+                )
+    return out
+
+
+def attacks(events: list[dict], hang_s: float) -> dict:
     """summary.json's ``attacks``: what reached the peers' open ports and the evictions no fault explains.
+
+    Args:
+        events: the run's merged events, by time.
+        hang_s: the swarm's ``membership.hang_s`` (``healthy_evictions``).
 
     Returns:
         ``counters`` (``counter_totals``' sums: probe port, ``records_foreign``, ``revived`` and ``gate_*``
@@ -93,7 +153,7 @@ def attacks(events: list[dict]) -> dict:
         ``healthy_evictions`` (``healthy_evictions``' rows).
     """
     totals, with_counters, without = counter_totals(events)
-    healthy = healthy_evictions(events)
+    healthy = healthy_evictions(events, hang_s)
     return {
         "counters": totals,
         "peers_with_counters": with_counters,

@@ -15,11 +15,12 @@ that the moment they wait for comes. Chaos never kills the last live stage peer 
 so that a per-stage strategy always has something to rebuild from (losing every stage at once is tested
 on its own).
 
-Benign kinds stress the swarm without failing anything, and no stage may be lost to them (``healthy_evictions``
-finds any that was): ``probe_flood`` holds hundreds of idle or trickling connections at a live stage peer's probe
-port and knocks on it hundreds of times a second (``ProbeFlood``); ``starve`` stops live stage peers with SIGSTOP
-pulses shorter than ``membership.hang_s`` and runs busy loops beside them (``Starve``). Both run in threads of the
-launcher (``Effects``), so that they never hold up its loop; their choices are drawn from the seed as any other.
+Benign kinds stress the swarm without failing anything, and no stage may be lost to them
+(``launcher.attacks.healthy_evictions`` finds any that was): ``probe_flood`` holds hundreds of idle or trickling
+connections at a live stage peer's probe port and knocks on it hundreds of times a second (``ProbeFlood``);
+``starve`` stops live stage peers with SIGSTOP pulses shorter than ``membership.hang_s`` and runs busy loops beside
+them (``Starve``). Both run in threads of the launcher (``Effects``), so that they never hold up its loop; their
+choices are drawn from the seed as any other.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from checkfree.swarm.config import BENIGN_CHAOS_KINDS, ChaosConfig
 from checkfree.swarm.limits import raise_file_limit
 from checkfree.swarm.probe import ASK, KNOCK, NONCE_BYTES, REPLY
 from checkfree.swarm.records import EpochRecord, MemberRecord
+from launcher.attacks import healthy_evictions as healthy_evictions  # re-exported: tests/process/test_starvation.py
 
 TRIGGERED = ("leader_after_publish", "source_during_transfer", "spare_during_join", "rebuilt_before_first_step")
 BENIGN = BENIGN_CHAOS_KINDS
@@ -520,56 +522,3 @@ class Effects:
         for e in self.running:
             e.join(max(0.1, deadline - time.monotonic()))
         self.running = []
-
-
-# ---- the soak's check of the benign kinds ---------------------------------------------------------------
-def healthy_evictions(events: list[dict], hang_s: float, grace_s: float = 5.0) -> list[dict]:
-    """Peers evicted though chaos never killed nor hung them: the holder of each stage lost in a published epoch
-    (after the first) and given to another peer, that a benign kind hit while it lasted or up to ``hang_s`` +
-    ``grace_s`` after, and each peer that logged ``replaced``; in both cases without a ``failure`` of the peer (or
-    a failing chaos event naming it) before. A stage lost whose holder stays (a live holder without valid weights,
-    whose rebuild broke off when another peer died, rebuilds its own stage again) is no eviction.
-
-    Args:
-        events: the run's merged events (``RUN_DIR/events.jsonl``: the launcher's and every peer's), by time.
-        hang_s: the swarm's ``membership.hang_s``.
-
-    Returns:
-        One dict a peer, first eviction first: ``peer``, ``how`` (``lost``: a published epoch lists its stage;
-        ``replaced``: it learnt its stage was given to another), ``stage``, ``epoch``, ``time`` and ``hits`` (the
-        benign events that hit it: kind, start, end).
-    """
-    failed: dict[str, float] = {}  # peer -> when chaos (or the launcher's injector) first killed or hung it
-    hits: dict[str, list[dict]] = {}
-    for e in events:
-        if e["event"] == "failure" and e.get("peer"):
-            failed.setdefault(e["peer"], e["time"])
-        elif e["event"] == "chaos" and e["kind"] in BENIGN:
-            for pid in e["peers"]:
-                end = e["time"] + e.get("duration_s", 0.0)
-                hits.setdefault(pid, []).append({"kind": e["kind"], "start": e["time"], "end": end})
-        elif e["event"] == "chaos" and e["kind"] != "spare_arrival":
-            for pid in e["peers"]:
-                failed.setdefault(pid, e["time"])
-    # the launcher logs a kill just after sending it; a peer can only be seen lost after that
-    failing = lambda pid, t: failed.get(pid, float("inf")) <= t + 0.5
-    recent = lambda pid, t: [h for h in hits.get(pid, []) if h["start"] <= t <= h["end"] + hang_s + grace_s]
-    out: dict[str, dict] = {}
-    first: dict[int, dict] = {}
-    for e in events:
-        if e["event"] == "epoch_published":
-            first.setdefault(e["new_epoch"], e)
-    published = [first[k] for k in sorted(first)]
-    for prev, pub in zip(published, published[1:]):
-        for stage in pub["lost"]:
-            holder = prev["roster"][stage] if stage < len(prev["roster"]) else None
-            if holder is None or holder == pub["roster"][stage]:  # it keeps the stage: it was not declared lost
-                continue
-            if not failing(holder, pub["time"]) and recent(holder, pub["time"]):
-                row = {"peer": holder, "how": "lost", "stage": stage, "epoch": pub["new_epoch"], "time": pub["time"]}
-                out.setdefault(holder, {**row, "hits": recent(holder, pub["time"])})
-    for e in events:
-        if e["event"] == "replaced" and not failing(e["peer"], e["time"]):
-            row = {"peer": e["peer"], "how": "replaced", "stage": e.get("stage_held"), "epoch": e["by_epoch"]}
-            out.setdefault(e["peer"], {**row, "time": e["time"], "hits": recent(e["peer"], e["time"])})
-    return sorted(out.values(), key=lambda r: r["time"])

@@ -185,5 +185,5 @@ def merge_run(run_dir: str | Path, cfg) -> dict:
         "kill_to_commit_s": _stats([r["kill_to_commit_s"] for r in rows]),
         "mean_tokens_per_s": statistics.mean(m["throughput/tokens_per_s"] for m in metrics) if metrics else None,
         "recovery_rows": rows,
-        "attacks": attacks(events),
+        "attacks": attacks(events, cfg.membership.hang_s),
     }

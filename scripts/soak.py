@@ -62,7 +62,8 @@ from checkfree.config import load_config, split_args
 from checkfree.core.exit_codes import ExitCode
 from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.config import ChaosConfig
-from launcher.chaos import BENIGN, TRIGGERED, healthy_evictions
+from launcher.attacks import healthy_evictions
+from launcher.chaos import BENIGN, TRIGGERED
 from launcher.local import run_local_swarm
 
 SWARM_2CORE = [

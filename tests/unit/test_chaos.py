@@ -13,7 +13,8 @@ import pytest
 
 from checkfree.swarm.config import ChaosConfig
 from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
-from launcher.chaos import Action, Chaos, Effects, ProbeFlood, Starve, healthy_evictions
+from launcher.attacks import healthy_evictions
+from launcher.chaos import Action, Chaos, Effects, ProbeFlood, Starve
 from tests.helpers import alive, poll
 
 

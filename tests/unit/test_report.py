@@ -10,6 +10,9 @@ from launcher.recoveries import recoveries, recovery_table
 from launcher.report import merge_run, timeline
 
 ROSTER = ["p0", "p1", "p2", "p3"]
+HANG_S = 1.5
+# what merge_run reads of a run's config
+CFG = SimpleNamespace(recovery=SimpleNamespace(strategy="checkfree"), membership=SimpleNamespace(hang_s=HANG_S))
 
 
 def _ev(t: float, event: str, **fields) -> dict:
@@ -224,7 +227,7 @@ def test_the_summary_counts_losses_injected_kills_and_recoveries(tmp_path):
     (tmp_path / "launcher-events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in launcher))
     (tmp_path / "peers" / "p0").mkdir(parents=True)
     (tmp_path / "peers" / "p0" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in peers))
-    summary = merge_run(tmp_path, SimpleNamespace(recovery=SimpleNamespace(strategy="checkfree")))
+    summary = merge_run(tmp_path, CFG)
     assert (summary["failures"], summary["stage_losses"], summary["injected_failures"]) == (2, 2, 1)
     assert summary["recoveries"] == 1  # epoch 2 never resumed
     assert summary["detect_s"]["n"] == 1 and summary["decide_s"]["n"] == 2 and summary["rebuild_s"]["n"] == 1
