@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +75,30 @@ def _wait_for_peers(run_dir, n: int, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"the launcher did not start {n} peers in {timeout_s} s")
 
 
+def _starved_swarm(tmp_path, name: str, steps: int, *overrides: str, failures=()) -> tuple[int, str, Path]:
+    """A swarm of 4 stage peers and 1 spare running ``steps`` steps, each peer with a busy loop beside it from
+    the moment the launcher has started them all; returns (exit code, output, run directory)."""
+    proc = run_swarm(
+        tmp_path,
+        name,
+        f"num_steps={steps}",
+        "swarm.num_spares=1",
+        *overrides,
+        failures=failures,
+        background=True,
+    )
+    run_dir = tmp_path / name
+    try:
+        _wait_for_peers(run_dir, NUM_PEERS)
+        with BusyLoops(NUM_PEERS):
+            code, out = _finish(proc, run_dir, timeout_s=420)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    return code, out, run_dir
+
+
 @pytest.mark.long  # ~70-110 s; the chaos soak's probe floods and starvation pulses cover it too
 def test_starved_and_flooded_peers_are_never_evicted(tmp_path):
     """For the whole run (one to two minutes on 2 cores) a busy loop runs beside every peer, and every ~3 s chaos
@@ -81,12 +106,11 @@ def test_starved_and_flooded_peers_are_never_evicted(tmp_path):
     port for 3 s (500 idle or trickling connections, 200 knocks a second). Nothing is a failure: the run ends
     normally with every step committed once, and no stage is ever lost."""
     steps = 400  # 0.1-0.35 s a step with every core starved (it depends on the machine's load): 40-140 s
-    name = "starved"
-    proc = run_swarm(
+    t0 = time.monotonic()
+    code, out, run_dir = _starved_swarm(
         tmp_path,
-        name,
-        f"num_steps={steps}",
-        "swarm.num_spares=1",
+        "starved",
+        steps,
         "swarm.chaos.events=200",  # more than land before the run ends: the stress lasts the whole run
         "swarm.chaos.seed=3",
         "swarm.chaos.mean_gap_s=3",
@@ -98,18 +122,7 @@ def test_starved_and_flooded_peers_are_never_evicted(tmp_path):
         "swarm.chaos.flood_s=3",
         "swarm.chaos.num_flood_conns=500",
         "swarm.chaos.flood_knocks_per_s=200",
-        background=True,
     )
-    run_dir = tmp_path / name
-    t0 = time.monotonic()
-    try:
-        _wait_for_peers(run_dir, NUM_PEERS)
-        with BusyLoops(NUM_PEERS):
-            code, out = _finish(proc, run_dir, timeout_s=420)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     wall_s = time.monotonic() - t0
     assert code == 0, out[-3000:]
     check_every_step_once(run_dir, steps)
@@ -143,26 +156,14 @@ def test_a_real_hang_under_starvation_is_detected_and_recovered(tmp_path):
     ends normally. Prints the time from the SIGSTOP to the first sign of detection in the other peers' events
     (a step aborted, or the next epoch published)."""
     steps = 40
-    name = "hang"
-    proc = run_swarm(
+    code, out, run_dir = _starved_swarm(
         tmp_path,
-        name,
-        f"num_steps={steps}",
-        "swarm.num_spares=1",
+        "hang",
+        steps,
         "swarm.hang_fraction=1.0",
         "transport.timeout_s=60",  # the backstop only: the probe port must release everyone first
         failures=[Failure(15, 2, "mid_forward", 0.5)],
-        background=True,
     )
-    run_dir = tmp_path / name
-    try:
-        _wait_for_peers(run_dir, NUM_PEERS)
-        with BusyLoops(NUM_PEERS):
-            code, out = _finish(proc, run_dir, timeout_s=420)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
     assert code == 0, out[-3000:]
     summary, _ = check_every_step_once(run_dir, steps)
     events = read_jsonl(run_dir / "events.jsonl")
