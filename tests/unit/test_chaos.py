@@ -14,7 +14,8 @@ import pytest
 from checkfree.swarm.config import ChaosConfig
 from checkfree.swarm.records import EpochRecord, Lineage, MemberRecord
 from launcher.attacks import healthy_evictions
-from launcher.chaos import Action, Chaos, Effects, ProbeFlood, Starve
+from launcher.chaos import Action, Chaos
+from launcher.effects import Effects, ProbeFlood, Starve
 from tests.helpers import alive, poll
 
 
