@@ -4,8 +4,15 @@ Stage step helpers
 
 What one stage does around a step, written once for both executors: its Adam optimizer
 (``make_optimizer``, which can also restore a saved state and learning rate), per-stage clipping that
-returns the norms a stage tracks (``clip_stage_``), the smoothing of a norm (``smooth``) and the forward
-of one schedule hop (``forward_hop``).
+returns the norms a stage tracks (``clip_stage_``), the smoothing of a norm (``smooth``), the forward
+of one schedule hop (``forward_hop``) and of one stage's part of validation (``eval_hop``).
+
+Precision (``precision``): ``fp32``, or ``bf16``: a hop's forward runs under bf16 autocast while parameters,
+their gradients and Adam stay fp32; what crosses to the next stage (an activation, and so its gradient on the
+way back) is cast to bf16, the *wire dtype*, and the receiving stage turns it back into fp32 as it takes it,
+so each stage's residual stream is fp32 as in an unsplit autocast model (only the boundaries round). Norms,
+the commit and every rebuild see fp32 parameters and gradients only. ``fp32`` enters no autocast context
+and casts nothing: its runs are bit-identical to those before precision existed.
 
 The norm that weights a neighbour in a CheckFree rebuild is taken over the stage's transformer blocks only
 (``recovery.norm_scope=blocks``, the default): the rule compares the blocks being averaged, and stage 0's
@@ -15,6 +22,7 @@ takes the whole stage's gradient, as the reference code does. Clipping always us
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -142,22 +150,79 @@ def recovery_norm(raw: float, smoothed: float | None, source: str, post_clip: fl
     return raw
 
 
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # precision -> dtype of what crosses stages
+
+
+def wire_dtype(precision: str) -> torch.dtype:
+    """The dtype in which activations and their gradients cross between stages at ``precision``."""
+    try:
+        return WIRE_DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"precision={precision!r} must be one of {', '.join(WIRE_DTYPES)}") from None
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The context a hop's forward runs in: bf16 autocast on ``device``'s type, or for fp32 none at all (not
+    even a disabled autocast, so fp32 runs stay bit-identical)."""
+    if wire_dtype(precision) == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def from_wire(x: torch.Tensor) -> torch.Tensor:
+    """A received activation as the stage computes with it: fp32 (token ids and fp32 tensors as they are).
+    Inside autograd, so the gradient sent back has the wire dtype."""
+    return x.float() if x.is_floating_point() else x
+
+
 def forward_hop(
-    stage: Stage, schedule: Schedule, op: Op, x: torch.Tensor, step: int, batches: Batches, device: torch.device
+    stage: Stage,
+    schedule: Schedule,
+    op: Op,
+    x: torch.Tensor,
+    step: int,
+    batches: Batches,
+    device: torch.device,
+    precision: str = "fp32",
 ) -> torch.Tensor:
-    """Run the parts of ``stage`` that hop ``op.hop`` of microbatch ``op.mb`` uses; at the last hop,
-    return the microbatch's loss divided by the number of microbatches (gradient accumulation)."""
+    """Run the parts of ``stage`` that hop ``op.hop`` of microbatch ``op.mb`` uses, under ``precision``'s
+    autocast; return the activation for the next hop in the wire dtype or, at the last hop, the microbatch's
+    loss (fp32) divided by the number of microbatches (gradient accumulation)."""
     hop = schedule.routes[op.mb][op.hop]
-    h = x
-    if hop.embed:
-        h = stage.run_embed(h)  # (B, T) -> (B, T, C)
-    if hop.blocks:
-        h = stage.run_blocks(h)
-    if hop.head:
+    with autocast(device, precision):
+        h = from_wire(x)
+        if hop.embed:
+            h = stage.run_embed(h)  # (B, T) -> (B, T, C)
+        if hop.blocks:
+            h = stage.run_blocks(h)
+        if not hop.head:
+            return h.to(wire_dtype(precision))  # what crosses to the next stage
         logits = stage.run_head(h)  # (B, T, V)
         targets = batches.targets(step, op.mb).to(device)
-        h = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / schedule.num_microbatches
-    return h
+        # autocast runs cross_entropy in fp32 (its fp32 list); the loss is fp32 either way
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten()) / schedule.num_microbatches
+
+
+@torch.no_grad()
+def eval_hop(
+    stage: Stage,
+    x: torch.Tensor,
+    device: torch.device,
+    precision: str = "fp32",
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One stage's part of the validation forward on the plain route: token ids (the first stage) or the
+    previous stage's activation in, the activation for the next stage (wire dtype) out; with ``targets``
+    (the last stage) the mean cross-entropy instead (fp32)."""
+    with autocast(device, precision):
+        h = from_wire(x)
+        if stage.embed is not None:
+            h = stage.run_embed(h)  # (B, T) -> (B, T, C)
+        h = stage.run_blocks(h)
+        if targets is None:
+            return h.to(wire_dtype(precision))
+        logits = stage.run_head(h)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 class NonFiniteSteps(RuntimeError):
