@@ -5,7 +5,12 @@ Single-process engine
 Runs a pipeline schedule with every stage in one process. Each stage has its own Adam optimizer, its
 own gradient clipping and its own tracked pre-clip gradient norm (raw and smoothed): exactly what a
 stage peer holds in the multi-process runtime. Activations and gradients cross hop boundaries as
-detached tensors, as they would over the wire, and ops run in the schedule's global timeline order.
+detached tensors, as they would over the wire (in the wire dtype of ``precision``: bf16 halves them, see
+``checkfree.core.stage_step``), and ops run in the schedule's global timeline order.
+
+Devices: each stage has its own (``core.devices.stage_devices``: with ``device=cuda`` stage i on GPU
+``i mod N``); an activation moves to the next stage's device at each hop, its gradient back, and
+validation hops the same way.
 
 A step is all-or-nothing: ``run_step`` only accumulates gradients; ``commit`` clips and steps every
 optimizer; an interrupted step (``StepInterrupted``) is discarded with ``discard`` and redone.
@@ -16,10 +21,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from checkfree.core.checkpoint import StagePayload
 from checkfree.core.data import Batches
+from checkfree.core.devices import cuda_count, stage_devices
 from checkfree.core.failures import Failure
 from checkfree.core.model import Stage, edge_state
 from checkfree.core.rebuild import RebuiltStage
@@ -29,6 +34,7 @@ from checkfree.core.stage_step import (
     LrWarmup,
     OptimConfig,
     clip_stage_,
+    eval_hop,
     forward_hop,
     make_optimizer,
     recovery_norm,
@@ -61,12 +67,19 @@ class PipelineEngine:
         norm_ema_beta: float = 0.9,
         device: str = "cpu",
         norm_scope: str = "blocks",
+        precision: str = "fp32",
     ):
+        """``device``: cpu, cuda (stage i on GPU ``i mod N``) or cuda:K (every stage there).
+
+        Raises:
+            DeviceError: ``device`` names a GPU this host does not have.
+        """
         if len(stages) != schedule.num_stages:
             raise ValueError(f"{len(stages)} stages but the schedule has {schedule.num_stages}")
-        self.device = torch.device(device)
+        self.devices = [torch.device(d) for d in stage_devices(device, len(stages), cuda_count())]
+        self.precision = precision
         self.nonfinite_stages: list[int] = []  # stages whose gradient was not finite at the last commit
-        self.stages = [s.to(self.device) for s in stages]
+        self.stages = [s.to(d) for s, d in zip(stages, self.devices, strict=True)]
         self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
         self.norm_ema_beta, self.norm_scope = norm_ema_beta, norm_scope
         self.lrs = [optim.lr] * len(stages)
@@ -107,12 +120,14 @@ class PipelineEngine:
         return total
 
     def _forward(self, op: Op, step: int, inputs: dict, outputs: dict) -> torch.Tensor:
+        device = self.devices[op.stage]
         if op.src is None:
-            x = self.batches.inputs(step, op.mb).to(self.device)  # (B, T) token ids
+            x = self.batches.inputs(step, op.mb).to(device)  # (B, T) token ids
         else:
-            x = outputs[(op.mb, op.hop - 1)].detach().requires_grad_()  # the activation "received"
+            # the activation "received", in the wire dtype: moved to this stage's device
+            x = outputs[(op.mb, op.hop - 1)].detach().to(device).requires_grad_()
             inputs[(op.mb, op.hop)] = x
-        out = forward_hop(self.stages[op.stage], self.schedule, op, x, step, self.batches, self.device)
+        out = forward_hop(self.stages[op.stage], self.schedule, op, x, step, self.batches, device, self.precision)
         outputs[(op.mb, op.hop)] = out
         if self.shadows is not None:
             self.shadows.forward(op, x, step)
@@ -120,7 +135,9 @@ class PipelineEngine:
 
     def _backward(self, op: Op, inputs: dict, outputs: dict) -> None:
         out = outputs.pop((op.mb, op.hop))
-        grad = None if op.src is None else inputs.pop((op.mb, op.hop + 1)).grad  # "received" from the next hop
+        grad = None
+        if op.src is not None:  # "received" from the next hop, back on this stage's device
+            grad = inputs.pop((op.mb, op.hop + 1)).grad.to(out.device)
         out.backward(grad)  # None: ``out`` is the loss
         if self.shadows is not None:
             self.shadows.backward(op, grad)
@@ -156,13 +173,13 @@ class PipelineEngine:
     def evaluate(self, num_batches: int) -> float:
         """Mean validation loss over the fixed validation batches, on the plain route."""
         losses = []
+        last = self.num_stages - 1
         for b in range(num_batches):
-            h = self.stages[0].run_embed(self.batches.inputs(b, 0, split="val").to(self.device))
-            for stage in self.stages:
-                h = stage.run_blocks(h)
-            logits = self.stages[-1].run_head(h)
-            targets = self.batches.targets(b, 0, split="val").to(self.device)
-            losses.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item())
+            h = self.batches.inputs(b, 0, split="val")  # (B, T) token ids
+            for i, (stage, device) in enumerate(zip(self.stages, self.devices, strict=True)):
+                targets = self.batches.targets(b, 0, split="val").to(device) if i == last else None
+                h = eval_hop(stage, h.to(device), device, self.precision, targets)
+            losses.append(h.item())
         return sum(losses) / len(losses)
 
     # ---- losing and replacing stages -----------------------------------------------------------
@@ -181,7 +198,12 @@ class PipelineEngine:
 
     def install(self, index: int, rebuilt: RebuiltStage) -> None:
         """Put a rebuilt (or restored) stage in place: weights, optimizer, lr and the norm it starts with."""
-        self.stages[index] = rebuilt.stage.to(self.device)
+        device = self.devices[index]
+        self.stages[index] = rebuilt.stage.to(device)  # the same parameters, moved: the optimizer still holds them
+        for state in rebuilt.optimizer.state.values():  # a restored Adam state is where the rebuild made it
+            for k, v in state.items():
+                if k != "step" and torch.is_tensor(v):  # Adam keeps its step count on the CPU
+                    state[k] = v.to(device)
         self.optimizers[index] = rebuilt.optimizer
         self.lrs[index] = rebuilt.lr
         self.warmups[index] = LrWarmup(rebuilt.warmup_steps, rebuilt.warmup_done)

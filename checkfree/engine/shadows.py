@@ -6,6 +6,8 @@ The ``redundant`` strategy in the single-process engine: ``Shadows`` holds a sha
 (stage ``t``'s held by ``shadow_holder(t)``), runs it on the same inputs and output gradients as the stage
 and steps it when the step commits. On a loss, ``full_state`` hands the shadow's whole training state to
 the one rebuild path (``checkfree.core.rebuild``), exactly what a swarm holder sends over the network.
+A shadow lives on the device of the stage it copies and runs at the engine's precision, so it sees exactly
+the inputs and gradients the stage does.
 """
 
 from __future__ import annotations
@@ -32,9 +34,12 @@ class Shadows:
         schedule: Schedule,
         batches: Batches,
         optim: OptimConfig,
-        device: torch.device,
+        devices: list[torch.device],
+        precision: str = "fp32",
     ):
-        self.schedule, self.batches, self.optim_cfg, self.device = schedule, batches, optim, device
+        """``devices``: the engine's, one per stage (shadow ``t`` runs on ``devices[t]``)."""
+        self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
+        self.devices, self.precision = list(devices), precision
         self.stages: list[Stage | None] = [None] * len(stages)
         self.optimizers: list = [None] * len(stages)
         self.lrs = list(lrs)
@@ -54,7 +59,8 @@ class Shadows:
         if shadow is None:
             return  # its holder is lost; recreated at recovery
         xs = x if not x.is_floating_point() else x.detach().requires_grad_()
-        self.outputs[(op.mb, op.hop)] = forward_hop(shadow, self.schedule, op, xs, step, self.batches, self.device)
+        out = forward_hop(shadow, self.schedule, op, xs, step, self.batches, self.devices[op.stage], self.precision)
+        self.outputs[(op.mb, op.hop)] = out
 
     def backward(self, op: Op, grad: torch.Tensor | None) -> None:
         out = self.outputs.pop((op.mb, op.hop), None)

@@ -23,6 +23,7 @@ from checkfree import __version__
 from checkfree.config import TrainConfig, to_yaml
 from checkfree.core.checkpoint import AsyncSaver, CheckpointStore, payload_bytes
 from checkfree.core.data import Batches
+from checkfree.core.devices import check_device, cuda_count
 from checkfree.core.events import EventLog
 from checkfree.core.failures import Failure, FailureInjector, write_trace
 from checkfree.core.metrics import MetricLogger, check_trackers, event_scalars
@@ -67,8 +68,7 @@ class RunState:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path | None = None):
         self.cfg = cfg
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} but torch sees no CUDA device; use device=cpu")
+        check_device(cfg.device, cuda_count())  # DeviceError (a ValueError) names what this host has
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -89,11 +89,12 @@ class Trainer:
             cfg.recovery.norm_ema_beta,
             cfg.device,
             cfg.recovery.norm_scope,
+            cfg.precision,
         )
         if cfg.recovery.strategy == "redundant":
             eng = self.engine
             eng.shadows = Shadows(
-                eng.stages, eng.optimizers, eng.lrs, self.schedule, self.batches, cfg.optim, eng.device
+                eng.stages, eng.optimizers, eng.lrs, self.schedule, self.batches, cfg.optim, eng.devices, eng.precision
             )
         self.ckpt = None
         # written in the background: the hybrid's checkpoints, and every strategy's periodic resume state but the
