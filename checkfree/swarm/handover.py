@@ -100,6 +100,7 @@ class Handover:
             cfg.device,
             redundant=self.redundant,
             norm_scope=cfg.recovery.norm_scope,
+            precision=cfg.precision,
         )
         if rebuilt is not None:
             worker.install(rebuilt)

@@ -121,6 +121,7 @@ class TrainingLoop:
                     "stage": worker.index,
                     "memory/max_rss_mb": peak_rss_mb(),
                     "memory/shadow_bytes": worker.shadow.bytes() if worker.shadow is not None else 0,
+                    "comm/bytes_sent": worker.bytes_sent,  # this stage's activations and gradients of the step
                     **{f"stage/{i}/grad_norm_raw": n for i, n in enumerate(worker.all_norms)},
                 }
             )

@@ -9,9 +9,11 @@ membership epoch (gloo on CPU, NCCL on CUDA), built directly from a store and ca
 Every message is a fixed-size int64 header (run tag, step, microbatch, hop, kind, dtype, rank, shape)
 followed by the payload. The receiver checks the header against what its schedule expects (same step,
 microbatch, hop and kind, the expected shape and dtype), so a confused or faulty peer is refused with an
-error that names what it sent. Weights and states holding NaN/inf are refused too; activations and
-gradients holding them are delivered, because the commit discards such a step on every stage. Every wait
-has a timeout; transport failures and timeouts become ``StageLostError`` here, at the boundary.
+error that names what it sent. Activations and gradients travel in the run's wire dtype (bf16 with
+``precision=bf16``), weights and states in their own. Weights and states holding NaN/inf are refused too;
+activations and gradients holding them are delivered, because the commit discards such a step on every
+stage. Every wait has a timeout; transport failures and timeouts become ``StageLostError`` here, at the
+boundary. ``bytes_sent`` counts every byte this end sent, headers included (all-reduces aside).
 
 ``abort`` releases every wait of the group at once, from another thread: the peer's heartbeat thread calls
 it when a member of the epoch is known lost (its heartbeat expired: a hang; or a newer epoch exists), so a
@@ -128,6 +130,7 @@ class EpochGroup:
         self._conns = {fd: c for fd, c in _tcp_connections().items() if before.get(fd) != c}
         self._pending: list[tuple[object, int, int, list[torch.Tensor]]] = []  # (work, stage, step, keep-alive)
         self.nonfinite_received = 0  # step messages that held NaN/inf (delivered; the commit discards the step)
+        self.bytes_sent = 0  # headers and payloads this end has started to send
 
     @property
     def stage(self) -> int:
@@ -153,6 +156,7 @@ class EpochGroup:
             works = [self.pg.send([header], dst, tag), self.pg.send([payload], dst, tag)]
         except RuntimeError as e:
             raise StageLostError(dst_stage, step, f"send failed: {e}") from e
+        self.bytes_sent += header.nbytes + payload.nbytes
         for w in works:
             self._pending.append((w, dst_stage, step, [header, payload]))
 

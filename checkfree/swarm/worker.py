@@ -11,6 +11,11 @@ of ``[done, loss, norm_0 .. norm_{L-1}]`` (each stage fills its own slots). Only
 every stage done does any stage step its optimizer, so a step is applied by all stages or by none; as a
 side effect every stage learns all stages' pre-clip gradient norms, which recovery weights need.
 
+Precision (``precision=bf16``): each hop's forward runs under bf16 autocast (``stage_step.forward_hop``) and
+activations and their gradients travel in bf16, half the bytes; parameters, Adam, the clipped norms and the
+commit's all-reduce stay fp32 (float64 for the reduce). ``bytes_sent`` counts what this stage sent in the
+last step's ops (headers included; the commit's all-reduce excluded).
+
 Redundant computation (``redundant=True``): the worker also forwards each output gradient it receives
 to the holder of its shadow, and runs the shadow it holds (``HeldShadow``, see ``redundancy.py``)
 after its own ops; the shadow steps exactly when the stage does.
@@ -33,10 +38,12 @@ from checkfree.core.stage_step import (
     LrWarmup,
     OptimConfig,
     clip_stage_,
+    eval_hop,
     forward_hop,
     make_optimizer,
     recovery_norm,
     smooth,
+    wire_dtype,
 )
 from checkfree.swarm.records import Lineage
 from checkfree.swarm.shadow import HeldShadow
@@ -56,8 +63,11 @@ class StageWorker:
         device: str = "cpu",
         redundant: bool = False,
         norm_scope: str = "blocks",
+        precision: str = "fp32",
     ):
         self.device = torch.device(device)
+        self.precision, self.wire = precision, wire_dtype(precision)  # wire: the dtype activations travel in
+        self.bytes_sent = 0  # sent by this stage in the last step's ops
         self.stage = stage.to(self.device)
         self.index = stage.index
         self.schedule, self.batches, self.optim_cfg = schedule, batches, optim
@@ -97,6 +107,7 @@ class StageWorker:
         inputs: dict[tuple[int, int], torch.Tensor] = {}
         outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.loss = 0.0
+        sent_before = group.bytes_sent
         for i, op in enumerate(self.schedule.ops[self.index]):
             if fail is not None and i == fail[0]:
                 fail[1]()
@@ -107,15 +118,16 @@ class StageWorker:
         if self.shadow is not None:
             self._run_shadow(group, step)
         group.wait_sends()
+        self.bytes_sent = group.bytes_sent - sent_before
         self.pending_step = step
 
     def _forward(self, group: EpochGroup, op: Op, step: int, inputs: dict, outputs: dict) -> None:
         if op.src is None:
             x = self.batches.inputs(step, op.mb).to(self.device)  # (B, T) token ids
         else:
-            x = group.recv(op.src, step, op.mb, op.hop, "act", self.act_shape).requires_grad_()
+            x = group.recv(op.src, step, op.mb, op.hop, "act", self.act_shape, self.wire).requires_grad_()
             inputs[(op.mb, op.hop)] = x
-        out = forward_hop(self.stage, self.schedule, op, x, step, self.batches, self.device)
+        out = forward_hop(self.stage, self.schedule, op, x, step, self.batches, self.device, self.precision)
         if op.dst is None:
             self.loss += out.item()
         else:
@@ -129,7 +141,7 @@ class StageWorker:
         if op.src is None:
             out.backward()  # the loss
         else:
-            grad = group.recv(op.src, step, op.mb, op.hop, "grad", self.act_shape)
+            grad = group.recv(op.src, step, op.mb, op.hop, "grad", self.act_shape, self.wire)
             out.backward(grad)
             if self.redundant:  # the shadow of this stage trains on the very same gradient
                 group.send(grad, shadow_holder(self.index, self.schedule.num_stages), step, op.mb, op.hop, "sgrad")
@@ -145,11 +157,11 @@ class StageWorker:
             if op.kind != "F":
                 continue
             x = self.batches.inputs(step, op.mb).to(self.device) if op.src is None else sh.inputs.pop(op.mb)
-            out = forward_hop(sh.stage, self.schedule, op, x, step, self.batches, self.device)
+            out = forward_hop(sh.stage, self.schedule, op, x, step, self.batches, self.device, self.precision)
             if op.dst is None:
                 out.backward()
             else:
-                out.backward(group.recv(sh.index, step, op.mb, op.hop, "sgrad", self.act_shape))
+                out.backward(group.recv(sh.index, step, op.mb, op.hop, "sgrad", self.act_shape, self.wire))
 
     def commit(self, group: EpochGroup, step: int) -> float | None:
         """Agree with every stage on ``step`` and apply it; returns the step's loss, or None when some
@@ -224,16 +236,15 @@ class StageWorker:
         L, total = self.schedule.num_stages, 0.0
         for b in range(num_batches):
             if self.index == 0:
-                h = self.stage.run_embed(self.batches.inputs(b, 0, split="val").to(self.device))
+                x = self.batches.inputs(b, 0, split="val").to(self.device)  # (B, T) token ids
             else:
-                h = group.recv(self.index - 1, step, b, self.index, "act", self.act_shape)
-            h = self.stage.run_blocks(h)
-            if self.index < L - 1:
+                x = group.recv(self.index - 1, step, b, self.index, "act", self.act_shape, self.wire)
+            targets = self.batches.targets(b, 0, split="val").to(self.device) if self.index == L - 1 else None
+            h = eval_hop(self.stage, x, self.device, self.precision, targets)  # the activation on, or the loss
+            if targets is None:
                 group.send(h, self.index + 1, step, b, self.index + 1, "act")
             else:
-                logits = self.stage.run_head(h)
-                targets = self.batches.targets(b, 0, split="val").to(self.device)
-                total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
+                total += h.item()
         group.wait_sends()
         vec = torch.tensor([total / num_batches], dtype=torch.float64, device=self.device)
         return group.all_reduce(vec, step).item()
