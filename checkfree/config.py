@@ -48,6 +48,9 @@ def _default_failures() -> FailureConfig:
     return FailureConfig(mode="hourly", hourly_rate=0.16, iteration_time_s=91.3, time_acceleration=2.0)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass
 class TrainConfig:
     run_name: str = "tiny"  # run directory is OUT_DIR/RUN_NAME
@@ -59,7 +62,10 @@ class TrainConfig:
     seed: int = 0  # model init and data order
     num_steps: int = 200  # optimizer steps to commit
     eval_every_steps: int = 25  # validation loss every k committed steps (and at the end); 0: only at the end
-    device: str = "cpu"  # cpu, cuda or cuda:N
+    device: str = "cpu"  # cpu, cuda or cuda:N (a swarm: each peer its own GPU, see swarm.devices)
+    # fp32, or bf16: autocast in bf16 with fp32 master weights and Adam state; activations and their gradients
+    # cross the pipeline in bf16 (half the bytes); norms, the commit and every rebuild stay fp32
+    precision: str = "fp32"
     num_threads: int = 0  # torch intra-op threads; 0: torch's default
     progress: bool = True  # progress bar on stderr
     plot: bool = True  # write loss.png into the run directory at the end
@@ -90,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"eval_every_steps={self.eval_every_steps} must be >= 0")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ValueError(f"device={self.device!r} must be cpu, cuda or cuda:N")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
         if strategy in SWAPPED and L < 4:
             raise ValueError(
                 f"recovery.strategy={strategy} needs model.num_stages >= 4 (it swaps the first two and "
@@ -227,6 +235,7 @@ RESUME_MAY_CHANGE = (
     "num_steps",
     "eval_every_steps",
     "device",
+    "precision",
     "num_threads",
     "progress",
     "plot",

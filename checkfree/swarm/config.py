@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 SIGNALS = ("SIGKILL", "SIGSTOP")
 
@@ -70,6 +72,13 @@ class MembershipConfig:
     startup_timeout_s: float = 60.0  # limit for the DHT and its p2p daemon to start
     host: str = "127.0.0.1"  # IPv4 address every socket of this peer binds (0.0.0.0: every interface)
     announce_host: str | None = None  # address the others dial, if not host (required with 0.0.0.0)
+    # a network interface (eth0, ens5, wg0, tailscale0) whose IPv4 address this peer binds and announces: the
+    # VPC's private address, or a VPN/overlay's; replaces host and announce_host
+    interface: str | None = None
+    # behind NAT (a VM whose public address sits on no interface): announce_host is what the DHT and probes
+    # announce, while gloo binds and announces this host's own address (so the peers must still reach each
+    # other's own addresses for data: one VPC or a VPN). Off: every announced address must be this host's.
+    nat: bool = False
     port_range: str | None = None  # "LOW-HIGH": the DHT, probe and rendezvous ports (for firewalls); None: any
     poll_s: float = 0.1  # how often a peer between epochs polls the DHT (spares: every period_s; knocks wake both)
     dht_retries: int = 2  # a DHT call that times out is retried this often (backoff 0.1 s, 0.2 s, ...)
@@ -96,7 +105,12 @@ class MembershipConfig:
                 f"membership.ttl_s={self.ttl_s} must be <= {MEMBER_TTL_CAP_S:.0f} and epoch_ttl_s="
                 f"{self.epoch_ttl_s} <= {EPOCH_TTL_CAP_S:.0f} (the swarm's validators refuse longer-lived records)"
             )
-        check_hosts(self.host, self.announce_host)
+        if self.interface is None:
+            check_hosts(self.host, self.announce_host)
+        elif not re.fullmatch(r"[A-Za-z0-9_.:@-]{1,15}", self.interface):
+            raise ValueError(f"membership.interface={self.interface!r} is not an interface name (e.g. eth0, wg0)")
+        if self.nat and not self.announce_host:
+            raise ValueError("membership.nat=true needs membership.announce_host (the address behind the NAT)")
         parse_port_range(self.port_range)
         if self.dht_retries < 0 or self.fault_blind_s < 0 or not 0.0 <= self.fault_timeout_rate < 1.0:
             raise ValueError(
@@ -257,6 +271,14 @@ class SwarmConfig:
     # launcher: where peers run. local: processes on this machine, over loopback; netns: each peer on an
     # emulated host of its own (a Linux network namespace on a bridge; needs root), see launcher/netns.py
     hosts: str = "local"
+    # launcher: the device of each peer it starts, in turn (peer k gets devices[k mod len]); empty: with
+    # device=cuda the peers are spread over every visible GPU (peer k on cuda:k mod N), else all on device
+    devices: list[str] = field(default_factory=list)
+    # peers: copy each peer's events, metrics and log to LOG_URL/peers/<peer id>/ every log_every_s and when it
+    # ends (a path or an fsspec URL such as s3://bucket/run), so that they outlive a spot VM; None: not copied
+    log_url: str | None = None
+    log_every_s: float = 30.0  # how often a peer copies its changed files to log_url
+    log_storage_options: dict[str, Any] = field(default_factory=dict)  # for the fsspec filesystem of log_url
     host_rate_mbit: float = 0.0  # netns: bandwidth limit of each host's link, each direction; 0: none
     # netns: share of injected failures in which the victim's host vanishes (its link goes down: no TCP reset,
     # detected through the silent probe) instead of its process being killed or frozen
@@ -270,6 +292,7 @@ class SwarmConfig:
             "min_gap_s",
             "run_timeout_s",
             "status_interval_s",
+            "log_every_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"swarm.{name}={getattr(self, name)} must be >= 0")
@@ -329,4 +352,6 @@ def config_fingerprint(cfg) -> str:
         for k in ("model", "data", "pipeline", "optim", "recovery")
     }
     parts.update(seed=cfg.seed, num_steps=cfg.num_steps, swap=cfg.swap_enabled)
+    if cfg.precision != "fp32":  # bf16 peers send bf16 activations: every peer must agree (fp32 runs keep their hash)
+        parts.update(precision=cfg.precision)
     return hashlib.sha1(repr(sorted(parts.items())).encode()).hexdigest()[:12]
