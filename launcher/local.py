@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from checkfree.config import TrainConfig, to_yaml
+from checkfree.core.devices import cuda_count, peer_device
 from checkfree.core.events import EventLog
 from checkfree.core.exit_codes import ExitCode
 from checkfree.core.failures import Failure, FailureInjector, write_trace
@@ -111,6 +112,9 @@ class LocalSwarm:
             else None
         )
         self.effects = Effects(cfg.swarm.chaos)  # chaos's benign kinds under way (floods, starvations)
+        self.gpus = cuda_count()
+        for k in range(max(1, len(cfg.swarm.devices))):
+            self.device_of(k)  # a device this host does not have is refused before anything starts
         self.hosts: Hosts | None = None
         self.host_of: dict[str, Host] = {}  # peer id -> the emulated host it runs on (swarm.hosts=netns)
         membership_cfg = cfg.membership
@@ -149,6 +153,11 @@ class LocalSwarm:
                 file=sys.stderr,
             )
 
+    def device_of(self, k: int) -> str:
+        """The device of the k-th peer started (spares included): ``swarm.devices`` in turn, else with
+        ``device=cuda`` every visible GPU in turn (``checkfree.core.devices.peer_device``)."""
+        return peer_device(self.cfg.device, list(self.cfg.swarm.devices), k, self.gpus)
+
     def _start(self, stage: int | None) -> str:
         self.counter += 1
         # the launcher makes each peer's key, so that it knows the peer's id (NAME.HASH) before the peer starts
@@ -170,6 +179,7 @@ class LocalSwarm:
             *self.maddrs,
         ]
         args += ["--stage", str(stage)] if stage is not None else ["--spare"]
+        args += ["--device", self.device_of(self.counter - 1)]
         if self.cfg.swarm.inject == "peer" and self.cfg.failures.mode != "none" and self.chaos is None:
             args.append("--inject-failures")  # the peers draw the run's failures and die at their own
         if self.hosts is not None:  # on a host of its own, listening on that host's address

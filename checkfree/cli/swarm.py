@@ -66,11 +66,15 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"checkfree swarm: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    from checkfree.core.devices import cuda_count, peer_device
     from checkfree.swarm.config import check_swarm_config
     from checkfree.swarm.injection import NOT_DETERMINISTIC, deterministic
 
     try:
         check_swarm_config(cfg)
+        gpus = cuda_count()
+        for k in range(max(1, len(cfg.swarm.devices))):  # a GPU this host lacks: refused before anything starts
+            peer_device(cfg.device, list(cfg.swarm.devices), k, gpus)
     except ValueError as e:
         print(f"checkfree swarm: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
@@ -188,6 +192,7 @@ def cmd_peer(ns: argparse.Namespace) -> int:
             ns.join_token,
             inject_failures=ns.inject_failures,
             swarm_id=ns.swarm_id,
+            device=ns.device,
         )
     except (ConfigError, DataError, ValueError) as e:
         print(f"checkfree peer: {e}", file=sys.stderr)
@@ -294,6 +299,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         "--swarm-id",
         help="the id of the swarm to join (default: $CHECKFREE_SWARM_ID, else RUN_DIR/swarm_id); a peer without "
         "--initial-peers starts a new swarm and draws a new id",
+    )
+    peer.add_argument(
+        "--device",
+        help="this peer's device: cpu, cuda (the first visible GPU) or cuda:K (default: the config's device; "
+        "checkfree swarm gives each peer its own, see swarm.devices)",
     )
     peer.add_argument(
         "--inject-failures",

@@ -20,7 +20,6 @@ all-reduce breaks after some stage completed it, the stages that did not keep th
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -30,9 +29,7 @@ import torch
 from checkfree.config import TrainConfig
 from checkfree.core.checkpoint import StagePayload
 from checkfree.core.data import Batches
-from checkfree.core.events import EventLog
 from checkfree.core.exit_codes import ExitCode
-from checkfree.core.metrics import MetricLogger
 from checkfree.core.recovery import edge_replicas_on
 from checkfree.core.schedule import schedule_for
 from checkfree.core.stage_step import NonFiniteSteps
@@ -62,6 +59,7 @@ from checkfree.swarm.leader import Leader
 from checkfree.swarm.leaving import Leaving
 from checkfree.swarm.limits import raise_file_limit
 from checkfree.swarm.membership import DHTGone, DHTUnavailable, Membership
+from checkfree.swarm.placement import place
 from checkfree.swarm.preemption import NoticeWatcher, Preempted, fetch_handoff
 from checkfree.swarm.probe import ProbeClient, ProbeServer
 from checkfree.swarm.records import EpochRecord, PlanRecord
@@ -144,17 +142,20 @@ class Peer(Reporting, Waiting, Leaving):
         join_token: str | None = None,
         inject_failures: bool = False,
         swarm_id: str | None = None,
+        device: str | None = None,
     ):
         """``peer_id``: this peer's name (its id is ``NAME.HASH`` of its key, see ``admission``; default: random);
         ``join_token``: the swarm's secret (None: from ``$CHECKFREE_JOIN_TOKEN`` or ``RUN_DIR/join_token``;
         a peer that starts a new swarm creates one and writes it there); ``swarm_id``: the id of the swarm it
         joins (None: from ``$CHECKFREE_SWARM_ID`` or ``RUN_DIR/swarm_id``; a peer that starts a swarm draws a new
-        one); ``inject_failures``: draw the
-        config's failures and die at this peer's own (``swarm.inject=peer``; the launcher asks for it)."""
+        one); ``device``: this peer's device (None: the config's ``device``, see ``placement``);
+        ``inject_failures``: draw the config's failures and die at this peer's own (``swarm.inject=peer``; the
+        launcher asks for it)."""
         L = cfg.model.num_stages
         check_swarm_config(cfg)
         if stage is not None and not 0 <= stage < L:
             raise ValueError(f"--stage {stage} out of range: expected 0..{L - 1} (model.num_stages={L})")
+        cfg, self.memory_plan = place(cfg, device, stage)
         self.cfg, self.run_dir, self.inject_failures = cfg, Path(run_dir), inject_failures
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
@@ -178,16 +179,6 @@ class Peer(Reporting, Waiting, Leaving):
         self.blame: list[int] = []  # the stages this peer's last epoch broke on, as far as it knows (heartbeated)
         self._start_threads()
         self._build(admission.identity.name)
-
-    def _open_logs(self) -> None:
-        cfg = self.cfg
-        self.dir = self.run_dir / "peers" / self.peer_id
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.events = EventLog(self.dir / "events.jsonl")
-        tb_dir = None
-        if cfg.metrics.tensorboard:
-            tb_dir = Path(cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") / self.peer_id
-        self.metrics = MetricLogger(self.dir / "metrics.jsonl", tb_dir)
 
     def _start_threads(self) -> None:
         """The probe port, the view, and the watch and DHT threads (started by ``run``)."""
@@ -268,8 +259,7 @@ class Peer(Reporting, Waiting, Leaving):
         self.view.started = time.monotonic()  # it watches from now (building the model took a while)
         self.watch.thread.start()
         self.dht.thread.start()
-        role = "stage" if self.asked_stage >= 0 else "spare"
-        self.emit("peer_started", role=role, asked_stage=self.asked_stage, pid=os.getpid(), maddrs=self._maddrs)
+        self._say_started()
         try:
             while True:
                 rec = self._wait_for_epoch()
@@ -318,8 +308,7 @@ class Peer(Reporting, Waiting, Leaving):
         self.rendezvous.close()
         self.membership.tombstone(self.peer_id)
         self.membership.shutdown()
-        self.events.close()
-        self.metrics.close()
+        self._close_logs()
 
     # ---- joining an epoch ----------------------------------------------------------------------
     def _join(self, rec: EpochRecord) -> bool:

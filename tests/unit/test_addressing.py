@@ -4,7 +4,7 @@ import socket
 
 import pytest
 
-from checkfree.swarm.addressing import data_host, dial_host, free_port, listen
+from checkfree.swarm.addressing import AddressError, data_host, dial_host, free_port, listen, on_this_host
 from checkfree.swarm.config import MembershipConfig, SwarmConfig, check_hosts, parse_port_range
 
 
@@ -58,3 +58,41 @@ def test_hosts_mode_and_vanishing_are_checked():
         SwarmConfig(vanish_fraction=0.5)
     with pytest.raises(ValueError, match="host_rate_mbit"):
         SwarmConfig(hosts="netns", host_rate_mbit=-1)
+
+
+# ---- addresses on this host's interfaces (as on a cloud VM, whose public address is on no interface) ----------
+
+VM = {"lo": ["127.0.0.1"], "ens5": ["10.0.0.5"], "wg0": ["100.64.0.9"]}
+PUBLIC = "203.0.113.7"  # the VM's public address: the cloud's NAT holds it, no interface does
+
+
+def test_an_announced_address_on_no_interface_is_refused_saying_what_to_set():
+    with pytest.raises(AddressError, match=r"announce_host=203.0.113.7 is on no interface .*ens5 10.0.0.5.*nat=true"):
+        on_this_host(MembershipConfig(host="0.0.0.0", announce_host=PUBLIC), VM)
+    with pytest.raises(AddressError, match=r"announce_host=203.0.113.7 is on no interface"):
+        on_this_host(MembershipConfig(host="10.0.0.5", announce_host=PUBLIC), VM)
+    with pytest.raises(AddressError, match=r"membership.host=10.0.0.6 is on no interface"):
+        on_this_host(MembershipConfig(host="10.0.0.6"), VM)
+    m = MembershipConfig(host="0.0.0.0", announce_host="10.0.0.5")
+    assert on_this_host(m, VM) == m  # the private address, inside one VPC
+
+
+def test_an_interface_names_the_address_to_bind_and_announce():
+    m = on_this_host(MembershipConfig(interface="wg0"), VM)
+    assert (m.host, m.announce_host) == ("100.64.0.9", None)
+    with pytest.raises(AddressError, match=r"interface='tun9' is not an interface .*wg0 100.64.0.9"):
+        on_this_host(MembershipConfig(interface="tun9"), VM)
+
+
+def test_behind_nat_the_public_address_is_announced_and_gloo_keeps_the_hosts_own():
+    m = on_this_host(MembershipConfig(host="0.0.0.0", announce_host=PUBLIC, nat=True), VM)
+    assert (m.host, m.announce_host) == ("10.0.0.5", PUBLIC)
+    assert data_host(m.host, m.announce_host) == "10.0.0.5" and dial_host(m.host, m.announce_host) == PUBLIC
+    with pytest.raises(ValueError, match=r"nat=true needs membership.announce_host"):
+        MembershipConfig(host="10.0.0.5", nat=True)
+
+
+def test_this_hosts_own_addresses_are_read():
+    from checkfree.swarm.addressing import local_addresses
+
+    assert "127.0.0.1" in {a for v in local_addresses().values() for a in v}
