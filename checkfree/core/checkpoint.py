@@ -51,11 +51,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
-from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
-from fsspec.registry import known_implementations
+
+from checkfree.core.storage import open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -225,35 +224,6 @@ def payload_from_bytes(data: bytes, where: str, max_lr: float | None = None) -> 
     return payload
 
 
-def _open_storage(
-    root: str | Path, storage_options: Mapping[str, Any] | None = None
-) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and path of ``root``, a local path or a URL such as ``s3://bucket/prefix``.
-
-    Raises:
-        ValueError: no fsspec implementation of the URL's protocol is known or installed, or the filesystem
-            refused ``storage_options`` (named by key only: values may be credentials).
-    """
-    url = str(root)
-    try:
-        fs, path = url_to_fs(url, **dict(storage_options or {}))
-    except ImportError as e:
-        protocol = (split_protocol(url)[0] or "file").split("::")[-1]
-        known = known_implementations.get(protocol, {}).get("class", "")
-        missing = e if isinstance(e, ModuleNotFoundError) else e.__cause__
-        package = known.split(".")[0] or getattr(missing, "name", None) or "?"
-        raise ValueError(
-            f"checkpoint storage {url!r}: the {protocol!r} filesystem needs the package {package!r}, "
-            f"which is not installed (pip install {package})"
-        ) from e
-    except ValueError as e:  # fsspec: "Protocol not known: ..."
-        raise ValueError(f"checkpoint storage {url!r}: {e}; is it a path or a URL fsspec knows?") from e
-    except TypeError as e:
-        keys = sorted(storage_options or {})
-        raise ValueError(f"checkpoint storage {url!r} refused storage_options with keys {keys}: {e}") from e
-    return fs, path.rstrip("/") or path
-
-
 class CheckpointStore:
     """Per-stage checkpoints under ``root``, shared by every peer that opens the same ``root``.
 
@@ -274,7 +244,7 @@ class CheckpointStore:
         storage_options: Mapping[str, Any] | None = None,
     ):
         self.root, self.num_stages, self.keep, self.storage_mb_s = str(root), num_stages, keep, storage_mb_s
-        self.fs, self.path = _open_storage(root, storage_options)
+        self.fs, self.path = open_storage(root, storage_options)
         # a rename within a local filesystem is atomic; on object stores it is a copy, and one PUT is atomic
         self._local = isinstance(self.fs, LocalFileSystem)  # folders are made by the first save
         # the swarm's rollbacks so far, (epoch, to_step) each (``EpochRecord.rollbacks``); set by its peers

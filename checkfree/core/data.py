@@ -15,10 +15,15 @@ Sources:
   them, with a ``meta.json`` that gives their ``dtype`` (``uint16`` or ``uint32``), the ``vocab_size`` and the
   tokenizer (see :func:`token_meta`). A folder without ``meta.json`` is read as ``uint16`` ids, so older nanoGPT
   folders (``prepare.py`` of its examples) work as they are; nothing then checks the vocabulary but the id range.
+
+``data.path`` may be an fsspec URL (``s3://bucket/tokens``, ``gs://...``; credentials and endpoint from the
+environment): its files are fetched once into ``~/.cache/checkfree/data`` (``$CHECKFREE_DATA_CACHE``) and read
+from there, again only when one changed size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -32,6 +37,7 @@ import numpy as np
 import torch
 
 from checkfree.core.seeding import hash_seed
+from checkfree.core.storage import is_url, local_copy
 
 SOURCES = ("stdlib", "text", "tokens")
 META_FILE = "meta.json"
@@ -99,6 +105,18 @@ def stdlib_files() -> tuple[Path, tuple[Path, ...]]:
     return root, paths
 
 
+def _local(path: str) -> str:
+    """``path`` itself, or for a URL (``s3://bucket/tokens``) the local copy to read instead."""
+    if not is_url(path):
+        return path
+    try:
+        return local_copy(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(str(e)) from e
+    except OSError as e:  # the bucket unreachable, credentials refused
+        raise DataError(f"data.path={path!r} cannot be fetched: {e}") from e
+
+
 def token_meta(path: str | Path) -> dict | None:
     """The ``meta.json`` of a token folder, checked; None when the folder has none (an old nanoGPT folder).
 
@@ -108,7 +126,7 @@ def token_meta(path: str | Path) -> dict | None:
     Raises:
         DataError: the file is unreadable, not valid JSON, not an object, or lacks or misstates a key.
     """
-    f = Path(path) / META_FILE
+    f = Path(_local(str(path))) / META_FILE
     if not f.is_file():
         return None
     try:
@@ -150,7 +168,10 @@ def _token_file(f: Path, dtype: np.dtype, path: str) -> np.ndarray:
 
 
 def load_splits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, str]:
-    """Train and validation token arrays and a short description of where they came from."""
+    """Train and validation token arrays and a short description of where they came from (a ``data.path``
+    URL is read from its local copy, see ``checkfree.core.storage.local_copy``)."""
+    if cfg.path:
+        cfg = dataclasses.replace(cfg, path=_local(cfg.path))
     if cfg.source == "tokens":
         folder = Path(cfg.path)
         meta = token_meta(folder)

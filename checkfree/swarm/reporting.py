@@ -12,13 +12,48 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
+from checkfree.core.events import EventLog
+from checkfree.core.metrics import MetricLogger
+from checkfree.swarm.logsync import LogSync
 from checkfree.swarm.records import Lineage, MemberRecord, follows
 
 logger = logging.getLogger(__name__)
 
 
 class Reporting:
+    def _open_logs(self) -> None:
+        cfg = self.cfg
+        self.dir = self.run_dir / "peers" / self.peer_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.events = EventLog(self.dir / "events.jsonl")
+        tb_dir = None
+        if cfg.metrics.tensorboard:
+            tb_dir = Path(cfg.metrics.tensorboard_dir or self.run_dir / "tensorboard") / self.peer_id
+        self.metrics = MetricLogger(self.dir / "metrics.jsonl", tb_dir)
+        sw = cfg.swarm
+        self.logsync = (
+            LogSync(sw.log_url, self.dir, self.peer_id, sw.log_every_s, sw.log_storage_options) if sw.log_url else None
+        )
+
+    def _close_logs(self) -> None:
+        self.events.close()
+        self.metrics.close()
+        if self.logsync is not None:
+            self.logsync.close()  # the last copy, with every event and metric written
+
+    def _say_started(self) -> None:
+        self.emit(
+            "peer_started",
+            role="stage" if self.asked_stage >= 0 else "spare",
+            asked_stage=self.asked_stage,
+            pid=os.getpid(),
+            maddrs=self._maddrs,
+            device=self.cfg.device,
+            memory_plan_bytes=self.memory_plan.total,
+        )
+
     def record(self) -> MemberRecord:
         w, st = self.worker, self.status
         return MemberRecord(
