@@ -8,7 +8,8 @@ A spot VM takes its disk with it: with ``swarm.log_url`` set, a peer copies its 
 read (``launcher.report.merge_run`` reads such a folder like a run directory's ``peers/``).
 
 A copy that fails (the bucket unreachable, credentials expired) is logged once a minute and tried again at
-the next round: training never waits for it. The copy happens in a thread of its own; ``close`` gives the
+the next round: training never waits for it. A peer killed without warning loses what it wrote since its
+last copy (at most ``log_every_s``). The copy happens in a thread of its own; ``close`` gives the
 last copy ``CLOSE_TIMEOUT_S`` before the process goes on exiting.
 """
 
@@ -72,6 +73,7 @@ class LogSync:
         return copied
 
     def _loop(self) -> None:
+        self.sync()  # at once: a VM reclaimed without notice loses at most every_s of its record
         while not self._stop.wait(self.every_s):
             self.sync()
         self.sync()  # the last copy, once the peer is done
