@@ -10,6 +10,7 @@ everything back to a checkpoint) and redo it. Writes the run directory: ``config
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -63,6 +64,17 @@ class RunState:
     tokens_per_s: float = 0.0
     measured_iteration_s: float | None = None
     val_history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _on(obj, device: torch.device):
+    """Tensors in ``obj`` (nested dicts and tuples) on ``device``; Adam's ``step`` counts stay where Adam keeps them."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: v if k == "step" else _on(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_on(v, device) for v in obj)
+    return obj
 
 
 class Trainer:
@@ -374,15 +386,17 @@ class Trainer:
         moments = {s: eng.block_moments(s) for s in sources} if cfg.optimizer_init == "neighbours" else {}
         for plan in plans:
             t0 = time.perf_counter()
-            inputs = RebuildInputs(blocks=blocks, norms=norms, moments=moments)
+            # stages may live on different GPUs (device=cuda): the rebuild reads its sources on the lost stage's
+            target = eng.devices[plan.stage]
+            inputs = RebuildInputs(blocks=_on(blocks, target), norms=norms, moments=_on(moments, target))
             kind = edge_kind(plan.stage, L)
             if kind and plan.edge == "replica":
-                inputs.edge = eng.replicas[kind]
+                inputs.edge = _on(eng.replicas[kind], target)
             if plan.method == "checkpoint":
                 inputs.checkpoint = ckpt.load_stage(ckpt.latest_for_stage(plan.stage), plan.stage)
             if plan.method == "shadow":
                 inputs.full_state = eng.shadows.hand_over(plan.stage)
-            rebuilt = rebuild_stage(self.spec, plan, st.step, inputs)
+            rebuilt = rebuild_stage(dataclasses.replace(self.spec, device=str(target)), plan, st.step, inputs)
             eng.install(plan.stage, rebuilt)
             duration_s = time.perf_counter() - t0
             self.events.emit("rebuilt", **rebuilt.event_fields(plan, st.step, cfg.strategy, duration_s))

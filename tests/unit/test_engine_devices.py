@@ -71,3 +71,20 @@ def test_the_trainer_refuses_cuda_on_a_host_without_it_saying_what_it_sees(tmp_p
     monkeypatch.setattr("checkfree.engine.trainer.cuda_count", lambda: 2)
     with pytest.raises(DeviceError, match="2 visible CUDA device"):
         Trainer(tiny_config(tmp_path, "device=cuda:5"))
+
+
+def test_a_rebuild_reads_its_sources_on_the_lost_stages_device():
+    """Stages on different GPUs: the trainer moves the neighbours' blocks, Adam moments and edge replicas to the
+    lost stage's device before averaging (the meta device stands in for a second GPU), Adam's step stays put."""
+    import torch
+
+    from checkfree.engine.trainer import _on
+
+    blocks = {1: {"blocks.0.w": torch.ones(2)}, 3: {"blocks.0.w": torch.zeros(2)}}
+    moments = {"blocks.0.w": {"exp_avg": torch.ones(2), "step": torch.tensor(5.0)}}
+    replica = (7, {"embed.weight": torch.ones(3)})
+    moved = _on({"b": blocks, "m": moments, "r": replica}, torch.device("meta"))
+    assert moved["b"][1]["blocks.0.w"].device.type == "meta" and moved["r"][0] == 7
+    assert moved["r"][1]["embed.weight"].device.type == "meta"
+    assert moved["m"]["blocks.0.w"]["exp_avg"].device.type == "meta"
+    assert moved["m"]["blocks.0.w"]["step"].device.type == "cpu"
