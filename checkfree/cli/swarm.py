@@ -66,15 +66,20 @@ def cmd_swarm(ns: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"checkfree swarm: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    from checkfree.core.devices import cuda_count, peer_device
+    import torch
+
+    from checkfree.core.devices import check_nccl_roster, cuda_count, peer_device
     from checkfree.swarm.config import check_swarm_config
     from checkfree.swarm.injection import NOT_DETERMINISTIC, deterministic
+    from checkfree.swarm.transport import resolve_backend
 
     try:
         check_swarm_config(cfg)
         gpus = cuda_count()
         for k in range(max(1, len(cfg.swarm.devices))):  # a GPU this host lacks: refused before anything starts
             peer_device(cfg.device, list(cfg.swarm.devices), k, gpus)
+        first = [peer_device(cfg.device, list(cfg.swarm.devices), k, gpus) for k in range(cfg.model.num_stages)]
+        check_nccl_roster(first, resolve_backend(cfg.transport, torch.device(first[0])))
     except ValueError as e:
         print(f"checkfree swarm: {e}", file=sys.stderr)
         return ExitCode.BAD_INPUT

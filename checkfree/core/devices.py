@@ -12,7 +12,8 @@ Which device each stage runs on, as pure functions of the config and the number 
 - The local launcher (``checkfree swarm``): peer k gets ``swarm.devices[k mod len]``; without that list,
   ``device=cuda`` spreads its peers over every visible GPU (peer k on ``cuda:k mod N``).
 
-A GPU that does not exist is refused, naming what was asked and what this host has.
+A GPU that does not exist is refused, naming what was asked and what this host has; so is a swarm whose first
+roster would put two NCCL ranks on one GPU (``check_nccl_roster``).
 """
 
 from __future__ import annotations
@@ -72,3 +73,18 @@ def cuda_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_nccl_roster(devices: list[str], backend: str) -> None:
+    """NCCL cannot hold two ranks of one group on one GPU: refuse a first roster (the devices of the first
+    ``num_stages`` peers) that would need it. Spares get GPUs in turn too: give every peer its own GPU (as many
+    as stages plus spares) or a spare that takes a stage may share a GPU with a member and its epoch fail."""
+    if backend != "nccl":
+        return
+    shared = sorted({d for d in devices if devices.count(d) > 1})
+    if shared:
+        raise DeviceError(
+            f"NCCL cannot put two stages of one group on one GPU, and the first {len(devices)} peers would get "
+            f"{devices} ({', '.join(shared)} twice): use a host with at least {len(devices)} GPUs, or "
+            f"swarm.devices naming {len(devices)} different ones"
+        )

@@ -21,7 +21,11 @@ survivor blocked on a frozen peer is released within the heartbeat TTL instead o
 which stays the backstop. gloo has no abort that wakes a waiting receive (``ProcessGroupGloo.abort`` and
 ``shutdown`` do not, and a wait with a short timeout closes the pair), so the group remembers the TCP
 connections it opened and shuts them down: every pending operation then fails at once with "connection
-closed", in this process and in every peer connected to it. NCCL groups use ``ProcessGroupNCCL.abort``.
+closed", in this process and in every peer connected to it. NCCL groups use ``ProcessGroupNCCL.abort``,
+with the process's CUDA device set to the peer's and asynchronous error handling in its "clean up only"
+mode (``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``, unless the user set another): a timed-out or aborted
+collective raises in the waiting thread instead of the NCCL watchdog ending the process, so the peer
+survives the loss of a neighbour like on gloo. (Not yet run on a GPU: scripts/gpu_check.py checks it.)
 """
 
 from __future__ import annotations
@@ -88,6 +92,15 @@ def resolve_backend(cfg: TransportConfig, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def _nccl_group(store, rank: int, world: int, device: torch.device, timeout: timedelta):
+    """A NCCL group of this epoch, bound to this peer's GPU, whose errors raise instead of ending the process."""
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")  # read when the group is made
+    torch.cuda.set_device(device)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, world, opts)
+
+
 class EpochGroup:
     """The process group of one membership epoch; rank ``r`` runs stage ``stage_of_rank[r]``."""
 
@@ -116,9 +129,7 @@ class EpochGroup:
         self.nccl = resolve_backend(cfg, self.device) == "nccl"
         before = {} if self.nccl else _tcp_connections()
         if self.nccl:
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = self.timeout
-            self.pg = dist.ProcessGroupNCCL(prefix, rank, world, opts)
+            self.pg = _nccl_group(prefix, rank, world, self.device, self.timeout)
         elif host is not None:
             opts = dist.ProcessGroupGloo._Options()
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
@@ -252,7 +263,7 @@ class EpochGroup:
                 return False
             self.aborted = reason
             if self.nccl:
-                self.pg.abort()
+                self.pg.abort()  # every pending and future work of the group fails; the watchdog never kills us
                 return True
             live = _tcp_connections()
             for fd, conn in self._conns.items():
@@ -275,4 +286,6 @@ class EpochGroup:
         with self._lock:
             self._pending.clear()
             self._conns = {}
+            if self.nccl and self.pg is not None and self.aborted is None:
+                self.pg.abort()  # NCCL frees its communicators only when told (its shutdown may wait on peers)
             self.pg = None

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import TINY
 
 
@@ -144,3 +146,26 @@ def test_version_logging_options_after_the_subcommand_and_config_show(tmp_path):
     from checkfree.core.recovery import STRATEGIES
 
     assert ", ".join(STRATEGIES) in _cli("train", "--help", cwd=tmp_path).stdout
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.d_model=8192", "model.num_heads=8", "data.microbatch_size=512"], "this config cannot fit: stage 0:"),
+        (["membership.announce_host=203.0.113.9"], "announce_host=203.0.113.9 is on no interface of this host"),
+        (["device=cuda:1"], "device='cuda:1'"),
+    ],
+    ids=["memory", "address", "device"],
+)
+def test_a_peer_that_cannot_run_here_exits_2_before_starting_anything(tmp_path, overrides, message):
+    """A stage too large for the host's memory, an address on no interface (a cloud VM's public one), a GPU
+    that is not there: said at once, exit 2, no DHT started and nothing written in the run directory."""
+    run = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "checkfree", "peer", *TINY, *overrides, "--stage", "0", "--run-dir", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not run.exists()

@@ -43,3 +43,13 @@ def test_a_gpu_that_does_not_exist_is_refused_naming_what_the_host_has(monkeypat
         peer_device("cpu", ["cuda:5"], 0, 2)
     with pytest.raises(DeviceError, match=r"expected cuda:N"):
         check_device("cuda:x", 2)
+
+
+def test_a_first_roster_that_would_put_two_nccl_ranks_on_one_gpu_is_refused():
+    from checkfree.core.devices import check_nccl_roster
+
+    check_nccl_roster(["cuda:0", "cuda:1", "cuda:2", "cuda:3"], "nccl")
+    check_nccl_roster(["cpu"] * 4, "gloo")
+    layout = [peer_device("cuda", [], k, 2) for k in range(4)]
+    with pytest.raises(DeviceError, match=r"two stages of one group on one GPU.*at least 4 GPUs"):
+        check_nccl_roster(layout, "nccl")
