@@ -45,9 +45,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from checkfree import __version__
+from checkfree.analysis.stats import bootstrap, paired_ratio
 from checkfree.config import load_config, split_args, to_yaml
 from checkfree.core.metrics import read_jsonl, report
-from checkfree.core.stats import bootstrap, paired_ratio
 from checkfree.engine.trainer import Trainer
 from checkfree.plot import plot_runs
 from launcher.local import run_local_swarm

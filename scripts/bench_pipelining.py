@@ -54,13 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from checkfree.analysis.stats import bootstrap
 from checkfree.config import TrainConfig, load_config, split_args
 from checkfree.core.data import Batches
 from checkfree.core.metrics import peak_rss_mb, read_jsonl
 from checkfree.core.model import Stage, init_stage_
 from checkfree.core.schedule import KINDS
 from checkfree.core.stage_step import make_optimizer
-from checkfree.core.stats import bootstrap
 from launcher.local import run_local_swarm
 from launcher.static import run_static_pipeline
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkfree.analysis.stats import bootstrap
 from checkfree.config import load_config, split_args
 from checkfree.core.metrics import read_jsonl
-from checkfree.core.stats import bootstrap
 from checkfree.engine.trainer import Trainer
 
 PRECISIONS = ("fp32", "bf16")

@@ -37,12 +37,12 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from checkfree.analysis.stats import bootstrap
 from checkfree.config import load_config, split_args
 from checkfree.core.events import EventLog
 from checkfree.core.metrics import MetricLogger, report
 from checkfree.core.rebuild import RebuildSpec
 from checkfree.core.recovery import edge_replicas_on
-from checkfree.core.stats import bootstrap
 from checkfree.engine.trainer import Trainer
 
 # method -> (swap on, overrides)

@@ -1,4 +1,4 @@
-"""What if: when does CheckFree beat checkpointing? (checkfree.core.costmodel)
+"""What if: when does CheckFree beat checkpointing? (checkfree.analysis.costmodel)
 
 Expected wall-clock to a target of S committed steps for checkpointing (at the exact optimal interval, at
 Young's and Daly's, and at ``--intervals``), CheckFree(+) (each lost stage costs q extra steps) and the hybrid
@@ -42,9 +42,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from checkfree.core import costmodel as cm
+from checkfree.analysis import costmodel as cm
+from checkfree.analysis.stats import bootstrap
 from checkfree.core.metrics import report
-from checkfree.core.stats import bootstrap
 from checkfree.plot import save_figure
 
 STRATEGIES = ("checkpoint", "checkfree", "hybrid")

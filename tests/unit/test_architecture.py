@@ -17,6 +17,7 @@ ALLOWED = {
     "checkfree.swarm": {"checkfree.core", "checkfree.swarm", "checkfree.config", "checkfree"},
     "checkfree.config": {"checkfree.core", "checkfree.swarm.config"},
     "checkfree.plot": {"checkfree.core"},
+    "checkfree.analysis": {"checkfree.core", "checkfree.analysis"},  # results of runs, read; no executor
     "checkfree.cli": {"*"},  # the entry point may use everything, the launcher included
 }  # "checkfree" alone: the package's own __init__ (its __version__), not everything under it
 

@@ -1,4 +1,4 @@
-"""The cost model (checkfree.core.costmodel) and scripts/whatif.py: the closed forms against hand computations
+"""The cost model (checkfree.analysis.costmodel) and scripts/whatif.py: the closed forms against hand computations
 and against the Monte-Carlo simulation of the same model, their limits, the break-even save time, the replay
 of a real recorded run, and the script end to end."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkfree.core import costmodel as cm
+from checkfree.analysis import costmodel as cm
 from checkfree.engine.trainer import Trainer
 from tests.helpers import tiny_config
 

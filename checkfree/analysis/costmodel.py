@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from checkfree.analysis import runs
 from checkfree.core.failures import hourly_to_per_iteration
 from checkfree.core.metrics import read_jsonl
 from checkfree.core.recovery import SWAPPED
@@ -586,18 +587,14 @@ def replay(
 def val_curve(run: RecordedRun, times: list[float] | None = None) -> list[tuple[int, float, float]]:
     """(committed steps, validation loss, wall-clock) of every evaluated row, in the order they were written;
     wall-clock from ``times`` (a replay's ``row_times``) or the recorded ``time/train_s``."""
-    out = []
-    for n, r in enumerate(run.rows):
-        v = r.get("loss/val")
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            out.append((r["step"] + 1, float(v), times[n] if times is not None else r["time/train_s"]))
-    return out
+    return [(p.steps, p.loss, p.seconds) for p in runs.val_curve(run.rows, times)]
 
 
 def steps_to_target(run: RecordedRun, target: float, times: list[float] | None = None) -> tuple[int, float] | None:
     """The first evaluated row whose validation loss is <= ``target``: (committed steps, wall-clock), or None
     when the run never got there."""
-    return next(((s, t) for s, v, t in val_curve(run, times) if v <= target), None)
+    p = runs.steps_to_target(runs.val_curve(run.rows, times), target)
+    return None if p is None else (p.steps, p.seconds)
 
 
 def recorded_debt(run: RecordedRun, sc: Scenario, until_step: float = math.inf) -> float:
