@@ -10,7 +10,7 @@ Validation every ``--eval-every`` steps on the config's fixed validation batches
 (``--target-fracs``) of the progress the failure-free run of the same seed makes (from its first to its
 best validation loss), read from best-so-far curves. Per seed: steps and training seconds to each target,
 or "not reached" (counted, never averaged away). Ratios to target, CheckFree(+) or the hybrid over each
-baseline, are paired per seed (same data, same failures) with 95% bootstrap intervals over seeds; a
+baseline, are paired per seed (same data, same failures) with 95% intervals over seeds (t on log ratios); a
 verdict is given only where >= 5 seeds give an interval that excludes 1, else "not resolved". The ratios
 compare *iterations* to target by default (``--compare-by``): every step attempt, redone and interrupted
 ones included, immune to the load of a shared machine but blind to save, restore and recovery times,
@@ -45,9 +45,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from checkfree import __version__
-from checkfree.analysis.stats import bootstrap, paired_ratio
+from checkfree.analysis.runs import read_metrics, run_to_target, val_curve
+from checkfree.analysis.stats import bootstrap, fmt_interval, paired_ratio
 from checkfree.config import load_config, split_args, to_yaml
-from checkfree.core.metrics import read_jsonl, report
+from checkfree.core.metrics import report
 from checkfree.engine.trainer import Trainer
 from checkfree.plot import plot_runs
 from launcher.local import run_local_swarm
@@ -139,19 +140,6 @@ def _run_all(files, tasks: list[tuple[list[str], Path]], jobs: int, swarm: bool 
         for f in as_completed(futures):
             f.result()  # a failed run stops the sweep with its error
             print(f"finished {futures[f].name}", flush=True)
-
-
-def _to_target(run_dir: Path, target: float) -> tuple[int | None, float | None, int | None]:
-    """Steps, seconds and iterations (step attempts, redone and interrupted ones included; engine runs only)
-    until the validation loss first reaches ``target``. Swarm runs (their rows carry an epoch) count seconds
-    from the start of their first step."""
-    rows = read_jsonl(run_dir / "metrics.jsonl")
-    t0 = rows[0]["time/wall"] - rows[0]["time/step_s"] if rows and "epoch" in rows[0] else None
-    for m in rows:
-        if "loss/val" in m and m["loss/val"] <= target:
-            seconds = (m["time/wall"] - t0) if t0 is not None else m["time/train_s"]
-            return m["step"] + 1, seconds, (m["iteration"] + 1 if "iteration" in m else None)
-    return None, None, None
 
 
 def main() -> None:
@@ -247,8 +235,8 @@ def main() -> None:
 
     rows = []
     for seed in ns.seeds:
-        ref = _curve(runs["none", 0.0, seed])
-        first, best = ref[0][1], min(v for _, v in ref)
+        ref = val_curve(read_metrics(runs["none", 0.0, seed]))
+        first, best = ref[0].loss, min(p.loss for p in ref)
         targets = {f: first - f * (first - best) for f in ns.target_fracs}
         for rate in ns.rates:
             for strategy in ns.strategies:
@@ -266,7 +254,8 @@ def main() -> None:
                     "iterations": summary.get("iterations"),
                 }
                 for f, target in targets.items():
-                    to_step, to_s, to_it = _to_target(run_dir, target)
+                    got = run_to_target(run_dir, target)
+                    to_step, to_s, to_it = (got.steps, got.seconds, got.iterations) if got else (None, None, None)
                     row[f"target@{f}"] = target
                     row[f"steps@{f}"], row[f"seconds@{f}"], row[f"iterations@{f}"] = to_step, to_s, to_it
                 rows.append(row)
@@ -308,11 +297,6 @@ def main() -> None:
     )
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     Path(ns.out).with_suffix(".md").write_text(markdown(table, comparisons, ns, differences, qs))
-
-
-def _curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(committed steps, validation loss) of a run, in order."""
-    return [(m["step"] + 1, m["loss/val"]) for m in read_jsonl(run_dir / "metrics.jsonl") if "loss/val" in m]
 
 
 def summarise(rows: list[dict], rates, strategies, fracs) -> dict:
@@ -467,11 +451,11 @@ def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] =
         eff = effective_rate(float(rate), ns.acceleration)
         reached = " | ".join(f"{t[f'reached@{f}']}/{t['seeds']}" for f in fracs)
         fv, fl = t["final_val"], t["failures"]
-        lines.append(f"| {eff:.0%} | {strategy} | {reached} | {_fmt(fv, 3)} | {_fmt(fl, 1)} |")
+        lines.append(f"| {eff:.0%} | {strategy} | {reached} | {fmt_interval(fv, 3)} | {fmt_interval(fl, 1)} |")
     lines += [
         "",
         f"{comparisons[0]['by'].capitalize() if comparisons else 'Time'} to target, ours over the baseline: "
-        "geometric mean of per-seed ratios over the seeds where both reached it, 95% bootstrap interval; a "
+        "geometric mean of per-seed ratios over the seeds where both reached it, 95% t interval on the log ratios; a "
         "verdict only where >= 5 paired seeds give an interval that excludes 1.\n",
         "| rate | target | ours | baseline | ratio [95% CI] | seeds | not reached (ours / baseline) | verdict |",
         "|---|---|---|---|---|---|---|---|",
@@ -479,7 +463,7 @@ def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] =
     for c in comparisons:
         eff = effective_rate(c["rate"], ns.acceleration)
         lines.append(
-            f"| {eff:.0%} | {c['target_frac']:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['ratio'], 2)} | "
+            f"| {eff:.0%} | {c['target_frac']:.0%} | {c['ours']} | {c['baseline']} | {fmt_interval(c['ratio'], 2)} | "
             f"{c['seeds']} | {c['ours_not_reached']} / {c['baseline_not_reached']} | {c['verdict']} |"
         )
     lines += [
@@ -492,7 +476,7 @@ def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] =
     for c in differences:
         eff = effective_rate(c["rate"], ns.acceleration)
         lines.append(
-            f"| {eff:.0%} | {c['ours']} | {c['baseline']} | {_fmt(c['difference'], 3)} | {c['seeds']} | "
+            f"| {eff:.0%} | {c['ours']} | {c['baseline']} | {fmt_interval(c['difference'], 3)} | {c['seeds']} | "
             f"{c['verdict']} |"
         )
     if qs:
@@ -509,16 +493,9 @@ def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] =
                 cells = [c for c in qs if c["rate"] == rate and c["strategy"] == strategy]
                 if cells:
                     eff = effective_rate(rate, ns.acceleration)
-                    lines.append(f"| {eff:.0%} | {strategy} | " + " | ".join(_fmt(c["q"], 1) for c in cells) + " |")
+                    qs_text = " | ".join(fmt_interval(c["q"], 1) for c in cells)
+                    lines.append(f"| {eff:.0%} | {strategy} | {qs_text} |")
     return "\n".join(lines) + "\n"
-
-
-def _fmt(d: dict, digits: int) -> str:
-    if d["n"] == 0:
-        return "-"
-    if d["n"] == 1:
-        return f"{d['estimate']:.{digits}f} (n=1)"
-    return f"{d['estimate']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
 
 
 if __name__ == "__main__":

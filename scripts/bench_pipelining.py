@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from checkfree.analysis.stats import bootstrap
+from checkfree.analysis.stats import bootstrap, fmt_interval
 from checkfree.config import TrainConfig, load_config, split_args
 from checkfree.core.data import Batches
 from checkfree.core.metrics import peak_rss_mb, read_jsonl
@@ -324,14 +324,6 @@ def summarise(data: dict, ns: argparse.Namespace) -> dict:
     return out
 
 
-def _fmt_ratio(r: dict | None) -> str:
-    if r is None:
-        return "-"
-    if r["low"] is None:
-        return f"{r['estimate']:.3f} (n={r['n']})"
-    return f"{r['estimate']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
-
-
 def table(summary: dict) -> str:
     """The result as a markdown table, one row per schedule and side."""
     lines = [
@@ -344,7 +336,7 @@ def table(summary: dict) -> str:
             pooled = r.get("ratio_of_pooled_medians")
             gap = r.get("max_abs_loss_gap_to_torch")
             lines.append(
-                f"| {kind} | {side} | {r['median_tokens_per_s']:.0f} | {_fmt_ratio(r.get('ratio_to_torch'))} | "
+                f"| {kind} | {side} | {r['median_tokens_per_s']:.0f} | {fmt_interval(r.get('ratio_to_torch'), 3)} | "
                 f"{'-' if pooled is None else f'{pooled:.3f}'} | {r['train_loss_tail']:.4f} | "
                 f"{'-' if gap is None else f'{gap:.2e}'} | {r['max_stage_process_rss_mb']:.0f} |"
             )

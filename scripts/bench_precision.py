@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkfree.analysis.stats import bootstrap
+from checkfree.analysis.stats import bootstrap, fmt_interval
 from checkfree.config import load_config, split_args
 from checkfree.core.metrics import read_jsonl
 from checkfree.engine.trainer import Trainer
@@ -114,12 +114,6 @@ def swarm_bytes(files: list[str], overrides: list[str], precision: str, steps: i
     }
 
 
-def fmt(iv: dict, digits: int = 4) -> str:
-    if iv["low"] is None:
-        return f"{iv['estimate']:.{digits}f} (n={iv['n']})"
-    return f"{iv['estimate']:.{digits}f} [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]"
-
-
 def verdicts(result: dict) -> dict[str, str]:
     speed, val = result["speed_ratio_bf16_over_fp32"], result["val_loss_diff_bf16_minus_fp32"]
     if speed["low"] is None:
@@ -165,9 +159,9 @@ def markdown(result: dict, command: str) -> str:
         "",
         "| bf16 against fp32 | estimate [95% CI] |",
         "|---|---|",
-        f"| speed ratio (tokens/s) | {fmt(result['speed_ratio_bf16_over_fp32'], 3)} |",
-        f"| train loss difference | {fmt(result['train_loss_diff_bf16_minus_fp32'])} |",
-        f"| val loss difference | {fmt(result['val_loss_diff_bf16_minus_fp32'])} |",
+        f"| speed ratio (tokens/s) | {fmt_interval(result['speed_ratio_bf16_over_fp32'], 3)} |",
+        f"| train loss difference | {fmt_interval(result['train_loss_diff_bf16_minus_fp32'], 4)} |",
+        f"| val loss difference | {fmt_interval(result['val_loss_diff_bf16_minus_fp32'], 4)} |",
         "",
         "Bytes a swarm stage sends per committed step (activations and gradients, with their headers):",
         "",

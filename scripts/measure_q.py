@@ -37,7 +37,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from checkfree.analysis.stats import bootstrap
+from checkfree.analysis.runs import read_metrics, steps_to_target, val_curve
+from checkfree.analysis.stats import bootstrap, fmt_interval
 from checkfree.config import load_config, split_args
 from checkfree.core.events import EventLog
 from checkfree.core.metrics import MetricLogger, report
@@ -98,11 +99,9 @@ def best_so_far(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
 
 
 def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
-    """First step (committed steps) at which the best-so-far loss is <= target."""
-    for step, v in best_so_far(curve):
-        if v <= target:
-            return step
-    return None
+    """First step (committed steps) at which the best-so-far loss is <= target (``checkfree.analysis.runs``)."""
+    got = steps_to_target(curve, target)
+    return None if got is None else got[0]
 
 
 def lag_at_end(ref: list[tuple[int, float]], curve: list[tuple[int, float]]) -> int | None:
@@ -294,11 +293,9 @@ def from_disk(methods: dict, stages: list[int], ns) -> list[dict]:
     end = ns.fail_at + ns.horizon
 
     def curve(d: Path) -> list[tuple[int, float]] | None:
-        f = d / "metrics.jsonl"
-        if not f.is_file():
+        if not (d / "metrics.jsonl").is_file():
             return None
-        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        c = [(r["step"] + 1, r["loss/val"]) for r in rows if "loss/val" in r and r["step"] + 1 > ns.fail_at]
+        c = [(p.steps, p.loss) for p in val_curve(read_metrics(d)) if p.steps > ns.fail_at]
         return c if c and c[-1][0] >= end else None
 
     for seed in ns.seeds:
@@ -371,14 +368,6 @@ def analyse(results: list[dict], methods: dict, stages: list[int], num_stages: i
     return {"rows": rows, "table": table}
 
 
-def _fmt(d: dict, digits: int = 1) -> str:
-    if d["n"] == 0:
-        return "-"
-    if d["n"] == 1:
-        return f"{d['estimate']:.{digits}f} (n=1)"
-    return f"{d['estimate']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
-
-
 def markdown(analysis: dict, methods: dict, stages: list[int], ns, header: str) -> str:
     ks = ns.target_after
     lines = [
@@ -394,10 +383,15 @@ def markdown(analysis: dict, methods: dict, stages: list[int], ns, header: str) 
             c = analysis["table"].get(f"{name}/{stage}")
             if c is None:
                 continue
-            cells = " | ".join(f"{_fmt(c[f'q@{k}'])} | {c[f'reached@{k}']}/{c['seeds']}" for k in ks)
-            lag = f"{_fmt(c['lag_end'])} | {c['lag_beyond_horizon']}/{c['seeds']}" if "lag_end" in c else "- | -"
+            cells = " | ".join(f"{fmt_interval(c[f'q@{k}'], 1)} | {c[f'reached@{k}']}/{c['seeds']}" for k in ks)
+            lag = (
+                f"{fmt_interval(c['lag_end'], 1)} | {c['lag_beyond_horizon']}/{c['seeds']}"
+                if "lag_end" in c
+                else "- | -"
+            )
             lines.append(
-                f"| {name} | {c['label']} | {_fmt(c['jump'], 3)} | {cells} | {_fmt(c['gap_end'], 3)} | {lag} |"
+                f"| {name} | {c['label']} | {fmt_interval(c['jump'], 3)} | {cells} | "
+                f"{fmt_interval(c['gap_end'], 3)} | {lag} |"
             )
     return "\n".join(lines) + "\n"
 
