@@ -187,7 +187,10 @@ class Comparison:
     theirs: list[float | None]
     kind: str = "ratio"
     paired: bool = True
+    words: tuple[str, str] = ("lower", "higher")  # the verdict when ours is below / above the other arm
     old_verdict: str = ""  # what the docs said before, if known
+    old_interval: dict | None = None  # the interval the docs gave with it (``Interval.as_dict()``)
+    note: str = ""  # what a reader needs beside the numbers (seeds that missed a target, a duplicate)
     t: Interval | None = field(default=None, init=False)
     bca: Interval | None = field(default=None, init=False)
     p: float = field(default=1.0, init=False)
@@ -222,7 +225,9 @@ class Comparison:
             "p": self.p,
             "p_holm": self.p_holm,
             "old_verdict": self.old_verdict,
+            "old_interval": self.old_interval,
             "verdict": self.verdict,
+            "note": self.note,
         }
 
 
@@ -262,19 +267,19 @@ def _welch(ours, theirs, log: bool, level: float) -> tuple[Interval, Interval, f
     return Interval(est, est - half, est + half, n, level, "Welch t"), b_iv, p
 
 
-def judge(family: Sequence[Comparison], alpha: float = 1 - LEVEL, words: tuple[str, str] = ("lower", "higher")) -> None:
+def judge(family: Sequence[Comparison], alpha: float = 1 - LEVEL) -> None:
     """Compute every comparison of one family (a sweep), Holm-correct their p-values together, and set each
-    verdict: ``words[0]``/``words[1]`` (ours below/above the null) only when the t interval and the BCa
-    interval both exclude the null and the Holm-adjusted p is below ``alpha``; else "not resolved" with the
-    reason."""
+    verdict: its ``words[0]``/``words[1]`` (ours below/above the other arm) only when the t interval and the
+    BCa interval both exclude the null and the Holm-adjusted p is below ``alpha``; else "not resolved" with
+    the reason."""
     for c in family:
         c.compute(1 - alpha)
     for c, p in zip(family, holm([c.p for c in family])):
         c.p_holm = p
-        c.verdict = _rule(c, alpha, words)
+        c.verdict = _rule(c, alpha)
 
 
-def _rule(c: Comparison, alpha: float, words: tuple[str, str]) -> str:
+def _rule(c: Comparison, alpha: float) -> str:
     assert c.t is not None and c.bca is not None
     if c.t.n < MIN_SEEDS:
         return f"not resolved ({c.t.n} seeds, fewer than {MIN_SEEDS})"
@@ -284,7 +289,7 @@ def _rule(c: Comparison, alpha: float, words: tuple[str, str]) -> str:
         return "not resolved (BCa interval includes no difference)"
     if c.p_holm >= alpha:
         return f"not resolved (Holm: adjusted p {c.p_holm:.3f})"
-    return words[0] if c.t.high < c.null else words[1]
+    return c.words[0] if c.t.high < c.null else c.words[1]
 
 
 def fmt_interval(iv: Interval | dict | None, digits: int = 2) -> str:

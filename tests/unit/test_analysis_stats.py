@@ -74,9 +74,9 @@ def test_welch_matches_scipy_for_unpaired_arms():
 
 
 def test_judge_needs_the_t_interval_bca_and_holm():
-    clear = st.Comparison("clear", [0.5, 0.52, 0.49, 0.51, 0.5], [1.0] * 5)
+    clear = st.Comparison("clear", [0.5, 0.52, 0.49, 0.51, 0.5], [1.0] * 5, words=("faster", "slower"))
     noisy = st.Comparison("noisy", [0.6, 1.5, 0.7, 1.2, 0.9], [1.0] * 5)
-    st.judge([clear, noisy], words=("faster", "slower"))
+    st.judge([clear, noisy])
     assert clear.verdict == "faster"
     assert noisy.verdict.startswith("not resolved (t interval")
     # one comparison that resolves alone but not in a family of ten: Holm multiplies its p by 10
