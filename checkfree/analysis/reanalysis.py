@@ -15,6 +15,7 @@ one measurement is not counted twice.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from checkfree.analysis.stats import Comparison, fmt_interval, judge
@@ -196,7 +197,14 @@ def _judged(family: list[Comparison], duplicates: list[Comparison]) -> dict:
     for c in duplicates:
         twin = by_name[c.note.split("'")[1]]
         c.t, c.bca, c.p, c.p_holm, c.verdict = twin.t, twin.bca, twin.p, twin.p_holm, f"= {twin.verdict}"
-    return {"family": [c.as_dict() for c in family], "duplicates": [c.as_dict() for c in duplicates]}
+    return {"family": [_json(c.as_dict()) for c in family], "duplicates": [_json(c.as_dict()) for c in duplicates]}
+
+
+def _json(x):
+    """NaN (an interval over no seeds) as None: JSON has no NaN."""
+    if isinstance(x, dict):
+        return {k: _json(v) for k, v in x.items()}
+    return None if isinstance(x, float) and math.isnan(x) else x
 
 
 def _resolved(verdict: str) -> bool:
