@@ -45,8 +45,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from checkfree import __version__
+from checkfree.analysis.reanalysis import judge_sweep
 from checkfree.analysis.runs import read_metrics, run_to_target, val_curve
-from checkfree.analysis.stats import bootstrap, fmt_interval, paired_ratio
+from checkfree.analysis.stats import bootstrap, fmt_interval, paired_ratio, t_interval
 from checkfree.config import load_config, split_args, to_yaml
 from checkfree.core.metrics import report
 from checkfree.engine.trainer import Trainer
@@ -274,6 +275,7 @@ def main() -> None:
     by = "seconds" if ns.swarm else ns.compare_by
     comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs, by, ns.ours, ns.baselines)
     differences = final_loss_differences(rows, ns.rates, ns.strategies, ns.ours, ns.baselines)
+    judge_sweep(comparisons, differences, rows)  # verdicts that hold: t and BCa intervals, Holm over the sweep
     qs = realised_q(rows, ns.rates, ns.strategies, ns.target_fracs) if "none" in ns.strategies else []
     report(
         {
@@ -319,7 +321,11 @@ def summarise(rows: list[dict], rates, strategies, fracs) -> dict:
     return table
 
 
-MIN_SEEDS = 5  # no verdict from fewer paired seeds
+MIN_SEEDS = 5  # no verdict from fewer paired seeds (the percentile rule, kept as percentile_verdict)
+VERDICT_RULE = (
+    "the t interval and a BCa bootstrap both exclude no difference and it survives Holm's correction over the "
+    "sweep's comparisons (checkfree.analysis.reanalysis.judge_sweep)"
+)
 
 
 def _verdict(ours: str, interval, pairs) -> str:
@@ -415,7 +421,7 @@ def final_loss_differences(rows: list[dict], rates, strategies, ours=None, basel
             for b in baselines:
                 by_seed = _by_seed(rows, rate, (a, b), "final_val")
                 both = [v for v in by_seed.values() if v.get(a) is not None and v.get(b) is not None]
-                interval = bootstrap([v[a] - v[b] for v in both])
+                interval = t_interval([v[a] - v[b] for v in both])
                 if interval.n < MIN_SEEDS:
                     verdict = f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS})"
                 elif not interval.excludes(0.0):
@@ -456,7 +462,7 @@ def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] =
         "",
         f"{comparisons[0]['by'].capitalize() if comparisons else 'Time'} to target, ours over the baseline: "
         "geometric mean of per-seed ratios over the seeds where both reached it, 95% t interval on the log ratios; a "
-        "verdict only where >= 5 paired seeds give an interval that excludes 1.\n",
+        f"verdict only where {VERDICT_RULE}.\n",
         "| rate | target | ours | baseline | ratio [95% CI] | seeds | not reached (ours / baseline) | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -468,8 +474,8 @@ def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] =
         )
     lines += [
         "",
-        "Final validation loss, ours minus the baseline: mean of per-seed differences, 95% bootstrap interval; "
-        "a verdict only where >= 5 paired seeds give an interval that excludes 0.\n",
+        "Final validation loss, ours minus the baseline: mean of per-seed differences, 95% t interval; "
+        f"a verdict only where {VERDICT_RULE}.\n",
         "| rate | ours | baseline | difference [95% CI] | seeds | verdict |",
         "|---|---|---|---|---|---|",
     ]

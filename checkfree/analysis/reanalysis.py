@@ -42,10 +42,40 @@ def _misses(ours: list, theirs: list, a: str, b: str) -> str:
     return f"missed the target: {a} {m_a}, {b} {m_b} of {len(ours)} seeds" if m_a or m_b else ""
 
 
+def judge_sweep(comparisons: list[dict], differences: list[dict], rows: list[dict]) -> None:
+    """Set the verdict of each comparison a bench_convergence sweep reports, in place, by the rule that holds
+    (t and BCa intervals, Holm over the sweep; a twin arm's repeat says whose verdict it is), keeping the
+    percentile rule's verdict as ``percentile_verdict`` and adding the intervals and Holm's p."""
+    result = {"comparisons": comparisons, "final_val_differences": differences}
+    family, duplicates = convergence_family(result, rows)
+    _judged(family, duplicates)
+    by_name = {c.name: c for c in family + duplicates}
+    for d, name in zip(comparisons + differences, _names(result)):
+        c = by_name[name]
+        d["percentile_verdict"] = d["verdict"]
+        d["verdict"] = c.verdict + (f" ({c.note})" if c.note else "")
+        d["t"] = _json(c.t.as_dict())
+        d["bca"] = _json(c.bca.as_dict())
+        d["p_holm"] = c.p_holm
+
+
+def _names(result: dict) -> list[str]:
+    """The names ``convergence_family`` gives the comparisons, in the order they were reported."""
+    names = [
+        f"{c['rate']:.0%}/h {c['target_frac']:.0%} target: {c['ours']} / {c['baseline']} ({c['by']})"
+        for c in result.get("comparisons", [])
+    ]
+    return names + [
+        f"{c['rate']:.0%}/h final val loss: {c['ours']} - {c['baseline']}"
+        for c in result.get("final_val_differences", [])
+    ]
+
+
 def convergence_family(result: dict, rows: list[dict]) -> tuple[list[Comparison], list[Comparison]]:
     """The comparisons a bench_convergence sweep reported (ratios to target, final-loss differences), with
     their per-seed values; returns (the Holm family, the duplicates left out of it)."""
     seeds = sorted({r["seed"] for r in rows})
+    names = _names(result)
     out: list[Comparison] = []
     arms: list[tuple] = []  # (rate, compared key, ours, baseline) of each comparison
     for c in result.get("comparisons", []):
@@ -53,7 +83,7 @@ def convergence_family(result: dict, rows: list[dict]) -> tuple[list[Comparison]
         arms.append((c["rate"], key, c["ours"], c["baseline"]))
         ours = _per_seed(rows, c["rate"], c["ours"], key, seeds)
         theirs = _per_seed(rows, c["rate"], c["baseline"], key, seeds)
-        name = f"{c['rate']:.0%}/h {c['target_frac']:.0%} target: {c['ours']} / {c['baseline']} ({c['by']})"
+        name = names[len(out)]
         out.append(
             Comparison(
                 name, ours, theirs, "ratio", True, (f"{c['ours']} faster", f"{c['ours']} slower"),
@@ -64,7 +94,7 @@ def convergence_family(result: dict, rows: list[dict]) -> tuple[list[Comparison]
         arms.append((c["rate"], "final_val", c["ours"], c["baseline"]))
         ours = _per_seed(rows, c["rate"], c["ours"], "final_val", seeds)
         theirs = _per_seed(rows, c["rate"], c["baseline"], "final_val", seeds)
-        name = f"{c['rate']:.0%}/h final val loss: {c['ours']} - {c['baseline']}"
+        name = names[len(out)]
         out.append(
             Comparison(
                 name, ours, theirs, "difference", True, (f"{c['ours']} lower", f"{c['ours']} higher"),

@@ -51,3 +51,12 @@ def test_reanalyse_writes_old_and_new_verdicts(tmp_path):
     assert out["duplicates"][0]["verdict"] == "= checkfree_plus slower"
     text = ra.markdown({"convergence_ci": out}, "python scripts/reanalyse.py")
     assert "0 of 3 comparisons change" in text and "## convergence_ci" in text
+
+
+def test_judge_sweep_sets_verdicts_in_place_and_keeps_the_percentile_one():
+    result = _result()
+    comps = result["comparisons"]
+    ra.judge_sweep(comps, [], _rows())
+    assert comps[0]["percentile_verdict"] == "checkfree_plus slower" and comps[0]["verdict"] == "checkfree_plus slower"
+    assert comps[1]["verdict"].startswith("= checkfree_plus slower (duplicate of")
+    assert comps[0]["t"]["low"] > 1 and 0 <= comps[0]["p_holm"] < 0.05
