@@ -5,10 +5,9 @@ For every seed an fp32 and a bf16 engine train the same model on the same batche
 turn (which goes first alternates), so machine noise hits both alike. Per run: the median of its per-step
 tokens/s (the first ``--warmup`` steps left out), the mean training loss of the last ``--last`` steps and the
 validation loss at the end. Across seeds, paired by seed: the loss difference bf16 - fp32 and the speed ratio
-bf16 / fp32, each with a 95% interval: Student's t over seeds (the ratio's on its log) when scipy is there,
-else a percentile bootstrap over seeds (the output says which). Then one short failure-free swarm at each
-precision (``checkfree swarm``; the byte counts are deterministic): ``comm/bytes_sent`` per committed step and
-stage. Prints a table and writes ``OUT.json`` and ``OUT.md``.
+bf16 / fp32, each with a 95% Student t interval over seeds (the ratio's on its log). Then one short
+failure-free swarm at each precision (``checkfree swarm``; the byte counts are deterministic):
+``comm/bytes_sent`` per committed step and stage. Prints a table and writes ``OUT.json`` and ``OUT.md``.
 
     python scripts/bench_precision.py [CONFIG.yaml ...] [key=value ...] [--seeds 0 1 2] [--steps N]
         [--last K] [--swarm-steps S] [--out docs/results/precision_cpu]
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -27,10 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from checkfree.analysis.stats import bootstrap, fmt_interval
+from checkfree.analysis.stats import as_summary, fmt_interval, ratio_t, t_interval
 from checkfree.config import load_config, split_args
 from checkfree.core.metrics import read_jsonl
 from checkfree.engine.trainer import Trainer
@@ -40,24 +37,13 @@ LEVEL = 0.95
 
 
 def interval(values: list[float]) -> dict:
-    """Mean of ``values`` with a 95% interval: Student's t when scipy imports, else a percentile bootstrap."""
-    x = np.asarray(values, dtype=float)
-    n, mean = len(x), float(np.mean(x))
-    if n < 2:
-        return {"estimate": mean, "low": None, "high": None, "n": n, "method": "none (one seed)"}
-    try:
-        from scipy import stats
-    except ImportError:
-        b = bootstrap(list(x), level=LEVEL)
-        return {"estimate": mean, "low": b.low, "high": b.high, "n": n, "method": "percentile bootstrap (no scipy)"}
-    half = float(stats.t.ppf((1 + LEVEL) / 2, n - 1)) * float(np.std(x, ddof=1)) / math.sqrt(n)
-    return {"estimate": mean, "low": mean - half, "high": mean + half, "n": n, "method": "Student t (scipy)"}
+    """Mean of ``values`` with a 95% Student t interval (no interval from one seed)."""
+    return as_summary(t_interval(values, LEVEL))
 
 
 def ratio_interval(ratios: list[float]) -> dict:
-    """Geometric mean of per-seed ratios, its interval taken on the logs."""
-    out = interval([math.log(r) for r in ratios])
-    return {k: (math.exp(v) if k in ("estimate", "low", "high") and v is not None else v) for k, v in out.items()}
+    """Geometric mean of per-seed ratios, its t interval taken on the logs."""
+    return as_summary(ratio_t(ratios, [1.0] * len(ratios), LEVEL))
 
 
 def run_seed(files: list[str], overrides: list[str], seed: int, steps: int, root: Path) -> dict[str, dict]:

@@ -292,6 +292,13 @@ def _rule(c: Comparison, alpha: float) -> str:
     return c.words[0] if c.t.high < c.null else c.words[1]
 
 
+def as_summary(iv: Interval) -> dict:
+    """``iv.as_dict()`` with low and high None where there is no interval (fewer than two values), the shape
+    the benchmarks' JSON files use."""
+    d = iv.as_dict()
+    return d if iv.n >= 2 else {**d, "low": None, "high": None}
+
+
 def fmt_interval(iv: Interval | dict | None, digits: int = 2) -> str:
     """'estimate [low, high]', or 'estimate (n=N)' without an interval, or '-' for none: the one formatter
     of the benchmarks' tables (an ``Interval`` or its ``as_dict()``)."""
