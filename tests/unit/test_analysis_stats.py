@@ -109,3 +109,8 @@ def test_fmt_interval_reads_intervals_and_their_dicts():
     assert st.fmt_interval({"estimate": 2.0, "low": None, "high": None, "n": 1}, 1) == "2.0 (n=1)"
     assert st.fmt_interval(st.Interval(math.nan, math.nan, math.nan, 0)) == "-"
     assert st.fmt_interval(None) == "-"
+
+
+def test_as_summary_has_no_interval_from_one_value():
+    assert st.as_summary(st.t_interval([0.5]))["low"] is None
+    assert st.as_summary(st.t_interval([1.0, 2.0, 3.0, 4.0, 5.0]))["low"] == pytest.approx(1.0368, abs=1e-4)
