@@ -48,6 +48,7 @@ from checkfree import __version__
 from checkfree.analysis.reanalysis import judge_sweep
 from checkfree.analysis.runs import read_metrics, run_to_target, val_curve
 from checkfree.analysis.stats import bootstrap, fmt_interval, paired_ratio, t_interval
+from checkfree.analysis.tables import markdown_table
 from checkfree.config import load_config, split_args, to_yaml
 from checkfree.core.metrics import report
 from checkfree.engine.trainer import Trainer
@@ -444,64 +445,55 @@ def final_loss_differences(rows: list[dict], rates, strategies, ours=None, basel
 
 def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] = (), qs: list[dict] = ()) -> str:
     fracs = ns.target_fracs
+    eff = lambda rate: f"{effective_rate(float(rate), ns.acceleration):.0%}"
     lines = [
         f"{len(ns.seeds)} seeds; rates are effective per-stage hourly rates (nominal x acceleration "
         f"{ns.acceleration:g}, iteration {ns.iteration_s:g} s); validation every {ns.eval_every} steps. Targets: "
         + ", ".join(f"{f:.0%}" for f in fracs)
         + " of each seed's failure-free progress. Seconds to target are per seed ('-': not reached).\n",
-        "| rate | strategy | " + " | ".join(f"reached {f:.0%}" for f in fracs) + " | final val loss | failures |",
-        "|---|---|" + "---|" * len(fracs) + "---|---|",
-    ]
-    for key, t in table.items():
-        rate, strategy = key.split("/", 1)
-        eff = effective_rate(float(rate), ns.acceleration)
-        reached = " | ".join(f"{t[f'reached@{f}']}/{t['seeds']}" for f in fracs)
-        fv, fl = t["final_val"], t["failures"]
-        lines.append(f"| {eff:.0%} | {strategy} | {reached} | {fmt_interval(fv, 3)} | {fmt_interval(fl, 1)} |")
-    lines += [
-        "",
+        markdown_table(
+            ["rate", "strategy", *(f"reached {f:.0%}" for f in fracs), "final val loss", "failures"],
+            [
+                [eff(key.split("/", 1)[0]), key.split("/", 1)[1], *(f"{t[f'reached@{f}']}/{t['seeds']}" for f in fracs),
+                 fmt_interval(t["final_val"], 3), fmt_interval(t["failures"], 1)]
+                for key, t in table.items()
+            ],
+        ),
         f"{comparisons[0]['by'].capitalize() if comparisons else 'Time'} to target, ours over the baseline: "
         "geometric mean of per-seed ratios over the seeds where both reached it, 95% t interval on the log ratios; a "
         f"verdict only where {VERDICT_RULE}.\n",
-        "| rate | target | ours | baseline | ratio [95% CI] | seeds | not reached (ours / baseline) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in comparisons:
-        eff = effective_rate(c["rate"], ns.acceleration)
-        lines.append(
-            f"| {eff:.0%} | {c['target_frac']:.0%} | {c['ours']} | {c['baseline']} | {fmt_interval(c['ratio'], 2)} | "
-            f"{c['seeds']} | {c['ours_not_reached']} / {c['baseline_not_reached']} | {c['verdict']} |"
-        )
-    lines += [
-        "",
+        markdown_table(
+            ["rate", "target", "ours", "baseline", "ratio [95% CI]", "seeds", "not reached (ours / baseline)",
+             "verdict"],
+            [
+                [eff(c["rate"]), f"{c['target_frac']:.0%}", c["ours"], c["baseline"], fmt_interval(c["ratio"], 2),
+                 c["seeds"], f"{c['ours_not_reached']} / {c['baseline_not_reached']}", c["verdict"]]
+                for c in comparisons
+            ],
+        ),
         "Final validation loss, ours minus the baseline: mean of per-seed differences, 95% t interval; "
         f"a verdict only where {VERDICT_RULE}.\n",
-        "| rate | ours | baseline | difference [95% CI] | seeds | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in differences:
-        eff = effective_rate(c["rate"], ns.acceleration)
-        lines.append(
-            f"| {eff:.0%} | {c['ours']} | {c['baseline']} | {fmt_interval(c['difference'], 3)} | {c['seeds']} | "
-            f"{c['verdict']} |"
-        )
+        markdown_table(
+            ["rate", "ours", "baseline", "difference [95% CI]", "seeds", "verdict"],
+            [
+                [eff(c["rate"]), c["ours"], c["baseline"], fmt_interval(c["difference"], 3), c["seeds"], c["verdict"]]
+                for c in differences
+            ],
+        ),
+    ]  # fmt: skip
     if qs:
-        fracs = ns.target_fracs
-        lines += [
-            "",
-            "Realised q: extra committed steps to the target per failure, against the failure-free run of the "
-            "same seed (mean over seeds with failures, 95% bootstrap interval).\n",
-            "| rate | strategy | " + " | ".join(f"q to {f:.0%}" for f in fracs) + " |",
-            "|---|---|" + "---|" * len(fracs),
-        ]
+        rows = []
         for rate in ns.rates:
             for strategy in ns.strategies:
                 cells = [c for c in qs if c["rate"] == rate and c["strategy"] == strategy]
                 if cells:
-                    eff = effective_rate(rate, ns.acceleration)
-                    qs_text = " | ".join(fmt_interval(c["q"], 1) for c in cells)
-                    lines.append(f"| {eff:.0%} | {strategy} | {qs_text} |")
-    return "\n".join(lines) + "\n"
+                    rows.append([eff(rate), strategy, *(fmt_interval(c["q"], 1) for c in cells)])
+        lines += [
+            "Realised q: extra committed steps to the target per failure, against the failure-free run of the "
+            "same seed (mean over seeds with failures, 95% bootstrap interval).\n",
+            markdown_table(["rate", "strategy", *(f"q to {f:.0%}" for f in fracs)], rows),
+        ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
