@@ -39,6 +39,7 @@ from pathlib import Path
 
 from checkfree.analysis.runs import read_metrics, steps_to_target, val_curve
 from checkfree.analysis.stats import bootstrap, fmt_interval
+from checkfree.analysis.tables import markdown_table
 from checkfree.config import load_config, split_args
 from checkfree.core.events import EventLog
 from checkfree.core.metrics import MetricLogger, report
@@ -266,12 +267,7 @@ def scan_seed(files, overrides, seed: int, methods: dict, stages: list[int], ns)
 
 
 def scan_markdown(rows: list[dict], methods: dict, stages: list[int], num_stages: int, ns, header: str) -> str:
-    lines = [
-        header,
-        "",
-        "| step F | reference val | method | stage | jump right after | gap " + f"{ns.scan_train} steps later |",
-        "|---|---|---|---|---|---|",
-    ]
+    table = []
     for point in sorted(ns.scan):
         for name in methods:
             for stage in stages:
@@ -281,8 +277,9 @@ def scan_markdown(rows: list[dict], methods: dict, stages: list[int], num_stages
                 ref = sum(x["ref_val"] for x in r) / len(r)
                 jump = bootstrap([x["jump"] for x in r]).fmt(3)
                 later = bootstrap([x["gap_later"] for x in r]).fmt(3)
-                lines.append(f"| {point} | {ref:.3f} | {name} | {stage_label(stage, num_stages)} | {jump} | {later} |")
-    return "\n".join(lines) + "\n"
+                table.append([point, f"{ref:.3f}", name, stage_label(stage, num_stages), jump, later])
+    headers = ["step F", "reference val", "method", "stage", "jump right after", f"gap {ns.scan_train} steps later"]
+    return f"{header}\n\n" + markdown_table(headers, table)
 
 
 def from_disk(methods: dict, stages: list[int], ns) -> list[dict]:
@@ -370,30 +367,22 @@ def analyse(results: list[dict], methods: dict, stages: list[int], num_stages: i
 
 def markdown(analysis: dict, methods: dict, stages: list[int], ns, header: str) -> str:
     ks = ns.target_after
-    lines = [
-        header,
-        "",
-        "| method | stage | jump of val loss | "
-        + " | ".join(f"q (target F+{k}) | reached" for k in ks)
-        + " | gap at the end | steps behind at the end | behind by more than the horizon |",
-        "|---|---|---|" + "---|---|" * len(ks) + "---|---|---|",
-    ]
+    table = []
     for name in methods:
         for stage in stages:
             c = analysis["table"].get(f"{name}/{stage}")
             if c is None:
                 continue
-            cells = " | ".join(f"{fmt_interval(c[f'q@{k}'], 1)} | {c[f'reached@{k}']}/{c['seeds']}" for k in ks)
+            qs = [cell for k in ks for cell in (fmt_interval(c[f"q@{k}"], 1), f"{c[f'reached@{k}']}/{c['seeds']}")]
             lag = (
-                f"{fmt_interval(c['lag_end'], 1)} | {c['lag_beyond_horizon']}/{c['seeds']}"
+                [fmt_interval(c["lag_end"], 1), f"{c['lag_beyond_horizon']}/{c['seeds']}"]
                 if "lag_end" in c
-                else "- | -"
+                else ["-", "-"]
             )
-            lines.append(
-                f"| {name} | {c['label']} | {fmt_interval(c['jump'], 3)} | {cells} | "
-                f"{fmt_interval(c['gap_end'], 3)} | {lag} |"
-            )
-    return "\n".join(lines) + "\n"
+            table.append([name, c["label"], fmt_interval(c["jump"], 3), *qs, fmt_interval(c["gap_end"], 3), *lag])
+    headers = ["method", "stage", "jump of val loss", *(h for k in ks for h in (f"q (target F+{k})", "reached"))]
+    headers += ["gap at the end", "steps behind at the end", "behind by more than the horizon"]
+    return f"{header}\n\n" + markdown_table(headers, table)
 
 
 def main() -> None:
