@@ -236,3 +236,13 @@ def run_swarm(tmp_path, name, *overrides, failures=(), background=False, timeout
             kill_groups(pgids)
             assert not left, f"processes left behind: {left}"
     return proc.returncode, out, tmp_path / name
+
+
+def warm_up_dht() -> None:
+    """Start and stop one DHT node in this process: the first one starts torch's shared-memory manager, which
+    lives as long as the process. A module that starts DHT nodes in its tests calls this from a module-scoped
+    fixture, so that the manager exists before any test's check for processes left behind."""
+    from checkfree.swarm.config import MembershipConfig
+    from checkfree.swarm.membership import Membership
+
+    Membership(MembershipConfig(), "warm-up", "fp", admission=admission("w")).shutdown()

@@ -5,18 +5,12 @@ peer starts. The peers' command lines are recorded instead of run."""
 import pytest
 
 import launcher.local as local
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, warm_up_dht
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _dht_started_once():
-    """A first DHT node in this process starts torch's shared-memory manager, which lives as long as the
-    process: started here, before any test's check for processes left behind."""
-    from checkfree.swarm.config import MembershipConfig
-    from checkfree.swarm.membership import Membership
-    from tests.helpers import admission
-
-    Membership(MembershipConfig(), "warm-up", "fp", admission=admission("w")).shutdown()
+    warm_up_dht()
 
 
 class Recorder:
