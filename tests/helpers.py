@@ -123,12 +123,14 @@ def alive(pid: int) -> bool:
 
 
 def _interpreter_helper(pid: int) -> bool:
-    """Python's multiprocessing resource tracker: started once by the first spawned process and kept for the
-    life of the interpreter by design (not something a test left behind)."""
+    """Python's multiprocessing resource tracker and torch's shared-memory manager: each started once (by the
+    first spawned process, the first DHT node) and kept for the life of the interpreter by design (not
+    something a test left behind)."""
     try:
-        return b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+    return b"multiprocessing.resource_tracker" in cmdline or cmdline.startswith(b"torch_shm_manager")
 
 
 def processes_left(before: set[int], grace_s: float) -> set[int]:
@@ -236,13 +238,3 @@ def run_swarm(tmp_path, name, *overrides, failures=(), background=False, timeout
             kill_groups(pgids)
             assert not left, f"processes left behind: {left}"
     return proc.returncode, out, tmp_path / name
-
-
-def warm_up_dht() -> None:
-    """Start and stop one DHT node in this process: the first one starts torch's shared-memory manager, which
-    lives as long as the process. A module that starts DHT nodes in its tests calls this from a module-scoped
-    fixture, so that the manager exists before any test's check for processes left behind."""
-    from checkfree.swarm.config import MembershipConfig
-    from checkfree.swarm.membership import Membership
-
-    Membership(MembershipConfig(), "warm-up", "fp", admission=admission("w")).shutdown()

@@ -41,6 +41,7 @@ class LogSync:
         self._failed_at = -1e9
         self.failures = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._handler = logging.FileHandler(self.peer_dir / LOG_FILE)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(self._handler)
@@ -48,7 +49,12 @@ class LogSync:
         self.thread.start()
 
     def sync(self) -> int:
-        """Copy every file of the peer's folder that changed since its last copy; the number copied."""
+        """Copy every file of the peer's folder that changed since its last copy; the number copied (one copy
+        at a time: the thread's and a caller's never interleave)."""
+        with self._lock:
+            return self._sync()
+
+    def _sync(self) -> int:
         import time
 
         copied = 0

@@ -5,12 +5,7 @@ peer starts. The peers' command lines are recorded instead of run."""
 import pytest
 
 import launcher.local as local
-from tests.helpers import tiny_config, warm_up_dht
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _dht_started_once():
-    warm_up_dht()
+from tests.helpers import tiny_config
 
 
 class Recorder:

@@ -17,14 +17,9 @@ import time
 import pytest
 
 from checkfree.core.metrics import read_jsonl
-from tests.helpers import check_every_step_once, kill_groups, poll, run_swarm, spawned_pids, warm_up_dht
+from tests.helpers import check_every_step_once, kill_groups, poll, run_swarm, spawned_pids
 
 pytestmark = [pytest.mark.process, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _dht_started_once():
-    warm_up_dht()
 
 
 class ConnectClose:

@@ -148,8 +148,8 @@ def test_convergence_script(tmp_path):
     }
     assert len(comparisons) == 2 * 3  # two baselines x the 50/75/90% targets
     for c in comparisons:  # two seeds resolve nothing; a miss of the target is said
-        assert c["verdict"].startswith(f"not resolved ({c['ratio']['n']} paired seeds, fewer than 5"), c
-        assert ("misses:" in c["verdict"]) is bool(c["ours_not_reached"] or c["baseline_not_reached"])
+        assert c["verdict"].startswith("not resolved (") and "fewer than" in c["verdict"], c
+        assert ("missed the target" in c["verdict"]) is bool(c["ours_not_reached"] or c["baseline_not_reached"])
     differences = result["final_val_differences"]  # final loss, ours minus each baseline, paired by seed
     assert [(d["ours"], d["baseline"], d["seeds"]) for d in differences] == [
         ("checkfree", "checkpoint:2", 2),
@@ -159,10 +159,11 @@ def test_convergence_script(tmp_path):
     rows = {(x["strategy"], x["seed"]): x["final_val"] for x in rows}
     want = [rows["checkfree", s] - rows["checkpoint:2", s] for s in (0, 1)]
     assert differences[0]["difference"]["estimate"] == pytest.approx(sum(want) / 2)
-    assert differences[0]["verdict"].startswith("not resolved (2 paired seeds")
+    assert differences[0]["verdict"].startswith("not resolved (2 seeds")
     md = (tmp_path / "bench_convergence.md").read_text()
-    assert "| 100% | 50% | checkfree | checkpoint:2 |" in md and "reached 90%" in md
-    assert "| 100% | checkfree | redundant |" in md  # the final-loss table
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    assert ["100%", "50%", "checkfree", "checkpoint:2"] in [c[:4] for c in cells] and "reached 90%" in md
+    assert ["100%", "checkfree", "redundant"] in [c[:3] for c in cells]  # the final-loss table
     assert (tmp_path / "bench_convergence_rate0.33.png").stat().st_size > 5000
     again = _script(*args, tmp_path=tmp_path)
     assert again["table"] == table  # every finished run was found and reused

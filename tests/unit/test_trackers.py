@@ -2,6 +2,7 @@
 EventLog's tracker, and Weights & Biases as an option (metrics.wandb=true), checked in offline mode."""
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from checkfree.config import ConfigError, load_config
 from checkfree.core.events import EVENTS, EventLog
 from checkfree.core.metrics import MetricLogger, MetricsConfig, event_scalars
+from tests.helpers import descendants, processes_left
 
 REBUILT = dict.fromkeys(EVENTS["rebuilt"].required) | {"stage": 1, "step": 3, "duration_s": 0.25, "method": "mean"}
 # what the engine writes around a lost stage 1 at step 3 and a rollback at step 5
@@ -116,6 +118,7 @@ def _offline_run(run_dir) -> tuple[list[dict], dict]:
 def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, monkeypatch):
     import wandb
 
+    before = descendants(os.getpid())
     monkeypatch.setenv("WANDB_MODE", "offline")  # metrics.wandb_mode unset: wandb's own setting applies
     monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no crash reports sent anywhere from a test
     monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
@@ -133,7 +136,8 @@ def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, 
         metrics.close()
     finally:
         events.close()
-        wandb.teardown()  # its service process ends with it
+        wandb.teardown()  # its service process ends with it ...
+        processes_left(before, grace_s=60.0)  # ... which took over 20 s on a loaded 2-core CI machine
     history, config = _offline_run(tmp_path)
     rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in history]
     assert rows == [
