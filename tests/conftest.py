@@ -51,6 +51,14 @@ def _no_process_left_behind():
     before = descendants(os.getpid())
     yield
     left = processes_left(before, grace_s=20.0)  # processes told to exit get a moment (a loaded machine: longer)
+    named = {pid: _cmdline(pid) for pid in sorted(left)}
     kill_and_reap(left, keep=before)
     if left:
-        pytest.fail(f"the test left processes running: {sorted(left)} (killed now)")
+        pytest.fail(f"the test left processes running: {named} (killed now)")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]).decode(errors="replace")
+    except OSError:
+        return "?"

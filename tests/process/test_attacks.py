@@ -92,7 +92,7 @@ def test_every_attack_at_once_leaves_the_swarm_training(tmp_path):
     from checkfree.swarm.records import EpochRecord, MemberRecord
     from launcher.effects import ProbeFlood
 
-    steps = 300
+    steps = 200
     proc = run_swarm(tmp_path, "attacked", f"num_steps={steps}", "swarm.num_spares=1", background=True)
     run_dir = tmp_path / "attacked"
     effects, insider, observer = [], None, None
@@ -117,7 +117,7 @@ def test_every_attack_at_once_leaves_the_swarm_training(tmp_path):
         stage_peers = [r for r in members.values() if r.peer_id in current.roster]
         # strangers on the ports
         for r in stage_peers:
-            effects.append(ProbeFlood(("127.0.0.1", r.probe_port), 200, 200.0, 20.0).start())
+            effects.append(ProbeFlood(("127.0.0.1", r.probe_port), 200, 200.0, 12.0).start())
         ports = [a for pid in spawned_pids(run_dir) for a in _listening(pid)]
         effects.append(ConnectClose([("127.0.0.1", port) for _, port in ports], per_s=100.0))
         effects.append(Trickle((current.store_host, current.store_port), 50, 0.5))

@@ -54,7 +54,7 @@ def test_engine_losses_and_rebuilds_match_the_golden_run(tmp_path):
 @pytest.mark.parametrize(
     "hosts",
     [
-        "local",
+        pytest.param("local", marks=pytest.mark.long),  # ~39 s: test_replay.py checks swarm = engine by default
         pytest.param(
             "netns",
             marks=[

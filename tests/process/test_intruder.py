@@ -15,7 +15,8 @@ from checkfree.core.failures import Failure
 from checkfree.core.metrics import read_jsonl
 from tests.helpers import check_every_step_once, run_swarm
 
-pytestmark = pytest.mark.process
+# ~42 s: test_attacks.py (default) and the DHT, gate and probe tests cover its parts in the default run
+pytestmark = [pytest.mark.process, pytest.mark.long]
 
 INTRUDER = Path(__file__).with_name("intruder.py")
 

@@ -11,7 +11,8 @@ from checkfree.core.schedule import schedule_for
 from checkfree.swarm.transport import HEADER_LEN
 from tests.helpers import check_every_step_once, run_swarm, tiny_config
 
-pytestmark = [pytest.mark.process, pytest.mark.timeout(240)]
+# ~31 s: bf16 workers on thread ranks (tests/unit/test_precision.py) reproduce the bf16 engine in the default run
+pytestmark = [pytest.mark.process, pytest.mark.long, pytest.mark.timeout(240)]
 
 
 def test_a_bf16_swarm_trains_and_logs_the_bytes_each_stage_sends(tmp_path):

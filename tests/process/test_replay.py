@@ -58,6 +58,7 @@ def test_the_swarm_meets_the_engine_failures_and_trains_its_losses(tmp_path, str
     assert json.loads((engine / "summary.json").read_text())["failures"] == len(want)
 
 
+@pytest.mark.long  # ~40 s: the hybrid's soak and unit tests cover it; keeps the default run under 15 minutes
 def test_the_hybrid_swarm_rebuilds_and_rolls_back_where_the_engine_does(tmp_path):
     """recovery.strategy=hybrid across processes: an isolated loss is rebuilt (CheckFree+), stages 0 and 1 lost
     in one iteration roll every stage back to the newest checkpoint the peers wrote in the background; the

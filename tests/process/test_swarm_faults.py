@@ -260,6 +260,7 @@ def test_chaos_thirty_events_with_failures_during_recoveries(tmp_path):
     assert summary["final_val_loss"] < summary["first_train_loss"]
 
 
+@pytest.mark.long  # ~48 s: the chaos soak's bursts and waves cover it; keeps the default run under 15 minutes
 def test_a_burst_of_every_stage_but_one_is_rebuilt_from_the_survivor(tmp_path):
     """Stages 0, 1 and 2 of 4 killed in the same step (L-1 at once): everything is rebuilt from stage 3,
     the only source left, in one epoch, and each loss is recorded."""

@@ -59,7 +59,7 @@ def _finish(proc, run_dir, timeout_s=200):
     return proc.returncode, out
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~45 s: the resume tests (test_swarm_resume.py) restart a stopped swarm in the default run
 def test_ctrl_c_on_the_swarm_saves_every_stage_and_the_same_command_goes_on(tmp_path):
     # no periodic saves: the stop alone leaves what the same command needs to go on
     args = ("num_steps=60", "swarm.num_spares=1")

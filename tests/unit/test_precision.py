@@ -204,11 +204,19 @@ def test_bf16_workers_reproduce_the_bf16_engine_and_send_half_the_bytes(tmp_path
 
 
 def test_a_receiver_expecting_fp32_refuses_a_bf16_activation():
+    import threading
+
+    read = threading.Event()  # the sender keeps its group (and connections) until the header was read
+
     def fn(group):
         if group.rank == 0:
             group.send(torch.ones(2, 3, dtype=torch.bfloat16), 1, 0, 0, 1, "act")
+            read.wait(10)
             return None  # the refused payload is never received: waiting for it would only time out
-        return group.recv(0, 0, 0, 1, "act", (2, 3))
+        try:
+            return group.recv(0, 0, 0, 1, "act", (2, 3))
+        finally:
+            read.set()
 
     results = run_ranks(2, fn, timeout_s=1)
     assert isinstance(results[1], PeerProtocolError) and "torch.bfloat16" in str(results[1]), results
