@@ -50,7 +50,7 @@ def judge_sweep(comparisons: list[dict], differences: list[dict], rows: list[dic
     family, duplicates = convergence_family(result, rows)
     _judged(family, duplicates)
     by_name = {c.name: c for c in family + duplicates}
-    for d, name in zip(comparisons + differences, _names(result)):
+    for d, name in zip(comparisons + differences, comparison_names(result)):
         c = by_name[name]
         d["percentile_verdict"] = d["verdict"]
         d["verdict"] = c.verdict + (f" ({c.note})" if c.note else "")
@@ -59,7 +59,7 @@ def judge_sweep(comparisons: list[dict], differences: list[dict], rows: list[dic
         d["p_holm"] = c.p_holm
 
 
-def _names(result: dict) -> list[str]:
+def comparison_names(result: dict) -> list[str]:
     """The names ``convergence_family`` gives the comparisons, in the order they were reported."""
     names = [
         f"{c['rate']:.0%}/h {c['target_frac']:.0%} target: {c['ours']} / {c['baseline']} ({c['by']})"
@@ -75,7 +75,7 @@ def convergence_family(result: dict, rows: list[dict]) -> tuple[list[Comparison]
     """The comparisons a bench_convergence sweep reported (ratios to target, final-loss differences), with
     their per-seed values; returns (the Holm family, the duplicates left out of it)."""
     seeds = sorted({r["seed"] for r in rows})
-    names = _names(result)
+    names = comparison_names(result)
     out: list[Comparison] = []
     arms: list[tuple] = []  # (rate, compared key, ours, baseline) of each comparison
     for c in result.get("comparisons", []):
@@ -87,7 +87,7 @@ def convergence_family(result: dict, rows: list[dict]) -> tuple[list[Comparison]
         out.append(
             Comparison(
                 name, ours, theirs, "ratio", True, (f"{c['ours']} faster", f"{c['ours']} slower"),
-                c["verdict"], c["ratio"], _misses(ours, theirs, c["ours"], c["baseline"]),
+                c.get("percentile_verdict", c["verdict"]), c["ratio"], _misses(ours, theirs, c["ours"], c["baseline"]),
             )
         )  # fmt: skip
     for c in result.get("final_val_differences", []):
@@ -98,7 +98,7 @@ def convergence_family(result: dict, rows: list[dict]) -> tuple[list[Comparison]
         out.append(
             Comparison(
                 name, ours, theirs, "difference", True, (f"{c['ours']} lower", f"{c['ours']} higher"),
-                c["verdict"], c["difference"],
+                c.get("percentile_verdict", c["verdict"]), c["difference"],
             )
         )  # fmt: skip
     return _split_duplicates(out, arms, twins(rows))
