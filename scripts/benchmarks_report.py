@@ -1,10 +1,12 @@
-"""Regenerate docs/BENCHMARKS.md from the benchmark results in runs/bench/ (``--run`` first reruns every
-benchmark at the documented scale, about 2 hours on 2 cores).
+"""Regenerate docs/benchmarks/results.md from the benchmark results (``--run`` first reruns the benchmarks
+at the documented scale, about 2 hours on 2 cores, copies their results into docs/results and re-analyses
+them).
 
-    python scripts/benchmarks_report.py [--run] [--quick] [--timeout-s SECONDS]
+    python scripts/benchmarks_report.py [--run] [--only NAME ...] [--quick] [--timeout-s SECONDS]
 
-Every benchmark's command is an argument list run without a shell; how a recorded result was actually made,
-where that differs from its command (runs trained apart and moved in), is its ``note``, shown after it.
+The commands are ``checkfree.analysis.benchmarks``: argument lists run without a shell; how a recorded result
+was actually made, where that differs from its command (runs trained apart and moved in), is its
+``provenance``, shown on the page apart from the command.
 """
 
 from __future__ import annotations
@@ -13,174 +15,24 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import shutil
-import subprocess
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from checkfree.analysis.benchmarks import ANALYSES, COMMANDS, QUICK, ROOT, Command, rerun, select
+from checkfree.analysis.tables import markdown_table
+
 BENCH = ROOT / "runs" / "bench"
 DOCS = ROOT / "docs"
-
-
-@dataclass(frozen=True)
-class Command:
-    """One benchmark's command line, run without a shell (``--run``) and shown on the page."""
-
-    argv: list[str]  # "python" first: --run puts this interpreter in its place
-    env: dict[str, str] = field(default_factory=dict)  # set for the run on top of the inherited environment
-    note: str = ""  # how the recorded result was made, where that differs from argv (runs moved in by hand)
-
-    def shown(self) -> str:
-        """The command as a shell would take it (with the note, if any, after it: not part of the command)."""
-        return " ".join([*(f"{k}={v}" for k, v in self.env.items()), shlex.join(self.argv)])
-
-
-# Wrapped by hand: the formatter would give each argument a line of its own.
-# fmt: off
-COMMANDS: dict[str, Command] = {
-    "engine_overhead": Command(["python", "scripts/bench_engine_overhead.py", "--steps", "10", "--rounds", "3"]),
-    "overhead": Command(["python", "scripts/bench_overhead.py", "--steps", "30", "--rounds", "2"]),
-    "heartbeat_detection": Command(["python", "scripts/bench_heartbeat_detection.py"]),
-    "heartbeat_detection_hang": Command(
-        ["python", "scripts/bench_heartbeat_detection.py", "--hang", "--out",
-         "runs/bench/heartbeat_detection_hang.json"],
-    ),
-    "recovery_ablation": Command(["python", "scripts/bench_recovery_ablation.py", "configs/bench.yaml"]),
-    "recovery_latency": Command(["python", "scripts/bench_recovery_latency.py"]),
-    "scaling": Command(["python", "scripts/bench_scaling.py", "--microbatches", "1", "4"]),
-    "q_scan": Command(
-        ["python", "scripts/measure_q.py", "configs/bench.yaml", "--scan", "50", "150", "300", "600", "1000", "1500",
-         "--scan-train", "20", "--seeds", "0", "1", "--methods", "random", "weighted", "copy", "--stages", "0", "1",
-         "3", "--out", "runs/bench/q_scan.json"],
-    ),
-    "q_bench": Command(
-        ["python", "scripts/measure_q.py", "configs/bench.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "300",
-         "--horizon", "100", "--target-after", "25", "50", "--methods", "weighted", "uniform", "copy", "random", "plus",
-         "partner_copy", "warmup=weighted+recovery.warmup_steps=20",
-         "moments=weighted+recovery.optimizer_init=neighbours", "--runs-dir", "runs/q/bench-F300", "--out",
-         "runs/bench/q_bench.json"],
-        note="seeds 0-1 ran with --stages 0 1 3 --eval-every 2 and later --stages 2 --eval-every 2 in a runs dir of "
-        "their own, moved in; seeds 2-4 with the defaults: stages 0-3, every step; the table is --analyse-only over "
-        "all five",
-    ),
-    "q_tiny": Command(
-        ["python", "scripts/measure_q.py", "configs/tiny.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "100",
-         "--horizon", "30", "--target-after", "10", "20", "--methods", "plus", "--stages", "0", "1", "3", "--runs-dir",
-         "runs/q/tiny-F100", "--out", "runs/bench/q_tiny.json"],
-    ),
-    "q_deep": Command(
-        ["python", "scripts/measure_q.py", "configs/deep.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "1000",
-         "--horizon", "100", "--target-after", "25", "50", "--methods", "weighted", "copy", "random", "plus",
-         "--stages", "0", "3", "5", "--eval-every", "2", "--runs-dir", "runs/q/deep-F1000", "--out",
-         "runs/bench/q_deep.json"],
-        note="seeds 0-1 trained every method; seeds 2-4 --methods weighted copy random, seeds 2-3 and then seed 4 "
-        "--methods plus, in runs of their own moved into runs/q/deep-F1000; the table is --analyse-only over all five",
-    ),
-    "fig2_deep": Command(
-        ["python", "scripts/bench_convergence.py", "configs/deep.yaml", "num_steps=500", "failures.stages=[1,2,3,4]",
-         "--rates", "0.16", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree", "copy", "random",
-         "--ours", "checkfree", "--baselines", "copy", "random", "--eval-every", "5", "--jobs", "2", "--out",
-         "runs/bench/fig2_deep.json", "--runs-dir", "runs/bench/fig2-deep-runs"],
-    ),
-    "convergence_ci": Command(
-        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "--rates", "0.10", "0.33", "--seeds", "0", "1",
-         "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5", "checkfree", "--jobs", "2",
-         "--out", "runs/bench/convergence_ci.json", "--runs-dir", "runs/bench/convergence-ci-runs"],
-        note="checkfree was added later: its runs trained with --strategies none checkfree in "
-        "runs/bench/convergence-ci-plain-runs and were copied in; the table is --analyse-only",
-    ),
-    "convergence_slow": Command(
-        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "checkpoint.storage_mb_s=5", "--rates", "0.10",
-         "0.33", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
-         "checkpoint:25", "--compare-by", "seconds", "--jobs", "2", "--out", "runs/bench/convergence_slow.json",
-         "--runs-dir", "runs/bench/convergence-slow-runs"],
-    ),
-    "whatif": Command(
-        ["python", "scripts/whatif.py", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
-         "--downtime-s", "1.14", "--iteration-s", "91.3", "--hourly-rate", "0.1", "0.33", "--storage-mb-s", "5", "100",
-         "--q", "21", "15", "27", "--q-full-step", "300", "--target-steps", "300", "--intervals", "5", "25",
-         "--map-storage", "0.5", "500", "13", "--map-rates", "0.02", "0.5", "10", "--out", "runs/bench/whatif.json"],
-    ),
-    "whatif_paper": Command(
-        ["python", "scripts/whatif.py", "--q", "40", "20", "60", "--out", "runs/bench/whatif_paper.json"],
-    ),
-    "whatif_validation_local": Command(
-        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
-         "checkfree_plus", "--q", "21", "15", "27", "--q-full-step", "300", "--out",
-         "runs/bench/whatif_validation_local.json"],
-    ),
-    "whatif_validation_slow": Command(
-        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
-         "checkfree_plus", "--q", "21", "15", "27", "--q-full-step", "300", "--out",
-         "runs/bench/whatif_validation_slow.json"],
-    ),
-    "overlap_fit": Command(
-        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "--rates", "0.5", "0.05", "0.2", "--seeds",
-         "5", "6", "7", "8", "9", "--strategies", "none", "checkfree_plus", "--out", "runs/bench/overlap_fit.json",
-         "--runs-dir", "runs/bench/overlap-fit-runs"],
-        env={"OMP_NUM_THREADS": "1"},
-    ),
-    "whatif_overlap_fit": Command(
-        ["python", "scripts/whatif.py", "--fit-overlap", "runs/bench/overlap-fit-runs", "checkfree_plus", "--q", "21",
-         "--q-full-step", "300", "--out", "runs/bench/whatif_overlap_fit.json"],
-    ),
-    "whatif_validation_local_overlap": Command(
-        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
-         "checkfree_plus", "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--out",
-         "runs/bench/whatif_validation_local_overlap.json"],
-    ),
-    "whatif_validation_slow_overlap": Command(
-        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
-         "checkfree_plus", "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--out",
-         "runs/bench/whatif_validation_slow_overlap.json"],
-    ),
-    "whatif_overlap": Command(
-        ["python", "scripts/whatif.py", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
-         "--downtime-s", "1.14", "--iteration-s", "91.3", "--hourly-rate", "0.1", "0.33", "--storage-mb-s", "5", "100",
-         "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--target-steps", "300", "--intervals", "5", "25",
-         "--map-storage", "0.5", "500", "13", "--map-rates", "0.02", "0.5", "10", "--out",
-         "runs/bench/whatif_overlap.json"],
-    ),
-    "convergence_neighbours": Command(
-        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "failures.neighbour_prob=0.5", "--rates",
-         "0.33", "0.1", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
-         "checkpoint:5", "--out", "runs/bench/convergence_neighbours.json", "--runs-dir",
-         "runs/bench/convergence-neighbours-runs"],
-        env={"OMP_NUM_THREADS": "1"},
-    ),
-    "convergence_neighbours_hybrid": Command(
-        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "failures.neighbour_prob=0.5", "--rates",
-         "0.33", "0.1", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
-         "checkpoint:5", "--ours", "hybrid", "--baselines", "checkfree_plus", "--analyse-only", "--out",
-         "runs/bench/convergence_neighbours_hybrid.json", "--runs-dir", "runs/bench/convergence-neighbours-runs"],
-    ),
-    "convergence_swarm": Command(
-        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=200", "--swarm", "--rates", "0.10",
-         "0.33", "--seeds", "0", "--strategies", "none", "checkfree", "checkfree_plus", "checkpoint:10", "redundant",
-         "checkpoint:50", "--out", "runs/bench/convergence_swarm.json", "--runs-dir",
-         "runs/bench/convergence-swarm-runs"],
-    ),
-}
-QUICK: dict[str, Command] = {
-    "convergence_ci": Command(
-        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=200", "--rates", "0.33", "--seeds",
-         "0", "1", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5", "--jobs", "2", "--out",
-         "runs/bench/convergence_ci.json", "--runs-dir", "runs/bench/convergence-ci-runs"],
-    ),
-}
-# fmt: on
+PAGES = DOCS / "benchmarks"  # results.md (written here), findings.md and issue11.md (by hand), the index
+IMAGES = PAGES / "images"
+RESULTS = DOCS / "results"  # the raw figures behind every table, versioned with the page
 
 
 def _file(name: str) -> Path:
-    """A result file: the fresh one in runs/bench/, else the copy versioned in docs/results/."""
-    fresh = BENCH / name
-    return fresh if fresh.is_file() else DOCS / "results" / name
+    """A result file, as versioned in docs/results/ (``--run`` copies the fresh ones there first)."""
+    return RESULTS / name
 
 
 def _load(name: str) -> dict | None:
@@ -189,9 +41,10 @@ def _load(name: str) -> dict | None:
 
 
 def _copy_png(name: str, doc_name: str) -> None:
-    """Copy a fresh figure next to the page (a figure from an earlier run is already there)."""
+    """Copy a fresh figure into the page's images (a figure from an earlier run is already there)."""
     if (BENCH / name).is_file():
-        shutil.copy(BENCH / name, DOCS / doc_name)
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copy(BENCH / name, IMAGES / doc_name)
 
 
 def _machine() -> str:
@@ -215,41 +68,19 @@ def _machine() -> str:
 
 
 def _section(title: str, name: str, body: str, command: Command | None = None) -> list[str]:
-    command = command or COMMANDS.get(name)
-    line = "Command: `?`" if command is None else f"Command: `{command.shown()}`"
-    if command is not None and command.note:
-        line += f" ({command.note})"
-    return [f"## {title}", "", line, "", body, ""]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    """A markdown table."""
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
-
-
-SUPERSEDED = (
-    "*Measured before issue #11's fixes and kept for the record; do not read verdicts from it:* rates were "
-    "labelled with the nominal rate although the time acceleration of 2.5 made them 12-63%/h effective, "
-    "failure traces were shorter than the runs, the swarm dropped failures during recoveries, validation ran "
-    "every 20 steps, and no interval was computed. The section above replaces it."
-)
-
-
-def first_convergence_command(r: dict) -> Command:
-    """The command behind docs/results/convergence.json, from what it recorded (it predates the table above)."""
-    return Command(
-        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", f"num_steps={r['num_steps']}"]
-        + (["--swarm"] if r.get("swarm") else [])
-        + (["--jobs", str(r["jobs"])] if r.get("jobs", 1) > 1 else [])
-        + ["--rates", *map(str, r["rates"]), "--seeds", *map(str, r["seeds"])]
-    )
+    """A page section: its title, the command that made its result, how the result was made where that
+    differs from the command, and the body."""
+    command = command or COMMANDS.get(name) or ANALYSES.get(name)
+    lines = [f"## {title}", "", "Command: `?`" if command is None else f"Command: `{command.shown()}`", ""]
+    if command is not None and command.provenance:
+        lines += [f"How the recorded result was made: {command.provenance}.", ""]
+    return [*lines, body, ""]
 
 
 def _issue11() -> list[str]:
     """The measurements behind "when does CheckFree beat checkpointing?" (issue #11)."""
     out = ["# When does CheckFree beat checkpointing?", ""]
-    reading = DOCS / "BENCHMARKS-issue11.md"  # hand-written: what the figures below say, with their data
+    reading = PAGES / "issue11.md"  # hand-written: what the figures below say, with their data
     if reading.is_file():
         out += [reading.read_text(), ""]
     for name, title in (
@@ -281,8 +112,8 @@ def _issue11() -> list[str]:
         body = md.read_text()
         for png in sorted([*BENCH.glob(f"{name}.png"), *BENCH.glob(f"{name}_rate*.png")]):
             _copy_png(png.name, f"bench_{png.name}")
-        pngs = sorted([*DOCS.glob(f"bench_{name}.png"), *DOCS.glob(f"bench_{name}_rate*.png")])
-        body += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
+        pngs = sorted([*IMAGES.glob(f"bench_{name}.png"), *IMAGES.glob(f"bench_{name}_rate*.png")])
+        body += "\n" + "\n".join(f"![{p.stem}](images/{p.name})" for p in pngs)
         out += _section(title, name, body, command=COMMANDS.get(name))
     return out
 
@@ -291,11 +122,14 @@ def build() -> str:
     out = [
         "# Benchmarks",
         "",
-        f"Machine: {_machine()}. Every figure below is read from `runs/bench/*.json` (copied to",
-        "`docs/results/`), written by",
-        "the command shown; regenerate this page with `python scripts/benchmarks_report.py` (add `--run` to rerun",
-        "everything). These are 2-core CPU figures on small models: they say how the system behaves, not what a",
-        "GPU cluster would measure.",
+        f"Page generated on: {_machine()}; the machine the results were measured on is named in",
+        "[findings.md](findings.md). Every figure below is read from [docs/results/](../results/), written by the",
+        "command shown; regenerate this page with `python scripts/benchmarks_report.py` (add `--run` to rerun",
+        "everything, `--run --only NAME ...` for some). These are 2-core CPU figures on small models: they say how",
+        "the system behaves, not what a GPU cluster would measure. Verdicts in the convergence tables are the",
+        "re-analysis's: t interval on the per-seed log ratios (or differences) and a BCa bootstrap, both excluding",
+        "no difference, and Holm's correction over the sweep ([reanalysis.md](../results/reanalysis.md)).",
+        "Superseded sections are in [CHANGELOG.md](../CHANGELOG.md#superseded-measurements).",
         "",
     ]
     out += _issue11()
@@ -311,7 +145,7 @@ def build() -> str:
     if r:
         med, ratios = r["median_tokens_per_s"], r["ratios"]
         peaks = r.get("max_stage_process_rss_mb", {})
-        rows = _table(
+        rows = markdown_table(
             ["side", "median tokens/s", "per-round medians", "largest stage-process RSS (MB)"],
             [
                 [
@@ -326,7 +160,7 @@ def build() -> str:
         sides = [
             s for s in ("engine", "engine_swap", "swarm", "swarm_swap", "swarm_redundant", "static") if s in r["losses"]
         ]
-        loss = _table(
+        loss = markdown_table(
             ["side", "train loss, mean of last steps (per round)", "final val loss (per round)"],
             [
                 [
@@ -361,7 +195,7 @@ def build() -> str:
     r = _load("recovery_latency")
     if r:
         fmt = lambda d: "-" if d is None else f"{d['median']:.2f} [{d['min']:.2f}, {d['max']:.2f}]"
-        rows = _table(
+        rows = markdown_table(
             [
                 "experiment",
                 "stages",
@@ -404,11 +238,11 @@ def build() -> str:
             "transfer starting), transfer (weights sent and the stage rebuilt), resume (to the first committed "
             "step: about one step), kill to first commit (all of it).\n\n"
             + rows
-            + "\n\n![latency](bench_recovery_latency.png)",
+            + "\n\n![latency](images/bench_recovery_latency.png)",
         )
     r = _load("scaling")
     if r:
-        rows = _table(
+        rows = markdown_table(
             [
                 "stages",
                 "microbatches",
@@ -440,96 +274,15 @@ def build() -> str:
             "Scaling: step time against stages and microbatches",
             "scaling",
             f"{r['cores']} cores, config {r['config']}; bounds from the engine's per-slot compute time "
-            "(see the script's docstring).\n\n" + rows + "\n\n![scaling](bench_scaling.png)",
+            "(see the script's docstring).\n\n" + rows + "\n\n![scaling](images/bench_scaling.png)",
         )
-    r = _load("recovery_ablation")
-    if r:
-        tables = r.get("tables") or {"single": r["table"]}  # results before the adjacent cases had one table
-        rows = _table(
-            [
-                "lost",
-                "method",
-                "spike right after",
-                "final val loss",
-                "final ppl",
-                "regained within budget",
-                "median steps to regain",
-            ],
-            [
-                [
-                    kind,
-                    m,
-                    f"{t['spike_mean']:+.3f} ± {t['spike_std']:.3f}",
-                    f"{t['final_val_mean']:.3f} ± {t['final_val_std']:.3f}",
-                    f"{t['final_ppl_mean']:.2f}",
-                    f"{t['regained_within_budget']}/{t['cases']}",
-                    t["steps_to_regain_median"],
-                ]
-                for kind, table in tables.items()
-                for m, t in table.items()
-            ],
-        )
-        cases = (
-            ", ".join("{" + ",".join(map(str, c)) + "}" for c in r["cases"]) if "cases" in r else "each middle stage"
-        )
-        _copy_png("recovery_ablation.png", "bench_recovery_ablation.png")
-        out += _section(
-            "Recovery quality: weighted average, uniform, copy, random (superseded)",
-            "recovery_ablation",
-            f"{SUPERSEDED} This ablation trained with the swap on, so with 4 stages both middle stages were swap "
-            "partners and 'copy' copied a stage trained to stand in: it did not isolate the rule.\n\n"
-            f"Seeds {r['seeds']}, {r['train_steps']} training steps, then each case of stages lost in turn "
-            f"({cases}) and {r['after_steps']} more steps. Where a method's source is lost too, its "
-            "fallback takes the nearest live stage on each side.\n\n"
-            + rows
-            + f"\n\nSingle-stage losses, order by final loss: {' < '.join(r['order_by_final_val'])}. The "
-            f"paper's order weighted < copy < random holds here: "
-            f"**{r['paper_order_weighted_lt_copy_lt_random']}**.\n\n![ablation](bench_recovery_ablation.png)",
-        )
-    names = {p.name for d in (BENCH, DOCS / "results") for p in d.glob("convergence*.json")}
-    for res in sorted(_file(n) for n in names if not n.endswith(".rows.json")):
-        r, md = json.loads(res.read_text()), res.with_suffix(".md")
-        if "comparisons" in r:
-            continue  # issue #11's convergence: in the section above
-        pngs = [Path(f"{res.stem}_rate{rate}.png") for rate in r["rates"]]
-        for png in pngs:
-            _copy_png(png.name, f"bench_{png.name}")
-        where = "in the multi-process swarm" if r.get("swarm") else "in the single-process engine"
-        out += _section(
-            f"Convergence under failures {where} at {', '.join(f'{x:.0%}' for x in r['rates'])} per hour "
-            "(nominal), superseded",
-            "convergence",
-            f"{SUPERSEDED}\n\nRates {r['rates']}, seeds {r['seeds']}, {r['num_steps']} steps; one iteration stands for "
-            f"{r['iteration_s']} s accelerated {r['acceleration']}x; target: the failure-free run's validation "
-            f"loss at {r.get('target_frac', 0.75):.0%} of its steps.\n\n"
-            + md.read_text()
-            + "\n"
-            + "\n".join(f"![{p.stem}](bench_{p.name})" for p in pngs),
-            command=first_convergence_command(r) if res.stem == "convergence" else COMMANDS.get(res.stem),
-        )
-    reading = DOCS / "BENCHMARKS-reading.md"  # hand-written: what the figures mean, revised with them
-    if reading.is_file():
-        out += [reading.read_text()]
     return "\n".join(out) + "\n"
-
-
-def rerun(commands: dict[str, Command], timeout_s: float, runner: Callable[..., object] = subprocess.run) -> None:
-    """Run each command from the repository root, with this interpreter for "python" and no shell.
-
-    Raises:
-        subprocess.CalledProcessError: a benchmark failed (the rest are not run).
-        subprocess.TimeoutExpired: a benchmark ran past ``timeout_s``.
-    """
-    for command in commands.values():
-        print(f"$ {command.shown()}", flush=True)
-        argv = [sys.executable if command.argv[0] == "python" else command.argv[0], *command.argv[1:]]
-        env = {**os.environ, **command.env} if command.env else None  # None: this process's own
-        runner(argv, check=True, cwd=ROOT, env=env, timeout=timeout_s)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", action="store_true", help="rerun every benchmark first")
+    ap.add_argument("--run", action="store_true", help="rerun the benchmarks (all, or --only) and the analyses first")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="with --run: only these entries (e.g. convergence_ci)")
     ap.add_argument("--quick", action="store_true", help="with --run: the reduced convergence sweep")
     ap.add_argument(
         "--timeout-s",
@@ -539,14 +292,18 @@ def main() -> None:
     )
     ns = ap.parse_args()
     if ns.run:
-        rerun({name: QUICK.get(name, c) if ns.quick else c for name, c in COMMANDS.items()}, ns.timeout_s)
-    DOCS.mkdir(exist_ok=True)
-    (DOCS / "BENCHMARKS.md").write_text(build())
-    results = DOCS / "results"  # the raw figures behind every table, versioned with the page
-    results.mkdir(exist_ok=True)
-    for f in sorted(BENCH.glob("*.json")) + sorted(BENCH.glob("*.md")):
-        shutil.copy(f, results / f.name)
-    print(f"wrote {DOCS / 'BENCHMARKS.md'}")
+        try:
+            benchmarks, analyses = select(COMMANDS, ns.only), select(ANALYSES, ns.only or list(ANALYSES))
+        except ValueError as e:
+            ap.error(str(e))
+        rerun({name: QUICK.get(name, c) if ns.quick else c for name, c in benchmarks.items()}, ns.timeout_s)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        for f in sorted(BENCH.glob("*.json")) + sorted(BENCH.glob("*.md")):
+            shutil.copy(f, RESULTS / f.name)
+        rerun(analyses, ns.timeout_s)  # they read docs/results: after the copy
+    PAGES.mkdir(parents=True, exist_ok=True)
+    (PAGES / "results.md").write_text(build())
+    print(f"wrote {PAGES / 'results.md'}")
 
 
 if __name__ == "__main__":

@@ -9,5 +9,8 @@ by ``checkfree.core``, ``checkfree.engine`` or ``checkfree.swarm``):
   and iterations to a target loss;
 - ``stats``: intervals (t on log ratios, BCa bootstrap), the Holm correction and the verdict rule;
 - ``tables``: markdown tables through ``tabulate``;
+- ``reanalysis``: every reported comparison of the finished sweeps judged again by the rule of ``stats``;
+- ``sweep_tables``: a convergence sweep's page, with the re-analysis's intervals and verdicts;
+- ``benchmarks``: every benchmark's command as an argument list (run without a shell), and its provenance;
 - ``costmodel``: expected time to a target under stage failures, and the replay of a recorded run.
 """

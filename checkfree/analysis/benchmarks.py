@@ -1,0 +1,218 @@
+"""
+Benchmark commands
+==================
+
+Every benchmark behind ``docs/benchmarks/results.md`` as data: the argument list that makes its result file
+(run without a shell), the environment it needs on top of the inherited one, and, apart from the command,
+how the recorded result was actually made where that differs (runs trained in parts and moved in). The
+analyses that only read result files (``ANALYSES``) run after the benchmarks' results are copied into
+``docs/results``. ``scripts/benchmarks_report.py`` reruns and shows them; a unit test parses each with its
+script's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Command:
+    """One benchmark's command line, run without a shell (``--run``) and shown on the page."""
+
+    argv: list[str]  # "python" first: --run puts this interpreter in its place
+    env: dict[str, str] = field(default_factory=dict)  # set for the run on top of the inherited environment
+    provenance: str = ""  # how the recorded result was made, where that differs from argv (runs moved in by hand)
+
+    def shown(self) -> str:
+        """The command as a shell would take it (the provenance is not part of it)."""
+        return " ".join([*(f"{k}={v}" for k, v in self.env.items()), shlex.join(self.argv)])
+
+
+# Wrapped by hand: the formatter would give each argument a line of its own.
+# fmt: off
+COMMANDS: dict[str, Command] = {
+    "engine_overhead": Command(["python", "scripts/bench_engine_overhead.py", "--steps", "10", "--rounds", "3"]),
+    "overhead": Command(["python", "scripts/bench_overhead.py", "--steps", "30", "--rounds", "2"]),
+    "heartbeat_detection": Command(["python", "scripts/bench_heartbeat_detection.py"]),
+    "heartbeat_detection_hang": Command(
+        ["python", "scripts/bench_heartbeat_detection.py", "--hang", "--out",
+         "runs/bench/heartbeat_detection_hang.json"],
+    ),
+    "recovery_ablation": Command(["python", "scripts/bench_recovery_ablation.py", "configs/bench.yaml"]),
+    "recovery_latency": Command(["python", "scripts/bench_recovery_latency.py"]),
+    "scaling": Command(["python", "scripts/bench_scaling.py", "--microbatches", "1", "4"]),
+    "q_scan": Command(
+        ["python", "scripts/measure_q.py", "configs/bench.yaml", "--scan", "50", "150", "300", "600", "1000", "1500",
+         "--scan-train", "20", "--seeds", "0", "1", "--methods", "random", "weighted", "copy", "--stages", "0", "1",
+         "3", "--out", "runs/bench/q_scan.json"],
+    ),
+    "q_bench": Command(
+        ["python", "scripts/measure_q.py", "configs/bench.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "300",
+         "--horizon", "100", "--target-after", "25", "50", "--methods", "weighted", "uniform", "copy", "random", "plus",
+         "partner_copy", "warmup=weighted+recovery.warmup_steps=20",
+         "moments=weighted+recovery.optimizer_init=neighbours", "--runs-dir", "runs/q/bench-F300", "--out",
+         "runs/bench/q_bench.json"],
+        provenance="seeds 0-1 ran with --stages 0 1 3 --eval-every 2 and later --stages 2 --eval-every 2 in a runs "
+        "dir of their own, moved in; seeds 2-4 with the defaults: stages 0-3, every step; the table is "
+        "--analyse-only over all five",
+    ),
+    "q_tiny": Command(
+        ["python", "scripts/measure_q.py", "configs/tiny.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "100",
+         "--horizon", "30", "--target-after", "10", "20", "--methods", "plus", "--stages", "0", "1", "3", "--runs-dir",
+         "runs/q/tiny-F100", "--out", "runs/bench/q_tiny.json"],
+    ),
+    "q_deep": Command(
+        ["python", "scripts/measure_q.py", "configs/deep.yaml", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "1000",
+         "--horizon", "100", "--target-after", "25", "50", "--methods", "weighted", "copy", "random", "plus",
+         "--stages", "0", "3", "5", "--eval-every", "2", "--runs-dir", "runs/q/deep-F1000", "--out",
+         "runs/bench/q_deep.json"],
+        provenance="seeds 0-1 trained every method; seeds 2-4 --methods weighted copy random, seeds 2-3 and then "
+        "seed 4 --methods plus, in runs of their own moved into runs/q/deep-F1000; the table is --analyse-only over "
+        "all five",
+    ),
+    "fig2_deep": Command(
+        ["python", "scripts/bench_convergence.py", "configs/deep.yaml", "num_steps=500", "failures.stages=[1,2,3,4]",
+         "--rates", "0.16", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree", "copy", "random",
+         "--ours", "checkfree", "--baselines", "copy", "random", "--eval-every", "5", "--jobs", "2", "--out",
+         "runs/bench/fig2_deep.json", "--runs-dir", "runs/bench/fig2-deep-runs"],
+    ),
+    "convergence_ci": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "--rates", "0.10", "0.33", "--seeds", "0", "1",
+         "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5", "checkfree", "--jobs", "2",
+         "--out", "runs/bench/convergence_ci.json", "--runs-dir", "runs/bench/convergence-ci-runs"],
+        provenance="checkfree was added later: its runs trained with --strategies none checkfree in "
+        "runs/bench/convergence-ci-plain-runs and were copied in; the table is --analyse-only",
+    ),
+    "convergence_slow": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "checkpoint.storage_mb_s=5", "--rates", "0.10",
+         "0.33", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
+         "checkpoint:25", "--compare-by", "seconds", "--jobs", "2", "--out", "runs/bench/convergence_slow.json",
+         "--runs-dir", "runs/bench/convergence-slow-runs"],
+    ),
+    "whatif": Command(
+        ["python", "scripts/whatif.py", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
+         "--downtime-s", "1.14", "--iteration-s", "91.3", "--hourly-rate", "0.1", "0.33", "--storage-mb-s", "5", "100",
+         "--q", "21", "15", "27", "--q-full-step", "300", "--target-steps", "300", "--intervals", "5", "25",
+         "--map-storage", "0.5", "500", "13", "--map-rates", "0.02", "0.5", "10", "--out", "runs/bench/whatif.json"],
+    ),
+    "whatif_paper": Command(
+        ["python", "scripts/whatif.py", "--q", "40", "20", "60", "--out", "runs/bench/whatif_paper.json"],
+    ),
+    "whatif_validation_local": Command(
+        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
+         "checkfree_plus", "--q", "21", "15", "27", "--q-full-step", "300", "--out",
+         "runs/bench/whatif_validation_local.json"],
+    ),
+    "whatif_validation_slow": Command(
+        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
+         "checkfree_plus", "--q", "21", "15", "27", "--q-full-step", "300", "--out",
+         "runs/bench/whatif_validation_slow.json"],
+    ),
+    "overlap_fit": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "--rates", "0.5", "0.05", "0.2", "--seeds",
+         "5", "6", "7", "8", "9", "--strategies", "none", "checkfree_plus", "--out", "runs/bench/overlap_fit.json",
+         "--runs-dir", "runs/bench/overlap-fit-runs"],
+        env={"OMP_NUM_THREADS": "1"},
+    ),
+    "whatif_overlap_fit": Command(
+        ["python", "scripts/whatif.py", "--fit-overlap", "runs/bench/overlap-fit-runs", "checkfree_plus", "--q", "21",
+         "--q-full-step", "300", "--out", "runs/bench/whatif_overlap_fit.json"],
+    ),
+    "whatif_validation_local_overlap": Command(
+        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
+         "checkfree_plus", "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--out",
+         "runs/bench/whatif_validation_local_overlap.json"],
+    ),
+    "whatif_validation_slow_overlap": Command(
+        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
+         "checkfree_plus", "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--out",
+         "runs/bench/whatif_validation_slow_overlap.json"],
+    ),
+    "whatif_overlap": Command(
+        ["python", "scripts/whatif.py", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
+         "--downtime-s", "1.14", "--iteration-s", "91.3", "--hourly-rate", "0.1", "0.33", "--storage-mb-s", "5", "100",
+         "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--target-steps", "300", "--intervals", "5", "25",
+         "--map-storage", "0.5", "500", "13", "--map-rates", "0.02", "0.5", "10", "--out",
+         "runs/bench/whatif_overlap.json"],
+    ),
+    "convergence_neighbours": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "failures.neighbour_prob=0.5", "--rates",
+         "0.33", "0.1", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
+         "checkpoint:5", "--out", "runs/bench/convergence_neighbours.json", "--runs-dir",
+         "runs/bench/convergence-neighbours-runs"],
+        env={"OMP_NUM_THREADS": "1"},
+    ),
+    "convergence_neighbours_hybrid": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "failures.neighbour_prob=0.5", "--rates",
+         "0.33", "0.1", "--seeds", "0", "1", "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid",
+         "checkpoint:5", "--ours", "hybrid", "--baselines", "checkfree_plus", "--analyse-only", "--out",
+         "runs/bench/convergence_neighbours_hybrid.json", "--runs-dir", "runs/bench/convergence-neighbours-runs"],
+    ),
+    "convergence_swarm": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=200", "--swarm", "--rates", "0.10",
+         "0.33", "--seeds", "0", "--strategies", "none", "checkfree", "checkfree_plus", "checkpoint:10", "redundant",
+         "checkpoint:50", "--out", "runs/bench/convergence_swarm.json", "--runs-dir",
+         "runs/bench/convergence-swarm-runs"],
+    ),
+    "pipelining": Command(
+        ["python", "scripts/bench_pipelining.py", "configs/bench.yaml", "--steps", "40", "--rounds", "4",
+         "--schedules", "gpipe", "1f1b", "--out", "runs/bench"],
+        provenance="recorded with --out docs/results",
+    ),
+    "precision_cpu": Command(
+        ["python", "scripts/bench_precision.py", "configs/bench.yaml", "--seeds", "0", "1", "2", "--out",
+         "runs/bench/precision_cpu"],
+        provenance="recorded with --out docs/results/precision_cpu",
+    ),
+}
+QUICK: dict[str, Command] = {
+    "convergence_ci": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=200", "--rates", "0.33", "--seeds",
+         "0", "1", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5", "--jobs", "2", "--out",
+         "runs/bench/convergence_ci.json", "--runs-dir", "runs/bench/convergence-ci-runs"],
+    ),
+}
+
+
+ANALYSES: dict[str, Command] = {
+    # reads docs/results only: runs after the benchmarks' fresh results are copied there
+    "reanalysis": Command(["python", "scripts/reanalyse.py"]),
+}
+# fmt: on
+
+
+def select(commands: dict[str, Command], only: Iterable[str] | None) -> dict[str, Command]:
+    """The entries named in ``only`` (all of them when None), in the registry's order.
+
+    Raises:
+        ValueError: a name that is no entry.
+    """
+    if only is None:
+        return dict(commands)
+    wanted = set(only)
+    unknown = wanted - set(COMMANDS) - set(ANALYSES)
+    if unknown:
+        raise ValueError(f"no benchmark named {sorted(unknown)}; known: {sorted([*COMMANDS, *ANALYSES])}")
+    return {name: c for name, c in commands.items() if name in wanted}
+
+
+def rerun(commands: dict[str, Command], timeout_s: float, runner: Callable[..., object] = subprocess.run) -> None:
+    """Run each command from the repository root, with this interpreter for "python" and no shell.
+
+    Raises:
+        subprocess.CalledProcessError: a benchmark failed (the rest are not run).
+        subprocess.TimeoutExpired: a benchmark ran past ``timeout_s``.
+    """
+    for command in commands.values():
+        print(f"$ {command.shown()}", flush=True)
+        argv = [sys.executable if command.argv[0] == "python" else command.argv[0], *command.argv[1:]]
+        env = {**os.environ, **command.env} if command.env else None  # None: this process's own
+        runner(argv, check=True, cwd=ROOT, env=env, timeout=timeout_s)
