@@ -193,8 +193,29 @@ class Acceptor:
         self._lock = threading.Lock()
         self._handshakes: dict[str, int] = {}  # address -> handshakes in flight from it
         self._sessions = 0
+        self._threads: set[threading.Thread] = set()  # the accept loop and the connections' threads, while alive
         sock.settimeout(0.5)
-        threading.Thread(target=self._accept, name=name, daemon=True).start()
+        self._spawn(self._accept, (), name)
+
+    def _spawn(self, target: Callable, args: tuple, name: str) -> None:
+        """Start a daemon thread that ``close`` waits for (raises RuntimeError when no thread can start)."""
+
+        def run() -> None:
+            try:
+                target(*args)
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._threads.discard(thread)
+            raise
 
     @property
     def port(self) -> int:
@@ -234,7 +255,7 @@ class Acceptor:
                 self._handshakes[host] = mine + 1
         if room:
             try:
-                threading.Thread(target=self._serve, args=(conn, host), name=f"{self.name}-conn", daemon=True).start()
+                self._spawn(self._serve, (conn, host), f"{self.name}-conn")
                 return
             except RuntimeError:  # no thread left to start: shed it like one over the cap
                 self._handshake_done(host)
@@ -302,12 +323,20 @@ class Acceptor:
     def discard(self, admitted: object) -> None:
         """Release what ``admit_connection`` returned for a connection that is not served."""
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop accepting; wait up to ``wait_s`` for the accept loop and the connections' threads (each sees
+        ``closed`` within its socket's timeout, 0.5-2 s). Wait before the process exits: a daemon thread still
+        logging while the interpreter shuts down can abort it (SIGABRT)."""
         self.closed.set()
         try:
             self.sock.close()
         except OSError:
             pass
+        deadline = time.monotonic() + wait_s
+        with self._lock:
+            threads = [t for t in self._threads if t is not threading.current_thread()]
+        for t in threads:
+            t.join(timeout=max(deadline - time.monotonic(), 0.0))
 
 
 class _Relays(Acceptor):

@@ -145,7 +145,7 @@ class Leaving:
                 if pid in server.served and r is not None and r.epoch >= current.epoch and r.state == "running":
                     successor = pid
         finally:
-            server.close()
+            server.close(wait_s=3.0)  # its threads end before the process does
         self._handoff_port = 0
         if successor is not None:
             self.emit("handed_over", to=successor, step=step, stage=w.index)

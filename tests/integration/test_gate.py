@@ -151,6 +151,23 @@ def test_admitted_connections_over_the_session_cap_are_closed(gated):
         second.close()
 
 
+def test_close_waits_for_the_accept_loop_and_the_sessions_before_the_process_may_exit(gated):
+    """A peer closes its hand-over server just before it exits; a thread of it still logging while the
+    interpreter shuts down would abort the process. close(wait_s) returns once none of its threads runs."""
+    store, gate, leader, member, _ = gated
+    held, _ = dial("127.0.0.1", gate.port, member)  # an admitted session, relayed to the store, left open
+    try:
+        assert poll(lambda: gate.counters()["sessions"] == 1)
+        ours = [t for t in threading.enumerate() if t.name.startswith(gate.name)]
+        assert len(ours) == 2  # the accept loop and the session
+        t0 = time.monotonic()
+        gate.close(wait_s=10.0)
+        assert time.monotonic() - t0 < 5.0  # each sees ``closed`` within its socket's timeout
+        assert not any(t.is_alive() for t in ours)
+    finally:
+        held.close()
+
+
 def test_refusals_are_logged_once_a_minute_per_kind_with_how_many_were_left_out(caplog):
     log = ThrottledLog("gate-9", every_s=0.3)
     assert log("refused", "refused one") and log("timeouts", "dropped one")

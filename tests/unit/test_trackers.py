@@ -123,6 +123,7 @@ def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, 
     monkeypatch.setenv("WANDB_MODE", "offline")  # metrics.wandb_mode unset: wandb's own setting applies
     monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no crash reports sent anywhere from a test
     monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")  # else GitPython may leave a `git cat-file` child behind
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # the run directory wins
     cfg = MetricsConfig(wandb=True, wandb_project="cf-test")
     run_config = load_config([], ["num_steps=4"])
@@ -140,10 +141,10 @@ def test_wandb_offline_run_holds_the_metrics_and_the_failure_counters(tmp_path, 
         wandb.teardown()  # its service process should end with it; in a fresh CI venv it outlived 80 s twice
         for pid in processes_left(before, grace_s=10.0):
             try:
-                ours = b"wandb" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if ours:  # wandb's own service: ended by its PID
+            if b"wandb" in cmdline or cmdline.startswith(b"git\0"):  # wandb's service or its git reader: by PID
                 kill_and_reap({pid}, keep=before)
     history, config = _offline_run(tmp_path)
     rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in history]
