@@ -1,6 +1,6 @@
 """q: the extra steps a run needs to reach a target loss because one stage was lost and rebuilt.
 
-The number that decides when CheckFree beats checkpointing (docs/BENCHMARKS.md, "cost model"). Measured as a
+The number that decides when CheckFree beats checkpointing (docs/benchmarks/results.md, "cost model"). Measured as a
 controlled, paired experiment in the engine:
 
 1. per seed, a failure-free reference trains to ``--fail-at`` F, and its whole state (weights, Adam, norms,

@@ -634,7 +634,7 @@ def _t(seconds: float) -> str:
 
 
 def points_markdown(points: list[dict], qs, ns=None) -> str:
-    """The points' expected times as a table (for docs/BENCHMARKS.md)."""
+    """The points' expected times as a table (for docs/benchmarks/results.md)."""
     fitted = ns is not None and ns.fit_samples
     model = (
         f"q = {qs[0]:.3g} extra steps per lost stage, a loss J iterations after the previous one costing "
