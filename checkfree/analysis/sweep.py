@@ -75,7 +75,7 @@ def train_args(spec: RunSpec, out_dir: str | Path) -> list[str]:
     return [
         *spec.overrides,
         f"run_name={spec.name}",
-        f"out_dir={out_dir}",
+        f"out_dir={Path(out_dir)}",  # one spelling ("./runs/" and "runs" alike), so a resume finds its runs
         "num_threads=1",
         "progress=false",
         "plot=false",
@@ -222,8 +222,8 @@ def run_sweep(
     """Train every run of ``specs`` that is not already done, ``jobs`` at a time, in the order given.
 
     Args:
-        out_dir: the folder of the run directories (``OUT/NAME``) and logs (``OUT/NAME.log``); kept as given
-            in each run's config, so resume a sweep with the same spelling of it.
+        out_dir: the folder of the run directories (``OUT/NAME``) and logs (``OUT/NAME.log``); each run's
+            config keeps it as given (normalised, not made absolute), so resume a sweep from the same folder.
         timeout_s: deadline of each run from its start; a run past it is ended by its PID.
         on_outcome: called with each outcome as it is known (skips first), e.g. to print progress.
 
@@ -244,7 +244,7 @@ def run_sweep(
     outcomes: dict[str, Outcome] = {}
     todo = []
     for spec in specs:  # loads every config first: a typo fails the sweep before any run starts
-        if is_done(spec, out_dir):
+        if is_done(spec, out):
             outcomes[spec.name] = Outcome(spec.name, "skipped", out / spec.name)
             if on_outcome:
                 on_outcome(outcomes[spec.name])

@@ -26,7 +26,8 @@ def test_runs_then_skips_and_reruns_a_changed_config(tmp_path):
         summary = json.loads((o.run_dir / "summary.json").read_text())
         assert summary["steps"] == 2 and summary["stopped"] is None
         assert o.log == tmp_path / f"{o.name}.log" and o.log.is_file()
-    assert [o.status for o in run_sweep(specs, tmp_path, jobs=2)] == ["skipped", "skipped"]
+    again = run_sweep(specs, f"{tmp_path}/./", jobs=2)  # the same folder, spelt otherwise
+    assert [o.status for o in again] == ["skipped", "skipped"]
     changed = [specs[0], _spec("b", "seed=2")]
     assert not is_done(changed[1], tmp_path)
     assert [o.status for o in run_sweep(changed, tmp_path, jobs=2, timeout_s=120)] == ["skipped", "finished"]
