@@ -158,8 +158,9 @@ def test_close_waits_for_the_accept_loop_and_the_sessions_before_the_process_may
     held, _ = dial("127.0.0.1", gate.port, member)  # an admitted session, relayed to the store, left open
     try:
         assert poll(lambda: gate.counters()["sessions"] == 1)
-        ours = [t for t in threading.enumerate() if t.name.startswith(gate.name)]
-        assert len(ours) == 2  # the accept loop and the session
+        with gate._lock:
+            ours = list(gate._threads)
+        assert sorted(t.name for t in ours) == [gate.name, f"{gate.name}-conn"]  # the accept loop, the session
         t0 = time.monotonic()
         gate.close(wait_s=10.0)
         assert time.monotonic() - t0 < 5.0  # each sees ``closed`` within its socket's timeout

@@ -188,7 +188,8 @@ def test_checkpoint_strategy_rolls_the_swarm_back(tmp_path):
     assert set(summary["redone_steps"]) <= set(range(target, last + 1))  # redone after the rollback, by design
 
 
-@pytest.mark.parametrize("strategy", ["checkfree_plus", "checkpoint"])
+# checkpoint: ~33 s, -m long; every stage restarted from a checkpoint runs by default in test_swarm_resume.py
+@pytest.mark.parametrize("strategy", ["checkfree_plus", pytest.param("checkpoint", marks=pytest.mark.long)])
 def test_losing_every_stage_at_once(tmp_path, strategy):
     """All four peers killed in one step. Nothing survives to rebuild a stage from, so a per-stage strategy
     stops the swarm saying so (a spare leads, as no stage peer is left). Checkpointing restarts every stage

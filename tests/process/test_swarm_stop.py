@@ -154,7 +154,8 @@ def test_key_value_after_initial_peers_is_an_override_not_an_address(tmp_path):
     assert "num_stages" in done.stderr and "multiaddr" not in done.stderr.lower(), done.stderr
 
 
-@pytest.mark.slow
+# ~34 s, -m long; by default: a bad token exits 2 (test_cli), another swarm's records are refused (test_membership)
+@pytest.mark.long
 def test_a_peer_with_another_join_token_says_so_and_exits_2(tmp_path):
     """Every record it reads from the swarm is refused (sealed with the swarm's token, not its own): instead of
     waiting forever as a spare nobody sees, it exits 2 saying its token does not match the swarm's. (The swarm

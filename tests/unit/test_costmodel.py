@@ -381,6 +381,7 @@ def test_whatif_replay_and_validate_modes(tmp_path, recorded):
     assert second["measured_ratio"] > 0 and second["predicted_ratio"] > 0
 
 
+@pytest.mark.long  # ~45 s (seven engine runs, the fit's bootstrap); --validate-sweep runs in the default run
 def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
     """--fit-overlap on a runs-dir laid out as bench_convergence.py writes it: the failure-free run of a seed
     and CheckFree+ at three failure rates. The fitted (q, tau) family holds tau = 0 with the best q, so its
