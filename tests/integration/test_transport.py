@@ -27,7 +27,8 @@ def test_send_recv_and_all_reduce():
 @pytest.mark.parametrize(
     "sent,expected,message",
     [
-        ((2, 4), (2, 3), "shape (2, 4)"),
+        ((2, 4), (2, 3), "shape (2, 4)"),  # longer, within a framed message's room for twice the payload
+        ((2, 2), (2, 3), "shape (2, 2)"),  # shorter: gloo delivers it into the larger buffer
         ((2, 3), (2, 3), "step 5"),
     ],
 )
@@ -40,8 +41,22 @@ def test_wrong_tensor_from_a_peer_is_refused(sent, expected, message):
         step = 5 if sent != expected else 6
         return g.recv(0, step=step, mb=0, hop=1, kind="act", shape=expected)
 
-    _, err = run_ranks(2, fn, timeout_s=0.5)  # the sender's payload is never taken: it times out
+    _, err = run_ranks(2, fn, timeout_s=0.5)
     assert isinstance(err, PeerProtocolError) and message in str(err)
+
+
+def test_a_state_far_larger_than_expected_is_refused_by_its_header_before_its_payload_is_read():
+    """Weights and states send their header first: the receiver refuses a tensor of any size without taking it
+    (a framed step message only has room for twice the expected payload; see the transport's doc)."""
+
+    def fn(g):
+        if g.rank == 0:
+            g.send(torch.zeros(2, 300), 1, step=5, mb=0, hop=1, kind="state")
+            return None
+        return g.recv(0, step=5, mb=0, hop=1, kind="state", shape=(2, 3))
+
+    _, err = run_ranks(2, fn, timeout_s=0.5)
+    assert isinstance(err, PeerProtocolError) and "shape (2, 300)" in str(err)
 
 
 @pytest.mark.parametrize("kind", ["state", "grad"])
