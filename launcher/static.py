@@ -38,16 +38,7 @@ def _stage_main(cfg: TrainConfig, stage: int, port: int, out_dir: str, threads: 
     module = Stage(cfg.model, stage)
     init_stage_(module, cfg.model, cfg.seed)
     batches = Batches(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, cfg.seed)
-    worker = StageWorker(
-        module,
-        schedule_for(cfg.pipeline, L, cfg.swap_enabled),
-        batches,
-        cfg.optim,
-        cfg.optim.lr,
-        cfg.model.d_model,
-        cfg.recovery.norm_ema_beta,
-        cfg.device,
-    )
+    worker = StageWorker.for_config(cfg, module, schedule_for(cfg.pipeline, L, cfg.swap_enabled), batches)
     store = dist.TCPStore(
         "127.0.0.1", port, L + 1, is_master=False, timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s)
     )

@@ -89,19 +89,7 @@ class Handover:
         ``lineage``)."""
         cfg = self.cfg
         stage, _ = initial_stage(self.spec, index) if rebuilt is None else (rebuilt.stage, None)
-        worker = StageWorker(
-            stage,
-            self.schedule,
-            self.batches,
-            cfg.optim,
-            cfg.optim.lr,
-            cfg.model.d_model,
-            cfg.recovery.norm_ema_beta,
-            cfg.device,
-            redundant=self.redundant,
-            norm_scope=cfg.recovery.norm_scope,
-            precision=cfg.precision,
-        )
+        worker = StageWorker.for_config(cfg, stage, self.schedule, self.batches, redundant=self.redundant)
         if rebuilt is not None:
             worker.install(rebuilt)
         worker.lineage = lineage or Lineage(kind="initial")

@@ -51,6 +51,27 @@ from checkfree.swarm.transport import EpochGroup
 
 
 class StageWorker:
+    @classmethod
+    def for_config(
+        cls, cfg, stage: Stage, schedule: Schedule, batches: Batches, redundant: bool = False
+    ) -> StageWorker:
+        """A worker of ``stage`` with every setting the run's ``TrainConfig`` gives one, in one place: the swarm's
+        and the static pipeline's workers cannot drift apart (the static pipeline once ignored precision and
+        recovery.norm_scope)."""
+        return cls(
+            stage,
+            schedule,
+            batches,
+            cfg.optim,
+            cfg.optim.lr,
+            cfg.model.d_model,
+            cfg.recovery.norm_ema_beta,
+            cfg.device,
+            redundant=redundant,
+            norm_scope=cfg.recovery.norm_scope,
+            precision=cfg.precision,
+        )
+
     def __init__(
         self,
         stage: Stage,

@@ -11,8 +11,9 @@ from launcher.static import run_static_pipeline
 from tests.helpers import tiny_config
 
 
-def test_static_pipeline_reproduces_the_engine(tmp_path):
-    cfg = tiny_config(tmp_path, "num_steps=4", "num_threads=1", "failures.mode=none")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_static_pipeline_reproduces_the_engine(tmp_path, precision):
+    cfg = tiny_config(tmp_path, "num_steps=4", "num_threads=1", "failures.mode=none", f"precision={precision}")
     records = run_static_pipeline(cfg, tmp_path / "static", timeout_s=120)
     reference = Trainer(cfg)
     reference.run()
