@@ -78,7 +78,7 @@ def test_a_rebuild_reads_its_sources_on_the_lost_stages_device():
     lost stage's device before averaging (the meta device stands in for a second GPU), Adam's step stays put."""
     import torch
 
-    from checkfree.engine.trainer import _on
+    from checkfree.engine.recovery import _on
 
     blocks = {1: {"blocks.0.w": torch.ones(2)}, 3: {"blocks.0.w": torch.zeros(2)}}
     moments = {"blocks.0.w": {"exp_avg": torch.ones(2), "step": torch.tensor(5.0)}}
