@@ -17,7 +17,8 @@ ALLOWED = {
     "checkfree.swarm": {"checkfree.core", "checkfree.swarm", "checkfree.config", "checkfree"},
     "checkfree.config": {"checkfree.core", "checkfree.swarm.config"},
     "checkfree.plot": {"checkfree.core"},
-    "checkfree.analysis": {"checkfree.core", "checkfree.analysis"},  # results of runs, read; no executor
+    # results of runs, read, and sweeps run as subprocesses (their configs resolved to compare); no executor
+    "checkfree.analysis": {"checkfree.core", "checkfree.analysis", "checkfree.config", "checkfree"},
     "checkfree.cli": {"*"},  # the entry point may use everything, the launcher included
 }  # "checkfree" alone: the package's own __init__ (its __version__), not everything under it
 
