@@ -172,6 +172,12 @@ COMMANDS: dict[str, Command] = {
          "runs/bench/precision_cpu"],
         provenance="recorded with --out docs/results/precision_cpu",
     ),
+    "swap_tax_bench4": Command(
+        ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "--fractions", "0.5", "0.25",
+         "0.125", "--seeds", "0", "1", "2", "3", "4", "--steps", "300", "--jobs", "2", "--runs-dir",
+         "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax"],
+        provenance="recorded; swap_tax.{json,md} copied to docs/results/swap_tax_bench4.*",
+    ),
     "swap_tax": Command(
         ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "configs/deep.yaml", "--fractions",
          "0.5", "0.25", "0.125", "--seeds", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "--steps", "600",
