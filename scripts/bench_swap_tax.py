@@ -40,14 +40,13 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from checkfree.analysis.runs import read_metrics, steps_to_target, val_curve
-from checkfree.analysis.stats import Comparison, fmt_interval, judge
+from checkfree.analysis.stats import Comparison
+from checkfree.analysis.swap_tax import GOAL, family, goal_met, paired_row, tables
 from checkfree.analysis.sweep import RunSpec, SweepError, is_done, run_sweep
 from checkfree.analysis.tables import markdown_table
 from checkfree.config import load_config
 from checkfree.core.schedule import swapped_count
 
-GOAL = 1.05  # issue 22: a tax of 1.05x or less with the edge stages still recoverable
 # Seconds per step (train_s / steps) with 8 microbatches, one torch thread, eval every 2 steps, measured
 # 2026-12-07 over 20 steps of each config as given, one run alone while the 2 cores carried other work (load
 # average ~6); two bench runs side by side then took 1.02 s/step each. Used only for those configs at 8
@@ -142,88 +141,15 @@ def cost(ns: argparse.Namespace, runs: dict[Arm, RunSpec]) -> tuple[list[list], 
 
 # ---- analysis ---------------------------------------------------------------------------------------------
 def per_seed(ns: argparse.Namespace, runs: dict[Arm, RunSpec]) -> list[dict]:
-    """One row per swapped run: its seed's targets, steps to each for both schedules (a swapped run that never
-    reaches one: ``--steps + 1``, flagged), and both final validation losses."""
+    """One row per swapped run, paired with its seed's plain run (``checkfree.analysis.swap_tax.paired_row``)."""
     rows = []
     for arm, spec in runs.items():
         if arm.fraction is None:
             continue
         plain_dir = ns.runs_dir / runs[Arm(arm.layout, arm.seed)].name
-        plain, swap = val_curve(read_metrics(plain_dir)), val_curve(read_metrics(ns.runs_dir / spec.name))
-        first, best = plain[0].loss, min(p.loss for p in plain)
         row = {"layout": arm.layout, "fraction": arm.fraction, "lr_scale": arm.lr_scale, "seed": arm.seed}
-        for f in ns.target_fracs:
-            target = first - f * (first - best)
-            got = steps_to_target(swap, target)
-            row[f"target@{f}"] = target
-            row[f"plain_steps@{f}"] = steps_to_target(plain, target).steps  # best is on the curve: always reached
-            row[f"swap_steps@{f}"] = got.steps if got else ns.steps + 1
-            row[f"swap_reached@{f}"] = got is not None
-        row["plain_final_val"] = _json(plain_dir / "summary.json")["final_val_loss"]
-        row["swap_final_val"] = _json(ns.runs_dir / spec.name / "summary.json")["final_val_loss"]
-        rows.append(row)
+        rows.append(row | paired_row(plain_dir, ns.runs_dir / spec.name, ns.target_fracs, ns.steps))
     return rows
-
-
-def _cells(rows: list[dict]) -> dict[tuple, list[dict]]:
-    out: dict[tuple, list[dict]] = {}
-    for r in rows:
-        out.setdefault((r["layout"], r["fraction"], r["lr_scale"]), []).append(r)
-    return out
-
-
-def family(rows: list[dict], fracs: list[float], steps: int) -> list[tuple[dict, Comparison]]:
-    """Every comparison of the sweep (the Holm family), judged: (its keys, the comparison)."""
-    out = []
-    for (layout, fraction, scale), cell in _cells(rows).items():
-        keys = {"layout": layout, "fraction": fraction, "lr_scale": scale, "seeds": [r["seed"] for r in cell]}
-        what = f"{layout} swap {fraction:g} lr x{scale:g}"
-        for f in fracs:
-            censored = sum(not r[f"swap_reached@{f}"] for r in cell)
-            note = f"{censored} of {len(cell)} seeds never reached it: counted at step {steps + 1}, a lower bound"
-            c = Comparison(
-                f"{what} {f:.0%} target: steps swap / plain",
-                [r[f"swap_steps@{f}"] for r in cell],
-                [r[f"plain_steps@{f}"] for r in cell],
-                words=("swap faster", "swap slower"),
-                note=note if censored else "",
-            )
-            out.append(({**keys, "what": "steps ratio", "target_frac": f, "censored": censored}, c))
-        c = Comparison(
-            f"{what} final val loss: swap - plain",
-            [r["swap_final_val"] for r in cell],
-            [r["plain_final_val"] for r in cell],
-            kind="difference",
-            words=("swap lower", "swap higher"),
-        )
-        out.append(({**keys, "what": "final val difference", "target_frac": None, "censored": 0}, c))
-    judge([c for _, c in out])
-    return out
-
-
-def goal_met(keys: dict, c: Comparison) -> str:
-    """Whether the tax is within GOAL: 'yes' when the t interval's upper end is at most GOAL and no seed was
-    censored, 'no' when its lower end is above GOAL, else 'undecided'."""
-    if c.t is None or c.t.n < 2:
-        return "undecided"
-    if c.t.low > GOAL:
-        return "no"
-    return "yes" if c.t.high <= GOAL and not keys["censored"] else "undecided"
-
-
-def tables(judged: list[tuple[dict, Comparison]]) -> tuple[list[str], list[list], list[str], list[list]]:
-    ratio_h = ["layout", "fraction", "lr", "target", "tax [95% t]", "BCa", "seeds", "censored", "Holm p", "verdict"]
-    ratio_h.append(f"<= {GOAL}x")
-    ratio, diff = [], []
-    for k, c in judged:
-        head = [k["layout"], f"{k['fraction']:g}", f"x{k['lr_scale']:g}"]
-        if k["what"] == "steps ratio":
-            tail = [f"{k['censored']}/{c.t.n}", f"{c.p_holm:.3g}", c.verdict, goal_met(k, c)]
-            ratio.append([*head, f"{k['target_frac']:.0%}", fmt_interval(c.t), fmt_interval(c.bca), c.t.n, *tail])
-        else:
-            diff.append([*head, fmt_interval(c.t, 3), fmt_interval(c.bca, 3), c.t.n, f"{c.p_holm:.3g}", c.verdict])
-    diff_h = ["layout", "fraction", "lr", "swap - plain [95% t]", "BCa", "seeds", "Holm p", "verdict"]
-    return ratio_h, ratio, diff_h, diff
 
 
 def markdown(ns: argparse.Namespace, judged: list[tuple[dict, Comparison]]) -> str:
