@@ -178,6 +178,12 @@ COMMANDS: dict[str, Command] = {
          "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax"],
         provenance="recorded; swap_tax.{json,md} copied to docs/results/swap_tax_bench4.*",
     ),
+    "swap_tax_deep6": Command(
+        ["python", "scripts/bench_swap_tax.py", "--configs", "configs/deep.yaml", "--fractions", "0.5", "--seeds",
+         "0", "1", "2", "3", "4", "--steps", "300", "--jobs", "2", "--step-s", "0.6", "--runs-dir",
+         "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax_deep"],
+        provenance="recorded; swap_tax.{json,md} copied to docs/results/swap_tax_deep6.*",
+    ),
     "swap_tax": Command(
         ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "configs/deep.yaml", "--fractions",
          "0.5", "0.25", "0.125", "--seeds", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "--steps", "600",
