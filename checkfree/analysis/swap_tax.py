@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from checkfree.analysis import costmodel as cm
 from checkfree.analysis.runs import read_metrics, steps_to_target, val_curve
 from checkfree.analysis.stats import Comparison, fmt_interval, judge
 
@@ -104,3 +105,134 @@ def tables(judged: list[tuple[dict, Comparison]]) -> tuple[list[str], list[list]
             diff.append([*head, fmt_interval(c.t, 3), fmt_interval(c.bca, 3), c.t.n, f"{c.p_holm:.3g}", c.verdict])
     diff_h = ["layout", "fraction", "lr", "swap - plain [95% t]", "BCa", "seeds", "Holm p", "verdict"]
     return ratio_h, ratio, diff_h, diff
+
+
+# ---- expected time to target per swapped fraction (issue 22 item 3: choosing the default) -------------------
+def q_by_seed(q_result: dict, method: str, stage: int, k: int) -> dict[int, tuple[float, bool]]:
+    """Per seed, (q, reached) of ``method`` losing ``stage`` in a ``scripts/measure_q.py`` result, at its
+    target F+``k``. A seed that never reached the target within the horizon gets the least q it can have had:
+    its arm needed more than ``horizon`` steps and the reference at most ``k``, so q > horizon - k; counted
+    as ``horizon - k + eval_every`` (a lower bound, flagged ``reached`` False).
+
+    Raises:
+        ValueError: the result has no row of that method, stage and target.
+    """
+    rows = [r for r in q_result["rows"] if r["method"] == method and r["stage"] == stage]
+    if not rows or f"q@{k}" not in rows[0]:
+        have = sorted({(r["method"], r["stage"]) for r in q_result["rows"]})
+        raise ValueError(f"no q@{k} of method {method!r} at stage {stage} in the q result (it has {have})")
+    floor = q_result["horizon"] - k + q_result["eval_every"]
+    return {r["seed"]: (r[f"q@{k}"], True) if r[f"reached@{k}"] else (float(floor), False) for r in rows}
+
+
+def stage_q(edge: dict, middle: dict | None, num_stages: int, k: int, method: str = "plus") -> dict[int, list]:
+    """Per seed, q of every stage: the first and last from ``edge`` (one fraction's measurement), the others
+    from ``middle`` (None: from ``edge`` too). Only seeds that every stage has are kept."""
+    per_stage = []
+    for stage in range(num_stages):
+        source = edge if stage in (0, num_stages - 1) or middle is None else middle
+        per_stage.append(q_by_seed(source, method, stage, k))
+    seeds = set.intersection(*(set(s) for s in per_stage))
+    return {seed: [s[seed] for s in per_stage] for seed in sorted(seeds)}
+
+
+def expected_hours(
+    target_steps: float,
+    swap_tax: float,
+    q: float,
+    hourly_rate: float,
+    num_stages: int,
+    iteration_s: float,
+    downtime_s: float,
+) -> float:
+    """Expected hours to ``target_steps`` failure-free steps under CheckFree(+) (``costmodel.expected_time``):
+    every stage fails at ``hourly_rate``, one step stands for ``iteration_s`` seconds, each loss costs
+    ``downtime_s`` and ``q`` extra steps, and the schedule needs ``1 + swap_tax`` times the steps."""
+    sc = cm.Scenario(
+        target_steps=target_steps,
+        step_s=iteration_s,
+        stage_fail_prob=cm.per_step_probability(hourly_rate, iteration_s),
+        num_stages=num_stages,
+        downtime_s=downtime_s,
+        q=q,
+        swap_tax=max(swap_tax, 0.0),
+    )
+    return cm.expected_time(sc, cm.checkfree()) / 3600.0
+
+
+def expected_time_rows(
+    tax_rows: list[dict],
+    q_results: dict[float, dict],
+    middle: dict | None,
+    *,
+    layout: str,
+    num_stages: int,
+    target_frac: float,
+    q_at: int,
+    rates: list[float],
+    iteration_s: float,
+    downtime_s: float,
+) -> list[dict]:
+    """Per fraction, rate and seed: the swap tax at ``target_frac`` (``paired_row``'s steps, same seed), the
+    mean q over the stages (``stage_q``) and the expected hours to the target (``expected_hours``, from the
+    plain run's steps). A seed with a censored target or q gives a lower bound, flagged ``censored``."""
+    out = []
+    for fraction, q_result in sorted(q_results.items(), reverse=True):
+        qs = stage_q(q_result, middle, num_stages, q_at)
+        cell = [r for r in tax_rows if r["layout"] == layout and r["fraction"] == fraction and r["lr_scale"] == 1.0]
+        if not cell:
+            raise ValueError(f"no swap-tax runs of layout {layout!r} at fraction {fraction} (lr x1)")
+        for r in cell:
+            if r["seed"] not in qs:
+                continue
+            plain, swap = r[f"plain_steps@{target_frac}"], r[f"swap_steps@{target_frac}"]
+            q_mean = sum(q for q, _ in qs[r["seed"]]) / num_stages
+            censored = not r[f"swap_reached@{target_frac}"] or not all(ok for _, ok in qs[r["seed"]])
+            for rate in rates:
+                hours = expected_hours(plain, swap / plain - 1.0, q_mean, rate, num_stages, iteration_s, downtime_s)
+                out.append(
+                    {
+                        "fraction": fraction,
+                        "rate": rate,
+                        "seed": r["seed"],
+                        "plain_steps": plain,
+                        "swap_steps": swap,
+                        "q_stages": [q for q, _ in qs[r["seed"]]],
+                        "q_mean": q_mean,
+                        "hours": hours,
+                        "censored": censored,
+                    }
+                )
+    return out
+
+
+def fraction_comparisons(rows: list[dict], reference: float) -> list[tuple[dict, Comparison]]:
+    """Every fraction's expected hours against ``reference``'s, per rate, paired by seed, judged as one family."""
+    out = []
+    for rate in sorted({r["rate"] for r in rows}):
+        at = {(r["fraction"], r["seed"]): r for r in rows if r["rate"] == rate}
+        ref = {s: r for (f, s), r in at.items() if f == reference}
+        for fraction in sorted({f for f, _ in at if f != reference}, reverse=True):
+            seeds = sorted(s for f, s in at if f == fraction and s in ref)
+            c = Comparison(
+                f"swap {fraction:g} against {reference:g} at {rate:.0%}/h: expected hours to the target",
+                [at[(fraction, s)]["hours"] for s in seeds],
+                [ref[s]["hours"] for s in seeds],
+                words=("faster", "slower"),
+            )
+            censored = sum(at[(fraction, s)]["censored"] or ref[s]["censored"] for s in seeds)
+            out.append(({"rate": rate, "fraction": fraction, "reference": reference, "censored": censored}, c))
+    judge([c for _, c in out])
+    return out
+
+
+def choose_fraction(rows: list[dict], rate: float) -> tuple[float, dict[float, float]]:
+    """The fraction with the least mean expected hours at ``rate`` (point estimates), and every fraction's mean."""
+    means: dict[float, list[float]] = {}
+    for r in rows:
+        if r["rate"] == rate:
+            means.setdefault(r["fraction"], []).append(r["hours"])
+    mean = {f: sum(v) / len(v) for f, v in means.items()}
+    if not mean:
+        raise ValueError(f"no expected hours at rate {rate}")
+    return min(mean, key=mean.get), mean
