@@ -22,7 +22,7 @@ were censored. The final validation loss difference (swap - plain) gets the same
 Runs go through ``checkfree.analysis.sweep`` (``--jobs`` at a time, one torch thread each; finished runs of
 the same config are skipped, so the sweep can be run in parts and resumed). ``--dry-run`` trains nothing and
 prints the sweep's cost: runs left x (steps x seconds per step + start-up), over ``--jobs``. Writes
-OUT/swap_tax.json (every per-seed value) and OUT/swap_tax.md.
+``--out`` (JSON, every per-seed value) and the markdown table beside it.
 
     python scripts/bench_swap_tax.py --configs configs/bench.yaml configs/deep.yaml --seeds 0 1 2 3 4 5 6 7 8 9 \\
         --steps 600 --jobs 2 --dry-run
@@ -213,7 +213,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--timeout-s", type=float, default=None, help="per run (default: 4x its estimated time)")
     ap.add_argument("--step-s", type=float, nargs="+", default=None, help="seconds per step, one per config")
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/bench/swap-tax-runs"))
-    ap.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for swap_tax.json and .md")
+    ap.add_argument(
+        "--out", type=Path, default=Path("runs/bench/swap_tax.json"), help="the result JSON (the markdown beside it)"
+    )
     ap.add_argument("--dry-run", action="store_true", help="train nothing: print the cost of the runs left")
     ap.add_argument("--analyse-only", action="store_true", help="train nothing: analyse the finished runs")
     ns = ap.parse_args(argv)
@@ -223,6 +225,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [f for f in ns.fractions if swapped_count(ns.microbatches, f) == 0]
     if bad:
         ap.error(f"--fractions {bad} swap no microbatch of {ns.microbatches}")
+    if ns.out.suffix != ".json":
+        ap.error(f"--out {ns.out}: expected a .json file (the markdown table is written beside it, as .md)")
     ns.argv = argv if argv is not None else sys.argv[1:]
     return ns
 
@@ -261,10 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     ratio_h, ratio, diff_h, diff = tables(judged)
     print(tabulate(ratio, headers=ratio_h, disable_numparse=True))
     print(tabulate(diff, headers=diff_h, disable_numparse=True))
-    ns.out.mkdir(parents=True, exist_ok=True)
-    (ns.out / "swap_tax.json").write_text(json.dumps(result(ns, rows, judged), indent=1) + "\n")
-    (ns.out / "swap_tax.md").write_text(markdown(ns, judged))
-    print(f"wrote {ns.out / 'swap_tax.json'} and {ns.out / 'swap_tax.md'}")
+    ns.out.parent.mkdir(parents=True, exist_ok=True)
+    ns.out.write_text(json.dumps(result(ns, rows, judged), indent=1) + "\n")
+    ns.out.with_suffix(".md").write_text(markdown(ns, judged))
+    print(f"wrote {ns.out} and {ns.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

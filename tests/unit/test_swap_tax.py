@@ -40,7 +40,7 @@ def _script(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_tax_from_known_curves(tmp_path):
-    runs, out = tmp_path / "runs", tmp_path / "out"
+    runs, out = tmp_path / "runs", tmp_path / "out" / "swap_tax.json"
     for seed, swap in SWAP.items():
         _fake_run(runs / f"bench-plain-s{seed}", PLAIN)
         _fake_run(runs / f"bench-swap0.5-lrx1-s{seed}", swap)
@@ -57,7 +57,7 @@ def test_tax_from_known_curves(tmp_path):
         str(out),
         "--analyse-only",
     )
-    result = json.loads((out / "swap_tax.json").read_text())
+    result = json.loads(out.read_text())
     # targets 4.8 - f * 3.8: 2.9, 1.95, 1.38; the plain run first reaches them at steps 22, 32, 38
     assert [result["rows"][0][f"target@{f}"] for f in (0.5, 0.75, 0.9)] == [
         4.8 - f * (4.8 - 1.0) for f in (0.5, 0.75, 0.9)
@@ -78,7 +78,7 @@ def test_tax_from_known_curves(tmp_path):
     assert math.isclose(diff["t"]["estimate"], (0.8 + 0.4 + 1.0) / 3)
     family = [c["p"] for c in result["comparisons"]]
     assert len(family) == 4 and all(c["p_holm"] >= c["p"] for c in result["comparisons"])
-    md = (out / "swap_tax.md").read_text()
+    md = out.with_suffix(".md").read_text()
     assert "| bench" in md and "lower bound" in md
 
 
@@ -95,3 +95,14 @@ def test_dry_run_costs_the_sweep_and_trains_nothing(tmp_path):
     assert ["deep", "6", "6", "100", "0.5", "--step-s", "354"] in lines
     assert f"{2 * 354 / 2 / 3600:.1f} h" in proc.stdout
     assert not runs.exists()
+
+
+def test_an_out_that_is_no_json_file_is_refused_by_name(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_swap_tax.py", "--out", str(tmp_path), "--dry-run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "expected a .json file" in proc.stderr
