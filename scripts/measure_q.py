@@ -20,7 +20,8 @@ methods add ablations (e.g. ``warmup=recovery.warmup_steps=20``). Stage position
 first, second, middle, last).
 
 Every seed's arms run in one process; ``--jobs`` seeds side by side. Prints a table and saves JSON (every
-per-seed value, so the statistics can be redone) and markdown with bootstrap intervals over seeds.
+per-seed value, so the statistics can be redone) and markdown with bootstrap intervals over seeds. This script
+trains; the reading of the curves, the statistics and the tables are ``checkfree.analysis.q``'s.
 
     python scripts/measure_q.py configs/bench.yaml --seeds 0 1 2 3 4 --fail-at 300 --horizon 200 \\
         --out docs/results/q_bench.json
@@ -30,94 +31,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from checkfree.analysis.runs import read_metrics, steps_to_target, val_curve
-from checkfree.analysis.stats import bootstrap, fmt_interval
-from checkfree.analysis.tables import markdown_table
+from checkfree.analysis.q import METHODS, analyse, from_disk, markdown, parse_methods, rebuilt_events, scan_markdown
 from checkfree.config import load_config, split_args
 from checkfree.core.events import EventLog
 from checkfree.core.metrics import MetricLogger, report
 from checkfree.core.rebuild import RebuildSpec
 from checkfree.core.recovery import edge_replicas_on
 from checkfree.engine.trainer import Trainer
-
-# method -> (swap on, overrides)
-METHODS = {
-    "weighted": (False, ["recovery.strategy=checkfree"]),
-    "uniform": (False, ["recovery.strategy=uniform"]),
-    "copy": (False, ["recovery.strategy=copy"]),
-    "random": (False, ["recovery.strategy=random"]),
-    "plus": (True, ["recovery.strategy=checkfree_plus", "recovery.partner_rule=average"]),
-    "partner_copy": (True, ["recovery.strategy=checkfree_plus", "recovery.partner_rule=copy"]),
-}
-
-
-def parse_methods(names: list[str]) -> dict[str, tuple[bool, list[str]]]:
-    """Built-in method names, or ``name=base+key=value,key=value`` (an ablation on a built-in method)."""
-    out = {}
-    for spec in names:
-        if spec in METHODS:
-            out[spec] = METHODS[spec]
-            continue
-        name, _, rest = spec.partition("=")
-        base, _, extra = rest.partition("+")
-        if base not in METHODS or not name:
-            raise SystemExit(f"--methods: {spec!r} is neither one of {', '.join(METHODS)} nor NAME=BASE+key=value,...")
-        swap, overrides = METHODS[base]
-        extra_kv = [kv for kv in extra.split(",") if kv]
-        fixed = [kv for kv in extra_kv if kv.startswith(("recovery.norm_scope=", "recovery.norm_ema_beta="))]
-        if fixed:
-            raise SystemExit(
-                f"--methods {spec!r}: {fixed} is fixed by the reference run the arms fork from (its engine tracks "
-                "its norms so); measure it with a reference of its own (a separate run with the key set for all)"
-            )
-        out[name] = (swap, [*overrides, *extra_kv])
-    return out
-
-
-def stage_label(stage: int, num_stages: int) -> str:
-    if stage == 0:
-        return "first"
-    if stage == num_stages - 1:
-        return "last"
-    if stage in (1, num_stages - 2):
-        return f"partner({stage})"
-    return f"middle({stage})"
-
-
-def best_so_far(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    out, best = [], math.inf
-    for step, v in curve:
-        best = min(best, v)
-        out.append((step, best))
-    return out
-
-
-def steps_to(curve: list[tuple[int, float]], target: float) -> int | None:
-    """First step (committed steps) at which the best-so-far loss is <= target (``checkfree.analysis.runs``)."""
-    got = steps_to_target(curve, target)
-    return None if got is None else got[0]
-
-
-def lag_at_end(ref: list[tuple[int, float]], curve: list[tuple[int, float]]) -> int | None:
-    """Steps the arm is behind its reference at the end of the horizon: how long before the arm's last
-    evaluation the reference had first reached the arm's final best-so-far loss (negative: the arm got to the
-    reference's final best first, so it is ahead). None: the arm ends worse than the reference was right
-    after the loss, so it is behind by more than the horizon (a censored value, counted apart). Unlike q, it
-    needs no target, so it measures a lag where the arm never reaches one."""
-    end = curve[-1][0]
-    arm_best, ref_best = min(v for _, v in curve), min(v for _, v in ref)
-    if arm_best <= ref_best:
-        return -(end - steps_to(curve, ref_best))
-    if ref[0][1] < arm_best:  # the reference was past it already at its first evaluation after the loss
-        return None
-    return end - steps_to(ref, arm_best)
 
 
 def _config(files, overrides, seed: int, swap: bool, extra: list[str], out_dir: Path, name: str, ns):
@@ -189,9 +114,7 @@ def run_seed(files, overrides, seed: int, methods: dict, stages: list[int], ns) 
                 trainer.continue_for(ns.horizon)
                 trainer.metrics.close()
                 trainer.events.close()
-                events = [json.loads(line) for line in (arm_dir / "events.jsonl").read_text().splitlines()]
-                keys = ("method", "sources", "weights", "path", "edge")
-                rebuilt = [{k: e.get(k) for k in keys} for e in events if e["event"] == "rebuilt"]
+                rebuilt = rebuilt_events(arm_dir / "events.jsonl")
                 result["arms"].append(
                     {
                         "method": name,
@@ -266,125 +189,6 @@ def scan_seed(files, overrides, seed: int, methods: dict, stages: list[int], ns)
     return rows
 
 
-def scan_markdown(rows: list[dict], methods: dict, stages: list[int], num_stages: int, ns, header: str) -> str:
-    table = []
-    for point in sorted(ns.scan):
-        for name in methods:
-            for stage in stages:
-                r = [x for x in rows if x["fail_at"] == point and x["method"] == name and x["stage"] == stage]
-                if not r:
-                    continue
-                ref = sum(x["ref_val"] for x in r) / len(r)
-                jump = bootstrap([x["jump"] for x in r]).fmt(3)
-                later = bootstrap([x["gap_later"] for x in r]).fmt(3)
-                table.append([point, f"{ref:.3f}", name, stage_label(stage, num_stages), jump, later])
-    headers = ["step F", "reference val", "method", "stage", "jump right after", f"gap {ns.scan_train} steps later"]
-    return f"{header}\n\n" + markdown_table(headers, table)
-
-
-def from_disk(methods: dict, stages: list[int], ns) -> list[dict]:
-    """The results of finished runs, read back from ``--runs-dir`` (every reference and arm keeps its
-    metrics.jsonl): an interrupted measurement is analysed with what it finished; an arm counts only if it
-    trained to the end of the horizon."""
-    results = []
-    end = ns.fail_at + ns.horizon
-
-    def curve(d: Path) -> list[tuple[int, float]] | None:
-        if not (d / "metrics.jsonl").is_file():
-            return None
-        c = [(p.steps, p.loss) for p in val_curve(read_metrics(d)) if p.steps > ns.fail_at]
-        return c if c and c[-1][0] >= end else None
-
-    for seed in ns.seeds:
-        d = Path(ns.runs_dir) / f"s{seed}"
-        res = {"seed": seed, "refs": {}, "arms": []}
-        for family in ("plain", "swap"):
-            ref = curve(d / f"ref-{family}")
-            if ref is not None:
-                res["refs"][family] = ref
-        for name, (swap, _) in methods.items():
-            family = "swap" if swap else "plain"
-            for stage in stages:
-                arm_dir = d / f"{name}-stage{stage}"
-                c = curve(arm_dir)
-                if c is None or family not in res["refs"]:
-                    continue
-                events = [json.loads(line) for line in (arm_dir / "events.jsonl").read_text().splitlines()]
-                keys = ("method", "sources", "weights", "path", "edge")
-                rebuilt = [{k: e.get(k) for k in keys} for e in events if e["event"] == "rebuilt"]
-                res["arms"].append({"method": name, "stage": stage, "family": family, "curve": c, "rebuilt": rebuilt})
-        if res["arms"]:
-            results.append(res)
-    return results
-
-
-def analyse(results: list[dict], methods: dict, stages: list[int], num_stages: int, ns) -> dict:
-    rows = []
-    for res in results:
-        for arm in res["arms"]:
-            ref = res["refs"][arm["family"]]
-            ref_at = dict(ref)
-            curve = arm["curve"]
-            arm_at = dict(curve)
-            first = min(s for s, _ in curve)
-            row = {
-                "seed": res["seed"],
-                "method": arm["method"],
-                "stage": arm["stage"],
-                "family": arm["family"],
-                "jump": arm_at[first] - ref_at[first],  # val loss right after the rebuild, over the reference's
-                "gap_end": curve[-1][1] - ref_at[curve[-1][0]],
-                "lag_end": lag_at_end(ref, curve),
-                "rebuilt": arm["rebuilt"],
-            }
-            for k in ns.target_after:
-                target = min(v for s, v in ref if s <= ns.fail_at + k)  # best the reference had reached by F + k
-                ref_steps, arm_steps = steps_to(ref, target), steps_to(curve, target)
-                row[f"q@{k}"] = None if arm_steps is None else arm_steps - ref_steps
-                row[f"reached@{k}"] = arm_steps is not None
-            rows.append(row)
-    table = {}
-    for name in methods:
-        for stage in stages:
-            r = [x for x in rows if x["method"] == name and x["stage"] == stage]
-            if not r:
-                continue
-            cell = {
-                "label": stage_label(stage, num_stages),
-                "jump": bootstrap([x["jump"] for x in r]).as_dict(),
-                "gap_end": bootstrap([x["gap_end"] for x in r]).as_dict(),
-                "lag_end": bootstrap([x["lag_end"] for x in r if x["lag_end"] is not None]).as_dict(),
-                "lag_beyond_horizon": sum(x["lag_end"] is None for x in r),
-                "seeds": len(r),
-            }
-            for k in ns.target_after:
-                reached = [x[f"q@{k}"] for x in r if x[f"reached@{k}"]]
-                cell[f"q@{k}"] = bootstrap(reached).as_dict()
-                cell[f"reached@{k}"] = len(reached)
-            table[f"{name}/{stage}"] = cell
-    return {"rows": rows, "table": table}
-
-
-def markdown(analysis: dict, methods: dict, stages: list[int], ns, header: str) -> str:
-    ks = ns.target_after
-    table = []
-    for name in methods:
-        for stage in stages:
-            c = analysis["table"].get(f"{name}/{stage}")
-            if c is None:
-                continue
-            qs = [cell for k in ks for cell in (fmt_interval(c[f"q@{k}"], 1), f"{c[f'reached@{k}']}/{c['seeds']}")]
-            lag = (
-                [fmt_interval(c["lag_end"], 1), f"{c['lag_beyond_horizon']}/{c['seeds']}"]
-                if "lag_end" in c
-                else ["-", "-"]
-            )
-            table.append([name, c["label"], fmt_interval(c["jump"], 3), *qs, fmt_interval(c["gap_end"], 3), *lag])
-    headers = ["method", "stage", "jump of val loss", *(h for k in ks for h in (f"q (target F+{k})", "reached"))]
-    headers += ["gap at the end", "steps behind at the end", "behind by more than the horizon"]
-    return f"{header}\n\n" + markdown_table(headers, table)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="config files and key=value overrides (default: the tiny default)")
@@ -417,7 +221,10 @@ def main() -> None:
     bad = [s for s in stages if not 0 <= s < L]
     if bad:
         raise SystemExit(f"--stages {bad} out of range 0..{L - 1}")
-    methods = parse_methods(ns.methods)
+    try:
+        methods = parse_methods(ns.methods)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     t0 = time.perf_counter()
     if ns.scan:
         with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -430,17 +237,17 @@ def main() -> None:
             "bootstrap intervals over seeds."
         )
         report({"args": ns.args, "num_stages": L, "scan": ns.scan, "seeds": ns.seeds, "rows": rows}, ns.out)
-        md = scan_markdown(rows, methods, stages, L, ns, header)
+        md = scan_markdown(rows, methods, stages, L, ns.scan, ns.scan_train, header)
         Path(ns.out).with_suffix(".md").write_text(md)
         print(md)
         return
     if ns.analyse_only:
-        results = from_disk(methods, stages, ns)
+        results = from_disk(ns.runs_dir, ns.seeds, methods, stages, ns.fail_at, ns.horizon)
     else:
         with ProcessPoolExecutor(ns.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(run_seed, files, overrides, s, methods, stages, ns) for s in ns.seeds]
             results = [f.result() for f in futures]
-    analysis = analyse(results, methods, stages, L, ns)
+    analysis = analyse(results, methods, stages, L, ns.fail_at, ns.target_after)
     header = (
         f"q on {' '.join(ns.args) or 'the tiny default'}: {L} stages, one stage lost at step {ns.fail_at}, "
         f"{ns.horizon} steps after, seeds {ns.seeds}, validation every {ns.eval_every} step(s) on "
@@ -465,7 +272,7 @@ def main() -> None:
         **analysis,
     }
     report(out, ns.out)
-    md = markdown(analysis, methods, stages, ns, header)
+    md = markdown(analysis, methods, stages, ns.target_after, header)
     Path(ns.out).with_suffix(".md").write_text(md)
     print(md)
     # reference curve: how far training had got at F (the "regime" question)
