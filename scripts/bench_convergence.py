@@ -15,7 +15,9 @@ verdict is given only where >= 5 seeds give an interval that excludes 1, else "n
 compare *iterations* to target by default (``--compare-by``): every step attempt, redone and interrupted
 ones included, immune to the load of a shared machine but blind to save, restore and recovery times,
 which ``scripts/whatif.py`` adds; ``--compare-by seconds`` compares the measured training seconds. Saves
-JSON (every per-seed value), markdown and one loss-vs-time plot per rate (first seed, failures marked).
+JSON (every per-seed value), markdown (``checkfree.analysis.sweep_tables``' page, as scripts/reanalyse.py
+regenerates it: t and BCa intervals, Holm's p, the verdict that holds) and one loss-vs-time plot per rate (first
+seed, failures marked).
 
 Every run keeps its directory under ``--runs-dir`` (one per rate, seed and strategy, named after them):
 a run whose ``summary.json`` exists and whose resolved config matches is reused, so an interrupted sweep
@@ -45,10 +47,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from checkfree import __version__
-from checkfree.analysis.reanalysis import judge_sweep
+from checkfree.analysis.reanalysis import _judged, convergence_family, judge_sweep
 from checkfree.analysis.runs import read_metrics, run_to_target, val_curve
-from checkfree.analysis.stats import bootstrap, fmt_interval, paired_ratio, t_interval
-from checkfree.analysis.tables import markdown_table
+from checkfree.analysis.stats import bootstrap, paired_ratio, t_interval
+from checkfree.analysis.sweep_tables import convergence_markdown
 from checkfree.config import load_config, split_args, to_yaml
 from checkfree.core.metrics import report
 from checkfree.engine.trainer import Trainer
@@ -278,28 +280,28 @@ def main() -> None:
     differences = final_loss_differences(rows, ns.rates, ns.strategies, ns.ours, ns.baselines)
     judge_sweep(comparisons, differences, rows)  # verdicts that hold: t and BCa intervals, Holm over the sweep
     qs = realised_q(rows, ns.rates, ns.strategies, ns.target_fracs) if "none" in ns.strategies else []
-    report(
-        {
-            "num_steps": steps,
-            "rates": ns.rates,
-            "effective_rates": [effective_rate(r, ns.acceleration) for r in ns.rates],
-            "seeds": ns.seeds,
-            "iteration_s": ns.iteration_s,
-            "acceleration": ns.acceleration,
-            "target_fracs": ns.target_fracs,
-            "eval_every": ns.eval_every,
-            "jobs": ns.jobs,
-            "swarm": ns.swarm,
-            "table": table,
-            "comparisons": comparisons,
-            "final_val_differences": differences,
-            "realised_q": qs,
-            "run_dirs": str(runs_dir),
-        },
-        ns.out,
-    )
+    result = {
+        "num_steps": steps,
+        "rates": ns.rates,
+        "effective_rates": [effective_rate(r, ns.acceleration) for r in ns.rates],
+        "seeds": ns.seeds,
+        "iteration_s": ns.iteration_s,
+        "acceleration": ns.acceleration,
+        "target_fracs": ns.target_fracs,
+        "eval_every": ns.eval_every,
+        "jobs": ns.jobs,
+        "swarm": ns.swarm,
+        "table": table,
+        "comparisons": comparisons,
+        "final_val_differences": differences,
+        "realised_q": qs,
+        "run_dirs": str(runs_dir),
+    }
+    report(result, ns.out)
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
-    Path(ns.out).with_suffix(".md").write_text(markdown(table, comparisons, ns, differences, qs))
+    # the page regenerated pages have (checkfree.analysis.sweep_tables): t, BCa, Holm p and the verdict that holds
+    judged = _judged(*convergence_family(result, rows))
+    Path(ns.out).with_suffix(".md").write_text(convergence_markdown(result, judged))
 
 
 def summarise(rows: list[dict], rates, strategies, fracs) -> dict:
@@ -323,10 +325,6 @@ def summarise(rows: list[dict], rates, strategies, fracs) -> dict:
 
 
 MIN_SEEDS = 5  # no verdict from fewer paired seeds (the percentile rule, kept as percentile_verdict)
-VERDICT_RULE = (
-    "the t interval and a BCa bootstrap both exclude no difference and it survives Holm's correction over the "
-    "sweep's comparisons (checkfree.analysis.reanalysis.judge_sweep)"
-)
 
 
 def _verdict(ours: str, interval, pairs) -> str:
@@ -441,59 +439,6 @@ def final_loss_differences(rows: list[dict], rates, strategies, ours=None, basel
                     }
                 )
     return out
-
-
-def markdown(table: dict, comparisons: list[dict], ns, differences: list[dict] = (), qs: list[dict] = ()) -> str:
-    fracs = ns.target_fracs
-    eff = lambda rate: f"{effective_rate(float(rate), ns.acceleration):.0%}"
-    lines = [
-        f"{len(ns.seeds)} seeds; rates are effective per-stage hourly rates (nominal x acceleration "
-        f"{ns.acceleration:g}, iteration {ns.iteration_s:g} s); validation every {ns.eval_every} steps. Targets: "
-        + ", ".join(f"{f:.0%}" for f in fracs)
-        + " of each seed's failure-free progress. Seconds to target are per seed ('-': not reached).\n",
-        markdown_table(
-            ["rate", "strategy", *(f"reached {f:.0%}" for f in fracs), "final val loss", "failures"],
-            [
-                [eff(key.split("/", 1)[0]), key.split("/", 1)[1], *(f"{t[f'reached@{f}']}/{t['seeds']}" for f in fracs),
-                 fmt_interval(t["final_val"], 3), fmt_interval(t["failures"], 1)]
-                for key, t in table.items()
-            ],
-        ),
-        f"{comparisons[0]['by'].capitalize() if comparisons else 'Time'} to target, ours over the baseline: "
-        "geometric mean of per-seed ratios over the seeds where both reached it, 95% t interval on the log ratios; a "
-        f"verdict only where {VERDICT_RULE}.\n",
-        markdown_table(
-            ["rate", "target", "ours", "baseline", "ratio [95% CI]", "seeds", "not reached (ours / baseline)",
-             "verdict"],
-            [
-                [eff(c["rate"]), f"{c['target_frac']:.0%}", c["ours"], c["baseline"], fmt_interval(c["ratio"], 2),
-                 c["seeds"], f"{c['ours_not_reached']} / {c['baseline_not_reached']}", c["verdict"]]
-                for c in comparisons
-            ],
-        ),
-        "Final validation loss, ours minus the baseline: mean of per-seed differences, 95% t interval; "
-        f"a verdict only where {VERDICT_RULE}.\n",
-        markdown_table(
-            ["rate", "ours", "baseline", "difference [95% CI]", "seeds", "verdict"],
-            [
-                [eff(c["rate"]), c["ours"], c["baseline"], fmt_interval(c["difference"], 3), c["seeds"], c["verdict"]]
-                for c in differences
-            ],
-        ),
-    ]  # fmt: skip
-    if qs:
-        rows = []
-        for rate in ns.rates:
-            for strategy in ns.strategies:
-                cells = [c for c in qs if c["rate"] == rate and c["strategy"] == strategy]
-                if cells:
-                    rows.append([eff(rate), strategy, *(fmt_interval(c["q"], 1) for c in cells)])
-        lines += [
-            "Realised q: extra committed steps to the target per failure, against the failure-free run of the "
-            "same seed (mean over seeds with failures, 95% bootstrap interval).\n",
-            markdown_table(["rate", "strategy", *(f"q to {f:.0%}" for f in fracs)], rows),
-        ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
