@@ -3,9 +3,12 @@ Run reader
 ==========
 
 One reader of a finished run's ``metrics.jsonl`` for both executors: its validation curve and the first
-point at or below a target loss (steps, seconds, iterations). The engine's rows carry ``time/train_s`` and
-``iteration``; the swarm's carry an ``epoch`` and only wall-clock, so its seconds count from the start of its
-first step. Every benchmark that asks "how long to this loss" reads it here.
+point at or below a target loss (steps, seconds, iterations). Both executors' step records carry ``step``,
+``iteration`` and ``time/train_s`` (``checkfree.core.metrics``' schema). Seconds are the engine's training
+seconds; a swarm's rows also carry ``time/wall`` (the clock its peers share) and their ``time/train_s``
+counts from the launch, so their seconds count from the start of the first step instead, leaving the DHT
+start-up out. Runs written before the swarm logged ``iteration`` have no iterations (None). Every
+benchmark that asks "how long to this loss" reads it here.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def val_curve(rows: Sequence[dict], times: Sequence[float] | None = None) -> lis
         rows: a run's metrics rows (``read_metrics``), either executor's.
         times: seconds to use instead of the recorded ones, one per row (a replay's ``row_times``).
     """
-    swarm_t0 = rows[0]["time/wall"] - rows[0]["time/step_s"] if rows and "epoch" in rows[0] else None
+    t0 = _first_step_start(rows)
     out = []
     for n, r in enumerate(rows):
         v = r.get("loss/val")
@@ -54,13 +57,18 @@ def val_curve(rows: Sequence[dict], times: Sequence[float] | None = None) -> lis
             continue
         if times is not None:
             seconds = times[n]
-        elif swarm_t0 is not None:
-            seconds = r["time/wall"] - swarm_t0
         else:
-            seconds = r.get("time/train_s")
-        iterations = r["iteration"] + 1 if "iteration" in r else None
+            seconds = r.get("time/train_s") if t0 is None else r["time/wall"] - t0
+        iterations = r["iteration"] + 1 if "iteration" in r else None  # None: a swarm run from before it logged them
         out.append(Point(r["step"] + 1, float(v), seconds, iterations))
     return out
+
+
+def _first_step_start(rows: Sequence[dict]) -> float | None:
+    """The unix time a swarm run's first step started (its rows carry ``time/wall``), from which its seconds
+    count; None for the engine's rows, whose ``time/train_s`` is training time already."""
+    first = next((r for r in rows if "time/wall" in r), None)
+    return None if first is None else first["time/wall"] - first["time/step_s"]
 
 
 def steps_to_target(curve: Sequence[tuple], target: float) -> tuple | None:

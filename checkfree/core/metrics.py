@@ -7,6 +7,17 @@ Metrics
 ``checkfree.core.events``). Every line is flushed as it is written, so a crashed run keeps everything up
 to its last step.
 
+The one metrics schema of both executors (``RECORDS``, ``KEYS``): a *step* record of a run directory's
+metrics.jsonl carries ``step``, ``iteration``, ``loss/train``, ``throughput/tokens_per_s``, ``time/step_s``
+and ``time/train_s``, whichever executor wrote it (the engine's ``step_record``; the swarm's peers' rows as
+the launcher merges them), so analysis reads both alike (``checkfree.analysis.runs``). A swarm peer's own
+file holds *peer_step* rows (no ``time/train_s``: a peer does not know when the swarm's first step started,
+the merge of every peer's rows does; ``epoch``, ``stage`` and ``time/wall`` instead) and *peer_eval* rows (a
+validation loss, merged into the step's record). Every key is typed in ``KEYS``; ``check_record`` raises on
+a missing, unknown or mistyped key. It is checked where it costs the training nothing: the tests check
+every row of a real engine run and a real local swarm run, and a reader may check a run (``check_rows``);
+``MetricLogger.write`` does not check (a wrong metrics key must not stop a run).
+
 Trackers: with ``metrics.tensorboard=true`` every numeric field also goes to TensorBoard, written with
 torch's standard ``SummaryWriter`` (the optional ``tensorboard`` extra), at the record's step; with
 ``metrics.wandb=true`` to a Weights & Biases run (the ``wandb`` package), against the same step (W&B's
@@ -22,7 +33,9 @@ import dataclasses
 import json
 import logging
 import math
+import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +58,121 @@ class MetricsConfig:
     def __post_init__(self) -> None:
         if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"metrics.wandb_mode={self.wandb_mode!r}: expected one of {', '.join(WANDB_MODES)}")
+
+
+@dataclass(frozen=True)
+class MetricKey:
+    name: str  # the key; ``<i>`` in a per-stage key stands for a stage index
+    type: str  # "int" or "number" (a JSON number; a non-finite float is written as "nan", "inf" or "-inf")
+    written_by: str  # engine, swarm, or both
+    meaning: str
+
+
+KEYS: dict[str, MetricKey] = {
+    k.name: k
+    for k in (
+        MetricKey("step", "int", "both", "the committed step (0-based); its record is written after it committed"),
+        MetricKey(
+            "iteration",
+            "int",
+            "both",
+            "the step attempt that committed it (0-based), interrupted and discarded attempts counted; the swarm's "
+            "count is carried across epochs by the epoch record, as failure injection draws by it",
+        ),
+        MetricKey("loss/train", "number", "both", "training loss of the step (mean over its microbatches)"),
+        MetricKey("loss/val", "number", "both", "validation loss on the fixed batches after the step, when evaluated"),
+        MetricKey("throughput/tokens_per_s", "number", "both", "tokens per second (engine: saves included)"),
+        MetricKey("time/step_s", "number", "both", "seconds the step itself took"),
+        MetricKey(
+            "time/train_s",
+            "number",
+            "both",
+            "the run's clock when the step committed: engine, seconds spent training, recovering and "
+            "checkpointing (evaluation excluded); swarm, wall-clock seconds since the launch (the launcher's merge)",
+        ),
+        MetricKey("time/wall", "number", "swarm", "unix time when the step committed (the clock the peers share)"),
+        MetricKey("epoch", "int", "swarm", "the membership epoch that committed the step (never a pass over data)"),
+        MetricKey("stage", "int", "swarm", "the stage of the peer that wrote the row"),
+        MetricKey("memory/max_rss_mb", "number", "swarm", "the peer's peak resident memory (MB)"),
+        MetricKey("memory/shadow_bytes", "number", "swarm", "bytes of the shadow copy the peer holds (redundant)"),
+        MetricKey("comm/bytes_sent", "number", "swarm", "bytes of activations and gradients the stage sent"),
+        MetricKey("stage/<i>/lr", "number", "engine", "stage i's learning rate after the step"),
+        MetricKey("stage/<i>/grad_norm_raw", "number", "both", "stage i's pre-clip gradient norm"),
+        MetricKey("stage/<i>/grad_norm_smoothed", "number", "engine", "stage i's smoothed gradient norm"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class RecordType:
+    name: str
+    required: tuple[str, ...]
+    meaning: str
+
+
+_STEP = ("step", "iteration", "loss/train", "throughput/tokens_per_s", "time/step_s")
+RECORDS: dict[str, RecordType] = {
+    r.name: r
+    for r in (
+        RecordType("step", (*_STEP, "time/train_s"), "a committed step in a run directory's metrics.jsonl"),
+        RecordType("peer_step", (*_STEP, "time/wall", "epoch", "stage"), "a swarm peer's row of a committed step"),
+        RecordType("peer_eval", ("step", "epoch", "stage", "loss/val"), "a swarm peer's validation row"),
+    )
+}
+_NON_FINITE = ("nan", "inf", "-inf")  # how JsonLines writes a non-finite float
+
+
+def _key_type(key: str) -> MetricKey | None:
+    return KEYS.get(re.sub(r"^stage/\d+/", "stage/<i>/", key))
+
+
+def _has_type(value, kind: str) -> bool:
+    if isinstance(value, bool):
+        return False
+    if kind == "int":
+        return isinstance(value, int) and value >= 0
+    return isinstance(value, (int, float)) or value in _NON_FINITE
+
+
+def check_record(record: dict, kind: str = "step") -> None:
+    """Check one metrics row against the schema: ``kind``'s required keys are there, every key is in
+    ``KEYS`` and has its type (a row as written, or as read back from JSON).
+
+    Raises:
+        ValueError: naming the key, its value and what was expected.
+    """
+    rtype = RECORDS.get(kind)
+    if rtype is None:
+        raise ValueError(f"unknown metrics record kind {kind!r}; known kinds: {', '.join(RECORDS)}")
+    missing = [k for k in rtype.required if k not in record]
+    if missing:
+        raise ValueError(f"metrics {kind} record of step {record.get('step')!r} is missing required keys {missing}")
+    for key, value in record.items():
+        mk = _key_type(key)
+        if mk is None:
+            raise ValueError(
+                f"metrics key {key!r} (value {value!r}) is not in the schema (checkfree.core.metrics.KEYS)"
+            )
+        if not _has_type(value, mk.type):
+            expected = "a non-negative int" if mk.type == "int" else "a number (or 'nan', 'inf', '-inf')"
+            raise ValueError(f"metrics key {key!r} = {value!r}: expected {expected}")
+
+
+def check_rows(rows: Iterable[dict], kind: str = "step") -> None:
+    """``check_record`` of every row; a swarm peer's file (kind ``peer``): each row as ``peer_eval`` when it
+    carries ``loss/val`` but no ``loss/train``, else as ``peer_step``."""
+    for row in rows:
+        if kind == "peer":
+            check_record(row, "peer_eval" if "loss/val" in row and "loss/train" not in row else "peer_step")
+        else:
+            check_record(row, kind)
+
+
+def schema_table() -> str:
+    """The keys as a markdown table (for the docs)."""
+    lines = ["| key | type | written by | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k.name}` | {k.type} | {k.written_by} | {k.meaning} |" for k in KEYS.values()]
+    return "\n".join(lines)
 
 
 def peak_rss_mb() -> float:

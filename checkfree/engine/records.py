@@ -42,7 +42,8 @@ def step_record(
     grad_norm_raw: list[float],
     grad_norm_smoothed: list[float],
 ) -> dict:
-    """The ``metrics.jsonl`` record of the step just committed (``st`` already counts it).
+    """The ``metrics.jsonl`` record of the step just committed (``st`` already counts it): a ``step`` record
+    of ``checkfree.core.metrics``' schema.
 
     Args:
         step_s: the step's own seconds; ``st.train_s`` and ``st.tokens_per_s`` include its saves.

@@ -109,10 +109,12 @@ class TrainingLoop:
             if resumed:
                 resumed = False
                 self.emit("resumed", step=done)
-            # every stage logs the committed step (a stage lost right after the commit must not leave a gap)
+            # every stage logs the committed step (a stage lost right after the commit must not leave a gap);
+            # a peer_step row of checkfree.core.metrics' schema (the launcher's merge adds time/train_s)
             self.metrics.write(
                 {
                     "step": done,
+                    "iteration": status.iteration - 1,  # the attempt that committed it, counted as the engine does
                     "loss/train": loss,
                     "throughput/tokens_per_s": status.tokens_per_s,
                     "time/wall": time.time(),
