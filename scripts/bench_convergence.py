@@ -273,8 +273,9 @@ def main() -> None:
         seed0 = [runs[(s, rate if s != "none" else 0.0, ns.seeds[0])] for s in ns.strategies]
         plot_runs(seed0, Path(ns.out).with_name(f"{Path(ns.out).stem}_rate{rate}.png"), labels=ns.strategies)
     table = summarise(rows, ns.rates, ns.strategies, ns.target_fracs)
-    # iterations are immune to the load of a shared machine (runs of a sweep do not run side by side); the
-    # swarm's metrics have no iteration count, so its comparison is by wall-clock
+    # iterations are immune to the load of a shared machine (runs of a sweep do not run side by side); a swarm
+    # sweep is run for wall-clock truth (detection, rendezvous, transfer), so its comparison is by seconds (and
+    # its runs from before the swarm logged iterations have none)
     by = "seconds" if ns.swarm else ns.compare_by
     comparisons = compare(rows, ns.rates, ns.strategies, ns.target_fracs, by, ns.ours, ns.baselines)
     differences = final_loss_differences(rows, ns.rates, ns.strategies, ns.ours, ns.baselines)
