@@ -98,21 +98,21 @@ COMMANDS: dict[str, Command] = {
          "--runs-dir", "runs/bench/convergence-slow-runs"],
     ),
     "whatif": Command(
-        ["python", "scripts/whatif.py", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
+        ["python", "scripts/whatif.py", "map", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
          "--downtime-s", "1.14", "--iteration-s", "91.3", "--hourly-rate", "0.1", "0.33", "--storage-mb-s", "5", "100",
          "--q", "21", "15", "27", "--q-full-step", "300", "--target-steps", "300", "--intervals", "5", "25",
          "--map-storage", "0.5", "500", "13", "--map-rates", "0.02", "0.5", "10", "--out", "runs/bench/whatif.json"],
     ),
     "whatif_paper": Command(
-        ["python", "scripts/whatif.py", "--q", "40", "20", "60", "--out", "runs/bench/whatif_paper.json"],
+        ["python", "scripts/whatif.py", "map", "--q", "40", "20", "60", "--out", "runs/bench/whatif_paper.json"],
     ),
     "whatif_validation_local": Command(
-        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
+        ["python", "scripts/whatif.py", "validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
          "checkfree_plus", "--q", "21", "15", "27", "--q-full-step", "300", "--out",
          "runs/bench/whatif_validation_local.json"],
     ),
     "whatif_validation_slow": Command(
-        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
+        ["python", "scripts/whatif.py", "validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
          "checkfree_plus", "--q", "21", "15", "27", "--q-full-step", "300", "--out",
          "runs/bench/whatif_validation_slow.json"],
     ),
@@ -123,25 +123,42 @@ COMMANDS: dict[str, Command] = {
         env={"OMP_NUM_THREADS": "1"},
     ),
     "whatif_overlap_fit": Command(
-        ["python", "scripts/whatif.py", "--fit-overlap", "runs/bench/overlap-fit-runs", "checkfree_plus", "--q", "21",
+        ["python", "scripts/whatif.py", "fit-overlap", "runs/bench/overlap-fit-runs", "checkfree_plus", "--q", "21",
          "--q-full-step", "300", "--out", "runs/bench/whatif_overlap_fit.json"],
     ),
     "whatif_validation_local_overlap": Command(
-        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
+        ["python", "scripts/whatif.py", "validate-sweep", "runs/bench/convergence-ci-runs", "checkpoint:5",
          "checkfree_plus", "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--out",
          "runs/bench/whatif_validation_local_overlap.json"],
     ),
     "whatif_validation_slow_overlap": Command(
-        ["python", "scripts/whatif.py", "--validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
+        ["python", "scripts/whatif.py", "validate-sweep", "runs/bench/convergence-slow-runs", "checkpoint:25",
          "checkfree_plus", "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--out",
          "runs/bench/whatif_validation_slow_overlap.json"],
     ),
     "whatif_overlap": Command(
-        ["python", "scripts/whatif.py", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
+        ["python", "scripts/whatif.py", "map", "--model-bytes", "6697728", "--step-s", "0.1", "--num-stages", "4",
          "--downtime-s", "1.14", "--iteration-s", "91.3", "--hourly-rate", "0.1", "0.33", "--storage-mb-s", "5", "100",
          "--overlap-fit", "runs/bench/whatif_overlap_fit.json", "--target-steps", "300", "--intervals", "5", "25",
          "--map-storage", "0.5", "500", "13", "--map-rates", "0.02", "0.5", "10", "--out",
          "runs/bench/whatif_overlap.json"],
+    ),
+    "whatif_null": Command(
+        ["python", "scripts/whatif.py", "null", "--sweep", "local", "runs/bench/whatif_validation_local_overlap.json",
+         "runs/bench/convergence_ci.rows.json", "--sweep", "slow", "runs/bench/whatif_validation_slow_overlap.json",
+         "runs/bench/convergence_slow.rows.json", "--sweep", "local-q21", "runs/bench/whatif_validation_local.json",
+         "runs/bench/convergence_ci.rows.json", "--sweep", "slow-q21", "runs/bench/whatif_validation_slow.json",
+         "runs/bench/convergence_slow.rows.json", "--out", "runs/bench/whatif_null.json"],
+        provenance="recorded with the same files from docs/results: the run directories of convergence-ci-runs, "
+        "convergence-slow-runs and overlap-fit-runs are not in this checkout, so validate-sweep (which now puts the "
+        "null predictor beside the model itself) could not be rerun on them",
+    ),
+    "whatif_paper_table2": Command(
+        ["python", "scripts/whatif.py", "paper-table2", "--overlap-fit", "runs/bench/whatif_overlap_fit.json",
+         "--swap-tax-json", "6-stage-edge-pairs", "runs/bench/swap_tax_deep/swap_tax.json", "--swap-tax-json",
+         "4-stage-half-swapped", "runs/bench/swap_tax/swap_tax.json", "--out", "runs/bench/whatif_paper_table2.json"],
+        provenance="recorded with the same files from docs/results (whatif_overlap_fit.json, swap_tax_deep6.json, "
+        "swap_tax_bench4.json)",
     ),
     "convergence_neighbours": Command(
         ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "failures.neighbour_prob=0.5", "--rates",

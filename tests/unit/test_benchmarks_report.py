@@ -58,14 +58,16 @@ def _literal_keywords(call: ast.Call) -> dict:
 
 @cache
 def parser_of(script: Path) -> argparse.ArgumentParser:
-    """The parser ``script`` declares, rebuilt from its ``add_argument`` calls.
+    """The parser ``script`` declares, rebuilt from its ``add_argument`` calls (with subcommands:
+    ``_subcommand_parser``).
 
     Raises:
-        AssertionError: the script declares subcommands or no argument at all (rebuild it another way).
+        AssertionError: the script declares no argument at all (rebuild it another way).
     """
     tree = ast.parse(script.read_text(), filename=str(script))
     calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
-    assert not any(c.func.attr == "add_subparsers" for c in calls), f"{script.name}: subcommands not rebuilt here"
+    if any(c.func.attr == "add_subparsers" for c in calls):
+        return _subcommand_parser(script, tree)
     parser = _Parser(prog=script.name, add_help=False)
     added = 0
     for call in sorted((c for c in calls if c.func.attr == "add_argument"), key=lambda c: (c.lineno, c.col_offset)):
@@ -74,6 +76,36 @@ def parser_of(script: Path) -> argparse.ArgumentParser:
         added += 1
     assert added or "argparse" not in script.read_text(), f"{script.name}: no add_argument found"
     return parser
+
+
+def _subcommand_parser(script: Path, tree: ast.Module) -> argparse.ArgumentParser:
+    """A parser with subcommands, rebuilt statement by statement in source order, each call bound to the
+    variable it was made on: ``P = argparse.ArgumentParser(...)``, ``S = P.add_subparsers(...)``,
+    ``C = S.add_parser("name", parents=[P, ...])`` and ``P.add_argument(...)``."""
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    subparsers: dict[str, argparse._SubParsersAction] = {}
+    top = None
+    stmts = [n for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.Expr)) and isinstance(n.value, ast.Call)]
+    for stmt in sorted(stmts, key=lambda n: (n.lineno, n.col_offset)):
+        call, target = stmt.value, getattr(stmt.targets[0], "id", None) if isinstance(stmt, ast.Assign) else None
+        if not isinstance(call.func, ast.Attribute):
+            continue
+        owner = call.func.value.id if isinstance(call.func.value, ast.Name) else None
+        if call.func.attr == "ArgumentParser" and target:
+            parsers[target] = _Parser(prog=script.name, add_help=False)
+        elif call.func.attr == "add_subparsers" and owner in parsers and target:
+            kw = {k: v for k, v in _literal_keywords(call).items() if k in ("dest", "required")}
+            subparsers[target], top = parsers[owner].add_subparsers(**kw), parsers[owner]
+        elif call.func.attr == "add_parser" and owner in subparsers and target:
+            parents = next((k.value for k in call.keywords if k.arg == "parents"), ast.List(elts=[]))
+            named = [parsers[e.id] for e in parents.elts]
+            name = ast.literal_eval(call.args[0])
+            parsers[target] = subparsers[owner].add_parser(name, parents=named, add_help=False)
+        elif call.func.attr == "add_argument" and owner in parsers:
+            names = [ast.literal_eval(a) for a in call.args]
+            parsers[owner].add_argument(*names, **_literal_keywords(call))
+    assert top is not None, f"{script.name}: add_subparsers on no parser this rebuild knows"
+    return top
 
 
 def parse(command: bm.Command) -> argparse.Namespace:
@@ -105,9 +137,10 @@ def test_the_page_shows_the_command_that_runs(name):
 
 
 def test_the_rebuilt_parser_refuses_what_the_script_would():
-    whatif = bm.Command(["python", "scripts/whatif.py", "--q", "40"])
-    assert parse(whatif).q == [40.0]
-    for argv in (["--no-such-flag"], ["--map-rates", "0.1", "0.2"], ["--q", "forty"]):
+    whatif = bm.Command(["python", "scripts/whatif.py", "map", "--q", "40"])
+    assert parse(whatif).q == [40.0] and parse(whatif).command == "map"
+    refused = (["map", "--no-such-flag"], ["map", "--map-rates", "0.1", "0.2"], ["map", "--q", "forty"], ["--q", "40"])
+    for argv in (*refused, ["replay", "--q", "40", "runs/a"], ["null"], ["fit-overlap", "runs"]):
         with pytest.raises(_Refused):
             parse(bm.Command(["python", "scripts/whatif.py", *argv]))
 

@@ -362,7 +362,7 @@ def test_whatif_script_end_to_end(tmp_path):
     small = ["--model-bytes", "1e8", "--step-s", "1", "--num-stages", "4", "--target-steps", "200"]
     grid = ["--map-storage", "10", "1000", "3", "--map-rates", "0.05", "0.5", "3", "--acceleration", "100"]
     args = [*small, *grid, "--hourly-rate", "0.1", "--storage-mb-s", "100", "--mc-runs", "50", "--intervals", "5"]
-    result = _whatif(tmp_path, *args, "--q-json", "q.json", "--q-key", "plus/2", "--q-at", "50")
+    result = _whatif(tmp_path, "map", *args, "--q-json", "q.json", "--q-key", "plus/2", "--q-at", "50")
     assert result["q"] == [3.0, 1.0, 6.0]
     (pt,) = result["points"]
     assert set(pt["strategies"]) >= {"checkpoint", "checkfree", "hybrid", "checkpoint@young", "checkpoint@5"}
@@ -373,11 +373,12 @@ def test_whatif_script_end_to_end(tmp_path):
 
 def test_whatif_replay_and_validate_modes(tmp_path, recorded):
     runs = [str(recorded["ckpt"]), str(recorded["cfp"])]
-    rep = _whatif(tmp_path, "--replay", *runs, "--step-s", "2", "--storage-mb-s", "10", "--downtime-s", "1")
+    rep = _whatif(tmp_path, "replay", *runs, "--step-s", "2", "--storage-mb-s", "10", "--downtime-s", "1")
     assert [r["run_dir"] for r in rep["replay"]] == runs and rep["replay"][0]["retimed"][0]["wall_s"] > 0
-    val = _whatif(tmp_path, "--validate", *runs, "--q", "2")
+    val = _whatif(tmp_path, "validate", *runs, "--q", "2")
     first, second = val["validate"]["runs"]
-    assert first["measured_ratio"] == 1.0 and first["predicted_ratio"] == 1.0
+    assert first["measured_ratio"] == 1.0 and first["predicted_ratio"] == 1.0 and first["null_ratio"] == 1.0
+    assert second["null_ratio"] > 0  # the null predictor beside the model, from the runs' own seconds per iteration
     assert second["measured_ratio"] > 0 and second["predicted_ratio"] > 0
 
 
@@ -396,7 +397,7 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
         ).run()
         ckpt = ["recovery.strategy=checkpoint", "checkpoint.every_steps=4"]
         Trainer(_named(tiny_config(runs, *common, *draws, *ckpt), f"checkpointK4-r{p}-s0")).run()
-    fit = _whatif(tmp_path, "--fit-overlap", str(runs), "checkfree_plus", "--q", "2")["fit_overlap"]
+    fit = _whatif(tmp_path, "fit-overlap", str(runs), "checkfree_plus", "--q", "2")["fit_overlap"]
     assert len(fit["pairs"]) == 3 and fit["given_q"] == 2.0
     assert fit["q"]["estimate"] >= 0 and fit["tau"]["estimate"] >= 0 and fit["swap_tax"]["estimate"] >= 0
     assert len(fit["samples"]) == 200 and all(len(x) == 3 for x in fit["samples"])
@@ -410,19 +411,20 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
     assert "Overlap fit" in (tmp_path / "whatif.md").read_text()
     # the fit validated on a sweep: the ranges come from its bootstrap samples
     (tmp_path / "fit.json").write_text((tmp_path / "whatif.json").read_text())
-    val = _whatif(
-        tmp_path, "--validate-sweep", str(runs), "checkpoint:4", "checkfree_plus", "--overlap-fit", "fit.json"
-    )
+    val = _whatif(tmp_path, "validate-sweep", str(runs), "checkpoint:4", "checkfree_plus", "--overlap-fit", "fit.json")
     pairs = val["validate_sweep"]["pairs"]
+    null = val["validate_sweep"]["null"]
+    assert null["model"]["pairs"] == null["null"]["pairs"] == 3 and "the null predictor" in null["verdict"]
+    assert all(p["null_ratio"] > 0 for p in pairs)
     assert len(pairs) == 3 and all(lo <= hi for lo, hi in (p["predicted_range"] for p in pairs))
     assert val["validate_sweep"]["q_overlap_iterations"] == fit["tau"]["estimate"]
     assert "bootstrap (q, tau, sigma) samples" in (tmp_path / "whatif.md").read_text()
     grid = ["--map-storage", "10", "1000", "2", "--map-rates", "0.05", "0.5", "2", "--mc-runs", "0"]
     small = ["--model-bytes", "1e8", "--step-s", "1", "--num-stages", "4", "--target-steps", "200"]
-    mapped = _whatif(tmp_path, *small, *grid, "--storage-mb-s", "100", "--overlap-fit", "fit.json")
+    mapped = _whatif(tmp_path, "map", *small, *grid, "--storage-mb-s", "100", "--overlap-fit", "fit.json")
     assert mapped["q"][0] == fit["q"]["estimate"] and len(mapped["map"]["resolved"]) == 2
     both = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "whatif.py"), "--overlap-fit", "fit.json", "--q", "3"],
+        [sys.executable, str(ROOT / "scripts" / "whatif.py"), "map", "--overlap-fit", "fit.json", "--q", "3"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -431,7 +433,7 @@ def test_whatif_fits_the_overlap_on_a_sweep(tmp_path):
     assert both.returncode != 0 and "give none of them with it" in both.stderr
     for bad, why in (("missing.json", "no such file"), ("whatif.json", "no fit_overlap result in it")):
         refused = subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "whatif.py"), "--overlap-fit", bad],
+            [sys.executable, str(ROOT / "scripts" / "whatif.py"), "map", "--overlap-fit", bad],
             capture_output=True,
             text=True,
             timeout=60,
