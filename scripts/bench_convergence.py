@@ -47,7 +47,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from checkfree import __version__
-from checkfree.analysis.reanalysis import _judged, convergence_family, judge_sweep
+from checkfree.analysis.reanalysis import convergence_family, judge_sweep, judged
 from checkfree.analysis.runs import read_metrics, run_to_target, val_curve
 from checkfree.analysis.stats import bootstrap, paired_ratio, t_interval
 from checkfree.analysis.sweep_tables import convergence_markdown
@@ -301,8 +301,8 @@ def main() -> None:
     report(result, ns.out)
     Path(ns.out).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1) + "\n")
     # the page regenerated pages have (checkfree.analysis.sweep_tables): t, BCa, Holm p and the verdict that holds
-    judged = _judged(*convergence_family(result, rows))
-    Path(ns.out).with_suffix(".md").write_text(convergence_markdown(result, judged))
+    verdicts = judged(*convergence_family(result, rows))
+    Path(ns.out).with_suffix(".md").write_text(convergence_markdown(result, verdicts))
 
 
 def summarise(rows: list[dict], rates, strategies, fracs) -> dict:

@@ -12,5 +12,9 @@ by ``checkfree.core``, ``checkfree.engine`` or ``checkfree.swarm``):
 - ``reanalysis``: every reported comparison of the finished sweeps judged again by the rule of ``stats``;
 - ``sweep_tables``: a convergence sweep's page, with the re-analysis's intervals and verdicts;
 - ``benchmarks``: every benchmark's command as an argument list (run without a shell), and its provenance;
-- ``costmodel``: expected time to a target under stage failures, and the replay of a recorded run.
+- ``costmodel``: expected time to a target under stage failures, and the replay of a recorded run;
+- ``q``: the extra steps a lost and rebuilt stage costs, read from ``scripts/measure_q.py``'s curves;
+- ``swap_tax``: CheckFree+'s swapped schedule against the plain one without failures, and the expected time
+  to target per swapped fraction that chooses ``pipeline.swap_fraction``;
+- ``sweep``: a resumable runner of a sweep's trainings (one process each, finished runs skipped).
 """

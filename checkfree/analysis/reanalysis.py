@@ -48,7 +48,7 @@ def judge_sweep(comparisons: list[dict], differences: list[dict], rows: list[dic
     percentile rule's verdict as ``percentile_verdict`` and adding the intervals and Holm's p."""
     result = {"comparisons": comparisons, "final_val_differences": differences}
     family, duplicates = convergence_family(result, rows)
-    _judged(family, duplicates)
+    judged(family, duplicates)
     by_name = {c.name: c for c in family + duplicates}
     for d, name in zip(comparisons + differences, comparison_names(result)):
         c = by_name[name]
@@ -210,18 +210,20 @@ def reanalyse(results_dir: str | Path) -> dict:
         result = json.loads((d / f"{name}.json").read_text())
         rows = json.loads((d / f"{name}.rows.json").read_text())
         family, duplicates = convergence_family(result, rows)
-        out[name] = _judged(family, duplicates)
+        out[name] = judged(family, duplicates)
     for name in Q_SWEEPS:
         if (d / f"{name}.json").is_file():
-            out[name] = _judged(q_family(json.loads((d / f"{name}.json").read_text())), [])
+            out[name] = judged(q_family(json.loads((d / f"{name}.json").read_text())), [])
     if (d / "recovery_ablation.rows.json").is_file():
-        out["recovery_ablation"] = _judged(
+        out["recovery_ablation"] = judged(
             ablation_family(json.loads((d / "recovery_ablation.rows.json").read_text())), []
         )
     return out
 
 
-def _judged(family: list[Comparison], duplicates: list[Comparison]) -> dict:
+def judged(family: list[Comparison], duplicates: list[Comparison]) -> dict:
+    """Judge ``family`` (t, BCa, Holm); each duplicate (an arm that repeats another's runs, named in its note)
+    takes its twin's intervals and verdict. Both as JSON-ready dicts."""
     judge(family)
     by_name = {c.name: c for c in family}
     for c in duplicates:

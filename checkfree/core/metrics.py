@@ -169,8 +169,10 @@ def check_rows(rows: Iterable[dict], kind: str = "step") -> None:
 
 
 def schema_table() -> str:
-    """The keys as a markdown table (for the docs)."""
-    lines = ["| key | type | written by | meaning |", "|---|---|---|---|"]
+    """The record kinds and the keys as markdown tables (for the docs; a test keeps docs/ARCHITECTURE.md equal)."""
+    lines = ["| record | required keys | what it is |", "|---|---|---|"]
+    lines += [f"| {r.name} | {', '.join(f'`{k}`' for k in r.required)} | {r.meaning} |" for r in RECORDS.values()]
+    lines += ["", "| key | type | written by | meaning |", "|---|---|---|---|"]
     lines += [f"| `{k.name}` | {k.type} | {k.written_by} | {k.meaning} |" for k in KEYS.values()]
     return "\n".join(lines)
 

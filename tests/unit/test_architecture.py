@@ -17,8 +17,9 @@ ALLOWED = {
     "checkfree.swarm": {"checkfree.core", "checkfree.swarm", "checkfree.config", "checkfree"},
     "checkfree.config": {"checkfree.core", "checkfree.swarm.config"},
     "checkfree.plot": {"checkfree.core"},
-    # results of runs, read, and sweeps run as subprocesses (their configs resolved to compare); no executor
-    "checkfree.analysis": {"checkfree.core", "checkfree.analysis", "checkfree.config", "checkfree"},
+    # results of runs, read, and sweeps run as subprocesses (their configs resolved to compare); figures drawn
+    # with the shared plot helper; no executor
+    "checkfree.analysis": {"checkfree.core", "checkfree.analysis", "checkfree.config", "checkfree.plot", "checkfree"},
     "checkfree.cli": {"*"},  # the entry point may use everything, the launcher included
 }  # "checkfree" alone: the package's own __init__ (its __version__), not everything under it
 
@@ -78,6 +79,14 @@ def test_the_documented_event_schema_is_the_one_in_the_code():
 
     doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
     documented = doc.split("<!-- schema:begin -->")[1].split("<!-- schema:end -->")[0].strip()
+    assert documented == schema_table()
+
+
+def test_the_documented_metrics_schema_is_the_one_in_the_code():
+    from checkfree.core.metrics import schema_table
+
+    doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    documented = doc.split("<!-- metrics-schema:begin -->")[1].split("<!-- metrics-schema:end -->")[0].strip()
     assert documented == schema_table()
 
 
