@@ -155,8 +155,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "whatif_paper_table2": Command(
         ["python", "scripts/whatif.py", "paper-table2", "--overlap-fit", "runs/bench/whatif_overlap_fit.json",
-         "--swap-tax-json", "6-stage-edge-pairs", "runs/bench/swap_tax_deep/swap_tax.json", "--swap-tax-json",
-         "4-stage-half-swapped", "runs/bench/swap_tax/swap_tax.json", "--out", "runs/bench/whatif_paper_table2.json"],
+         "--swap-tax-json", "6-stage-edge-pairs", "runs/bench/swap_tax_deep6.json", "--swap-tax-json",
+         "4-stage-half-swapped", "runs/bench/swap_tax_bench4.json", "--out", "runs/bench/whatif_paper_table2.json"],
         provenance="recorded with the same files from docs/results (whatif_overlap_fit.json, swap_tax_deep6.json, "
         "swap_tax_bench4.json)",
     ),
@@ -192,19 +192,33 @@ COMMANDS: dict[str, Command] = {
     "swap_tax_bench4": Command(
         ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "--fractions", "0.5", "0.25",
          "0.125", "--seeds", "0", "1", "2", "3", "4", "--steps", "300", "--jobs", "2", "--runs-dir",
-         "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax"],
-        provenance="recorded; swap_tax.{json,md} copied to docs/results/swap_tax_bench4.*",
+         "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax_bench4.json"],
+        provenance="recorded with --out runs/bench/swap_tax (a folder, before --out named the file); its "
+        "swap_tax.{json,md} copied to docs/results/swap_tax_bench4.*",
     ),
     "swap_tax_deep6": Command(
-        ["python", "scripts/bench_swap_tax.py", "--configs", "configs/deep.yaml", "--fractions", "0.5", "--seeds",
-         "0", "1", "2", "3", "4", "--steps", "300", "--jobs", "2", "--step-s", "0.6", "--runs-dir",
-         "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax_deep"],
-        provenance="recorded; swap_tax.{json,md} copied to docs/results/swap_tax_deep6.*",
+        ["python", "scripts/bench_swap_tax.py", "--configs", "configs/deep.yaml", "--fractions", "0.5", "0.25",
+         "0.125", "--seeds", "0", "1", "2", "3", "4", "--steps", "300", "--jobs", "2", "--step-s", "0.6",
+         "--runs-dir", "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax_deep6.json"],
+        provenance="recorded in two parts in the same runs dir (fraction 0.5 first, then 0.25 and 0.125 resumed "
+        "beside it) with --out runs/bench/swap_tax_deep_all (a folder); copied to docs/results/swap_tax_deep6.*",
     ),
-    "swap_tax": Command(
+    **{
+        f"q_swap{f}": Command(
+            ["python", "scripts/measure_q.py", "configs/bench.yaml", "pipeline.num_microbatches=8",
+             f"pipeline.swap_fraction={f}", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "300", "--horizon", "100",
+             "--target-after", "25", "50", "--methods", "plus", "--stages", "0", "3", "--eval-every", "2", "--jobs",
+             "1", "--runs-dir", f"runs/q/bench8-swap{f}-F300", "--out", f"runs/bench/q_swap{f}.json"],
+            provenance="the three fractions ran side by side, one process each",
+        )
+        for f in ("0.5", "0.25", "0.125")
+    },
+    "swap_tax_full": Command(
         ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "configs/deep.yaml", "--fractions",
          "0.5", "0.25", "0.125", "--seeds", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "--steps", "600",
-         "--microbatches", "8", "--jobs", "2", "--runs-dir", "runs/bench/swap-tax-runs", "--out", "runs/bench"],
+         "--microbatches", "8", "--jobs", "2", "--runs-dir", "runs/bench/swap-tax-runs", "--out",
+         "runs/bench/swap_tax_full.json"],
+        provenance="not run yet: 10 seeds x 600 steps on both layouts (its --dry-run costs it, hours on 2 cores)",
     ),
 }
 QUICK: dict[str, Command] = {
@@ -219,22 +233,34 @@ QUICK: dict[str, Command] = {
 ANALYSES: dict[str, Command] = {
     # reads docs/results only: runs after the benchmarks' fresh results are copied there
     "reanalysis": Command(["python", "scripts/reanalyse.py"]),
+    "swap_fraction_choice": Command(
+        ["python", "scripts/choose_swap_fraction.py", "--tax", "docs/results/swap_tax_bench4.json", "--layout", "bench",
+         "--q", "0.5=docs/results/q_swap0.5.json", "0.25=docs/results/q_swap0.25.json",
+         "0.125=docs/results/q_swap0.125.json", "--q-middle", "docs/results/q_bench.json", "--out",
+         "docs/results/swap_fraction_choice.json"],
+    ),
+}
+# a name that stands for several entries (``--only swap_tax``): the tables of issue 22's item 3, in order
+GROUPS: dict[str, list[str]] = {
+    "swap_tax": ["swap_tax_bench4", "swap_tax_deep6", "q_swap0.5", "q_swap0.25", "q_swap0.125", "swap_fraction_choice"],
 }
 # fmt: on
 
 
 def select(commands: dict[str, Command], only: Iterable[str] | None) -> dict[str, Command]:
-    """The entries named in ``only`` (all of them when None), in the registry's order.
+    """The entries named in ``only`` (all of them when None; a ``GROUPS`` name stands for its entries), in the
+    registry's order.
 
     Raises:
-        ValueError: a name that is no entry.
+        ValueError: a name that is no entry and no group.
     """
     if only is None:
         return dict(commands)
-    wanted = set(only)
+    wanted = {name for n in only for name in GROUPS.get(n, [n])}
     unknown = wanted - set(COMMANDS) - set(ANALYSES)
     if unknown:
-        raise ValueError(f"no benchmark named {sorted(unknown)}; known: {sorted([*COMMANDS, *ANALYSES])}")
+        known = sorted([*COMMANDS, *ANALYSES, *GROUPS])
+        raise ValueError(f"no benchmark named {sorted(unknown)}; known: {known}")
     return {name: c for name, c in commands.items() if name in wanted}
 
 

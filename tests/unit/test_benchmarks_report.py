@@ -146,7 +146,7 @@ def test_the_rebuilt_parser_refuses_what_the_script_would():
 
 
 def test_a_reanalysis_entry_runs_after_the_benchmarks():
-    assert [c.argv[1] for c in bm.ANALYSES.values()] == ["scripts/reanalyse.py"]
+    assert [c.argv[1] for c in bm.ANALYSES.values()] == ["scripts/reanalyse.py", "scripts/choose_swap_fraction.py"]
     assert not set(bm.ANALYSES) & set(bm.COMMANDS)
 
 
@@ -157,6 +157,12 @@ def test_select_keeps_the_registry_order_and_refuses_unknown_names():
     assert bm.select(bm.COMMANDS, ["reanalysis"]) == {}
     with pytest.raises(ValueError, match="no_such_benchmark"):
         bm.select(bm.COMMANDS, ["no_such_benchmark"])
+
+
+def test_a_group_selects_its_entries_in_both_lists():
+    assert list(bm.select(bm.COMMANDS, ["swap_tax"])) == [n for n in bm.GROUPS["swap_tax"] if n in bm.COMMANDS]
+    assert list(bm.select(bm.ANALYSES, ["swap_tax"])) == ["swap_fraction_choice"]
+    assert all(n in bm.COMMANDS or n in bm.ANALYSES for names in bm.GROUPS.values() for n in names)
 
 
 def test_rerun_runs_argument_lists_with_this_interpreter_from_the_root():
