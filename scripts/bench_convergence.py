@@ -25,6 +25,13 @@ resumes where it stopped and a sweep can be widened (another seed, another rate)
 ``--jobs N`` runs N trainings side by side, one torch thread each (wall-clock seconds are then measured
 under that shared load, equally for every strategy).
 
+``checkpoint:young`` (or ``:daly``, and ``hybrid:young``) checkpoints at the interval of Young (1974) or Daly
+(2006) for each rate, from the save and step times of a short failure-free calibration run under the sweep's
+config (RUNS_DIR/calibration, reused while the config matches; ``checkfree.analysis.calibration``), so
+checkpointing is compared at its own best interval on this machine and storage, not at one picked by hand.
+``--dry-run`` trains only that calibration and prints the intervals and the sweep's cost (runs left x steps
+x seconds per step, over ``--jobs``; a lower bound).
+
 ``--swarm`` runs every strategy in the real multi-process swarm instead (``checkfree swarm``: one process
 per stage, two spares, every peer dying at its own drawn failures as the engine's would), one run at a time, for
 wall-clock truth: detection, rendezvous and weight transfer are then part of the time to target. Seconds
@@ -47,6 +54,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from checkfree import __version__
+from checkfree.analysis.calibration import RULES, Calibration, checkpoint_interval, read_calibration
 from checkfree.analysis.reanalysis import convergence_family, judge_sweep, judged
 from checkfree.analysis.runs import read_metrics, run_to_target, val_curve
 from checkfree.analysis.stats import bootstrap, paired_ratio, t_interval
@@ -146,6 +154,35 @@ def _run_all(files, tasks: list[tuple[list[str], Path]], jobs: int, swarm: bool 
             print(f"finished {futures[f].name}", flush=True)
 
 
+CALIBRATION_STEPS = 12  # a failure-free run that saves every 2 steps: the save and step times of the sweep
+STARTUP_S = 9.0  # per run, imports, data and the final save (bench_swap_tax.py's measurement)
+
+
+def _interval_rule(strategy: str) -> str | None:
+    """'young' or 'daly' for checkpoint:young / hybrid:daly and the like, else None."""
+    kind, _, k = strategy.partition(":")
+    return k if kind in ("checkpoint", "hybrid") and k in RULES else None
+
+
+def _calibrate(files, overrides, runs_dir: Path, threads: int) -> Calibration:
+    """The save and step times of this machine and storage under the sweep's config (kept in
+    RUNS_DIR/calibration and reused while the config matches)."""
+    args = _args(overrides, runs_dir, "calibration", "checkpoint:2", 0, None, threads)
+    args.append(f"num_steps={CALIBRATION_STEPS}")
+    if not _done(files, args, runs_dir / "calibration"):
+        _train(files, args)
+    return read_calibration(runs_dir / "calibration")
+
+
+def _resolved(strategy: str, rate: float, cal: Calibration | None, num_stages: int, ns) -> str:
+    """checkpoint:young at ``rate`` as checkpoint:K with K from the measured save and step times."""
+    rule = _interval_rule(strategy)
+    if rule is None:
+        return strategy
+    k = checkpoint_interval(rule, cal, rate, num_stages, ns.iteration_s, ns.acceleration)
+    return f"{strategy.partition(':')[0]}:{k}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="config files and key=value overrides")
@@ -197,6 +234,11 @@ def main() -> None:
         action="store_true",
         help="train nothing: analyse the finished runs in --runs-dir as they are (a missing one is an error)",
     )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="train only the calibration run: print the checkpoint intervals and the sweep's cost, then stop",
+    )
     ns = ap.parse_args()
     files, overrides = split_args(ns.args)
     overrides = [*overrides, f"eval_every_steps={ns.eval_every}"]
@@ -212,6 +254,12 @@ def main() -> None:
     def name(strategy: str, rate: float, seed: int) -> str:
         return f"none-s{seed}" if strategy == "none" else f"{strategy.replace(':', 'K')}-r{rate}-s{seed}"
 
+    needs_cal = ns.dry_run or any(_interval_rule(s) for s in ns.strategies)
+    if needs_cal and ns.swarm:
+        raise SystemExit("--swarm: checkpoint:young/daly and --dry-run calibrate in the engine; give K by hand")
+    cal = _calibrate(files, overrides, runs_dir, threads) if needs_cal else None
+    intervals = {s: {r: _resolved(s, r, cal, L, ns) for r in ns.rates} for s in ns.strategies if _interval_rule(s)}
+
     tasks, runs = [], {}
     for seed in ns.seeds:
         runs["none", 0.0, seed] = runs_dir / name("none", 0.0, seed)
@@ -226,10 +274,21 @@ def main() -> None:
                     runs[strategy, rate, seed] = runs_dir / name(strategy, rate, seed)
                     tasks.append(
                         (
-                            _args(overrides, runs_dir, name(strategy, rate, seed), strategy, seed, draws, threads),
+                            _args(
+                                overrides,
+                                runs_dir,
+                                name(strategy, rate, seed),
+                                _resolved(strategy, rate, cal, L, ns),
+                                seed,
+                                draws,
+                                threads,
+                            ),
                             runs[strategy, rate, seed],
                         )
                     )
+    if ns.dry_run:
+        _print_cost(files, tasks, cal, intervals, steps, ns.jobs)
+        return
     if ns.analyse_only:
         missing = [str(d) for _, d in tasks if not (d / "summary.json").is_file()]
         if missing:
@@ -296,6 +355,8 @@ def main() -> None:
         "comparisons": comparisons,
         "final_val_differences": differences,
         "realised_q": qs,
+        "calibration": cal.as_dict() if cal else None,
+        "checkpoint_intervals": intervals,
         "run_dirs": str(runs_dir),
     }
     report(result, ns.out)
@@ -303,6 +364,22 @@ def main() -> None:
     # the page regenerated pages have (checkfree.analysis.sweep_tables): t, BCa, Holm p and the verdict that holds
     verdicts = judged(*convergence_family(result, rows))
     Path(ns.out).with_suffix(".md").write_text(convergence_markdown(result, verdicts))
+
+
+def _print_cost(files, tasks, cal: Calibration, intervals: dict, steps: int, jobs: int) -> None:
+    """What the sweep would cost: runs left x (steps x the calibration's seconds per step + start-up), over
+    ``jobs``. A lower bound: rollbacks redo steps, saves and redundant computation's second copy add time."""
+    for strategy, by_rate in intervals.items():
+        print(f"{strategy}: " + ", ".join(f"{r:g}/h -> {s}" for r, s in by_rate.items()), flush=True)
+    left = [d for args, d in tasks if not _done(files, args, d)]
+    seconds = len(left) * (steps * cal.step_s + STARTUP_S)
+    print(
+        f"calibration: save {cal.save_s:.3g} s (median of {cal.saves}), step {cal.step_s:.3g} s (median of "
+        f"{cal.steps}); {len(left)} of {len(tasks)} runs left x {steps} steps: at least {seconds / 3600:.1f} h of "
+        f"training, {seconds / jobs / 3600:.1f} h with --jobs {jobs} (rollbacks, saves and redundant computation's "
+        "extra work not included)",
+        flush=True,
+    )
 
 
 def summarise(rows: list[dict], rates, strategies, fracs) -> dict:

@@ -174,6 +174,34 @@ def test_convergence_script(tmp_path):
         _script(*args, "--analyse-only", tmp_path=tmp_path)
 
 
+def test_convergence_script_checkpoints_at_youngs_interval_from_measured_costs(tmp_path):
+    """checkpoint:young: a calibration run measures the save and step times, the interval per rate follows
+    Young's formula from them, the run is trained with it; --dry-run trains only the calibration and costs
+    the rest."""
+    from checkfree.analysis.calibration import Calibration, checkpoint_interval
+
+    args = [*TINY, "num_threads=1", "num_steps=6", "--rates", "0.33", "--seeds", "0", "--acceleration", "20"]
+    strategies = ["--strategies", "none", "checkfree", "checkpoint:young"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_convergence.py"), *args, *strategies, "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint:young: 0.33/h -> checkpoint:" in proc.stdout and "3 of 3 runs left x 6 steps" in proc.stdout
+    runs = tmp_path / "runs/bench/convergence-runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["calibration"]  # nothing but the calibration trained
+    result = _script("bench_convergence", *args, *strategies, tmp_path=tmp_path)
+    cal = Calibration(**result["calibration"])
+    assert cal.saves >= 1 and cal.save_s > 0 and cal.step_s > 0
+    k = checkpoint_interval("young", cal, 0.33, 4, 91.3, 20)
+    assert result["checkpoint_intervals"]["checkpoint:young"]["0.33"] == f"checkpoint:{k}"
+    assert f"every_steps: {k}" in (runs / "checkpointKyoung-r0.33-s0" / "config.yaml").read_text()
+    assert {c["baseline"] for c in result["comparisons"]} == {"checkpoint:young"}
+
+
 @pytest.mark.slow
 @pytest.mark.long  # ~55 s: keeps the default run under 15 minutes on 2 cores
 def test_convergence_script_in_the_swarm(tmp_path):
