@@ -1,4 +1,5 @@
-"""What if: when does CheckFree beat checkpointing? A command line over checkfree.analysis.whatif.
+"""What if: when does CheckFree beat checkpointing? A command line over checkfree.analysis: whatif (map),
+validation (replay, validate, validate-sweep), overlap_fit, null_predictor (null) and table2 (paper-table2).
 
 Subcommands (``whatif.py SUBCOMMAND --help`` for the options of each):
 
@@ -23,11 +24,11 @@ Defaults are the paper's medium model (~500M parameters, 91.3 s steps, 6 stages,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
+from checkfree.analysis import null_predictor, overlap_fit, table2, validation
 from checkfree.analysis import whatif as wi
 from checkfree.core.metrics import report
 
@@ -143,42 +144,92 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def run(ns: argparse.Namespace) -> tuple[dict, str | None]:
-    """The subcommand's result and the markdown to write beside it (None: the subcommand wrote its own)."""
+def _apply_overlap_fit(ns: argparse.Namespace) -> None:
+    """``--overlap-fit PATH``: q, tau, the ramp and the swap tax from a fit-overlap result, written into the
+    options (so the JSON's args record the model that ran) with its bootstrap samples (``fit_samples``).
+    Given with --q, --q-json, --q-overlap-iterations or --swap-tax as well: refused, they would disagree."""
+    ns.fit_samples = None
+    if not getattr(ns, "overlap_fit", None):
+        return
+    if ns.q or ns.q_json or ns.q_overlap_iterations or ns.swap_tax:
+        raise ValueError(
+            "--overlap-fit sets q, --q-overlap-iterations and --swap-tax from the fit: give none of them with it"
+        )
+    fit = overlap_fit.load_fit(ns.overlap_fit)
+    ns.q = [fit["q"]["estimate"]]
+    ns.q_overlap_iterations = fit["tau"]["estimate"]
+    ns.q_full_step = fit["q_full_step"]
+    ns.swap_tax = fit["swap_tax"]["estimate"]
+    ns.fit_samples = fit["samples"]
+
+
+def _q(ns: argparse.Namespace) -> wi.QSpec:
+    return wi.QSpec(ns.q, ns.q_json, ns.q_key, ns.q_at)
+
+
+def _debt(ns: argparse.Namespace) -> wi.DebtModel:
+    return wi.DebtModel(
+        ns.q_full_step, ns.q_overlap_iterations, ns.swap_tax, getattr(ns, "overlap_fit", None), ns.fit_samples
+    )
+
+
+def _map(ns: argparse.Namespace) -> tuple[dict, str]:
+    settings = wi.MapSettings(
+        hourly_rate=ns.hourly_rate,
+        storage_mb_s=ns.storage_mb_s,
+        map_storage=ns.map_storage,
+        map_rates=ns.map_rates,
+        target_steps=ns.target_steps,
+        iteration_s=ns.iteration_s,
+        acceleration=ns.acceleration,
+        restore_s=ns.restore_s,
+        interrupt_fraction=ns.interrupt_fraction,
+        intervals=ns.intervals,
+        p_unrecoverable=ns.p_unrecoverable,
+        async_every=ns.async_every,
+        mc_runs=ns.mc_runs,
+        seed=ns.seed,
+    )
+    base = wi.base_parameters(ns.from_run, ns.model_bytes, ns.step_s, ns.num_stages, ns.downtime_s)
+    return wi.run_map(settings, _debt(ns), _q(ns), base, Path(ns.out).with_suffix(".png"))
+
+
+def run(ns: argparse.Namespace) -> tuple[dict, str | None, bool]:
+    """The subcommand's result, the markdown to write beside it (None: none) and whether to print it too."""
     if ns.command in ("map", "validate", "validate-sweep"):
-        wi.apply_overlap_fit(ns)
+        _apply_overlap_fit(ns)
     if ns.command == "map":
-        return wi.run_map(ns), None
+        return *_map(ns), False
     if ns.command == "replay":
-        return wi.replay_runs(ns), None
+        retimed = validation.replay_runs(
+            ns.run_dirs, ns.step_s, ns.save_s, ns.restore_s, ns.downtime_s, ns.rebuild_s, ns.storage_mb_s
+        )
+        return retimed, None, False
     if ns.command == "validate":
-        return wi.validate_runs(ns, ns.run_dirs, ns.target_loss), None
+        return validation.validate_runs(ns.run_dirs, _q(ns), _debt(ns), ns.target_loss), None, False
     if ns.command == "validate-sweep":
-        return wi.validate_sweep(ns), None
+        return *validation.validate_sweep(ns.runs_dir, ns.baseline, ns.ours, _q(ns), _debt(ns)), False
     if ns.command == "fit-overlap":
-        return wi.fit_overlap(ns), None
+        given = _q(ns).interval()[0]
+        return *overlap_fit.fit_overlap(ns.runs_dir, ns.ours, given, ns.q_full_step), False
     if ns.command == "null":
-        return wi.recorded_null([tuple(s) for s in ns.sweep])
-    fit = json.loads(Path(ns.overlap_fit).read_text()).get("fit_overlap")
-    if fit is None:
-        raise ValueError(f"--overlap-fit {ns.overlap_fit}: no fit_overlap result in it (written by fit-overlap?)")
-    taxes = {"overlap-fit": fit["swap_tax"]["estimate"]}
-    taxes |= {label: wi.swap_tax_of(path) for label, path in ns.swap_tax_json}
-    result = wi.paper_table2(fit, taxes, ns.storage_mb_s)
-    return result, wi.paper_markdown(result)
+        return *null_predictor.recorded_null([tuple(s) for s in ns.sweep]), True
+    fit = overlap_fit.load_fit(ns.overlap_fit)
+    return *table2.compare(fit, ns.swap_tax_json, ns.storage_mb_s), True
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     ns = parse_args(argv)
     try:
-        result, markdown = run(ns)
+        result, markdown, echo = run(ns)
     except ValueError as e:  # a run directory, a result file or a parameter the cost model refused
         raise SystemExit(f"whatif {ns.command}: {e}") from e
     if markdown is not None:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).with_suffix(".md").write_text(markdown)
-        print(markdown)
+        if echo:
+            print(markdown)
     report(wi.json_safe({"args": vars(ns), **result}), ns.out)
 
 

@@ -1,6 +1,6 @@
-"""checkfree.analysis.whatif: the null predictor beside the cost model, its verdict and noise ranges; the
-redundant-computation policy; the paper-scale prediction beside the paper's Table 2; and the script's
-``null`` and ``paper-table2`` subcommands on the recorded results."""
+"""checkfree.analysis.null_predictor and .table2: the null predictor beside the cost model, its verdict and
+noise ranges; the redundant-computation policy; the paper-scale prediction beside the paper's Table 2; and
+the script's ``null`` and ``paper-table2`` subcommands on the recorded results."""
 
 import json
 import math
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from checkfree.analysis import costmodel as cm
-from checkfree.analysis import whatif as wi
+from checkfree.analysis import null_predictor as nullp
+from checkfree.analysis import table2
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
@@ -28,7 +29,7 @@ def test_a_model_that_is_closer_beats_the_null_predictor():
     measured = [0.6, 0.8, 1.2, 1.5, 0.7, 1.3]
     model = [m * f for m, f in zip(measured, (1.01, 0.99, 1.02, 0.98, 1.01, 0.99))]
     null = [m * f for m, f in zip(measured, (1.5, 0.6, 1.4, 0.7, 1.6, 0.65))]
-    out = wi.judge_against_null(_pairs(measured, model, null))
+    out = nullp.judge_against_null(_pairs(measured, model, null))
     assert out["model"]["winners_agree"] == 6 and out["null"]["winners_agree"] < 6
     assert out["model"]["error_factor"] < out["null"]["error_factor"]
     assert out["log_error_difference"]["high"] < 0 and out["verdict"].startswith("The model beats")
@@ -37,7 +38,7 @@ def test_a_model_that_is_closer_beats_the_null_predictor():
 def test_a_model_no_closer_than_the_null_does_not_beat_it_and_ranges_carry_the_noise():
     measured = [0.6, 0.8, 1.2, 1.5, 0.7, 1.3]
     same = [m * f for m, f in zip(measured, (1.2, 0.85, 1.1, 0.9, 1.15, 0.8))]
-    out = wi.judge_against_null(_pairs(measured, same, same))
+    out = nullp.judge_against_null(_pairs(measured, same, same))
     assert out["verdict"].startswith("The model does not beat") and "includes 0" in out["verdict"]
     # leave-one-out ranges from the other pairs' errors: wide enough for these errors, the same for both
     assert out["model"]["inside"] == out["null"]["inside"] == 6
@@ -60,10 +61,10 @@ def test_recorded_null_pairs_use_each_runs_seconds_per_iteration_and_the_tax():
         {"strategy": "checkpoint:5", "rate": 0.1, "seed": 3, "train_s": 200.0, "iterations": 100},
         {"strategy": "checkfree_plus", "rate": 0.1, "seed": 3, "train_s": 90.0, "iterations": 100},
     ]
-    (pair,) = wi.recorded_null_pairs(validation, rows)
+    (pair,) = nullp.recorded_null_pairs(validation, rows)
     assert pair["null_ratio"] == pytest.approx(0.9 * 1.25 / 2.0) and pair["seed"] == 3
     with pytest.raises(ValueError, match="no row for checkfree_plus"):
-        wi.recorded_null_pairs(validation, rows[:1])
+        nullp.recorded_null_pairs(validation, rows[:1])
 
 
 def test_redundant_computation_pays_no_q_and_no_tax():
@@ -78,14 +79,14 @@ def test_redundant_computation_pays_no_q_and_no_tax():
 
 def test_the_paper_table_reproduces_the_earlier_map_and_what_the_paper_implies():
     fit = {"q": {"estimate": 5.0}, "tau": {"estimate": 8.0}, "q_full_step": 300.0}
-    result = wi.paper_table2(fit, {"fit": 0.2, "small": 0.05})["paper_table2"]
+    result = table2.paper_table2(fit, {"fit": 0.2, "small": 0.05})["paper_table2"]
     assert result["steps"] == pytest.approx(10_004, abs=1)
     rows = {(x["rate"], x["strategy"]): x for x in result["rows"]}
     # the earlier map's constant q = 40: 736 h at 10%/h, never at 16%/h (the issue's numbers)
     assert rows[0.1, "checkfree"]["variants"]["q = 40, no tax, no overlap"] == pytest.approx(736.0, abs=1)
     assert math.isinf(rows[0.16, "checkfree"]["variants"]["q = 40, no tax, no overlap"])
     assert rows[0.05, "redundant"]["ratio"] == pytest.approx(1.0, abs=0.03)
-    for rate in wi.PAPER_TABLE2_H:
+    for rate in table2.PAPER_TABLE2_H:
         x = rows[rate, "checkfree"]
         base = cm.Scenario(
             result["steps"], 91.3, cm.per_step_probability(rate, 91.3), 6, 6.0, 6.0, 30.0, q=x["implied_q"]
@@ -94,7 +95,7 @@ def test_the_paper_table_reproduces_the_earlier_map_and_what_the_paper_implies()
         plus = rows[rate, "checkfree_plus"]
         assert plus["variants"]["fitted, tax fit"] > plus["variants"]["fitted, tax small"]  # the tax costs
     assert [w["rate"] for w in result["winners"]] == [0.05, 0.1, 0.16]
-    text = wi.paper_markdown({"paper_table2": result})
+    text = table2.paper_markdown({"paper_table2": result})
     assert "Discrepancies" in text and "the paper's fastest is redundant" in text
 
 
