@@ -102,6 +102,8 @@ def _issue11() -> list[str]:
         ("whatif_validation_local_overlap", "What-if validation with the fitted overlap: local disk"),
         ("whatif_validation_slow_overlap", "What-if validation with the fitted overlap: slow storage (5 MB/s)"),
         ("whatif_overlap", "The what-if map at the bench scale with the fitted overlap"),
+        ("whatif_null", "What-if: the cost model against the null predictor (each run's own seconds per iteration)"),
+        ("whatif_paper_table2", "What-if at the paper's scale beside its Table 2 (the fitted q, overlap and swap tax)"),
         ("convergence_neighbours", "Convergence when neighbours are lost together (failures.neighbour_prob=0.5)"),
         ("convergence_neighbours_hybrid", "The hybrid against CheckFree+ when neighbours are lost together"),
     ):
