@@ -193,15 +193,15 @@ COMMANDS: dict[str, Command] = {
         ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "--fractions", "0.5", "0.25",
          "0.125", "--seeds", "0", "1", "2", "3", "4", "--steps", "300", "--jobs", "2", "--runs-dir",
          "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax_bench4.json"],
-        provenance="recorded with --out runs/bench/swap_tax (a folder, before --out named the file); its "
-        "swap_tax.{json,md} copied to docs/results/swap_tax_bench4.*",
+        provenance="trained with --out runs/bench/swap_tax (a folder, before --out named the file); the table in "
+        "docs/results is this command with --analyse-only over the same runs (equal comparisons)",
     ),
     "swap_tax_deep6": Command(
         ["python", "scripts/bench_swap_tax.py", "--configs", "configs/deep.yaml", "--fractions", "0.5", "0.25",
          "0.125", "--seeds", "0", "1", "2", "3", "4", "--steps", "300", "--jobs", "2", "--step-s", "0.6",
          "--runs-dir", "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax_deep6.json"],
-        provenance="recorded in two parts in the same runs dir (fraction 0.5 first, then 0.25 and 0.125 resumed "
-        "beside it) with --out runs/bench/swap_tax_deep_all (a folder); copied to docs/results/swap_tax_deep6.*",
+        provenance="trained in two parts in the same runs dir (fraction 0.5 first, then 0.25 and 0.125 resumed "
+        "beside it); the table in docs/results is this command with --analyse-only over all of them",
     ),
     **{
         f"q_swap{f}": Command(
