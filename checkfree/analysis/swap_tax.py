@@ -23,6 +23,7 @@ from pathlib import Path
 from checkfree.analysis import costmodel as cm
 from checkfree.analysis.runs import read_metrics, steps_to_target, val_curve
 from checkfree.analysis.stats import Comparison, fmt_interval, judge
+from checkfree.config import ConfigError, load_config, split_args
 
 GOAL = 1.05  # issue 22: a tax of 1.05x or less with the edge stages still recoverable
 
@@ -111,18 +112,53 @@ def tables(judged: list[tuple[dict, Comparison]]) -> tuple[list[str], list[list]
 def q_by_seed(q_result: dict, method: str, stage: int, k: int) -> dict[int, tuple[float, bool]]:
     """Per seed, (q, reached) of ``method`` losing ``stage`` in a ``scripts/measure_q.py`` result, at its
     target F+``k``. A seed that never reached the target within the horizon gets the least q it can have had:
-    its arm needed more than ``horizon`` steps and the reference at most ``k``, so q > horizon - k; counted
-    as ``horizon - k + eval_every`` (a lower bound, flagged ``reached`` False).
+    its arm needed more than the horizon, the reference crossed the target at its own step R (read from the
+    result's reference curve, at most F + k), so q >= F + horizon + eval_every - R (a lower bound, flagged
+    ``reached`` False).
 
     Raises:
-        ValueError: the result has no row of that method, stage and target.
+        ValueError: the result has no row of that method, stage and target, or no reference curve for a
+            censored seed.
     """
     rows = [r for r in q_result["rows"] if r["method"] == method and r["stage"] == stage]
     if not rows or f"q@{k}" not in rows[0]:
         have = sorted({(r["method"], r["stage"]) for r in q_result["rows"]})
         raise ValueError(f"no q@{k} of method {method!r} at stage {stage} in the q result (it has {have})")
-    floor = q_result["horizon"] - k + q_result["eval_every"]
-    return {r["seed"]: (r[f"q@{k}"], True) if r[f"reached@{k}"] else (float(floor), False) for r in rows}
+    out = {}
+    for r in rows:
+        if r[f"reached@{k}"]:
+            out[r["seed"]] = (r[f"q@{k}"], True)
+            continue
+        out[r["seed"]] = (_censored_floor(q_result, r, k), False)
+    return out
+
+
+def _censored_floor(q_result: dict, row: dict, k: int) -> float:
+    """The least q of a seed whose arm never reached the target F+k within the horizon (``q_by_seed``)."""
+    fail_at, horizon, every = q_result["fail_at"], q_result["horizon"], q_result["eval_every"]
+    ref = q_result.get("reference_curves", {}).get(f"{row['seed']}/{row['family']}")
+    if not ref:
+        raise ValueError(f"seed {row['seed']}: censored q@{k} and no reference curve to bound it in the q result")
+    target = min(v for s, v in ref if s <= fail_at + k)
+    crossed = steps_to_target(ref, target)[0]  # the reference reached its own best-so-far by F + k
+    return float(fail_at + horizon + every - crossed)
+
+
+def q_setup(q_result: dict) -> tuple[float, int]:
+    """(pipeline.swap_fraction, pipeline.num_microbatches) of the runs a ``measure_q.py`` result measured, from
+    its recorded config files and overrides (resolved from the repository root).
+
+    Raises:
+        ValueError: the result has no ``args`` or they no longer load.
+    """
+    if "args" not in q_result:
+        raise ValueError("the q result has no 'args' (expected a scripts/measure_q.py result)")
+    files, overrides = split_args(q_result["args"])
+    try:
+        cfg = load_config(files, overrides)
+    except (ConfigError, OSError) as e:
+        raise ValueError(f"the q result's config {q_result['args']} does not load: {e}") from e
+    return cfg.pipeline.swap_fraction, cfg.pipeline.num_microbatches
 
 
 def stage_q(edge: dict, middle: dict | None, num_stages: int, k: int, method: str = "plus") -> dict[int, list]:
@@ -226,13 +262,20 @@ def fraction_comparisons(rows: list[dict], reference: float) -> list[tuple[dict,
     return out
 
 
-def choose_fraction(rows: list[dict], rate: float) -> tuple[float, dict[float, float]]:
-    """The fraction with the least mean expected hours at ``rate`` (point estimates), and every fraction's mean."""
+def choose_fraction(rows: list[dict], rate: float) -> tuple[float | None, dict[float, float], list[float]]:
+    """The fraction with the least mean expected hours at ``rate`` (point estimates) among those whose every
+    seed is uncensored (a censored q or tax is a lower bound: a fraction whose edge stages did not recover
+    must not win on it), every fraction's mean, and the fractions left out for censoring (None chosen when
+    every fraction was)."""
     means: dict[float, list[float]] = {}
+    censored: set[float] = set()
     for r in rows:
         if r["rate"] == rate:
             means.setdefault(r["fraction"], []).append(r["hours"])
-    mean = {f: sum(v) / len(v) for f, v in means.items()}
-    if not mean:
+            if r["censored"]:
+                censored.add(r["fraction"])
+    if not means:
         raise ValueError(f"no expected hours at rate {rate}")
-    return min(mean, key=mean.get), mean
+    mean = {f: sum(v) / len(v) for f, v in means.items()}
+    eligible = {f: h for f, h in mean.items() if f not in censored}
+    return (min(eligible, key=eligible.get) if eligible else None), mean, sorted(censored, reverse=True)

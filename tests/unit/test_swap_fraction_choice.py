@@ -25,14 +25,33 @@ ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [0, 1, 2, 3, 4]
 
 
-def _q_result(q_of, stages=(0, 1, 2, 3), horizon=100, eval_every=2, method="plus") -> dict:
-    """A measure_q.py result: q_of(seed, stage) -> q, or None where the arm never reached the target."""
+def _q_result(q_of, stages=(0, 1, 2, 3), horizon=100, eval_every=2, method="plus", fraction=0.5, ref=None) -> dict:
+    """A measure_q.py result: q_of(seed, stage) -> q, or None where the arm never reached the target; ``ref``:
+    every seed's reference curve (steps after F = 300, loss)."""
     rows = []
     for seed in SEEDS:
         for stage in stages:
             q = q_of(seed, stage)
-            rows.append({"seed": seed, "method": method, "stage": stage, "q@50": q, "reached@50": q is not None})
-    return {"num_stages": 4, "horizon": horizon, "eval_every": eval_every, "rows": rows}
+            row = {
+                "seed": seed,
+                "method": method,
+                "stage": stage,
+                "family": "swap",
+                "q@50": q,
+                "reached@50": q is not None,
+            }
+            rows.append(row)
+    args = [str(ROOT / "configs/bench.yaml"), "pipeline.num_microbatches=8", f"pipeline.swap_fraction={fraction}"]
+    curves = {f"{seed}/swap": ref or [(302, 2.0), (350, 1.7), (400, 1.6)] for seed in SEEDS}
+    return {
+        "args": args,
+        "num_stages": 4,
+        "fail_at": 300,
+        "horizon": horizon,
+        "eval_every": eval_every,
+        "rows": rows,
+        "reference_curves": curves,
+    }
 
 
 def _tax_rows(steps_of) -> list[dict]:
@@ -53,10 +72,12 @@ def _tax_rows(steps_of) -> list[dict]:
 
 
 def test_a_seed_that_never_reached_the_target_counts_at_its_least_possible_q():
-    result = _q_result(lambda seed, stage: None if seed == 2 else 10.0 + seed)
-    q = q_by_seed(result, "plus", 0, 50)
+    late = _q_result(lambda seed, stage: None if seed == 2 else 10.0 + seed)  # reference crossed at step 350
+    q = q_by_seed(late, "plus", 0, 50)
     assert q[0] == (10.0, True)
-    assert q[2] == (100 - 50 + 2, False)  # needed more than the horizon; the reference at most 50 steps
+    assert q[2] == (300 + 100 + 2 - 350, False)  # the arm needed more than F + horizon, the reference 350
+    early = _q_result(lambda seed, stage: None, ref=[(302, 2.0), (320, 1.7), (350, 1.75), (400, 1.6)])
+    assert q_by_seed(early, "plus", 0, 50)[2] == (300 + 100 + 2 - 320, False)  # crossed its F+50 best at 320
 
 
 def test_a_missing_method_or_stage_is_named():
@@ -83,7 +104,7 @@ def test_expected_hours_is_the_cost_model_and_grows_with_q_and_the_tax():
 
 def test_a_lower_tax_at_the_same_q_is_chosen_and_judged_faster():
     tax = _tax_rows(lambda f, s: 240 + s if f == 0.5 else 210 + s)  # 1.2x against 1.05x
-    q = {f: _q_result(lambda seed, stage: 20.0 + seed) for f in (0.5, 0.25)}
+    q = {f: _q_result(lambda seed, stage: 20.0 + seed, fraction=f) for f in (0.5, 0.25)}
     rows = expected_time_rows(
         tax,
         q,
@@ -97,16 +118,19 @@ def test_a_lower_tax_at_the_same_q_is_chosen_and_judged_faster():
         downtime_s=30.0,
     )
     assert len(rows) == 2 * 2 * len(SEEDS) and not any(r["censored"] for r in rows)
-    chosen, means = choose_fraction(rows, 0.10)
-    assert chosen == 0.25 and means[0.25] < means[0.5]
+    chosen, means, censored = choose_fraction(rows, 0.10)
+    assert chosen == 0.25 and means[0.25] < means[0.5] and censored == []
     judged = fraction_comparisons(rows, 0.5)
     assert [(k["fraction"], k["rate"]) for k, _ in judged] == [(0.25, 0.05), (0.25, 0.10)]
     assert all(c.verdict == "faster" for _, c in judged)
 
 
-def test_a_censored_q_is_flagged_on_the_rows_it_enters():
-    tax = _tax_rows(lambda f, s: 220)
-    q = {0.5: _q_result(lambda seed, stage: 20.0), 0.25: _q_result(lambda seed, stage: None if stage == 0 else 20.0)}
+def test_a_fraction_with_censored_seeds_is_flagged_and_never_chosen():
+    tax = _tax_rows(lambda f, s: 240 if f == 0.5 else 200)  # 0.25 would be cheaper on its lower bounds
+    q = {
+        0.5: _q_result(lambda seed, stage: 20.0),
+        0.25: _q_result(lambda seed, stage: None if stage == 0 else 20.0, fraction=0.25),
+    }
     rows = expected_time_rows(
         tax,
         q,
@@ -120,13 +144,19 @@ def test_a_censored_q_is_flagged_on_the_rows_it_enters():
         downtime_s=30.0,
     )
     assert all(r["censored"] == (r["fraction"] == 0.25) for r in rows)
+    chosen, means, censored = choose_fraction(rows, 0.10)
+    assert means[0.25] < means[0.5] and (chosen, censored) == (0.5, [0.25])
 
 
 def test_the_command_writes_the_table_and_the_choice(tmp_path):
-    tax = {"target_fracs": [0.5, 0.75, 0.9], "rows": _tax_rows(lambda f, s: 240 + s if f == 0.5 else 210 + s)}
+    tax = {
+        "target_fracs": [0.5, 0.75, 0.9],
+        "num_microbatches": 8,
+        "rows": _tax_rows(lambda f, s: 240 + s if f == 0.5 else 210 + s),
+    }
     (tmp_path / "tax.json").write_text(json.dumps(tax))
     for f in (0.5, 0.25):
-        (tmp_path / f"q{f}.json").write_text(json.dumps(_q_result(lambda seed, stage: 20.0 + seed)))
+        (tmp_path / f"q{f}.json").write_text(json.dumps(_q_result(lambda seed, stage: 20.0 + seed, fraction=f)))
     out = tmp_path / "choice.json"
     args = [
         "--tax",
@@ -157,3 +187,31 @@ def test_a_q_argument_without_a_fraction_is_refused_by_name(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 2 and "expected FRACTION=PATH" in proc.stderr
+
+
+def test_a_q_file_of_another_fraction_is_refused_by_name(tmp_path):
+    tax = {"target_fracs": [0.9], "num_microbatches": 8, "rows": _tax_rows(lambda f, s: 220)}
+    (tmp_path / "tax.json").write_text(json.dumps(tax))
+    (tmp_path / "q.json").write_text(json.dumps(_q_result(lambda seed, stage: 20.0, fraction=0.5)))
+    args = ["--tax", str(tmp_path / "tax.json"), "--q", f"0.5={tmp_path / 'q.json'}", f"0.25={tmp_path / 'q.json'}"]
+    proc = subprocess.run(
+        [sys.executable, "scripts/choose_swap_fraction.py", *args, "--out", str(tmp_path / "c.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "measured swap fraction 0.5 with 8 microbatches; expected 0.25" in proc.stderr
+
+
+def test_a_result_of_the_wrong_kind_is_named(tmp_path):
+    (tmp_path / "q.json").write_text(json.dumps(_q_result(lambda seed, stage: 20.0)))
+    args = ["--tax", str(tmp_path / "q.json"), "--q", f"0.5={tmp_path / 'q.json'}"]
+    proc = subprocess.run(
+        [sys.executable, "scripts/choose_swap_fraction.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "has no ['target_fracs', 'num_microbatches']" in proc.stderr
