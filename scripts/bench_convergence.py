@@ -159,19 +159,40 @@ STARTUP_S = 9.0  # per run, imports, data and the final save (bench_swap_tax.py'
 
 
 def _interval_rule(strategy: str) -> str | None:
-    """'young' or 'daly' for checkpoint:young / hybrid:daly and the like, else None."""
+    """'young' or 'daly' for checkpoint:young / checkpoint:daly, else None.
+
+    Raises:
+        SystemExit: hybrid:young or hybrid:daly (the rules assume blocking saves and a rollback at every
+            failure; the hybrid saves in the background and rolls back only when a rebuild is impossible).
+    """
     kind, _, k = strategy.partition(":")
-    return k if kind in ("checkpoint", "hybrid") and k in RULES else None
+    if kind == "hybrid" and k in RULES:
+        raise SystemExit(
+            f"--strategies {strategy}: Young's and Daly's rules assume blocking saves and a rollback at every "
+            "failure; the hybrid saves in the background and rolls back only when a rebuild is impossible: give "
+            "its interval in steps (hybrid:K)"
+        )
+    return k if kind == "checkpoint" and k in RULES else None
 
 
-def _calibrate(files, overrides, runs_dir: Path, threads: int) -> Calibration:
+def _calibrate(files, overrides, runs_dir: Path, threads: int, train: bool = True) -> Calibration:
     """The save and step times of this machine and storage under the sweep's config (kept in
-    RUNS_DIR/calibration and reused while the config matches)."""
+    RUNS_DIR/calibration and reused while the config matches; ``train`` False: it must be there)."""
     args = _args(overrides, runs_dir, "calibration", "checkpoint:2", 0, None, threads)
     args.append(f"num_steps={CALIBRATION_STEPS}")
     if not _done(files, args, runs_dir / "calibration"):
+        if not train:
+            raise SystemExit(f"--analyse-only: no calibration run of this config in {runs_dir / 'calibration'}")
         _train(files, args)
     return read_calibration(runs_dir / "calibration")
+
+
+def _intervals(strategies, rates, cal: Calibration | None, num_stages: int, ns) -> dict:
+    """Each checkpoint:young/daly strategy's interval per rate, as checkpoint:K (a rate with no failures named)."""
+    try:
+        return {s: {r: _resolved(s, r, cal, num_stages, ns) for r in rates} for s in strategies if _interval_rule(s)}
+    except ValueError as e:
+        raise SystemExit(f"bench_convergence: {e}") from e
 
 
 def _resolved(strategy: str, rate: float, cal: Calibration | None, num_stages: int, ns) -> str:
@@ -257,8 +278,8 @@ def main() -> None:
     needs_cal = ns.dry_run or any(_interval_rule(s) for s in ns.strategies)
     if needs_cal and ns.swarm:
         raise SystemExit("--swarm: checkpoint:young/daly and --dry-run calibrate in the engine; give K by hand")
-    cal = _calibrate(files, overrides, runs_dir, threads) if needs_cal else None
-    intervals = {s: {r: _resolved(s, r, cal, L, ns) for r in ns.rates} for s in ns.strategies if _interval_rule(s)}
+    cal = _calibrate(files, overrides, runs_dir, threads, train=not ns.analyse_only) if needs_cal else None
+    intervals = _intervals(ns.strategies, ns.rates, cal, L, ns)
 
     tasks, runs = [], {}
     for seed in ns.seeds:
@@ -278,7 +299,7 @@ def main() -> None:
                                 overrides,
                                 runs_dir,
                                 name(strategy, rate, seed),
-                                _resolved(strategy, rate, cal, L, ns),
+                                intervals.get(strategy, {}).get(rate, strategy),
                                 seed,
                                 draws,
                                 threads,

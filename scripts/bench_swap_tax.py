@@ -248,9 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     if ns.dry_run:
         return
     if ns.analyse_only:
-        missing = [s.name for s in runs.values() if not (ns.runs_dir / s.name / "summary.json").is_file()]
+        missing = [s.name for s in runs.values() if not is_done(s, ns.runs_dir)]
         if missing:
-            raise SystemExit(f"--analyse-only: {len(missing)} runs have no summary.json, e.g. {missing[:3]}")
+            raise SystemExit(
+                f"--analyse-only: {len(missing)} runs are missing or are not of this sweep's config (steps, "
+                f"fraction, seed, checkfree version), e.g. {missing[:3]}"
+            )
     else:
         known = [p for p, _ in step_seconds(ns, runs).values() if p is not None]
         if not ns.timeout_s and len(known) < len(ns.configs):

@@ -223,8 +223,10 @@ def main(argv=None) -> None:
     ns = parse_args(argv)
     try:
         result, markdown, echo = run(ns)
-    except ValueError as e:  # a run directory, a result file or a parameter the cost model refused
+    except (ValueError, OSError) as e:  # a run directory, a result file or a parameter the cost model refused
         raise SystemExit(f"whatif {ns.command}: {e}") from e
+    except KeyError as e:  # a JSON given in place of another kind of result
+        raise SystemExit(f"whatif {ns.command}: an input file has no {e}: is each the kind of result asked for?") from e
     if markdown is not None:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).with_suffix(".md").write_text(markdown)

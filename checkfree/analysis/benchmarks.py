@@ -209,14 +209,14 @@ COMMANDS: dict[str, Command] = {
              f"pipeline.swap_fraction={f}", "--seeds", "0", "1", "2", "3", "4", "--fail-at", "300", "--horizon", "100",
              "--target-after", "25", "50", "--methods", "plus", "--stages", "0", "3", "--eval-every", "2", "--jobs",
              "1", "--runs-dir", f"runs/q/bench8-swap{f}-F300", "--out", f"runs/bench/q_swap{f}.json"],
-            provenance="the three fractions ran side by side, one process each",
+            provenance="the three fractions ran side by side, one process each (2026-12-07)",
         )
         for f in ("0.5", "0.25", "0.125")
     },
     "swap_tax_full": Command(
         ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "configs/deep.yaml", "--fractions",
          "0.5", "0.25", "0.125", "--seeds", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "--steps", "600",
-         "--microbatches", "8", "--jobs", "2", "--runs-dir", "runs/bench/swap-tax-runs", "--out",
+         "--microbatches", "8", "--jobs", "2", "--runs-dir", "runs/bench/swap-tax-full-runs", "--out",
          "runs/bench/swap_tax_full.json"],
         provenance="not run yet: 10 seeds x 600 steps on both layouts (its --dry-run costs it, hours on 2 cores)",
     ),

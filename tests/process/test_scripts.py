@@ -174,6 +174,18 @@ def test_convergence_script(tmp_path):
         _script(*args, "--analyse-only", tmp_path=tmp_path)
 
 
+def test_convergence_script_refuses_youngs_rule_for_the_hybrid(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_convergence.py"), *TINY, "--strategies", "none", "hybrid:young"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1 and "give its interval in steps (hybrid:K)" in proc.stderr
+    assert not list(tmp_path.rglob("config.yaml"))  # refused before anything trained
+
+
 def test_convergence_script_checkpoints_at_youngs_interval_from_measured_costs(tmp_path):
     """checkpoint:young: a calibration run measures the save and step times, the interval per rate follows
     Young's formula from them, the run is trained with it; --dry-run trains only the calibration and costs

@@ -120,3 +120,31 @@ def test_null_and_paper_subcommands_on_the_recorded_results(tmp_path):
     paper = _script(tmp_path, "paper-table2", "--overlap-fit", str(RESULTS / "whatif_overlap_fit.json"))
     assert len(paper["paper_table2"]["rows"]) == 12 and "Table 2" not in paper["args"]
     assert "model / paper" in (tmp_path / "out.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["null", "--sweep", "x", "/nonexistent/v.json", "/nonexistent/r.json"], "No such file"),
+        (
+            [
+                "paper-table2",
+                "--overlap-fit",
+                "docs/results/whatif_overlap_fit.json",
+                "--swap-tax-json",
+                "a",
+                "docs/results/q_bench.json",
+            ],
+            "has no 'comparisons'",
+        ),
+    ],
+)
+def test_a_missing_or_wrong_input_file_is_named_not_a_traceback(tmp_path, argv, said):
+    proc = subprocess.run(
+        [sys.executable, "scripts/whatif.py", *argv, "--out", str(tmp_path / "o.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr
