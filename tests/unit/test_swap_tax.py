@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from checkfree import __version__
+from checkfree.analysis.sweep import RunSpec, train_args
+from checkfree.config import load_config, to_yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 40, 2
 PLAIN = lambda s: 5 - 0.1 * s  # first evaluation (step 2) 4.8, best (step 40) 1.0
@@ -20,14 +24,18 @@ SWAP = {  # per seed: slower, a little slower, stuck at 2.0 (never reaches the 7
 }
 
 
-def _fake_run(run_dir: Path, loss) -> None:
+def _fake_run(run_dir: Path, loss, overrides: list[str]) -> None:
+    """A finished run with known validation losses and the config.yaml the script's plan gives it (so that
+    --analyse-only, which takes only runs of the sweep's own config, accepts it)."""
     run_dir.mkdir(parents=True)
+    spec = RunSpec(run_dir.name, (str(ROOT / "configs/bench.yaml"),), tuple(overrides))
+    (run_dir / "config.yaml").write_text(to_yaml(load_config(list(spec.files), train_args(spec, run_dir.parent))))
     rows = [
         {"step": s - 1, "loss/val": loss(s), "time/train_s": 0.1 * s, "iteration": s - 1}
         for s in range(EVERY, STEPS + 1, EVERY)
     ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"steps": STEPS, "train_s": 0.1 * STEPS, "final_val_loss": loss(STEPS)}
+    summary = {"steps": STEPS, "train_s": 0.1 * STEPS, "final_val_loss": loss(STEPS), "checkfree_version": __version__}
     (run_dir / "summary.json").write_text(json.dumps(summary))
 
 
@@ -41,9 +49,12 @@ def _script(*args: str) -> subprocess.CompletedProcess:
 
 def test_tax_from_known_curves(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out" / "swap_tax.json"
+    fixed = [f"num_steps={STEPS}", f"eval_every_steps={EVERY}", "pipeline.num_microbatches=8", "failures.mode=none"]
     for seed, swap in SWAP.items():
-        _fake_run(runs / f"bench-plain-s{seed}", PLAIN)
-        _fake_run(runs / f"bench-swap0.5-lrx1-s{seed}", swap)
+        plain_args = [*fixed, "recovery.strategy=checkfree", "pipeline.swap=false", f"seed={seed}"]
+        swap_args = [*fixed, "recovery.strategy=checkfree_plus", "pipeline.swap=true", "pipeline.swap_fraction=0.5"]
+        _fake_run(runs / f"bench-plain-s{seed}", PLAIN, plain_args)
+        _fake_run(runs / f"bench-swap0.5-lrx1-s{seed}", swap, [*swap_args, f"seed={seed}"])
     common = ["--configs", "configs/bench.yaml", "--fractions", "0.5", "--seeds", "0", "1", "2"]
     _script(
         *common,
@@ -80,6 +91,17 @@ def test_tax_from_known_curves(tmp_path):
     assert len(family) == 4 and all(c["p_holm"] >= c["p"] for c in result["comparisons"])
     md = out.with_suffix(".md").read_text()
     assert "| bench" in md and "lower bound" in md
+    # a run of another config (here: another sweep's steps) is not analysed as if it were this sweep's
+    (runs / "bench-swap0.5-lrx1-s1" / "config.yaml").write_text("num_steps: 600\n")
+    argv = [*common, "--steps", str(STEPS), "--eval-every", str(EVERY), "--runs-dir", str(runs), "--analyse-only"]
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_swap_tax.py", *argv, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "1 runs are missing or are not of this sweep's config" in proc.stderr
 
 
 def test_dry_run_costs_the_sweep_and_trains_nothing(tmp_path):
