@@ -204,6 +204,31 @@ def _resolved(strategy: str, rate: float, cal: Calibration | None, num_stages: i
     return f"{strategy.partition(':')[0]}:{k}"
 
 
+def _run_name(strategy: str, rate: float, seed: int) -> str:
+    return f"none-s{seed}" if strategy == "none" else f"{strategy.replace(':', 'K')}-r{rate}-s{seed}"
+
+
+def _plan(ns, overrides, runs_dir: Path, intervals: dict, threads: int) -> tuple[list, dict]:
+    """Every run of the sweep as (its overrides, its directory), the failure-free ones first, and the
+    directories by (strategy, rate, seed); checkpoint:young/daly trains at its interval for the rate."""
+    tasks, runs = [], {}
+    for seed in ns.seeds:
+        runs["none", 0.0, seed] = runs_dir / _run_name("none", 0.0, seed)
+        args = _args(overrides, runs_dir, _run_name("none", 0.0, seed), "none", seed, None, threads)
+        tasks.append((args, runs["none", 0.0, seed]))
+    for rate in ns.rates:
+        for seed in ns.seeds:
+            draws = _draws(rate, seed, ns.iteration_s, ns.acceleration)
+            for strategy in ns.strategies:
+                if strategy == "none":
+                    continue
+                trained_as = intervals.get(strategy, {}).get(rate, strategy)
+                runs[strategy, rate, seed] = runs_dir / _run_name(strategy, rate, seed)
+                args = _args(overrides, runs_dir, _run_name(strategy, rate, seed), trained_as, seed, draws, threads)
+                tasks.append((args, runs[strategy, rate, seed]))
+    return tasks, runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="config files and key=value overrides")
@@ -272,41 +297,12 @@ def main() -> None:
         threads = max(1, (os.cpu_count() or 1) // L)
         overrides = [*overrides, "swarm.num_spares=2"]
 
-    def name(strategy: str, rate: float, seed: int) -> str:
-        return f"none-s{seed}" if strategy == "none" else f"{strategy.replace(':', 'K')}-r{rate}-s{seed}"
-
     needs_cal = ns.dry_run or any(_interval_rule(s) for s in ns.strategies)
     if needs_cal and ns.swarm:
         raise SystemExit("--swarm: checkpoint:young/daly and --dry-run calibrate in the engine; give K by hand")
     cal = _calibrate(files, overrides, runs_dir, threads, train=not ns.analyse_only) if needs_cal else None
     intervals = _intervals(ns.strategies, ns.rates, cal, L, ns)
-
-    tasks, runs = [], {}
-    for seed in ns.seeds:
-        runs["none", 0.0, seed] = runs_dir / name("none", 0.0, seed)
-        tasks.append(
-            (_args(overrides, runs_dir, name("none", 0.0, seed), "none", seed, None, threads), runs["none", 0.0, seed])
-        )
-    for rate in ns.rates:
-        for seed in ns.seeds:
-            draws = _draws(rate, seed, ns.iteration_s, ns.acceleration)
-            for strategy in ns.strategies:
-                if strategy != "none":
-                    runs[strategy, rate, seed] = runs_dir / name(strategy, rate, seed)
-                    tasks.append(
-                        (
-                            _args(
-                                overrides,
-                                runs_dir,
-                                name(strategy, rate, seed),
-                                intervals.get(strategy, {}).get(rate, strategy),
-                                seed,
-                                draws,
-                                threads,
-                            ),
-                            runs[strategy, rate, seed],
-                        )
-                    )
+    tasks, runs = _plan(ns, overrides, runs_dir, intervals, threads)
     if ns.dry_run:
         _print_cost(files, tasks, cal, intervals, steps, ns.jobs)
         return
