@@ -213,6 +213,23 @@ COMMANDS: dict[str, Command] = {
         )
         for f in ("0.5", "0.25", "0.125")
     },
+    "paper_local": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=1000", "--rates", "0.05", "0.10",
+         "0.16", "--seeds", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "--strategies", "none", "checkfree",
+         "checkfree_plus", "redundant", "checkpoint:young", "hybrid:5", "--jobs", "2", "--out",
+         "runs/bench/paper_local.json", "--runs-dir", "runs/bench/paper-local-runs"],
+        provenance="not run yet (issue 22 item 4): its --dry-run costs it at 10.9 h with --jobs 2 (160 runs x 1000 "
+        "steps x 0.48 s, measured beside 3 other trainings; rollbacks and redundant computation's extra work not "
+        "included); resumable, so it can be run in parts",
+    ),
+    "paper_slow": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=1000", "checkpoint.storage_mb_s=5",
+         "--rates", "0.05", "0.10", "0.16", "--seeds", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
+         "--strategies", "none", "checkfree_plus", "checkpoint:young", "hybrid:25", "--compare-by", "seconds",
+         "--jobs", "1", "--out", "runs/bench/paper_slow.json", "--runs-dir", "runs/bench/paper-slow-runs"],
+        provenance="not run yet (issue 22 item 4): seconds-based, so one run at a time; its --dry-run costs it at "
+        "55 h (100 runs x 1000 steps x 1.98 s, measured under load: an upper figure) before saves and rollbacks",
+    ),
     "swap_tax_full": Command(
         ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "configs/deep.yaml", "--fractions",
          "0.5", "0.25", "0.125", "--seeds", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "--steps", "600",
