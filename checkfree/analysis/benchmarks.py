@@ -203,6 +203,11 @@ COMMANDS: dict[str, Command] = {
         provenance="trained in two parts in the same runs dir (fraction 0.5 first, then 0.25 and 0.125 resumed "
         "beside it); the table in docs/results is this command with --analyse-only over all of them",
     ),
+    "swap_tax_lr": Command(
+        ["python", "scripts/bench_swap_tax.py", "--configs", "configs/bench.yaml", "--fractions", "0.5", "0.25",
+         "--lr-scales", "1.25", "--seeds", "0", "1", "2", "3", "4", "--steps", "300", "--jobs", "2", "--runs-dir",
+         "runs/bench/swap-tax-runs", "--out", "runs/bench/swap_tax_lr.json"],
+    ),
     **{
         f"q_swap{f}": Command(
             ["python", "scripts/measure_q.py", "configs/bench.yaml", "pipeline.num_microbatches=8",
@@ -259,7 +264,10 @@ ANALYSES: dict[str, Command] = {
 }
 # a name that stands for several entries (``--only swap_tax``): the tables of issue 22's item 3, in order
 GROUPS: dict[str, list[str]] = {
-    "swap_tax": ["swap_tax_bench4", "swap_tax_deep6", "q_swap0.5", "q_swap0.25", "q_swap0.125", "swap_fraction_choice"],
+    "swap_tax": [
+        "swap_tax_bench4", "swap_tax_deep6", "swap_tax_lr", "q_swap0.5", "q_swap0.25", "q_swap0.125",
+        "swap_fraction_choice",
+    ],
 }
 # fmt: on
 
