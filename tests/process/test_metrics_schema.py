@@ -7,7 +7,9 @@ from checkfree.analysis.runs import read_metrics, val_curve
 from checkfree.core.metrics import check_rows, read_jsonl
 from tests.helpers import run_swarm
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+# ~15 s, -m long: the default run checks every peer row and merged step record of a real swarm in
+# test_swarm.py::test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer; this one adds validation rows
+pytestmark = [pytest.mark.slow, pytest.mark.long, pytest.mark.timeout(240)]
 
 
 def test_a_local_swarm_writes_rows_of_the_metrics_schema(tmp_path):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from checkfree.core.failures import Failure
-from checkfree.core.metrics import read_jsonl
+from checkfree.core.metrics import check_rows, read_jsonl
 from tests.helpers import check_every_step_once, kill_groups, left_behind, run_swarm, spawned_pids, tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -302,6 +302,10 @@ def test_swarm_reproduces_the_engine_and_refuses_a_foreign_peer(tmp_path):
                     os.killpg(p.pid, signal.SIGKILL)
         kill_groups(spawned_pids(run_dir))
     _, metrics = check_every_step_once(run_dir, 40)
+    # every row follows the metrics schema: each peer's own, and the run's merged step records
+    for f in sorted((run_dir / "peers").glob("*/metrics.jsonl")):
+        check_rows(read_jsonl(f), "peer")
+    check_rows(read_jsonl(run_dir / "metrics.jsonl"))
     assert status.returncode == 0, status.stderr
     # an epoch of the swarm's own config, whatever its number (a loaded machine may re-form it once)
     assert re.search(r"run equiv: epoch \d+", status.stdout), status.stdout
