@@ -81,6 +81,8 @@ def _split_files(files: list[tuple[str, bytes]], val_fraction: float) -> tuple[b
         (val if is_val(name, val_fraction) else train).append(content)
     if not val:  # tiny file sets: hold out the last file rather than nothing
         val.append(train.pop())
+    elif not train:  # and train on the first rather than nothing (every name hashed to validation)
+        train.append(val.pop(0))
     return b"\n".join(train), b"\n".join(val)
 
 

@@ -30,6 +30,15 @@ def test_stdlib_split_holds_out_whole_files():
         assert val_b[o : o + 200] not in train_b
 
 
+def test_a_file_set_whose_every_name_hashes_to_validation_still_trains_on_one():
+    from checkfree.core.data import _split_files, is_val
+
+    names = ["doc3", "doc5", "doc6"]
+    assert all(is_val(n, 0.5) for n in names)  # the stable hash sends all three to validation
+    train, val = _split_files([(n, n.encode()) for n in names], 0.5)
+    assert train == b"doc3" and val == b"doc5\ndoc6"
+
+
 def test_text_source_single_file_and_glob(tmp_path):
     (tmp_path / "one.txt").write_text("hello world. " * 500)
     train, val, _ = load_splits(DataConfig(source="text", path=str(tmp_path / "one.txt"), val_fraction=0.1))
