@@ -1,6 +1,8 @@
 """Ranks as threads in one process, each with its own gloo group over a shared TCPStore: the real
 transport code path at ~0.1 s a test."""
 
+import threading
+
 import pytest
 import torch
 
@@ -49,13 +51,19 @@ def test_a_state_far_larger_than_expected_is_refused_by_its_header_before_its_pa
     """Weights and states send their header first: the receiver refuses a tensor of any size without taking it
     (a framed step message only has room for twice the expected payload; see the transport's doc)."""
 
+    refused = threading.Event()
+
     def fn(g):
         if g.rank == 0:
             g.send(torch.zeros(2, 300), 1, step=5, mb=0, hop=1, kind="state")
+            refused.wait(30)  # stay connected until the header is read: a sender gone first is a lost stage
             return None
-        return g.recv(0, step=5, mb=0, hop=1, kind="state", shape=(2, 3))
+        try:
+            return g.recv(0, step=5, mb=0, hop=1, kind="state", shape=(2, 3))
+        finally:
+            refused.set()
 
-    _, err = run_ranks(2, fn, timeout_s=0.5)
+    _, err = run_ranks(2, fn, timeout_s=5.0)
     assert isinstance(err, PeerProtocolError) and "shape (2, 300)" in str(err)
 
 
