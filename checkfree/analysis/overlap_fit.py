@@ -51,32 +51,7 @@ def fit_overlap(runs_dir: str, ours: str, given_q: float, q_full_step: float = 0
         The result and its markdown.
     """
     runs_dir, given = Path(runs_dir), given_q
-    pairs, unit = [], []
-    for mine, tag, rate, seed in sweep_runs(runs_dir, ours):
-        ref_dir = runs_dir / f"none-s{seed}"
-        if not (mine / "summary.json").is_file() or not (ref_dir / "summary.json").is_file():
-            continue
-        run, ref = cm.load_run(mine), cm.load_run(ref_dir)
-        target = max(run.summary["final_val_loss"], ref.summary["final_val_loss"])
-        got, base = cm.steps_to_target(run, target), cm.steps_to_target(ref, target)
-        if got is None or base is None:
-            continue
-        model = lambda t: cm.Scenario(1, 1, 0, 1, q=1.0, q_full_step=q_full_step, q_overlap_iterations=t)
-        unit.append([cm.recorded_debt(run, model(t), got[0]) for t in OVERLAP_GRID])  # debt per unit q
-        pairs.append(
-            {
-                "pair": tag,
-                "seed": seed,
-                "rate": rate,
-                "failures": sum(it.failures for it in run.iterations if it.step < got[0]),
-                "target_loss": target,
-                "base_steps": base[0],
-                "swap": run.swap,
-                "measured_extra_steps": got[0] - base[0],
-            }
-        )
-    if len(pairs) < 3:
-        raise ValueError(f"fit-overlap: {len(pairs)} none / {ours} pairs that reached their target in {runs_dir}")
+    pairs, unit = _pairs(runs_dir, ours, q_full_step)
     d = np.array(unit)  # pairs x grid
     m = np.array([p["measured_extra_steps"] for p in pairs], dtype=float)
     taxed = np.array([p["base_steps"] if p["swap"] else 0.0 for p in pairs], dtype=float)
@@ -137,6 +112,43 @@ def fit_overlap(runs_dir: str, ours: str, given_q: float, q_full_step: float = 0
         }
     }
     return result, "\n".join(lines) + "\n"
+
+
+def _pairs(runs_dir: Path, ours: str, q_full_step: float) -> tuple[list[dict], list[list[float]]]:
+    """Per (rate, seed) of the sweep that reached the pair's common target: the pair's record (measured extra
+    steps, the failure-free run's steps, whether it ran swapped) and the model's debt per unit q at each tau of
+    the grid.
+
+    Raises:
+        ValueError: fewer than 3 such pairs.
+    """
+    pairs, unit = [], []
+    for mine, tag, rate, seed in sweep_runs(runs_dir, ours):
+        ref_dir = runs_dir / f"none-s{seed}"
+        if not (mine / "summary.json").is_file() or not (ref_dir / "summary.json").is_file():
+            continue
+        run, ref = cm.load_run(mine), cm.load_run(ref_dir)
+        target = max(run.summary["final_val_loss"], ref.summary["final_val_loss"])
+        got, base = cm.steps_to_target(run, target), cm.steps_to_target(ref, target)
+        if got is None or base is None:
+            continue
+        model = lambda t: cm.Scenario(1, 1, 0, 1, q=1.0, q_full_step=q_full_step, q_overlap_iterations=t)
+        unit.append([cm.recorded_debt(run, model(t), got[0]) for t in OVERLAP_GRID])  # debt per unit q
+        pairs.append(
+            {
+                "pair": tag,
+                "seed": seed,
+                "rate": rate,
+                "failures": sum(it.failures for it in run.iterations if it.step < got[0]),
+                "target_loss": target,
+                "base_steps": base[0],
+                "swap": run.swap,
+                "measured_extra_steps": got[0] - base[0],
+            }
+        )
+    if len(pairs) < 3:
+        raise ValueError(f"fit-overlap: {len(pairs)} none / {ours} pairs that reached their target in {runs_dir}")
+    return pairs, unit
 
 
 def _rate_table(pairs: list[dict], given: float) -> list[str]:
