@@ -208,14 +208,15 @@ class Acceptor:
                     self._threads.discard(thread)
 
         thread = threading.Thread(target=run, name=name, daemon=True)
+        # added and started under the lock: ``close`` never sees a thread it cannot join yet (it did, and raised
+        # "cannot join thread before it is started", when a connection arrived as the acceptor closed)
         with self._lock:
             self._threads.add(thread)
-        try:
-            thread.start()
-        except RuntimeError:
-            with self._lock:
+            try:
+                thread.start()
+            except RuntimeError:
                 self._threads.discard(thread)
-            raise
+                raise
 
     @property
     def port(self) -> int:

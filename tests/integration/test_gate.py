@@ -169,6 +169,30 @@ def test_close_waits_for_the_accept_loop_and_the_sessions_before_the_process_may
         held.close()
 
 
+def test_close_while_a_connections_thread_is_starting_waits_for_it(gated, monkeypatch):
+    """A connection that arrives as the gate closes: its thread is registered but not started yet when
+    ``close`` gathers the threads to join (it raised "cannot join thread before it is started" in a loaded
+    test run). The start is held back here until ``close`` runs; close still waits for that thread."""
+    store, gate, *_ = gated
+    starting, real_start = threading.Event(), threading.Thread.start
+
+    def slow_start(thread):
+        if thread.name == f"{gate.name}-conn":
+            starting.set()
+            time.sleep(0.5)  # close() runs meanwhile
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", slow_start)
+    raw = socket.create_connection(("127.0.0.1", gate.port), timeout=3.0)
+    try:
+        assert starting.wait(5.0)
+        gate.close(wait_s=10.0)
+        with gate._lock:
+            assert not gate._threads
+    finally:
+        raw.close()
+
+
 def test_refusals_are_logged_once_a_minute_per_kind_with_how_many_were_left_out(caplog):
     log = ThrottledLog("gate-9", every_s=0.3)
     assert log("refused", "refused one") and log("timeouts", "dropped one")
