@@ -19,7 +19,10 @@ import pytest
 from checkfree.core.metrics import read_jsonl
 from tests.helpers import check_every_step_once, kill_groups, poll, run_swarm, spawned_pids
 
-pytestmark = [pytest.mark.process, pytest.mark.slow]
+# ~45 s: each attack also has a default-run test of its own part (tests/integration: test_gate's handshake
+# deadline, test_slow_clients' floods, test_gloo_listener's 2000 connect-and-closes, test_membership's foreign
+# records), and the soak lands floods beside failures; keeps the default run well under 15 minutes
+pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.long]
 
 
 class ConnectClose:

@@ -186,6 +186,8 @@ def test_convergence_script_refuses_youngs_rule_for_the_hybrid(tmp_path):
     assert not list(tmp_path.rglob("config.yaml"))  # refused before anything trained
 
 
+@pytest.mark.long  # ~20 s: the calibration and the interval are unit-tested (test_calibration.py); the sweep
+# machinery it goes through is the default run's test_convergence_script
 def test_convergence_script_checkpoints_at_youngs_interval_from_measured_costs(tmp_path):
     """checkpoint:young: a calibration run measures the save and step times, the interval per rate follows
     Young's formula from them, the run is trained with it; --dry-run trains only the calibration and costs
