@@ -45,8 +45,8 @@ import yaml
 from checkfree.analysis import runs
 from checkfree.core.failures import hourly_to_per_iteration
 from checkfree.core.metrics import read_jsonl
-from checkfree.core.recovery import SWAPPED
 from checkfree.core.schedule import PipelineConfig, schedule_for
+from checkfree.core.strategies import SWAPPED
 
 
 @dataclass(frozen=True)

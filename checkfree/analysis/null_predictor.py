@@ -26,7 +26,7 @@ from tabulate import tabulate
 
 from checkfree.analysis import costmodel as cm
 from checkfree.analysis.stats import LEVEL, Interval, t_interval
-from checkfree.core.recovery import SWAPPED
+from checkfree.core.strategies import SWAPPED
 
 
 def null_seconds(run: cm.RecordedRun, ref_steps: float, swap_tax: float) -> float:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from checkfree.core.exit_codes import ExitCode
-from checkfree.core.recovery import STRATEGIES
+from checkfree.core.strategies import STRATEGIES
 
 TRAIN_HELP = """\
 Train a pipeline-parallel LLaMa with every stage in this process, injecting stage failures and

@@ -40,21 +40,16 @@ from dataclasses import dataclass
 
 import torch
 
-STRATEGIES = ("none", "checkfree", "checkfree_plus", "copy", "uniform", "random", "checkpoint", "redundant", "hybrid")
-FALLBACKS = ("checkpoint", "nearest", "random")
-SWAPPED = ("checkfree_plus", "hybrid")  # strategies whose pipeline swaps by default (pipeline.swap unset)
-NORM_SOURCES = ("raw", "smoothed", "post_clip")
-NORM_SCOPES = ("blocks", "stage")
-PARTNER_RULES = ("average", "copy")
-OPTIMIZER_INITS = ("fresh", "neighbours")
-PER_STAGE_STRATEGIES = (
-    "checkfree",
-    "checkfree_plus",
-    "copy",
-    "uniform",
-    "random",
-    "hybrid",
-)  # rebuild a stage from others
+from checkfree.core.strategies import (  # noqa: F401 (re-exported: the names belong with their rules)
+    FALLBACKS,
+    NORM_SCOPES,
+    NORM_SOURCES,
+    OPTIMIZER_INITS,
+    PARTNER_RULES,
+    PER_STAGE_STRATEGIES,
+    STRATEGIES,
+    SWAPPED,
+)
 
 
 @dataclass
