@@ -242,6 +242,13 @@ COMMANDS: dict[str, Command] = {
          "runs/bench/swap_tax_full.json"],
         provenance="not run yet: 10 seeds x 600 steps on both layouts (its --dry-run costs it, hours on 2 cores)",
     ),
+    # issue 22 item 5: the largest model this machine trains in a few hours, on BPE tokens made here
+    "bpe_data": Command(["python", "scripts/prepare_stdlib_tokens.py", "--out", "runs/data/stdlib-bpe4096"]),
+    "bpe5m": Command(
+        ["python", "scripts/bench_convergence.py", "configs/bpe5m.yaml", "--rates", "0.10", "--seeds", "0", "1", "2",
+         "--strategies", "none", "checkfree_plus", "checkpoint:young", "redundant", "--jobs", "2", "--out",
+         "runs/bench/bpe5m.json", "--runs-dir", "runs/bench/bpe5m-runs"],
+    ),
 }
 QUICK: dict[str, Command] = {
     "convergence_ci": Command(
@@ -268,6 +275,7 @@ GROUPS: dict[str, list[str]] = {
         "swap_tax_bench4", "swap_tax_deep6", "swap_tax_lr", "q_swap0.5", "q_swap0.25", "q_swap0.125",
         "swap_fraction_choice",
     ],
+    "largest_scale": ["bpe_data", "bpe5m"],
 }
 # fmt: on
 
