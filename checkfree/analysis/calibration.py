@@ -21,6 +21,7 @@ from checkfree.analysis import costmodel as cm
 from checkfree.analysis.runs import read_metrics
 
 RULES = {"young": cm.young_interval_steps, "daly": cm.daly_interval_steps}
+STARTUP_S = 9.0  # per run, imports, data and the final save (bench_swap_tax.py's measurement)
 
 
 @dataclass(frozen=True)
@@ -77,3 +78,47 @@ def checkpoint_interval(
     if not math.isfinite(k):
         raise ValueError(f"hourly_rate={hourly_rate}: no failures, so {rule}'s interval is infinite")
     return max(1, round(k))
+
+
+def interval_rule(strategy: str) -> str | None:
+    """'young' or 'daly' for checkpoint:young / checkpoint:daly, else None.
+
+    Raises:
+        ValueError: hybrid:young or hybrid:daly (the rules assume blocking saves and a rollback at every
+            failure; the hybrid saves in the background and rolls back only when a rebuild is impossible).
+    """
+    kind, _, k = strategy.partition(":")
+    if kind == "hybrid" and k in RULES:
+        raise ValueError(
+            f"{strategy}: Young's and Daly's rules assume blocking saves and a rollback at every "
+            "failure; the hybrid saves in the background and rolls back only when a rebuild is impossible: give "
+            "its interval in steps (hybrid:K)"
+        )
+    return k if kind == "checkpoint" and k in RULES else None
+
+
+def resolve_strategy(
+    strategy: str,
+    cal: Calibration | None,
+    hourly_rate: float,
+    num_stages: int,
+    iteration_s: float,
+    acceleration: float = 1.0,
+) -> str:
+    """checkpoint:young (or :daly) at ``hourly_rate`` as checkpoint:K, K by ``checkpoint_interval``; any other
+    strategy as it is (``cal`` may then be None).
+
+    Raises:
+        ValueError: hybrid:young/daly, or a rate with no finite interval.
+    """
+    rule = interval_rule(strategy)
+    if rule is None:
+        return strategy
+    k = checkpoint_interval(rule, cal, hourly_rate, num_stages, iteration_s, acceleration)
+    return f"{strategy.partition(':')[0]}:{k}"
+
+
+def sweep_cost_s(num_runs: int, num_steps: int, cal: Calibration) -> float:
+    """Training seconds of ``num_runs`` runs of ``num_steps`` steps at the calibration's step time, each with
+    its start-up. A lower bound: rollbacks redo steps, saves and redundant computation's second copy add time."""
+    return num_runs * (num_steps * cal.step_s + STARTUP_S)
