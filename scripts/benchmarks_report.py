@@ -106,6 +106,11 @@ def _issue11() -> list[str]:
         ("whatif_paper_table2", "What-if at the paper's scale beside its Table 2 (the fitted q, overlap and swap tax)"),
         ("convergence_neighbours", "Convergence when neighbours are lost together (failures.neighbour_prob=0.5)"),
         ("convergence_neighbours_hybrid", "The hybrid against CheckFree+ when neighbours are lost together"),
+        (
+            "bpe5m",
+            "The largest scale here: 6.3M parameters on 4096-token BPE, CheckFree+ against checkpointing and "
+            "redundant computation at 10%/h (3 seeds)",
+        ),
     ):
         r = _load(name)
         md = _file(f"{name}.md")

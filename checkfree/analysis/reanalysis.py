@@ -28,6 +28,7 @@ CONVERGENCE_SWEEPS = (
     "convergence_neighbours",
     "convergence_neighbours_hybrid",
     "fig2_deep",
+    "bpe5m",
 )
 Q_SWEEPS = ("q_bench", "q_deep")  # scripts/measure_q.py results with per-seed rows
 
