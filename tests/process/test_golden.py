@@ -22,7 +22,7 @@ NO_HOSTS = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "data" / "golden_tiny.json").read_text())
-ENGINE_STEPS, SWARM_STEPS = 51, 20  # 51: the three failures (steps 36 and 39) and the validation at step 49
+ENGINE_STEPS, SWARM_STEPS = 41, 20  # 41: the three failures (steps 36 and 39) and the validation at step 24
 
 
 def _run(tmp_path, *args):

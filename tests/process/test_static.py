@@ -11,7 +11,8 @@ from launcher.static import run_static_pipeline
 from tests.helpers import tiny_config
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+# bf16 in the long group (~10 s): tests/unit/test_precision.py runs the bf16 workers against the bf16 engine
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.long)])
 def test_static_pipeline_reproduces_the_engine(tmp_path, precision):
     cfg = tiny_config(tmp_path, "num_steps=4", "num_threads=1", "failures.mode=none", f"precision={precision}")
     records = run_static_pipeline(cfg, tmp_path / "static", timeout_s=120)

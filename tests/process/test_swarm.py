@@ -227,7 +227,11 @@ def test_losing_every_stage_at_once(tmp_path, strategy):
         assert any(e["event"] == "swarm_stopped" and e["peer"].startswith("spare-") for e in events)
 
 
-@pytest.mark.parametrize("schedule", [pytest.param("gpipe", marks=pytest.mark.long), "1f1b"])
+# both in the long group (~18 s each): test_replay.py's default run trains plain CheckFree on 1F1B in the swarm
+# and checks the engine's losses step for step, with failures on top
+@pytest.mark.parametrize(
+    "schedule", [pytest.param("gpipe", marks=pytest.mark.long), pytest.param("1f1b", marks=pytest.mark.long)]
+)
 def test_swarm_reproduces_the_engine_on_plain_schedules(tmp_path, schedule):
     from checkfree.engine.trainer import Trainer
 
