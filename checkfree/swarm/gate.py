@@ -171,6 +171,10 @@ class ThrottledLog:
         return True
 
 
+class _Closing(RuntimeError):
+    """The acceptor was closed before a thread for a connection could start."""
+
+
 class Acceptor:
     """A listening socket whose connections each pass a bounded handshake (``admit_connection``) and, once
     admitted, are served (``serve``) in the thread that admitted them, until ``close()``.
@@ -209,8 +213,11 @@ class Acceptor:
 
         thread = threading.Thread(target=run, name=name, daemon=True)
         # added and started under the lock: ``close`` never sees a thread it cannot join yet (it did, and raised
-        # "cannot join thread before it is started", when a connection arrived as the acceptor closed)
+        # "cannot join thread before it is started", when a connection arrived as the acceptor closed); none is
+        # started once ``close`` has begun (``closed`` is set before it gathers the threads it waits for)
         with self._lock:
+            if self.closed.is_set():
+                raise _Closing(f"{self.name} is closed")
             self._threads.add(thread)
             try:
                 thread.start()
@@ -257,6 +264,10 @@ class Acceptor:
         if room:
             try:
                 self._spawn(self._serve, (conn, host), f"{self.name}-conn")
+                return
+            except _Closing:  # accepted as close() began: nobody would wait for its thread
+                self._handshake_done(host)
+                conn.close()
                 return
             except RuntimeError:  # no thread left to start: shed it like one over the cap
                 self._handshake_done(host)

@@ -193,6 +193,25 @@ def test_close_while_a_connections_thread_is_starting_waits_for_it(gated, monkey
         raw.close()
 
 
+def test_a_connection_accepted_as_the_gate_closes_gets_no_thread(gated):
+    """The accept loop can return a connection just after ``close`` gathered the threads it waits for: that
+    connection is closed, not served by a thread nobody waits for (one still running as the interpreter shuts
+    down can abort the process)."""
+    store, gate, *_ = gated
+    gate.close(wait_s=10.0)
+    mine, theirs = socket.socketpair()
+    try:
+        gate._start(mine, "127.0.0.1")  # what the loop does with a connection it accepted before it saw closed
+        theirs.settimeout(3.0)
+        assert theirs.recv(1) == b""  # closed at once
+        with gate._lock:
+            assert not gate._threads and not gate._handshakes
+        assert gate.counters()["shed"] == 0  # not counted as a connection over the cap
+    finally:
+        mine.close()
+        theirs.close()
+
+
 def test_refusals_are_logged_once_a_minute_per_kind_with_how_many_were_left_out(caplog):
     log = ThrottledLog("gate-9", every_s=0.3)
     assert log("refused", "refused one") and log("timeouts", "dropped one")
