@@ -186,8 +186,8 @@ def test_convergence_script_refuses_youngs_rule_for_the_hybrid(tmp_path):
     assert not list(tmp_path.rglob("config.yaml"))  # refused before anything trained
 
 
-@pytest.mark.long  # ~20 s: the calibration and the interval are unit-tested (test_calibration.py); the sweep
-# machinery it goes through is the default run's test_convergence_script
+@pytest.mark.long  # ~20 s: the calibration, the interval, its resolution per rate and the dry run's cost are
+# unit-tested (test_calibration.py); the sweep machinery it goes through is the default run's test_convergence_script
 def test_convergence_script_checkpoints_at_youngs_interval_from_measured_costs(tmp_path):
     """checkpoint:young: a calibration run measures the save and step times, the interval per rate follows
     Young's formula from them, the run is trained with it; --dry-run trains only the calibration and costs
@@ -247,8 +247,9 @@ def test_convergence_script_in_the_swarm(tmp_path):
     assert table["0.33/none"]["reached@0.5"] == 1 and table["0.33/none"]["seconds@0.5"][0] > 0
     summary = json.loads((tmp_path / "swarm-runs" / "checkfree-r0.33-s0" / "summary.json").read_text())
     assert summary["failures"] >= 1 and summary["steps"] == 60 and summary["skipped_steps"] == []
-    # every loss was recovered; a replacement killed at its own drawn failure before its first step (a
-    # failure during the recovery) leaves its row incomplete, and the stage's next row completes it
+    # every loss was recovered: a replacement killed at its own drawn failure before its first step (a
+    # failure during the recovery) leaves its row incomplete, and a later row of that stage takes over from it
+    # (the run then committed all 60 steps, checked above)
     rows = summary["recovery_rows"]
     assert len(rows) == summary["failures"]
     for i, row in enumerate(rows):

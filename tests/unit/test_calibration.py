@@ -9,7 +9,15 @@ import math
 import pytest
 
 from checkfree.analysis import costmodel as cm
-from checkfree.analysis.calibration import Calibration, checkpoint_interval, read_calibration
+from checkfree.analysis.calibration import (
+    STARTUP_S,
+    Calibration,
+    checkpoint_interval,
+    interval_rule,
+    read_calibration,
+    resolve_strategy,
+    sweep_cost_s,
+)
 
 
 def _run(tmp_path, step_s, saves):
@@ -47,3 +55,32 @@ def test_an_unknown_rule_or_a_rate_without_failures_is_named():
         checkpoint_interval("yung", cal, 0.1, 4, 91.3)
     with pytest.raises(ValueError, match="hourly_rate=0"):
         checkpoint_interval("young", cal, 0.0, 4, 91.3)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "rule"),
+    [("checkpoint:young", "young"), ("checkpoint:daly", "daly"), ("checkpoint:5", None), ("checkfree_plus", None)],
+)
+def test_the_interval_rule_is_read_from_the_strategy(strategy, rule):
+    assert interval_rule(strategy) == rule
+
+
+@pytest.mark.parametrize("strategy", ["hybrid:young", "hybrid:daly"])
+def test_a_hybrid_at_youngs_or_dalys_interval_is_refused_with_the_reason(strategy):
+    with pytest.raises(ValueError, match=r"background.*give its interval in steps \(hybrid:K\)"):
+        interval_rule(strategy)
+
+
+def test_checkpoint_young_resolves_to_the_interval_at_each_rate_and_the_rest_stay_as_they_are():
+    cal = Calibration(save_s=0.2, step_s=0.9, saves=7, steps=10)
+    low, high = (resolve_strategy("checkpoint:young", cal, rate, 4, 91.3) for rate in (0.05, 0.16))
+    assert low == f"checkpoint:{checkpoint_interval('young', cal, 0.05, 4, 91.3)}"
+    assert int(low.split(":")[1]) > int(high.split(":")[1]) >= 1  # more failures, shorter interval
+    assert resolve_strategy("checkfree_plus", None, 0.1, 4, 91.3) == "checkfree_plus"
+    assert resolve_strategy("checkpoint:7", None, 0.1, 4, 91.3) == "checkpoint:7"
+
+
+def test_the_sweep_cost_is_runs_times_steps_at_the_calibrated_step_plus_start_up():
+    cal = Calibration(save_s=0.2, step_s=0.5, saves=7, steps=10)
+    assert sweep_cost_s(3, 100, cal) == pytest.approx(3 * (100 * 0.5 + STARTUP_S))
+    assert sweep_cost_s(0, 100, cal) == 0
