@@ -15,13 +15,9 @@ has other sources: ``meta.json`` records their hash, and a run's config records 
 from __future__ import annotations
 
 import argparse
-import sys
 import sysconfig
 
-from checkfree import __version__
-from checkfree.cli.prepare import summary
-from checkfree.core.prepare import PrepareError, PrepareSettings, prepare
-from checkfree.core.tokenizer import TokenizerError
+from checkfree.cli import main as checkfree
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,20 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="which documents are held out (default 0)")
     args = ap.parse_args(argv)
     stdlib = sysconfig.get_paths()["stdlib"]
-    settings = PrepareSettings(
-        inputs=(f"{stdlib}/**/*.py",),
-        out_dir=args.out,
-        train_bpe=args.train_bpe,
-        exclude=("*/site-packages/*",),
-        seed=args.seed,
+    # checkfree prepare itself: its messages and exit codes for bad input, a full disk or Ctrl-C
+    return checkfree(
+        [
+            "prepare",
+            f"{stdlib}/**/*.py",
+            "--exclude",
+            "*/site-packages/*",
+            "--train-bpe",
+            str(args.train_bpe),
+            "--seed",
+            str(args.seed),
+            "--out",
+            args.out,
+            "--no-progress",
+        ]
     )
-    try:
-        meta = prepare(settings, version=__version__)
-    except (PrepareError, TokenizerError) as e:
-        print(f"prepare_stdlib_tokens: {e}", file=sys.stderr)
-        return 2
-    print(summary(meta, args.out))
-    return 0
 
 
 if __name__ == "__main__":
