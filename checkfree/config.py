@@ -30,9 +30,10 @@ from checkfree.core.data import DataConfig, vocab_size_from_meta
 from checkfree.core.failures import FailureConfig
 from checkfree.core.metrics import MetricsConfig
 from checkfree.core.model import ModelConfig
-from checkfree.core.recovery import SWAPPED, RecoveryConfig
+from checkfree.core.recovery import RecoveryConfig
 from checkfree.core.schedule import PipelineConfig, swapped_count
 from checkfree.core.stage_step import OptimConfig
+from checkfree.core.strategies import SWAPPED
 from checkfree.swarm.config import MembershipConfig, SwarmConfig, TransportConfig
 
 RESUME_MODES = ("auto", "never")

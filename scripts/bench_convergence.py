@@ -49,7 +49,7 @@ import argparse
 import shutil
 
 from checkfree.analysis.convergence import ConvergenceSweep, UsageError, run_convergence_sweep
-from checkfree.config import load_config
+from checkfree.config import ConfigError, load_config
 from checkfree.engine.trainer import Trainer
 from launcher.local import run_local_swarm
 
@@ -147,8 +147,8 @@ def main() -> None:
     sweep = ConvergenceSweep(**vars(_parser().parse_args()))
     try:
         run_convergence_sweep(sweep, _train, _say)
-    except UsageError as e:
-        raise SystemExit(str(e)) from e
+    except (UsageError, ConfigError) as e:  # a refused option, a missing config file or a typo in a key
+        raise SystemExit(f"bench_convergence: {e}") from e
 
 
 if __name__ == "__main__":
