@@ -96,3 +96,21 @@ def test_the_documented_state_diagram_is_the_transition_table():
     doc = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
     documented = doc.split("<!-- states:begin -->")[1].split("<!-- states:end -->")[0].strip()
     assert documented == "```mermaid\n" + diagram() + "```"
+
+
+def test_the_command_line_and_the_analysis_start_without_torch():
+    """``checkfree --help``, ``status`` and the analysis scripts' cost model load no torch (2 s of start-up on
+    these machines): the strategy names they need live in ``checkfree.core.strategies``."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from checkfree.cli import build_parser\n"
+        "import checkfree.analysis.costmodel, checkfree.analysis.null_predictor\n"
+        "build_parser()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
