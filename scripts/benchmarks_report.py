@@ -108,9 +108,10 @@ def _issue11() -> list[str]:
         ("convergence_neighbours_hybrid", "The hybrid against CheckFree+ when neighbours are lost together"),
         (
             "bpe5m",
-            "The largest scale here: 6.3M parameters on 4096-token BPE, CheckFree+ against checkpointing and "
-            "redundant computation at 10%/h (3 seeds)",
+            "The largest scale here: 6.3M parameters on 4096-token BPE, CheckFree+ against checkpointing at its "
+            "Young interval at 10%/h (3 seeds)",
         ),
+        ("bpe5m_redundant", "The largest scale here: CheckFree+ against redundant computation at 10%/h (1 seed)"),
     ):
         r = _load(name)
         md = _file(f"{name}.md")

@@ -29,6 +29,7 @@ CONVERGENCE_SWEEPS = (
     "convergence_neighbours_hybrid",
     "fig2_deep",
     "bpe5m",
+    "bpe5m_redundant",
 )
 Q_SWEEPS = ("q_bench", "q_deep")  # scripts/measure_q.py results with per-seed rows
 
