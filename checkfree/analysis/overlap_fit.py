@@ -29,29 +29,10 @@ logger = logging.getLogger(__name__)
 OVERLAP_GRID = np.concatenate([[0.0], np.geomspace(1.0, 3000.0, 160)])
 
 
-def fit_overlap(runs_dir: str, ours: str, given_q: float, q_full_step: float = 0.0) -> tuple[dict, str]:
-    """Fit q, tau (``q_overlap_iterations``) and the swap tax sigma on a convergence sweep of OURS against the
-    failure-free runs: per (rate, seed), the measured extra committed steps to the pair's common target (the
-    higher final validation loss, as ``validate-sweep`` compares) against sigma times the failure-free
-    run's steps to it (paid only by a run on the swapped schedule) plus the debt the model charges the run's
-    own losses (``recorded_debt``, with ``--q-full-step``'s ramp; losses after OURS reached the target left
-    out). Both are linear, so for each tau on a grid (q, sigma) is non-negative least squares, and the tau with
-    the least squared error wins (``cm.fit_q_overlap``); bootstrap intervals over the seeds (a seed's pairs
-    share its failure-free run, so they are resampled together). Compared with the same fit without the tax,
-    with the given ``--q`` alone, and with the best single q. The fit is only as good as the runs: fit on one
-    sweep and validate on another.
-
-    Args:
-        runs_dir: a ``bench_convergence.py --runs-dir`` with a ``none`` strategy (``none-sSEED``).
-        ours: the rebuilding strategy to fit, e.g. ``checkfree_plus``.
-        given_q: the q to compare with (``--q``'s estimate).
-        q_full_step: the step at which q was measured (0: q at every step).
-
-    Returns:
-        The result and its markdown.
-    """
-    runs_dir, given = Path(runs_dir), given_q
-    pairs, unit = _pairs(runs_dir, ours, q_full_step)
+def _fit_with_intervals(pairs: list[dict], unit: list, given: float) -> dict:
+    """The fit of (q, tau, sigma) on ``pairs`` with bootstrap intervals over the seeds (a seed's pairs resampled
+    together), 200 resampled fits for ``--overlap-fit``'s ranges, and the RMSE of the fit beside the fit
+    without the tax, the given q alone and the best single q."""
     d = np.array(unit)  # pairs x grid
     m = np.array([p["measured_extra_steps"] for p in pairs], dtype=float)
     taxed = np.array([p["base_steps"] if p["swap"] else 0.0 for p in pairs], dtype=float)
@@ -77,6 +58,39 @@ def fit_overlap(runs_dir: str, ours: str, given_q: float, q_full_step: float = 0
         "given_q_no_overlap": rmse(given * d[:, 0]),
         "best_q_no_overlap": rmse(q_add * d[:, 0]),
     }
+    return {
+        "d": d, "taxed": taxed, "seeds": seeds, "q_fit": q_fit, "k": k, "sigma": sigma, "q_add": q_add,
+        "fits": fits, "q_iv": q_iv, "tau_iv": tau_iv, "sigma_iv": sigma_iv, "samples": samples,
+    }  # fmt: skip
+
+
+def fit_overlap(runs_dir: str, ours: str, given_q: float, q_full_step: float = 0.0) -> tuple[dict, str]:
+    """Fit q, tau (``q_overlap_iterations``) and the swap tax sigma on a convergence sweep of OURS against the
+    failure-free runs: per (rate, seed), the measured extra committed steps to the pair's common target (the
+    higher final validation loss, as ``validate-sweep`` compares) against sigma times the failure-free
+    run's steps to it (paid only by a run on the swapped schedule) plus the debt the model charges the run's
+    own losses (``recorded_debt``, with ``--q-full-step``'s ramp; losses after OURS reached the target left
+    out). Both are linear, so for each tau on a grid (q, sigma) is non-negative least squares, and the tau with
+    the least squared error wins (``cm.fit_q_overlap``); bootstrap intervals over the seeds (a seed's pairs
+    share its failure-free run, so they are resampled together). Compared with the same fit without the tax,
+    with the given ``--q`` alone, and with the best single q. The fit is only as good as the runs: fit on one
+    sweep and validate on another.
+
+    Args:
+        runs_dir: a ``bench_convergence.py --runs-dir`` with a ``none`` strategy (``none-sSEED``).
+        ours: the rebuilding strategy to fit, e.g. ``checkfree_plus``.
+        given_q: the q to compare with (``--q``'s estimate).
+        q_full_step: the step at which q was measured (0: q at every step).
+
+    Returns:
+        The result and its markdown.
+    """
+    runs_dir, given = Path(runs_dir), given_q
+    pairs, unit = _pairs(runs_dir, ours, q_full_step)
+    f = _fit_with_intervals(pairs, unit, given)
+    d, taxed, seeds = f["d"], f["taxed"], f["seeds"]
+    q_fit, k, sigma, q_add, fits = f["q_fit"], f["k"], f["sigma"], f["q_add"], f["fits"]
+    q_iv, tau_iv, sigma_iv, samples = f["q_iv"], f["tau_iv"], f["sigma_iv"], f["samples"]
     for p, row, tx in zip(pairs, d, taxed):
         p["predicted_fitted"] = float(q_fit * row[k] + sigma * tx)
         p["predicted_tax_part"] = float(sigma * tx)
