@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from soak import SWARM_2CORE, TINY
-
 from launcher.hostpeers import PeersOnHosts
 from launcher.netns import Hosts, unavailable
 from launcher.notices import NoticeServer
+from launcher.presets import SWARM_2CORE, TINY
 
 EVENTS = (("kill", 1, 40), ("vanish", 2, 110), ("partition", 3, 180), ("preempt", 0, 270))
 PARTITION_HOLD_STEPS = 40  # the majority trains this far past the split before the network heals

@@ -33,10 +33,11 @@ Reports the events of each kind (the benign ones counted apart), stage losses, c
 median / max / n of each recovery phase, split into crash (SIGKILL) and hang (SIGSTOP). Saves ``soak.json``
 and ``soak.md`` under ``--out`` beside the three run directories; exits 1 if a check fails.
 
-Swarm settings for a 2-core machine (``tests/helpers.py`` SWARM, which the real-swarm tests run with): one
+Swarm settings for a 2-core machine (``launcher.presets.SWARM_2CORE``, which the real-swarm tests run with): one
 torch thread a peer (stage peers and spares share the cores), heartbeats every 0.25 s expiring after 1.5 s
 (a hang is seen in ~1.5 s), a 5 s transport backstop, a fresh spare 1 s after each loss. Model: the built-in
-default (no config file), or the tests' TINY model with ``--tiny``; ``--smoke``: TINY, 30 events 0.5 s apart (minutes).
+default (no config file), or the toy model of ``launcher.presets`` with ``--tiny``; ``--smoke``: that model,
+30 events 0.5 s apart (minutes).
 
     python scripts/soak.py [CONFIG.yaml ...] [key=value ...] [--events 200] [--seed 0] [--mean-gap-s 1.5]
         [--spares 3] [--trigger-timeout-s 4] [--safety 1.5] [--out runs/bench/soak] [--tiny] [--smoke]
@@ -65,30 +66,8 @@ from checkfree.swarm.config import ChaosConfig
 from launcher.attacks import healthy_evictions
 from launcher.chaos import BENIGN, TRIGGERED
 from launcher.local import run_local_swarm
+from launcher.presets import SWARM_2CORE, TINY
 
-SWARM_2CORE = [
-    "num_threads=1",
-    "membership.period_s=0.25",
-    "membership.ttl_s=1.5",
-    "transport.timeout_s=5",
-    "swarm.spare_delay_s=1",
-    "eval_every_steps=0",  # validation once, at the end: the loss the two runs are compared on
-    "progress=false",
-    "plot=false",
-]
-# tests/helpers.py TINY, copied (scripts do not import tests): a step takes milliseconds
-TINY = [
-    "model.d_model=32",
-    "model.num_heads=2",
-    "model.num_layers=4",
-    "model.num_stages=4",
-    "model.seq_len=32",
-    "data.max_bytes=400000",
-    "data.microbatch_size=4",
-    "data.num_val_batches=2",
-    "pipeline.num_microbatches=4",
-    "optim.lr=3e-3",
-]
 SMOKE_EVENTS, SMOKE_MEAN_GAP_S = 30, 0.5
 CALIBRATE_STEPS, CALIBRATE_SKIP = 30, 5  # the first steps are slow (allocation, every peer warming up)
 MIN_STEPS = 20

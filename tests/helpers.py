@@ -28,22 +28,10 @@ from checkfree.core.metrics import read_jsonl
 from checkfree.swarm.admission import Admission, Identity, new_token
 from checkfree.swarm.config import TransportConfig
 from checkfree.swarm.transport import EpochGroup
+from launcher import presets
 
-TINY = [
-    "model.d_model=32",
-    "model.num_heads=2",
-    "model.num_layers=4",
-    "model.num_stages=4",
-    "model.seq_len=32",
-    "data.max_bytes=400000",
-    "data.microbatch_size=4",
-    "data.num_val_batches=2",
-    "pipeline.num_microbatches=4",
-    "optim.lr=3e-3",
-    "progress=false",
-    "plot=false",
-    "eval_every_steps=0",
-]
+# launcher.presets' toy model (the soak's and the scenario's too), quiet and validated once at the end
+TINY = [*presets.TINY, "progress=false", "plot=false", "eval_every_steps=0"]
 
 
 TEST_TOKEN = new_token()  # the join token of every swarm a test process builds in-process
@@ -174,16 +162,7 @@ def kill_and_reap(pids: set[int], keep: set[int]) -> None:
 
 
 # ---- real swarms (tests/process) ------------------------------------------------------------------
-SWARM = [
-    *TINY,
-    "num_threads=1",
-    "eval_every_steps=0",
-    "swarm.spare_delay_s=1",
-    "swarm.min_gap_s=1",
-    "membership.period_s=0.25",
-    "membership.ttl_s=1.5",
-    "transport.timeout_s=5",
-]
+SWARM = [*TINY, *presets.SWARM_2CORE, "swarm.min_gap_s=1"]
 
 
 def check_every_step_once(run_dir, num_steps):

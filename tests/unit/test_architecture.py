@@ -114,3 +114,38 @@ def test_the_command_line_and_the_analysis_start_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_no_script_imports_another(path):
+    """Scripts are thin command lines over the library: what two of them share lives in checkfree/ or
+    launcher/ (issue 22)."""
+    siblings = {p.stem for p in SCRIPTS} - {path.stem}
+    assert not _top_level_imports(path) & siblings, f"{path.name} imports {_top_level_imports(path) & siblings}"
+
+
+def test_no_test_loads_a_script_as_a_module():
+    """Tests run scripts as programs (a subprocess), never import them: a script's code that a test needs
+    belongs in the library."""
+    scripts = {p.stem for p in SCRIPTS}
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path == Path(__file__).resolve():  # the words it looks for
+            continue
+        text = path.read_text()
+        if "spec_from_file_location" in text or "runpy" in text or _top_level_imports(path) & scripts:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders
