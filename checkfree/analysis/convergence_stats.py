@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from checkfree.analysis.stats import bootstrap, paired_ratio, t_interval
 
-MIN_SEEDS = 5  # no verdict from fewer paired seeds (the percentile rule, kept as percentile_verdict)
+# The percentile rule the sweeps used before issue 22, kept only as each comparison's ``percentile_verdict`` so
+# the re-analysis can show what a page used to claim. It is not the verdict that holds: that is
+# ``reanalysis.judge_sweep``'s (t and BCa intervals, Holm; ``stats.MIN_SEEDS`` seeds at least, and
+# ``stats.HEADLINE_SEEDS`` for a headline claim).
+PERCENTILE_MIN_SEEDS = 5
 
 
 class UsageError(ValueError):
@@ -42,13 +46,14 @@ def summarise(rows: list[dict], rates, strategies, fracs) -> dict:
 
 
 def _verdict(ours: str, interval, pairs) -> str:
-    """A claim only where the paired interval over >= MIN_SEEDS seeds excludes 1; misses of the target (a
-    seed where one side never reached it) are always said, never averaged away."""
+    """The superseded percentile rule: a claim only where the paired interval over >= PERCENTILE_MIN_SEEDS seeds
+    excludes 1; misses of the target (a seed where one side never reached it) are always said, never averaged
+    away."""
     missed = sum(1 for a, _ in pairs if a is None)
     other_missed = sum(1 for _, b in pairs if b is None)
     note = f"; misses: {ours} {missed}, baseline {other_missed} of {len(pairs)} seeds" if missed or other_missed else ""
-    if interval.n < MIN_SEEDS:
-        return f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS}{note})"
+    if interval.n < PERCENTILE_MIN_SEEDS:
+        return f"not resolved ({interval.n} paired seeds, fewer than {PERCENTILE_MIN_SEEDS}{note})"
     if not interval.excludes(1.0):
         return f"not resolved{note and ' (' + note[2:] + ')'}"
     return f"{ours} {'faster' if interval.high < 1 else 'slower'}{note and ' (' + note[2:] + ')'}"
@@ -139,8 +144,8 @@ def final_loss_differences(rows: list[dict], rates, strategies, ours=None, basel
                 by_seed = _by_seed(rows, rate, (a, b), "final_val")
                 both = [v for v in by_seed.values() if v.get(a) is not None and v.get(b) is not None]
                 interval = t_interval([v[a] - v[b] for v in both])
-                if interval.n < MIN_SEEDS:
-                    verdict = f"not resolved ({interval.n} paired seeds, fewer than {MIN_SEEDS})"
+                if interval.n < PERCENTILE_MIN_SEEDS:
+                    verdict = f"not resolved ({interval.n} paired seeds, fewer than {PERCENTILE_MIN_SEEDS})"
                 elif not interval.excludes(0.0):
                     verdict = "not resolved"
                 else:

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from checkfree.analysis.reanalysis import CONVERGENCE_SWEEPS, comparison_names
-from checkfree.analysis.stats import fmt_interval
+from checkfree.analysis.stats import HEADLINE_SEEDS, fmt_interval
 from checkfree.analysis.tables import markdown_table
 
 # sweeps whose page is written here: the re-analysed ones and the overlap fit (it reports no comparison)
@@ -111,8 +111,10 @@ def convergence_markdown(result: dict, judged: dict) -> str:
         raise ValueError(f"the re-analysis does not judge {missing}: run scripts/reanalyse.py on this sweep")
     n_ratio = len(result["comparisons"])
     eff = _rate_label(result)
+    n_seeds = len(result["seeds"])
+    headline = "" if n_seeds >= HEADLINE_SEEDS else f" (fewer than the {HEADLINE_SEEDS} a headline claim needs)"
     lines = [
-        f"{len(result['seeds'])} seeds; rates are effective per-stage hourly rates (nominal x acceleration "
+        f"{n_seeds} seeds{headline}; rates are effective per-stage hourly rates (nominal x acceleration "
         f"{result['acceleration']:g}, iteration {result['iteration_s']:g} s); validation every "
         f"{result['eval_every']} steps. Targets: {', '.join(f'{f:.0%}' for f in result['target_fracs'])} of each "
         "seed's failure-free progress. Final loss and failures: mean [95% percentile bootstrap] over seeds, "

@@ -47,3 +47,12 @@ def test_a_twin_arm_says_whose_runs_it_repeats():
     judged = json.loads((RESULTS / "reanalysis.json").read_text())["convergence_ci"]
     page = convergence_markdown(result, judged)
     assert "(the same runs as checkfree_plus; not counted in Holm)" in page
+
+
+def test_a_page_says_when_its_seeds_are_too_few_for_a_headline(sweep):
+    result, judged = sweep
+    assert len(result["seeds"]) < 10
+    assert "seeds (fewer than the 10 a headline claim needs);" in convergence_markdown(result, judged)
+    ten = {**result, "seeds": list(range(10))}
+    page = convergence_markdown(ten, judged)
+    assert page.startswith("10 seeds; rates are") and "headline" not in page
