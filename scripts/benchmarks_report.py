@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from checkfree.analysis.benchmarks import ANALYSES, COMMANDS, QUICK, ROOT, Command, rerun, select
+from checkfree.analysis.benchmarks import ANALYSES, COMMANDS, QUICK, ROOT, Command, copy_results, rerun, select
 from checkfree.analysis.tables import markdown_table
 
 BENCH = ROOT / "runs" / "bench"
@@ -123,6 +123,24 @@ def _issue11() -> list[str]:
         pngs = sorted([*IMAGES.glob(f"bench_{name}.png"), *IMAGES.glob(f"bench_{name}_rate*.png")])
         body += "\n" + "\n".join(f"![{p.stem}](images/{p.name})" for p in pngs)
         out += _section(title, name, body, command=COMMANDS.get(name))
+    return out
+
+
+SWARM_RUNS = (
+    ("soak_200events_final", "Chaos soak: 200 events on the swarm, failures during recoveries (tiny model)"),
+    ("soak_100events_framed", "Chaos soak: 100 events after the framed step messages (tiny model)"),
+    ("multihost_scenario", "Multi-host scenario: a kill, a vanished host, a partition and a preemption notice"),
+)
+
+
+def _swarm_runs() -> list[str]:
+    """The soaks' and the multi-host scenario's own reports, each under its section (its title line dropped)."""
+    out = []
+    for name, title in SWARM_RUNS:
+        md = _file(f"{name}.md")
+        if md.is_file():
+            body = "\n".join(line for line in md.read_text().splitlines() if not line.startswith("# "))
+            out += _section(title, name, body.strip())
     return out
 
 
@@ -284,6 +302,7 @@ def build() -> str:
             f"{r['cores']} cores, config {r['config']}; bounds from the engine's per-slot compute time "
             "(see the script's docstring).\n\n" + rows + "\n\n![scaling](images/bench_scaling.png)",
         )
+    out += _swarm_runs()
     return "\n".join(out) + "\n"
 
 
@@ -295,8 +314,9 @@ def main() -> None:
     ap.add_argument(
         "--timeout-s",
         type=float,
-        default=6 * 3600.0,  # all of them take about 2 hours on 2 cores: a hung benchmark must not hold --run forever
-        help="with --run: give up on a benchmark that runs longer than this (seconds)",
+        default=6 * 3600.0,  # a hung benchmark must not hold --run forever
+        help="with --run: give up on a benchmark that runs longer than this (seconds; paper_local and paper_slow "
+        "need more: their --dry-run costs them at 11 and up to 55 hours on 2 cores)",
     )
     ns = ap.parse_args()
     if ns.run:
@@ -304,10 +324,12 @@ def main() -> None:
             benchmarks, analyses = select(COMMANDS, ns.only), select(ANALYSES, ns.only or list(ANALYSES))
         except ValueError as e:
             ap.error(str(e))
-        rerun({name: QUICK.get(name, c) if ns.quick else c for name, c in benchmarks.items()}, ns.timeout_s)
+        chosen = {name: QUICK.get(name, c) if ns.quick else c for name, c in benchmarks.items()}
+        rerun(chosen, ns.timeout_s)
         RESULTS.mkdir(parents=True, exist_ok=True)
         for f in sorted(BENCH.glob("*.json")) + sorted(BENCH.glob("*.md")):
             shutil.copy(f, RESULTS / f.name)
+        copy_results(chosen, RESULTS)  # the reports written into folders of their own (soaks, the scenario)
         rerun(analyses, ns.timeout_s)  # they read docs/results: after the copy
     PAGES.mkdir(parents=True, exist_ok=True)
     (PAGES / "results.md").write_text(build())

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -51,8 +52,8 @@ def run(ns) -> dict:
         args += [f"num_steps={ns.steps}", f"swarm.preemption.url={notices.url}", "swarm.preemption.provider=aws"]
         args += ["swarm.preemption.poll_s=0.25", "seed=7"]
         run_dir = out / "run"
-        if run_dir.exists():
-            raise SystemExit(f"{run_dir} exists: choose another --out")
+        if run_dir.exists():  # this script's own run directory from an earlier scenario: a rerun replaces it
+            shutil.rmtree(run_dir)
         peers = PeersOnHosts(hosts, out / "logs", run_dir, args)
         spares = 0
         vanished: list[str] = []

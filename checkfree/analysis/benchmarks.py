@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -30,6 +31,9 @@ class Command:
     argv: list[str]  # "python" first: --run puts this interpreter in its place
     env: dict[str, str] = field(default_factory=dict)  # set for the run on top of the inherited environment
     provenance: str = ""  # how the recorded result was made, where that differs from argv (runs moved in by hand)
+    # result files the command writes away from runs/bench/*.json (which --run copies as they are): path from the
+    # repository root -> its name in docs/results
+    results: dict[str, str] = field(default_factory=dict)
 
     def shown(self) -> str:
         """The command as a shell would take it (the provenance is not part of it)."""
@@ -242,6 +246,28 @@ COMMANDS: dict[str, Command] = {
          "runs/bench/swap_tax_full.json"],
         provenance="not run yet: 10 seeds x 600 steps on both layouts (its --dry-run costs it, hours on 2 cores)",
     ),
+    # the swarm's chaos soaks and the multi-host scenario: each writes its report into its own folder
+    "soak_200events_final": Command(
+        ["python", "scripts/soak.py", "--tiny", "--events", "200", "--mean-gap-s", "1.0", "--safety", "1.2", "--out",
+         "runs/bench/soak200_final", "checkpoint.every_steps=20"],
+        provenance="run from a worktree of 9fdbc65, alone on the machine (a soak's timings are wall-clock)",
+        results={"runs/bench/soak200_final/soak.json": "soak_200events_final.json",
+                 "runs/bench/soak200_final/soak.md": "soak_200events_final.md"},
+    ),
+    "soak_100events_framed": Command(
+        ["python", "scripts/soak.py", "--tiny", "--events", "100", "--mean-gap-s", "1.0", "--safety", "1.2", "--out",
+         "runs/bench/soak100_framed", "checkpoint.every_steps=20"],
+        provenance="run from a worktree of b8337d6 (the transport change), the 2 cores shared with unit tests for "
+        "part of it",
+        results={"runs/bench/soak100_framed/soak.json": "soak_100events_framed.json",
+                 "runs/bench/soak100_framed/soak.md": "soak_100events_framed.md"},
+    ),
+    "multihost_scenario": Command(
+        ["python", "scripts/multihost_scenario.py", "--out", "runs/bench/multihost"],
+        provenance="recorded with the default --out; needs root (network namespaces)",
+        results={"runs/bench/multihost/multihost_scenario.json": "multihost_scenario.json",
+                 "runs/bench/multihost/multihost_scenario.md": "multihost_scenario.md"},
+    ),
     # issue 22 item 5: the largest model this machine trains in a few hours, on BPE tokens made here
     "bpe_data": Command(["python", "scripts/prepare_stdlib_tokens.py", "--out", "runs/data/stdlib-bpe4096"]),
     "bpe5m": Command(
@@ -305,6 +331,23 @@ def select(commands: dict[str, Command], only: Iterable[str] | None) -> dict[str
         known = sorted([*COMMANDS, *ANALYSES, *GROUPS])
         raise ValueError(f"no benchmark named {sorted(unknown)}; known: {known}")
     return {name: c for name, c in commands.items() if name in wanted}
+
+
+def copy_results(commands: dict[str, Command], results_dir: Path, root: Path = ROOT) -> list[Path]:
+    """Copy each command's ``results`` into ``results_dir`` under their docs names; returns the copies.
+
+    Raises:
+        FileNotFoundError: a command ran but did not write a result it names (the page would show a stale one).
+    """
+    copied = []
+    for name, command in commands.items():
+        for source, dest in command.results.items():
+            if not (root / source).is_file():
+                raise FileNotFoundError(f"{name} wrote no {source}: expected its result there")
+            results_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / source, results_dir / dest)
+            copied.append(results_dir / dest)
+    return copied
 
 
 def rerun(commands: dict[str, Command], timeout_s: float, runner: Callable[..., object] = subprocess.run) -> None:

@@ -197,3 +197,20 @@ def test_every_relative_link_in_the_docs_resolves(page):
 
 def test_no_temporary_files_in_the_docs():
     assert not [p for p in (ROOT / "docs").rglob("*") if "tmp" in p.name.lower()]
+
+
+def test_results_written_into_a_folder_are_copied_under_their_docs_names(tmp_path):
+    (tmp_path / "runs" / "soak").mkdir(parents=True)
+    (tmp_path / "runs" / "soak" / "soak.json").write_text("{}")
+    command = bm.Command(["python", "scripts/soak.py"], results={"runs/soak/soak.json": "soak_x.json"})
+    copied = bm.copy_results({"soak_x": command}, tmp_path / "docs", root=tmp_path)
+    assert copied == [tmp_path / "docs" / "soak_x.json"] and copied[0].read_text() == "{}"
+    missing = bm.Command(["python", "scripts/soak.py"], results={"runs/none/soak.json": "soak_y.json"})
+    with pytest.raises(FileNotFoundError, match="soak_y wrote no runs/none/soak.json"):
+        bm.copy_results({"soak_y": missing}, tmp_path / "docs", root=tmp_path)
+
+
+def test_every_result_a_command_names_is_a_versioned_result_file():
+    for name, command in bm.COMMANDS.items():
+        for source, dest in command.results.items():
+            assert source.startswith("runs/bench/") and (ROOT / "docs" / "results" / dest).is_file(), (name, dest)
