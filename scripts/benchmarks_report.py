@@ -1,6 +1,8 @@
 """Regenerate docs/benchmarks/results.md from the benchmark results (``--run`` first reruns the benchmarks
-at the documented scale, about 2 hours on 2 cores, copies their results into docs/results and re-analyses
-them).
+at the documented scale, copies the results that run wrote into docs/results and re-analyses them). Each
+entry's ``--dry-run`` (convergence sweeps) costs it: most take minutes to an hour on 2 cores, the paper-scale
+comparisons (paper_local, paper_slow) 11 to 55 hours; entries that need root run only when named with
+``--only``.
 
     python scripts/benchmarks_report.py [--run] [--only NAME ...] [--quick] [--timeout-s SECONDS]
 
@@ -16,11 +18,12 @@ import json
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 import torch
 
-from checkfree.analysis.benchmarks import ANALYSES, COMMANDS, QUICK, ROOT, Command, copy_results, rerun, select
+from checkfree.analysis.benchmarks import ANALYSES, COMMANDS, QUICK, ROOT, Command, fresh_results, rerun, select
 from checkfree.analysis.tables import markdown_table
 
 BENCH = ROOT / "runs" / "bench"
@@ -89,7 +92,7 @@ def _issue11() -> list[str]:
         ("q_tiny", "q at the tiny default's scale (CheckFree+, 5 seeds)"),
         ("q_deep", "q on 6 stages after 1000 steps (configs/deep.yaml; 5 seeds, swap off and CheckFree+)"),
         ("fig2_deep", "The paper's Fig. 2 setup on 6 stages: swap off, middle stages failing at 16%/h"),
-        ("convergence_ci", "Convergence under failures, 5 seeds, paired intervals"),
+        ("convergence_ci", "Convergence under failures against checkpointing to local disk, paired intervals"),
         ("convergence_slow", "Convergence with slow checkpoint storage (the what-if validation points)"),
         ("whatif", "The what-if map at the bench scale, first version (q measured here; no tax, no overlap)"),
         (
@@ -139,7 +142,8 @@ def _swarm_runs() -> list[str]:
     for name, title in SWARM_RUNS:
         md = _file(f"{name}.md")
         if md.is_file():
-            body = "\n".join(line for line in md.read_text().splitlines() if not line.startswith("# "))
+            lines = md.read_text().splitlines()
+            body = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines)  # its own title dropped
             out += _section(title, name, body.strip())
     return out
 
@@ -315,8 +319,8 @@ def main() -> None:
         "--timeout-s",
         type=float,
         default=6 * 3600.0,  # a hung benchmark must not hold --run forever
-        help="with --run: give up on a benchmark that runs longer than this (seconds; paper_local and paper_slow "
-        "need more: their --dry-run costs them at 11 and up to 55 hours on 2 cores)",
+        help="with --run: give up on a benchmark that runs longer than this (seconds; an entry whose --dry-run "
+        "costs it above that, paper_local or paper_slow say, needs more)",
     )
     ns = ap.parse_args()
     if ns.run:
@@ -325,11 +329,20 @@ def main() -> None:
         except ValueError as e:
             ap.error(str(e))
         chosen = {name: QUICK.get(name, c) if ns.quick else c for name, c in benchmarks.items()}
+        left_out = [name for name, c in COMMANDS.items() if ns.only is None and c.only_when_named]
+        for name in left_out:
+            print(f"not run: {name} ({COMMANDS[name].only_when_named}; --only {name} runs it)", flush=True)
+        started = time.time()
         rerun(chosen, ns.timeout_s)
+        try:
+            fresh = fresh_results(chosen, BENCH, started)
+        except FileNotFoundError as e:
+            ap.error(str(e))
         RESULTS.mkdir(parents=True, exist_ok=True)
-        for f in sorted(BENCH.glob("*.json")) + sorted(BENCH.glob("*.md")):
-            shutil.copy(f, RESULTS / f.name)
-        copy_results(chosen, RESULTS)  # the reports written into folders of their own (soaks, the scenario)
+        for f, name in fresh.items():
+            shutil.copyfile(f, RESULTS / name)
+        if ns.quick:
+            print(f"the quick sweep's results are under {BENCH / 'quick'} (not copied into docs/results)")
         rerun(analyses, ns.timeout_s)  # they read docs/results: after the copy
     PAGES.mkdir(parents=True, exist_ok=True)
     (PAGES / "results.md").write_text(build())

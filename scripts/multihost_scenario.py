@@ -52,8 +52,10 @@ def run(ns) -> dict:
         args += [f"num_steps={ns.steps}", f"swarm.preemption.url={notices.url}", "swarm.preemption.provider=aws"]
         args += ["swarm.preemption.poll_s=0.25", "seed=7"]
         run_dir = out / "run"
-        if run_dir.exists():  # this script's own run directory from an earlier scenario: a rerun replaces it
-            shutil.rmtree(run_dir)
+        if run_dir.exists():
+            if not (run_dir / "peers").is_dir():  # not a run directory this script wrote: keep it
+                raise SystemExit(f"{run_dir} exists and is no scenario run directory: choose another --out")
+            shutil.rmtree(run_dir)  # this script's own run from an earlier scenario: a rerun replaces it
         peers = PeersOnHosts(hosts, out / "logs", run_dir, args)
         spares = 0
         vanished: list[str] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ class Command:
     # result files the command writes away from runs/bench/*.json (which --run copies as they are): path from the
     # repository root -> its name in docs/results
     results: dict[str, str] = field(default_factory=dict)
+    only_when_named: str = ""  # why a plain --run leaves it out (it needs root, say); --only NAME runs it
 
     def shown(self) -> str:
         """The command as a shell would take it (the provenance is not part of it)."""
@@ -264,7 +264,8 @@ COMMANDS: dict[str, Command] = {
     ),
     "multihost_scenario": Command(
         ["python", "scripts/multihost_scenario.py", "--out", "runs/bench/multihost"],
-        provenance="recorded with the default --out; needs root (network namespaces)",
+        provenance="recorded with the default --out",
+        only_when_named="it needs root (network namespaces)",
         results={"runs/bench/multihost/multihost_scenario.json": "multihost_scenario.json",
                  "runs/bench/multihost/multihost_scenario.md": "multihost_scenario.md"},
     ),
@@ -286,11 +287,12 @@ COMMANDS: dict[str, Command] = {
         "sweep's run",
     ),
 }
+# a check that the pipeline runs, not a result: written under runs/bench/quick, never copied into docs/results
 QUICK: dict[str, Command] = {
     "convergence_ci": Command(
         ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "num_steps=200", "--rates", "0.33", "--seeds",
          "0", "1", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5", "--jobs", "2", "--out",
-         "runs/bench/convergence_ci.json", "--runs-dir", "runs/bench/convergence-ci-runs"],
+         "runs/bench/quick/convergence_ci.json", "--runs-dir", "runs/bench/quick/convergence-ci-runs"],
     ),
 }
 
@@ -317,14 +319,14 @@ GROUPS: dict[str, list[str]] = {
 
 
 def select(commands: dict[str, Command], only: Iterable[str] | None) -> dict[str, Command]:
-    """The entries named in ``only`` (all of them when None; a ``GROUPS`` name stands for its entries), in the
-    registry's order.
+    """The entries named in ``only`` (a ``GROUPS`` name stands for its entries), in the registry's order; when
+    None, every entry but those ``only_when_named``.
 
     Raises:
         ValueError: a name that is no entry and no group.
     """
     if only is None:
-        return dict(commands)
+        return {name: c for name, c in commands.items() if not c.only_when_named}
     wanted = {name for n in only for name in GROUPS.get(n, [n])}
     unknown = wanted - set(COMMANDS) - set(ANALYSES)
     if unknown:
@@ -333,21 +335,26 @@ def select(commands: dict[str, Command], only: Iterable[str] | None) -> dict[str
     return {name: c for name, c in commands.items() if name in wanted}
 
 
-def copy_results(commands: dict[str, Command], results_dir: Path, root: Path = ROOT) -> list[Path]:
-    """Copy each command's ``results`` into ``results_dir`` under their docs names; returns the copies.
+def fresh_results(commands: dict[str, Command], bench: Path, since: float, root: Path = ROOT) -> dict[Path, str]:
+    """What a ``--run`` started at ``since`` (``time.time()``) wrote, as {file: its name in docs/results}: every
+    ``bench/*.json`` and ``*.md`` modified since then, and each command's ``results``. Files from earlier runs
+    left in ``bench`` are not among them, so they never overwrite the versioned ones.
 
     Raises:
-        FileNotFoundError: a command ran but did not write a result it names (the page would show a stale one).
+        FileNotFoundError: a command did not write a result it names, or left one from an earlier run (the page
+            would show a stale one); nothing is returned, so nothing is copied.
     """
-    copied = []
+    out = {f: f.name for f in sorted([*bench.glob("*.json"), *bench.glob("*.md")]) if f.stat().st_mtime >= since}
+    missing = []
     for name, command in commands.items():
         for source, dest in command.results.items():
-            if not (root / source).is_file():
-                raise FileNotFoundError(f"{name} wrote no {source}: expected its result there")
-            results_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / source, results_dir / dest)
-            copied.append(results_dir / dest)
-    return copied
+            path = root / source
+            if not path.is_file() or path.stat().st_mtime < since:
+                missing.append(f"{name}: {source}")
+            out[path] = dest
+    if missing:
+        raise FileNotFoundError(f"these runs wrote no fresh result where their entry says: {missing}")
+    return out
 
 
 def rerun(commands: dict[str, Command], timeout_s: float, runner: Callable[..., object] = subprocess.run) -> None:

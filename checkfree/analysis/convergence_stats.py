@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from checkfree.analysis.stats import bootstrap, paired_ratio, t_interval
 
-# The percentile rule the sweeps used before issue 22, kept only as each comparison's ``percentile_verdict`` so
-# the re-analysis can show what a page used to claim. It is not the verdict that holds: that is
-# ``reanalysis.judge_sweep``'s (t and BCa intervals, Holm; ``stats.MIN_SEEDS`` seeds at least, and
-# ``stats.HEADLINE_SEEDS`` for a headline claim).
+# The first-pass rule the sweeps used before issue 22 (a percentile bootstrap for ratios, a t interval for
+# final-loss differences, no correction), kept only as each comparison's and difference's
+# ``percentile_verdict`` so the re-analysis can show what a page used to claim. It is not the verdict that
+# holds: that is ``reanalysis.judge_sweep``'s (t and BCa intervals, Holm; ``stats.MIN_SEEDS`` seeds at least,
+# and ``stats.HEADLINE_SEEDS`` for a headline claim).
 PERCENTILE_MIN_SEEDS = 5
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 import shlex
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
@@ -153,7 +155,7 @@ def test_a_reanalysis_entry_runs_after_the_benchmarks():
 def test_select_keeps_the_registry_order_and_refuses_unknown_names():
     names = list(bm.COMMANDS)
     assert list(bm.select(bm.COMMANDS, [names[2], names[0]])) == [names[0], names[2]]
-    assert bm.select(bm.COMMANDS, None) == bm.COMMANDS
+    assert bm.select(bm.COMMANDS, None) == {n: c for n, c in bm.COMMANDS.items() if not c.only_when_named}
     assert bm.select(bm.COMMANDS, ["reanalysis"]) == {}
     with pytest.raises(ValueError, match="no_such_benchmark"):
         bm.select(bm.COMMANDS, ["no_such_benchmark"])
@@ -184,30 +186,77 @@ def test_rerun_runs_argument_lists_with_this_interpreter_from_the_root():
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation but hyphens and underscores dropped,
+    spaces made hyphens, a repeated heading numbered."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in re.sub(r"```.*?```", "", page.read_text(), flags=re.S).splitlines():
+        m = re.match(r"#{1,6} (.+)", line)
+        if m:
+            slug = re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            out.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+            seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
 @pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_in_the_docs_resolves(page):
+    """Each link's file exists and, where it names a heading of a markdown page, that heading does."""
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold commands, not links
-    missing = [
-        target
-        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text)
-        if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists()
-    ]
-    assert not missing, f"{page.relative_to(ROOT)} links to missing files: {missing}"
+    missing = []
+    for target, anchor in re.findall(r"\]\(([^)\s#]*)(?:#([^)]*))?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path = page.parent / target if target else page
+        if not path.exists():
+            missing.append(target)
+        elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+            missing.append(f"{target}#{anchor}")
+    assert not missing, f"{page.relative_to(ROOT)} links to missing files or headings: {missing}"
+
+
+def test_the_anchor_rule_is_githubs(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("# A title\n## The paper's Fig. 2 (failures.neighbour_prob=0.5)\n## Notes\n## Notes\n")
+    assert _anchors(page) == {"a-title", "the-papers-fig-2-failuresneighbour_prob05", "notes", "notes-1"}
 
 
 def test_no_temporary_files_in_the_docs():
     assert not [p for p in (ROOT / "docs").rglob("*") if "tmp" in p.name.lower()]
 
 
-def test_results_written_into_a_folder_are_copied_under_their_docs_names(tmp_path):
-    (tmp_path / "runs" / "soak").mkdir(parents=True)
-    (tmp_path / "runs" / "soak" / "soak.json").write_text("{}")
-    command = bm.Command(["python", "scripts/soak.py"], results={"runs/soak/soak.json": "soak_x.json"})
-    copied = bm.copy_results({"soak_x": command}, tmp_path / "docs", root=tmp_path)
-    assert copied == [tmp_path / "docs" / "soak_x.json"] and copied[0].read_text() == "{}"
-    missing = bm.Command(["python", "scripts/soak.py"], results={"runs/none/soak.json": "soak_y.json"})
-    with pytest.raises(FileNotFoundError, match="soak_y wrote no runs/none/soak.json"):
-        bm.copy_results({"soak_y": missing}, tmp_path / "docs", root=tmp_path)
+def test_only_what_this_run_wrote_is_copied(tmp_path):
+    bench = tmp_path / "runs" / "bench"
+    (bench / "soak").mkdir(parents=True)
+    (bench / "old.json").write_text("{}")  # an earlier run's result, left in runs/bench
+    (bench / "soak" / "soak.json").write_text("{}")
+    since = time.time() + 10
+    for f in (bench / "old.json", bench / "soak" / "soak.json"):
+        os.utime(f, (since - 100, since - 100))
+    (bench / "new.json").write_text("{}")
+    os.utime(bench / "new.json", (since + 1, since + 1))
+    soak = bm.Command(["python", "scripts/soak.py"], results={"runs/bench/soak/soak.json": "soak_x.json"})
+    with pytest.raises(FileNotFoundError, match=r"soak_x: runs/bench/soak/soak.json"):  # stale: not this run's
+        bm.fresh_results({"soak_x": soak}, bench, since, root=tmp_path)
+    os.utime(bench / "soak" / "soak.json", (since + 2, since + 2))
+    fresh = bm.fresh_results({"soak_x": soak}, bench, since, root=tmp_path)
+    assert fresh == {bench / "new.json": "new.json", bench / "soak" / "soak.json": "soak_x.json"}
+    gone = bm.Command(["python", "scripts/soak.py"], results={"runs/none/soak.json": "soak_y.json"})
+    with pytest.raises(FileNotFoundError, match=r"soak_y: runs/none/soak.json"):
+        bm.fresh_results({"soak_y": gone}, bench, since, root=tmp_path)
+
+
+def test_a_plain_run_leaves_out_the_entries_that_need_root():
+    assert bm.COMMANDS["multihost_scenario"].only_when_named
+    assert "multihost_scenario" not in bm.select(bm.COMMANDS, None)
+    assert list(bm.select(bm.COMMANDS, ["multihost_scenario"])) == ["multihost_scenario"]
+
+
+def test_the_quick_sweep_never_writes_where_docs_results_are_copied_from():
+    for command in bm.QUICK.values():
+        out = command.argv[command.argv.index("--out") + 1]
+        assert out.startswith("runs/bench/quick/"), out
 
 
 def test_every_result_a_command_names_is_a_versioned_result_file():
