@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from checkfree.config import TrainConfig
 from checkfree.core.data import Batches
-from checkfree.core.metrics import peak_rss_mb
+from checkfree.core.metrics import peak_rss_mb, read_jsonl
 from checkfree.core.model import Stage, init_stage_
 from checkfree.core.schedule import schedule_for
 from checkfree.swarm.config import config_fingerprint
@@ -79,18 +79,28 @@ def run_static_pipeline(cfg: TrainConfig, out_dir: str | Path, timeout_s: float 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = cfg.num_threads or max(1, (os.cpu_count() or 1) // L)  # the local swarm's share, for a fair match
+    stage_args = lambda port: [(cfg, s, port, str(out_dir), threads) for s in range(L)]
+    run_stage_processes("static pipeline", cfg, stage_args, _stage_main, out_dir, timeout_s)
+    return [read_jsonl(out_dir / f"stage-{s}.jsonl") for s in range(L)]
+
+
+def run_stage_processes(what: str, cfg: TrainConfig, args_for, target, out_dir: Path, timeout_s: float) -> None:
+    """Start one spawned process per stage on ``target`` (``args_for(store_port)``: each one's arguments,
+    around a TCPStore they rendezvous on) and wait for all of them.
+
+    Raises:
+        RuntimeError: a stage process failed or they ran past ``timeout_s`` (every process is ended).
+    """
     store = dist.TCPStore(
         "127.0.0.1",
         0,
-        L + 1,
+        cfg.model.num_stages + 1,
         is_master=True,
         wait_for_workers=False,
         timeout=timedelta(seconds=cfg.transport.rendezvous_timeout_s),
     )
     ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_stage_main, args=(cfg, s, store.port, str(out_dir), threads), daemon=True) for s in range(L)
-    ]
+    procs = [ctx.Process(target=target, args=a, daemon=True) for a in args_for(store.port)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -100,7 +110,7 @@ def run_static_pipeline(cfg: TrainConfig, out_dir: str | Path, timeout_s: float 
         bad = [(s, p.exitcode) for s, p in enumerate(procs) if p.exitcode != 0]
         if bad:
             raise RuntimeError(
-                f"static pipeline: stages (stage, exit code) {bad} failed or ran past {timeout_s} s; see {out_dir}"
+                f"{what}: stages (stage, exit code) {bad} failed or ran past {timeout_s} s; see {out_dir}"
             )
     finally:
         for p in procs:
@@ -108,8 +118,3 @@ def run_static_pipeline(cfg: TrainConfig, out_dir: str | Path, timeout_s: float 
                 p.kill()
                 p.join(5)
     del store
-    out = []
-    for s in range(L):
-        with open(out_dir / f"stage-{s}.jsonl") as f:
-            out.append([json.loads(line) for line in f if line.strip()])
-    return out

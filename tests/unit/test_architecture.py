@@ -1,6 +1,7 @@
 """The import directions of docs/ARCHITECTURE.md, read from the source: the core imports neither executor;
 the engine and the swarm import the core (and the config root), never each other; the library never
-imports the launcher (only the command line does, for ``checkfree swarm``)."""
+imports the launcher (only the command line does, for ``checkfree swarm``). Scripts import no other script,
+and no test imports or loads a script (issue 22)."""
 
 import ast
 from pathlib import Path
@@ -117,35 +118,67 @@ def test_the_command_line_and_the_analysis_start_without_torch():
 
 
 SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
+SCRIPT_NAMES = {p.stem for p in SCRIPTS} | {"scripts"}  # ``import soak`` and ``from scripts import soak`` alike
+LOADERS = {"runpy", "spec_from_file_location", "SourceFileLoader", "import_module", "load_source"}
 
 
-def _top_level_imports(path: Path) -> set[str]:
+def _all_imports(path: Path) -> set[str]:
+    """Every module an ``import`` statement in ``path`` names, relative imports left out."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
     return names
+
+
+def _script_imports(path: Path, scripts: set[str]) -> set[str]:
+    return {n for n in _all_imports(path) if n.split(".")[0] in scripts}
+
+
+def _loads_modules_by_hand(path: Path) -> set[str]:
+    """The module loaders ``path`` imports or calls (runpy, importlib's spec_from_file_location...)."""
+    tree = ast.parse(path.read_text())
+    used = {n.split(".")[-1] for n in _all_imports(path)}
+    used |= {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
+    used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    return used & LOADERS
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
 def test_no_script_imports_another(path):
     """Scripts are thin command lines over the library: what two of them share lives in checkfree/ or
     launcher/ (issue 22)."""
-    siblings = {p.stem for p in SCRIPTS} - {path.stem}
-    assert not _top_level_imports(path) & siblings, f"{path.name} imports {_top_level_imports(path) & siblings}"
+    bad = _script_imports(path, SCRIPT_NAMES - {path.stem})
+    assert not bad, f"{path.name} imports {sorted(bad)}"
 
 
 def test_no_test_loads_a_script_as_a_module():
-    """Tests run scripts as programs (a subprocess), never import them: a script's code that a test needs
-    belongs in the library."""
-    scripts = {p.stem for p in SCRIPTS}
-    offenders = []
+    """Tests run scripts as programs (a subprocess), never import or load them: a script's code that a test
+    needs belongs in the library."""
+    offenders = {}
     for path in sorted((ROOT / "tests").rglob("*.py")):
-        if path == Path(__file__).resolve():  # the words it looks for
-            continue
-        text = path.read_text()
-        if "spec_from_file_location" in text or "runpy" in text or _top_level_imports(path) & scripts:
-            offenders.append(str(path.relative_to(ROOT)))
+        bad = _script_imports(path, SCRIPT_NAMES) | _loads_modules_by_hand(path)
+        if bad and path != Path(__file__).resolve():
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
     assert not offenders, offenders
+
+
+def test_the_script_rules_catch_what_they_refuse(tmp_path):
+    cases = {
+        "import soak\n": {"soak"},
+        "from scripts import soak\n": {"scripts"},
+        "from scripts.soak import TINY\n": {"scripts.soak"},
+        "import checkfree.config\n": set(),
+    }
+    for source, want in cases.items():
+        (tmp_path / "t.py").write_text(source)
+        assert _script_imports(tmp_path / "t.py", SCRIPT_NAMES) == want, source
+    (tmp_path / "t.py").write_text("import importlib.util\nimportlib.util.spec_from_file_location('s', 'x.py')\n")
+    assert _loads_modules_by_hand(tmp_path / "t.py") == {"spec_from_file_location"}
+    (tmp_path / "t.py").write_text("from runpy import run_path\n")
+    assert _loads_modules_by_hand(tmp_path / "t.py") == {"runpy"}
+    (tmp_path / "t.py").write_text("# runpy and spec_from_file_location are only words here\nx = 'runpy'\n")
+    assert _loads_modules_by_hand(tmp_path / "t.py") == set()
