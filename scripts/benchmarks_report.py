@@ -114,7 +114,7 @@ def _issue11() -> list[str]:
             "The largest scale here: 6.3M parameters on 4096-token BPE, CheckFree+ against checkpointing at its "
             "Young interval at 10%/h (3 seeds)",
         ),
-        ("bpe5m_redundant", "The largest scale here: CheckFree+ against redundant computation at 10%/h (1 seed)"),
+        ("bpe5m_redundant", "The largest scale here: CheckFree+ against redundant computation at 10%/h (3 seeds)"),
     ):
         r = _load(name)
         md = _file(f"{name}.md")

@@ -90,10 +90,12 @@ COMMANDS: dict[str, Command] = {
     ),
     "convergence_ci": Command(
         ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "--rates", "0.10", "0.33", "--seeds", "0", "1",
-         "2", "3", "4", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5", "checkfree", "--jobs", "2",
-         "--out", "runs/bench/convergence_ci.json", "--runs-dir", "runs/bench/convergence-ci-runs"],
-        provenance="checkfree was added later: its runs trained with --strategies none checkfree in "
-        "runs/bench/convergence-ci-plain-runs and were copied in; the table is --analyse-only",
+         "2", "3", "4", "5", "6", "7", "8", "9", "--strategies", "none", "checkfree_plus", "hybrid", "checkpoint:5",
+         "checkfree", "--jobs", "2", "--out", "runs/bench/convergence_ci.json", "--runs-dir",
+         "runs/bench/convergence-ci-runs"],
+        provenance="all 10 seeds trained by this command in one sweep on b09e820 (2026-12-08), beside another "
+        "sweep (iterations do not depend on the load); the 5-seed sweep it replaces is "
+        "docs/results/convergence_ci_5seeds.*",
     ),
     "convergence_slow": Command(
         ["python", "scripts/bench_convergence.py", "configs/bench.yaml", "checkpoint.storage_mb_s=5", "--rates", "0.10",
@@ -153,9 +155,9 @@ COMMANDS: dict[str, Command] = {
          "runs/bench/convergence_slow.rows.json", "--sweep", "local-q21", "runs/bench/whatif_validation_local.json",
          "runs/bench/convergence_ci.rows.json", "--sweep", "slow-q21", "runs/bench/whatif_validation_slow.json",
          "runs/bench/convergence_slow.rows.json", "--out", "runs/bench/whatif_null.json"],
-        provenance="recorded with the same files from docs/results: the run directories of convergence-ci-runs, "
-        "convergence-slow-runs and overlap-fit-runs are not in this checkout, so validate-sweep (which now puts the "
-        "null predictor beside the model itself) could not be rerun on them",
+        provenance="the local sweeps validated on the 10-seed convergence_ci runs (2026-12-08); the slow ones read "
+        "the validation files in docs/results, copied into runs/bench: convergence-slow-runs and overlap-fit-runs "
+        "are not in this checkout",
     ),
     "whatif_paper_table2": Command(
         ["python", "scripts/whatif.py", "paper-table2", "--overlap-fit", "runs/bench/whatif_overlap_fit.json",
@@ -279,12 +281,12 @@ COMMANDS: dict[str, Command] = {
         "below), stopped once it had run redundant computation's first seed; this command trained the rest",
     ),
     "bpe5m_redundant": Command(
-        ["python", "scripts/bench_convergence.py", "configs/bpe5m.yaml", "--rates", "0.10", "--seeds", "0",
+        ["python", "scripts/bench_convergence.py", "configs/bpe5m.yaml", "--rates", "0.10", "--seeds", "0", "1", "2",
          "--strategies", "none", "checkfree_plus", "redundant", "--jobs", "2", "--out",
          "runs/bench/bpe5m_redundant.json", "--runs-dir", "runs/bench/bpe5m-runs"],
-        provenance="one seed: redundant computation costs 2.4 s a step here against 1.1-1.2 s, and its seeds 1 and 2 "
-        "(about 32 minutes each beside another run) did not fit in the session; --analyse-only over the first "
-        "sweep's run",
+        provenance="redundant computation's seed 0 was trained by the first sweep (see bpe5m), its seeds 1 and 2 by "
+        "this command on b09e820 (2026-12-08), beside another sweep; the failure-free and CheckFree+ runs are "
+        "bpe5m's",
     ),
 }
 # a check that the pipeline runs, not a result: written under runs/bench/quick, never copied into docs/results
