@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -84,7 +85,14 @@ def run_static_pipeline(cfg: TrainConfig, out_dir: str | Path, timeout_s: float 
     return [read_jsonl(out_dir / f"stage-{s}.jsonl") for s in range(L)]
 
 
-def run_stage_processes(what: str, cfg: TrainConfig, args_for, target, out_dir: Path, timeout_s: float) -> None:
+def run_stage_processes(
+    what: str,
+    cfg: TrainConfig,
+    args_for: Callable[[int], list[tuple]],
+    target: Callable[..., None],
+    out_dir: Path,
+    timeout_s: float,
+) -> None:
     """Start one spawned process per stage on ``target`` (``args_for(store_port)``: each one's arguments,
     around a TCPStore they rendezvous on) and wait for all of them.
 

@@ -162,7 +162,7 @@ def _run_side(side: str, kind: str, bench: PipeliningBench, common: list[str], t
         return rows, max(r["memory/max_rss_mb"] for s in stages for r in s)
     code, _ = run_local_swarm(cfg, tmp / name, status=False)
     if code != 0:
-        raise SystemExit(f"the swarm ({kind}) exited with {code}; see {tmp / name}")
+        raise RuntimeError(f"the swarm ({kind}) exited with {code}; see {tmp / name}")
     peers = (tmp / name / "peers").glob("*/metrics.jsonl")
     rss = [m["memory/max_rss_mb"] for f in peers for m in read_jsonl(f) if "memory/max_rss_mb" in m]
     return [m for m in read_jsonl(tmp / name / "metrics.jsonl") if "loss/train" in m], max(rss)
@@ -174,8 +174,7 @@ def measure(bench: PipeliningBench, say: Callable[[str], None] = print) -> dict:
     goes to ``say``.
 
     Raises:
-        RuntimeError: a torch or static stage process failed or timed out.
-        SystemExit: the swarm exited with a non-zero code.
+        RuntimeError: a torch or static stage process failed or timed out, or the swarm exited non-zero.
     """
     tmp = Path(tempfile.mkdtemp(prefix="cf-pipelining-"))
     common = bench.common_overrides(tmp)

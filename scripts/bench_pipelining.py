@@ -76,7 +76,10 @@ def _say(line: str) -> None:
 def main() -> None:
     ns = parse_args()
     bench = PipeliningBench(ns.files, ns.overrides, ns.steps, ns.rounds, ns.skip, ns.tail, ns.schedules, ns.sides)
-    measured = measure(bench, _say)
+    try:
+        measured = measure(bench, _say)
+    except RuntimeError as e:  # a side failed: its message names the run directory to look in
+        raise SystemExit(f"bench_pipelining: {e}") from e
     summary = summarise(measured["data"], bench.tail)
     cfg = load_config(bench.files, bench.common_overrides(Path(measured["run_dirs"])))
     command = shlex.join(["python", "scripts/bench_pipelining.py", *sys.argv[1:]])

@@ -42,6 +42,19 @@ def wait_for(what: str, cond, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def clear_run_dir(out: Path) -> None:
+    """Remove this script's own run directory from an earlier scenario (a rerun replaces it).
+
+    Raises:
+        SystemExit: ``out/run`` exists but is no run directory this script wrote (it has no ``peers``).
+    """
+    run_dir = out / "run"
+    if run_dir.exists():
+        if not (run_dir / "peers").is_dir():
+            raise SystemExit(f"{run_dir} exists and is no scenario run directory: choose another --out")
+        shutil.rmtree(run_dir)
+
+
 def run(ns) -> dict:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,10 +65,6 @@ def run(ns) -> dict:
         args += [f"num_steps={ns.steps}", f"swarm.preemption.url={notices.url}", "swarm.preemption.provider=aws"]
         args += ["swarm.preemption.poll_s=0.25", "seed=7"]
         run_dir = out / "run"
-        if run_dir.exists():
-            if not (run_dir / "peers").is_dir():  # not a run directory this script wrote: keep it
-                raise SystemExit(f"{run_dir} exists and is no scenario run directory: choose another --out")
-            shutil.rmtree(run_dir)  # this script's own run from an earlier scenario: a rerun replaces it
         peers = PeersOnHosts(hosts, out / "logs", run_dir, args)
         spares = 0
         vanished: list[str] = []
@@ -194,6 +203,7 @@ def main() -> None:
     ap.add_argument("--rate-mbit", type=float, default=0.0, help="bandwidth limit of every host's link (0: none)")
     ap.add_argument("--out", default="runs/bench/multihost")
     ns = ap.parse_args()
+    clear_run_dir(Path(ns.out))  # before any host is made: a wrong --out is said at once
     why = unavailable()
     if why is not None:
         raise SystemExit(f"emulated hosts cannot be made here: {why}")

@@ -304,6 +304,23 @@ def test_scaling_script(tmp_path):
 
 
 @pytest.mark.slow
+def test_multihost_scenario_keeps_a_run_dir_it_did_not_write(tmp_path):
+    """--out whose run/ is someone else's folder: refused with the path named, before any host is made, and
+    nothing in it deleted."""
+    (tmp_path / "ms" / "run").mkdir(parents=True)
+    (tmp_path / "ms" / "run" / "notes.txt").write_text("keep me")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "multihost_scenario.py"), "--out", str(tmp_path / "ms")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"{tmp_path / 'ms' / 'run'} exists and is no scenario run directory" in out.stderr
+    assert (tmp_path / "ms" / "run" / "notes.txt").read_text() == "keep me"
+
+
 @pytest.mark.long  # ~2.5 minutes
 @pytest.mark.timeout(900)
 @pytest.mark.skipif(unavailable() is not None, reason=f"emulated hosts cannot be made here: {unavailable()}")
